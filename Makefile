@@ -1,0 +1,42 @@
+# The README, CI (.ci/run) and developers all use these targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install test lint typecheck pytest demo up bench soak clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## The whole test suite: lint, strict type check, then pytest (real Postgres, moto's HTTP server).
+test: lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## The whole pipeline on an embedded local stack, fed with the sample webhooks; exits when done.
+demo: install
+	$(BIN)/jiralake up --demo
+
+## The local stack, left running (Ctrl-C stops it).
+up: install
+	$(BIN)/jiralake up
+
+## Benchmarks (not part of the tests): results go to docs/benchmarks.md.
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``jiralake`` command: one entry point for every service and operations tool."""

@@ -1,0 +1,3 @@
+from jiralake.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""``jiralake <command>``: argument parsing and dispatch. Each command lives beside its service
+(``receiver/command.py``, ``consumer/command.py``, ...) and registers itself with :func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from shared import logging as jl_logging
+from shared.errors import CommandError
+from shared.settings import ConfigError
+
+# Modules that each define ``add_parser(subparsers)``; their parsers set ``func(args) -> int``.
+COMMAND_MODULES = ("ops.setup",)
+
+# Infrastructure failures a person can act on: reported in one line, not as a traceback.
+_ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jiralake",
+        description="Jira webhooks -> SQS FIFO -> PostgreSQL -> S3. Configuration comes from the "
+        "environment (see README.md); AWS credentials from the standard AWS chain.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("JIRALAKE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    jl_logging.configure(args.log_level, json=args.log_json)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        print(f"jiralake: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CommandError as exc:
+        print(f"jiralake: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except _ONE_LINE_ERRORS as exc:
+        print(f"jiralake: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if _is_infrastructure_error(exc):
+            print(f"jiralake: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        structlog.get_logger().exception("command_crashed", command=args.command)
+        return 70
+
+
+def _is_infrastructure_error(exc: Exception) -> bool:
+    module = type(exc).__module__
+    return module.startswith(("asyncpg", "botocore", "aiobotocore", "aiohttp"))

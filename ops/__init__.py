@@ -1,0 +1,1 @@
+"""Operations commands: setup, dead-letter tools, queue statistics, the one-command local stack."""

@@ -1,0 +1,101 @@
+"""``jiralake setup``: create the FIFO queue and its dead-letter queue, the bucket on a local endpoint,
+and apply the Postgres migrations. Running it twice changes nothing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from shared import aws, db, migrate, provision
+from shared.settings import AwsSettings, DatabaseSettings, env_int, env_str, require
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class SetupSettings:
+    aws: AwsSettings
+    database: DatabaseSettings
+    queue_name: str
+    dlq_name: str
+    bucket: str | None
+    max_receive_count: int = 5
+    visibility_timeout_s: int = 60
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SetupSettings:
+        return cls(
+            aws=AwsSettings.from_env(env),
+            database=DatabaseSettings.from_env(env),
+            queue_name=provision.queue_name_from_url(require(env, "JIRALAKE_QUEUE_URL")),
+            dlq_name=provision.queue_name_from_url(require(env, "JIRALAKE_DLQ_URL")),
+            bucket=env_str(env, "JIRALAKE_BUCKET"),
+            max_receive_count=env_int(env, "JIRALAKE_MAX_RECEIVE_COUNT", 5, minimum=1),
+            visibility_timeout_s=env_int(env, "JIRALAKE_VISIBILITY_TIMEOUT_S", 60, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    queues: provision.QueuePair | None
+    migrations_applied: list[str]
+    bucket_created_or_found: str | None
+
+
+async def run_setup(settings: SetupSettings, *, queues: bool = True, database: bool = True) -> SetupResult:
+    pair = None
+    bucket = None
+    if queues:
+        async with aws.sqs_client(settings.aws) as sqs:
+            pair = await provision.ensure_queues(
+                sqs,
+                queue_name=settings.queue_name,
+                dlq_name=settings.dlq_name,
+                max_receive_count=settings.max_receive_count,
+                visibility_timeout_s=settings.visibility_timeout_s,
+            )
+        # Buckets belong to infrastructure code in AWS; locally (moto, LocalStack) we create it.
+        if settings.bucket and settings.aws.endpoint_url:
+            async with aws.s3_client(settings.aws) as s3:
+                await provision.ensure_bucket(s3, settings.bucket, settings.aws.region)
+            bucket = settings.bucket
+    applied: list[str] = []
+    if database:
+        conn = await db.connect(settings.database)
+        try:
+            applied = [f"{m.version:04d}_{m.name}" for m in await migrate.apply(conn)]
+        finally:
+            await conn.close()
+    return SetupResult(queues=pair, migrations_applied=applied, bucket_created_or_found=bucket)
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("setup", help="create queues (and a local bucket), apply migrations")
+    parser.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
+    parser.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
+    parser.add_argument("--max-receive-count", type=int, help="DLQ redrive threshold (default 5)")
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.max_receive_count is not None:
+        env["JIRALAKE_MAX_RECEIVE_COUNT"] = str(args.max_receive_count)
+    if args.skip_queues:
+        env.setdefault("JIRALAKE_QUEUE_URL", "unused.fifo")
+        env.setdefault("JIRALAKE_DLQ_URL", "unused.fifo")
+    settings = SetupSettings.from_env(env)
+    result = asyncio.run(run_setup(settings, queues=not args.skip_queues, database=not args.skip_db))
+    if result.queues:
+        print(f"queue: {result.queues.queue_url}")
+        print(f"dead-letter queue: {result.queues.dlq_url}")
+    if result.bucket_created_or_found:
+        print(f"bucket: {result.bucket_created_or_found}")
+    if not args.skip_db:
+        print("migrations applied: " + (", ".join(result.migrations_applied) or "none (up to date)"))
+    return 0

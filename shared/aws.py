@@ -1,0 +1,47 @@
+"""aioboto3 clients built from :class:`AwsSettings`: region and optional local endpoint.
+
+Credentials are never passed here: boto's standard chain (environment, profile, ECS/EC2 role) finds them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aioboto3
+from aiobotocore.config import AioConfig
+
+from shared.settings import AwsSettings
+
+if TYPE_CHECKING:
+    from aiobotocore.session import ClientCreatorContext
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_sqs import SQSClient
+
+_SESSION = aioboto3.Session()
+
+
+def _config(timeout_s: float, max_pool: int) -> AioConfig:
+    return AioConfig(
+        connect_timeout=timeout_s,
+        read_timeout=timeout_s,
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=max_pool,
+    )
+
+
+def sqs_client(
+    aws: AwsSettings, *, timeout_s: float = 30.0, max_pool: int = 20
+) -> ClientCreatorContext[SQSClient]:
+    """An async context manager yielding an SQS client (``async with sqs_client(s) as sqs``)."""
+    return _SESSION.client(
+        "sqs", region_name=aws.region, endpoint_url=aws.endpoint_url, config=_config(timeout_s, max_pool)
+    )
+
+
+def s3_client(
+    aws: AwsSettings, *, timeout_s: float = 60.0, max_pool: int = 20
+) -> ClientCreatorContext[S3Client]:
+    """An async context manager yielding an S3 client (``async with s3_client(s) as s3``)."""
+    return _SESSION.client(
+        "s3", region_name=aws.region, endpoint_url=aws.endpoint_url, config=_config(timeout_s, max_pool)
+    )

@@ -1,0 +1,180 @@
+"""What a Jira webhook body is about: its event type, the issue it concerns, and its time.
+
+Tolerant by design (see tests/fixtures/jira-webhooks/NOTES.md): unknown keys are allowed, nearly
+every field is optional, ids arrive as strings or integers. Only what routing needs is modelled; the
+consumer reads the issue fields from the raw body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+# Event types jiralake itself puts on the queue (backfill snapshots, reconcile deletes).
+SNAPSHOT_EVENT = "jiralake:issue_snapshot"
+RECONCILED_DELETE_EVENT = "jiralake:issue_deleted"
+
+# Events that concern one issue, by prefix. Everything else (sprint_*, board_*, project_*, user_*,
+# jira:version_*, ...) concerns no issue and is ignored.
+ISSUE_EVENT_PREFIXES: tuple[str, ...] = (
+    "jira:issue_",
+    "jira:worklog_",
+    "comment_",
+    "worklog_",
+    "attachment_",
+    "issuelink_",
+    "jiralake:issue_",
+)
+
+_COMMENT_SELF = re.compile(r"/issue/(\d+)/comment/")
+_DIGITS = re.compile(r"^\d{1,19}$")
+
+
+class InvalidEvent(ValueError):
+    """The body can never be routed: not JSON, not an object, or an issue event without an issue id."""
+
+
+def _id_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value  # let pydantic reject it
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+IdText = Annotated[str, BeforeValidator(_id_text)]
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class IssueRef(_Tolerant):
+    id: IdText | None = None
+    key: str | None = None
+    fields: dict[str, Any] | None = None
+
+
+class CommentRef(_Tolerant):
+    id: IdText | None = None
+    self_url: str | None = Field(default=None, alias="self")
+
+
+class WorklogRef(_Tolerant):
+    id: IdText | None = None
+    issueId: IdText | None = None
+
+
+class IssueLinkRef(_Tolerant):
+    id: IdText | None = None
+    sourceIssueId: IdText | None = None
+    destinationIssueId: IdText | None = None
+
+
+class ChangelogRef(_Tolerant):
+    id: IdText | None = None
+    items: list[dict[str, Any]] | None = None
+
+
+class JiraWebhook(_Tolerant):
+    webhookEvent: str | None = None
+    timestamp: int | str | None = None
+    issue_event_type_name: str | None = None
+    issue: IssueRef | None = None
+    comment: CommentRef | None = None
+    worklog: WorklogRef | None = None
+    issueLink: IssueLinkRef | None = None
+    changelog: ChangelogRef | None = None
+    user: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A body that concerns one issue: it goes on the queue in that issue's message group."""
+
+    event_type: str
+    issue_id: str
+    # The event's own time in ms since the epoch, or None when the body carries none usable.
+    event_ts_ms: int | None
+    webhook: JiraWebhook
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A body that concerns no issue (sprint, board, project, user events; bare user_deleted)."""
+
+    event_type: str
+
+
+def route(payload: Any, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXES) -> Routed | Ignored:
+    """Classify a decoded JSON body. Raises :class:`InvalidEvent` with a reason a person can act on."""
+    if not isinstance(payload, dict):
+        raise InvalidEvent(f"body must be a JSON object, got {type(payload).__name__}")
+    try:
+        hook = JiraWebhook.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidEvent(f"invalid field {where}: {first['msg']}") from None
+    event_type = hook.webhookEvent
+    if not event_type:
+        # Jira's bare user_deleted body: {"accountId": ..., "username": ...}, no envelope at all.
+        return Ignored("user_deleted" if "accountId" in payload or "username" in payload else "unknown")
+    if not event_type.startswith(ISSUE_EVENT_PREFIXES) or not event_type.startswith(accepted_prefixes):
+        return Ignored(event_type)
+    issue_id = issue_id_of(hook)
+    if issue_id is None:
+        raise InvalidEvent(f"{event_type} event carries no issue id")
+    if not _DIGITS.match(issue_id):
+        raise InvalidEvent(f"{event_type} event has a non-numeric issue id {issue_id[:40]!r}")
+    return Routed(event_type, issue_id, event_time_ms(hook), hook)
+
+
+def issue_id_of(hook: JiraWebhook) -> str | None:
+    """Where each event type keeps the issue id (NOTES.md section 2 and 8)."""
+    if hook.issue is not None and hook.issue.id:
+        return hook.issue.id
+    if hook.worklog is not None and hook.worklog.issueId:
+        return hook.worklog.issueId
+    if hook.issueLink is not None and hook.issueLink.sourceIssueId:
+        return hook.issueLink.sourceIssueId
+    if hook.comment is not None and hook.comment.self_url:
+        # Server/DC comment events carry no issue object, only .../issue/10013/comment/10082.
+        match = _COMMENT_SELF.search(hook.comment.self_url)
+        if match:
+            return match[1]
+    return None
+
+
+def event_time_ms(hook: JiraWebhook) -> int | None:
+    """The event's own time: ``timestamp`` (ms) when it is one, else the issue's ``updated`` time."""
+    ts = hook.timestamp
+    if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0:
+        return ts
+    if isinstance(ts, str) and ts.isdigit():
+        return int(ts)
+    if hook.issue is not None and hook.issue.fields:
+        return parse_jira_time_ms(hook.issue.fields.get("updated"))
+    return None
+
+
+def parse_jira_time(value: Any) -> datetime | None:
+    """Jira's ``2019-02-15T19:01:52.971-0800`` (offset without colon) or ISO 8601; None if not a time."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def parse_jira_time_ms(value: Any) -> int | None:
+    parsed = parse_jira_time(value)
+    return None if parsed is None else int(parsed.timestamp() * 1000)

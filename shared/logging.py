@@ -1,0 +1,46 @@
+"""structlog configuration: JSON lines when stderr is not a TTY, readable console output when it is.
+
+Only ``main()`` calls :func:`configure`; modules call ``structlog.get_logger()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys whose values never reach a log line, whatever a caller binds.
+_SECRET_KEYS = ("secret", "signature", "password", "token", "authorization", "api_key", "credential")
+
+
+def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if any(marker in key.lower() for marker in _SECRET_KEYS):
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(level: str = "INFO", *, json: bool | None = None) -> None:
+    render_json = (not sys.stderr.isatty()) if json is None else json
+    renderer: Any = structlog.processors.JSONRenderer() if render_json else structlog.dev.ConsoleRenderer()
+    numeric_level = logging.getLevelName(level.upper())
+    if not isinstance(numeric_level, int):
+        numeric_level = logging.INFO
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info if render_json else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (aiohttp access log, botocore) go through stdlib logging: keep them quiet and on stderr.
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, format="%(message)s")

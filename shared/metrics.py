@@ -1,0 +1,76 @@
+"""Every Prometheus series jiralake exposes, defined once (names follow Prometheus conventions).
+
+Services import the objects they update; ``/metrics`` on each admin port serves the default registry.
+Documented in docs/operations.md; alert rules and the dashboard in deploy/ use these names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# -- receiver --
+RECEIVER_REQUESTS = Counter(
+    "jiralake_receiver_requests_total",
+    "Webhook requests by outcome (accepted, ignored, bad_request, unauthorized, too_large, unavailable).",
+    ["outcome"],
+)
+RECEIVER_REQUEST_SECONDS = Histogram(
+    "jiralake_receiver_request_duration_seconds",
+    "Time from a webhook request arriving to its answer.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+RECEIVER_BATCH_SIZE = Histogram(
+    "jiralake_receiver_batch_entries",
+    "Entries per SendMessageBatch call made by the receiver's micro-batcher.",
+    buckets=(1, 2, 3, 5, 7, 10),
+)
+
+# -- SQS, from every process --
+SQS_CALLS = Counter(
+    "jiralake_sqs_requests_total",
+    "SQS API calls made, by operation and outcome (ok, error).",
+    ["operation", "outcome"],
+)
+
+# -- consumer --
+CONSUMER_EVENTS = Counter(
+    "jiralake_consumer_events_total",
+    "Events handled by the consumer, by outcome (applied, skipped_stale, duplicate, history_only, "
+    "dead_lettered, retried).",
+    ["outcome"],
+)
+CONSUMER_BATCH_SECONDS = Histogram(
+    "jiralake_consumer_batch_duration_seconds",
+    "Time to apply one received batch (Postgres transaction plus SQS delete).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+CONSUMER_CIRCUIT_OPEN = Gauge(
+    "jiralake_consumer_circuit_open",
+    "1 while the consumer has stopped receiving because most recent events were dead-lettered.",
+)
+
+# -- queues, polled periodically by the consumer --
+QUEUE_MESSAGES = Gauge(
+    "jiralake_queue_messages",
+    "Approximate messages in a queue by state (visible, in_flight, delayed).",
+    ["queue", "state"],
+)
+QUEUE_OLDEST_AGE_SECONDS = Gauge(
+    "jiralake_queue_oldest_message_age_seconds",
+    "Age of the oldest message where it can be known without consuming it (the dead-letter queue).",
+    ["queue"],
+)
+
+# -- exporter --
+EXPORT_LAST_SUCCESS = Gauge(
+    "jiralake_export_last_success_timestamp_seconds",
+    "Unix time at which the last successful export finished.",
+)
+EXPORT_ROWS = Counter("jiralake_export_rows_total", "Rows written by successful exports.")
+EXPORT_BYTES = Counter("jiralake_export_bytes_total", "Bytes uploaded by successful exports.")
+EXPORT_FAILURES = Counter("jiralake_export_failures_total", "Exports that failed and were aborted.")
+EXPORT_SECONDS = Histogram(
+    "jiralake_export_duration_seconds",
+    "Wall time of an export run.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)

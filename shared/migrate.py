@@ -1,0 +1,69 @@
+"""Numbered schema migrations (``shared/migrations/NNNN_name.sql``), applied once each, in order.
+
+Idempotent: applied versions are recorded in ``jiralake_schema_migrations``; an advisory lock keeps two
+``setup`` runs from applying the same file at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger()
+
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_LOCK_KEY = 0x6A6C_6D69  # "jlmi": serialises concurrent migrators
+
+# -- create_migrations_table --
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS jiralake_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available() -> list[Migration]:
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    return found
+
+
+async def apply(conn: asyncpg.Connection) -> list[Migration]:
+    """Apply every migration not yet recorded; returns the ones applied by this call."""
+    applied_now: list[Migration] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(_CREATE_TABLE)
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM jiralake_schema_migrations")}
+        for migration in available():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info("migration_applied", version=migration.version, name=migration.name)
+            applied_now.append(migration)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now

@@ -1,0 +1,100 @@
+"""Environment parsing shared by the per-service settings objects.
+
+Each service builds one frozen settings object in its ``main()`` from ``os.environ``; tests construct
+them directly. Nothing below ``main()`` reads the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the CLI prints it as one line and exits 2."""
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Where AWS calls go. Credentials always come from the standard AWS chain, never from here."""
+
+    region: str = "us-east-1"
+    # A local endpoint (moto, LocalStack) for every service; None means real AWS.
+    endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AwsSettings:
+        region = env_str(env, "AWS_REGION") or env_str(env, "AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(region=region, endpoint_url=env_str(env, "AWS_ENDPOINT_URL"))
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    queue_url: str
+    dlq_url: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> QueueSettings:
+        return cls(queue_url=require(env, "JIRALAKE_QUEUE_URL"), dlq_url=require(env, "JIRALAKE_DLQ_URL"))
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    # None: asyncpg falls back to libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
+    url: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
+        return cls(url=env_str(env, "DATABASE_URL"))
+
+
+def require(env: Mapping[str, str], name: str) -> str:
+    value = env_str(env, name)
+    if value is None:
+        raise ConfigError(f"{name} is not set (see the configuration table in README.md)")
+    return value

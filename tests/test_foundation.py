@@ -1,0 +1,91 @@
+"""Settings, migrations and ``jiralake setup`` against real Postgres and moto's server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from ops.setup import SetupSettings, run_setup
+from shared import aws, migrate
+from shared.envelope import ENVELOPE_ATTRIBUTES, ERROR_ATTRIBUTES, MAX_ATTRIBUTES
+from shared.settings import AwsSettings, ConfigError, DatabaseSettings, QueueSettings, env_int
+
+
+def test_queue_settings_name_the_missing_variable() -> None:
+    with pytest.raises(ConfigError, match="JIRALAKE_QUEUE_URL"):
+        QueueSettings.from_env({"JIRALAKE_DLQ_URL": "x.fifo"})
+
+
+def test_integer_settings_reject_garbage() -> None:
+    with pytest.raises(ConfigError, match="JIRALAKE_X must be an integer"):
+        env_int({"JIRALAKE_X": "ten"}, "JIRALAKE_X", 1)
+
+
+def test_aws_settings_follow_the_standard_variables() -> None:
+    s = AwsSettings.from_env({"AWS_DEFAULT_REGION": "sa-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"})
+    assert (s.region, s.endpoint_url) == ("sa-east-1", "http://127.0.0.1:1")
+
+
+def test_database_url_is_not_in_repr() -> None:
+    assert "hunter2" not in repr(DatabaseSettings(url="postgresql://u:hunter2@h/db"))
+
+
+def test_every_message_fits_sqs_attribute_limit() -> None:
+    assert len(ENVELOPE_ATTRIBUTES) + len(ERROR_ATTRIBUTES) <= MAX_ATTRIBUTES
+
+
+async def test_migrations_are_idempotent(pg: asyncpg.Connection) -> None:
+    # GIVEN the session database, already migrated by the fixture
+    before = await pg.fetch("SELECT version, applied_at FROM jiralake_schema_migrations ORDER BY version")
+    # WHEN migrations run again
+    applied = await migrate.apply(pg)
+    # THEN nothing is applied and nothing changes
+    assert applied == []
+    after = await pg.fetch("SELECT version, applied_at FROM jiralake_schema_migrations ORDER BY version")
+    assert before == after
+    assert [r["version"] for r in after] == [m.version for m in migrate.available()]
+
+
+async def test_setup_creates_fifo_queues_with_redrive_and_is_idempotent(
+    aws_settings: AwsSettings, db_settings: DatabaseSettings, unique_name: str
+) -> None:
+    settings = SetupSettings(
+        aws=aws_settings,
+        database=db_settings,
+        queue_name=f"{unique_name}.fifo",
+        dlq_name=f"{unique_name}-dlq.fifo",
+        bucket=unique_name,
+        max_receive_count=7,
+    )
+    first = await run_setup(settings)
+    second = await run_setup(settings)
+    assert first.queues == second.queues
+    assert second.migrations_applied == []
+    assert first.queues is not None
+    async with aws.sqs_client(aws_settings) as sqs:
+        attrs = (await sqs.get_queue_attributes(QueueUrl=first.queues.queue_url, AttributeNames=["All"]))[
+            "Attributes"
+        ]
+        dlq_arn = (
+            await sqs.get_queue_attributes(QueueUrl=first.queues.dlq_url, AttributeNames=["QueueArn"])
+        )["Attributes"]["QueueArn"]
+    assert attrs["FifoQueue"] == "true"
+    assert json.loads(attrs["RedrivePolicy"]) == {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 7}
+    async with aws.s3_client(aws_settings) as s3:
+        await s3.head_bucket(Bucket=unique_name)
+
+
+def test_setup_without_configuration_is_one_line_and_exit_2() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jiralake", "setup"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "jiralake: configuration error: JIRALAKE_QUEUE_URL is not set "
+        "(see the configuration table in README.md)"
+    )
