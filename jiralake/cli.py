@@ -18,7 +18,10 @@ from shared.errors import CommandError
 from shared.settings import ConfigError
 
 # Modules that each define ``add_parser(subparsers)``; their parsers set ``func(args) -> int``.
-COMMAND_MODULES = ("ops.setup",)
+COMMAND_MODULES = (
+    "ops.setup",
+    "receiver.command",
+)
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.
 _ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)

@@ -1,0 +1,1 @@
+"""The webhook receiver: Jira webhooks in, SQS FIFO messages out (see docs/receiver.md)."""

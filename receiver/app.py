@@ -1,0 +1,194 @@
+"""The receiver's aiohttp application: ``POST /webhooks/jira``, ``GET /healthz``, ``GET /readyz``.
+
+``build_app(settings, sqs)`` makes the whole app around an SQS client the caller owns; the app
+starts its micro-batcher on startup and flushes it on cleanup, so tests run it with aiohttp's
+``TestServer`` and ``main()`` with an ``AppRunner``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
+from receiver.intake import IntakeRules, admit
+from receiver.outcomes import Answer, Outcome, Rejected
+from receiver.readiness import QueueReadiness
+from receiver.settings import ReceiverSettings
+from shared.admin_server import add_health_routes
+from shared.envelope import Envelope
+from shared.jira_event import Ignored
+from shared.metrics import RECEIVER_REQUEST_SECONDS, RECEIVER_REQUESTS
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+
+log = structlog.get_logger()
+
+WEBHOOK_PATH = "/webhooks/jira"
+# Log event names.
+LOG_WEBHOOK = "webhook"
+LOG_QUEUED = "webhook_queued"
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Receiver:
+    """What the handlers share: settings, the batcher and the readiness check."""
+
+    settings: ReceiverSettings
+    rules: IntakeRules
+    batcher: SqsBatcher
+    readiness: QueueReadiness
+    clock_ms: Callable[[], int]
+    stopping: bool = False
+
+    def problem(self) -> str | None:
+        """Why the receiver should not get traffic now (checked before asking SQS), or None."""
+        return "shutting down" if self.stopping else self.batcher.problem
+
+
+RECEIVER = web.AppKey("receiver", Receiver)
+
+
+def build_app(
+    settings: ReceiverSettings, sqs: SQSClient, *, clock_ms: Callable[[], int] = _wall_clock_ms
+) -> web.Application:
+    batcher = SqsBatcher(
+        sqs,
+        settings.queue_url,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
+        max_pending=settings.max_pending_entries,
+        max_inflight=settings.max_inflight_batches,
+        timeout_s=settings.sqs_timeout_s,
+    )
+    readiness = QueueReadiness(
+        sqs,
+        settings.queue_url,
+        cache_s=settings.readiness_cache_s,
+        timeout_s=settings.sqs_timeout_s,
+        problems=lambda: receiver.problem(),
+    )
+    receiver = Receiver(
+        settings=settings,
+        rules=IntakeRules(
+            max_body_bytes=settings.max_body_bytes,
+            webhook_secret=settings.webhook_secret,
+            accepted_event_prefixes=settings.accepted_event_prefixes,
+        ),
+        batcher=batcher,
+        readiness=readiness,
+        clock_ms=clock_ms,
+    )
+    # Bodies are read in handle_webhook with their own limit; this only guards request.read().
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[RECEIVER] = receiver
+    app.router.add_post(WEBHOOK_PATH, handle_webhook)
+    add_health_routes(app, readiness)
+    app.cleanup_ctx.append(_batcher_lifetime)
+    app.on_shutdown.append(_stop_accepting)
+    return app
+
+
+async def _batcher_lifetime(app: web.Application) -> AsyncIterator[None]:
+    receiver = app[RECEIVER]
+    receiver.batcher.start()
+    yield
+    # Runs after aiohttp let in-flight requests finish: send whatever still waits, then stop.
+    await receiver.batcher.close(receiver.settings.shutdown_grace_s)
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    # Shutdown began: new webhooks get 503 (Jira retries them elsewhere or later); those in flight
+    # have their entries sent at once rather than after the batch wait.
+    receiver = app[RECEIVER]
+    receiver.stopping = True
+    receiver.batcher.drain()
+    log.info("receiver_stopping_accepting_webhooks")
+
+
+async def handle_webhook(request: web.Request) -> web.Response:
+    receiver = request.app[RECEIVER]
+    started = time.perf_counter()
+    received_at_ms = receiver.clock_ms()
+    fields: dict[str, object] = {}
+    answer = await _answer(request, receiver, received_at_ms, fields)
+    duration_s = time.perf_counter() - started
+    RECEIVER_REQUESTS.labels(answer.outcome.value).inc()
+    RECEIVER_REQUEST_SECONDS.observe(duration_s)
+    if answer.reason is not None:
+        fields["reason"] = answer.reason
+    level = log.info if answer.outcome in (Outcome.ACCEPTED, Outcome.IGNORED) else log.warning
+    level(
+        LOG_WEBHOOK,
+        outcome=answer.outcome.value,
+        status=answer.status,
+        duration_ms=round(duration_s * 1000, 1),
+        **fields,
+    )
+    response = answer.response()
+    if answer.outcome is Outcome.TOO_LARGE:
+        response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
+    return response
+
+
+async def _answer(
+    request: web.Request, receiver: Receiver, received_at_ms: int, fields: dict[str, object]
+) -> Answer:
+    """Everything a webhook request can lead to, mapped to one :class:`Answer`."""
+    if receiver.stopping:
+        return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later")
+    try:
+        admitted = await admit(request, receiver.rules, received_at_ms=received_at_ms)
+    except Rejected as rejected:
+        return rejected.answer
+    if isinstance(admitted, Ignored):
+        fields["event_type"] = admitted.event_type
+        return Answer(Outcome.IGNORED, details={"event_type": admitted.event_type})
+    fields.update(
+        event_type=admitted.event_type,
+        issue_id=admitted.issue_id,
+        delivery_id=admitted.delivery_id,
+        retry_count=admitted.retry_count,
+    )
+    with structlog.contextvars.bound_contextvars(
+        issue_id=admitted.issue_id, delivery_id=admitted.delivery_id
+    ):
+        return await _enqueue(receiver, admitted)
+
+
+async def _enqueue(receiver: Receiver, envelope: Envelope) -> Answer:
+    details = {
+        "event_type": envelope.event_type,
+        "issue_id": envelope.issue_id,
+        "delivery_id": envelope.delivery_id,
+    }
+    try:
+        future = receiver.batcher.submit(envelope.send_entry("0"))
+    except BatcherClosed:
+        return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later", details)
+    except BatcherUnavailable as exc:
+        log.warning("receiver_overloaded", detail=str(exc))
+        return Answer(Outcome.UNAVAILABLE, "the receiver is overloaded; retry later", details)
+    log.debug(LOG_QUEUED, issue_id=envelope.issue_id, delivery_id=envelope.delivery_id)
+    timeout_s = receiver.settings.sqs_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await future
+    except TimeoutError:
+        return Answer(Outcome.UNAVAILABLE, f"SQS did not confirm within {timeout_s:g}s; retry later", details)
+    if result.ok:
+        return Answer(Outcome.ACCEPTED, details=details)
+    log.warning("sqs_entry_failed", error=result.error, retryable=result.retryable)
+    if result.retryable:
+        return Answer(Outcome.UNAVAILABLE, "SQS did not store the message; retry later", details)
+    return Answer(Outcome.BAD_REQUEST, f"SQS refused the message: {result.error}", details)

@@ -1,0 +1,146 @@
+"""From an HTTP request to an :class:`Envelope` (or :class:`Ignored`), or a :class:`Rejected` saying why not.
+
+The checks run cheapest-first and never hold more than ``max_body_bytes`` (plus one read chunk) of a
+body in memory: the declared ``Content-Length`` is checked before reading, and a chunked body is read
+in chunks and abandoned as soon as it passes the limit. The signature is verified on the raw bytes
+before anything parses them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import StreamReader, hdrs, web
+
+from receiver.batcher import MAX_ENTRY_BYTES, message_bytes
+from receiver.outcomes import Outcome, Rejected
+from receiver.signature import SIGNATURE_HEADER, signature_problem
+from shared.envelope import Envelope, delivery_id_for
+from shared.jira_event import Ignored, InvalidEvent, Routed, route
+
+DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
+RETRY_HEADER = "X-Atlassian-Webhook-Retry"
+JSON_TYPE = "application/json"
+READ_CHUNK_BYTES = 64 * 1024
+
+_RETRY_COUNT = re.compile(r"^[0-9]{1,9}$")
+# Printable ASCII without spaces: what Jira sends, and safe as an SQS attribute value.
+_DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,512}$")
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}$")
+# The only characters valid JSON text can hold raw that SQS refuses in a message body.
+_SQS_FORBIDDEN = re.compile("[\ufffe\uffff]")
+
+
+@dataclass(frozen=True)
+class IntakeRules:
+    max_body_bytes: int
+    webhook_secret: str | None
+    accepted_event_prefixes: tuple[str, ...]
+
+
+async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int) -> Envelope | Ignored:
+    """Check a webhook request; raises :class:`Rejected` with the answer when it cannot be queued."""
+    _check_content_type(request)
+    declared = request.content_length
+    if declared is not None and declared > rules.max_body_bytes:
+        raise Rejected(Outcome.TOO_LARGE, _too_large(rules.max_body_bytes))
+    body = await read_limited(request.content, rules.max_body_bytes)
+    if rules.webhook_secret is not None:
+        problem = signature_problem(rules.webhook_secret, body, request.headers.get(SIGNATURE_HEADER))
+        if problem is not None:
+            raise Rejected(Outcome.UNAUTHORIZED, problem)
+    delivery_header = request.headers.get(DELIVERY_HEADER)
+    if delivery_header and delivery_header.strip() and not _DELIVERY_ID.match(delivery_header.strip()):
+        raise Rejected(Outcome.BAD_REQUEST, f"{DELIVERY_HEADER} must be 1-512 printable ASCII characters")
+    text = _decode(body)
+    routed = _route(_parse(text), rules.accepted_event_prefixes)
+    if isinstance(routed, Ignored):
+        return routed
+    envelope = Envelope(
+        body=text,
+        event_type=routed.event_type,
+        issue_id=routed.issue_id,
+        event_ts_ms=routed.event_ts_ms if routed.event_ts_ms is not None else received_at_ms,
+        received_at_ms=received_at_ms,
+        delivery_id=delivery_id_for(delivery_header, body),
+        retry_count=retry_count(request.headers.get(RETRY_HEADER)),
+    )
+    size = message_bytes(envelope.send_entry("0"))
+    if size > MAX_ENTRY_BYTES:
+        raise Rejected(
+            Outcome.TOO_LARGE,
+            f"the message would be {size} bytes with its attributes; SQS takes at most {MAX_ENTRY_BYTES}",
+        )
+    return envelope
+
+
+async def read_limited(content: StreamReader, max_bytes: int) -> bytes:
+    """The whole body, or :class:`Rejected` (413) as soon as more than ``max_bytes`` arrived."""
+    buffer = bytearray()
+    async for chunk in content.iter_chunked(READ_CHUNK_BYTES):
+        buffer += chunk
+        if len(buffer) > max_bytes:
+            raise Rejected(Outcome.TOO_LARGE, _too_large(max_bytes))
+    return bytes(buffer)
+
+
+def retry_count(header_value: str | None) -> int:
+    """``X-Atlassian-Webhook-Retry`` as a number; 0 when absent or not a plain count."""
+    if header_value is None:
+        return 0
+    value = header_value.strip()
+    return int(value) if _RETRY_COUNT.match(value) else 0
+
+
+def _check_content_type(request: web.Request) -> None:
+    # A missing Content-Type is accepted (some proxies drop it); a declared non-JSON one is not.
+    declared = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
+    if declared and request.content_type.lower() != JSON_TYPE:
+        raise Rejected(
+            Outcome.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be {JSON_TYPE}, got {request.content_type[:100]!r}",
+        )
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"body is larger than the limit of {max_bytes} bytes"
+
+
+def _decode(body: bytes) -> str:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(
+            Outcome.BAD_REQUEST, f"body is not UTF-8 (invalid byte at offset {exc.start})"
+        ) from None
+    if _SQS_FORBIDDEN.search(text):
+        raise Rejected(Outcome.BAD_REQUEST, "body holds U+FFFE or U+FFFF, which SQS cannot carry")
+    return text
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise Rejected(Outcome.BAD_REQUEST, "body is not JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise Rejected(Outcome.BAD_REQUEST, f"body is not JSON: {exc}") from None
+
+
+def _route(payload: Any, accepted: tuple[str, ...]) -> Routed | Ignored:
+    try:
+        routed = route(payload, accepted)
+    except InvalidEvent as exc:
+        raise Rejected(Outcome.BAD_REQUEST, str(exc)) from None
+    except RecursionError:
+        raise Rejected(Outcome.BAD_REQUEST, "body is nested too deeply") from None
+    if isinstance(routed, Routed) and not _EVENT_TYPE.match(routed.event_type):
+        raise Rejected(Outcome.BAD_REQUEST, "webhookEvent is not a valid event type name")
+    return routed

@@ -1,0 +1,89 @@
+"""Run the receiver until SIGTERM/SIGINT, then shut down gracefully.
+
+Shutdown order: stop listening and mark /readyz unavailable; let requests in flight finish (they
+wait for their SQS batch); send whatever entries still wait; close the SQS client; exit. Each step
+is bounded by ``shutdown_grace_s``. The signal handlers in place before are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+from aiohttp import web
+
+from receiver.app import RECEIVER, WEBHOOK_PATH, build_app
+from receiver.settings import ReceiverSettings
+from shared import aws
+from shared.admin_server import admin_app, start_admin_server
+
+log = structlog.get_logger()
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve webhooks (and the admin port) until ``stop`` is set or a stop signal arrives."""
+    stop = stop or asyncio.Event()
+    with _stop_on_signals(stop):
+        if settings.webhook_secret is None:
+            log.warning(
+                "webhook_signatures_disabled",
+                detail="started with --insecure-no-signature: anyone who can reach the port can "
+                "enqueue events; use this for local runs only",
+            )
+        # The client's pool covers every batch in flight plus the readiness probe.
+        pool = settings.max_inflight_batches + 2
+        async with aws.sqs_client(settings.aws, timeout_s=settings.sqs_timeout_s, max_pool=pool) as sqs:
+            app = build_app(settings, sqs)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+            await runner.setup()
+            admin: web.AppRunner | None = None
+            try:
+                await web.TCPSite(runner, settings.host, settings.port).start()
+                admin = await start_admin_server(
+                    admin_app(app[RECEIVER].readiness), settings.host, settings.admin_port
+                )
+                log.info(
+                    "receiver_started",
+                    host=settings.host,
+                    port=settings.port,
+                    admin_port=settings.admin_port,
+                    path=WEBHOOK_PATH,
+                    queue_url=settings.queue_url,
+                    unsigned_webhooks_accepted=settings.webhook_secret is None,
+                )
+                await stop.wait()
+                log.info("receiver_shutdown_started")
+            finally:
+                # Stops listening, lets in-flight requests finish, then flushes the batcher.
+                await runner.cleanup()
+                if admin is not None:
+                    await admin.cleanup()
+    log.info("receiver_stopped")
+
+
+@contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, _request_stop, stop, sig)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if stop.is_set():
+        log.info("signal_ignored_already_stopping", signal=sig.name)
+        return
+    log.info("signal_received", signal=sig.name)
+    stop.set()

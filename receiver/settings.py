@@ -1,0 +1,101 @@
+"""The receiver's settings: one frozen object, built once in ``main()`` from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from shared.jira_event import ISSUE_EVENT_PREFIXES
+from shared.settings import AwsSettings, ConfigError, env_float, env_int, env_str, require
+
+# Events jiralake itself enqueues (backfill snapshots, reconciled deletes) never come from Jira: a
+# webhook claiming to be one is ignored, whatever JIRALAKE_ACCEPTED_EVENTS says.
+INTERNAL_EVENT_PREFIX = "jiralake:"
+WEBHOOK_EVENT_PREFIXES: tuple[str, ...] = tuple(
+    p for p in ISSUE_EVENT_PREFIXES if not p.startswith(INTERNAL_EVENT_PREFIX)
+)
+
+ONE_MIB = 1_048_576
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    aws: AwsSettings
+    queue_url: str
+    # None only when the operator explicitly started with --insecure-no-signature.
+    webhook_secret: str | None = field(default=None, repr=False)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    admin_port: int = 9090
+    max_body_bytes: int = ONE_MIB
+    accepted_event_prefixes: tuple[str, ...] = WEBHOOK_EVENT_PREFIXES
+    # Micro-batching: a batch leaves when 10 entries wait or this long after the first arrived.
+    batch_max_wait_ms: float = 5.0
+    # Entries waiting for a batch; beyond this, requests get 503 at once (backpressure).
+    max_pending_entries: int = 1000
+    # SendMessageBatch calls in flight at once.
+    max_inflight_batches: int = 8
+    # Bound on one SendMessageBatch call and on a request's wait for its entry's result.
+    sqs_timeout_s: float = 5.0
+    # How long /readyz reuses its last SQS answer.
+    readiness_cache_s: float = 5.0
+    # On SIGTERM: how long in-flight requests and pending batches get to finish.
+    shutdown_grace_s: float = 20.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, allow_unsigned: bool = False) -> ReceiverSettings:
+        secret = env_str(env, "JIRALAKE_WEBHOOK_SECRET")
+        if secret is None and not allow_unsigned:
+            raise ConfigError(
+                "JIRALAKE_WEBHOOK_SECRET is not set; set it to the webhook's secret in Jira, "
+                "or pass --insecure-no-signature to accept unsigned webhooks (local use only)"
+            )
+        settings = cls(
+            aws=AwsSettings.from_env(env),
+            queue_url=require(env, "JIRALAKE_QUEUE_URL"),
+            webhook_secret=secret,
+            host=env_str(env, "JIRALAKE_RECEIVER_HOST", "0.0.0.0") or "0.0.0.0",
+            port=env_int(env, "JIRALAKE_RECEIVER_PORT", 8080, minimum=0),
+            admin_port=env_int(env, "JIRALAKE_RECEIVER_ADMIN_PORT", 9090, minimum=0),
+            max_body_bytes=env_int(env, "JIRALAKE_MAX_BODY_BYTES", ONE_MIB, minimum=1024),
+            accepted_event_prefixes=parse_accepted_events(env_str(env, "JIRALAKE_ACCEPTED_EVENTS")),
+            batch_max_wait_ms=env_float(env, "JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS", 5.0, minimum=0.0),
+            max_pending_entries=env_int(env, "JIRALAKE_RECEIVER_MAX_PENDING", 1000, minimum=10),
+            max_inflight_batches=env_int(env, "JIRALAKE_RECEIVER_MAX_INFLIGHT_BATCHES", 8, minimum=1),
+            sqs_timeout_s=env_float(env, "JIRALAKE_RECEIVER_SQS_TIMEOUT_S", 5.0, minimum=0.1),
+            shutdown_grace_s=env_float(env, "JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S", 20.0, minimum=0.0),
+        )
+        return settings.with_ports()
+
+    def with_ports(self, *, host: str | None = None, port: int | None = None) -> ReceiverSettings:
+        """These settings with the command line's ``--host``/``--port`` applied, checked for clashes."""
+        updated = replace(
+            self, host=host if host is not None else self.host, port=port if port is not None else self.port
+        )
+        if updated.port != 0 and updated.port == updated.admin_port:
+            raise ConfigError(
+                f"the receiver port and JIRALAKE_RECEIVER_ADMIN_PORT are both {updated.port}; "
+                "they must differ"
+            )
+        return updated
+
+
+def parse_accepted_events(raw: str | None) -> tuple[str, ...]:
+    """``JIRALAKE_ACCEPTED_EVENTS``: comma-separated event-type prefixes, each concerning an issue."""
+    if raw is None:
+        return WEBHOOK_EVENT_PREFIXES
+    prefixes = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not prefixes:
+        raise ConfigError("JIRALAKE_ACCEPTED_EVENTS lists no event types")
+    for prefix in prefixes:
+        if prefix.startswith(INTERNAL_EVENT_PREFIX):
+            raise ConfigError(
+                f"JIRALAKE_ACCEPTED_EVENTS: {prefix!r} is an event jiralake makes itself; "
+                "webhooks cannot send it"
+            )
+        if not prefix.startswith(WEBHOOK_EVENT_PREFIXES):
+            raise ConfigError(
+                f"JIRALAKE_ACCEPTED_EVENTS: {prefix!r} does not concern an issue; each entry must "
+                f"start with one of {', '.join(WEBHOOK_EVENT_PREFIXES)}"
+            )
+    return prefixes

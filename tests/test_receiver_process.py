@@ -1,0 +1,191 @@
+"""``jiralake receiver`` as a process: graceful SIGTERM with a pending batch, refusing to start without
+a secret, and ``serve()`` in-process with ``--insecure-no-signature`` semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import structlog.testing
+
+from ops.local_aws import free_port
+from receiver.main import serve
+from receiver.settings import ReceiverSettings
+from receiver.signature import sign
+from shared.envelope import Envelope
+from shared.provision import QueuePair
+from shared.settings import AwsSettings
+from tests import jira_fixtures
+from tests.conftest import drain
+
+SECRET = "process-test-secret"
+DEADLINE_S = 20.0
+
+
+class LogLines:
+    """Collects a child's JSON log lines from stderr and waits for one that matches."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._read(stream), name="child-log-reader")
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            text = line.decode("utf-8", "replace").rstrip()
+            self.raw.append(text)
+            try:
+                self.lines.append(json.loads(text))
+            except ValueError:
+                pass
+            self._changed.set()
+
+    async def wait_for(self, event: str, deadline_s: float = DEADLINE_S) -> dict[str, Any]:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                for line in self.lines:
+                    if line.get("event") == event:
+                        return line
+                if self._task.done():
+                    raise AssertionError(f"child exited before logging {event!r}: {self.raw}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    def events(self) -> list[str]:
+        return [str(line.get("event")) for line in self.lines]
+
+
+async def test_sigterm_flushes_the_pending_batch_answers_202_and_exits_0(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN `jiralake receiver` as a child process, batching with a 60 s wait so nothing is sent early
+    port, admin_port = free_port(), free_port()
+    env = dict(
+        os.environ,  # AWS_ENDPOINT_URL and test credentials from the moto_server fixture
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_ADMIN_PORT=str(admin_port),
+        JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS="60000",
+        JIRALAKE_RECEIVER_SQS_TIMEOUT_S="30",
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "--log-level", "DEBUG", "receiver",
+        "--host", "127.0.0.1", "--port", str(port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stderr is not None
+    logs = LogLines(child.stderr)
+    try:
+        started = await logs.wait_for("receiver_started")
+        assert (started["port"], started["admin_port"], started["unsigned_webhooks_accepted"]) == (
+            port,
+            admin_port,
+            False,
+        )
+        body = jira_fixtures.raw("zulip__issue_created_with_unicode.json")
+        headers = {
+            "Content-Type": "application/json",
+            "X-Hub-Signature": sign(SECRET, body),
+            "X-Atlassian-Webhook-Identifier": "sigterm-1",
+        }
+        async with aiohttp.ClientSession() as http:
+            admin = f"http://127.0.0.1:{admin_port}"
+            async with http.get(f"{admin}/readyz") as ready:
+                assert (ready.status, await ready.json()) == (200, {"status": "ready"})
+            async with http.get(f"{admin}/metrics") as metrics:
+                assert "jiralake_receiver_requests_total" in await metrics.text()
+            # WHEN a webhook waits in a batch and the process gets SIGTERM
+            url = f"http://127.0.0.1:{port}/webhooks/jira"
+            posting = asyncio.create_task(_post(http, url, body, headers))
+            await logs.wait_for("webhook_queued")
+            signalled_at = time.monotonic()
+            child.send_signal(signal.SIGTERM)
+            status, answer = await asyncio.wait_for(posting, DEADLINE_S)
+        code = await asyncio.wait_for(child.wait(), DEADLINE_S)
+        elapsed_s = time.monotonic() - signalled_at
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    # THEN the pending entry was sent at once (not after the 60 s wait), acknowledged, and the exit is clean
+    assert (status, answer["status"], answer["delivery_id"]) == (202, "accepted", "sigterm-1")
+    assert code == 0, logs.raw
+    assert elapsed_s < 15
+    events = logs.events()
+    assert events.index("signal_received") < events.index("sqs_batch_sent") < events.index("receiver_stopped")
+    [message] = await drain(aws_settings, queues.queue_url)
+    assert Envelope.from_message(message).delivery_id == "sigterm-1"
+    assert message["Body"] == body.decode("utf-8")
+    assert SECRET not in "\n".join(logs.raw)
+
+
+async def _post(
+    http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(url, data=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+def test_starting_without_a_secret_is_refused_in_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "JIRALAKE_WEBHOOK_SECRET"}
+    env["JIRALAKE_QUEUE_URL"] = "http://127.0.0.1:1/000000000000/never-used.fifo"
+    result = subprocess.run(
+        [sys.executable, "-m", "jiralake", "receiver", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "jiralake: configuration error: JIRALAKE_WEBHOOK_SECRET is not set; set it to the webhook's "
+        "secret in Jira, or pass --insecure-no-signature to accept unsigned webhooks (local use only)"
+    )
+
+
+async def test_serve_without_a_secret_warns_accepts_unsigned_and_restores_signal_handlers(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN settings as `--insecure-no-signature` makes them, with no secret in the environment
+    env = {"JIRALAKE_QUEUE_URL": queues.queue_url, "JIRALAKE_RECEIVER_ADMIN_PORT": str(free_port())}
+    env |= {"AWS_ENDPOINT_URL": aws_settings.endpoint_url or "", "AWS_REGION": aws_settings.region}
+    settings = ReceiverSettings.from_env(env, allow_unsigned=True).with_ports(
+        host="127.0.0.1", port=free_port()
+    )
+    assert settings.webhook_secret is None
+    handler_before = signal.getsignal(signal.SIGTERM)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(serve(settings, stop=stop))
+        await _until(lambda: any(e["event"] == "receiver_started" for e in logs), task)
+        # WHEN an unsigned webhook arrives
+        body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json")
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{settings.port}/webhooks/jira"
+            status, answer = await _post(http, url, body, {"Content-Type": "application/json"})
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE_S)
+    # THEN it is accepted, the start was logged as a warning, and SIGTERM's handler is as before
+    assert (status, answer["status"]) == (202, "accepted")
+    [warning] = [e for e in logs if e["event"] == "webhook_signatures_disabled"]
+    assert warning["log_level"] == "warning"
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    assert len(await drain(aws_settings, queues.queue_url)) == 1
+
+
+async def _until(condition: Callable[[], bool], task: asyncio.Task[None]) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        while not condition():
+            if task.done():
+                task.result()
+                raise AssertionError("serve() returned before it started")
+            await asyncio.sleep(0.01)
