@@ -21,6 +21,7 @@ from shared.settings import ConfigError
 COMMAND_MODULES = (
     "ops.setup",
     "receiver.command",
+    "consumer.command",
 )
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.

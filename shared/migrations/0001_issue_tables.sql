@@ -2,10 +2,10 @@
 -- issue keeps its data and is flagged (is_deleted, deleted_at).
 --
 -- Ordering: every event carries a version (its own time in ms) and a tie-break string for equal
--- times (see consumer/README in docs/consumer.md). Field columns come from the newest event that
--- carries a full issue object (version, version_tiebreak); deletion from the newest delete event
--- (deleted_version). An issue is deleted when its newest delete is not older than its field state,
--- so any delivery order of the same events gives the same row.
+-- times (see docs/consumer.md; tie-breaks compare byte-wise, COLLATE "C"). Field columns come from
+-- the newest event that carries a full issue object (version, version_tiebreak); deletion from the
+-- newest delete event (deleted_version). An issue is deleted when its newest delete is not older
+-- than its field state, so any delivery order of the same events gives the same row.
 CREATE TABLE ap_jira_task (
     issue_id                bigint PRIMARY KEY,
     issue_key               text,
@@ -55,6 +55,7 @@ CREATE TABLE ap_jira_task_event (
     issue_event_type_name   text,
     event_at                timestamptz NOT NULL,
     event_version           bigint NOT NULL,
+    event_tiebreak          text NOT NULL,
     source                  text NOT NULL DEFAULT 'webhook',
     changelog               jsonb,
     actor_account_id        text,

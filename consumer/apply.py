@@ -1,0 +1,207 @@
+"""The apply step: a batch of envelopes -> ``ap_jira_task`` and ``ap_jira_task_event``, set-based.
+
+The whole batch is one statement (``apply_batch`` in queries.sql), so one round trip and atomic. When
+Postgres rejects the batch because of a message's data (a NUL character, an out-of-range value), the
+batch is applied again one message at a time in queue order, each under a savepoint inside one
+transaction: the bad message is reported invalid and every other message still applies. Transient and
+unexpected errors propagate (consumer/outcomes.py decides what they mean to the caller).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from consumer import queries
+from consumer.event import ConsumerEvent, parse_envelope
+from consumer.ordering import IssueChange, coalesce
+from consumer.outcomes import Outcome, classify, describe
+from shared.envelope import Envelope
+
+log = structlog.get_logger()
+
+APPLIED = "applied"
+SKIPPED_STALE = "skipped_stale"
+DUPLICATE = "duplicate"
+HISTORY_ONLY = "history_only"
+INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class EventResult:
+    outcome: str
+    # For INVALID: what to put on the dead-letter.
+    error_class: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    # One result per envelope, in the order given.
+    results: list[EventResult]
+    duration_s: float
+    # True when Postgres rejected the batch and it was applied one message at a time.
+    isolated: bool = False
+
+    def counts(self) -> Counter[str]:
+        return Counter(r.outcome for r in self.results)
+
+
+async def apply_envelopes(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> ApplyResult:
+    """Apply a batch (in queue order) in one transaction; see the module docstring."""
+    started = time.perf_counter()
+    results: list[EventResult | None] = [None] * len(envelopes)
+    valid: list[tuple[int, ConsumerEvent]] = []
+    for index, envelope in enumerate(envelopes):
+        try:
+            valid.append((index, parse_envelope(envelope)))
+        except Exception as exc:
+            if classify(exc) is not Outcome.INVALID:
+                raise
+            results[index] = _invalid(exc)
+    isolated = False
+    if valid:
+        events = [event for _, event in valid]
+        try:
+            outcomes = await _apply_batch(conn, events)
+        except Exception as exc:
+            if classify(exc) is not Outcome.INVALID:
+                raise
+            error_class, message = describe(exc)
+            log.warning("batch_rejected_isolating", error_class=error_class, error_message=message)
+            isolated = True
+            outcomes = await _apply_one_by_one(conn, events)
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            results[index] = outcome
+    final = [r for r in results if r is not None]
+    assert len(final) == len(envelopes)
+    return ApplyResult(final, time.perf_counter() - started, isolated)
+
+
+async def _apply_batch(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
+    if conn.is_in_transaction():
+        async with conn.transaction():  # a savepoint: a rejected batch leaves the caller's transaction usable
+            return await _run(conn, events)
+    return await _run(conn, events)
+
+
+async def _apply_one_by_one(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
+    outcomes: list[EventResult] = []
+    async with conn.transaction():
+        for event in events:
+            try:
+                async with conn.transaction():  # savepoint per message
+                    outcomes.extend(await _run(conn, [event]))
+            except Exception as exc:
+                if classify(exc) is not Outcome.INVALID:
+                    raise
+                outcomes.append(_invalid(exc))
+    return outcomes
+
+
+async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
+    distinct: dict[str, ConsumerEvent] = {}
+    for event in events:  # a delivery twice in one batch: the first one counts, the second is a duplicate
+        distinct.setdefault(event.delivery_id, event)
+    unique = list(distinct.values())
+    rows = await conn.fetch(queries.query("apply_batch"), *_arguments(coalesce(unique), unique))
+    recorded = {row["delivery_id"]: (row["recorded"], row["applied"]) for row in rows}
+    outcomes = []
+    seen: set[str] = set()
+    for event in events:
+        was_recorded, applied = recorded[event.delivery_id]
+        if event.delivery_id in seen:
+            outcomes.append(EventResult(DUPLICATE))
+        elif applied:
+            outcomes.append(EventResult(APPLIED))
+        elif not was_recorded:
+            outcomes.append(EventResult(DUPLICATE))
+        elif not event.touches_row:
+            outcomes.append(EventResult(HISTORY_ONLY))
+        else:
+            outcomes.append(EventResult(SKIPPED_STALE))
+        seen.add(event.delivery_id)
+    return outcomes
+
+
+def _json(value: Any) -> str | None:
+    """JSON text for a jsonb argument; unencodable text (a lone surrogate) is left for Postgres to reject."""
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _invalid(exc: BaseException) -> EventResult:
+    error_class, message = describe(exc)
+    return EventResult(INVALID, error_class, message)
+
+
+def _arguments(changes: list[IssueChange], events: list[ConsumerEvent]) -> list[list[Any]]:
+    """The 45 arrays of ``apply_batch``: 33 per changed issue, then 12 per delivery."""
+    columns: list[list[Any]] = [[] for _ in range(45)]
+    for change in changes:
+        f, d, last = change.fields, change.delete, change.last
+        row = f.row if f is not None else None
+        values: list[Any] = [change.issue_id, f and f.version, f and f.tiebreak]
+        if row is None:
+            values += [None] * 22
+        else:
+            values += [
+                row.issue_key,
+                row.project_id,
+                row.project_key,
+                row.project_name,
+                row.issue_number,
+                row.summary,
+                row.status,
+                row.status_category,
+                row.issue_type,
+                row.priority,
+                row.resolution,
+                row.assignee_account_id,
+                row.assignee_display_name,
+                row.reporter_account_id,
+                row.reporter_display_name,
+                _json(row.labels),
+                row.created_at,
+                row.updated_at,
+                row.resolved_at,
+                row.due_date,
+                row.parent_key,
+                _json(row.raw),
+            ]
+        values += [
+            d and d.version,
+            d and d.event_at,
+            last and last.event_type,
+            last and last.event_at,
+            last and last.tiebreak,
+            f and f.delivery_id,
+            d and d.delivery_id,
+            last and last.delivery_id,
+        ]
+        for column, value in zip(columns[:33], values, strict=True):
+            column.append(value)
+    for event in events:
+        values = [
+            event.delivery_id,
+            event.issue_id,
+            event.event_type,
+            event.issue_event_type_name,
+            event.event_at,
+            event.version,
+            event.tiebreak,
+            event.source,
+            _json(event.changelog),
+            event.actor_account_id,
+            event.actor_display_name,
+            event.received_at,
+        ]
+        for column, value in zip(columns[33:], values, strict=True):
+            column.append(value)
+    return columns

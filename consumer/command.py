@@ -1,0 +1,33 @@
+"""``jiralake consumer``: apply queued Jira events to Postgres until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from consumer import main
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "consumer",
+        help="apply queued Jira events to Postgres (ap_jira_task) until SIGTERM",
+        description="Receive from JIRALAKE_QUEUE_URL, apply to DATABASE_URL, dead-letter to "
+        "JIRALAKE_DLQ_URL. Settings come from JIRALAKE_CONSUMER_* variables (README.md); the options "
+        "below override them.",
+    )
+    parser.add_argument("--pollers", type=int, help="concurrent receive loops (JIRALAKE_CONSUMER_POLLERS)")
+    parser.add_argument(
+        "--admin-port", type=int, help="port of /healthz, /readyz, /metrics; 0 disables (default 9091)"
+    )
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.pollers is not None:
+        env["JIRALAKE_CONSUMER_POLLERS"] = str(args.pollers)
+    if args.admin_port is not None:
+        env["JIRALAKE_CONSUMER_ADMIN_PORT"] = str(args.admin_port)
+    main.main(env)
+    return 0

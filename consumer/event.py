@@ -1,0 +1,124 @@
+"""One queued message as the consumer sees it: what it may change and where it sorts.
+
+Event kinds (docs/consumer.md):
+- field-carrying (:data:`FIELD_EVENTS`) with a *full* issue object: may set the field columns;
+- deletes (:data:`DELETE_EVENTS`): set ``deleted_version`` / ``deleted_at``;
+- everything else (comment_*, worklog_*, issuelink_*, attachment_*, slim issue objects, unknown
+  issue events): history only, never touches ``ap_jira_task``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from consumer.issue_row import IssueRow, is_full, issue_row, user_id
+from consumer.ordering import MAX_VERSION_MS, tiebreak_for, version_time
+from consumer.outcomes import InvalidMessage
+from shared.envelope import Envelope
+from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT, Ignored, route
+
+FIELD_EVENTS = frozenset(
+    {"jira:issue_created", "jira:issue_updated", "jira:worklog_updated", "jira:issue_deleted", SNAPSHOT_EVENT}
+)
+DELETE_EVENTS = frozenset({"jira:issue_deleted", RECONCILED_DELETE_EVENT})
+SOURCES = {SNAPSHOT_EVENT: "backfill", RECONCILED_DELETE_EVENT: "reconcile"}
+WEBHOOK_SOURCE = "webhook"
+
+_ISSUE_ID = re.compile(r"^\d{1,19}$")
+_MAX_BIGINT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ConsumerEvent:
+    delivery_id: str
+    issue_id: int
+    event_type: str
+    issue_event_type_name: str | None
+    version: int
+    tiebreak: str
+    event_at: datetime
+    received_at: datetime | None
+    source: str
+    changelog: list[Any] | None
+    actor_account_id: str | None
+    actor_display_name: str | None
+    # The field columns, when this event may set them (field-carrying type and a full issue object).
+    row: IssueRow | None
+    deletes: bool
+
+    @property
+    def order_key(self) -> tuple[int, str]:
+        return (self.version, self.tiebreak)
+
+    @property
+    def touches_row(self) -> bool:
+        return self.row is not None or self.deletes
+
+
+def parse_envelope(envelope: Envelope) -> ConsumerEvent:
+    """Raises :class:`InvalidMessage` (or ``InvalidEvent``) when the message can never be applied."""
+    if not _ISSUE_ID.match(envelope.issue_id) or int(envelope.issue_id) > _MAX_BIGINT:
+        raise InvalidMessage(f"issue_id attribute {envelope.issue_id[:40]!r} is not a Jira issue id")
+    if not 0 < envelope.event_ts_ms <= MAX_VERSION_MS:
+        raise InvalidMessage(f"event_ts_ms attribute {envelope.event_ts_ms} is not a time in ms")
+    try:
+        payload = json.loads(envelope.body, parse_constant=_reject_constant)
+        tiebreak = tiebreak_for(_changelog(payload).get("id"), envelope.body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError, too deeply nested
+        raise InvalidMessage(f"body is not valid JSON: {type(exc).__name__}: {exc}") from None
+    routed = route(payload)
+    if isinstance(routed, Ignored):
+        raise InvalidMessage(f"event {routed.event_type!r} concerns no issue")
+    if routed.issue_id != envelope.issue_id:
+        raise InvalidMessage(f"body concerns issue {routed.issue_id}, attributes say {envelope.issue_id}")
+    if routed.event_type != envelope.event_type:
+        raise InvalidMessage(f"body is a {routed.event_type!r} event, attributes say {envelope.event_type!r}")
+    issue = payload.get("issue")
+    row = issue_row(issue) if routed.event_type in FIELD_EVENTS and is_full(issue) else None
+    actor = _actor(payload)
+    items = _changelog(payload).get("items")
+    name = payload.get("issue_event_type_name")
+    return ConsumerEvent(
+        delivery_id=envelope.delivery_id,
+        issue_id=int(envelope.issue_id),
+        event_type=routed.event_type,
+        issue_event_type_name=name if isinstance(name, str) else None,
+        version=envelope.event_ts_ms,
+        tiebreak=tiebreak,
+        event_at=version_time(envelope.event_ts_ms),
+        received_at=(
+            version_time(envelope.received_at_ms) if 0 < envelope.received_at_ms <= MAX_VERSION_MS else None
+        ),
+        source=SOURCES.get(routed.event_type, WEBHOOK_SOURCE),
+        changelog=items if isinstance(items, list) else None,
+        actor_account_id=user_id(actor),
+        actor_display_name=actor.get("displayName") if isinstance(actor.get("displayName"), str) else None,
+        row=row,
+        deletes=routed.event_type in DELETE_EVENTS,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _changelog(payload: Any) -> dict[str, Any]:
+    changelog = payload.get("changelog") if isinstance(payload, dict) else None
+    return changelog if isinstance(changelog, dict) else {}
+
+
+def _actor(payload: dict[str, Any]) -> dict[str, Any]:
+    """Who caused the event: ``user`` on issue events; a comment's or worklog's (update) author otherwise."""
+    candidates: list[Any] = [payload.get("user")]
+    for holder in ("comment", "worklog"):
+        obj = payload.get(holder)
+        if isinstance(obj, dict):
+            candidates += [obj.get("updateAuthor"), obj.get("author")]
+    for candidate in candidates:
+        if isinstance(candidate, dict) and candidate:
+            return candidate
+    return {}

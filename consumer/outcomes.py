@@ -1,0 +1,91 @@
+"""The one place that decides what a failure means for the messages involved (arroyo's three outcomes):
+
+- ``RETRY``: the message is fine, the world is not (Postgres or SQS unreachable, deadlock, timeout,
+  throttling). Leave the messages; they come back after a backed-off visibility timeout.
+- ``INVALID``: the message can never be applied (not an envelope, not JSON, fails validation, or
+  Postgres rejects its data: a NUL in text, an out-of-range value). Dead-letter it with the reason.
+- ``CRASH``: anything else is a bug or a misconfiguration (missing table, access denied): crash
+  loudly and let the supervisor restart the process; the messages come back on their own.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import asyncpg
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
+
+from shared.envelope import InvalidEnvelope
+from shared.jira_event import InvalidEvent
+
+
+class Outcome(enum.Enum):
+    RETRY = "retry"
+    INVALID = "invalid"
+    CRASH = "crash"
+
+
+class InvalidMessage(ValueError):
+    """A queued message that can never be applied; the text says why."""
+
+
+# Postgres errors that say nothing about the message: the server or the connection is in trouble.
+_PG_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08: connection lost, refused, ...
+    asyncpg.TransactionRollbackError,  # class 40: deadlock, serialization failure
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
+    asyncpg.OperatorInterventionError,  # class 57: admin shutdown, statement timeout, cannot connect now
+    asyncpg.LockNotAvailableError,  # 55P03
+)
+# Postgres errors caused by the values a message carries: class 22 (data exception, also what asyncpg
+# raises when it cannot encode an argument) and class 54 (a value past a program limit).
+_PG_INVALID: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+
+_BOTO_TRANSIENT: tuple[type[BaseException], ...] = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    HTTPClientError,
+)
+_SQS_RETRYABLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalFailure",
+        "KmsThrottled",
+        "RequestTimeout",
+    }
+)
+
+
+def classify(exc: BaseException) -> Outcome:
+    if isinstance(exc, (InvalidMessage, InvalidEnvelope, InvalidEvent, *_PG_INVALID)):
+        return Outcome.INVALID
+    # OSError covers refused, reset and unreachable connections and TimeoutError.
+    if isinstance(exc, (*_PG_TRANSIENT, *_BOTO_TRANSIENT, OSError)):
+        return Outcome.RETRY
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        return Outcome.RETRY  # "connection is closed": the pool replaces it on release
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if error.get("Code") in _SQS_RETRYABLE_CODES or status >= 500:
+            return Outcome.RETRY
+    return Outcome.CRASH
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """``(error_class, error_message)`` for a dead-letter's attributes and the log."""
+    message = " ".join(str(exc).split()) or repr(exc)
+    return type(exc).__name__, message

@@ -1,0 +1,140 @@
+-- apply_batch --
+-- One received batch in one statement (atomic on its own, one round trip): upsert one row per issue
+-- from the batch's coalesced changes, then record every delivery in the history with whether it
+-- changed the row. Each part of the row moves only to a strictly newer state (jiralake_is_newer,
+-- migration 0002): the field columns with the newest full issue object (version, version_tiebreak),
+-- the deletion with the newest delete (deleted_version), last_event_* with the newest of both.
+-- jsonb values arrive as JSON text (asyncpg would read a list inside a jsonb[] as another array
+-- dimension). `before` reads the rows as they were when the statement started (all CTEs share one snapshot),
+-- which tells which winner actually changed its row.
+WITH change AS (
+    SELECT *
+    FROM unnest(
+        $1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+        $8::integer[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+        $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[],
+        $21::timestamptz[], $22::timestamptz[], $23::date[], $24::text[], $25::text[], $26::bigint[],
+        $27::timestamptz[], $28::text[], $29::timestamptz[], $30::text[], $31::text[], $32::text[],
+        $33::text[]
+    ) AS c (
+        issue_id, version, version_tiebreak, issue_key, project_id, project_key, project_name,
+        issue_number, summary, status, status_category, issue_type, priority, resolution,
+        assignee_account_id, assignee_display_name, reporter_account_id, reporter_display_name,
+        labels_json, created_at, updated_at, resolved_at, due_date, parent_key, raw_json, deleted_version,
+        deleted_at, last_event_type, last_event_at, last_event_tiebreak, fields_delivery,
+        delete_delivery, last_delivery
+    )
+),
+event AS (
+    SELECT *
+    FROM unnest(
+        $34::text[], $35::bigint[], $36::text[], $37::text[], $38::timestamptz[], $39::bigint[],
+        $40::text[], $41::text[], $42::text[], $43::text[], $44::text[], $45::timestamptz[]
+    ) AS e (
+        delivery_id, issue_id, event_type, issue_event_type_name, event_at, event_version,
+        event_tiebreak, source, changelog_json, actor_account_id, actor_display_name, received_at
+    )
+),
+before AS (
+    SELECT t.issue_id, t.version, t.version_tiebreak, t.deleted_version, t.last_event_at,
+           t.last_event_tiebreak
+    FROM ap_jira_task t
+    JOIN change c ON c.issue_id = t.issue_id
+),
+upserted AS (
+    INSERT INTO ap_jira_task AS t (
+        issue_id, issue_key, project_id, project_key, project_name, issue_number, summary, status,
+        status_category, issue_type, priority, resolution, assignee_account_id, assignee_display_name,
+        reporter_account_id, reporter_display_name, labels, created_at, updated_at, resolved_at,
+        due_date, parent_key, raw, version, version_tiebreak, deleted_version, deleted_at,
+        last_event_type, last_event_at, last_event_tiebreak
+    )
+    SELECT c.issue_id, c.issue_key, c.project_id, c.project_key, c.project_name, c.issue_number,
+           c.summary, c.status, c.status_category, c.issue_type, c.priority, c.resolution,
+           c.assignee_account_id, c.assignee_display_name, c.reporter_account_id,
+           c.reporter_display_name,
+           CASE WHEN c.labels_json IS NOT NULL
+                THEN ARRAY(SELECT jsonb_array_elements_text(c.labels_json::jsonb)) END,
+           c.created_at, c.updated_at, c.resolved_at, c.due_date, c.parent_key, c.raw_json::jsonb,
+           c.version,
+           c.version_tiebreak, c.deleted_version, c.deleted_at, c.last_event_type, c.last_event_at,
+           c.last_event_tiebreak
+    FROM change c
+    ORDER BY c.issue_id
+    ON CONFLICT (issue_id) DO UPDATE SET
+        issue_key = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.issue_key ELSE t.issue_key END,
+        project_id = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.project_id ELSE t.project_id END,
+        project_key = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.project_key ELSE t.project_key END,
+        project_name = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.project_name ELSE t.project_name END,
+        issue_number = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.issue_number ELSE t.issue_number END,
+        summary = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.summary ELSE t.summary END,
+        status = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.status ELSE t.status END,
+        status_category = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.status_category ELSE t.status_category END,
+        issue_type = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.issue_type ELSE t.issue_type END,
+        priority = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.priority ELSE t.priority END,
+        resolution = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.resolution ELSE t.resolution END,
+        assignee_account_id = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.assignee_account_id ELSE t.assignee_account_id END,
+        assignee_display_name = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.assignee_display_name ELSE t.assignee_display_name END,
+        reporter_account_id = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.reporter_account_id ELSE t.reporter_account_id END,
+        reporter_display_name = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.reporter_display_name ELSE t.reporter_display_name END,
+        labels = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.labels ELSE t.labels END,
+        created_at = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.created_at ELSE t.created_at END,
+        updated_at = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.updated_at ELSE t.updated_at END,
+        resolved_at = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.resolved_at ELSE t.resolved_at END,
+        due_date = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.due_date ELSE t.due_date END,
+        parent_key = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.parent_key ELSE t.parent_key END,
+        raw = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.raw ELSE t.raw END,
+        version = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.version ELSE t.version END,
+        version_tiebreak = CASE WHEN jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak) THEN excluded.version_tiebreak ELSE t.version_tiebreak END,
+        deleted_version = CASE WHEN jiralake_is_newer(excluded.deleted_version, '', t.deleted_version, '') THEN excluded.deleted_version ELSE t.deleted_version END,
+        deleted_at = CASE WHEN jiralake_is_newer(excluded.deleted_version, '', t.deleted_version, '') THEN excluded.deleted_at ELSE t.deleted_at END,
+        last_event_type = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_type ELSE t.last_event_type END,
+        last_event_at = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_at ELSE t.last_event_at END,
+        last_event_tiebreak = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_tiebreak ELSE t.last_event_tiebreak END,
+        ingested_at = now()
+    WHERE jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak)
+       OR jiralake_is_newer(excluded.deleted_version, '', t.deleted_version, '')
+       OR jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak)
+    RETURNING t.issue_id
+),
+winner AS (
+    -- The deliveries that changed their row: each part's winner, where that part was newer.
+    SELECT c.issue_id,
+           CASE WHEN jiralake_is_newer(c.version, c.version_tiebreak, b.version, b.version_tiebreak)
+                THEN c.fields_delivery END AS fields_delivery,
+           CASE WHEN jiralake_is_newer(c.deleted_version, '', b.deleted_version, '')
+                THEN c.delete_delivery END AS delete_delivery,
+           CASE WHEN jiralake_is_newer(c.last_event_at, c.last_event_tiebreak, b.last_event_at, b.last_event_tiebreak)
+                THEN c.last_delivery END AS last_delivery
+    FROM change c
+    JOIN upserted u ON u.issue_id = c.issue_id
+    LEFT JOIN before b ON b.issue_id = c.issue_id
+),
+outcome AS (
+    SELECT e.*,
+           EXISTS (
+               SELECT 1 FROM winner w
+               WHERE w.issue_id = e.issue_id
+                 AND e.delivery_id IN (w.fields_delivery, w.delete_delivery, w.last_delivery)
+           ) AS applied
+    FROM event e
+),
+recorded AS (
+    INSERT INTO ap_jira_task_event (
+        delivery_id, issue_id, event_type, issue_event_type_name, event_at, event_version,
+        event_tiebreak, source, changelog, actor_account_id, actor_display_name, applied, received_at
+    )
+    SELECT e.delivery_id, e.issue_id, e.event_type, e.issue_event_type_name, e.event_at,
+           e.event_version, e.event_tiebreak, e.source, e.changelog_json::jsonb, e.actor_account_id,
+           e.actor_display_name, e.applied, e.received_at
+    FROM outcome e
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id
+)
+-- recorded: false when the delivery was already in the history (a redelivery: a duplicate).
+SELECT o.delivery_id, r.delivery_id IS NOT NULL AS recorded, o.applied
+FROM outcome o
+LEFT JOIN recorded r ON r.delivery_id = o.delivery_id;
+
+-- check_connection --
+SELECT 1;

@@ -1,0 +1,61 @@
+"""Message visibility: keep a long batch invisible while it runs, and back off a batch to retry.
+
+A message comes back when its visibility timeout ends. A batch still being applied must not come
+back (another poller would apply it again, out of order), so ``keep_visible`` renews the timeout at
+half-time. A batch that failed for a transient reason is made visible again after an exponential
+backoff on its receive count, so an outage neither spins nor burns through ``maxReceiveCount``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from consumer import sqs as sqs_calls
+from consumer.sqs import Message
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+
+log = structlog.get_logger()
+
+
+def retry_delay_s(receive_count: int, *, base_s: int, max_s: int) -> int:
+    """base * 2**(receives - 1), capped: 5, 10, 20, 40, ... seconds with the defaults."""
+    exponent = min(max(receive_count, 1) - 1, 30)
+    return int(min(max_s, base_s * 2**exponent))
+
+
+async def keep_visible(
+    sqs: SQSClient, queue_url: str, messages: Sequence[Message], *, visibility_timeout_s: int
+) -> None:
+    """Renew the messages' visibility every half timeout until cancelled (run as a named task)."""
+    every_s = max(visibility_timeout_s / 2, 0.5)
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            failed = await sqs_calls.change_visibility_batch(
+                sqs, queue_url, [(m, visibility_timeout_s) for m in messages]
+            )
+        except Exception as exc:  # the batch may still finish in time; the next round tries again
+            log.warning("visibility_extend_failed", error=f"{type(exc).__name__}: {exc}")
+            continue
+        log.info("visibility_extended", messages=len(messages), timeout_s=visibility_timeout_s, failed=failed)
+
+
+async def release_for_retry(
+    sqs: SQSClient, queue_url: str, messages: Sequence[Message], *, base_s: int, max_s: int
+) -> None:
+    """Make the messages visible again after their backoff. Best effort: if this call fails too, they
+    come back after the visibility timeout they were received with."""
+    timeouts = [(m, retry_delay_s(sqs_calls.receive_count(m), base_s=base_s, max_s=max_s)) for m in messages]
+    try:
+        failed = await sqs_calls.change_visibility_batch(sqs, queue_url, timeouts)
+    except Exception as exc:
+        log.warning("retry_backoff_failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    if failed:
+        log.warning("retry_backoff_failed", failed=failed)

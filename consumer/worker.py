@@ -1,0 +1,378 @@
+"""Pollers: receive a batch, apply it in one transaction, then acknowledge it; shutdown; run until idle.
+
+Each poller loops: check Postgres (a pooled connection and ``SELECT 1``; while Postgres is down it
+does not receive, so an outage does not burn receive counts into the DLQ) -> ``ReceiveMessage`` (long
+polling, up to 10) -> apply (consumer/apply.py) while ``visibility-extender`` keeps the batch hidden
+-> after the commit, dead-letter the invalid messages (send, then delete) and delete the rest in one
+``DeleteMessageBatch``, shielded so shutdown cannot split them. A transient failure releases the batch
+with backoff; anything unexpected stops the consumer and is raised (consumer/outcomes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from consumer import apply, queries, visibility
+from consumer import sqs as sqs_calls
+from consumer.breaker import CircuitBreaker
+from consumer.deadletter import Rejected, dead_letter
+from consumer.outcomes import Outcome, classify, describe
+from consumer.settings import MAX_RECEIVE_MESSAGES, ConsumerSettings
+from consumer.sqs import Message
+from shared import aws, db, queue_depth
+from shared.admin_server import admin_app, start_admin_server
+from shared.envelope import Envelope, InvalidEnvelope
+from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+
+log = structlog.get_logger()
+
+APPLICATION_NAME = "jiralake-consumer"
+DEAD_LETTERED = "dead_lettered"
+RETRIED = "retried"
+# After an empty short poll (wait_time_s 0), pause this long before the next one.
+_EMPTY_POLL_PAUSE_S = 0.2
+_FIRST_BACKOFF_S = 0.5
+
+
+@dataclass
+class ConsumerStats:
+    """What one run handled, per outcome (a message can count as retried more than once)."""
+
+    received: int = 0
+    batches: int = 0
+    applied: int = 0
+    skipped_stale: int = 0
+    duplicate: int = 0
+    history_only: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    # consume_until_idle only: True when timeout_s passed before the queue went idle.
+    timed_out: bool = False
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+        CONSUMER_EVENTS.labels(outcome).inc(n)
+
+
+@dataclass
+class _Activity:
+    """For consume_until_idle: when pollers last had work, and when they last found none."""
+
+    in_flight: int = 0
+    last_busy: float = field(default_factory=time.monotonic)
+    last_empty: float | None = None
+
+
+class Consumer:
+    def __init__(self, settings: ConsumerSettings, pool: asyncpg.Pool, sqs: SQSClient) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.sqs = sqs
+        self.stats = ConsumerStats()
+        self.breaker = CircuitBreaker(
+            window=settings.breaker_window_events,
+            min_events=settings.breaker_min_events,
+            max_ratio=settings.breaker_max_dead_letter_ratio,
+            cooldown_s=settings.breaker_cooldown_s,
+        )
+        self.activity = _Activity()
+        self._acks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event, *, idle_s: float | None = None) -> None:
+        """Run the pollers until ``stop`` is set (or, with ``idle_s``, until the queue is idle).
+
+        Then pollers stop receiving and finish their batch, for up to ``shutdown_grace_s``; any still
+        running are cancelled and named in the log. A poller that crashed is re-raised here."""
+        halt = asyncio.Event()
+        pollers = [
+            asyncio.create_task(self._poll(halt), name=f"consumer-poller-{i}")
+            for i in range(self.settings.pollers)
+        ]
+        watchers: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="consumer-stop-watcher")]
+        if idle_s is not None:
+            watchers.append(asyncio.create_task(self._wait_idle(idle_s), name="consumer-idle-watcher"))
+        try:
+            await asyncio.wait([*pollers, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.set()
+            for watcher in watchers:
+                watcher.cancel()
+            _, pending = await asyncio.wait(pollers, timeout=self.settings.shutdown_grace_s)
+            for task in pending:
+                log.warning("poller_cancelled", task=task.get_name(), grace_s=self.settings.shutdown_grace_s)
+                task.cancel()
+            await asyncio.gather(*pending, *watchers, return_exceptions=True)
+            if self._acks:
+                await asyncio.wait(self._acks)
+        for task in pollers:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                log.error("consumer_crashed", task=task.get_name(), error=f"{type(error).__name__}: {error}")
+                raise error
+
+    async def readiness(self) -> str | None:
+        try:
+            async with self.pool.acquire(timeout=5) as conn:
+                await conn.fetchval(queries.query("check_connection"), timeout=5)
+        except Exception as exc:
+            return f"postgres: {type(exc).__name__}: {exc}"
+        try:
+            await asyncio.wait_for(
+                sqs_calls.counted(
+                    "GetQueueAttributes",
+                    self.sqs.get_queue_attributes(
+                        QueueUrl=self.settings.queue.queue_url, AttributeNames=["QueueArn"]
+                    ),
+                ),
+                timeout=5,
+            )
+        except Exception as exc:
+            return f"sqs: {type(exc).__name__}: {exc}"
+        return None
+
+    # -- one poller --
+
+    async def _poll(self, halt: asyncio.Event) -> None:
+        first_backoff_s = min(_FIRST_BACKOFF_S, self.settings.unavailable_backoff_max_s)
+        backoff_s = first_backoff_s
+        while not halt.is_set():
+            pause_s = self.breaker.remaining_s()
+            if pause_s > 0:
+                await _wait(halt, pause_s)
+                continue
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval(queries.query("check_connection"))
+                    if halt.is_set():
+                        return
+                    messages = await self._receive()
+                    if messages:
+                        await self._handle(conn, messages)
+                backoff_s = first_backoff_s
+            except Exception as exc:
+                if classify(exc) is not Outcome.RETRY:
+                    raise
+                self.activity.last_busy = time.monotonic()
+                error_class, message = describe(exc)
+                log.warning(
+                    "dependency_unavailable", error_class=error_class, error=message, retry_in_s=backoff_s
+                )
+                await _wait(halt, backoff_s)
+                backoff_s = min(backoff_s * 2, self.settings.unavailable_backoff_max_s)
+                continue
+            if not messages and self.settings.wait_time_s == 0:
+                await _wait(halt, _EMPTY_POLL_PAUSE_S)
+
+    async def _receive(self) -> list[Message]:
+        """One long poll. Never abandoned, even when stopping: SQS would still pick messages for an
+        abandoned poll and hide them for a visibility timeout. A stop waits at most ``wait_time_s``."""
+        messages = await sqs_calls.receive(
+            self.sqs,
+            self.settings.queue.queue_url,
+            max_messages=MAX_RECEIVE_MESSAGES,
+            wait_time_s=self.settings.wait_time_s,
+            visibility_timeout_s=self.settings.visibility_timeout_s,
+        )
+        now = time.monotonic()
+        if messages:
+            self.activity.last_busy = now
+        else:
+            self.activity.last_empty = now
+        return messages
+
+    async def _handle(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
+        self.stats.batches += 1
+        task = asyncio.current_task()
+        with structlog.contextvars.bound_contextvars(
+            poller=task.get_name() if task else None, batch=self.stats.batches
+        ):
+            await self._handle_batch(conn, messages)
+
+    async def _handle_batch(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
+        started = time.perf_counter()
+        self.activity.in_flight += 1
+        self.stats.received += len(messages)
+        extender = asyncio.create_task(
+            visibility.keep_visible(
+                self.sqs,
+                self.settings.queue.queue_url,
+                messages,
+                visibility_timeout_s=self.settings.visibility_timeout_s,
+            ),
+            name="visibility-extender",
+        )
+        try:
+            parsed: list[tuple[Message, Envelope]] = []
+            rejected: list[Rejected] = []
+            for message in messages:
+                try:
+                    parsed.append((message, Envelope.from_message(message)))
+                except InvalidEnvelope as exc:
+                    rejected.append(Rejected(message, *describe(exc)))
+            try:
+                result = await apply.apply_envelopes(conn, [envelope for _, envelope in parsed])
+            except Exception as exc:
+                if classify(exc) is Outcome.RETRY:
+                    await self._shielded(self._release(messages, exc))
+                raise
+            done: list[Message] = []
+            for (message, envelope), outcome in zip(parsed, result.results, strict=True):
+                if outcome.outcome == apply.INVALID:
+                    rejected.append(Rejected(message, outcome.error_class or "", outcome.error_message or ""))
+                    continue
+                done.append(message)
+                self.stats.count(outcome.outcome)
+                log.info(
+                    "message_handled",
+                    issue_id=envelope.issue_id,
+                    event_type=envelope.event_type,
+                    delivery_id=envelope.delivery_id,
+                    outcome=outcome.outcome,
+                    duration_ms=round(result.duration_s * 1000, 1),
+                )
+            await self._shielded(self._acknowledge(done, rejected))
+        finally:
+            extender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await extender
+            self.activity.in_flight -= 1
+            self.activity.last_busy = time.monotonic()
+            CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _acknowledge(self, done: list[Message], rejected: list[Rejected]) -> None:
+        """After the commit: dead-letter (send, then delete) the invalid messages, delete the others."""
+        stored = await dead_letter(self.sqs, self.settings.queue.dlq_url, rejected)
+        stored_ids = {id(m) for m in stored}
+        for r in rejected:
+            if id(r.message) in stored_ids:
+                self.stats.count(DEAD_LETTERED)
+                log.warning(
+                    "message_dead_lettered",
+                    message_id=r.message.get("MessageId"),
+                    group_id=sqs_calls.group_id(r.message),
+                    error_class=r.error_class,
+                    error_message=r.error_message,
+                )
+        failed = await sqs_calls.delete_batch(self.sqs, self.settings.queue.queue_url, [*done, *stored])
+        if failed:
+            # They come back after their visibility timeout and then change nothing (duplicates).
+            log.warning("delete_failed", failed=failed)
+        self.breaker.record([False] * len(done) + [True] * len(stored))
+
+    async def _release(self, messages: Sequence[Message], exc: BaseException) -> None:
+        error_class, message = describe(exc)
+        self.stats.count(RETRIED, len(messages))
+        log.warning("batch_retried", messages=len(messages), error_class=error_class, error=message)
+        await visibility.release_for_retry(
+            self.sqs,
+            self.settings.queue.queue_url,
+            messages,
+            base_s=self.settings.retry_base_s,
+            max_s=self.settings.retry_max_s,
+        )
+
+    async def _shielded(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a send-then-delete step to completion even if the poller is cancelled meanwhile; run()
+        waits for it before returning."""
+        task = asyncio.create_task(work, name="consumer-acknowledge")
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+        await asyncio.shield(task)
+
+    async def _wait_idle(self, idle_s: float) -> None:
+        while True:
+            a = self.activity
+            if a.in_flight == 0 and a.last_empty is not None and a.last_empty - a.last_busy >= idle_s:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _wait(halt: asyncio.Event, delay_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(halt.wait(), timeout=delay_s)
+
+
+async def _open_pool(settings: ConsumerSettings) -> asyncpg.Pool:
+    # min_size 0: no connection is opened here, so the consumer starts (and waits) while Postgres is down.
+    return await db.create_pool(
+        settings.database,
+        min_size=0,
+        max_size=settings.pollers + 1,
+        command_timeout=settings.statement_timeout_s,
+        timeout=settings.statement_timeout_s,
+        # Names the consumer's sessions in pg_stat_activity.
+        server_settings={"application_name": APPLICATION_NAME},
+    )
+
+
+async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> ConsumerStats:
+    """The service: pollers, the admin port and the queue-depth gauges, until ``stop`` is set."""
+    log.info("consumer_starting", pollers=settings.pollers, queue_url=settings.queue.queue_url)
+    async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
+        pool = await _open_pool(settings)
+        consumer = Consumer(settings, pool, sqs)
+        runner = None
+        depth = None
+        depth_stop = asyncio.Event()
+        try:
+            if settings.admin_port is not None:
+                runner = await start_admin_server(
+                    admin_app(consumer.readiness), settings.admin_host, settings.admin_port
+                )
+            if settings.queue_stats_interval_s > 0:
+                depth = asyncio.create_task(
+                    queue_depth.poll_queue_depths(
+                        settings.aws,
+                        queue_depth.queue_urls(settings.queue),
+                        settings.queue_stats_interval_s,
+                        depth_stop,
+                    ),
+                    name="queue-depth-poller",
+                )
+            await consumer.run(stop)
+        finally:
+            if depth is not None:
+                depth_stop.set()
+                await depth
+            if runner is not None:
+                await runner.cleanup()
+            await pool.close()
+    log.info("consumer_stopped", **_stats_fields(consumer.stats))
+    return consumer.stats
+
+
+async def consume_until_idle(
+    settings: ConsumerSettings, *, idle_s: float = 1.0, timeout_s: float = 60
+) -> ConsumerStats:
+    """Process until receives have found the queue empty for ``idle_s`` (messages backed off for a
+    retry are invisible, so they do not count), or until ``timeout_s`` (then ``timed_out`` is True).
+    No admin port. For the local demo, backfill and dead-letter replay tests."""
+    settings = replace(settings, wait_time_s=min(settings.wait_time_s, max(1, math.ceil(idle_s))))
+    stop = asyncio.Event()
+    async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
+        pool = await _open_pool(settings)
+        consumer = Consumer(settings, pool, sqs)
+        timer = asyncio.get_running_loop().call_later(timeout_s, stop.set)
+        try:
+            await consumer.run(stop, idle_s=idle_s)
+        finally:
+            timer.cancel()
+            await pool.close()
+    consumer.stats.timed_out = stop.is_set()
+    return consumer.stats
+
+
+def _stats_fields(stats: ConsumerStats) -> dict[str, int | bool]:
+    return {k: v for k, v in vars(stats).items() if not k.startswith("_")}

@@ -1,0 +1,363 @@
+"""The apply step against real Postgres: convergence of the real fixtures in any order, stale events,
+duplicates, deletes, moves, history-only events, unicode, poison data isolation, the README queries."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.apply import apply_envelopes
+from shared.envelope import Envelope
+from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT
+from tests import jira_fixtures
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import clear_tables, envelope_of, fixture_envelopes, snapshot
+
+CREATED = "mattermost-plugin-jira__webhook-issue-created.json"
+ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
+RESOLVED = "mattermost-plugin-jira__webhook-issue-updated-resolved.json"
+DELETED = "mattermost-plugin-jira__webhook-issue-deleted.json"
+MOVED = "pinpoint-jira__jira_issue_updated.project.json"
+COMMENT = "mattermost-plugin-jira__webhook-cloud-comment-created.json"
+
+
+async def apply_in_batches(conn: asyncpg.Connection, envelopes: list[Envelope], size: int) -> list[str]:
+    outcomes: list[str] = []
+    for start in range(0, len(envelopes), size):
+        result = await apply_envelopes(conn, envelopes[start : start + size])
+        outcomes += [r.outcome for r in result.results]
+    return outcomes
+
+
+async def row(conn: asyncpg.Connection, issue_id: int) -> dict[str, Any]:
+    record = await conn.fetchrow("SELECT * FROM ap_jira_task WHERE issue_id = $1", issue_id)
+    assert record is not None
+    return dict(record)
+
+
+async def test_real_fixtures_converge_in_any_delivery_order(pg: asyncpg.Connection) -> None:
+    # GIVEN every real issue fixture, as the receiver enqueues it
+    envelopes = fixture_envelopes()
+    shuffled = envelopes[:]
+    random.Random(7).shuffle(shuffled)
+    duplicated = [e for pair in zip(shuffled, envelopes, strict=True) for e in pair]
+    orders = {
+        "in order, batches of 10": (envelopes, 10),
+        "reversed, batches of 3": (envelopes[::-1], 3),
+        "shuffled, one at a time": (shuffled, 1),
+        "duplicated and interleaved, batches of 10": (duplicated, 10),
+    }
+    # WHEN each order is applied to empty tables
+    snapshots = {}
+    for name, (order, size) in orders.items():
+        await clear_tables(pg)
+        outcomes = await apply_in_batches(pg, order, size)
+        assert "invalid" not in outcomes, name
+        snapshots[name] = await snapshot(pg)
+    # THEN both tables hold exactly the same content every time
+    first = snapshots["in order, batches of 10"]
+    for name, content in snapshots.items():
+        assert content == first, name
+    tasks, events = first
+    assert len(events) == len(envelopes) == 50
+    assert len(tasks) == 19  # issues with a full issue object or a delete among the fixtures
+    assert sum(t["is_deleted"] for t in tasks) == 2
+
+
+async def test_a_stale_event_changes_nothing(pg: asyncpg.Connection) -> None:
+    # GIVEN an issue updated at t=2000
+    newer = envelope_of(make_event(ASSIGNED, ts=2000))
+    older = envelope_of(make_event(CREATED, ts=1000))
+    assert (await apply_envelopes(pg, [newer])).results[0].outcome == "applied"
+    before = await row(pg, 10040)
+    # WHEN an event from t=1000 arrives late
+    result = await apply_envelopes(pg, [older])
+    # THEN it is recorded in the history but the row keeps the newer state
+    assert result.results[0].outcome == "skipped_stale"
+    assert await row(pg, 10040) == before
+    assert before["version"] == 2000 and before["assignee_display_name"] == "Test User"
+    history = await pg.fetch("SELECT event_version, applied FROM ap_jira_task_event ORDER BY event_version")
+    assert [tuple(r) for r in history] == [(1000, False), (2000, True)]
+
+
+async def test_a_duplicate_delivery_changes_nothing(pg: asyncpg.Connection) -> None:
+    envelope = envelope_of(make_event(CREATED, ts=1000), delivery_id="d-1")
+    await apply_envelopes(pg, [envelope])
+    before = await row(pg, 10040)
+    # WHEN the same delivery arrives again, alone and twice within one batch
+    again = await apply_envelopes(pg, [envelope])
+    twice = await apply_envelopes(pg, [envelope, envelope])
+    # THEN nothing changes, not even ingested_at, and the history keeps one row
+    assert [r.outcome for r in again.results + twice.results] == ["duplicate"] * 3
+    assert await row(pg, 10040) == before
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 1
+
+
+async def test_same_content_under_another_delivery_id_is_recorded_but_changes_nothing(
+    pg: asyncpg.Connection,
+) -> None:
+    body = make_event(CREATED, ts=1000)
+    await apply_envelopes(pg, [envelope_of(body, delivery_id="a")])
+    before = await row(pg, 10040)
+    result = await apply_envelopes(pg, [envelope_of(body, delivery_id="b")])
+    assert result.results[0].outcome == "skipped_stale"
+    assert await row(pg, 10040) == before
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 2
+
+
+async def test_delete_then_late_update_never_resurrects(pg: asyncpg.Connection) -> None:
+    # GIVEN an issue created at 1000 and deleted at 3000 (the delete carries the full issue)
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, ts=1000))])
+    await apply_envelopes(pg, [envelope_of(make_event(DELETED, issue_id=10040, ts=3000))])
+    deleted = await row(pg, 10040)
+    assert (deleted["is_deleted"], deleted["deleted_version"], deleted["last_event_type"]) == (
+        True,
+        3000,
+        "jira:issue_deleted",
+    )
+    assert deleted["deleted_at"].isoformat() == "1970-01-01T00:00:03+00:00"
+    # WHEN an update from 2000 arrives after the delete
+    result = await apply_envelopes(pg, [envelope_of(make_event(ASSIGNED, ts=2000))])
+    # THEN the row stays deleted and keeps its data
+    assert result.results[0].outcome == "skipped_stale"
+    assert await row(pg, 10040) == deleted
+    assert deleted["issue_key"] == "IDT-19"  # the data the delete carried
+
+
+async def test_a_slim_delete_flags_the_row_and_keeps_its_fields(pg: asyncpg.Connection) -> None:
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, ts=1000))])
+    before = await row(pg, 10040)
+    # WHEN a Forge-era delete with almost no fields arrives (it may not set fields)
+    slim = {
+        "webhookEvent": "jira:issue_deleted",
+        "timestamp": 2000,
+        "issue": {"id": "10040", "key": "TES-41"},
+    }
+    result = await apply_envelopes(pg, [envelope_of(slim)])
+    after = await row(pg, 10040)
+    assert result.results[0].outcome == "applied"
+    assert (after["is_deleted"], after["deleted_version"], after["version"]) == (True, 2000, 1000)
+    assert {k: after[k] for k in ("summary", "status", "raw")} == {
+        k: before[k] for k in ("summary", "status", "raw")
+    }
+
+
+async def test_a_delete_before_any_fields_creates_a_flagged_row(pg: asyncpg.Connection) -> None:
+    gone = {"webhookEvent": RECONCILED_DELETE_EVENT, "timestamp": 5000, "issue": {"id": "42"}}
+    await apply_envelopes(pg, [envelope_of(gone)])
+    r = await row(pg, 42)
+    assert (r["is_deleted"], r["version"], r["issue_key"], r["last_event_type"]) == (
+        True,
+        None,
+        None,
+        RECONCILED_DELETE_EVENT,
+    )
+    source = await pg.fetchval("SELECT source FROM ap_jira_task_event")
+    assert source == "reconcile"
+
+
+async def test_a_newer_event_after_a_reconciled_delete_shows_the_issue_exists(pg: asyncpg.Connection) -> None:
+    # A reconcile delete is a claim at a point in time: a later event proves the issue exists.
+    gone = {"webhookEvent": RECONCILED_DELETE_EVENT, "timestamp": 5000, "issue": {"id": "10040"}}
+    await apply_envelopes(pg, [envelope_of(gone), envelope_of(make_event(CREATED, ts=4000))])
+    assert (await row(pg, 10040))["is_deleted"] is True
+    await apply_envelopes(pg, [envelope_of(make_event(ASSIGNED, ts=6000))])
+    assert (await row(pg, 10040))["is_deleted"] is False
+
+
+async def test_a_move_makes_key_project_and_number_follow(pg: asyncpg.Connection) -> None:
+    # GIVEN the issue as TES-82 in project TES, then moved to GOLD-208 (same issue id)
+    before_move = make_event(MOVED, ts=1000)
+    before_move["issue"]["key"] = "TES-82"
+    before_move["issue"]["fields"]["project"].update(id="10601", key="TES", name="TESTING")
+    before_move["changelog"] = {"id": "104600", "items": []}
+    moved = make_event(MOVED, ts=2000)
+    for order in ([before_move, moved], [moved, before_move]):
+        await clear_tables(pg)
+        # WHEN both events are applied, in either order
+        for body in order:
+            await apply_envelopes(pg, [envelope_of(body)])
+        # THEN the row, keyed by id, carries the new key, project and number
+        r = await row(pg, 19518)
+        assert (r["issue_key"], r["project_key"], r["project_id"], r["project_name"], r["issue_number"]) == (
+            "GOLD-208",
+            "GOLD",
+            10639,
+            "Gold Miners",
+            208,
+        )
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task") == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mattermost-plugin-jira__webhook-cloud-comment-created.json",
+        "mattermost-plugin-jira__webhook-cloud-comment-deleted.json",
+        "zulip__attachment_created.json",
+        "zulip__worklog_created.json",
+        "zulip__worklog_updated__edited.json",
+        "pinpoint-jira__issuelink_created.json",
+        "mattermost-plugin-jira__webhook-issue-assigned-empty-changelog.json",
+    ],
+)
+async def test_history_only_events_never_touch_the_row(pg: asyncpg.Connection, name: str) -> None:
+    # GIVEN an issue with full fields
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=7, ts=1000))])
+    before = await row(pg, 7)
+    # WHEN a newer comment/attachment/worklog/link event or a slim issue object arrives
+    result = await apply_envelopes(pg, [envelope_of(make_event(name, issue_id=7, ts=9000))])
+    # THEN it is in the history and the row did not change at all
+    assert result.results[0].outcome == "history_only"
+    assert await row(pg, 7) == before
+    event_type = jira_fixtures.load(name)["webhookEvent"]
+    history = await pg.fetchrow("SELECT * FROM ap_jira_task_event WHERE event_version = 9000")
+    assert history is not None
+    assert (history["issue_id"], history["event_type"], history["applied"]) == (7, event_type, False)
+
+
+async def test_history_records_changelog_actor_and_source(pg: asyncpg.Connection) -> None:
+    body = make_event(RESOLVED, ts=1550286940507)
+    snapshot_body = {"webhookEvent": SNAPSHOT_EVENT, "timestamp": 1, "issue": body["issue"]}
+    await apply_envelopes(pg, [envelope_of(body, delivery_id="jira-1"), envelope_of(snapshot_body)])
+    h = await pg.fetchrow("SELECT * FROM ap_jira_task_event WHERE delivery_id = 'jira-1'")
+    assert h is not None
+    assert h["changelog"] == body["changelog"]["items"]
+    assert (h["event_type"], h["issue_event_type_name"], h["source"], h["applied"]) == (
+        "jira:issue_updated",
+        "issue_generic",
+        "webhook",
+        True,
+    )
+    assert (h["actor_account_id"], h["actor_display_name"]) == ("5c5f880629be9642ba529340", "Test User")
+    assert h["event_tiebreak"].startswith("00000000000000010228:")
+    assert h["received_at"].isoformat() == "2023-11-14T22:13:20+00:00"
+    sources = await pg.fetch("SELECT source FROM ap_jira_task_event ORDER BY source")
+    assert [r["source"] for r in sources] == ["backfill", "webhook"]
+
+
+async def test_equal_times_are_ordered_by_changelog_id(pg: asyncpg.Connection) -> None:
+    # GIVEN two updates in the same millisecond; Jira's changelog ids say which came later
+    first = make_event(ASSIGNED, ts=5000)
+    first["changelog"]["id"] = "9"
+    first["issue"]["fields"]["summary"] = "first"
+    second = make_event(ASSIGNED, ts=5000)
+    second["changelog"]["id"] = "10"
+    second["issue"]["fields"]["summary"] = "second"
+    for order in ([first, second], [second, first], [second, first, second]):
+        await clear_tables(pg)
+        await apply_envelopes(pg, [envelope_of(b) for b in order])
+        r = await row(pg, 10040)
+        # THEN the later change wins whatever the delivery order
+        assert (r["summary"], r["version_tiebreak"][:20]) == ("second", "00000000000000000010")
+
+
+async def test_cloud_and_server_payloads(pg: asyncpg.Connection) -> None:
+    cloud = envelope_of(
+        jira_fixtures.raw("mattermost-plugin-jira__webhook-cloud-issue-created-many-fields.json")
+    )
+    server = envelope_of(
+        jira_fixtures.raw("mattermost-plugin-jira__webhook-server-issue-updated-many-fields.json")
+    )
+    await apply_envelopes(pg, [cloud, server])
+    c, s = await row(pg, 10509), await row(pg, 10400)
+    assert (c["issue_key"], c["assignee_account_id"], c["labels"]) == (
+        "KT-22",
+        "5cedcb4355a88a0fc86388ba",
+        ["Label1", "Label2"],
+    )
+    assert (s["issue_key"], s["assignee_account_id"], s["reporter_account_id"], s["status"]) == (
+        "HEY-15",
+        "mickmister",
+        "mickmister",
+        "To Do",
+    )
+
+
+async def test_unicode_round_trips(pg: asyncpg.Connection) -> None:
+    # GIVEN Cyrillic (a real Russian-locale fixture) and emoji in text fields
+    epic = make_event("jira-to-matrix__epic_created.json", ts=1000)
+    epic["issue"]["fields"]["labels"] = ["релиз", "🎉"]
+    emoji = make_event(CREATED, ts=1000)
+    emoji["issue"]["fields"]["summary"] = "Ship it 🌍🌎🌏 à la carte\r\nline two"
+    await apply_envelopes(pg, [envelope_of(epic), envelope_of(emoji)])
+    e, m = await row(pg, 13877), await row(pg, 10040)
+    # THEN text, arrays and the raw jsonb come back exactly
+    assert (e["summary"], e["assignee_display_name"], e["labels"]) == (
+        "Тестовый эпик",
+        "Иванов Иван Иванович",
+        ["релиз", "🎉"],
+    )
+    assert m["summary"] == "Ship it 🌍🌎🌏 à la carte\r\nline two"
+    assert m["raw"] == emoji["issue"]
+    assert e["raw"] == epic["issue"]
+
+
+async def test_poison_data_is_isolated_and_the_rest_of_the_batch_applies(pg: asyncpg.Connection) -> None:
+    # GIVEN a batch with two messages carrying a NUL character Postgres cannot store (in text, in jsonb)
+    poison = make_event(CREATED, issue_id=2, ts=2000)
+    poison["issue"]["fields"]["summary"] = "bad \u0000 summary"
+    bad_changelog = make_event(ASSIGNED, issue_id=3, ts=2000)
+    bad_changelog["changelog"]["items"][0]["toString"] = "nul\u0000"
+    batch = [
+        envelope_of(make_event(CREATED, issue_id=1, ts=1000)),
+        envelope_of(poison),
+        envelope_of(make_event(ASSIGNED, issue_id=2, ts=1500)),
+        envelope_of(bad_changelog),
+        envelope_of(make_event(CREATED, issue_id=3, ts=1000)),
+    ]
+    # WHEN the batch is applied inside the caller's transaction
+    async with pg.transaction():
+        result = await apply_envelopes(pg, batch)
+    # THEN exactly the two bad messages are invalid, with Postgres's reason, and the rest applied
+    assert result.isolated
+    assert [r.outcome for r in result.results] == ["applied", "invalid", "applied", "invalid", "applied"]
+    assert result.results[1].error_class == "CharacterNotInRepertoireError"
+    assert result.results[1].error_message == 'invalid byte sequence for encoding "UTF8": 0x00'
+    assert result.results[3].error_class == "UntranslatableCharacterError"
+    assert [r["issue_id"] for r in await pg.fetch("SELECT issue_id FROM ap_jira_task ORDER BY 1")] == [
+        1,
+        2,
+        3,
+    ]
+    assert (await row(pg, 2))["version"] == 1500
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 3
+
+
+async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
+    # A lone surrogate escape is valid JSON but not valid Unicode text.
+    body = json.dumps(make_event(CREATED, ts=1000)).replace('"Unit test summary"', '"\\ud800"')
+    result = await apply_envelopes(pg, [envelope_of(body)])
+    assert result.results[0].outcome == "invalid"
+    assert result.results[0].error_class in {"DataError", "InvalidTextRepresentationError"}
+
+
+def _readme_queries() -> dict[str, str]:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Data model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, re.DOTALL)
+    return {name: b for b in blocks for name in ("time_in_status", "cycle_time") if f"AS {name}" in b}
+
+
+async def test_readme_time_in_status_and_cycle_time_queries(pg: asyncpg.Connection) -> None:
+    # GIVEN the real Cloud lifecycle of TES-41: created (To Do), started (In Progress), resolved (Done)
+    names = [CREATED, "mattermost-plugin-jira__webhook-issue-updated-started-working.json", RESOLVED]
+    await apply_envelopes(pg, [envelope_of(jira_fixtures.raw(n)) for n in names])
+    await apply_envelopes(pg, [envelope_of(jira_fixtures.raw(RESOLVED), delivery_id="redelivered")])
+    queries = _readme_queries()
+    # WHEN the README's queries run
+    statuses = await pg.fetch(queries["time_in_status"])
+    cycle = await pg.fetch(queries["cycle_time"])
+    # THEN they give the durations between the real event times (a redelivery is not counted twice)
+    by_status = {r["status"]: r["time_in_status"] for r in statuses}
+    assert by_status["To Do"] == timedelta(milliseconds=1550286862039 - 1550286113023)
+    assert by_status["In Progress"] == timedelta(milliseconds=1550286940507 - 1550286862039)
+    assert set(by_status) == {"To Do", "In Progress", "Done"}
+    assert [tuple(r) for r in cycle] == [("TES-41", timedelta(milliseconds=1550286940470 - 1550286862039))]

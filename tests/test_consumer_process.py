@@ -1,0 +1,140 @@
+"""``jiralake consumer`` as a process (admin port, SIGTERM), and readiness while Postgres is down."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import replace
+
+import aiohttp
+import asyncpg
+import structlog.testing
+
+from consumer.settings import ConsumerSettings
+from consumer.worker import run_consumer
+from ops.local_aws import free_port
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import drain
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import (
+    consumer_settings,
+    enqueue,
+    envelope_of,
+    history_count,
+    holds,
+    queue_counts,
+    wait_for,
+)
+
+CREATED = "mattermost-plugin-jira__webhook-issue-created.json"
+
+
+async def _get(url: str) -> tuple[int, str]:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            return resp.status, await resp.text()
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigterm(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, queues: QueuePair, database_url: str
+) -> None:
+    # GIVEN three events on the queue and `jiralake consumer` as a child process
+    await enqueue(
+        aws_settings,
+        queues.queue_url,
+        [envelope_of(make_event(CREATED, issue_id=i, ts=1)) for i in (1, 2, 3)],
+    )
+    admin_port = free_port()
+    env = dict(
+        os.environ,  # AWS_ENDPOINT_URL and test credentials from the moto_server fixture
+        DATABASE_URL=database_url,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_DLQ_URL=queues.dlq_url,
+        JIRALAKE_CONSUMER_WAIT_S="1",
+        JIRALAKE_CONSUMER_QUEUE_STATS_S="1",
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jiralake",
+        "--log-json",
+        "consumer",
+        "--pollers",
+        "1",
+        "--admin-port",
+        str(admin_port),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{admin_port}"
+        # WHEN it runs
+        await wait_for(lambda: _history_is(pg, 3), timeout_s=30, what="the events applied by the child")
+        # THEN the admin port answers, with the counts the test caused
+        assert await _get(f"{base}/healthz") == (200, '{"status": "ok"}')
+        assert await _get(f"{base}/readyz") == (200, '{"status": "ready"}')
+        await wait_for(
+            lambda: _metrics_show(
+                f"{base}/metrics", 'jiralake_queue_messages{queue="main",state="visible"} 0.0'
+            ),
+            what="queue depth gauges",
+        )
+        _, metrics = await _get(f"{base}/metrics")
+        assert 'jiralake_consumer_events_total{outcome="applied"} 3.0' in metrics
+        assert "jiralake_consumer_batch_duration_seconds_count" in metrics
+        assert "jiralake_consumer_circuit_open 0.0" in metrics
+        # AND on SIGTERM it stops and exits 0
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.wait(), timeout=20) == 0
+        assert child.stderr is not None
+        log = (await child.stderr.read()).decode()
+        assert '"event": "consumer_stopping"' in log and '"signal": "SIGTERM"' in log
+        assert '"event": "consumer_stopped"' in log
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
+async def test_while_postgres_is_down_it_is_not_ready_and_receives_nothing(
+    aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an event on the queue and a consumer whose Postgres does not answer
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+    dead_db = DatabaseSettings(url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    settings: ConsumerSettings = replace(
+        consumer_settings(aws_settings, queues, db_settings), database=dead_db, admin_port=free_port()
+    )
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(run_consumer(settings, stop))
+        try:
+            # WHEN it has tried a few times
+            await wait_for(
+                holds(lambda: sum(e["event"] == "dependency_unavailable" for e in logs) >= 3),
+                what="retries",
+            )
+            # THEN /readyz says why, /healthz is fine
+            status, body = await _get(f"http://127.0.0.1:{settings.admin_port}/readyz")
+            assert status == 503 and '"reason": "postgres: ' in body
+            assert (await _get(f"http://127.0.0.1:{settings.admin_port}/healthz"))[0] == 200
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+    # AND the event was never received (its receive count is untouched, nothing burnt toward the DLQ)
+    (message,) = await drain(aws_settings, queues.queue_url)
+    assert message["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+async def _history_is(pg: asyncpg.Connection, n: int) -> bool:
+    return await history_count(pg) == n
+
+
+async def _metrics_show(url: str, line: str) -> bool:
+    return line in (await _get(url))[1]

@@ -1,0 +1,339 @@
+"""The worker against moto's SQS server and real Postgres: end to end, poison messages, Postgres going
+away mid-run, a crash between commit and delete, shutdown with a batch in flight, visibility
+extension, and the circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from consumer.apply import apply_envelopes
+from consumer.settings import ConsumerSettings
+from consumer.worker import consume_until_idle, run_consumer
+from shared import aws
+from shared.envelope import ERROR_ATTRIBUTES, Envelope
+from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import drain
+from tests.jira_fixtures import make_event
+from tests.tcp_proxy import TcpProxy
+from tests.test_consumer_helpers import (
+    consumer_settings,
+    consumer_waiting_on_lock,
+    enqueue,
+    enqueue_raw,
+    envelope_of,
+    fixture_envelopes,
+    history_count,
+    holds,
+    queue_counts,
+    snapshot,
+    wait_for,
+)
+
+CREATED = "mattermost-plugin-jira__webhook-issue-created.json"
+ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
+
+
+def counter(metric: object, *labels: str) -> float:
+    value: float = metric.labels(*labels)._value.get()  # type: ignore[attr-defined]
+    return value
+
+
+@pytest.fixture
+def settings(aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings) -> ConsumerSettings:
+    return consumer_settings(aws_settings, queues, db_settings)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: ConsumerSettings) -> AsyncIterator[asyncio.Task[object]]:
+    """run_consumer in the background; stopped (and its errors raised) on exit."""
+    stop = asyncio.Event()
+    task: asyncio.Task[object] = asyncio.create_task(run_consumer(settings, stop), name="test-consumer")
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def test_real_fixtures_flow_through_the_queue_into_the_tables(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN every real issue fixture on the queue, as the receiver enqueues them
+    envelopes = fixture_envelopes()
+    await enqueue(aws_settings, queues.queue_url, envelopes)
+    # WHEN two pollers consume until the queue is idle
+    stats = await consume_until_idle(replace(settings, pollers=2), idle_s=1.0, timeout_s=60)
+    # THEN everything was applied once, the queues are empty, and the tables equal a direct apply
+    assert not stats.timed_out
+    assert stats.received == len(envelopes) == 50
+    assert stats.dead_lettered == stats.retried == 0
+    assert stats.applied + stats.skipped_stale + stats.history_only + stats.duplicate == 50
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+    assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
+    through_queue = await snapshot(pg)
+    await pg.execute("DELETE FROM ap_jira_task; DELETE FROM ap_jira_task_event")
+    await apply_envelopes(pg, envelopes)
+    assert through_queue == await snapshot(pg)
+
+
+async def test_poison_messages_are_dead_lettered_with_their_reason_and_the_rest_applies(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN good events around a NUL in a summary (the newest event of its issue, so it must be
+    # written) and a non-JSON body with no attributes
+    poison = make_event(CREATED, issue_id=2, ts=2000)
+    poison["issue"]["fields"]["summary"] = "bad \u0000"
+    poison_envelope = envelope_of(poison)
+    await enqueue(
+        aws_settings,
+        queues.queue_url,
+        [
+            envelope_of(make_event(CREATED, issue_id=1, ts=1000)),
+            poison_envelope,
+            envelope_of(make_event(ASSIGNED, issue_id=2, ts=1500)),
+        ],
+    )
+    await enqueue_raw(
+        aws_settings, queues.queue_url, "this is not json", group_id="stray", dedup_id="stray-1"
+    )
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, issue_id=3, ts=1000))])
+    dead_before = counter(CONSUMER_EVENTS, "dead_lettered")
+    # WHEN the consumer runs until idle
+    stats = await consume_until_idle(settings, idle_s=1.0, timeout_s=60)
+    # THEN the two bad messages are in the DLQ with the reason, the others are applied
+    assert (stats.received, stats.applied, stats.dead_lettered) == (5, 3, 2)
+    assert counter(CONSUMER_EVENTS, "dead_lettered") - dead_before == 2
+    dead = {m["Body"]: m for m in await drain(aws_settings, queues.dlq_url)}
+    assert set(dead) == {poison_envelope.body, "this is not json"}
+    nul = dead[poison_envelope.body]
+    attrs = {k: v["StringValue"] for k, v in nul["MessageAttributes"].items()}
+    assert attrs["error_class"] == "CharacterNotInRepertoireError"
+    assert attrs["error_message"] == 'invalid byte sequence for encoding "UTF8": 0x00'
+    assert attrs["original_group_id"] == "2" == nul["Attributes"]["MessageGroupId"]
+    assert attrs["failed_at"].endswith("+00:00")
+    assert attrs["delivery_id"] == poison_envelope.delivery_id  # the original envelope is kept
+    stray = {k: v["StringValue"] for k, v in dead["this is not json"]["MessageAttributes"].items()}
+    assert set(stray) == set(ERROR_ATTRIBUTES)
+    assert (stray["error_class"], stray["original_group_id"]) == ("InvalidEnvelope", "stray")
+    rows = await pg.fetch("SELECT issue_id, version FROM ap_jira_task ORDER BY issue_id")
+    assert [tuple(r) for r in rows] == [(1, 1000), (2, 1500), (3, 1000)]
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
+async def test_postgres_going_away_mid_batch_loses_nothing_and_applies_nothing_twice(
+    pg: asyncpg.Connection,
+    settings: ConsumerSettings,
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+) -> None:
+    # GIVEN a consumer that reaches Postgres through a proxy the test can cut
+    assert db_settings.url is not None
+    parts = urlsplit(db_settings.url)
+    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
+    proxied = replace(settings, database=DatabaseSettings(url=urlunsplit(parts._replace(netloc=netloc))))
+    first = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in range(1, 5)]
+    second = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=2000)) for i in range(1, 5)]
+    retried_before = counter(CONSUMER_EVENTS, "retried")
+    try:
+        async with running(proxied):
+            await enqueue(aws_settings, queues.queue_url, first)
+            await wait_for(lambda: _history_is(pg, 4), what="the first events")
+            # WHEN a batch is in flight (held by a lock) and the proxy cuts every connection
+            async with pg.transaction():
+                await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
+                await enqueue(aws_settings, queues.queue_url, second)
+                await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
+                proxy.cut()
+                # THEN the consumer keeps trying to reach Postgres (and does not receive meanwhile)
+                await wait_for(holds(lambda: proxy.rejected >= 2), what="reconnect attempts")
+            # (the lock is released here: the orphaned backend may now commit the batch itself)
+            proxy.restore()
+            # AND once Postgres is back everything is applied
+            await wait_for(lambda: _rows_at(pg, 2000, 4), what="the second events")
+            await wait_for(lambda: _queue_empty(aws_settings, queues.queue_url), what="an empty queue")
+    finally:
+        await proxy.close()
+    # exactly once each: every delivery has one history row, the row holds the newest event
+    assert await history_count(pg) == 8
+    assert counter(CONSUMER_EVENTS, "retried") - retried_before >= 1
+    rows = await pg.fetch("SELECT issue_id, version, assignee_display_name FROM ap_jira_task ORDER BY 1")
+    assert [tuple(r) for r in rows] == [(i, 2000, "Test User") for i in range(1, 5)]
+    assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
+
+
+async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_changes_nothing(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN events received and committed by a consumer that died before deleting them
+    envelopes = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2)]
+    await enqueue(aws_settings, queues.queue_url, envelopes)
+    async with aws.sqs_client(aws_settings) as sqs:
+        received = await sqs.receive_message(
+            QueueUrl=queues.queue_url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            VisibilityTimeout=1,
+            WaitTimeSeconds=1,
+        )
+    assert len(received["Messages"]) == 2
+    committed = await apply_envelopes(pg, [Envelope.from_message(m) for m in received["Messages"]])
+    assert [r.outcome for r in committed.results] == ["applied", "applied"]
+    before = await pg.fetch("SELECT * FROM ap_jira_task ORDER BY issue_id")
+    # WHEN a consumer runs after the visibility timeout ran out
+    await wait_for(
+        lambda: _queue_counts_are(aws_settings, queues.queue_url, (2, 0)), what="the messages to reappear"
+    )
+    stats = await consume_until_idle(settings, idle_s=1.0, timeout_s=30)
+    # THEN the messages came back, changed nothing (not even ingested_at) and are gone now
+    assert (stats.received, stats.duplicate, stats.applied) == (2, 2, 0)
+    assert await pg.fetch("SELECT * FROM ap_jira_task ORDER BY issue_id") == before
+    assert await history_count(pg) == 2
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
+async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_queue(
+    settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str
+) -> None:
+    # GIVEN a database without jiralake's schema (a misconfiguration, not a bad message)
+    name = f"jiralake_empty_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    empty = urlunsplit(urlsplit(pg_server_dsn)._replace(path=f"/{name}"))
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+    try:
+        # WHEN the consumer applies a batch THEN the error propagates: no retry loop, no dead-letter
+        with pytest.raises(asyncpg.UndefinedTableError, match="ap_jira_task"):
+            await consume_until_idle(replace(settings, database=DatabaseSettings(url=empty)), timeout_s=20)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    # AND the message is still on the queue (in flight until its visibility timeout), not in the DLQ
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 1)
+    assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
+
+
+async def test_stop_finishes_the_batch_in_flight_and_receives_no_more(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    first = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2, 3)]
+    later = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (4, 5)]
+    stop = asyncio.Event()
+    async with pg.transaction():
+        # GIVEN a batch in flight (held by a lock the test owns)
+        await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
+        await enqueue(aws_settings, queues.queue_url, first)
+        task = asyncio.create_task(run_consumer(settings, stop))
+        await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
+        # WHEN the consumer is told to stop (as on SIGTERM), then more events arrive
+        stop.set()
+        await enqueue(aws_settings, queues.queue_url, later)
+        assert not task.done()
+    # THEN once the lock is released the batch commits, is deleted, and the consumer returns
+    stats = await asyncio.wait_for(task, timeout=20)
+    assert (stats.received, stats.applied) == (3, 3)
+    assert await history_count(pg) == 3
+    assert await queue_counts(aws_settings, queues.queue_url) == (2, 0)
+
+
+async def test_stop_lets_the_long_poll_in_progress_finish_so_no_message_is_left_hidden(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a consumer in 2-second long polls on an empty queue
+    polls_before = counter(SQS_CALLS, "ReceiveMessage", "ok")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_consumer(replace(settings, wait_time_s=2), stop))
+    await wait_for(
+        holds(lambda: counter(SQS_CALLS, "ReceiveMessage", "ok") > polls_before), what="a first poll"
+    )
+    # WHEN it is stopped and an event arrives right after
+    stop.set()
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+    stats = await asyncio.wait_for(task, timeout=10)
+    # THEN the event was either taken by the poll in progress and applied, or left visible: never
+    # hidden in flight by an abandoned poll
+    visible, in_flight = await queue_counts(aws_settings, queues.queue_url)
+    assert in_flight == 0
+    assert (stats.received, stats.applied, await history_count(pg), visible) in {(1, 1, 1, 0), (0, 0, 0, 1)}
+
+
+async def test_a_long_batch_keeps_its_messages_invisible(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a 2-second visibility timeout and two pollers that could each take the batch
+    short = replace(settings, pollers=2, visibility_timeout_s=2)
+    extended_before = counter(SQS_CALLS, "ChangeMessageVisibilityBatch", "ok")
+    stop = asyncio.Event()
+    async with pg.transaction():
+        await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
+        await enqueue(
+            aws_settings,
+            queues.queue_url,
+            [envelope_of(make_event(CREATED, issue_id=i, ts=1)) for i in (1, 2)],
+        )
+        task = asyncio.create_task(run_consumer(short, stop))
+        await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
+        # WHEN the batch runs for longer than the visibility timeout (two renewals)
+        await wait_for(
+            holds(lambda: counter(SQS_CALLS, "ChangeMessageVisibilityBatch", "ok") - extended_before >= 2),
+            what="two visibility renewals",
+        )
+    try:
+        await wait_for(lambda: _history_is(pg, 2), what="the batch")
+    finally:
+        stop.set()
+        stats = await asyncio.wait_for(task, timeout=20)
+    # THEN no other poller received the messages meanwhile
+    assert (stats.received, stats.applied, stats.duplicate) == (2, 2, 0)
+
+
+async def test_the_circuit_breaker_stops_receiving_when_most_events_are_dead_lettered(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a bad deploy's view of the world: every message is garbage
+    for i in range(14):
+        await enqueue_raw(aws_settings, queues.queue_url, f"garbage {i}", group_id=f"g{i}", dedup_id=f"d{i}")
+    breaker = replace(
+        settings,
+        breaker_window_events=4,
+        breaker_min_events=4,
+        breaker_max_dead_letter_ratio=0.5,
+        breaker_cooldown_s=60,
+    )
+    # WHEN the consumer runs
+    async with running(breaker):
+        await wait_for(holds(lambda: CONSUMER_CIRCUIT_OPEN._value.get() == 1), what="the breaker to open")
+        dead_now = (await queue_counts(aws_settings, queues.dlq_url))[0]
+        await asyncio.sleep(1.5)  # a receive would take at most wait_time_s (1 s)
+        # THEN it stops receiving: the rest stays on the queue instead of moving to the DLQ
+        assert (await queue_counts(aws_settings, queues.dlq_url))[0] == dead_now < 14
+        assert (await queue_counts(aws_settings, queues.queue_url))[0] == 14 - dead_now
+    assert CONSUMER_CIRCUIT_OPEN._value.get() == 1
+
+
+async def _history_is(pg: asyncpg.Connection, n: int) -> bool:
+    return await history_count(pg) == n
+
+
+async def _rows_at(pg: asyncpg.Connection, version: int, n: int) -> bool:
+    count: int = await pg.fetchval("SELECT count(*) FROM ap_jira_task WHERE version = $1", version)
+    return count == n
+
+
+async def _queue_counts_are(aws_settings: AwsSettings, url: str, counts: tuple[int, int]) -> bool:
+    return await queue_counts(aws_settings, url) == counts
+
+
+async def _queue_empty(aws_settings: AwsSettings, url: str) -> bool:
+    return await queue_counts(aws_settings, url) == (0, 0)
