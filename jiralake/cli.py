@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "ops.setup",
     "receiver.command",
     "consumer.command",
+    "exporter.command",
 )
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.

@@ -1,0 +1,194 @@
+"""``jiralake export``: one export (``--once``, for cron / ECS scheduled tasks / Kubernetes CronJobs),
+a long-running scheduled exporter (``--schedule "0 3 * * *" --timezone America/Sao_Paulo``), or the
+Athena DDL for what it writes (``--athena-ddl``).
+
+Exit codes: 0 done; 1 the export failed (one line says why; the upload was aborted); 2 bad
+configuration; 75 another export holds the lock (try again later); 130/143 stopped by SIGINT/SIGTERM
+during an export (upload aborted, latest/ unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+
+from exporter.athena_ddl import DEFAULT_PROJECTION_START, athena_ddl
+from exporter.columns import read_columns, select_columns
+from exporter.errors import ExportError, ExportLocked, failure_reason
+from exporter.layout import ExportLayout
+from exporter.progress import LogProgress, ProgressListener, TerminalProgress
+from exporter.run import ExportResult, export_once
+from exporter.schedule import run_on_schedule
+from exporter.settings import ExporterSettings, ExportFormat
+from exporter.shutdown import Stopped, run_unless_stopped, stop_on_signals
+from shared import db
+from shared.admin_server import admin_app, start_admin_server
+from shared.errors import CommandError
+
+log = structlog.get_logger()
+
+EXIT_LOCKED = 75  # EX_TEMPFAIL
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="stream ap_jira_task to S3 (CSV, csv.gz or Parquet), once or on a schedule",
+        description="Stream ap_jira_task to S3 through a multipart upload: history/dt=YYYY-MM-DD/, then "
+        "latest/ (atomic copy), then manifests. Settings from JIRALAKE_* (see README.md); flags override.",
+    )
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
+        "--once",
+        action="store_true",
+        help="run one export and exit (default unless JIRALAKE_EXPORT_SCHEDULE)",
+    )
+    when.add_argument("--schedule", metavar="CRON", help='keep running; export at each time of "0 3 * * *"')
+    when.add_argument(
+        "--athena-ddl",
+        action="store_true",
+        help="print CREATE EXTERNAL TABLE statements for the format, exit",
+    )
+    parser.add_argument("--timezone", metavar="TZ", help="IANA time zone of --schedule (default UTC)")
+    parser.add_argument(
+        "--format", choices=[f.value for f in ExportFormat], help="csv (default), csv.gz, parquet"
+    )
+    parser.add_argument("--bucket", help="S3 bucket (default JIRALAKE_BUCKET)")
+    parser.add_argument(
+        "--prefix", help="key prefix in the bucket (default JIRALAKE_EXPORT_PREFIX or jiralake)"
+    )
+    parser.add_argument(
+        "--include-raw", action="store_true", default=None, help="keep the raw webhook JSON column in CSV"
+    )
+    parser.add_argument(
+        "--changed-since-last",
+        action="store_true",
+        help="only rows changed since the last successful --changed-since-last run, to changes/dt=.../",
+    )
+    parser.add_argument(
+        "--part-size-mib", type=int, metavar="MIB", help="multipart part size (5..5120, default 16)"
+    )
+    parser.add_argument("--parts-in-flight", type=int, metavar="N", help="parts uploaded at once (default 4)")
+    parser.add_argument(
+        "--admin-port", type=int, metavar="PORT", help="with --schedule: /healthz /readyz /metrics (0: none)"
+    )
+    parser.add_argument(
+        "--projection-start",
+        default=DEFAULT_PROJECTION_START,
+        help=f"with --athena-ddl: first dt of the partition projection (default {DEFAULT_PROJECTION_START})",
+    )
+    parser.set_defaults(func=_command)
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> ExporterSettings:
+    env = dict(environ)
+    overrides = {
+        "JIRALAKE_BUCKET": args.bucket,
+        "JIRALAKE_EXPORT_PREFIX": args.prefix,
+        "JIRALAKE_EXPORT_FORMAT": args.format,
+        "JIRALAKE_EXPORT_PART_SIZE_MIB": args.part_size_mib,
+        "JIRALAKE_EXPORT_PARTS_IN_FLIGHT": args.parts_in_flight,
+        "JIRALAKE_EXPORT_SCHEDULE": args.schedule,
+        "JIRALAKE_EXPORT_TIMEZONE": args.timezone,
+        "JIRALAKE_EXPORT_ADMIN_PORT": args.admin_port,
+        "JIRALAKE_EXPORT_INCLUDE_RAW": "true" if args.include_raw else None,
+    }
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    if args.once or args.athena_ddl:
+        env.pop("JIRALAKE_EXPORT_SCHEDULE", None)
+    if args.prefix == "":
+        env["JIRALAKE_EXPORT_PREFIX"] = "/"
+    return ExporterSettings.from_env(env)
+
+
+def _command(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, dict(os.environ))
+    if args.athena_ddl:
+        sys.stdout.write(asyncio.run(render_ddl(settings, projection_start=args.projection_start)))
+        return 0
+    listener = _progress_listener(settings)
+    if settings.schedule is not None:
+        return asyncio.run(_serve(settings, changed_since_last=args.changed_since_last, listener=listener))
+    result = asyncio.run(_once(settings, changed_since_last=args.changed_since_last, listener=listener))
+    latest = f"; latest: s3://{settings.bucket}/{result.latest_key}" if result.latest_key else ""
+    print(
+        f"exported {result.rows:,} rows ({result.bytes:,} bytes, {result.format.value}) to "
+        f"s3://{settings.bucket}/{result.data_key}{latest}"
+    )
+    return 0
+
+
+async def render_ddl(settings: ExporterSettings, *, projection_start: str = DEFAULT_PROJECTION_START) -> str:
+    conn = await db.connect(settings.database)
+    try:
+        columns = await read_columns(conn)
+    finally:
+        await conn.close()
+    exported = select_columns(columns, include_raw=settings.include_raw or not settings.format.is_csv)
+    layout = ExportLayout(bucket=settings.bucket, prefix=settings.prefix, format=settings.format)
+    return athena_ddl(exported, layout, projection_start=projection_start)
+
+
+async def _once(
+    settings: ExporterSettings, *, changed_since_last: bool, listener: ProgressListener
+) -> ExportResult:
+    with stop_on_signals() as stop:
+        try:
+            return await run_unless_stopped(
+                export_once(settings, changed_since_last=changed_since_last, on_progress=listener),
+                stop.event,
+                name="export",
+            )
+        except Stopped:
+            sig = stop.signal or signal.SIGTERM
+            raise CommandError(
+                f"export stopped by {sig.name}: the multipart upload was aborted, latest/ is unchanged",
+                exit_code=128 + int(sig),
+            ) from None
+        except ExportLocked as exc:
+            raise CommandError(str(exc), exit_code=EXIT_LOCKED) from None
+        except ExportError as exc:
+            raise CommandError(f"export failed: {exc}") from None
+        except Exception as exc:
+            reason = failure_reason(exc)
+            if reason is None:
+                raise
+            raise CommandError(f"export failed: {reason}") from None
+
+
+async def _serve(settings: ExporterSettings, *, changed_since_last: bool, listener: ProgressListener) -> int:
+    with stop_on_signals() as stop:
+        runner = None
+        if settings.admin_port is not None:
+            runner = await start_admin_server(
+                admin_app(lambda: _database_reachable(settings)), settings.admin_host, settings.admin_port
+            )
+        try:
+            runs = await run_on_schedule(
+                settings, stop.event, changed_since_last=changed_since_last, on_progress=listener
+            )
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+    log.info("exporter_stopped", signal=stop.signal.name if stop.signal else None, successful_runs=runs)
+    return 0
+
+
+async def _database_reachable(settings: ExporterSettings) -> str | None:
+    conn = await db.connect(settings.database, timeout=3)
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()
+    return None
+
+
+def _progress_listener(settings: ExporterSettings) -> ProgressListener:
+    if sys.stderr.isatty():
+        return TerminalProgress(sys.stderr)
+    return LogProgress(interval_s=settings.progress_log_interval_s)

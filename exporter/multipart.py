@@ -1,0 +1,283 @@
+"""One S3 object written as a stream: a multipart upload fed chunk by chunk, atomic on complete.
+
+The writer cuts the stream into parts of ``part_size_bytes`` (S3: at least 5 MiB except the last) and
+hands each to a bounded queue; ``parts_in_flight`` uploader tasks take parts from it. When the queue is
+full the writer waits, and so does whatever feeds it (the COPY stream): memory stays at about
+``(parts_in_flight + 2) x part_size_bytes`` whatever the object's size. ``complete`` sends the parts
+sorted by number; until then readers see the previous object under the key, or none.
+
+On any failure (an upload error, the source failing, cancellation on SIGTERM) the upload is aborted,
+so S3 keeps no orphan parts (``ListMultipartUploads`` stays empty). The same pattern as aioboto3's
+own ``upload_fileobj``, with the part size and concurrency ours to set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from exporter.errors import ExportError, failure_reason
+from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+log = structlog.get_logger()
+
+# Called after each part is stored, with (part_number, part_bytes).
+PartCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    bucket: str
+    key: str
+    size_bytes: int
+    etag: str
+    parts: int
+    sha256: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+class MultipartUpload:
+    """``async with MultipartUpload(...) as upload: await upload.write(b); stored = await upload.complete()``.
+
+    Leaving the block without :meth:`complete` having returned, for whatever reason, aborts the upload.
+    """
+
+    def __init__(
+        self,
+        s3: S3Client,
+        *,
+        bucket: str,
+        key: str,
+        part_size_bytes: int,
+        parts_in_flight: int,
+        content_type: str,
+        on_part_stored: PartCallback | None = None,
+    ) -> None:
+        if part_size_bytes < S3_MIN_PART_BYTES:
+            raise ValueError(f"part_size_bytes must be >= {S3_MIN_PART_BYTES}")
+        self._s3 = s3
+        self.bucket = bucket
+        self.key = key
+        self._part_size = part_size_bytes
+        self._content_type = content_type
+        self._on_part_stored = on_part_stored
+        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=1)
+        self._workers_count = parts_in_flight
+        self._workers: list[asyncio.Task[None]] = []
+        self._buffer = bytearray()
+        self._sha256 = hashlib.sha256()
+        self._size = 0
+        self._next_part = 1
+        self._etags: dict[int, str] = {}
+        self._error: BaseException | None = None
+        self._upload_id: str | None = None
+        self._completed = False
+
+    @property
+    def upload_id(self) -> str | None:
+        return self._upload_id
+
+    async def __aenter__(self) -> MultipartUpload:
+        created = await self._s3.create_multipart_upload(
+            Bucket=self.bucket, Key=self.key, ContentType=self._content_type
+        )
+        self._upload_id = created["UploadId"]
+        self._workers = [
+            asyncio.create_task(self._upload_parts(), name=f"multipart-uploader-{i}")
+            for i in range(self._workers_count)
+        ]
+        log.debug("multipart_started", key=self.key, upload_id=self._upload_id)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._completed:
+            return
+        await self._stop_workers()
+        # Shielded: a second cancellation must not leave the parts behind.
+        await asyncio.shield(self._abort(exc))
+
+    async def write(self, data: bytes) -> None:
+        """Append bytes to the object; waits while the upload queue is full."""
+        self._raise_if_failed()
+        if not data:
+            return
+        self._sha256.update(data)
+        self._size += len(data)
+        self._buffer += data
+        if len(self._buffer) >= self._part_size:
+            part = bytes(self._buffer)
+            self._buffer.clear()
+            await self._send(part)
+
+    async def complete(self) -> StoredObject:
+        """Upload what is left as the last part, wait for every part, and complete the upload."""
+        if self._buffer or self._next_part == 1:
+            part = bytes(self._buffer)
+            self._buffer.clear()
+            await self._send(part)
+        for _ in self._workers:
+            await self._queue.put(None)
+        await asyncio.gather(*self._workers)
+        self._raise_if_failed()
+        parts = [{"ETag": self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
+        done = await self._s3.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self._require_upload_id(),
+            MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+        )
+        self._completed = True
+        stored = StoredObject(
+            bucket=self.bucket,
+            key=self.key,
+            size_bytes=self._size,
+            etag=done.get("ETag", ""),
+            parts=len(parts),
+            sha256=self._sha256.hexdigest(),
+        )
+        log.debug("multipart_completed", key=self.key, parts=stored.parts, size_bytes=stored.size_bytes)
+        return stored
+
+    async def _send(self, part: bytes) -> None:
+        number = self._next_part
+        if number > S3_MAX_PARTS:
+            raise ExportError(
+                f"s3://{self.bucket}/{self.key} would need more than {S3_MAX_PARTS} parts of "
+                f"{self._part_size} bytes; raise JIRALAKE_EXPORT_PART_SIZE_MIB"
+            )
+        self._next_part += 1
+        await self._queue.put((number, part))
+        self._raise_if_failed()
+
+    async def _upload_parts(self) -> None:
+        # Keeps taking parts after a failure (and drops them) so the writer never waits on a full queue.
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            number, body = item
+            if self._error is not None:
+                continue
+            try:
+                response = await self._s3.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._require_upload_id(),
+                    PartNumber=number,
+                    Body=body,
+                )
+            except Exception as exc:
+                if self._error is None:
+                    self._error = exc
+                continue
+            self._etags[number] = response["ETag"]
+            if self._on_part_stored is not None:
+                try:
+                    self._on_part_stored(number, len(body))
+                except Exception as exc:
+                    if self._error is None:
+                        self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            reason = failure_reason(self._error) or f"{type(self._error).__name__}: {self._error}"
+            raise ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason}") from self._error
+
+    def _require_upload_id(self) -> str:
+        if self._upload_id is None:
+            raise RuntimeError("the multipart upload was not started (use `async with`)")
+        return self._upload_id
+
+    async def _stop_workers(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _abort(self, cause: BaseException | None) -> None:
+        if self._upload_id is None:
+            return
+        try:
+            await self._s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+        except Exception as exc:
+            # Not fatal to report: a lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
+            log.warning(
+                "multipart_abort_failed",
+                key=self.key,
+                upload_id=self._upload_id,
+                reason=failure_reason(exc) or repr(exc),
+            )
+            return
+        log.info(
+            "multipart_aborted",
+            key=self.key,
+            upload_id=self._upload_id,
+            parts_stored=len(self._etags),
+            cause=type(cause).__name__ if cause else None,
+        )
+
+
+async def copy_object(
+    s3: S3Client,
+    *,
+    bucket: str,
+    source: StoredObject,
+    dest_key: str,
+    part_size_bytes: int,
+    single_copy_max_bytes: int,
+    content_type: str,
+) -> str:
+    """Server-side copy of ``source`` to ``dest_key``, atomic for readers of ``dest_key``; returns its ETag.
+
+    Copies only the exact object uploaded (``CopySourceIfMatch``). Up to ``single_copy_max_bytes`` (at
+    most 5 GiB) one CopyObject; above, a multipart copy (UploadPartCopy by byte range), aborted on failure.
+    """
+    copy_source: Any = {"Bucket": bucket, "Key": source.key}
+    if source.size_bytes <= single_copy_max_bytes:
+        copied = await s3.copy_object(
+            Bucket=bucket,
+            Key=dest_key,
+            CopySource=copy_source,
+            CopySourceIfMatch=source.etag,
+            MetadataDirective="REPLACE",
+            ContentType=content_type,
+        )
+        return copied.get("CopyObjectResult", {}).get("ETag", "")
+    # Parts of at least part_size_bytes, and few enough for S3's 10,000-part limit.
+    part_bytes = max(part_size_bytes, -(-source.size_bytes // S3_MAX_PARTS))
+    created = await s3.create_multipart_upload(Bucket=bucket, Key=dest_key, ContentType=content_type)
+    upload_id = created["UploadId"]
+    try:
+        parts: list[Any] = []
+        for number, start in enumerate(range(0, source.size_bytes, part_bytes), start=1):
+            end = min(start + part_bytes, source.size_bytes) - 1
+            response = await s3.upload_part_copy(
+                Bucket=bucket,
+                Key=dest_key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource=copy_source,
+                CopySourceIfMatch=source.etag,
+                CopySourceRange=f"bytes={start}-{end}",
+            )
+            parts.append({"ETag": response["CopyPartResult"]["ETag"], "PartNumber": number})
+        done = await s3.complete_multipart_upload(
+            Bucket=bucket, Key=dest_key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        )
+    except BaseException:
+        await asyncio.shield(s3.abort_multipart_upload(Bucket=bucket, Key=dest_key, UploadId=upload_id))
+        raise
+    return done.get("ETag", "")

@@ -1,0 +1,120 @@
+"""Parquet written as the rows stream: each cursor fetch becomes one row group, written into a small
+in-memory sink that the caller drains into the multipart upload after every group. Memory: one row
+group, never the table.
+
+Types (Athena reads all of them): integers, booleans and floats as themselves; timestamps as
+TIMESTAMP(MILLIS) in UTC (Athena has long read milliseconds; microsecond timestamps need engine v3);
+dates as DATE; text arrays as LIST<STRING>; JSON and everything else as STRING (UTF-8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from exporter.columns import ColumnKind, ExportColumn, quote_ident
+
+# What the server-side cursor selects for each kind of column: values pyarrow takes directly.
+_PARQUET_VALUE: dict[ColumnKind, str] = {
+    ColumnKind.BIGINT: "{col}",
+    ColumnKind.INTEGER: "{col}",
+    ColumnKind.SMALLINT: "{col}",
+    ColumnKind.BOOLEAN: "{col}",
+    ColumnKind.DOUBLE: "{col}",
+    ColumnKind.REAL: "{col}",
+    # Milliseconds since the epoch (truncated), like the CSV's .MS.
+    ColumnKind.TIMESTAMPTZ: "floor(extract(epoch FROM {col}) * 1000)::bigint",
+    ColumnKind.TIMESTAMP: "floor(extract(epoch FROM {col}) * 1000)::bigint",
+    # Days since 1970-01-01.
+    ColumnKind.DATE: "({col} - DATE '1970-01-01')",
+    ColumnKind.TEXT_ARRAY: "{col}::text[]",
+    ColumnKind.JSON: "{col}::text",
+    ColumnKind.TEXT: "{col}::text",
+}
+
+_ARROW_TYPE: dict[ColumnKind, pa.DataType] = {
+    ColumnKind.BIGINT: pa.int64(),
+    ColumnKind.INTEGER: pa.int32(),
+    ColumnKind.SMALLINT: pa.int16(),
+    ColumnKind.BOOLEAN: pa.bool_(),
+    ColumnKind.DOUBLE: pa.float64(),
+    ColumnKind.REAL: pa.float32(),
+    ColumnKind.TIMESTAMPTZ: pa.timestamp("ms", tz="UTC"),
+    ColumnKind.TIMESTAMP: pa.timestamp("ms"),
+    ColumnKind.DATE: pa.date32(),
+    ColumnKind.TEXT_ARRAY: pa.list_(pa.string()),
+    ColumnKind.JSON: pa.string(),
+    ColumnKind.TEXT: pa.string(),
+}
+
+# -- export_parquet --
+# ORDER BY names the table's column, not the output column of the same name.
+PARQUET_QUERY = "SELECT {values} FROM {table}{where} ORDER BY {table}.{order_key}"
+
+
+def parquet_query(columns: list[ExportColumn], *, table: str, order_key: str, where: str = "") -> str:
+    values = ", ".join(_PARQUET_VALUE[c.kind].format(col=c.sql_ident) + " AS " + c.sql_ident for c in columns)
+    return PARQUET_QUERY.format(
+        values=values, table=quote_ident(table), where=where, order_key=quote_ident(order_key)
+    )
+
+
+def arrow_schema(columns: list[ExportColumn]) -> pa.Schema:
+    return pa.schema([pa.field(c.name, _ARROW_TYPE[c.kind], nullable=not c.not_null) for c in columns])
+
+
+class _DrainableSink:
+    """The file ParquetWriter writes to: bytes pile up until :meth:`drain` hands them over."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._position = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        # The writer records offsets (row groups, footer) from here: the whole stream's position.
+        return self._position
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def drain(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+class ParquetStream:
+    """``write_rows(rows) -> bytes`` per row group, then ``finish() -> bytes`` (the footer)."""
+
+    def __init__(self, columns: list[ExportColumn], *, compression: str = "snappy") -> None:
+        self.schema = arrow_schema(columns)
+        self._sink = _DrainableSink()
+        self._writer = pq.ParquetWriter(
+            self._sink, self.schema, compression=compression, version="2.6", write_statistics=True
+        )
+
+    def write_rows(self, rows: Sequence[Sequence[Any]]) -> bytes:
+        if rows:
+            arrays = [
+                pa.array(list(values), type=field.type)
+                for values, field in zip(zip(*rows, strict=True), self.schema, strict=True)
+            ]
+            batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+            self._writer.write_batch(batch, row_group_size=len(rows))
+        return self._sink.drain()
+
+    def finish(self) -> bytes:
+        self._writer.close()
+        return self._sink.drain()

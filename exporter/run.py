@@ -1,0 +1,383 @@
+"""One export: ``ap_jira_task`` -> one S3 object (+ the latest/ copy) -> manifests -> run recorded.
+
+Consistency: the rows come from one ``REPEATABLE READ, READ ONLY`` transaction on the connection that
+holds the export lock, and from a single statement inside it (``COPY (SELECT ...)`` for CSV, one
+server-side cursor over one SELECT for Parquet): one snapshot, whatever commits meanwhile.
+
+Atomicity, in order: (1) the data object is written by a multipart upload, which S3 makes visible only
+on complete, and aborts on any failure; (2) for a full export, that exact object (``If-Match`` its ETag)
+is copied server-side to latest/, which readers see switch from the old object to the new one at once;
+(3) the manifests are written last; (4) the run is recorded in ``jiralake_export_run``, which advances
+the incremental watermark. A failure before (2) leaves latest/ untouched; a failure before (4) leaves
+the watermark where it was, so the next incremental run exports those rows again rather than skip them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from exporter import run_log
+from exporter.columns import ORDER_KEY, TABLE, ExportColumn, read_columns, select_columns
+from exporter.copy_stream import copy_csv
+from exporter.csv_format import GzipStream, csv_query
+from exporter.errors import failure_reason
+from exporter.layout import ExportLayout
+from exporter.lock import acquire_export_lock
+from exporter.manifest import ManifestFacts, manifest_document, put_manifest
+from exporter.multipart import MultipartUpload, StoredObject, copy_object
+from exporter.parquet_format import ParquetStream, parquet_query
+from exporter.progress import Progress, ProgressListener
+from exporter.settings import ExporterSettings, ExportFormat
+from shared import aws, db
+from shared.metrics import EXPORT_BYTES, EXPORT_FAILURES, EXPORT_LAST_SUCCESS, EXPORT_ROWS, EXPORT_SECONDS
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+log = structlog.get_logger()
+
+Clock = Callable[[], datetime]
+
+# -- begin_export_transaction --
+BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+# -- export_snapshot --
+# The transaction's snapshot, taken by this first statement. xmax8 anchors each row's 32-bit xmin to a
+# 64-bit transaction id. watermark8, the next run's starting point, is the oldest transaction the
+# snapshot saw running (it cannot see their rows), or xmax8 if none: every row this export could not
+# see was written by a transaction at or above it. Transactions of other databases are left out when
+# pg_stat_activity (read after the snapshot was taken) shows them still running there, so a busy
+# neighbour on a shared server does not hold the watermark back; if in doubt, a transaction counts.
+EXPORT_SNAPSHOT = """
+WITH snapshot AS (SELECT pg_current_snapshot() AS snap),
+other_databases AS (
+    SELECT backend_xid::text::bigint AS xid32 FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL AND datname IS NOT NULL AND datname <> current_database()
+)
+SELECT
+    pg_snapshot_xmax(snap)::text::bigint AS xmax8,
+    pg_snapshot_xmin(snap)::text::bigint AS xmin8,
+    coalesce(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(snap) AS x
+         WHERE (x::text::bigint & 4294967295) NOT IN (SELECT xid32 FROM other_databases)),
+        pg_snapshot_xmax(snap)::text::bigint
+    ) AS watermark8
+FROM snapshot
+"""
+
+# -- changed_since --
+# Rows whose last writing transaction has an id at or above the previous run's watermark ($1): every
+# transaction that run's snapshot could not see has such an id (subtransactions too: their ids follow
+# their parent's), so no row committed while the previous export ran is skipped. A row written just
+# before it by a transaction newer than the oldest one then running may be exported twice. The row's
+# 32-bit xmin is widened to 64 bits with the epoch of this snapshot's xmax ($2).
+CHANGED_SINCE = """
+WHERE (
+    ((($2::bigint >> 32) - CASE WHEN xmin::text::bigint > ($2::bigint & 4294967295) THEN 1 ELSE 0 END) << 32)
+    | xmin::text::bigint
+) >= $1::bigint"""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: int
+    mode: str  # "full" or "changes"
+    format: ExportFormat
+    rows: int
+    bytes: int
+    sha256: str
+    parts: int
+    data_key: str  # history/dt=... (full) or changes/dt=... (changes)
+    latest_key: str | None
+    manifest_keys: tuple[str, ...]
+    started_at: datetime
+    finished_at: datetime
+    duration_s: float
+    watermark_xid8: int
+    since_xid8: int | None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def export_once(
+    settings: ExporterSettings,
+    *,
+    changed_since_last: bool = False,
+    clock: Clock = utc_now,
+    on_progress: ProgressListener | None = None,
+) -> ExportResult:
+    """Run one export now. Raises :class:`~exporter.errors.ExportLocked` if another is running, and
+    re-raises any failure after aborting the upload and recording the run as failed."""
+    mode = "changes" if changed_since_last else "full"
+    source = await db.connect(settings.database)
+    try:
+        await acquire_export_lock(source)
+        control = await db.connect(settings.database)
+        try:
+            with structlog.contextvars.bound_contextvars(
+                export_mode=mode, export_format=settings.format.value
+            ):
+                return await _locked_export(
+                    settings, source, control, mode=mode, clock=clock, listener=on_progress
+                )
+        finally:
+            await _close(control)
+    finally:
+        # Closing the session releases the advisory lock.
+        await _close(source)
+
+
+async def _locked_export(
+    settings: ExporterSettings,
+    source: asyncpg.Connection,
+    control: asyncpg.Connection,
+    *,
+    mode: str,
+    clock: Clock,
+    listener: ProgressListener | None,
+) -> ExportResult:
+    started_at = clock().astimezone(UTC)
+    started_monotonic = time.monotonic()
+    abandoned = await run_log.abandon_unfinished(control, started_at)
+    if abandoned:
+        log.warning("export_runs_abandoned", count=abandoned)
+    columns = select_columns(
+        await read_columns(source),
+        include_raw=settings.include_raw or settings.format is ExportFormat.PARQUET,
+    )
+    since = await run_log.last_watermark(control, settings.format.value) if mode == "changes" else None
+    run_id = await run_log.start_run(
+        control, mode=mode, format=settings.format.value, started_at=started_at, since_xid8=since
+    )
+    with structlog.contextvars.bound_contextvars(run_id=run_id):
+        log.info("export_started", bucket=settings.bucket, since_xid8=since, columns=len(columns))
+        try:
+            result = await _export(
+                settings, source, control, run_id=run_id, mode=mode, columns=columns, since=since,
+                started_at=started_at, started_monotonic=started_monotonic, clock=clock, listener=listener,
+            )  # fmt: skip
+        except BaseException as exc:
+            EXPORT_FAILURES.inc()
+            EXPORT_SECONDS.observe(time.monotonic() - started_monotonic)
+            interrupted = isinstance(exc, asyncio.CancelledError)
+            reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)
+            await asyncio.shield(_record_failure(control, run_id, clock().astimezone(UTC), reason))
+            log.error("export_failed", reason=reason, interrupted=interrupted)
+            raise
+    EXPORT_ROWS.inc(result.rows)
+    EXPORT_BYTES.inc(result.bytes)
+    EXPORT_SECONDS.observe(result.duration_s)
+    EXPORT_LAST_SUCCESS.set(result.finished_at.timestamp())
+    log.info(
+        "export_finished",
+        run_id=result.run_id,
+        rows=result.rows,
+        bytes=result.bytes,
+        parts=result.parts,
+        duration_s=round(result.duration_s, 3),
+        object=f"s3://{settings.bucket}/{result.data_key}",
+        latest=f"s3://{settings.bucket}/{result.latest_key}" if result.latest_key else None,
+    )
+    return result
+
+
+async def _export(
+    settings: ExporterSettings,
+    source: asyncpg.Connection,
+    control: asyncpg.Connection,
+    *,
+    run_id: int,
+    mode: str,
+    columns: list[ExportColumn],
+    since: int | None,
+    started_at: datetime,
+    started_monotonic: float,
+    clock: Clock,
+    listener: ProgressListener | None,
+) -> ExportResult:
+    layout = ExportLayout(bucket=settings.bucket, prefix=settings.prefix, format=settings.format)
+    data_key = (
+        layout.history_key(started_at.date()) if mode == "full" else layout.changes_key(started_at, run_id)
+    )
+    progress = Progress(listener)
+    async with aws.s3_client(settings.aws, max_pool=settings.parts_in_flight + 4) as s3:
+        async with MultipartUpload(
+            s3,
+            bucket=settings.bucket,
+            key=data_key,
+            part_size_bytes=settings.part_size_bytes,
+            parts_in_flight=settings.parts_in_flight,
+            content_type=layout.content_type,
+            on_part_stored=progress.part_stored,
+        ) as upload:
+            # Not `async with conn.transaction()`: after a failed or cancelled COPY its ROLLBACK would
+            # raise over the real error. On failure the connection is closed, which rolls back.
+            await source.execute(BEGIN_SNAPSHOT)
+            snapshot = await source.fetchrow(EXPORT_SNAPSHOT)
+            assert snapshot is not None
+            where, args = ("", ()) if since is None else (CHANGED_SINCE, (since, snapshot["xmax8"]))
+            if settings.format.is_csv:
+                rows = await _stream_csv(settings, source, columns, where, args, upload, progress)
+            else:
+                rows = await _stream_parquet(settings, source, columns, where, args, upload, progress)
+            await source.execute("COMMIT")
+            stored = await upload.complete()
+        progress.finish(rows=rows)
+        data_done_at = clock().astimezone(UTC)
+
+        latest_key = None
+        latest_etag = ""
+        if mode == "full":
+            latest_key = layout.latest_key
+            latest_etag = await copy_object(
+                s3,
+                bucket=settings.bucket,
+                source=stored,
+                dest_key=latest_key,
+                part_size_bytes=settings.part_size_bytes,
+                single_copy_max_bytes=settings.single_copy_max_bytes,
+                content_type=layout.content_type,
+            )
+        facts = ManifestFacts(
+            run_id=run_id,
+            mode=mode,
+            format=settings.format,
+            rows=rows,
+            bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            etag=stored.etag,
+            parts=stored.parts,
+            started_at=started_at,
+            finished_at=data_done_at,
+            watermark_xid8=snapshot["watermark8"],
+            since_xid8=since,
+            columns=columns,
+        )
+        manifest_keys = await _write_manifests(s3, layout, facts, stored, latest_key, latest_etag)
+
+    finished_at = clock().astimezone(UTC)
+    await run_log.run_succeeded(
+        control,
+        run_id,
+        finished_at=finished_at,
+        watermark_xid8=snapshot["watermark8"],
+        rows=rows,
+        bytes_exported=stored.size_bytes,
+        sha256=stored.sha256,
+        data_key=data_key,
+        latest_key=latest_key,
+        manifest_key=manifest_keys[0],
+    )
+    return ExportResult(
+        run_id=run_id,
+        mode=mode,
+        format=settings.format,
+        rows=rows,
+        bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        parts=stored.parts,
+        data_key=data_key,
+        latest_key=latest_key,
+        manifest_keys=manifest_keys,
+        started_at=started_at,
+        finished_at=finished_at,
+        duration_s=time.monotonic() - started_monotonic,
+        watermark_xid8=snapshot["watermark8"],
+        since_xid8=since,
+    )
+
+
+async def _stream_csv(
+    settings: ExporterSettings,
+    source: asyncpg.Connection,
+    columns: list[ExportColumn],
+    where: str,
+    args: Sequence[Any],
+    upload: MultipartUpload,
+    progress: Progress,
+) -> int:
+    query = csv_query(columns, table=TABLE, order_key=ORDER_KEY, where=where)
+    gzip = GzipStream(settings.gzip_level) if settings.format is ExportFormat.CSV_GZ else None
+    header_pending = True
+
+    async def sink(chunk: bytes) -> None:
+        nonlocal header_pending
+        # Text is newline-safe, so every line feed ends a row (the first one ends the header).
+        lines = chunk.count(b"\n")
+        rows, header_pending = (lines - 1, False) if header_pending and lines else (lines, header_pending)
+        progress.read(rows=rows, source_bytes=len(chunk))
+        await upload.write(gzip.compress(chunk) if gzip else chunk)
+
+    rows = await copy_csv(source, query, args, sink)
+    if gzip:
+        await upload.write(gzip.finish())
+    return rows
+
+
+async def _stream_parquet(
+    settings: ExporterSettings,
+    source: asyncpg.Connection,
+    columns: list[ExportColumn],
+    where: str,
+    args: Sequence[Any],
+    upload: MultipartUpload,
+    progress: Progress,
+) -> int:
+    query = parquet_query(columns, table=TABLE, order_key=ORDER_KEY, where=where)
+    stream = ParquetStream(columns, compression=settings.parquet_compression)
+    cursor = await source.cursor(query, *args)
+    rows = 0
+    while batch := await cursor.fetch(settings.parquet_rows_per_group):
+        data = stream.write_rows(batch)
+        rows += len(batch)
+        progress.read(rows=len(batch), source_bytes=len(data))
+        await upload.write(data)
+    await upload.write(stream.finish())
+    return rows
+
+
+async def _write_manifests(
+    s3: S3Client,
+    layout: ExportLayout,
+    facts: ManifestFacts,
+    stored: StoredObject,
+    latest_key: str | None,
+    latest_etag: str,
+) -> tuple[str, ...]:
+    data_manifest = layout.manifest_key(stored.key)
+    await put_manifest(
+        s3, bucket=layout.bucket, key=data_manifest, document=manifest_document(facts, object_uri=stored.uri)
+    )
+    if latest_key is None:
+        return (data_manifest,)
+    latest_manifest = layout.manifest_key(latest_key)
+    document = manifest_document(
+        dataclasses.replace(facts, etag=latest_etag), object_uri=layout.uri(latest_key), source_uri=stored.uri
+    )
+    await put_manifest(s3, bucket=layout.bucket, key=latest_manifest, document=document)
+    return (data_manifest, latest_manifest)
+
+
+async def _record_failure(control: asyncpg.Connection, run_id: int, now: datetime, reason: str) -> None:
+    try:
+        await run_log.run_failed(control, run_id, finished_at=now, error=reason)
+    except Exception as exc:
+        log.warning("export_run_not_recorded", run_id=run_id, reason=failure_reason(exc) or repr(exc))
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.shield(conn.close(timeout=5))
+    except Exception:
+        conn.terminate()

@@ -1,0 +1,123 @@
+"""The exporter's settings: one frozen object, built once in ``main()`` from the environment (and the
+command line), constructed directly in tests, benchmarks and the local demo."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from shared.settings import AwsSettings, ConfigError, DatabaseSettings, env_bool, env_int, env_str, require
+
+MIB = 1024 * 1024
+# S3's multipart rules: every part but the last at least 5 MiB, at most 5 GiB, at most 10,000 parts.
+S3_MIN_PART_BYTES = 5 * MIB
+S3_MAX_PART_BYTES = 5 * 1024 * MIB
+S3_MAX_PARTS = 10_000
+# CopyObject copies at most 5 GiB in one request; larger objects are copied part by part.
+S3_MAX_SINGLE_COPY_BYTES = 5 * 1024 * MIB
+
+DEFAULT_PART_SIZE_BYTES = 16 * MIB
+
+
+class ExportFormat(enum.StrEnum):
+    CSV = "csv"
+    CSV_GZ = "csv.gz"
+    PARQUET = "parquet"
+
+    @property
+    def is_csv(self) -> bool:
+        return self is not ExportFormat.PARQUET
+
+    @classmethod
+    def parse(cls, value: str) -> ExportFormat:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            choices = ", ".join(f.value for f in cls)
+            raise ConfigError(f"export format must be one of {choices}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ExporterSettings:
+    aws: AwsSettings
+    database: DatabaseSettings
+    bucket: str
+    # Key prefix inside the bucket, without leading or trailing "/" ("" = the bucket's root).
+    prefix: str = "jiralake"
+    format: ExportFormat = ExportFormat.CSV
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+    # Upload workers; memory in use is about (parts_in_flight + 2) x part_size_bytes.
+    parts_in_flight: int = 4
+    # CSV leaves the raw webhook JSON out unless asked; Parquet always keeps it.
+    include_raw: bool = False
+    gzip_level: int = 6
+    # Rows per Parquet row group (one server-side cursor fetch each).
+    parquet_rows_per_group: int = 10_000
+    parquet_compression: str = "snappy"
+    # Above this size latest/ is copied part by part (UploadPartCopy) instead of with one CopyObject.
+    single_copy_max_bytes: int = S3_MAX_SINGLE_COPY_BYTES
+    # Long-running mode: a cron expression evaluated in `timezone`; None = run once.
+    schedule: str | None = None
+    timezone: str = "UTC"
+    # Seconds between progress log lines when stderr is not a terminal.
+    progress_log_interval_s: float = 10.0
+    # /healthz, /readyz and /metrics while running on a schedule; None = no admin server.
+    admin_port: int | None = 9092
+    admin_host: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            raise ConfigError("JIRALAKE_BUCKET is not set (see the configuration table in README.md)")
+        object.__setattr__(self, "prefix", self.prefix.strip("/"))
+        if not S3_MIN_PART_BYTES <= self.part_size_bytes <= S3_MAX_PART_BYTES:
+            raise ConfigError(
+                "part size must be between 5 MiB and 5 GiB (S3's multipart limits), "
+                f"got {self.part_size_bytes} bytes"
+            )
+        if self.parts_in_flight < 1:
+            raise ConfigError(f"parts in flight must be >= 1, got {self.parts_in_flight}")
+        if not 0 <= self.gzip_level <= 9:
+            raise ConfigError(f"gzip level must be 0..9, got {self.gzip_level}")
+        if self.parquet_rows_per_group < 1:
+            raise ConfigError(f"Parquet rows per group must be >= 1, got {self.parquet_rows_per_group}")
+        if self.single_copy_max_bytes < 1 or self.single_copy_max_bytes > S3_MAX_SINGLE_COPY_BYTES:
+            raise ConfigError("single_copy_max_bytes must be between 1 byte and 5 GiB")
+        zone(self.timezone)
+        if self.schedule is not None and not croniter.is_valid(self.schedule):
+            raise ConfigError(f"schedule {self.schedule!r} is not a valid cron expression")
+
+    @property
+    def tzinfo(self) -> ZoneInfo:
+        return zone(self.timezone)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ExporterSettings:
+        admin_port = env_int(env, "JIRALAKE_EXPORT_ADMIN_PORT", 9092, minimum=0)
+        return cls(
+            aws=AwsSettings.from_env(env),
+            database=DatabaseSettings.from_env(env),
+            bucket=require(env, "JIRALAKE_BUCKET"),
+            prefix=env_str(env, "JIRALAKE_EXPORT_PREFIX", "jiralake") or "",
+            format=ExportFormat.parse(env_str(env, "JIRALAKE_EXPORT_FORMAT", "csv") or "csv"),
+            part_size_bytes=env_int(env, "JIRALAKE_EXPORT_PART_SIZE_MIB", 16, minimum=5) * MIB,
+            parts_in_flight=env_int(env, "JIRALAKE_EXPORT_PARTS_IN_FLIGHT", 4, minimum=1),
+            include_raw=env_bool(env, "JIRALAKE_EXPORT_INCLUDE_RAW", False),
+            parquet_rows_per_group=env_int(env, "JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP", 10_000, minimum=1),
+            schedule=env_str(env, "JIRALAKE_EXPORT_SCHEDULE"),
+            timezone=env_str(env, "JIRALAKE_EXPORT_TIMEZONE", "UTC") or "UTC",
+            admin_port=admin_port or None,
+            admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "0.0.0.0") or "0.0.0.0",
+        )
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"unknown time zone {name!r} (use an IANA name such as America/Sao_Paulo)"
+        ) from None

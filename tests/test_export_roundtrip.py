@@ -1,0 +1,234 @@
+"""Exports read back equal the table: CSV, csv.gz and Parquet over tens of thousands of rows of awkward
+text; what Athena's CSV reader sees decodes to the same values; layout and manifests are as documented."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client import REGISTRY
+
+from exporter.columns import ColumnKind
+from exporter.run import export_once
+from exporter.settings import ExporterSettings, ExportFormat
+from shared.settings import AwsSettings
+from tests.test_export_support import (
+    AWKWARD_TEXT,
+    athena_decode,
+    csv_rows,
+    exported_columns,
+    get_object,
+    insert_awkward_rows,
+    list_keys,
+    open_csv_serde_line,
+    open_multipart_uploads,
+    parquet_rows,
+    settings_factory,
+    table_rows,
+)
+
+__all__ = ["settings_factory"]  # a fixture, used by name
+
+ROWS = 25_000
+RUN_AT = datetime(2024, 5, 10, 6, 0, 5, tzinfo=UTC)
+
+
+def fixed_clock() -> datetime:
+    return RUN_AT
+
+
+async def test_csv_export_round_trips_awkward_text_and_keeps_one_line_per_row(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN 25,000 rows whose text holds quotes, commas, CR, LF, backslashes, unicode, NULL and ''
+    await insert_awkward_rows(pg, ROWS, pad=200)
+    settings = settings_factory(format=ExportFormat.CSV)
+    # WHEN one export runs
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN the object, parsed by a plain RFC 4180 reader and decoded, equals the table, row for row
+    data = await get_object(aws_settings, bucket, result.data_key)
+    columns = await exported_columns(pg, include_raw=False)
+    assert "raw" not in [c.name for c in columns]
+    assert csv_rows(data, columns) == await table_rows(pg, columns)
+    # AND no value spans lines: one header line plus exactly one line per row
+    assert data.count(b"\n") == ROWS + 1
+    assert b"\r" not in data
+    assert data.splitlines()[0].decode() == ",".join(c.name for c in columns)
+    # AND it went up in several parts, and latest/ holds the same bytes
+    assert result.rows == ROWS
+    assert result.parts >= 2
+    assert result.bytes == len(data)
+    assert await get_object(aws_settings, bucket, "lake/ap_jira_task/latest/ap_jira_task.csv") == data
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+
+
+async def test_csv_gz_export_round_trips(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN awkward rows, raw JSON included on request
+    await insert_awkward_rows(pg, ROWS)
+    settings = settings_factory(format=ExportFormat.CSV_GZ, include_raw=True)
+    # WHEN exported as csv.gz
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN it is one gzip stream under the csv.gz table folder, and equals the table
+    assert result.data_key == "lake/ap_jira_task_csv_gz/history/dt=2024-05-10/ap_jira_task.csv.gz"
+    data = await get_object(aws_settings, bucket, result.data_key)
+    assert data[:2] == b"\x1f\x8b"
+    columns = await exported_columns(pg, include_raw=True)
+    assert "raw" in [c.name for c in columns]
+    assert csv_rows(data, columns, gzipped=True) == await table_rows(pg, columns)
+    assert gzip.decompress(data).count(b"\n") == ROWS + 1
+
+
+async def test_parquet_export_round_trips_with_types_and_raw(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN awkward rows
+    await insert_awkward_rows(pg, ROWS)
+    # WHEN exported as Parquet in row groups of 4,000 rows
+    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN the file holds every column (raw included) with its type, and equals the table
+    data = await get_object(aws_settings, bucket, result.data_key)
+    columns = await exported_columns(pg, include_raw=True)
+    schema, rows = parquet_rows(data)
+    assert schema.names == [c.name for c in columns]
+    types = dict(zip(schema.names, schema.types, strict=True))
+    assert types["issue_id"] == pa.int64()
+    assert types["issue_number"] == pa.int32()
+    assert types["is_deleted"] == pa.bool_()
+    assert types["created_at"] == pa.timestamp("ms", tz="UTC")
+    assert types["due_date"] == pa.date32()
+    assert types["labels"] == pa.list_(pa.string())
+    assert types["raw"] == pa.string()
+    assert rows == await table_rows(pg, columns)
+    # AND one row group per cursor fetch
+    assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == -(-ROWS // 4_000)
+    assert result.latest_key == "lake/ap_jira_task_parquet/latest/ap_jira_task.parquet"
+
+
+async def test_what_athena_reads_from_the_csv_decodes_to_the_table_values(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN one row per awkward text (and more), exported as CSV
+    await insert_awkward_rows(pg, 3 * len(AWKWARD_TEXT))
+    result = await export_once(settings_factory(), clock=fixed_clock)
+    data = (await get_object(aws_settings, bucket, result.data_key)).decode("utf-8")
+    columns = await exported_columns(pg, include_raw=False)
+    text_positions = [i for i, c in enumerate(columns) if c.kind is ColumnKind.TEXT]
+    expected = await table_rows(pg, columns)
+    # WHEN each line is read the way OpenCSVSerDe reads it (skip.header.line.count = 1)
+    lines = data.split("\n")[1:-1]
+    assert len(lines) == len(expected)
+    for line, row in zip(lines, expected, strict=True):
+        seen = open_csv_serde_line(line, len(columns))
+        # THEN every text value, after the views' decoding, is the table's value (NULL reads as '')
+        for i in text_positions:
+            assert athena_decode(seen[i] or "") == (row[i] or ""), (columns[i].name, line)
+        # AND numbers and flags arrive as plain strings the views can cast
+        assert seen[0] == str(row[0])
+    # AND the awkward values really were there
+    summaries = {athena_decode(open_csv_serde_line(line, len(columns))[6] or "") for line in lines}
+    assert {"crlf\r\nend", 'a "quoted" word', "ends with a backslash \\", "\\\\two backslashes"} <= summaries
+
+
+async def test_layout_and_manifests_are_as_documented(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a few rows
+    await insert_awkward_rows(pg, 100)
+    rows_before = REGISTRY.get_sample_value("jiralake_export_rows_total") or 0.0
+    # WHEN a full CSV export runs at 2024-05-10 06:00:05 UTC
+    result = await export_once(settings_factory(), clock=fixed_clock)
+    # THEN exactly these objects exist: data in history/ and latest/, a manifest beside each
+    assert await list_keys(aws_settings, bucket) == [
+        "lake/ap_jira_task/history/dt=2024-05-10/_manifest.json",
+        "lake/ap_jira_task/history/dt=2024-05-10/ap_jira_task.csv",
+        "lake/ap_jira_task/latest/_manifest.json",
+        "lake/ap_jira_task/latest/ap_jira_task.csv",
+    ]
+    assert result.manifest_keys == (
+        "lake/ap_jira_task/history/dt=2024-05-10/_manifest.json",
+        "lake/ap_jira_task/latest/_manifest.json",
+    )
+    # AND the manifest describes the object exactly
+    data = await get_object(aws_settings, bucket, result.data_key)
+    manifest = json.loads(await get_object(aws_settings, bucket, result.manifest_keys[0]))
+    assert manifest["object"] == f"s3://{bucket}/lake/ap_jira_task/history/dt=2024-05-10/ap_jira_task.csv"
+    assert (manifest["rows"], manifest["bytes"], manifest["sha256"]) == (
+        100,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
+    assert (manifest["mode"], manifest["format"], manifest["run_id"]) == ("full", "csv", result.run_id)
+    assert manifest["started_at"] == "2024-05-10T06:00:05Z"
+    assert manifest["columns"][:3] == [
+        {"name": "issue_id", "postgres_type": "bigint", "athena_type": "bigint"},
+        {"name": "issue_key", "postgres_type": "text", "athena_type": "string"},
+        {"name": "project_id", "postgres_type": "bigint", "athena_type": "bigint"},
+    ]
+    assert {"name": "labels", "postgres_type": "text[]", "athena_type": "array<string>"} in manifest[
+        "columns"
+    ]
+    assert manifest["csv"]["header"] is True
+    latest = json.loads(await get_object(aws_settings, bucket, result.manifest_keys[1]))
+    assert latest["object"] == f"s3://{bucket}/lake/ap_jira_task/latest/ap_jira_task.csv"
+    assert latest["copied_from"] == manifest["object"]
+    assert latest["sha256"] == manifest["sha256"]
+    # AND the metrics count it
+    assert REGISTRY.get_sample_value("jiralake_export_rows_total") == rows_before + 100
+    assert REGISTRY.get_sample_value("jiralake_export_last_success_timestamp_seconds") == RUN_AT.timestamp()
+    # AND the run is recorded as succeeded
+    run = await pg.fetchrow("SELECT * FROM jiralake_export_run WHERE run_id = $1", result.run_id)
+    assert run is not None
+    assert (run["status"], run["mode"], run["rows_exported"], run["data_key"]) == (
+        "succeeded",
+        "full",
+        100,
+        result.data_key,
+    )
+
+
+@pytest.mark.parametrize("export_format", [ExportFormat.CSV, ExportFormat.PARQUET])
+async def test_an_empty_table_exports_a_valid_empty_file(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    export_format: ExportFormat,
+) -> None:
+    # GIVEN an empty table
+    # WHEN exported
+    result = await export_once(settings_factory(format=export_format), clock=fixed_clock)
+    # THEN the object is a valid file with no rows (a CSV header, a Parquet schema)
+    data = await get_object(aws_settings, bucket, result.data_key)
+    columns = await exported_columns(pg, include_raw=export_format is ExportFormat.PARQUET)
+    assert result.rows == 0
+    if export_format is ExportFormat.CSV:
+        assert data == (",".join(c.name for c in columns) + "\n").encode()
+    else:
+        schema, rows = parquet_rows(data)
+        assert (schema.names, rows) == ([c.name for c in columns], [])

@@ -1,0 +1,134 @@
+"""The schedule: next run times in a time zone (DST included), and the loop driven by an injected clock
+and wait (no sleeping), running real exports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+
+from exporter.lock import EXPORT_LOCK_KEY
+from exporter.schedule import next_run, run_on_schedule, wait_or_stop
+from exporter.settings import ExporterSettings
+from shared.settings import AwsSettings
+from tests.test_export_support import insert_awkward_rows, list_keys, settings_factory
+
+__all__ = ["settings_factory"]  # a fixture, used by name
+
+SAO_PAULO = ZoneInfo("America/Sao_Paulo")
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def utc(year: int, month: int, day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        # 04:00 in São Paulo (UTC-3): today's 03:00 has passed, so tomorrow 03:00 local = 06:00 UTC
+        (utc(2024, 5, 10, 7, 0), utc(2024, 5, 11, 6, 0)),
+        # 02:59 local: today at 03:00 local
+        (utc(2024, 5, 10, 5, 59), utc(2024, 5, 10, 6, 0)),
+        # exactly 03:00 local: strictly after, so tomorrow
+        (utc(2024, 5, 10, 6, 0), utc(2024, 5, 11, 6, 0)),
+        # across the year end
+        (utc(2024, 12, 31, 23, 0), utc(2025, 1, 1, 6, 0)),
+    ],
+)
+def test_next_run_is_the_local_time_in_the_schedule_time_zone(now: datetime, expected: datetime) -> None:
+    assert next_run("0 3 * * *", SAO_PAULO, now) == expected
+
+
+def test_next_run_follows_daylight_saving_time() -> None:
+    # Berlin switched to summer time on 2024-03-31: 03:00 local was 02:00 UTC before, 01:00 UTC after.
+    before = next_run("0 3 * * *", BERLIN, utc(2024, 3, 29, 12, 0))
+    after = next_run("0 3 * * *", BERLIN, utc(2024, 4, 1, 12, 0))
+    assert (before, after) == (utc(2024, 3, 30, 2, 0), utc(2024, 4, 2, 1, 0))
+    assert after.astimezone(BERLIN).hour == 3
+
+
+def test_next_run_needs_an_aware_time() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        next_run("0 3 * * *", SAO_PAULO, datetime(2024, 5, 10, 7, 0))
+
+
+class FakeTime:
+    """A clock and a wait that only advance the clock; stops the loop after `runs` waits."""
+
+    def __init__(self, start: datetime, stop: asyncio.Event, *, stop_after_waits: int) -> None:
+        self.now = start
+        self.waits: list[float] = []
+        self._stop = stop
+        self._stop_after = stop_after_waits
+
+    def clock(self) -> datetime:
+        return self.now
+
+    async def wait(self, stop: asyncio.Event, seconds: float) -> bool:
+        self.waits.append(seconds)
+        if len(self.waits) > self._stop_after:
+            self._stop.set()
+            return True
+        self.now += timedelta(seconds=seconds)
+        return False
+
+
+async def test_schedule_loop_runs_an_export_at_each_local_time_then_stops(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN rows, and a daily 03:00 São Paulo schedule with the clock at 05:00 UTC (02:00 local)
+    await insert_awkward_rows(pg, 20)
+    settings = settings_factory(schedule="0 3 * * *", timezone="America/Sao_Paulo")
+    stop = asyncio.Event()
+    fake = FakeTime(utc(2024, 5, 10, 5, 0), stop, stop_after_waits=2)
+    # WHEN the loop runs until its third wait
+    runs = await run_on_schedule(settings, stop, clock=fake.clock, wait=fake.wait)
+    # THEN it waited one hour, ran, waited a day, ran, and stopped while waiting
+    assert runs == 2
+    assert fake.waits[:2] == [3600.0, 86400.0]
+    # AND each run wrote its day's partition (dt is the UTC date of the run)
+    keys = await list_keys(aws_settings, bucket, "lake/ap_jira_task/history/")
+    assert keys == [
+        "lake/ap_jira_task/history/dt=2024-05-10/_manifest.json",
+        "lake/ap_jira_task/history/dt=2024-05-10/ap_jira_task.csv",
+        "lake/ap_jira_task/history/dt=2024-05-11/_manifest.json",
+        "lake/ap_jira_task/history/dt=2024-05-11/ap_jira_task.csv",
+    ]
+    started = [
+        r["started_at"] for r in await pg.fetch("SELECT started_at FROM jiralake_export_run ORDER BY run_id")
+    ]
+    assert started == [utc(2024, 5, 10, 6, 0), utc(2024, 5, 11, 6, 0)]
+
+
+async def test_schedule_loop_skips_a_run_while_another_export_holds_the_lock(
+    pg: asyncpg.Connection, settings_factory: Callable[..., ExporterSettings]
+) -> None:
+    # GIVEN another export holding the lock
+    await pg.execute("SELECT pg_advisory_lock($1)", EXPORT_LOCK_KEY)
+    settings = settings_factory(schedule="0 * * * *")
+    stop = asyncio.Event()
+    fake = FakeTime(utc(2024, 5, 10, 5, 30), stop, stop_after_waits=2)
+    try:
+        # WHEN two scheduled times come
+        runs = await run_on_schedule(settings, stop, clock=fake.clock, wait=fake.wait)
+    finally:
+        await pg.execute("SELECT pg_advisory_unlock($1)", EXPORT_LOCK_KEY)
+    # THEN both were skipped and the loop went on waiting
+    assert runs == 0
+    assert fake.waits[:2] == [1800.0, 3600.0]
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_run") == 0
+
+
+async def test_wait_or_stop_returns_at_once_when_stopped() -> None:
+    stop = asyncio.Event()
+    assert await wait_or_stop(stop, 0) is False
+    stop.set()
+    assert await asyncio.wait_for(wait_or_stop(stop, 3600), timeout=1) is True

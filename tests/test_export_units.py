@@ -1,0 +1,275 @@
+"""The exporter's parts on their own: settings, layout, text escaping, multipart parts and copies,
+failure reasons, progress lines."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import UTC, date, datetime
+
+import pytest
+from botocore.exceptions import ClientError
+
+from exporter.csv_format import decode_file_text
+from exporter.errors import ExportError, failure_reason
+from exporter.layout import ExportLayout
+from exporter.multipart import MultipartUpload, copy_object
+from exporter.progress import LogProgress, Progress, ProgressSnapshot, TerminalProgress, progress_line
+from exporter.settings import MIB, ExporterSettings, ExportFormat
+from shared import aws
+from shared.settings import AwsSettings, ConfigError, DatabaseSettings
+from tests.test_export_support import get_object, list_keys, open_multipart_uploads
+
+DB = DatabaseSettings(url="postgresql://x@127.0.0.1/none")
+
+
+def settings(**kwargs: object) -> ExporterSettings:
+    return ExporterSettings(aws=AwsSettings(), database=DB, bucket="b", **kwargs)  # type: ignore[arg-type]
+
+
+# -- settings --
+def test_settings_from_env_with_defaults() -> None:
+    s = ExporterSettings.from_env({"JIRALAKE_BUCKET": "lake-bucket"})
+    assert (s.bucket, s.prefix, s.format, s.part_size_bytes, s.parts_in_flight) == (
+        "lake-bucket",
+        "jiralake",
+        ExportFormat.CSV,
+        16 * MIB,
+        4,
+    )
+    assert (s.include_raw, s.schedule, s.timezone, s.admin_port) == (False, None, "UTC", 9092)
+    no_admin = ExporterSettings.from_env({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "0"})
+    assert no_admin.admin_port is None
+    at_root = ExporterSettings.from_env({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "/"})
+    assert at_root.prefix == ""
+
+
+def test_settings_from_env_reads_every_variable() -> None:
+    s = ExporterSettings.from_env(
+        {
+            "JIRALAKE_BUCKET": "b",
+            "JIRALAKE_EXPORT_PREFIX": "/exports/jira/",
+            "JIRALAKE_EXPORT_FORMAT": "PARQUET",
+            "JIRALAKE_EXPORT_PART_SIZE_MIB": "64",
+            "JIRALAKE_EXPORT_PARTS_IN_FLIGHT": "8",
+            "JIRALAKE_EXPORT_INCLUDE_RAW": "true",
+            "JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP": "5000",
+            "JIRALAKE_EXPORT_SCHEDULE": "0 3 * * *",
+            "JIRALAKE_EXPORT_TIMEZONE": "America/Sao_Paulo",
+            "JIRALAKE_EXPORT_ADMIN_PORT": "9103",
+        }
+    )
+    assert (s.prefix, s.format, s.part_size_bytes, s.parts_in_flight, s.include_raw) == (
+        "exports/jira",
+        ExportFormat.PARQUET,
+        64 * MIB,
+        8,
+        True,
+    )
+    assert (s.parquet_rows_per_group, s.schedule, s.timezone, s.admin_port) == (
+        5000,
+        "0 3 * * *",
+        "America/Sao_Paulo",
+        9103,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "JIRALAKE_BUCKET is not set"),
+        (
+            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PART_SIZE_MIB": "4"},
+            "JIRALAKE_EXPORT_PART_SIZE_MIB must be >= 5",
+        ),
+        (
+            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_FORMAT": "xlsx"},
+            "export format must be one of csv, csv.gz",
+        ),
+        (
+            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_TIMEZONE": "Mars/Olympus"},
+            "unknown time zone 'Mars/Olympus'",
+        ),
+        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_SCHEDULE": "every day"}, "not a valid cron expression"),
+    ],
+)
+def test_bad_settings_are_one_line_config_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        ExporterSettings.from_env(env)
+
+
+def test_part_size_must_respect_s3_limits() -> None:
+    with pytest.raises(ConfigError, match="between 5 MiB and 5 GiB"):
+        settings(part_size_bytes=5 * MIB - 1)
+    with pytest.raises(ConfigError, match="between 5 MiB and 5 GiB"):
+        settings(part_size_bytes=5 * 1024 * MIB + 1)
+    assert settings(part_size_bytes=5 * MIB).part_size_bytes == 5 * MIB
+
+
+# -- layout --
+def test_layout_keys_for_every_format() -> None:
+    day = date(2024, 5, 10)
+    csv = ExportLayout("b", "lake", ExportFormat.CSV)
+    assert (csv.latest_key, csv.history_key(day)) == (
+        "lake/ap_jira_task/latest/ap_jira_task.csv",
+        "lake/ap_jira_task/history/dt=2024-05-10/ap_jira_task.csv",
+    )
+    gz = ExportLayout("b", "lake", ExportFormat.CSV_GZ)
+    assert gz.latest_key == "lake/ap_jira_task_csv_gz/latest/ap_jira_task.csv.gz"
+    parquet = ExportLayout("b", "", ExportFormat.PARQUET)
+    assert parquet.history_key(day) == "ap_jira_task_parquet/history/dt=2024-05-10/ap_jira_task.parquet"
+    changes = csv.changes_key(datetime(2024, 5, 10, 3, 4, 5, tzinfo=UTC), 42)
+    assert changes == "lake/ap_jira_task/changes/dt=2024-05-10/ap_jira_task-20240510T030405Z-r42.csv"
+    # manifests start with "_" so Athena never reads them as data
+    assert csv.manifest_key(csv.latest_key) == "lake/ap_jira_task/latest/_manifest.json"
+    assert csv.manifest_key(changes) == (
+        "lake/ap_jira_task/changes/dt=2024-05-10/_ap_jira_task-20240510T030405Z-r42.manifest.json"
+    )
+    assert csv.location(csv.history_folder) == "s3://b/lake/ap_jira_task/history/"
+
+
+# -- text escaping --
+@pytest.mark.parametrize(
+    ("in_file", "in_table"),
+    [
+        ("plain", "plain"),
+        ("a\\\\nb", "a\nb"),
+        ("a\\\\rb", "a\rb"),
+        ("a\\\\\\\\b", "a\\b"),
+        ("\\\\\\\\n", "\\n"),
+        ("\\\\\\\\\\\\n", "\\\n"),
+    ],
+)
+def test_decode_file_text_undoes_the_newline_safe_escaping(in_file: str, in_table: str) -> None:
+    assert decode_file_text(in_file) == in_table
+
+
+# -- multipart --
+async def test_multipart_cuts_parts_of_at_least_the_part_size_and_completes_them_in_order(
+    aws_settings: AwsSettings, bucket: str
+) -> None:
+    # GIVEN 12 MiB + 7 bytes written in odd-sized chunks with 5 MiB parts, 3 uploaders
+    payload = bytes(range(256)) * (12 * MIB // 256) + b"tail..."
+    stored_parts: list[tuple[int, int]] = []
+    async with aws.s3_client(aws_settings) as s3:
+        async with MultipartUpload(
+            s3,
+            bucket=bucket,
+            key="t/object.bin",
+            part_size_bytes=5 * MIB,
+            parts_in_flight=3,
+            content_type="application/octet-stream",
+            on_part_stored=lambda n, size: stored_parts.append((n, size)),
+        ) as upload:
+            view = memoryview(payload)
+            for start in range(0, len(payload), 777_777):
+                await upload.write(bytes(view[start : start + 777_777]))
+            stored = await upload.complete()
+    # THEN two full parts (each >= 5 MiB) and a short last one, completed as one object
+    sizes = dict(stored_parts)
+    assert sorted(sizes) == [1, 2, 3]
+    assert sizes[1] >= 5 * MIB and sizes[2] >= 5 * MIB and sizes[3] < 5 * MIB
+    assert sum(sizes.values()) == len(payload) == stored.size_bytes
+    assert stored.parts == 3 and stored.etag.endswith('-3"')
+    assert await get_object(aws_settings, bucket, "t/object.bin") == payload
+    assert stored.sha256 == hashlib.sha256(payload).hexdigest()
+
+
+async def test_multipart_aborts_when_the_writer_fails(aws_settings: AwsSettings, bucket: str) -> None:
+    async with aws.s3_client(aws_settings) as s3:
+        with pytest.raises(RuntimeError, match="source broke"):
+            async with MultipartUpload(
+                s3,
+                bucket=bucket,
+                key="t/broken.bin",
+                part_size_bytes=5 * MIB,
+                parts_in_flight=2,
+                content_type="x",
+            ) as upload:
+                await upload.write(b"x" * (6 * MIB))
+                raise RuntimeError("source broke")
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+    assert await list_keys(aws_settings, bucket) == []
+
+
+async def test_copy_above_the_single_copy_limit_goes_part_by_part(
+    aws_settings: AwsSettings, bucket: str
+) -> None:
+    # GIVEN an 11 MiB object
+    payload = b"0123456789abcdef" * (11 * MIB // 16)
+    async with aws.s3_client(aws_settings) as s3:
+        async with MultipartUpload(
+            s3,
+            bucket=bucket,
+            key="t/src.csv",
+            part_size_bytes=5 * MIB,
+            parts_in_flight=2,
+            content_type="text/csv",
+        ) as upload:
+            await upload.write(payload)
+            source = await upload.complete()
+        # WHEN it is copied with a single-copy limit below its size
+        etag = await copy_object(
+            s3,
+            bucket=bucket,
+            source=source,
+            dest_key="t/dest.csv",
+            part_size_bytes=5 * MIB,
+            single_copy_max_bytes=1 * MIB,
+            content_type="text/csv",
+        )
+        head = await s3.head_object(Bucket=bucket, Key="t/dest.csv")
+    # THEN the copy was made in 3 ranged parts and holds the same bytes
+    assert etag.endswith('-3"')
+    assert head["ContentType"] == "text/csv"
+    assert await get_object(aws_settings, bucket, "t/dest.csv") == payload
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+
+
+# -- failure reasons --
+def test_failure_reasons_are_one_line_and_bugs_are_none() -> None:
+    client_error = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
+    assert failure_reason(client_error) == "S3 PutObject failed: AccessDenied: Access Denied"
+    assert failure_reason(ExportError("table missing")) == "table missing"
+    assert failure_reason(ConnectionRefusedError(111, "Connection\nrefused")) == (
+        "ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+    assert failure_reason(KeyError("bug")) is None
+
+
+# -- progress --
+def test_progress_line_shows_rows_megabytes_and_rate() -> None:
+    line = progress_line(
+        ProgressSnapshot(
+            rows=12345, source_bytes=45_600_000, uploaded_bytes=40_000_000, parts_stored=3, elapsed_s=4.0
+        )
+    )
+    assert line == "12,345 rows  45.6 MB read  40.0 MB stored  10.0 MB/s  3 parts"
+
+
+def test_terminal_progress_rewrites_one_line_at_most_every_interval_and_ends_it() -> None:
+    now = [0.0]
+    out = io.StringIO()
+    terminal = TerminalProgress(out, interval_s=1.0, clock=lambda: now[0])
+    progress = Progress(terminal, clock=lambda: now[0])
+    progress.read(rows=10, source_bytes=1_000_000)  # shown
+    now[0] = 0.5
+    progress.read(rows=10, source_bytes=1_000_000)  # too soon
+    now[0] = 2.0
+    progress.part_stored(1, 2_000_000)  # shown
+    progress.finish(rows=20)  # always shown, ends the line
+    assert out.getvalue().count("\r\x1b[2K") == 3
+    assert out.getvalue().endswith("20 rows  2.0 MB read  2.0 MB stored  1.0 MB/s  1 parts\n")
+
+
+def test_log_progress_logs_at_most_every_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    now = [0.0]
+    shown: list[float] = []
+    logger = LogProgress(interval_s=10.0, clock=lambda: now[0])
+    for t in (1.0, 9.0, 10.5, 15.0, 21.0):
+        now[0] = t
+        logger(ProgressSnapshot(rows=1, source_bytes=1, uploaded_bytes=1, parts_stored=0, elapsed_s=t))
+        captured = capsys.readouterr()
+        if "export_progress" in captured.out + captured.err:
+            shown.append(t)
+    assert shown == [10.5, 21.0]
