@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "receiver.command",
     "consumer.command",
     "exporter.command",
+    "ops.dlq_command",
+    "ops.queue_stats",
 )
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.

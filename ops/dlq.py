@@ -1,0 +1,412 @@
+"""The dead-letter queue: list it without consuming, replay it to the main queue in order, purge it.
+
+What is in the DLQ (see ``shared/envelope.py``):
+- events the consumer dead-lettered: the 6 envelope attributes plus ``error_class``,
+  ``error_message``, ``failed_at`` and ``original_group_id``;
+- events SQS moved by itself after ``maxReceiveCount`` receives: the envelope attributes only;
+- anything else someone put there: listed, never replayed.
+
+Listing and replay receive with a visibility timeout and hold what they do not delete until they are
+done, then set its visibility back to 0. Holding is what lets them page through a FIFO queue (held
+groups are skipped by later receives) and what keeps each issue's order: while one message of a group
+is held, SQS hands out no later message of that group. The DLQ has no redrive policy, so receiving
+from it moves nothing; it only adds to ``ApproximateReceiveCount``.
+
+Replay sends first and deletes from the DLQ only after SQS stored the copy, the pair under
+:func:`asyncio.shield`. A crash or failure between the two leaves the event in both queues: the
+duplicate is harmless (the consumer's version guard makes the second application a no-op), a loss
+is impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import structlog
+
+from shared.envelope import (
+    ATTR_DELIVERY_ID,
+    ATTR_ERROR_CLASS,
+    ATTR_ERROR_MESSAGE,
+    ATTR_EVENT_TS,
+    ATTR_EVENT_TYPE,
+    ATTR_FAILED_AT,
+    ATTR_ISSUE_ID,
+    ATTR_ORIGINAL_GROUP_ID,
+    Envelope,
+    InvalidEnvelope,
+    read_attribute,
+)
+from shared.queue_depth import SQS_ERRORS, make_visible, read_counts
+from shared.settings import QueueSettings
+from shared.sqs_batch import send_entries
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import DeleteMessageBatchRequestEntryTypeDef
+
+log = structlog.get_logger()
+
+# How long listing and replay hold received messages before they would reappear by themselves.
+LIST_HOLD_S = 60
+REPLAY_HOLD_S = 300
+# Long-poll briefly: a short poll samples a subset of SQS servers and may come back empty too early.
+RECEIVE_WAIT_S = 1
+
+MAX_RECEIVE_REASON = "exceeded maxReceiveCount"
+NOT_ENVELOPE_REASON = "not a jiralake envelope"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message in the DLQ, as far as its attributes tell."""
+
+    message_id: str
+    receipt_handle: str
+    # The group to replay into: ``original_group_id`` when the consumer set it, else the message's own.
+    group_id: str | None
+    issue_id: str | None
+    event_type: str | None
+    event_ts_ms: int | None
+    delivery_id: str | None
+    error_class: str | None
+    error_message: str | None
+    failed_at: str | None
+    receive_count: int
+    sent_ms: int | None
+    body_bytes: int
+    # None when the message lacks the envelope attributes (it can be listed, not replayed).
+    envelope: Envelope | None
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> DeadLetter:
+        system = message.get("Attributes") or {}
+        try:
+            envelope: Envelope | None = Envelope.from_message(message)
+        except InvalidEnvelope:
+            envelope = None
+        body = message.get("Body") or ""
+        return cls(
+            message_id=message["MessageId"],
+            receipt_handle=message["ReceiptHandle"],
+            group_id=_original_group(message),
+            issue_id=read_attribute(message, ATTR_ISSUE_ID),
+            event_type=read_attribute(message, ATTR_EVENT_TYPE),
+            event_ts_ms=_int_or_none(read_attribute(message, ATTR_EVENT_TS)),
+            delivery_id=read_attribute(message, ATTR_DELIVERY_ID),
+            error_class=read_attribute(message, ATTR_ERROR_CLASS),
+            error_message=read_attribute(message, ATTR_ERROR_MESSAGE),
+            failed_at=read_attribute(message, ATTR_FAILED_AT),
+            receive_count=_int_or_none(system.get("ApproximateReceiveCount")) or 0,
+            sent_ms=_int_or_none(system.get("SentTimestamp")),
+            body_bytes=len(body.encode("utf-8")),
+            envelope=envelope,
+        )
+
+    @property
+    def reason(self) -> str:
+        """Why it is here: the consumer's error, SQS's redrive, or "not a jiralake envelope"."""
+        if self.error_class:
+            return f"{self.error_class}: {self.error_message or ''}".rstrip(": ")
+        if self.envelope is None:
+            return NOT_ENVELOPE_REASON
+        return MAX_RECEIVE_REASON
+
+    def replay_entry(self, entry_id: str) -> dict[str, Any]:
+        """A ``SendMessageBatch`` entry for the main queue: the original body and group, only the 6
+        envelope attributes (a second dead-lettering must fit in 10) and a new deduplication id.
+
+        The new id is derived from this DLQ message's id: the original one may still be inside
+        SQS's 5-minute deduplication window and the replay would be dropped silently. Only a second
+        replay of this same DLQ message, whose first copy SQS already stored, can be deduplicated.
+        """
+        if self.envelope is None:
+            raise InvalidEnvelope(f"message {self.message_id} is not a jiralake envelope")
+        entry = self.envelope.send_entry(entry_id, dedup_id=f"replay-{self.message_id}")
+        entry["MessageGroupId"] = self.group_id or self.envelope.group_id
+        return entry
+
+    def matches_issue(self, issue_id: str) -> bool:
+        return (self.issue_id or self.group_id) == issue_id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "issue_id": self.issue_id,
+            "group_id": self.group_id,
+            "event_type": self.event_type,
+            "event_time": _iso_ms(self.event_ts_ms),
+            "delivery_id": self.delivery_id,
+            "reason": self.reason,
+            "error_class": self.error_class,
+            "error_message": self.error_message,
+            "failed_at": self.failed_at,
+            "receive_count": self.receive_count,
+            "sent_at": _iso_ms(self.sent_ms),
+            "body_bytes": self.body_bytes,
+            "replayable": self.envelope is not None,
+        }
+
+
+async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> list[dict[str, Any]]:
+    resp = await sqs.receive_message(
+        QueueUrl=url,
+        MaxNumberOfMessages=10,
+        VisibilityTimeout=hold_s,
+        WaitTimeSeconds=wait_s,
+        MessageAttributeNames=["All"],
+        MessageSystemAttributeNames=["All"],
+    )
+    return [dict(m) for m in resp.get("Messages", [])]
+
+
+async def _complete(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to the end even if the caller is cancelled (Ctrl-C, shutdown), then re-raise."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.shield(task)
+        raise
+
+
+async def list_dead_letters(
+    sqs: SQSClient,
+    dlq_url: str,
+    *,
+    limit: int,
+    hold_s: int = LIST_HOLD_S,
+    wait_s: int = RECEIVE_WAIT_S,
+) -> list[DeadLetter]:
+    """Up to ``limit`` DLQ messages in FIFO order per issue, left in the queue (visible again at once).
+
+    While listing, the listed messages and their issues' later messages are hidden from other readers.
+    """
+    listed: dict[str, DeadLetter] = {}
+    held: list[str] = []
+    try:
+        while len(listed) < limit:
+            batch = await _receive(sqs, dlq_url, hold_s=hold_s, wait_s=wait_s)
+            if not batch:
+                break
+            wrapped = False
+            for message in batch:
+                held.append(message["ReceiptHandle"])
+                # Seen again: the hold ran out during a long listing and we came round; stop there.
+                wrapped = wrapped or message["MessageId"] in listed
+                if not wrapped and len(listed) < limit:
+                    listed[message["MessageId"]] = DeadLetter.from_message(message)
+            if wrapped:
+                break
+    finally:
+        await _complete(make_visible(sqs, dlq_url, held))
+    return list(listed.values())
+
+
+Outcome = Literal["replayed", "would_replay", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    message_id: str
+    issue_id: str | None
+    event_type: str | None
+    outcome: Outcome
+    reason: str | None = None
+
+
+@dataclass
+class ReplaySummary:
+    dry_run: bool
+    results: list[ReplayResult] = field(default_factory=list)
+    # Messages of other issues seen (and left in place) when replaying one issue.
+    other_issues: int = 0
+    # Why the replay stopped before the DLQ was exhausted (SQS unreachable), if it did.
+    stopped: str | None = None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+    @property
+    def replayed(self) -> int:
+        return self.count("would_replay" if self.dry_run else "replayed")
+
+    @property
+    def skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    def add(self, letter: DeadLetter, outcome: Outcome, reason: str | None = None) -> None:
+        self.results.append(
+            ReplayResult(letter.message_id, letter.issue_id, letter.event_type, outcome, reason)
+        )
+        log.info(
+            "dlq_replay",
+            outcome=outcome,
+            message_id=letter.message_id,
+            issue_id=letter.issue_id,
+            event_type=letter.event_type,
+            reason=reason,
+        )
+
+
+async def replay_dead_letters(
+    sqs: SQSClient,
+    queues: QueueSettings,
+    *,
+    limit: int | None = None,
+    issue_id: str | None = None,
+    dry_run: bool = False,
+    hold_s: int = REPLAY_HOLD_S,
+    wait_s: int = RECEIVE_WAIT_S,
+) -> ReplaySummary:
+    """Move up to ``limit`` DLQ messages (only ``issue_id``'s when given) back to the main queue in
+    their original order per issue. Nothing changes with ``dry_run``.
+
+    Per issue, a failed send stops that issue for this run (its later events stay in the DLQ, so
+    order holds). Everything not moved is made visible again at the end.
+    """
+    summary = ReplaySummary(dry_run=dry_run)
+    held: list[str] = []
+    seen: set[str] = set()
+    failed_groups: set[str | None] = set()
+
+    def attempted() -> int:
+        return summary.replayed + summary.failed
+
+    try:
+        while limit is None or attempted() < limit:
+            try:
+                received = await _receive(sqs, queues.dlq_url, hold_s=hold_s, wait_s=wait_s)
+            except SQS_ERRORS as exc:
+                summary.stopped = f"cannot receive from the dead-letter queue: {type(exc).__name__}: {exc}"
+                log.warning("dlq_replay_stopped", reason=summary.stopped)
+                break
+            batch = [DeadLetter.from_message(m) for m in received]
+            if not batch:
+                break
+            to_send: list[DeadLetter] = []
+            wrapped = False
+            for letter in batch:
+                if letter.message_id in seen:
+                    wrapped = True  # the hold ran out during a long replay: we came round
+                    held.append(letter.receipt_handle)
+                    continue
+                seen.add(letter.message_id)
+                if issue_id is not None and not letter.matches_issue(issue_id):
+                    summary.other_issues += 1
+                    held.append(letter.receipt_handle)
+                elif limit is not None and attempted() + len(to_send) >= limit:
+                    held.append(letter.receipt_handle)
+                elif letter.envelope is None:
+                    summary.add(letter, "skipped", NOT_ENVELOPE_REASON)
+                    held.append(letter.receipt_handle)
+                elif letter.group_id in failed_groups:
+                    summary.add(letter, "skipped", "an earlier event of this issue failed to replay")
+                    held.append(letter.receipt_handle)
+                elif dry_run:
+                    summary.add(letter, "would_replay")
+                    held.append(letter.receipt_handle)
+                else:
+                    to_send.append(letter)
+            if to_send:
+                await _complete(_send_then_delete(sqs, queues, to_send, summary, failed_groups, held))
+            if wrapped:
+                break
+    finally:
+        await _complete(make_visible(sqs, queues.dlq_url, held))
+    return summary
+
+
+async def _send_then_delete(
+    sqs: SQSClient,
+    queues: QueueSettings,
+    letters: Sequence[DeadLetter],
+    summary: ReplaySummary,
+    failed_groups: set[str | None],
+    held: list[str],
+) -> None:
+    """One batch: send, then delete what SQS stored. SQS may refuse one entry of a call and store the
+    next one of the same issue; the older event then arrives after the newer one, which the
+    consumer's version guard turns into a no-op (no regression)."""
+    results = await send_entries(
+        sqs, queues.queue_url, [letter.replay_entry(str(i)) for i, letter in enumerate(letters)]
+    )
+    sent: list[DeadLetter] = []
+    for letter, result in zip(letters, results, strict=True):
+        if result.ok:
+            sent.append(letter)
+        else:
+            failed_groups.add(letter.group_id)
+            held.append(letter.receipt_handle)
+            summary.add(letter, "failed", f"not sent: {result.error}")
+    if not sent:
+        return
+    not_deleted = await _delete(sqs, queues.dlq_url, sent)
+    for letter in sent:
+        if letter.message_id in not_deleted:
+            held.append(letter.receipt_handle)
+            summary.add(
+                letter,
+                "failed",
+                f"sent, but still in the dead-letter queue ({not_deleted[letter.message_id]}); "
+                "a later replay sends it again, which is harmless",
+            )
+        else:
+            summary.add(letter, "replayed")
+
+
+async def _delete(sqs: SQSClient, dlq_url: str, letters: Sequence[DeadLetter]) -> dict[str, str]:
+    """Delete from the DLQ; returns message id -> reason for those that were not deleted."""
+    entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
+        {"Id": str(i), "ReceiptHandle": letter.receipt_handle} for i, letter in enumerate(letters)
+    ]
+    try:
+        resp = await sqs.delete_message_batch(QueueUrl=dlq_url, Entries=entries)
+    except SQS_ERRORS as exc:
+        return {letter.message_id: f"{type(exc).__name__}: {exc}" for letter in letters}
+    failed = {
+        f["Id"]: f"{f.get('Code', 'Unknown')}: {f.get('Message', '')}".strip() for f in resp.get("Failed", [])
+    }
+    return {letters[int(i)].message_id: reason for i, reason in failed.items()}
+
+
+async def purge_dead_letters(sqs: SQSClient, dlq_url: str) -> int:
+    """Delete everything in the DLQ for good; returns the approximate count it held."""
+    counts = await read_counts(sqs, dlq_url)
+    await sqs.purge_queue(QueueUrl=dlq_url)
+    log.warning("dlq_purged", dlq_url=dlq_url, approximate_messages=counts.total)
+    return counts.total
+
+
+def _original_group(message: Mapping[str, Any]) -> str | None:
+    """The consumer's ``original_group_id`` ("-" when the message had none), else the DLQ message's group."""
+    original = read_attribute(message, ATTR_ORIGINAL_GROUP_ID)
+    if original and original != "-":
+        return original
+    group = (message.get("Attributes") or {}).get("MessageGroupId")
+    return str(group) if group else None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _iso_ms(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

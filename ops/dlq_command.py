@@ -1,0 +1,194 @@
+"""``jiralake dlq list|replay|purge``: the dead-letter queue from the command line (see ops/dlq.py and
+docs/operations.md). Settings come from the environment: ``JIRALAKE_QUEUE_URL``, ``JIRALAKE_DLQ_URL``
+and the standard AWS variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from ops import dlq
+from ops.text_table import format_table
+from shared.aws import sqs_client
+from shared.errors import CommandError
+from shared.queue_depth import QueueCounts, read_counts
+from shared.settings import AwsSettings, QueueSettings
+
+DEFAULT_LIST_LIMIT = 100
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "dlq",
+        help="list, replay or purge the dead-letter queue",
+        description="Inspect and repair the dead-letter queue. See docs/operations.md.",
+    )
+    actions = parser.add_subparsers(dest="dlq_action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser(
+        "list",
+        help="show what is in the dead-letter queue without consuming it",
+        description="Receives the messages, shows them and makes them visible again at once. While it "
+        "runs, the listed messages (and their issues' later ones) are hidden from other readers.",
+    )
+    listing.add_argument(
+        "--limit", type=_positive_int, default=DEFAULT_LIST_LIMIT, help="at most N messages (default 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=_list_command)
+
+    replay = actions.add_parser(
+        "replay",
+        help="move dead-lettered events back to the main queue, in order per issue",
+        description="Sends each message back to the main queue (same body, group and envelope "
+        "attributes, a new deduplication id), then deletes it from the dead-letter queue. A failure "
+        "between the two leaves a harmless duplicate, never a loss. Exits 1 if anything failed.",
+    )
+    replay.add_argument("--limit", type=_positive_int, help="replay at most N messages")
+    replay.add_argument("--issue", metavar="ID", help="only this Jira issue id (the numeric id, not the key)")
+    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; change nothing")
+    replay.set_defaults(func=_replay_command)
+
+    purge = actions.add_parser(
+        "purge",
+        help="delete everything in the dead-letter queue for good",
+        description="Deletes every message in the dead-letter queue. Refuses without --yes.",
+    )
+    purge.add_argument("--yes", action="store_true", help="yes, delete them all")
+    purge.set_defaults(func=_purge_command)
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _settings() -> tuple[AwsSettings, QueueSettings]:
+    return AwsSettings.from_env(os.environ), QueueSettings.from_env(os.environ)
+
+
+# -- list --
+
+
+def _list_command(args: argparse.Namespace) -> int:
+    aws, queues = _settings()
+    letters, counts = asyncio.run(_list(aws, queues.dlq_url, args.limit))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "queue_url": queues.dlq_url,
+                    "approximate_messages": counts.total,
+                    "messages": [letter.to_json() for letter in letters],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(render_list(letters, counts, queues.dlq_url))
+    return 0
+
+
+async def _list(aws: AwsSettings, dlq_url: str, limit: int) -> tuple[list[dlq.DeadLetter], QueueCounts]:
+    async with sqs_client(aws) as sqs:
+        counts = await read_counts(sqs, dlq_url)
+        letters = await dlq.list_dead_letters(sqs, dlq_url, limit=limit) if counts.total else []
+        return letters, counts
+
+
+def render_list(letters: list[dlq.DeadLetter], counts: QueueCounts, dlq_url: str) -> str:
+    if not letters:
+        if counts.total:
+            return (
+                f"no message could be received from {dlq_url}, which holds about {counts.total} "
+                f"({counts.in_flight} in flight: another reader holds them; try again shortly)"
+            )
+        return f"the dead-letter queue is empty ({dlq_url})"
+    rows = []
+    for letter in letters:
+        shown = letter.to_json()
+        rows.append(
+            [
+                letter.issue_id or letter.group_id or "-",
+                letter.event_type or "-",
+                _field(shown["event_time"]),
+                _field(shown["sent_at"]),
+                str(letter.receive_count),
+                letter.reason,
+            ]
+        )
+    table = format_table(["ISSUE", "EVENT", "EVENT TIME", "SENT", "RECEIVES", "REASON"], rows)
+    footer = (
+        f"{len(letters)} listed of about {counts.total} in {dlq_url}; "
+        "they are visible again (listing held them for a moment)"
+    )
+    return f"{table}\n{footer}"
+
+
+def _field(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+# -- replay --
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    aws, queues = _settings()
+    issue = args.issue.strip() if args.issue else None
+    summary = asyncio.run(_replay(aws, queues, limit=args.limit, issue_id=issue, dry_run=args.dry_run))
+    print(render_replay(summary))
+    return 1 if summary.failed or summary.stopped else 0
+
+
+async def _replay(
+    aws: AwsSettings, queues: QueueSettings, *, limit: int | None, issue_id: str | None, dry_run: bool
+) -> dlq.ReplaySummary:
+    async with sqs_client(aws) as sqs:
+        return await dlq.replay_dead_letters(sqs, queues, limit=limit, issue_id=issue_id, dry_run=dry_run)
+
+
+def render_replay(summary: dlq.ReplaySummary) -> str:
+    lines = [
+        f"{r.outcome.replace('_', ' ')}: issue {r.issue_id or '-'} {r.event_type or '-'} "
+        f"(message {r.message_id})" + (f": {r.reason}" if r.reason else "")
+        for r in summary.results
+        if r.outcome in ("failed", "skipped") or summary.dry_run
+    ]
+    counts = f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
+    if summary.dry_run:
+        counts = f"dry run, nothing changed: would replay {summary.replayed}, skipped {summary.skipped}"
+    if summary.other_issues:
+        counts += f"; {summary.other_issues} message(s) of other issues left in place"
+    lines.append(counts)
+    if summary.stopped:
+        lines.append(f"stopped early: {summary.stopped}")
+    return "\n".join(lines)
+
+
+# -- purge --
+
+
+def _purge_command(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise CommandError(
+            "dlq purge deletes every message in the dead-letter queue for good; add --yes to do it",
+            exit_code=2,
+        )
+    aws, queues = _settings()
+    count = asyncio.run(_purge(aws, queues.dlq_url))
+    print(f"purged {queues.dlq_url} (it held about {count} message(s))", file=sys.stdout)
+    return 0
+
+
+async def _purge(aws: AwsSettings, dlq_url: str) -> int:
+    async with sqs_client(aws) as sqs:
+        return await dlq.purge_dead_letters(sqs, dlq_url)

@@ -1,0 +1,205 @@
+"""``jiralake queue stats``: how many messages the main queue and the dead-letter queue hold (visible,
+in flight, delayed) and how old the oldest is where that can be known; a table on a terminal, plain
+``key=value`` lines otherwise, JSON with ``--json``. ``--max-visible`` / ``--max-dlq`` make it a check
+for cron or a health checker: exit 2 with a one-line reason when exceeded.
+
+The main queue's oldest age is "unknown" on purpose: peeking there would count toward its
+``maxReceiveCount`` (see shared/queue_depth.py); CloudWatch's ``ApproximateAgeOfOldestMessage`` has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+from ops.text_table import format_age, format_table
+from shared.aws import sqs_client
+from shared.errors import CommandError
+from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
+from shared.settings import AwsSettings, QueueSettings
+
+THRESHOLD_EXIT_CODE = 2
+UNKNOWN_AGE_NOTE = (
+    "the main queue's oldest age is not peeked (a receive there counts toward maxReceiveCount); "
+    "CloudWatch's ApproximateAgeOfOldestMessage has it"
+)
+_LABELS = {MAIN_QUEUE: "main queue", DEAD_LETTER_QUEUE: "dead-letter queue"}
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # Alert when the main queue has more than this many visible messages.
+    max_visible: int | None = None
+    # Alert when the dead-letter queue holds more than this many messages (any state).
+    max_dlq: int | None = None
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("queue", help="queue statistics", description="Queue statistics.")
+    actions = parser.add_subparsers(dest="queue_action", metavar="ACTION", required=True)
+    stats = actions.add_parser(
+        "stats",
+        help="messages in the main queue and the dead-letter queue",
+        description="Visible, in-flight and delayed messages of the main queue and the dead-letter "
+        "queue, and the oldest message's age where it can be known. With --max-visible or --max-dlq, "
+        "exits 2 with a one-line reason when a threshold is exceeded.",
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON (one object per round with --watch)")
+    stats.add_argument(
+        "--watch", type=_positive_float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C"
+    )
+    stats.add_argument(
+        "--max-visible", type=_non_negative_int, metavar="N", help="exit 2 if the main queue has more visible"
+    )
+    stats.add_argument(
+        "--max-dlq", type=_non_negative_int, metavar="N", help="exit 2 if the dead-letter queue holds more"
+    )
+    stats.set_defaults(func=_stats_command)
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {raw}")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+async def read_stats(aws: AwsSettings, queues: QueueSettings) -> list[QueueDepth]:
+    """Main queue (never peeked) then dead-letter queue (peeked for its oldest age)."""
+    async with sqs_client(aws) as sqs:
+        return [
+            await read_depth(sqs, MAIN_QUEUE, queues.queue_url, peek_oldest=False),
+            await read_depth(sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek_oldest=True),
+        ]
+
+
+def exceeded(depths: Sequence[QueueDepth], thresholds: Thresholds) -> list[str]:
+    """One phrase per threshold exceeded, e.g. ``"main queue has 12 visible messages (max 10)"``."""
+    reasons = []
+    for depth in depths:
+        if depth.queue == MAIN_QUEUE and thresholds.max_visible is not None:
+            if depth.visible > thresholds.max_visible:
+                reasons.append(
+                    f"main queue has {depth.visible} visible messages (max {thresholds.max_visible})"
+                )
+        if depth.queue == DEAD_LETTER_QUEUE and thresholds.max_dlq is not None:
+            if depth.total > thresholds.max_dlq:
+                reasons.append(f"dead-letter queue holds {depth.total} messages (max {thresholds.max_dlq})")
+    return reasons
+
+
+def render_table(depths: Sequence[QueueDepth]) -> str:
+    rows = [
+        [
+            _LABELS.get(d.queue, d.queue),
+            str(d.visible),
+            str(d.in_flight),
+            str(d.delayed),
+            format_age(d.oldest_age_s),
+        ]
+        for d in depths
+    ]
+    text = format_table(["QUEUE", "VISIBLE", "IN FLIGHT", "DELAYED", "OLDEST"], rows)
+    if any(d.oldest_age_s is None for d in depths):
+        text += f"\n{UNKNOWN_AGE_NOTE}"
+    return text
+
+
+def render_lines(depths: Sequence[QueueDepth]) -> str:
+    return "\n".join(
+        f"queue={d.queue} visible={d.visible} in_flight={d.in_flight} delayed={d.delayed} "
+        f"oldest_age_s={'unknown' if d.oldest_age_s is None else int(d.oldest_age_s)} url={d.url}"
+        for d in depths
+    )
+
+
+def render_json(depths: Sequence[QueueDepth], reasons: Sequence[str], *, indent: int | None = 2) -> str:
+    return json.dumps(
+        {
+            "time": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "queues": [d.to_json() for d in depths],
+            "exceeded": list(reasons),
+        },
+        indent=indent,
+    )
+
+
+def _stats_command(args: argparse.Namespace) -> int:
+    aws = AwsSettings.from_env(os.environ)
+    queues = QueueSettings.from_env(os.environ)
+    thresholds = Thresholds(max_visible=args.max_visible, max_dlq=args.max_dlq)
+    style = "json" if args.json else ("table" if sys.stdout.isatty() else "lines")
+    if args.watch:
+        try:
+            asyncio.run(watch(aws, queues, thresholds, interval_s=args.watch, style=style))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    depths = asyncio.run(read_stats(aws, queues))
+    reasons = exceeded(depths, thresholds)
+    print(render(depths, reasons, style))
+    if reasons:
+        raise CommandError("threshold exceeded: " + "; ".join(reasons), exit_code=THRESHOLD_EXIT_CODE)
+    return 0
+
+
+def render(
+    depths: Sequence[QueueDepth], reasons: Sequence[str], style: str, *, indent: int | None = 2
+) -> str:
+    if style == "json":
+        return render_json(depths, reasons, indent=indent)
+    return render_table(depths) if style == "table" else render_lines(depths)
+
+
+async def watch(
+    aws: AwsSettings,
+    queues: QueueSettings,
+    thresholds: Thresholds,
+    *,
+    interval_s: float,
+    style: str,
+    rounds: int | None = None,
+    out: TextIO | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Print the stats every ``interval_s`` (``rounds`` times, or until cancelled). Thresholds are
+    reported on each round, not by the exit code: a watch is for people, the check is for cron."""
+    stream = out or sys.stdout
+    done = 0
+    while rounds is None or done < rounds:
+        depths = await read_stats(aws, queues)
+        reasons = exceeded(depths, thresholds)
+        stamp = now().isoformat(timespec="seconds").replace("+00:00", "Z")
+        if style == "json":
+            text = render(depths, reasons, style, indent=None)
+        elif style == "table":
+            text = f"{_CLEAR_SCREEN}{stamp}  (every {interval_s:g}s, Ctrl-C to stop)\n{render_table(depths)}"
+        else:
+            text = "\n".join(f"time={stamp} {line}" for line in render_lines(depths).splitlines())
+        if reasons and style != "json":
+            text += "\nthreshold exceeded: " + "; ".join(reasons)
+        print(text, file=stream, flush=True)
+        done += 1
+        if rounds is None or done < rounds:
+            await asyncio.sleep(interval_s)

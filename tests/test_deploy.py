@@ -1,0 +1,221 @@
+"""deploy/: the Prometheus alert rules and the Grafana dashboard reference only series that
+shared/metrics.py defines, with the labels those series carry; every alert has a runbook section in
+docs/operations.md. Where ``promtool`` is installed it also checks the rules' syntax, runs their unit
+tests (deploy/prometheus/alerts.test.yml) and parses every dashboard query."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from receiver.outcomes import Outcome as ReceiverOutcome
+from shared import metrics
+from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, STATES
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "jiralake.json"
+RUNBOOK = ROOT / "docs" / "operations.md"
+
+# Series Prometheus makes itself, and the labels it attaches to every scraped series.
+PROMETHEUS_SERIES: dict[str, frozenset[str]] = {"up": frozenset()}
+TARGET_LABELS = frozenset({"job", "instance"})
+# Label values the rules may match exactly, where jiralake defines them.
+KNOWN_VALUES = {
+    "queue": {MAIN_QUEUE, DEAD_LETTER_QUEUE},
+    "state": set(STATES),
+    "outcome": {o.value for o in ReceiverOutcome} | {"ok", "error"},
+}
+
+_SERIES_REF = re.compile(r"\b(jiralake_[a-z0-9_]+|up(?=\s*\{))\s*(\{[^}]*\})?")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+@cache
+def known_series() -> dict[str, frozenset[str]]:
+    """Every sample name shared/metrics.py exposes (with _total, _bucket, ... suffixes) -> its labels."""
+    series: dict[str, frozenset[str]] = dict(PROMETHEUS_SERIES)
+    for obj in vars(metrics).values():
+        if not isinstance(obj, MetricWrapperBase):
+            continue
+        labels = frozenset(obj._labelnames)
+        for family in obj.describe():
+            suffixes = {
+                "counter": {"_total": labels, "_created": labels},
+                "gauge": {"": labels},
+                "histogram": {
+                    "_bucket": labels | {"le"},
+                    "_sum": labels,
+                    "_count": labels,
+                    "_created": labels,
+                },
+            }[family.type]
+            for suffix, names in suffixes.items():
+                series[family.name + suffix] = frozenset(names)
+    return series
+
+
+def problems_in(expr: str) -> list[str]:
+    """What in a PromQL expression does not match shared/metrics.py."""
+    found = []
+    refs = _SERIES_REF.findall(expr)
+    if not refs:
+        found.append("references no jiralake series")
+    labels_in_expr: set[str] = set(TARGET_LABELS)
+    for name, matchers in refs:
+        if name not in known_series():
+            found.append(f"unknown series {name}")
+            continue
+        allowed = known_series()[name] | TARGET_LABELS
+        labels_in_expr |= allowed
+        for label, op, value in _MATCHER.findall(matchers or ""):
+            if label not in allowed:
+                found.append(f"{name} has no label {label}")
+            elif op == "=" and label in KNOWN_VALUES and value not in KNOWN_VALUES[label]:
+                found.append(f'{name}{{{label}="{value}"}}: no such {label}')
+    for group in _GROUPING.findall(expr):
+        for label in filter(None, (part.strip() for part in group.split(","))):
+            if label not in labels_in_expr:
+                found.append(f"grouping by {label}, which no series here carries")
+    return found
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard()["panels"]
+        if panel["type"] != "row"
+        for target in panel["targets"]
+    ]
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in RUNBOOK.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", title)))
+    return anchors
+
+
+def test_the_derived_series_include_suffixes() -> None:
+    series = known_series()
+    assert series["jiralake_consumer_events_total"] == {"outcome"}
+    assert series["jiralake_consumer_batch_duration_seconds_bucket"] == {"le"}
+    assert series["jiralake_queue_messages"] == {"queue", "state"}
+    assert "jiralake_consumer_events" not in series
+
+
+def test_the_checker_catches_mistakes() -> None:
+    assert problems_in('sum(rate(jiralake_consumer_event_total{outcome="applied"}[5m]))') == [
+        "unknown series jiralake_consumer_event_total"
+    ]
+    assert problems_in('max(jiralake_queue_messages{queue="dlq", stat="visible"})') == [
+        "jiralake_queue_messages has no label stat"
+    ]
+    assert problems_in('max(jiralake_queue_messages{queue="dead"})') == [
+        'jiralake_queue_messages{queue="dead"}: no such queue'
+    ]
+    assert problems_in("sum by (le) (rate(jiralake_export_rows_total[5m]))") == [
+        "grouping by le, which no series here carries"
+    ]
+    assert problems_in("time()") == ["references no jiralake series"]
+
+
+def test_alert_rules_use_only_defined_series_and_have_a_runbook() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    anchors = runbook_anchors()
+    for rule in rules:
+        assert problems_in(rule["expr"]) == [], rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        runbook = rule["annotations"]["runbook"]
+        assert runbook == f"docs/operations.md#{rule['alert'].lower()}"
+        assert runbook.split("#")[1] in anchors, f"docs/operations.md has no section {rule['alert']}"
+
+
+def test_the_issue_s_alerts_are_all_there() -> None:
+    by_name = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    assert 'jiralake_queue_messages{queue="dlq"}' in by_name["JiralakeDeadLetterQueueNotEmpty"]
+    assert 'state="visible"' in by_name["JiralakeQueueBacklog"]
+    assert "jiralake_queue_oldest_message_age_seconds" in by_name["JiralakeDeadLetterMessageOld"]
+    assert "26 * 3600" in by_name["JiralakeNoRecentExport"]
+    assert by_name["JiralakeConsumerDown"] == 'absent(up{job="jiralake-consumer"} == 1)'
+    assert "jiralake_consumer_circuit_open" in by_name["JiralakeConsumerCircuitOpen"]
+
+
+def test_dashboard_uses_only_defined_series() -> None:
+    board = dashboard()
+    assert board["uid"] == "jiralake"
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, panel["title"]
+    for title, expr in dashboard_exprs():
+        assert problems_in(expr) == [], title
+    # Every jiralake series family shows up on the dashboard somewhere.
+    shown = " ".join(expr for _, expr in dashboard_exprs())
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            assert obj._name in shown, f"{obj._name} is on no panel"
+
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (see docs/operations.md)"
+)
+
+
+@needs_promtool
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    assert PROMTOOL
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    unit = subprocess.run(
+        [PROMTOOL, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, timeout=120
+    )
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    # promtool has no "parse this query" command: recording rules built from the queries are parsed.
+    assert PROMTOOL
+    rules = [
+        {"record": f"jiralake:dashboard:{i}", "expr": expr.replace("$__rate_interval", "5m")}
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    check = subprocess.run(
+        [PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr

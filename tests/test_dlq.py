@@ -1,0 +1,479 @@
+"""``jiralake dlq list|replay|purge`` against moto's server: listing leaves the queue as it was,
+replay restores events in order per issue and never loses one, purge needs --yes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aioboto3
+import pytest
+import structlog
+from aiobotocore.config import AioConfig
+
+from jiralake import cli
+from ops import dlq
+from shared import aws
+from shared.envelope import ENVELOPE_ATTRIBUTES, Envelope, error_attributes
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, QueueSettings
+from tests.conftest import drain
+from tests.jira_fixtures import make_event
+from tests.tcp_proxy import TcpProxy
+
+ISSUE_A = "10001"
+ISSUE_B = "10002"
+T0 = 1_700_000_000_000
+# moto answers exactly, so most tests skip the 1 s long poll that guards real SQS's sampling.
+NO_WAIT = 0
+UPDATED = "mattermost-plugin-jira__webhook-issue-updated-labels.json"
+
+
+def envelope(issue_id: str, ts_ms: int, *, name: str = UPDATED) -> Envelope:
+    body = make_event(name, issue_id=issue_id, ts=ts_ms)
+    return Envelope(
+        body=json.dumps(body),
+        event_type=body["webhookEvent"],
+        issue_id=issue_id,
+        event_ts_ms=ts_ms,
+        received_at_ms=ts_ms + 7,
+        delivery_id=f"delivery-{issue_id}-{ts_ms}",
+    )
+
+
+async def dead_letter(sqs: Any, dlq_url: str, env: Envelope, *, error: str = "InvalidEvent") -> None:
+    """Put an event on the DLQ the way the consumer does: envelope plus the 4 error attributes."""
+    entry = env.send_entry("0")
+    attributes = dict(entry["MessageAttributes"])
+    attributes.update(
+        error_attributes(
+            error_class=error,
+            error_message=f"cannot apply {env.delivery_id}",
+            failed_at_iso="2026-01-02T03:04:05Z",
+            original_group_id=env.group_id,
+        )
+    )
+    await sqs.send_message(
+        QueueUrl=dlq_url,
+        MessageBody=entry["MessageBody"],
+        MessageGroupId=entry["MessageGroupId"],
+        MessageDeduplicationId=entry["MessageDeduplicationId"],
+        MessageAttributes=attributes,
+    )
+
+
+async def exceed_max_receive_count(sqs: Any, queue_url: str, env: Envelope) -> None:
+    """Send to the main queue and receive it until SQS itself moves it to the DLQ (maxReceiveCount 5)."""
+    entry = env.send_entry("0")
+    entry.pop("Id")
+    await sqs.send_message(QueueUrl=queue_url, **entry)
+    for _ in range(6):
+        await sqs.receive_message(QueueUrl=queue_url, VisibilityTimeout=0, WaitTimeSeconds=0)
+
+
+def settings(queues: QueuePair) -> QueueSettings:
+    return QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url)
+
+
+async def counts(sqs: Any, url: str) -> tuple[int, int]:
+    attrs = (
+        await sqs.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def by_group(messages: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Event times per message group, in the order the queue gave them."""
+    groups: dict[str, list[int]] = {}
+    for m in messages:
+        groups.setdefault(m["Attributes"]["MessageGroupId"], []).append(
+            int(m["MessageAttributes"]["event_ts_ms"]["StringValue"])
+        )
+    return groups
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``cli.main`` configures structlog for the captured stderr; put the suite's setup back after."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+# -- list --
+
+
+async def test_list_shows_what_is_there_and_leaves_it(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    # GIVEN two dead-lettered events of one issue, one event SQS moved by itself, one foreign message
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 1))
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 2), error="DataError")
+        await exceed_max_receive_count(sqs, queues.queue_url, envelope(ISSUE_B, T0 + 3))
+        await sqs.send_message(
+            QueueUrl=queues.dlq_url, MessageBody="not json", MessageGroupId="x", MessageDeduplicationId="x"
+        )
+        assert await counts(sqs, queues.dlq_url) == (4, 0)
+
+        # WHEN it is listed twice
+        first = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=100, wait_s=NO_WAIT)
+        second = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=100, wait_s=NO_WAIT)
+
+        # THEN both show exactly those messages, and they are all visible in the DLQ again
+        seen = [(d.issue_id, d.event_type, d.event_ts_ms, d.reason) for d in first]
+        assert sorted(seen, key=str) == sorted(
+            [
+                (
+                    ISSUE_A,
+                    "jira:issue_updated",
+                    T0 + 1,
+                    f"InvalidEvent: cannot apply delivery-{ISSUE_A}-{T0 + 1}",
+                ),
+                (
+                    ISSUE_A,
+                    "jira:issue_updated",
+                    T0 + 2,
+                    f"DataError: cannot apply delivery-{ISSUE_A}-{T0 + 2}",
+                ),
+                (ISSUE_B, "jira:issue_updated", T0 + 3, "exceeded maxReceiveCount"),
+                (None, None, None, "not a jiralake envelope"),
+            ],
+            key=str,
+        )
+        assert [d.message_id for d in second] == [d.message_id for d in first]
+        assert [d.receive_count for d in second] == [d.receive_count + 1 for d in first]
+        moved = next(d for d in first if d.issue_id == ISSUE_B)
+        assert moved.receive_count >= 6  # five receives in the main queue, then at least this listing
+        assert await counts(sqs, queues.dlq_url) == (4, 0)
+
+
+async def test_list_respects_the_limit(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(3):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        listed = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=2, wait_s=NO_WAIT)
+        assert [d.event_ts_ms for d in listed] == [T0, T0 + 1]
+        assert await counts(sqs, queues.dlq_url) == (3, 0)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_list_command_json_and_table(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN one dead-lettered event and the queues in the environment
+    async def given() -> None:
+        async with aws.sqs_client(aws_settings) as sqs:
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0))
+
+    asyncio.run(given())
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+
+    # WHEN listed as JSON and as text
+    assert cli.main(["dlq", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert cli.main(["dlq", "list"]) == 0
+    text = capsys.readouterr().out
+
+    # THEN the JSON names the event and the error, and the text shows it in a row
+    assert listed["approximate_messages"] == 1
+    [message] = listed["messages"]
+    assert {k: message[k] for k in ("issue_id", "event_type", "event_time", "error_class", "replayable")} == {
+        "issue_id": ISSUE_A,
+        "event_type": "jira:issue_updated",
+        "event_time": "2023-11-14T22:13:20.000Z",
+        "error_class": "InvalidEvent",
+        "replayable": True,
+    }
+    lines = text.splitlines()
+    assert lines[0].split() == ["ISSUE", "EVENT", "EVENT", "TIME", "SENT", "RECEIVES", "REASON"]
+    assert lines[1].startswith(f"{ISSUE_A}  jira:issue_updated  2023-11-14T22:13:20.000Z")
+    assert lines[1].endswith(f"InvalidEvent: cannot apply delivery-{ISSUE_A}-{T0}")
+    assert lines[2].startswith("1 listed of about 1 in ")
+
+
+# -- replay --
+
+
+async def test_replay_restores_events_in_order_per_issue_and_empties_the_dlq(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN three events of issue A and two of issue B dead-lettered, interleaved, one of them moved by SQS
+    async with aws.sqs_client(aws_settings) as sqs:
+        for env in [
+            envelope(ISSUE_A, T0 + 1),
+            envelope(ISSUE_B, T0 + 2),
+            envelope(ISSUE_A, T0 + 3),
+            envelope(ISSUE_B, T0 + 4),
+        ]:
+            await dead_letter(sqs, queues.dlq_url, env)
+        await exceed_max_receive_count(sqs, queues.queue_url, envelope(ISSUE_A, T0 + 5))
+        originals = {m["MessageId"]: m for m in await _peek_all(sqs, queues.dlq_url)}
+
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues))
+
+    # THEN all five are back on the main queue, in their order per issue, with only the envelope
+    # attributes and a new deduplication id, and the DLQ is empty
+    assert (summary.replayed, summary.skipped, summary.failed) == (5, 0, 0)
+    replayed = await drain(aws_settings, queues.queue_url)
+    assert by_group(replayed) == {ISSUE_A: [T0 + 1, T0 + 3, T0 + 5], ISSUE_B: [T0 + 2, T0 + 4]}
+    for m in replayed:
+        assert sorted(m["MessageAttributes"]) == sorted(ENVELOPE_ATTRIBUTES)
+        assert m["Attributes"]["MessageDeduplicationId"].startswith("replay-")
+        source = originals[m["Attributes"]["MessageDeduplicationId"].removeprefix("replay-")]
+        assert m["Body"] == source["Body"]
+        assert m["Attributes"]["MessageDeduplicationId"] != source["Attributes"]["MessageDeduplicationId"]
+    assert await drain(aws_settings, queues.dlq_url) == []
+
+
+async def test_replay_is_not_swallowed_by_the_original_deduplication_id(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN the main queue still holds a message with the original deduplication id (inside SQS's
+    # 5-minute window) and the DLQ a dead-lettered copy of the same delivery
+    env = envelope(ISSUE_A, T0)
+    async with aws.sqs_client(aws_settings) as sqs:
+        entry = env.send_entry("0")
+        entry.pop("Id")
+        await sqs.send_message(QueueUrl=queues.queue_url, **entry)
+        await dead_letter(sqs, queues.dlq_url, env)
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+    # THEN the replay was stored next to it, not deduplicated away
+    assert summary.replayed == 1
+    assert len(await drain(aws_settings, queues.queue_url)) == 2
+
+
+async def test_replay_one_issue_leaves_the_others(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        for env in [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_B, T0 + 2), envelope(ISSUE_A, T0 + 3)]:
+            await dead_letter(sqs, queues.dlq_url, env)
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), issue_id=ISSUE_B, wait_s=NO_WAIT)
+        assert (summary.replayed, summary.failed, summary.other_issues) == (1, 0, 2)
+        # The other issue's events are visible in the DLQ again, in order.
+        assert await counts(sqs, queues.dlq_url) == (2, 0)
+        left = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=10, wait_s=NO_WAIT)
+    assert [(d.issue_id, d.event_ts_ms) for d in left] == [(ISSUE_A, T0 + 1), (ISSUE_A, T0 + 3)]
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_B: [T0 + 2]}
+
+
+async def test_replay_dry_run_changes_nothing(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        for env in [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_A, T0 + 2), envelope(ISSUE_B, T0 + 3)]:
+            await dead_letter(sqs, queues.dlq_url, env)
+        before = [
+            d.message_id for d in await dlq.list_dead_letters(sqs, queues.dlq_url, limit=10, wait_s=NO_WAIT)
+        ]
+
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), dry_run=True, wait_s=NO_WAIT)
+
+        assert (summary.replayed, summary.failed) == (3, 0)
+        assert {r.outcome for r in summary.results} == {"would_replay"}
+        assert await counts(sqs, queues.queue_url) == (0, 0)
+        assert await counts(sqs, queues.dlq_url) == (3, 0)
+        after = [
+            d.message_id for d in await dlq.list_dead_letters(sqs, queues.dlq_url, limit=10, wait_s=NO_WAIT)
+        ]
+    assert after == before
+
+
+async def test_replay_limit_keeps_order_across_runs(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(3):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        first = await dlq.replay_dead_letters(sqs, settings(queues), limit=2, wait_s=NO_WAIT)
+        assert first.replayed == 2
+        assert await counts(sqs, queues.dlq_url) == (1, 0)
+        second = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+        assert second.replayed == 1
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_A: [T0, T0 + 1, T0 + 2]}
+
+
+async def test_replay_skips_messages_that_are_not_envelopes(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        await sqs.send_message(
+            QueueUrl=queues.dlq_url, MessageBody="{}", MessageGroupId="g", MessageDeduplicationId="g"
+        )
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0))
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+        assert (summary.replayed, summary.skipped, summary.failed) == (1, 1, 0)
+        assert [r.reason for r in summary.results if r.outcome == "skipped"] == ["not a jiralake envelope"]
+        assert await counts(sqs, queues.dlq_url) == (1, 0)
+
+
+async def test_replay_that_cannot_send_keeps_everything_in_the_dlq(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a main queue URL that does not exist (a typo in JIRALAKE_QUEUE_URL)
+    broken = QueueSettings(queue_url=queues.queue_url.replace(".fifo", "-gone.fifo"), dlq_url=queues.dlq_url)
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(2):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, broken, wait_s=NO_WAIT)
+        # THEN both failed, nothing was deleted, and they are visible in the DLQ again
+        assert (summary.replayed, summary.failed) == (0, 2)
+        assert all(r.reason and r.reason.startswith("not sent: ") for r in summary.results)
+        assert await counts(sqs, queues.dlq_url) == (2, 0)
+
+
+async def test_connection_lost_between_send_and_delete_duplicates_instead_of_losing(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN two events of one issue in the DLQ, and the replay's connection to SQS running through a
+    # proxy that is cut right after SQS accepted the SendMessageBatch
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(2):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+
+    assert aws_settings.endpoint_url
+    host, port = aws_settings.endpoint_url.removeprefix("http://").split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    try:
+        # One attempt per call: the default retries would only slow the test down.
+        client = aioboto3.Session().client(
+            "sqs",
+            region_name=aws_settings.region,
+            endpoint_url=f"http://{proxy.host}:{proxy.port}",
+            config=AioConfig(
+                connect_timeout=5, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}
+            ),
+        )
+        async with client as sqs:
+
+            def cut_after_send(**_: Any) -> None:
+                proxy.cut()
+
+            sqs.meta.events.register("after-call.sqs.SendMessageBatch", cut_after_send)
+            # WHEN replayed
+            summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+    finally:
+        await proxy.close()
+
+    # THEN both are reported as failed, and each event is in BOTH queues: duplicated, never lost
+    assert (summary.replayed, summary.failed) == (0, 2)
+    assert all(r.reason and "still in the dead-letter queue" in r.reason for r in summary.results)
+    assert summary.stopped and summary.stopped.startswith("cannot receive from the dead-letter queue: ")
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_A: [T0, T0 + 1]}
+    async with aws.sqs_client(aws_settings) as sqs:
+        visible, in_flight = await counts(sqs, queues.dlq_url)
+    assert visible + in_flight == 2  # held until their visibility timeout; a later replay resends them
+
+
+async def test_cancelled_replay_finishes_the_send_delete_pair(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN events of two issues, and a replay cancelled (Ctrl-C, shutdown) right after its first send
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 1))
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_B, T0 + 2))
+        task: asyncio.Task[dlq.ReplaySummary] | None = None
+
+        def cancel_after_send(**_: Any) -> None:
+            assert task is not None
+            task.cancel()
+
+        sqs.meta.events.register("after-call.sqs.SendMessageBatch", cancel_after_send)
+        task = asyncio.create_task(
+            dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT), name="replay"
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sqs.meta.events.unregister("after-call.sqs.SendMessageBatch", cancel_after_send)
+        # THEN what was sent was also deleted from the DLQ: each event is in exactly one queue
+        main = await _peek_all(sqs, queues.queue_url)
+        left = await _peek_all(sqs, queues.dlq_url)
+    assert by_group(main) == {ISSUE_A: [T0 + 1], ISSUE_B: [T0 + 2]}
+    assert left == []
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_replay_and_purge_commands(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async def put(n: int) -> None:
+        async with aws.sqs_client(aws_settings) as sqs:
+            for i in range(n):
+                await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+
+    async def dlq_counts() -> tuple[int, int]:
+        async with aws.sqs_client(aws_settings) as sqs:
+            return await counts(sqs, queues.dlq_url)
+
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    asyncio.run(put(2))
+
+    # dry run: a line per event and the summary, nothing moved
+    assert cli.main(["dlq", "replay", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" (message")[0] for line in out] == [
+        f"would replay: issue {ISSUE_A} jira:issue_updated",
+        f"would replay: issue {ISSUE_A} jira:issue_updated",
+        "dry run, nothing changed: would replay 2, skipped 0",
+    ]
+    assert asyncio.run(dlq_counts()) == (2, 0)
+
+    # replay of one issue that has nothing in the DLQ
+    assert cli.main(["dlq", "replay", "--issue", "999"]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "replayed 0, skipped 0, failed 0; 2 message(s) of other issues left in place"
+    )
+
+    # purge refuses without --yes: one line, exit 2, nothing deleted
+    assert cli.main(["dlq", "purge"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "jiralake: dlq purge deletes every message in the dead-letter queue for good; add --yes to do it"
+    )
+    assert asyncio.run(dlq_counts()) == (2, 0)
+
+    # purge --yes empties it
+    assert cli.main(["dlq", "purge", "--yes"]) == 0
+    assert capsys.readouterr().out.strip() == f"purged {queues.dlq_url} (it held about 2 message(s))"
+    assert asyncio.run(dlq_counts()) == (0, 0)
+
+    # replay of the rest, for real
+    asyncio.run(put(1))
+    assert cli.main(["dlq", "replay"]) == 0
+    assert capsys.readouterr().out.strip() == "replayed 1, skipped 0, failed 0"
+
+
+# -- helpers --
+
+
+async def _peek_all(sqs: Any, url: str) -> list[dict[str, Any]]:
+    """Every message on a queue, made visible again afterwards (test helper)."""
+    messages: list[dict[str, Any]] = []
+    while True:
+        resp = await sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=30,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+        )
+        batch = resp.get("Messages", [])
+        if not batch:
+            break
+        messages.extend(batch)
+    for m in messages:
+        await sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
+        )
+    return messages
