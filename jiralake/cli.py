@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "exporter.command",
     "ops.dlq_command",
     "ops.queue_stats",
+    "backfill.command",
 )
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.

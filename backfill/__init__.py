@@ -1,0 +1,1 @@
+"""Backfill and reconciliation from the Jira REST API (``jiralake backfill``, ``jiralake reconcile``)."""

@@ -1,0 +1,250 @@
+"""``jiralake backfill``: every issue a JQL matches becomes a snapshot event on the FIFO queue.
+
+One page at a time, in order: a fetcher task reads the next page from Jira while the current one
+goes to SQS; the page's cursor is saved in Postgres only after SQS accepted all its messages. A
+restart with the same request continues from the saved cursor; a complete run forgets the cursor
+and, when it covered everything since the previous watermark, stores its start time as the new
+watermark for ``--updated-since last-run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final, Literal, TextIO
+
+import asyncpg
+import structlog
+
+from backfill import state
+from backfill.enqueue import Refused, send_envelopes
+from backfill.jira_client import JiraClient, SearchPage, Sleep
+from backfill.jql import WATERMARK_OVERLAP, build_jql, jira_zone
+from backfill.progress import Progress
+from backfill.settings import BackfillSettings
+from backfill.snapshot import InvalidSnapshot, snapshot_envelope
+from shared import aws, db
+from shared.envelope import Envelope
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+
+log = structlog.get_logger()
+
+LAST_RUN: Final = "last-run"
+# Pages read ahead of the one being sent: Jira and SQS work at the same time, memory stays bounded.
+PREFETCH_PAGES = 1
+
+Since = datetime | Literal["last-run"] | None
+
+
+@dataclass(frozen=True)
+class BackfillRequest:
+    jql: str | None = None
+    updated_since: Since = None
+    # Jira's ``expand`` for search, e.g. "changelog" (the issue then carries its recent history).
+    expand: str | None = None
+    restart: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class BackfillSummary:
+    jql: str
+    dry_run: bool = False
+    total: int | None = None
+    resumed_after_page: int | None = None
+    pages: int = 0
+    fetched: int = 0
+    sent: int = 0
+    issues_sent_total: int = 0
+    refused: list[Refused] = field(default_factory=list)
+    complete: bool = False
+    watermark: datetime | None = None
+    duration_s: float = 0.0
+    jira_retries: int = 0
+
+
+async def run_backfill(
+    settings: BackfillSettings,
+    request: BackfillRequest,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    progress_stream: TextIO | None = None,
+    progress_tty: bool | None = None,
+) -> BackfillSummary:
+    started_mono = time.monotonic()
+    started_at = datetime.now(UTC)
+    key = state.RunKey(
+        jira_url=settings.jira.url,
+        request_jql=(request.jql or "").strip(),
+        updated_since=_since_key(request.updated_since),
+        expand=request.expand or "",
+    )
+    summary = BackfillSummary(jql="", dry_run=request.dry_run)
+    conn = await db.connect(settings.database)
+    try:
+        async with JiraClient(settings.jira, sleep=sleep) as jira, aws.sqs_client(settings.aws) as sqs:
+            me = await jira.myself()
+            zone = jira_zone(me.get("timeZone"))
+            run = None if request.restart else await state.load_run(conn, key)
+            if run is None:
+                covers_from = await _covers_from(conn, key, request.updated_since)
+                effective = build_jql(request.jql, updated_since=covers_from, zone=zone)
+                if request.dry_run:
+                    summary.jql = effective
+                    summary.total = await jira.count(effective)
+                    return summary
+                run = await state.start_run(
+                    conn, key, effective_jql=effective, covers_from=covers_from, started_at=started_at
+                )
+            else:
+                summary.resumed_after_page = run.pages_done
+                if request.dry_run:
+                    summary.jql = run.effective_jql
+                    summary.total = await jira.count(run.effective_jql)
+                    return summary
+            summary.jql = run.effective_jql
+            summary.issues_sent_total = run.issues_sent
+            log.info(
+                "backfill_started",
+                jql=run.effective_jql,
+                resumed_after_page=summary.resumed_after_page,
+                deployment=settings.jira.deployment,
+            )
+            progress = Progress(total=None, done=run.issues_sent, stream=progress_stream, tty=progress_tty)
+            if settings.jira.deployment == "cloud":
+                summary.total = await jira.count(run.effective_jql)
+                progress.set_total(summary.total)
+            try:
+                if not run.fetched_all_pages:
+                    await _pages_to_queue(
+                        settings, request, key, run, jira, sqs, conn, progress, summary, sleep
+                    )
+            finally:
+                progress.finish()  # ends the bar's line before an error message, too
+            await _finish(conn, key, run, summary)
+            summary.jira_retries = jira.retries
+            return summary
+    finally:
+        await conn.close()
+        summary.duration_s = time.monotonic() - started_mono
+
+
+async def _pages_to_queue(
+    settings: BackfillSettings,
+    request: BackfillRequest,
+    key: state.RunKey,
+    run: state.RunState,
+    jira: JiraClient,
+    sqs: SQSClient,
+    conn: asyncpg.Connection,
+    progress: Progress,
+    summary: BackfillSummary,
+    sleep: Sleep,
+) -> None:
+    pages: asyncio.Queue[SearchPage | BaseException | None] = asyncio.Queue(maxsize=PREFETCH_PAGES)
+
+    async def fetch_pages() -> None:
+        cursor = run.next_cursor
+        try:
+            while True:
+                page = await jira.search_page(run.effective_jql, cursor, expand=request.expand)
+                await pages.put(page)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            await pages.put(None)
+        except Exception as exc:  # handed to the sender, which raises it after the pages before it
+            await pages.put(exc)
+
+    fetcher = asyncio.create_task(fetch_pages(), name="backfill-page-fetcher")
+    pages_done = run.pages_done
+    try:
+        while True:
+            item = await pages.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if item.total is not None:
+                summary.total = item.total
+                progress.set_total(item.total)
+            envelopes = _envelopes(item, summary)
+            outcome = await send_envelopes(
+                sqs, settings.queue_url, envelopes, attempts=settings.sqs_attempts, sleep=sleep
+            )
+            summary.refused.extend(outcome.refused)
+            for refused in outcome.refused:
+                log.warning("snapshot_refused", issue_id=refused.issue_id, reason=refused.reason)
+            pages_done += 1
+            summary.pages += 1
+            summary.fetched += len(item.issues)
+            summary.sent += outcome.sent
+            summary.issues_sent_total += outcome.sent
+            await state.save_page(
+                conn,
+                key,
+                next_cursor=item.next_cursor,
+                pages_done=pages_done,
+                issues_sent=summary.issues_sent_total,
+            )
+            progress.advance(len(item.issues))
+    finally:
+        fetcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetcher
+
+
+def _envelopes(page: SearchPage, summary: BackfillSummary) -> list[Envelope]:
+    now_ms = int(time.time() * 1000)
+    envelopes: list[Envelope] = []
+    for issue in page.issues:
+        try:
+            envelopes.append(snapshot_envelope(issue, received_at_ms=now_ms))
+        except InvalidSnapshot as exc:
+            issue_id = str(issue.get("id", "?"))[:40]
+            summary.refused.append(Refused(issue_id, str(exc)))
+            log.warning("snapshot_invalid", issue_id=issue_id, reason=str(exc))
+    return envelopes
+
+
+async def _covers_from(conn: asyncpg.Connection, key: state.RunKey, since: Since) -> datetime | None:
+    if not isinstance(since, str):
+        return since
+    watermark = await state.load_watermark(conn, key.jira_url, key.request_jql)
+    if watermark is None:
+        log.info("no_watermark", detail="no complete backfill of this JQL yet: fetching every issue")
+        return None
+    return watermark - WATERMARK_OVERLAP
+
+
+async def _finish(
+    conn: asyncpg.Connection, key: state.RunKey, run: state.RunState, summary: BackfillSummary
+) -> None:
+    """Forget the cursor; store a watermark only when nothing was refused and the run reached back
+    at least to the previous watermark (a later --updated-since date would leave a gap)."""
+    previous = await state.load_watermark(conn, key.jira_url, key.request_jql)
+    contiguous = run.covers_from is None or (previous is not None and run.covers_from <= previous)
+    store = contiguous and not summary.refused
+    await state.finish_run(conn, key, run, issues_sent=summary.issues_sent_total, store_watermark=store)
+    summary.complete = True
+    summary.watermark = run.started_at if store else None
+    log.info(
+        "backfill_finished",
+        pages=summary.pages,
+        sent=summary.sent,
+        refused=len(summary.refused),
+        watermark=summary.watermark.isoformat() if summary.watermark else None,
+    )
+
+
+def _since_key(since: Since) -> str:
+    if since is None:
+        return ""
+    if isinstance(since, str):
+        return since
+    return since.astimezone(UTC).isoformat()

@@ -1,0 +1,345 @@
+"""A small aiohttp client for the Jira REST endpoints backfill and reconcile use.
+
+- Cloud (REST v3): ``GET /rest/api/3/search/jql`` paged by ``nextPageToken``;
+  Data Center (REST v2): ``GET /rest/api/2/search`` paged by ``startAt``. Both surface as
+  :class:`SearchPage` with an opaque text cursor, so callers (and the resume state) need not care.
+- Throttling and transient failures (429, 500, 502, 503, 504, network errors) are retried: a
+  ``Retry-After`` header is honoured, otherwise exponential backoff with jitter.
+- Bounded concurrency: one semaphore caps requests in flight across the whole client; a request
+  that waits out a ``Retry-After`` keeps its slot, so a throttled client slows down as a whole.
+- 401 ends the command (:class:`JiraAuthError`); other 4xx are :class:`JiraRequestError` with Jira's
+  own message, except where a caller expects a status (404/403 on an issue lookup).
+
+Credentials go only into the ``Authorization`` header; nothing here logs headers or bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import structlog
+
+from backfill.jql import split_order_by
+from backfill.settings import JiraSettings
+
+log = structlog.get_logger()
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+USER_AGENT = "jiralake-backfill/0.1"
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class JiraError(Exception):
+    """Jira did not give what was asked; the message is one line a person can act on."""
+
+
+class JiraAuthError(JiraError):
+    """Jira answered 401: the credentials are wrong, expired or lack access to the site."""
+
+
+class JiraRequestError(JiraError):
+    def __init__(self, status: int, path: str, reason: str) -> None:
+        super().__init__(f"Jira answered HTTP {status} to {path}: {reason}")
+        self.status = status
+        self.path = path
+        self.reason = reason
+
+
+class JiraUnavailable(JiraError):
+    """Retries ran out (still throttled, failing or unreachable)."""
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    issues: list[dict[str, Any]]
+    # Cursor of the next page (a nextPageToken, or a startAt as text); None on the last page.
+    next_cursor: str | None
+    # Data Center reports the total; Cloud's enhanced search does not (see JiraClient.count).
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class FailedWebhookPage:
+    values: list[dict[str, Any]]
+    max_results: int
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An optional endpoint this account or deployment cannot use, and why."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_s: float = 1.0
+    max_s: float = 60.0
+    max_retry_after_s: float = 600.0
+
+    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
+        """Wait before retry number ``attempt`` (0-based): Retry-After plus up to 10 % jitter when
+        Jira gave one (it answers early retries with a longer wait), else backoff with equal jitter."""
+        if retry_after_s is not None:
+            wait = min(max(retry_after_s, 0.0), self.max_retry_after_s)
+            return wait + rng.uniform(0.0, 0.1 * wait)
+        ceiling = min(self.max_s, self.base_s * (2.0**attempt))
+        return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+
+
+def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date; None when absent or garbage."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    seconds: float = when.timestamp() - (time.time() if now_s is None else now_s)
+    return max(seconds, 0.0)
+
+
+class JiraClient:
+    """``async with JiraClient(settings) as jira: ...``. ``sleep`` and ``rng`` are injectable."""
+
+    def __init__(
+        self,
+        settings: JiraSettings,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_s=settings.backoff_base_s,
+            max_s=settings.backoff_max_s,
+            max_retry_after_s=settings.max_retry_after_s,
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self.retries = 0
+
+    async def __aenter__(self) -> JiraClient:
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if self.settings.pat is not None:
+            headers["Authorization"] = f"Bearer {self.settings.pat}"
+        else:
+            assert self.settings.email is not None and self.settings.api_token is not None
+            pair = f"{self.settings.email}:{self.settings.api_token}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.settings.max_concurrency),
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- endpoints --
+
+    def _api(self, path: str) -> str:
+        return f"rest/api/{self.settings.api_version}/{path}"
+
+    async def myself(self) -> dict[str, Any]:
+        """The authenticated account (checks the credentials; ``timeZone`` interprets JQL dates)."""
+        _, body = await self._request("GET", self._api("myself"))
+        return body if isinstance(body, dict) else {}
+
+    async def search_page(
+        self,
+        jql: str,
+        cursor: str | None,
+        *,
+        fields: str = "*all",
+        expand: str | None = None,
+        page_size: int | None = None,
+    ) -> SearchPage:
+        size = self.settings.page_size if page_size is None else page_size
+        params: dict[str, str] = {"jql": jql, "maxResults": str(size), "fields": fields}
+        if expand:
+            params["expand"] = expand
+        if self.settings.deployment == "cloud":
+            if cursor is not None:
+                params["nextPageToken"] = cursor
+            _, body = await self._request("GET", self._api("search/jql"), params=params)
+            issues = _issues(body)
+            token = body.get("nextPageToken") if isinstance(body, dict) else None
+            is_last = bool(body.get("isLast", token is None)) if isinstance(body, dict) else True
+            next_cursor = token if isinstance(token, str) and token and not is_last else None
+            return SearchPage(issues=issues, next_cursor=next_cursor)
+        start_at = _start_at(cursor)
+        params["startAt"] = str(start_at)
+        _, body = await self._request("GET", self._api("search"), params=params)
+        issues = _issues(body)
+        total = body.get("total") if isinstance(body, dict) else None
+        total = total if isinstance(total, int) else None
+        next_start = start_at + len(issues)
+        more = bool(issues) and (total is None or next_start < total)
+        return SearchPage(issues=issues, next_cursor=str(next_start) if more else None, total=total)
+
+    async def count(self, jql: str) -> int | None:
+        """How many issues match: Cloud's approximate count, Data Center's exact total.
+        None when Jira will not say (an older Cloud without the endpoint): progress runs without it."""
+        if self.settings.deployment == "cloud":
+            status, body = await self._request(
+                "POST",
+                self._api("search/approximate-count"),
+                json_body={"jql": split_order_by(jql)[0]},
+                allow_status={400, 404, 405},
+            )
+            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("count"), int):
+                return None
+            count: int = body["count"]
+            return count
+        page = await self.search_page(jql, None, fields="id", page_size=0)
+        return page.total
+
+    async def issue_status(self, issue_id: str) -> int:
+        """HTTP status of ``GET issue/{id}``: 200 (exists and visible), 404, 403 or 401."""
+        status, _ = await self._request(
+            "GET", self._api(f"issue/{issue_id}"), params={"fields": "id"}, allow_status={401, 403, 404}
+        )
+        return status
+
+    async def failed_webhooks(
+        self, after_ms: int | None, *, max_results: int = 100
+    ) -> FailedWebhookPage | Unavailable:
+        """Cloud's webhooks that failed after all retries (Connect apps only; docs/backfill.md)."""
+        if self.settings.deployment != "cloud":
+            return Unavailable(404, "Jira Data Center has no failed-webhook list")
+        params = {"maxResults": str(max_results)}
+        if after_ms is not None:
+            params["after"] = str(after_ms)
+        status, body = await self._request(
+            "GET", self._api("webhook/failed"), params=params, allow_status={401, 403, 404, 405}
+        )
+        if status != 200:
+            return Unavailable(status, _reason(body, status))
+        values = body.get("values") if isinstance(body, dict) else None
+        size = body.get("maxResults") if isinstance(body, dict) else None
+        return FailedWebhookPage(
+            values=[v for v in values if isinstance(v, dict)] if isinstance(values, list) else [],
+            max_results=size if isinstance(size, int) and size > 0 else max_results,
+        )
+
+    # -- transport --
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        allow_status: Collection[int] = (),
+    ) -> tuple[int, Any]:
+        assert self._session is not None, "use JiraClient as an async context manager"
+        async with self._slots:
+            for attempt in range(self.policy.max_attempts):
+                retry_after: float | None = None
+                try:
+                    async with self._session.request(
+                        method, f"{self.settings.url}/{path}", params=params, json=json_body
+                    ) as resp:
+                        status = resp.status
+                        raw = await resp.read()
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, raw = 0, b""
+                    problem = f"{type(exc).__name__}: {exc}"
+                else:
+                    problem = f"HTTP {status}"
+                body = _decode(raw)
+                if 200 <= status < 300 or status in allow_status:
+                    return status, body
+                if status == 401:
+                    raise JiraAuthError(
+                        f"Jira rejected the credentials (HTTP 401) at {self.settings.url}: check "
+                        "JIRALAKE_JIRA_EMAIL + JIRALAKE_JIRA_API_TOKEN or JIRALAKE_JIRA_PAT"
+                    )
+                if status != 0 and status not in RETRYABLE_STATUSES:
+                    raise JiraRequestError(status, "/" + path, _reason(body, status))
+                if attempt + 1 >= self.policy.max_attempts:
+                    raise JiraUnavailable(
+                        f"Jira still failing after {self.policy.max_attempts} attempts at /{path}: {problem}"
+                    )
+                delay_s = self.policy.delay_s(attempt, retry_after, self._rng)
+                self.retries += 1
+                log.warning(
+                    "jira_retry",
+                    path="/" + path,
+                    problem=problem,
+                    attempt=attempt + 1,
+                    retry_after_s=retry_after,
+                    delay_s=round(delay_s, 3),
+                )
+                await self._sleep(delay_s)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw[:500].decode("utf-8", errors="replace")
+
+
+def _reason(body: Any, status: int) -> str:
+    """Jira's own words: ``errorMessages`` and ``errors`` of its error body, else the text."""
+    if isinstance(body, dict):
+        parts = [str(m) for m in body.get("errorMessages") or [] if m]
+        errors = body.get("errors")
+        if isinstance(errors, dict):
+            parts += [f"{k}: {v}" for k, v in errors.items()]
+        if isinstance(body.get("message"), str):
+            parts.append(body["message"])
+        if parts:
+            return "; ".join(parts)[:500]
+    if isinstance(body, str) and body.strip():
+        return " ".join(body.split())[:200]
+    return f"HTTP {status}"
+
+
+def _issues(body: Any) -> list[dict[str, Any]]:
+    issues = body.get("issues") if isinstance(body, dict) else None
+    return [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
+
+
+def _start_at(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        return max(int(cursor), 0)
+    except ValueError:
+        raise JiraError(f"saved startAt cursor {cursor[:40]!r} is not a number; run with --restart") from None

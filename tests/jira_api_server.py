@@ -1,0 +1,316 @@
+"""A local aiohttp server that speaks the Jira REST shapes backfill and reconcile use, serving issue
+objects taken from the real webhook fixtures (ids, keys and times varied).
+
+- Cloud: ``GET /rest/api/3/search/jql`` (``nextPageToken``, ``isLast``; refuses unbounded JQL and a
+  token minted for another JQL), ``POST /rest/api/3/search/approximate-count``,
+  ``GET /rest/api/3/issue/{id}``, ``GET /rest/api/3/myself``, ``GET /rest/api/3/webhook/failed``.
+- Data Center: ``GET /rest/api/2/search`` (``startAt``, ``total``), ``/rest/api/2/issue/{id}``,
+  ``/rest/api/2/myself``.
+- Auth: basic (email + API token) or bearer (PAT); anything else is 401.
+- Faults on demand: queued throttling answers per page (429/503 with Retry-After), a page from which
+  every search fails (a Jira that "dies" mid-run), 403/404 for chosen issue ids.
+- JQL: only ``updated >= "yyyy-MM-dd HH:mm"`` (read in ``time_zone``) filters; the rest is recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from shared.jira_event import parse_jira_time
+from tests.jira_fixtures import load, names
+
+EMAIL = "backfill@example.com"
+API_TOKEN = "cloud-api-token-s3cr3t"
+PAT = "dc-personal-access-token-s3cr3t"
+
+_UPDATED_GE = re.compile(r'updated\s*>=\s*"(\d{4}-\d{2}-\d{2} \d{2}:\d{2})"', re.IGNORECASE)
+_UNBOUNDED = re.compile(r"^\s*(order\s+by\b.*)?$", re.IGNORECASE | re.DOTALL)
+
+
+@cache
+def template_names() -> tuple[str, ...]:
+    """Fixtures whose ``issue`` is a full issue object (fields with project, status and updated)."""
+    found = []
+    for name in names():
+        body = load(name)
+        issue = body.get("issue") if isinstance(body, dict) else None
+        fields = issue.get("fields") if isinstance(issue, dict) else None
+        if isinstance(fields, dict) and {"project", "status", "updated", "issuetype"} <= fields.keys():
+            found.append(name)
+    return tuple(found)
+
+
+def jira_time(when: datetime) -> str:
+    """Jira's own format: ``2024-01-01T10:00:00.000+0000``."""
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}" + when.strftime("%z")
+
+
+def fixture_issue(
+    index: int, *, issue_id: int, key: str, updated: datetime, base_url: str = "https://jira.example"
+) -> dict[str, Any]:
+    """A real fixture's issue object with a new id, key and ``updated`` time."""
+    templates = template_names()
+    issue: dict[str, Any] = copy.deepcopy(load(templates[index % len(templates)])["issue"])
+    issue["id"] = str(issue_id)
+    issue["key"] = key
+    issue["self"] = f"{base_url}/rest/api/2/issue/{issue_id}"
+    issue["fields"]["updated"] = jira_time(updated)
+    issue["fields"]["created"] = jira_time(updated - timedelta(days=30))
+    return issue
+
+
+def fixture_issues(
+    count: int,
+    *,
+    first_id: int = 30_000,
+    project: str = "BF",
+    first_updated: datetime = datetime(2024, 1, 1, tzinfo=UTC),
+) -> list[dict[str, Any]]:
+    """``count`` issues cycling through the real fixtures, updated one minute apart."""
+    return [
+        fixture_issue(
+            n, issue_id=first_id + n, key=f"{project}-{n + 1}", updated=first_updated + timedelta(minutes=n)
+        )
+        for n in range(count)
+    ]
+
+
+@dataclass
+class JiraApiServer:
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    # GET issue/{id} answers for ids that are not in ``issues`` (those answer 200).
+    issue_status: dict[str, int] = field(default_factory=dict)
+    # Issues that exist (GET answers 200) but no search returns: outside the JQL.
+    outside_jql: set[str] = field(default_factory=set)
+    time_zone: str = "UTC"
+    # Page index -> answers served (and used up) before the page itself: (status, Retry-After).
+    throttle: dict[int, list[tuple[int, str | None]]] = field(default_factory=dict)
+    # Every search for this page index or later answers 500 (a Jira that went away mid-run).
+    fail_from_page: int | None = None
+    # None: 403 as for a non-Connect account. Else the entries, oldest failure first.
+    failed_webhooks: list[dict[str, Any]] | None = None
+    failed_webhooks_page_size: int = 100
+    # What was asked.
+    page_requests: Counter[int] = field(default_factory=Counter)
+    jqls: list[str] = field(default_factory=list)
+    failed_webhook_afters: list[str | None] = field(default_factory=list)
+    issue_lookups: list[str] = field(default_factory=list)
+    count_requests: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/rest/api/3/search/jql", self._cloud_search)
+        app.router.add_post("/rest/api/3/search/approximate-count", self._approximate_count)
+        app.router.add_get("/rest/api/2/search", self._dc_search)
+        app.router.add_get("/rest/api/{version:[23]}/issue/{issue_id}", self._issue)
+        app.router.add_get("/rest/api/{version:[23]}/myself", self._myself)
+        app.router.add_get("/rest/api/3/webhook/failed", self._failed_webhooks)
+        return app
+
+    # -- middleware --
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        basic = "Basic " + base64.b64encode(f"{EMAIL}:{API_TOKEN}".encode()).decode()
+        if request.headers.get("Authorization") not in {basic, f"Bearer {PAT}"}:
+            return web.json_response(
+                {
+                    "errorMessages": [
+                        "You are not authenticated. Authentication required to perform this operation."
+                    ]
+                },
+                status=401,
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    # -- search --
+
+    def _matching(self, jql: str) -> list[dict[str, Any]]:
+        found = [i for i in self.issues if i["id"] not in self.outside_jql]
+        bound = _UPDATED_GE.search(jql)
+        if bound:
+            since = datetime.strptime(bound[1], "%Y-%m-%d %H:%M").replace(tzinfo=ZoneInfo(self.time_zone))
+            found = [i for i in found if (parse_jira_time(i["fields"]["updated"]) or since) >= since]
+        return found
+
+    def _fault(self, page: int) -> web.Response | None:
+        self.page_requests[page] += 1
+        queued = self.throttle.get(page)
+        if queued:
+            status, retry_after = queued.pop(0)
+            headers = {"Retry-After": retry_after} if retry_after is not None else {}
+            return web.json_response(
+                {"errorMessages": ["Rate limit exceeded."]}, status=status, headers=headers
+            )
+        if self.fail_from_page is not None and page >= self.fail_from_page:
+            return web.json_response({"errorMessages": ["Internal server error"]}, status=500)
+        return None
+
+    def _shape(self, issue: dict[str, Any], fields: str, expand: str, *, cloud: bool) -> dict[str, Any]:
+        if fields == "id":
+            return (
+                {"id": issue["id"]}
+                if cloud
+                else {"id": issue["id"], "key": issue["key"], "self": issue["self"]}
+            )
+        shaped = copy.deepcopy(issue)
+        if "changelog" in expand.split(","):
+            shaped["changelog"] = {"startAt": 0, "maxResults": 0, "total": 0, "histories": []}
+        return shaped
+
+    async def _cloud_search(self, request: web.Request) -> web.Response:
+        jql = request.query.get("jql", "")
+        self.jqls.append(jql)
+        if _UNBOUNDED.match(jql):
+            return web.json_response(
+                {
+                    "errorMessages": [
+                        "Unbounded JQL queries are not allowed here. "
+                        "Please add a search restriction to your query."
+                    ],
+                    "errors": {},
+                },
+                status=400,
+            )
+        fields = request.query.get("fields", "id")
+        limit = min(int(request.query.get("maxResults", "50")), 5000 if fields == "id" else 100)
+        offset = 0
+        token = request.query.get("nextPageToken")
+        if token is not None:
+            decoded = _read_token(token)
+            if decoded is None or decoded[1] != _jql_hash(jql):
+                return web.json_response(
+                    {"errorMessages": ["The provided next page token is invalid or expired."]}, status=400
+                )
+            offset = decoded[0]
+        fault = self._fault(offset // max(limit, 1))
+        if fault is not None:
+            return fault
+        matching = self._matching(jql)
+        chunk = matching[offset : offset + limit]
+        end = offset + len(chunk)
+        body: dict[str, Any] = {
+            "issues": [self._shape(i, fields, request.query.get("expand", ""), cloud=True) for i in chunk],
+            "isLast": end >= len(matching),
+        }
+        if end < len(matching):
+            body["nextPageToken"] = _token(end, jql)
+        return web.json_response(body)
+
+    async def _approximate_count(self, request: web.Request) -> web.Response:
+        self.count_requests += 1
+        payload = await request.json()
+        return web.json_response({"count": len(self._matching(payload.get("jql", "")))})
+
+    async def _dc_search(self, request: web.Request) -> web.Response:
+        jql = request.query.get("jql", "")
+        self.jqls.append(jql)
+        fields = request.query.get("fields", "*navigable")
+        limit = min(int(request.query.get("maxResults", "50")), 1000)
+        start_at = int(request.query.get("startAt", "0"))
+        if limit > 0:
+            fault = self._fault(start_at // limit)
+            if fault is not None:
+                return fault
+        matching = self._matching(jql)
+        chunk = matching[start_at : start_at + limit]
+        return web.json_response(
+            {
+                "expand": "schema,names",
+                "startAt": start_at,
+                "maxResults": limit,
+                "total": len(matching),
+                "issues": [
+                    self._shape(i, fields, request.query.get("expand", ""), cloud=False) for i in chunk
+                ],
+            }
+        )
+
+    # -- single issue, account, failed webhooks --
+
+    async def _issue(self, request: web.Request) -> web.Response:
+        issue_id = request.match_info["issue_id"]
+        self.issue_lookups.append(issue_id)
+        if any(i["id"] == issue_id for i in self.issues):
+            return web.json_response(
+                {"id": issue_id, "self": f"https://jira.example/rest/api/2/issue/{issue_id}"}
+            )
+        status = self.issue_status.get(issue_id, 404)
+        messages = {
+            404: "Issue does not exist or you do not have permission to see it.",
+            403: "You do not have the permission to see the specified issue.",
+            401: "You are not authorized to see this issue.",
+        }
+        return web.json_response(
+            {"errorMessages": [messages.get(status, "error")], "errors": {}}, status=status
+        )
+
+    async def _myself(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "accountId": "5b10a2844c20165700ede21g",
+                "displayName": "Backfill Bot",
+                "timeZone": self.time_zone,
+            }
+        )
+
+    async def _failed_webhooks(self, request: web.Request) -> web.Response:
+        after = request.query.get("after")
+        self.failed_webhook_afters.append(after)
+        if self.failed_webhooks is None:
+            return web.json_response(
+                {"errorMessages": ["Only Connect apps can use this operation."], "errors": {}}, status=403
+            )
+        limit = min(int(request.query.get("maxResults", "100")), self.failed_webhooks_page_size)
+        values = [w for w in self.failed_webhooks if after is None or w["failureTime"] > int(after)][:limit]
+        body: dict[str, Any] = {"values": values, "maxResults": limit}
+        if values:
+            body["next"] = (
+                f"{request.url.origin()}/rest/api/3/webhook/failed?after={values[-1]['failureTime']}"
+            )
+        return web.json_response(body)
+
+
+def _jql_hash(jql: str) -> str:
+    return hashlib.sha256(jql.encode()).hexdigest()[:12]
+
+
+def _token(offset: int, jql: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([offset, _jql_hash(jql)]).encode()).decode()
+
+
+def _read_token(token: str) -> tuple[int, str] | None:
+    try:
+        offset, digest = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError):
+        return None
+    return int(offset), str(digest)
+
+
+@asynccontextmanager
+async def serve(server: JiraApiServer) -> AsyncIterator[str]:
+    """Run the server on 127.0.0.1 on a free port; yields its base URL."""
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

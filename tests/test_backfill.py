@@ -1,0 +1,368 @@
+"""``jiralake backfill`` against tests/jira_api_server.py (Jira REST shapes, real fixture issues),
+real Postgres and moto's SQS server."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+
+from backfill.backfill import LAST_RUN, BackfillRequest, run_backfill
+from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
+from backfill.settings import BackfillSettings, JiraSettings
+from backfill.snapshot import snapshot_envelope
+from shared.envelope import Envelope
+from shared.jira_event import SNAPSHOT_EVENT, Routed, parse_jira_time_ms, route
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import drain
+from tests.jira_api_server import API_TOKEN, EMAIL, PAT, JiraApiServer, fixture_issue, fixture_issues, serve
+
+
+class RecordingSleep:
+    """An injected sleep: records each wait and returns at once."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+@pytest.fixture
+async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
+    server = JiraApiServer()
+    async with serve(server) as url:
+        yield server, url
+
+
+def settings_for(
+    url: str,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    *,
+    deployment: str = "cloud",
+    **jira: Any,
+) -> BackfillSettings:
+    credentials: dict[str, Any] = (
+        {"email": EMAIL, "api_token": API_TOKEN} if deployment == "cloud" else {"pat": PAT}
+    )
+    return BackfillSettings(
+        jira=JiraSettings(url=url, deployment=deployment, **credentials, **jira),  # type: ignore[arg-type]
+        aws=aws_settings,
+        queue_url=queues.queue_url,
+        database=db_settings,
+    )
+
+
+def queued_ids(messages: list[dict[str, Any]]) -> list[str]:
+    return sorted(Envelope.from_message(m).issue_id for m in messages)
+
+
+def ids_of(issues: list[dict[str, Any]]) -> list[str]:
+    return sorted(i["id"] for i in issues)
+
+
+# -- snapshots --
+
+
+def test_a_snapshot_is_the_issue_as_jira_returned_it_versioned_by_its_updated_time() -> None:
+    # GIVEN a real fixture's issue object
+    issue = fixture_issue(
+        0, issue_id=41_000, key="BF-7", updated=datetime(2024, 3, 1, 12, 30, 15, 250_000, tzinfo=UTC)
+    )
+    # WHEN it becomes a snapshot
+    env = snapshot_envelope(issue, received_at_ms=1_700_000_000_000)
+    # THEN the body wraps the untouched issue, the version is fields.updated, the delivery id is stable
+    updated_ms = 1_709_296_215_250
+    assert json.loads(env.body) == {"webhookEvent": SNAPSHOT_EVENT, "timestamp": updated_ms, "issue": issue}
+    assert (env.event_type, env.issue_id, env.event_ts_ms, env.received_at_ms) == (
+        SNAPSHOT_EVENT,
+        "41000",
+        updated_ms,
+        1_700_000_000_000,
+    )
+    assert env.delivery_id == env.dedup_id == f"backfill:41000:{updated_ms}"
+    routed = route(json.loads(env.body))
+    assert isinstance(routed, Routed)
+    assert (routed.event_type, routed.issue_id, routed.event_ts_ms) == (SNAPSHOT_EVENT, "41000", updated_ms)
+
+
+# -- backfill runs --
+
+
+async def test_a_cloud_backfill_lands_every_issue_on_the_queue_as_a_snapshot(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud with 150 issues made from the real fixtures (tests/test_backfill_e2e.py takes
+    # a few hundred through to the table)
+    server, url = jira
+    server.issues = fixture_issues(150)
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    # WHEN the default backfill runs
+    summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN two pages (100 and 50) went out, each issue once, as snapshots of its own version
+    assert (summary.pages, summary.fetched, summary.sent, summary.total) == (2, 150, 150, 150)
+    assert summary.complete and summary.refused == []
+    assert server.jqls == ["project IS NOT EMPTY ORDER BY created ASC"] * 2
+    assert dict(server.page_requests) == {0: 1, 1: 1}
+    messages = await drain(aws_settings, queues.queue_url)
+    assert queued_ids(messages) == ids_of(server.issues)
+    by_id = {i["id"]: i for i in server.issues}
+    for message in messages:
+        env = Envelope.from_message(message)
+        assert env.event_type == SNAPSHOT_EVENT
+        assert message["Attributes"]["MessageGroupId"] == env.issue_id
+        assert env.event_ts_ms == parse_jira_time_ms(by_id[env.issue_id]["fields"]["updated"])
+        assert json.loads(env.body)["issue"] == by_id[env.issue_id]
+    # AND the cursor is gone and the run's start is the watermark
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
+    row = await pg.fetchrow("SELECT watermark, issues_sent FROM jiralake_backfill_watermark")
+    assert (row["watermark"], row["issues_sent"]) == (summary.watermark, 150)
+
+
+async def test_a_data_center_backfill_pages_with_start_at(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Data Center (PAT, REST v2) with 25 issues and pages of 10
+    server, url = jira
+    server.issues = fixture_issues(25)
+    settings = settings_for(url, queues, db_settings, aws_settings, deployment="datacenter", page_size=10)
+    # WHEN the backfill runs
+    summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN startAt 0, 10, 20 were read once each, the total came from Jira, and all 25 were enqueued
+    assert (summary.pages, summary.sent, summary.total) == (3, 25, 25)
+    assert dict(server.page_requests) == {0: 1, 1: 1, 2: 1}
+    assert server.count_requests == 0
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues)
+
+
+async def test_throttling_is_retried_after_the_wait_jira_asks_for(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira answering the second page first with 429 (Retry-After: 2), then 503 (Retry-After: 1)
+    server, url = jira
+    server.issues = fixture_issues(30)
+    server.throttle = {1: [(429, "2"), (503, "1")]}
+    settings = settings_for(url, queues, db_settings, aws_settings, page_size=10)
+    sleep = RecordingSleep()
+    # WHEN the backfill runs
+    summary = await run_backfill(settings, BackfillRequest(), sleep=sleep, progress_tty=False)
+    # THEN it waited at least as long as asked (plus at most 10 % jitter) and asked again each time
+    assert len(sleep.waits) == 2
+    assert 2.0 <= sleep.waits[0] <= 2.2
+    assert 1.0 <= sleep.waits[1] <= 1.1
+    assert dict(server.page_requests) == {0: 1, 1: 3, 2: 1}
+    assert (summary.sent, summary.jira_retries) == (30, 2)
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues)
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_a_killed_backfill_resumes_after_its_last_saved_page(
+    deployment: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN 50 issues in pages of 10, and a Jira that fails hard from the fourth page on
+    server, url = jira
+    server.issues = fixture_issues(50)
+    server.fail_from_page = 3
+    settings = settings_for(
+        url, queues, db_settings, aws_settings, deployment=deployment, page_size=10, max_attempts=2
+    )
+    sleep = RecordingSleep()
+    # WHEN the first run dies on page four
+    with pytest.raises(JiraUnavailable, match="after 2 attempts"):
+        await run_backfill(settings, BackfillRequest(), sleep=sleep, progress_tty=False)
+    # THEN the first three pages were enqueued and saved
+    saved = await pg.fetchrow("SELECT pages_done, issues_sent, next_cursor FROM jiralake_backfill_run")
+    assert (saved["pages_done"], saved["issues_sent"]) == (3, 30)
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues[:30])
+    # WHEN Jira is back and the same backfill runs again
+    server.fail_from_page = None
+    summary = await run_backfill(settings, BackfillRequest(), sleep=sleep, progress_tty=False)
+    # THEN it started at page four: pages one to three were read once in all, page four twice by the
+    # dead run (one retry) and once now
+    assert summary.resumed_after_page == 3
+    assert (summary.pages, summary.sent, summary.issues_sent_total) == (2, 20, 50)
+    assert dict(server.page_requests) == {0: 1, 1: 1, 2: 1, 3: 3, 4: 1}
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues[30:])
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
+    assert await pg.fetchval("SELECT issues_sent FROM jiralake_backfill_watermark") == 50
+
+
+async def test_restart_ignores_the_saved_cursor(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a run that died after its first page
+    server, url = jira
+    server.issues = fixture_issues(20)
+    server.fail_from_page = 1
+    settings = settings_for(url, queues, db_settings, aws_settings, page_size=10, max_attempts=1)
+    with pytest.raises(JiraUnavailable):
+        await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    server.fail_from_page = None
+    # WHEN it is run again with restart
+    summary = await run_backfill(settings, BackfillRequest(restart=True), progress_tty=False)
+    # THEN it read from page one again
+    assert (summary.resumed_after_page, summary.pages, summary.sent) == (None, 2, 20)
+    assert dict(server.page_requests) == {0: 2, 1: 2}
+    await drain(aws_settings, queues.queue_url)
+
+
+async def test_last_run_fetches_only_issues_updated_since_the_previous_complete_run(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a complete backfill of five issues, by an account whose Jira time zone is Berlin
+    server, url = jira
+    server.time_zone = "Europe/Berlin"
+    server.issues = fixture_issues(5)
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    first = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    assert first.watermark is not None
+    await drain(aws_settings, queues.queue_url)
+    # AND then one issue changed and one was created
+    now = datetime.now(UTC)
+    server.issues[2]["fields"]["updated"] = now.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+    server.issues.append(fixture_issue(7, issue_id=39_999, key="BF-99", updated=now))
+    # WHEN the backfill runs with --updated-since last-run
+    second = await run_backfill(settings, BackfillRequest(updated_since=LAST_RUN), progress_tty=False)
+    # THEN the JQL asks for issues updated since the watermark less the overlap, in Berlin time
+    since = (first.watermark - timedelta(minutes=10)).astimezone(ZoneInfo("Europe/Berlin"))
+    assert server.jqls[-1] == (
+        f'(project IS NOT EMPTY) AND updated >= "{since:%Y-%m-%d %H:%M}" ORDER BY created ASC'
+    )
+    # AND only those two went out, and the watermark moved on
+    assert second.sent == 2
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == sorted(
+        [server.issues[2]["id"], "39999"]
+    )
+    assert second.watermark is not None and second.watermark > first.watermark
+    assert await pg.fetchval("SELECT watermark FROM jiralake_backfill_watermark") == second.watermark
+
+
+async def test_a_later_since_date_does_not_move_the_watermark(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN no complete run yet
+    server, url = jira
+    server.issues = fixture_issues(3)
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    # WHEN a backfill covers only issues updated since a date
+    since = datetime(2024, 1, 1, 0, 1, tzinfo=UTC)
+    summary = await run_backfill(settings, BackfillRequest(updated_since=since), progress_tty=False)
+    # THEN it fetched those, but stored no watermark: everything before the date is not covered
+    assert server.jqls[-1] == '(project IS NOT EMPTY) AND updated >= "2024-01-01 00:01" ORDER BY created ASC'
+    assert (summary.sent, summary.complete, summary.watermark) == (2, True, None)
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_watermark") == 0
+    await drain(aws_settings, queues.queue_url)
+
+
+async def test_a_dry_run_counts_and_enqueues_nothing(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    server, url = jira
+    server.issues = fixture_issues(12)
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    summary = await run_backfill(
+        settings, BackfillRequest(jql="project = BF ORDER BY key DESC", dry_run=True), progress_tty=False
+    )
+    assert (summary.total, summary.jql, summary.sent) == (12, "project = BF ORDER BY key DESC", 0)
+    assert server.page_requests == {}
+    assert await drain(aws_settings, queues.queue_url) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
+
+
+async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN three issues, one with a description larger than an SQS message
+    server, url = jira
+    server.issues = fixture_issues(3)
+    server.issues[1]["fields"]["description"] = "x" * 1_100_000
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    # WHEN the backfill runs
+    summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN the other two were enqueued, the large one is named, and no watermark claims completeness
+    assert summary.sent == 2
+    assert [(r.issue_id, r.reason) for r in summary.refused] == [
+        (server.issues[1]["id"], "body larger than 1044480 bytes")
+    ]
+    assert summary.watermark is None
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == sorted(
+        [server.issues[0]["id"], server.issues[2]["id"]]
+    )
+
+
+# -- the client on its own --
+
+
+async def test_jira_s_own_error_message_reaches_the_operator(jira: tuple[JiraApiServer, str]) -> None:
+    # GIVEN a JQL without a restriction, which Jira Cloud refuses
+    server, url = jira
+    async with JiraClient(
+        JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN)
+    ) as client:
+        with pytest.raises(JiraRequestError) as caught:
+            await client.search_page("ORDER BY created", None)
+    assert str(caught.value) == (
+        "Jira answered HTTP 400 to /rest/api/3/search/jql: Unbounded JQL queries are not allowed here. "
+        "Please add a search restriction to your query."
+    )
+
+
+async def test_network_failures_back_off_exponentially_with_jitter() -> None:
+    # GIVEN a Jira URL nothing listens on, and a seeded jitter
+    settings = JiraSettings(
+        url="http://127.0.0.1:9", deployment="cloud", email=EMAIL, api_token=API_TOKEN, max_attempts=4
+    )
+    sleep = RecordingSleep()
+    async with JiraClient(settings, sleep=sleep, rng=random.Random(7)) as client:
+        with pytest.raises(JiraUnavailable, match="after 4 attempts"):
+            await client.myself()
+    # THEN the waits double (1, 2, 4 s ceilings), each between half its ceiling and the ceiling
+    assert len(sleep.waits) == 3
+    for wait, ceiling in zip(sleep.waits, [1.0, 2.0, 4.0], strict=True):
+        assert ceiling / 2 <= wait <= ceiling

@@ -1,0 +1,142 @@
+"""``jiralake backfill`` / ``jiralake reconcile`` as an operator runs them: a child process, its exit
+code, its stdout summary and its one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from shared.provision import QueuePair
+from shared.settings import AwsSettings
+from tests.conftest import drain
+from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues, serve
+
+
+@pytest.fixture
+async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
+    server = JiraApiServer()
+    async with serve(server) as url:
+        yield server, url
+
+
+def cli_env(url: str, queues: QueuePair, database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JIRALAKE_")}
+    env.update(
+        JIRALAKE_JIRA_URL=url,
+        JIRALAKE_JIRA_EMAIL=EMAIL,
+        JIRALAKE_JIRA_API_TOKEN=API_TOKEN,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_DLQ_URL=queues.dlq_url,
+        DATABASE_URL=database_url,
+    )
+    env.update(extra)
+    return {k: v for k, v in env.items() if v}
+
+
+async def jiralake(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jiralake",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    assert child.returncode is not None
+    return child.returncode, out.decode(), err.decode()
+
+
+async def test_backfill_then_reconcile_from_the_command_line(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    database_url: str,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud with 15 issues
+    server, url = jira
+    server.issues = fixture_issues(15)
+    env = cli_env(url, queues, database_url)
+    # WHEN an operator runs a backfill
+    code, out, err = await jiralake("--log-json", "backfill", env=env)
+    # THEN it enqueued all 15 and says so; the credentials appear nowhere
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("backfill complete: 15 issues enqueued from 1 pages in ")
+    assert lines[1] == "  jql: project IS NOT EMPTY ORDER BY created ASC"
+    assert lines[2].startswith("  watermark: ")
+    assert API_TOKEN not in out + err
+    assert len(await drain(aws_settings, queues.queue_url)) == 15
+    # WHEN a dry-run reconcile runs with a live row Jira no longer has
+    await pg.execute("INSERT INTO ap_jira_task (issue_id, issue_key, version) VALUES (50001, 'OLD-1', 1)")
+    code, out, err = await jiralake("--log-json", "reconcile", "--dry-run", env=env)
+    # THEN it prints what it would change and enqueues nothing
+    assert code == 0, err
+    assert out.splitlines() == [
+        "reconcile dry run: 15 issues in Jira, 1 live rows, 1 live rows missing from Jira's answer",
+        "  jql: project IS NOT EMPTY ORDER BY created ASC",
+        "  would mark deleted: 50001 OLD-1 (HTTP 404)",
+        "  nothing was enqueued",
+        "failed webhooks: not available (HTTP 403: Only Connect apps can use this operation.). Jira Cloud "
+        "lists failed deliveries only to Connect apps, for their own webhooks; for admin-registered "
+        "webhooks (and on Data Center) run `jiralake backfill --updated-since <outage start>` instead",
+    ]
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "code", "message"),
+    [
+        (
+            ["backfill"],
+            {"JIRALAKE_JIRA_URL": ""},
+            2,
+            "jiralake: configuration error: JIRALAKE_JIRA_URL is not set "
+            "(see the configuration table in README.md)",
+        ),
+        (
+            ["backfill"],
+            {"JIRALAKE_JIRA_EMAIL": "", "JIRALAKE_JIRA_API_TOKEN": ""},
+            2,
+            "jiralake: configuration error: no Jira credentials: set JIRALAKE_JIRA_EMAIL and "
+            "JIRALAKE_JIRA_API_TOKEN (Cloud) or JIRALAKE_JIRA_PAT (Data Center)",
+        ),
+        (
+            ["backfill", "--updated-since", "last tuesday"],
+            {},
+            2,
+            "jiralake: --updated-since must be a date like 2024-05-01, a time like 2024-05-01T08:30:00Z, "
+            "or last-run; got 'last tuesday'",
+        ),
+        (
+            ["reconcile"],
+            {"JIRALAKE_JIRA_API_TOKEN": "wrong-token"},
+            1,
+            "jiralake: Jira rejected the credentials (HTTP 401) at {url}: check JIRALAKE_JIRA_EMAIL + "
+            "JIRALAKE_JIRA_API_TOKEN or JIRALAKE_JIRA_PAT",
+        ),
+    ],
+)
+async def test_bad_input_is_one_line_and_a_non_zero_exit(
+    args: list[str],
+    extra_env: dict[str, str],
+    code: int,
+    message: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    database_url: str,
+    pg: asyncpg.Connection,
+) -> None:
+    _, url = jira
+    env = cli_env(url, queues, database_url)
+    env.update(extra_env)
+    env = {k: v for k, v in env.items() if v}
+    got_code, out, err = await jiralake("--log-json", *args, env=env)
+    assert (got_code, out, err) == (code, "", message.format(url=url) + "\n")

@@ -1,0 +1,247 @@
+"""``jiralake reconcile`` against tests/jira_api_server.py, real Postgres and moto's SQS server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from backfill.reconcile import ReconcileRequest, run_reconcile
+from backfill.settings import BackfillSettings, JiraSettings
+from shared.envelope import Envelope
+from shared.jira_event import RECONCILED_DELETE_EVENT
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import drain
+from tests.jira_api_server import API_TOKEN, EMAIL, PAT, JiraApiServer, fixture_issues, serve
+from tests.jira_fixtures import load, make_event
+
+
+@pytest.fixture
+async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
+    server = JiraApiServer()
+    async with serve(server) as url:
+        yield server, url
+
+
+def settings_for(
+    url: str,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    *,
+    cloud: bool = True,
+) -> BackfillSettings:
+    jira = (
+        JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN)
+        if cloud
+        else JiraSettings(url=url, deployment="datacenter", pat=PAT)
+    )
+    return BackfillSettings(jira=jira, aws=aws_settings, queue_url=queues.queue_url, database=db_settings)
+
+
+async def live_rows(pg: asyncpg.Connection, rows: list[tuple[int, str]]) -> None:
+    """Rows the table holds alive (as the consumer left them after some issue event)."""
+    await pg.executemany(
+        "INSERT INTO ap_jira_task (issue_id, issue_key, version) VALUES ($1, $2, 1700000000000)", rows
+    )
+
+
+async def jira_with_gaps(server: JiraApiServer, pg: asyncpg.Connection) -> None:
+    """Five issues Jira lists and the table holds, plus four live rows Jira's search does not return:
+    30010 deleted (404), 30011 no permission (403), 30012 outside the JQL (200), 30013 (401)."""
+    server.issues = fixture_issues(5)
+    outside = fixture_issues(13)[12]
+    server.issues.append(outside)
+    server.outside_jql = {outside["id"]}
+    server.issue_status = {"30011": 403, "30013": 401}
+    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+    await live_rows(pg, [(30010, "BF-11"), (30011, "BF-12"), (30013, "BF-14")])
+
+
+def findings(items: list[Any]) -> list[tuple[str, str | None, int]]:
+    return [(f.issue_id, f.issue_key, f.status) for f in items]
+
+
+async def test_reconcile_marks_a_404_deleted_through_the_queue_and_leaves_a_403_alone(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN live rows that Jira's search does not return, for four different reasons
+    server, url = jira
+    await jira_with_gaps(server, pg)
+    # WHEN reconcile runs
+    summary = await run_reconcile(settings_for(url, queues, db_settings, aws_settings), ReconcileRequest())
+    # THEN Jira was asked only about the four missing ids, each once
+    assert sorted(server.issue_lookups) == ["30010", "30011", "30012", "30013"]
+    assert server.jqls == ["project IS NOT EMPTY ORDER BY created ASC"]
+    # AND only the 404 became a delete; 403 and 401 are reported; the 200 is left alone
+    assert (summary.jira_ids, summary.live_rows, summary.candidates) == (5, 9, 4)
+    assert findings(summary.deleted) == [("30010", "BF-11", 404)]
+    assert findings(summary.forbidden) == [("30011", "BF-12", 403), ("30013", "BF-14", 401)]
+    assert findings(summary.still_exist) == [("30012", "BF-13", 200)]
+    assert (summary.deletes_enqueued, summary.deletes_withheld) == (1, False)
+    messages = await drain(aws_settings, queues.queue_url)
+    assert len(messages) == 1
+    env = Envelope.from_message(messages[0])
+    assert json.loads(env.body) == {
+        "webhookEvent": RECONCILED_DELETE_EVENT,
+        "timestamp": env.event_ts_ms,
+        "issue": {"id": "30010", "key": "BF-11"},
+    }
+    assert (env.event_type, env.issue_id, env.delivery_id) == (
+        RECONCILED_DELETE_EVENT,
+        "30010",
+        "reconcile:deleted:30010",
+    )
+    assert messages[0]["Attributes"]["MessageGroupId"] == "30010"
+    # AND this account may not read the failed-webhook list, which is reported, not an error
+    assert summary.failed_webhooks is not None
+    assert (summary.failed_webhooks.available, summary.failed_webhooks.reason) == (
+        False,
+        "HTTP 403: Only Connect apps can use this operation.",
+    )
+
+
+async def test_a_dry_run_reports_the_same_and_changes_nothing(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    server, url = jira
+    await jira_with_gaps(server, pg)
+    server.failed_webhooks = [failed_webhook("1661274651203", 1_700_000_000_000, issue_id=30001)]
+    summary = await run_reconcile(
+        settings_for(url, queues, db_settings, aws_settings), ReconcileRequest(dry_run=True)
+    )
+    assert findings(summary.deleted) == [("30010", "BF-11", 404)]
+    assert findings(summary.forbidden) == [("30011", "BF-12", 403), ("30013", "BF-14", 401)]
+    assert summary.deletes_enqueued == 0
+    assert summary.failed_webhooks is not None and summary.failed_webhooks.replayed == 1
+    assert await drain(aws_settings, queues.queue_url) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_failed_webhook_cursor") == 0
+
+
+async def test_more_404s_than_allowed_withholds_every_delete(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN three live rows Jira answers 404 for, and a limit of two
+    server, url = jira
+    await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2"), (40003, "GONE-3")])
+    # WHEN reconcile runs
+    summary = await run_reconcile(
+        settings_for(url, queues, db_settings, aws_settings), ReconcileRequest(max_deletes=2)
+    )
+    # THEN the 404s are reported and nothing is enqueued
+    assert [f.issue_id for f in summary.deleted] == ["40001", "40002", "40003"]
+    assert (summary.deletes_withheld, summary.deletes_enqueued) == (True, 0)
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+async def test_data_center_reconcile_uses_rest_v2_and_has_no_failed_webhook_list(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    server, url = jira
+    await jira_with_gaps(server, pg)
+    summary = await run_reconcile(
+        settings_for(url, queues, db_settings, aws_settings, cloud=False), ReconcileRequest()
+    )
+    assert findings(summary.deleted) == [("30010", "BF-11", 404)]
+    assert findings(summary.forbidden) == [("30011", "BF-12", 403), ("30013", "BF-14", 401)]
+    assert summary.failed_webhooks is not None
+    assert summary.failed_webhooks.reason == "HTTP 404: Jira Data Center has no failed-webhook list"
+    assert server.failed_webhook_afters == []
+    assert [Envelope.from_message(m).issue_id for m in await drain(aws_settings, queues.queue_url)] == [
+        "30010"
+    ]
+
+
+def failed_webhook(
+    webhook_id: str, failure_ms: int, *, issue_id: int | None = None, body: str | None = None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": webhook_id,
+        "url": "https://jiralake.example/webhook",
+        "failureTime": failure_ms,
+    }
+    if issue_id is not None:
+        entry["body"] = json.dumps(
+            make_event(
+                "mattermost-plugin-jira__webhook-issue-updated-labels.json",
+                issue_id=issue_id,
+                ts=failure_ms - 5_000,
+            )
+        )
+    elif body is not None:
+        entry["body"] = body
+    return entry
+
+
+async def test_failed_webhooks_are_replayed_through_the_queue_and_the_place_is_remembered(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud listing four failed deliveries, two per page: one issue update, one without a
+    # body, one sprint event, one unreadable body
+    server, url = jira
+    server.failed_webhooks_page_size = 2
+    server.failed_webhooks = [
+        failed_webhook("1661274651203", 1_700_000_000_000, issue_id=30001),
+        failed_webhook("1661274651204", 1_700_000_001_000),
+        failed_webhook(
+            "1661274651205", 1_700_000_002_000, body=json.dumps(load("pinpoint-jira__sprint_started.json"))
+        ),
+        failed_webhook("1661274651206", 1_700_000_003_000, body="{not json"),
+    ]
+    settings = settings_for(url, queues, db_settings, aws_settings)
+    # WHEN reconcile runs
+    summary = await run_reconcile(settings, ReconcileRequest())
+    # THEN the update went on the queue as Jira sent it, under Jira's delivery id
+    report = summary.failed_webhooks
+    assert report is not None and report.available
+    assert (report.listed, report.replayed, report.ignored, report.without_body) == (
+        4,
+        1,
+        1,
+        ["1661274651204"],
+    )
+    assert [webhook_id for webhook_id, _ in report.invalid] == ["1661274651206"]
+    messages = await drain(aws_settings, queues.queue_url)
+    assert len(messages) == 1
+    env = Envelope.from_message(messages[0])
+    assert env.body == server.failed_webhooks[0]["body"]
+    assert (env.event_type, env.issue_id, env.delivery_id, env.event_ts_ms) == (
+        "jira:issue_updated",
+        "30001",
+        "1661274651203",
+        1_699_999_995_000,
+    )
+    # AND it paged by failure time and stored the last one
+    assert server.failed_webhook_afters == [None, "1700000001000", "1700000003000"]
+    assert (
+        await pg.fetchval("SELECT failed_after_ms FROM jiralake_failed_webhook_cursor") == 1_700_000_003_000
+    )
+    # WHEN reconcile runs again
+    await run_reconcile(settings, ReconcileRequest())
+    # THEN it asks only for failures after that
+    assert server.failed_webhook_afters[-1:] == ["1700000003000"]
+    assert await drain(aws_settings, queues.queue_url) == []
