@@ -25,10 +25,11 @@ from exporter.progress import LogProgress, ProgressListener, TerminalProgress
 from exporter.run import ExportResult, export_once
 from exporter.schedule import run_on_schedule
 from exporter.settings import ExporterSettings, ExportFormat
-from exporter.shutdown import Stopped, run_unless_stopped, stop_on_signals
+from exporter.shutdown import Stopped, run_unless_stopped
 from shared import db
 from shared.admin_server import admin_app, start_admin_server
 from shared.errors import CommandError
+from shared.shutdown import stop_on_signals
 
 log = structlog.get_logger()
 

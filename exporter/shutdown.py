@@ -1,49 +1,17 @@
-"""Stopping on SIGTERM/SIGINT: a stop event set by signal handlers (the previous handlers come back
-afterwards), and a way to run an export that is cancelled, upload aborted, when the event is set."""
+"""Running an export that is cancelled, its upload aborted, when the stop event is set (the event
+comes from :func:`shared.shutdown.stop_on_signals`)."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopRequest:
-    """The event to watch, and which signal set it."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.signal: signal.Signals | None = None
-
-    def request(self, sig: signal.Signals) -> None:
-        if self.signal is None:
-            self.signal = sig
-        self.event.set()
-
 
 class Stopped(Exception):
     """The stop event was set while the awaited work ran; the work was cancelled."""
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    loop = asyncio.get_running_loop()
-    stop = StopRequest()
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.request, sig)
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
 
 
 async def run_unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event, *, name: str) -> T:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "ops.dlq_command",
     "ops.queue_stats",
     "backfill.command",
+    "ops.up_command",
 )
 
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import structlog
 from aiohttp import web
@@ -19,6 +17,7 @@ from receiver.app import RECEIVER, WEBHOOK_PATH, build_app
 from receiver.settings import ReceiverSettings
 from shared import aws
 from shared.admin_server import admin_app, start_admin_server
+from shared.shutdown import stop_on_signals
 
 log = structlog.get_logger()
 
@@ -28,7 +27,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None) -> None:
     """Serve webhooks (and the admin port) until ``stop`` is set or a stop signal arrives."""
     stop = stop or asyncio.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         if settings.webhook_secret is None:
             log.warning(
                 "webhook_signatures_disabled",
@@ -64,26 +63,3 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                 if admin is not None:
                     await admin.cleanup()
     log.info("receiver_stopped")
-
-
-@contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, _request_stop, stop, sig)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            loop.remove_signal_handler(sig)
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
-def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
-    if stop.is_set():
-        log.info("signal_ignored_already_stopping", signal=sig.name)
-        return
-    log.info("signal_received", signal=sig.name)
-    stop.set()

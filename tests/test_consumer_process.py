@@ -93,7 +93,7 @@ async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigter
         assert await asyncio.wait_for(child.wait(), timeout=20) == 0
         assert child.stderr is not None
         log = (await child.stderr.read()).decode()
-        assert '"event": "consumer_stopping"' in log and '"signal": "SIGTERM"' in log
+        assert '"event": "signal_received"' in log and '"signal": "SIGTERM"' in log
         assert '"event": "consumer_stopped"' in log
     finally:
         if child.returncode is None:

@@ -1,0 +1,177 @@
+"""Finds a PostgreSQL for the local stack: ``DATABASE_URL`` or libpq's defaults when reachable, else a
+private server started from the machine's PostgreSQL binaries (initdb + pg_ctl) in a scratch folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+from ops.local_aws import free_port
+from shared.errors import CommandError
+
+log = structlog.get_logger()
+
+_SERVER_USER = "postgres"
+
+INSTALL_HINT = (
+    "no PostgreSQL reachable and no PostgreSQL binaries found: set DATABASE_URL to a server, or install "
+    "PostgreSQL (Debian/Ubuntu: apt-get install postgresql; macOS: brew install postgresql@16)"
+)
+
+
+@dataclass
+class LocalPostgres:
+    """A database URL for the local stack, and the private server behind it if one was started."""
+
+    url: str | None
+    data_dir: Path | None = None
+    bin_dir: Path | None = None
+    _started: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        if self._started and self.bin_dir and self.data_dir:
+            subprocess.run(
+                [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                check=False,
+            )
+            self._started = False
+
+
+async def reachable(url: str | None) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn=url, timeout=3)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+def find_bin_dir() -> Path | None:
+    candidates: list[str] = []
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(str(Path(on_path).resolve().parent))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        if out.returncode == 0:
+            candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    candidates += sorted(glob.glob("/opt/homebrew/opt/postgresql*/bin"), reverse=True)
+    for candidate in candidates:
+        path = Path(candidate)
+        if (path / "initdb").exists() and (path / "pg_ctl").exists():
+            return path
+    return None
+
+
+async def ensure_database(server_url: str | None, name: str) -> str | None:
+    """Use database ``name`` on the server (created if missing); returns its URL."""
+    conn = await asyncpg.connect(dsn=server_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        params = conn._params  # noqa: SLF001 - the resolved connection parameters
+        addr = conn._addr  # noqa: SLF001
+    finally:
+        await conn.close()
+    host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (os.path.dirname(addr), None)
+    if port is None:
+        return f"postgresql://{params.user}@/{name}?host={host}"
+    return f"postgresql://{params.user}@{host}:{port}/{name}"
+
+
+async def local_postgres(
+    database_url: str | None, scratch: Path, *, database: str = "jiralake"
+) -> LocalPostgres:
+    """The stack's database: the given URL as is, else a ``jiralake`` database on a local server."""
+    if database_url:
+        if not await reachable(database_url):
+            raise CommandError("DATABASE_URL is set but PostgreSQL does not answer there", exit_code=2)
+        return LocalPostgres(url=database_url)
+    if await reachable(None):
+        return LocalPostgres(url=await ensure_database(None, database))
+    return await _start_private(scratch, database)
+
+
+async def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, _as_server_user(cmd), capture_output=True, text=True, check=False
+    )
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: there, run it as the system's ``postgres`` user."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", _SERVER_USER, "--", *cmd]
+
+
+def _prepare_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam(_SERVER_USER)
+        except KeyError:
+            raise CommandError(
+                "PostgreSQL cannot run as root and there is no 'postgres' user to run it as; "
+                "set DATABASE_URL to a server instead",
+                exit_code=2,
+            ) from None
+        for part in (path, *path.parents):
+            if part == Path("/") or part.stat().st_uid == owner.pw_uid:
+                break
+            if part == path:
+                os.chown(part, owner.pw_uid, owner.pw_gid)
+            else:
+                os.chmod(part, part.stat().st_mode | 0o011)  # let the server user traverse
+
+
+async def _start_private(scratch: Path, database: str) -> LocalPostgres:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise CommandError(INSTALL_HINT, exit_code=2)
+    data_dir = scratch / "pgdata"
+    user = "jiralake"
+    _prepare_dir(data_dir)
+    _prepare_dir(scratch / "pgsocket")
+    if not (data_dir / "PG_VERSION").exists():
+        init = await _run(
+            [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", user, "--auth=trust", "-E", "UTF8"]
+        )
+        if init.returncode != 0:
+            raise CommandError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}", exit_code=2)
+    port = free_port()
+    socket_dir = scratch / "pgsocket"
+    start = await _run(
+        [
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data_dir),
+            "-l",
+            str(data_dir / "postgres.log"),
+            "-w",
+            "-o",
+            f"-p {port} -c listen_addresses=127.0.0.1 -k {socket_dir}",
+            "start",
+        ]
+    )
+    if start.returncode != 0:
+        raise CommandError(f"could not start PostgreSQL (see {data_dir / 'postgres.log'})", exit_code=2)
+    server = f"postgresql://{user}@127.0.0.1:{port}/postgres"
+    log.info("private_postgres_started", port=port, data_dir=str(data_dir))
+    pg = LocalPostgres(url=None, data_dir=data_dir, bin_dir=bin_dir, _started=True)
+    pg.url = await ensure_database(server, database)
+    return pg

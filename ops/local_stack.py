@@ -1,0 +1,220 @@
+"""``jiralake up``: the whole pipeline on this machine, in one process with one log stream.
+
+An embedded moto server (SQS + S3), ``setup``, then the receiver, the consumer and the scheduled
+exporter together; PostgreSQL from ``DATABASE_URL``, else the local server, else a private one started
+from the machine's binaries. ``--demo`` also sends the real sample webhooks (signed), waits until they
+are applied, runs one export and prints the table and the S3 keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from consumer.settings import ConsumerSettings
+from consumer.worker import run_consumer
+from exporter.run import ExportResult, export_once
+from exporter.schedule import run_on_schedule
+from exporter.settings import ExporterSettings
+from ops import demo
+from ops.local_aws import LocalAws, free_port
+from ops.local_postgres import LocalPostgres, local_postgres
+from ops.setup import SetupSettings, run_setup
+from receiver.main import serve as serve_receiver
+from receiver.settings import ReceiverSettings
+from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
+from shared.shutdown import stop_on_signals
+
+log = structlog.get_logger()
+
+QUEUE_NAME = "jiralake-events.fifo"
+DLQ_NAME = "jiralake-events-dlq.fifo"
+BUCKET = "jiralake-local"
+REGION = "us-east-1"
+# moto accepts any credentials; these placeholders satisfy the AWS SDK's chain inside this process
+# only, so real credentials from the environment are never sent to the local endpoint.
+_LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "jiralake-local", "AWS_SECRET_ACCESS_KEY": "jiralake-local"}
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    scratch_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    demo: bool = False
+    keep_running: bool = False
+    fixtures_dir: Path | None = None
+    export_schedule: str = "*/15 * * * *"
+    demo_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Stack:
+    receiver: ReceiverSettings
+    consumer: ConsumerSettings
+    exporter: ExporterSettings
+    webhook_url: str
+    secret_file: Path
+
+
+async def run_stack(options: StackOptions, env: Mapping[str, str]) -> int:
+    options.scratch_dir.mkdir(parents=True, exist_ok=True)
+    fixtures = demo.fixtures_dir(options.fixtures_dir) if options.demo else None
+    pg = await local_postgres(env.get("DATABASE_URL") or None, options.scratch_dir)
+    try:
+        with _local_credentials(), LocalAws(log_path=options.scratch_dir / "moto.log") as local_aws:
+            stack = await _prepare(options, env, pg, local_aws)
+            _print_banner(stack, options, local_aws, pg)
+            return await _run(stack, options, fixtures)
+    finally:
+        await asyncio.to_thread(pg.stop)
+
+
+async def _prepare(
+    options: StackOptions, env: Mapping[str, str], pg: LocalPostgres, local_aws: LocalAws
+) -> Stack:
+    aws = AwsSettings(region=REGION, endpoint_url=local_aws.endpoint_url)
+    database = DatabaseSettings(url=pg.url)
+    result = await run_setup(
+        SetupSettings(aws=aws, database=database, queue_name=QUEUE_NAME, dlq_name=DLQ_NAME, bucket=BUCKET)
+    )
+    assert result.queues is not None
+    queues = QueueSettings(queue_url=result.queues.queue_url, dlq_url=result.queues.dlq_url)
+    secret, secret_file = _webhook_secret(env, options.scratch_dir)
+    port = options.port or free_port(options.host)
+    receiver = ReceiverSettings(
+        aws=aws,
+        queue_url=queues.queue_url,
+        webhook_secret=secret,
+        host=options.host,
+        port=port,
+        admin_port=free_port(options.host),
+    )
+    consumer = ConsumerSettings(
+        aws=aws,
+        queue=queues,
+        database=database,
+        wait_time_s=1,
+        admin_host=options.host,
+        admin_port=free_port(options.host),
+        queue_stats_interval_s=5.0,
+    )
+    exporter = ExporterSettings(
+        aws=aws, database=database, bucket=BUCKET, schedule=options.export_schedule, timezone="UTC"
+    )
+    return Stack(receiver, consumer, exporter, f"http://{options.host}:{port}/webhooks/jira", secret_file)
+
+
+async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> int:
+    stop = asyncio.Event()
+    services = [
+        asyncio.create_task(serve_receiver(stack.receiver, stop=stop), name="receiver"),
+        asyncio.create_task(run_consumer(stack.consumer, stop), name="consumer"),
+        asyncio.create_task(run_on_schedule(stack.exporter, stop), name="exporter-schedule"),
+    ]
+    code = 0
+    with stop_on_signals(stop):
+        try:
+            if fixtures is not None:
+                code = await _demo(stack, fixtures, options, stop)
+                if options.keep_running and not stop.is_set():
+                    print("\nThe stack keeps running; press Ctrl-C to stop it.", flush=True)
+                else:
+                    stop.set()
+            done, _ = await asyncio.wait(
+                [asyncio.create_task(stop.wait()), *services], return_when="FIRST_COMPLETED"
+            )
+            stop.set()
+        finally:
+            stop.set()
+            results = await asyncio.gather(*services, return_exceptions=True)
+    for task, outcome in zip(services, results, strict=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            log.error("service_failed", service=task.get_name(), error=f"{type(outcome).__name__}: {outcome}")
+            code = code or 1
+    return code
+
+
+async def _demo(stack: Stack, fixtures: Path, options: StackOptions, stop: asyncio.Event) -> int:
+    await demo.wait_until_listening(stack.receiver.host, stack.receiver.port, timeout_s=30)
+    sent = await demo.send_fixtures(stack.webhook_url, stack.receiver.webhook_secret, fixtures)
+    print(
+        f"\nSent {sent.total} sample webhooks: {sent.queued} queued, "
+        f"{sent.ignored} ignored (not about an issue)."
+    )
+    if sent.failed:
+        print(f"{len(sent.failed)} were refused: " + "; ".join(sent.failed[:3]))
+        return 1
+    applied = await demo.wait_until_applied(
+        stack.consumer.database, sent.delivery_ids, options.demo_timeout_s, stop
+    )
+    if not applied:
+        print(f"Not every queued event was applied within {options.demo_timeout_s:.0f}s; see the logs above.")
+        return 1
+    result: ExportResult = await export_once(stack.exporter)
+    await demo.print_results(stack.consumer.database, stack.exporter, result)
+    return 0
+
+
+def _webhook_secret(env: Mapping[str, str], scratch: Path) -> tuple[str, Path]:
+    """The secret to paste into Jira: ``JIRALAKE_WEBHOOK_SECRET``, else one generated and kept in a file
+    readable only by this user (never printed or logged)."""
+    path = scratch / "webhook-secret"
+    configured = env.get("JIRALAKE_WEBHOOK_SECRET")
+    if configured:
+        return configured, path
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip(), path
+
+
+def _print_banner(stack: Stack, options: StackOptions, local_aws: LocalAws, pg: LocalPostgres) -> None:
+    secret_from = (
+        "JIRALAKE_WEBHOOK_SECRET" if os.environ.get("JIRALAKE_WEBHOOK_SECRET") else str(stack.secret_file)
+    )
+    lines = [
+        "jiralake local stack",
+        f"  webhook URL (paste into Jira)  {stack.webhook_url}",
+        f"  webhook secret                 in {secret_from}",
+        f"  PostgreSQL                     {_redacted(pg.url)}  (table ap_jira_task)",
+        f"  SQS + S3 (moto)                {local_aws.endpoint_url}  queue {QUEUE_NAME}, bucket {BUCKET}",
+        f"  receiver metrics               http://{options.host}:{stack.receiver.admin_port}/metrics",
+        f"  consumer metrics               http://{options.host}:{stack.consumer.admin_port}/metrics",
+        f"  exports                        s3://{BUCKET}/{stack.exporter.prefix}/",
+        f"  export schedule (UTC)          {options.export_schedule}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _redacted(url: str | None) -> str:
+    if url is None:
+        return "(libpq defaults)"
+    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+        scheme, rest = url.split("//", 1)
+        user = rest.split(":", 1)[0]
+        return f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
+    return url
+
+
+@contextlib.contextmanager
+def _local_credentials() -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in (*_LOCAL_CREDENTIALS, "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    os.environ.update(_LOCAL_CREDENTIALS)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,61 @@
+"""``jiralake up [--demo] [--keep-running]``: the one-command local stack (see ops/local_stack.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+from ops.local_stack import StackOptions, run_stack
+from shared.errors import CommandError
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run receiver, consumer and exporter locally on an embedded SQS/S3 (no AWS account needed)",
+    )
+    parser.add_argument("--demo", action="store_true", help="send the sample webhooks, export, print, exit")
+    parser.add_argument("--keep-running", action="store_true", help="with --demo: leave the stack up")
+    parser.add_argument("--host", default="127.0.0.1", help="address the receiver listens on")
+    parser.add_argument("--port", type=int, default=8080, help="receiver port (0 = any free port)")
+    parser.add_argument("--fixtures", type=Path, help="folder of sample webhooks for --demo")
+    parser.add_argument("--state-dir", type=Path, default=Path(".jiralake"), help="scratch folder")
+    parser.add_argument(
+        "--export-schedule", default="*/15 * * * *", help="cron expression for the exporter (UTC)"
+    )
+    parser.add_argument("--demo-timeout", type=float, default=120.0, help="seconds to wait for the demo")
+    parser.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.keep_running and not args.demo:
+        raise CommandError(
+            "--keep-running only applies to --demo (without --demo the stack keeps running)", 2
+        )
+    _fail_if_port_taken(args.host, args.port)
+    options = StackOptions(
+        scratch_dir=args.state_dir.resolve(),
+        host=args.host,
+        port=args.port,
+        demo=args.demo,
+        keep_running=args.keep_running,
+        fixtures_dir=args.fixtures,
+        export_schedule=args.export_schedule,
+        demo_timeout_s=args.demo_timeout,
+    )
+    return asyncio.run(run_stack(options, dict(os.environ)))
+
+
+def _fail_if_port_taken(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise CommandError(
+                f"port {port} on {host} is in use; pass --port with a free one (0 = any)", 2
+            ) from None
