@@ -25,6 +25,7 @@ from consumer import apply, queries, visibility
 from consumer import sqs as sqs_calls
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter
+from consumer.export_freshness import poll_last_export
 from consumer.outcomes import Outcome, classify, describe
 from consumer.settings import MAX_RECEIVE_MESSAGES, ConsumerSettings
 from consumer.sqs import Message
@@ -318,13 +319,15 @@ async def _open_pool(settings: ConsumerSettings) -> asyncpg.Pool:
 
 
 async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> ConsumerStats:
-    """The service: pollers, the admin port and the queue-depth gauges, until ``stop`` is set."""
+    """The service: pollers, the admin port, the queue-depth and export-freshness gauges, until
+    ``stop`` is set."""
     log.info("consumer_starting", pollers=settings.pollers, queue_url=settings.queue.queue_url)
     async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
         pool = await _open_pool(settings)
         consumer = Consumer(settings, pool, sqs)
         runner = None
         depth = None
+        freshness = None
         depth_stop = asyncio.Event()
         try:
             if settings.admin_port is not None:
@@ -341,11 +344,16 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
                     ),
                     name="queue-depth-poller",
                 )
+                freshness = asyncio.create_task(
+                    poll_last_export(pool, settings.queue_stats_interval_s, depth_stop),
+                    name="export-freshness-poller",
+                )
             await consumer.run(stop)
         finally:
-            if depth is not None:
-                depth_stop.set()
-                await depth
+            depth_stop.set()
+            for task in (depth, freshness):
+                if task is not None:
+                    await task
             if runner is not None:
                 await runner.cleanup()
             await pool.close()

@@ -101,10 +101,14 @@ async def test_sigterm_flushes_the_pending_batch_answers_202_and_exits_0(
             admin = f"http://127.0.0.1:{admin_port}"
             async with http.get(f"{admin}/readyz") as ready:
                 assert (ready.status, await ready.json()) == (200, {"status": "ready"})
-            async with http.get(f"{admin}/metrics") as metrics:
-                assert "jiralake_receiver_requests_total" in await metrics.text()
-            # WHEN a webhook waits in a batch and the process gets SIGTERM
             url = f"http://127.0.0.1:{port}/webhooks/jira"
+            # AND /metrics counts what this test caused: one refused (unsigned) webhook
+            assert (await _post(http, url, body, {"Content-Type": "application/json"}))[0] == 401
+            async with http.get(f"{admin}/metrics") as metrics:
+                exposed = await metrics.text()
+            assert 'jiralake_receiver_requests_total{outcome="unauthorized"} 1.0' in exposed
+            assert "jiralake_receiver_request_duration_seconds_count 1.0" in exposed
+            # WHEN a webhook waits in a batch and the process gets SIGTERM
             posting = asyncio.create_task(_post(http, url, body, headers))
             await logs.wait_for("webhook_queued")
             signalled_at = time.monotonic()
