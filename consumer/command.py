@@ -6,6 +6,7 @@ import argparse
 import os
 
 from consumer import main
+from shared import argtypes
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,9 +17,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "JIRALAKE_DLQ_URL. Settings come from JIRALAKE_CONSUMER_* variables (README.md); the options "
         "below override them.",
     )
-    parser.add_argument("--pollers", type=int, help="concurrent receive loops (JIRALAKE_CONSUMER_POLLERS)")
     parser.add_argument(
-        "--admin-port", type=int, help="port of /healthz, /readyz, /metrics; 0 disables (default 9091)"
+        "--pollers", type=argtypes.positive_int, help="concurrent receive loops (JIRALAKE_CONSUMER_POLLERS)"
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=argtypes.port,
+        help="port of /healthz, /readyz, /metrics; 0 disables (default 9091)",
     )
     parser.set_defaults(func=_command)
 

@@ -26,7 +26,7 @@ from exporter.run import ExportResult, export_once
 from exporter.schedule import run_on_schedule
 from exporter.settings import ExporterSettings, ExportFormat
 from exporter.shutdown import Stopped, run_unless_stopped
-from shared import db
+from shared import argtypes, db
 from shared.admin_server import admin_app, start_admin_server
 from shared.errors import CommandError
 from shared.shutdown import stop_on_signals
@@ -72,11 +72,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="only rows changed since the last successful --changed-since-last run, to changes/dt=.../",
     )
     parser.add_argument(
-        "--part-size-mib", type=int, metavar="MIB", help="multipart part size (5..5120, default 16)"
+        "--part-size-mib",
+        type=argtypes.integer(5, 5120),
+        metavar="MIB",
+        help="multipart part size (5..5120, default 16)",
     )
-    parser.add_argument("--parts-in-flight", type=int, metavar="N", help="parts uploaded at once (default 4)")
     parser.add_argument(
-        "--admin-port", type=int, metavar="PORT", help="with --schedule: /healthz /readyz /metrics (0: none)"
+        "--parts-in-flight",
+        type=argtypes.positive_int,
+        metavar="N",
+        help="parts uploaded at once (default 4)",
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=argtypes.port,
+        metavar="PORT",
+        help="with --schedule: /healthz /readyz /metrics (0: none)",
     )
     parser.add_argument(
         "--projection-start",

@@ -13,6 +13,7 @@ from typing import Any
 
 from ops import dlq
 from ops.text_table import format_table
+from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import QueueCounts, read_counts
@@ -36,7 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "runs, the listed messages (and their issues' later ones) are hidden from other readers.",
     )
     listing.add_argument(
-        "--limit", type=_positive_int, default=DEFAULT_LIST_LIMIT, help="at most N messages (default 100)"
+        "--limit",
+        type=argtypes.positive_int,
+        default=DEFAULT_LIST_LIMIT,
+        help="at most N messages (default 100)",
     )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=_list_command)
@@ -48,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "attributes, a new deduplication id), then deletes it from the dead-letter queue. A failure "
         "between the two leaves a harmless duplicate, never a loss. Exits 1 if anything failed.",
     )
-    replay.add_argument("--limit", type=_positive_int, help="replay at most N messages")
+    replay.add_argument("--limit", type=argtypes.positive_int, help="replay at most N messages")
     replay.add_argument("--issue", metavar="ID", help="only this Jira issue id (the numeric id, not the key)")
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; change nothing")
     replay.set_defaults(func=_replay_command)
@@ -60,16 +64,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     purge.add_argument("--yes", action="store_true", help="yes, delete them all")
     purge.set_defaults(func=_purge_command)
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _settings() -> tuple[AwsSettings, QueueSettings]:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from ops.text_table import format_age, format_table
+from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
@@ -54,35 +55,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     stats.add_argument("--json", action="store_true", help="print JSON (one object per round with --watch)")
     stats.add_argument(
-        "--watch", type=_positive_float, metavar="SECONDS", help="print again every SECONDS until Ctrl-C"
+        "--watch",
+        type=argtypes.positive_number,
+        metavar="SECONDS",
+        help="print again every SECONDS until Ctrl-C",
     )
     stats.add_argument(
-        "--max-visible", type=_non_negative_int, metavar="N", help="exit 2 if the main queue has more visible"
+        "--max-visible",
+        type=argtypes.non_negative_int,
+        metavar="N",
+        help="exit 2 if the main queue has more visible",
     )
     stats.add_argument(
-        "--max-dlq", type=_non_negative_int, metavar="N", help="exit 2 if the dead-letter queue holds more"
+        "--max-dlq",
+        type=argtypes.non_negative_int,
+        metavar="N",
+        help="exit 2 if the dead-letter queue holds more",
     )
     stats.set_defaults(func=_stats_command)
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {raw}")
-    return value
-
-
-def _non_negative_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 async def read_stats(aws: AwsSettings, queues: QueueSettings) -> list[QueueDepth]:

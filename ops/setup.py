@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from shared import aws, db, migrate, provision
+from shared import argtypes, aws, db, migrate, provision
 from shared.settings import AwsSettings, DatabaseSettings, env_int, env_str, require
 
 log = structlog.get_logger()
@@ -78,7 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser("setup", help="create queues (and a local bucket), apply migrations")
     parser.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
     parser.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
-    parser.add_argument("--max-receive-count", type=int, help="DLQ redrive threshold (default 5)")
+    parser.add_argument(
+        "--max-receive-count", type=argtypes.integer(1, 1000), help="DLQ redrive threshold (default 5)"
+    )
     parser.set_defaults(func=_command)
 
 

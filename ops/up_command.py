@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from ops.local_stack import StackOptions, run_stack
+from shared import argtypes
 from shared.errors import CommandError
 
 
@@ -20,13 +21,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--demo", action="store_true", help="send the sample webhooks, export, print, exit")
     parser.add_argument("--keep-running", action="store_true", help="with --demo: leave the stack up")
     parser.add_argument("--host", default="127.0.0.1", help="address the receiver listens on")
-    parser.add_argument("--port", type=int, default=8080, help="receiver port (0 = any free port)")
+    parser.add_argument("--port", type=argtypes.port, default=8080, help="receiver port (0 = any free port)")
     parser.add_argument("--fixtures", type=Path, help="folder of sample webhooks for --demo")
     parser.add_argument("--state-dir", type=Path, default=Path(".jiralake"), help="scratch folder")
     parser.add_argument(
         "--export-schedule", default="*/15 * * * *", help="cron expression for the exporter (UTC)"
     )
-    parser.add_argument("--demo-timeout", type=float, default=120.0, help="seconds to wait for the demo")
+    parser.add_argument(
+        "--demo-timeout", type=argtypes.positive_number, default=120.0, help="seconds to wait for the demo"
+    )
     parser.set_defaults(func=_command)
 
 

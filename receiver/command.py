@@ -10,6 +10,7 @@ import structlog
 
 from receiver.main import serve
 from receiver.settings import ReceiverSettings
+from shared import argtypes
 
 log = structlog.get_logger()
 
@@ -24,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--host", help="interface to listen on (default JIRALAKE_RECEIVER_HOST or 0.0.0.0)")
     parser.add_argument(
-        "--port", type=_port, help="port for webhooks (default JIRALAKE_RECEIVER_PORT or 8080)"
+        "--port", type=argtypes.port, help="port for webhooks (default JIRALAKE_RECEIVER_PORT or 8080)"
     )
     parser.add_argument(
         "--insecure-no-signature",
@@ -33,16 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "when the secret is set, signatures are required regardless",
     )
     parser.set_defaults(func=_command)
-
-
-def _port(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {value}")
-    return value
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -1,0 +1,37 @@
+"""argparse ``type=`` converters the command modules share: a bad value is refused by argparse with
+its usual usage line and exit code 2, naming the option and what it takes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return convert
+
+
+def positive_number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {raw}")
+    return value
+
+
+port = integer(0, 65535)
+positive_int = integer(1)
+non_negative_int = integer(0)
