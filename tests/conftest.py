@@ -187,7 +187,7 @@ async def drain(aws_settings: AwsSettings, queue_url: str, *, max_empty: int = 2
                 empty += 1
                 continue
             empty = 0
-            messages.extend(batch)
+            messages.extend(dict(m) for m in batch)
             await sqs.delete_message_batch(
                 QueueUrl=queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
