@@ -75,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--part-size-mib",
         type=argtypes.integer(5, 5120),
         metavar="MIB",
-        help="multipart part size (5..5120, default 16)",
+        help="multipart part size (5..5120, default 8)",
     )
     parser.add_argument(
         "--parts-in-flight",

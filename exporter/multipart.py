@@ -3,8 +3,14 @@
 The writer cuts the stream into parts of ``part_size_bytes`` (S3: at least 5 MiB except the last) and
 hands each to a bounded queue; ``parts_in_flight`` uploader tasks take parts from it. When the queue is
 full the writer waits, and so does whatever feeds it (the COPY stream): memory stays at about
-``(parts_in_flight + 2) x part_size_bytes`` whatever the object's size. ``complete`` sends the parts
-sorted by number; until then readers see the previous object under the key, or none.
+``(parts_in_flight + 2) x part_size_bytes`` whatever the object's size (one part being filled, one
+queued, ``parts_in_flight`` being sent). ``complete`` sends the parts sorted by number; until then
+readers see the previous object under the key, or none.
+
+Each part is one buffer, written once: the chunks go straight into an ``io.BytesIO`` that is handed to
+``upload_part`` as the body. botocore and aiohttp read a file-like body in small chunks (checksums,
+signing, sending) without copying it; a ``bytes`` body, by contrast, is wrapped by botocore in a
+``BytesIO`` sharing it, which aiohttp's ``getbuffer()`` then un-shares: a full copy of every part.
 
 On any failure (an upload error, the source failing, cancellation on SIGTERM) the upload is aborted,
 so S3 keeps no orphan parts (``ListMultipartUploads`` stays empty). The same pattern as aioboto3's
@@ -14,7 +20,9 @@ own ``upload_fileobj``, with the part size and concurrency ours to set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -73,10 +81,12 @@ class MultipartUpload:
         self._part_size = part_size_bytes
         self._content_type = content_type
         self._on_part_stored = on_part_stored
-        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=1)
+        self._queue: asyncio.Queue[tuple[int, io.BytesIO, int] | None] = asyncio.Queue(maxsize=1)
         self._workers_count = parts_in_flight
         self._workers: list[asyncio.Task[None]] = []
-        self._buffer = bytearray()
+        # The part being filled and its length (BytesIO.tell(), kept as an int to skip a call per chunk).
+        self._buffer = io.BytesIO()
+        self._buffered = 0
         self._sha256 = hashlib.sha256()
         self._size = 0
         self._next_part = 1
@@ -117,18 +127,14 @@ class MultipartUpload:
             return
         self._sha256.update(data)
         self._size += len(data)
-        self._buffer += data
-        if len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer)
-            self._buffer.clear()
-            await self._send(part)
+        self._buffered += self._buffer.write(data)
+        if self._buffered >= self._part_size:
+            await self._send_buffer()
 
     async def complete(self) -> StoredObject:
         """Upload what is left as the last part, wait for every part, and complete the upload."""
-        if self._buffer or self._next_part == 1:
-            part = bytes(self._buffer)
-            self._buffer.clear()
-            await self._send(part)
+        if self._buffered or self._next_part == 1:
+            await self._send_buffer()
         for _ in self._workers:
             await self._queue.put(None)
         await asyncio.gather(*self._workers)
@@ -152,7 +158,14 @@ class MultipartUpload:
         log.debug("multipart_completed", key=self.key, parts=stored.parts, size_bytes=stored.size_bytes)
         return stored
 
-    async def _send(self, part: bytes) -> None:
+    async def _send_buffer(self) -> None:
+        """Queue the part being filled (its buffer becomes the request body) and start a new one."""
+        part, size = self._buffer, self._buffered
+        self._buffer, self._buffered = io.BytesIO(), 0
+        part.seek(0)
+        await self._send(part, size)
+
+    async def _send(self, part: io.BytesIO, size: int) -> None:
         number = self._next_part
         if number > S3_MAX_PARTS:
             raise ExportError(
@@ -160,7 +173,7 @@ class MultipartUpload:
                 f"{self._part_size} bytes; raise JIRALAKE_EXPORT_PART_SIZE_MIB"
             )
         self._next_part += 1
-        await self._queue.put((number, part))
+        await self._queue.put((number, part, size))
         self._raise_if_failed()
 
     async def _upload_parts(self) -> None:
@@ -169,8 +182,9 @@ class MultipartUpload:
             item = await self._queue.get()
             if item is None:
                 return
-            number, body = item
+            number, body, size = item
             if self._error is not None:
+                _release(body)
                 continue
             try:
                 response = await self._s3.upload_part(
@@ -184,10 +198,12 @@ class MultipartUpload:
                 if self._error is None:
                     self._error = exc
                 continue
+            finally:
+                _release(body)
             self._etags[number] = response["ETag"]
             if self._on_part_stored is not None:
                 try:
-                    self._on_part_stored(number, len(body))
+                    self._on_part_stored(number, size)
                 except Exception as exc:
                     if self._error is None:
                         self._error = exc
@@ -228,6 +244,13 @@ class MultipartUpload:
             parts_stored=len(self._etags),
             cause=type(cause).__name__ if cause else None,
         )
+
+
+def _release(body: io.BytesIO) -> None:
+    """Free a part's memory now, whoever still holds a reference to its buffer."""
+    # A view still exported (a request interrupted mid-send) keeps the buffer until it is released.
+    with contextlib.suppress(BufferError):
+        body.close()
 
 
 async def copy_object(

@@ -20,7 +20,8 @@ S3_MAX_PARTS = 10_000
 # CopyObject copies at most 5 GiB in one request; larger objects are copied part by part.
 S3_MAX_SINGLE_COPY_BYTES = 5 * 1024 * MIB
 
-DEFAULT_PART_SIZE_BYTES = 16 * MIB
+# 8 MiB, as the AWS CLI: (4 + 2) x 8 MiB of part buffers at most, and objects of up to 78 GiB.
+DEFAULT_PART_SIZE_BYTES = 8 * MIB
 
 
 class ExportFormat(enum.StrEnum):
@@ -50,7 +51,8 @@ class ExporterSettings:
     prefix: str = "jiralake"
     format: ExportFormat = ExportFormat.CSV
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
-    # Upload workers; memory in use is about (parts_in_flight + 2) x part_size_bytes.
+    # Upload workers; part buffers take at most (parts_in_flight + 2) x part_size_bytes (one being filled,
+    # one queued, parts_in_flight being sent; exporter/multipart.py keeps exactly one buffer per part).
     parts_in_flight: int = 4
     # CSV leaves the raw webhook JSON out unless asked; Parquet always keeps it.
     include_raw: bool = False
@@ -103,7 +105,10 @@ class ExporterSettings:
             bucket=require(env, "JIRALAKE_BUCKET"),
             prefix=env_str(env, "JIRALAKE_EXPORT_PREFIX", "jiralake") or "",
             format=ExportFormat.parse(env_str(env, "JIRALAKE_EXPORT_FORMAT", "csv") or "csv"),
-            part_size_bytes=env_int(env, "JIRALAKE_EXPORT_PART_SIZE_MIB", 16, minimum=5) * MIB,
+            part_size_bytes=env_int(
+                env, "JIRALAKE_EXPORT_PART_SIZE_MIB", DEFAULT_PART_SIZE_BYTES // MIB, minimum=5
+            )
+            * MIB,
             parts_in_flight=env_int(env, "JIRALAKE_EXPORT_PARTS_IN_FLIGHT", 4, minimum=1),
             include_raw=env_bool(env, "JIRALAKE_EXPORT_INCLUDE_RAW", False),
             parquet_rows_per_group=env_int(env, "JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP", 10_000, minimum=1),

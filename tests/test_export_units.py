@@ -34,7 +34,7 @@ def test_settings_from_env_with_defaults() -> None:
         "lake-bucket",
         "jiralake",
         ExportFormat.CSV,
-        16 * MIB,
+        8 * MIB,
         4,
     )
     assert (s.include_raw, s.schedule, s.timezone, s.admin_port) == (False, None, "UTC", 9092)
