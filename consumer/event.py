@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -49,6 +49,8 @@ class ConsumerEvent:
     # The field columns, when this event may set them (field-carrying type and a full issue object).
     row: IssueRow | None
     deletes: bool
+    # The message body as received (JSON text): PostgreSQL reads ``raw`` from it (consumer/apply.py).
+    body: str = field(repr=False)
 
     @property
     def order_key(self) -> tuple[int, str]:
@@ -66,7 +68,7 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
     if not 0 < envelope.event_ts_ms <= MAX_VERSION_MS:
         raise InvalidMessage(f"event_ts_ms attribute {envelope.event_ts_ms} is not a time in ms")
     try:
-        payload = json.loads(envelope.body, parse_constant=_reject_constant)
+        payload = _DECODER.decode(envelope.body)
         tiebreak = tiebreak_for(_changelog(payload).get("id"), envelope.body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeError, too deeply nested
         raise InvalidMessage(f"body is not valid JSON: {type(exc).__name__}: {exc}") from None
@@ -99,11 +101,16 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
         actor_display_name=actor.get("displayName") if isinstance(actor.get("displayName"), str) else None,
         row=row,
         deletes=routed.event_type in DELETE_EVENTS,
+        body=envelope.body,
     )
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+# Built once: json.loads(..., parse_constant=...) would build a decoder per message.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _changelog(payload: Any) -> dict[str, Any]:

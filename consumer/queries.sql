@@ -5,8 +5,11 @@
 -- migration 0002): the field columns with the newest full issue object (version, version_tiebreak),
 -- the deletion with the newest delete (deleted_version), last_event_* with the newest of both.
 -- jsonb values arrive as JSON text (asyncpg would read a list inside a jsonb[] as another array
--- dimension). `before` reads the rows as they were when the statement started (all CTEs share one snapshot),
--- which tells which winner actually changed its row.
+-- dimension). `raw` comes either as that text (raw_json) or as the winning message's whole body
+-- (fields_body), from which PostgreSQL takes the issue object: cheaper than re-encoding it in Python.
+-- `winner` reads ap_jira_task as it was when the statement started (every part of one statement sees
+-- the same snapshot, not the upsert's writes), which tells which winner actually changed its row.
+-- `applied` is a hashed lookup in `won`, the set of winning deliveries: linear in the batch size.
 WITH change AS (
     SELECT *
     FROM unnest(
@@ -15,31 +18,25 @@ WITH change AS (
         $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[],
         $21::timestamptz[], $22::timestamptz[], $23::date[], $24::text[], $25::text[], $26::bigint[],
         $27::timestamptz[], $28::text[], $29::timestamptz[], $30::text[], $31::text[], $32::text[],
-        $33::text[]
+        $33::text[], $34::text[]
     ) AS c (
         issue_id, version, version_tiebreak, issue_key, project_id, project_key, project_name,
         issue_number, summary, status, status_category, issue_type, priority, resolution,
         assignee_account_id, assignee_display_name, reporter_account_id, reporter_display_name,
         labels_json, created_at, updated_at, resolved_at, due_date, parent_key, raw_json, deleted_version,
         deleted_at, last_event_type, last_event_at, last_event_tiebreak, fields_delivery,
-        delete_delivery, last_delivery
+        delete_delivery, last_delivery, fields_body
     )
 ),
 event AS (
     SELECT *
     FROM unnest(
-        $34::text[], $35::bigint[], $36::text[], $37::text[], $38::timestamptz[], $39::bigint[],
-        $40::text[], $41::text[], $42::text[], $43::text[], $44::text[], $45::timestamptz[]
+        $35::text[], $36::bigint[], $37::text[], $38::text[], $39::timestamptz[], $40::bigint[],
+        $41::text[], $42::text[], $43::text[], $44::text[], $45::text[], $46::timestamptz[]
     ) AS e (
         delivery_id, issue_id, event_type, issue_event_type_name, event_at, event_version,
         event_tiebreak, source, changelog_json, actor_account_id, actor_display_name, received_at
     )
-),
-before AS (
-    SELECT t.issue_id, t.version, t.version_tiebreak, t.deleted_version, t.last_event_at,
-           t.last_event_tiebreak
-    FROM ap_jira_task t
-    JOIN change c ON c.issue_id = t.issue_id
 ),
 upserted AS (
     INSERT INTO ap_jira_task AS t (
@@ -55,7 +52,8 @@ upserted AS (
            c.reporter_display_name,
            CASE WHEN c.labels_json IS NOT NULL
                 THEN ARRAY(SELECT jsonb_array_elements_text(c.labels_json::jsonb)) END,
-           c.created_at, c.updated_at, c.resolved_at, c.due_date, c.parent_key, c.raw_json::jsonb,
+           c.created_at, c.updated_at, c.resolved_at, c.due_date, c.parent_key,
+           coalesce(c.raw_json::jsonb, c.fields_body::jsonb -> 'issue'),
            c.version,
            c.version_tiebreak, c.deleted_version, c.deleted_at, c.last_event_type, c.last_event_at,
            c.last_event_tiebreak
@@ -108,16 +106,15 @@ winner AS (
                 THEN c.last_delivery END AS last_delivery
     FROM change c
     JOIN upserted u ON u.issue_id = c.issue_id
-    LEFT JOIN before b ON b.issue_id = c.issue_id
+    LEFT JOIN ap_jira_task b ON b.issue_id = c.issue_id  -- the row before the upsert: see above
 ),
-outcome AS (
-    SELECT e.*,
-           EXISTS (
-               SELECT 1 FROM winner w
-               WHERE w.issue_id = e.issue_id
-                 AND e.delivery_id IN (w.fields_delivery, w.delete_delivery, w.last_delivery)
-           ) AS applied
-    FROM event e
+won AS (
+    -- One row per delivery that changed its row.
+    SELECT d.delivery_id
+    FROM winner w
+    CROSS JOIN LATERAL unnest(ARRAY[w.fields_delivery, w.delete_delivery, w.last_delivery])
+        AS d (delivery_id)
+    WHERE d.delivery_id IS NOT NULL
 ),
 recorded AS (
     INSERT INTO ap_jira_task_event (
@@ -126,15 +123,16 @@ recorded AS (
     )
     SELECT e.delivery_id, e.issue_id, e.event_type, e.issue_event_type_name, e.event_at,
            e.event_version, e.event_tiebreak, e.source, e.changelog_json::jsonb, e.actor_account_id,
-           e.actor_display_name, e.applied, e.received_at
-    FROM outcome e
+           e.actor_display_name, e.delivery_id IN (SELECT delivery_id FROM won), e.received_at
+    FROM event e
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id
 )
 -- recorded: false when the delivery was already in the history (a redelivery: a duplicate).
-SELECT o.delivery_id, r.delivery_id IS NOT NULL AS recorded, o.applied
-FROM outcome o
-LEFT JOIN recorded r ON r.delivery_id = o.delivery_id;
+SELECT d.delivery_id, r.delivery_id IS NOT NULL AS recorded,
+       d.delivery_id IN (SELECT delivery_id FROM won) AS applied
+FROM unnest($35::text[]) AS d (delivery_id)
+LEFT JOIN recorded r ON r.delivery_id = d.delivery_id;
 
 -- check_connection --
 SELECT 1;
