@@ -36,7 +36,13 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
             )
         # The client's pool covers every batch in flight plus the readiness probe.
         pool = settings.max_inflight_batches + 2
-        async with aws.sqs_client(settings.aws, timeout_s=settings.sqs_timeout_s, max_pool=pool) as sqs:
+        # Every entry is built by Envelope.send_entry and sized by intake.admit, so botocore's
+        # client-side parameter validation (~10% of the CPU of each SendMessageBatch) is skipped;
+        # SQS still validates, and a refused call fails its entries as retryable either way.
+        client = aws.sqs_client(
+            settings.aws, timeout_s=settings.sqs_timeout_s, max_pool=pool, parameter_validation=False
+        )
+        async with client as sqs:
             app = build_app(settings, sqs)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
             await runner.setup()

@@ -106,6 +106,16 @@ class Routed:
 
 
 @dataclass(frozen=True)
+class RouteKey:
+    """What :func:`route_json` finds for a body that concerns one issue (a :class:`Routed` without
+    the model: the receiver forwards the raw body and needs only these three)."""
+
+    event_type: str
+    issue_id: str
+    event_ts_ms: int | None
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A body that concerns no issue (sprint, board, project, user events; bare user_deleted)."""
 
@@ -178,3 +188,108 @@ def parse_jira_time(value: Any) -> datetime | None:
 def parse_jira_time_ms(value: Any) -> int | None:
     parsed = parse_jira_time(value)
     return None if parsed is None else int(parsed.timestamp() * 1000)
+
+
+# -- the one-parse fast path (the receiver) --
+#
+# The same fields with the same types as JiraWebhook, but extra keys are skipped instead of rebuilt,
+# and the free-form objects (issue.fields, changelog items, user) are only checked to be objects.
+
+
+class _Object(BaseModel):
+    """Any JSON object (what ``dict[str, Any]`` accepts from JSON), without building it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Slim(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _SlimFields(_Slim):
+    updated: Any = None
+
+
+class _SlimIssue(_Slim):
+    id: IdText | None = None
+    key: str | None = None
+    fields: _SlimFields | None = None
+
+
+class _SlimComment(_Slim):
+    id: IdText | None = None
+    self_url: str | None = Field(default=None, alias="self")
+
+
+class _SlimWorklog(_Slim):
+    id: IdText | None = None
+    issueId: IdText | None = None
+
+
+class _SlimIssueLink(_Slim):
+    id: IdText | None = None
+    sourceIssueId: IdText | None = None
+    destinationIssueId: IdText | None = None
+
+
+class _SlimChangelog(_Slim):
+    id: IdText | None = None
+    items: list[_Object] | None = None
+
+
+class _SlimWebhook(_Slim):
+    webhookEvent: str | None = None
+    timestamp: int | str | None = None
+    issue_event_type_name: str | None = None
+    issue: _SlimIssue | None = None
+    comment: _SlimComment | None = None
+    worklog: _SlimWorklog | None = None
+    issueLink: _SlimIssueLink | None = None
+    changelog: _SlimChangelog | None = None
+    user: _Object | None = None
+    # Only their presence matters (Jira's bare user_deleted body).
+    accountId: Any = None
+    username: Any = None
+
+
+# Tokens json.loads takes only through parse_constant (which the receiver refuses) but pydantic's
+# JSON parser accepts: a body holding them anywhere, even inside a string, takes the full path.
+_NON_JSON_TOKENS = ("NaN", "Infinity")
+
+
+def route_json(
+    text: str, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXES
+) -> RouteKey | Ignored | None:
+    """``route(json.loads(text))`` in one parse that builds only what routing reads, for the bodies
+    it accepts outright; None for every other body (not JSON, not an object, NaN, deeply nested, a
+    field of the wrong type, an issue event without a usable id), for which the caller runs the full
+    path that gives the exact reason. It never accepts a body that the full path refuses, and agrees
+    with it on the event type, issue id and event time of every body it accepts."""
+    if any(token in text for token in _NON_JSON_TOKENS):
+        return None
+    try:
+        hook = _SlimWebhook.model_validate_json(text)
+    except ValidationError:
+        return None
+    event_type = hook.webhookEvent
+    if not event_type:
+        present = hook.model_fields_set
+        return Ignored("user_deleted" if "accountId" in present or "username" in present else "unknown")
+    if not event_type.startswith(ISSUE_EVENT_PREFIXES) or not event_type.startswith(accepted_prefixes):
+        return Ignored(event_type)
+    issue_id = issue_id_of(hook)  # type: ignore[arg-type]  # same attribute names as JiraWebhook
+    if issue_id is None or not _DIGITS.match(issue_id):
+        return None
+    return RouteKey(event_type, issue_id, _slim_event_time_ms(hook))
+
+
+def _slim_event_time_ms(hook: _SlimWebhook) -> int | None:
+    # event_time_ms for the slim model: the same rules, reading issue.fields.updated.
+    ts = hook.timestamp
+    if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0:
+        return ts
+    if isinstance(ts, str) and ts.isdigit():
+        return int(ts)
+    if hook.issue is not None and hook.issue.fields is not None:
+        return parse_jira_time_ms(hook.issue.fields.updated)
+    return None

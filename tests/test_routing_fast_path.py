@@ -1,0 +1,90 @@
+"""route_json (the receiver's one-parse routing) agrees with route(json.loads(...)) on every body it
+answers, and never accepts a body the full path refuses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.jira_event import Ignored, InvalidEvent, Routed, RouteKey, route, route_json
+from tests import jira_fixtures
+
+
+def _full(text: str) -> RouteKey | Ignored | str:
+    try:
+        result = route(json.loads(text, parse_constant=_refuse))
+    except (ValueError, InvalidEvent) as exc:
+        return f"refused: {type(exc).__name__}"
+    if isinstance(result, Routed):
+        return RouteKey(result.event_type, result.issue_id, result.event_ts_ms)
+    return result
+
+
+def _refuse(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+@pytest.mark.parametrize("name", jira_fixtures.names())
+def test_every_real_fixture_takes_the_fast_path_with_the_same_answer(name: str) -> None:
+    text = jira_fixtures.raw(name).decode("utf-8")
+    assert route_json(text) == _full(text)
+
+
+ids = st.one_of(
+    st.none(),
+    st.integers(min_value=-5, max_value=10**20),
+    st.text(alphabet="0123456789A- ", max_size=22),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.floats(allow_nan=False),
+)
+times = st.one_of(st.none(), st.integers(min_value=-1, max_value=2**63), st.text(max_size=12), st.floats())
+events = st.sampled_from(
+    [
+        "jira:issue_updated",
+        "comment_created",
+        "worklog_created",
+        "issuelink_deleted",
+        "sprint_started",
+        "",
+        None,
+    ]
+)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> str:
+    body: dict[str, Any] = {}
+    if (event := draw(events)) is not None:
+        body["webhookEvent"] = event
+    if draw(st.booleans()):
+        body["timestamp"] = draw(times)
+    if draw(st.booleans()):
+        fields = draw(st.one_of(st.none(), st.just({}), st.fixed_dictionaries({"updated": times})))
+        body["issue"] = draw(
+            st.one_of(st.just("x"), st.fixed_dictionaries({"id": ids, "fields": st.just(fields)}))
+        )
+    if draw(st.booleans()):
+        body["worklog"] = {"issueId": draw(ids)}
+    if draw(st.booleans()):
+        body["issueLink"] = {"sourceIssueId": draw(ids)}
+    if draw(st.booleans()):
+        body["comment"] = {
+            "self": draw(st.sampled_from(["https://j/rest/api/2/issue/10013/comment/1", "x", 5]))
+        }
+    if draw(st.booleans()):
+        body["accountId"] = "557058:abc"
+    text = json.dumps(body)
+    return draw(st.sampled_from([text, text[:-1], "[" + text + "]", text.replace("{", '{"n": NaN, ', 1)]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies())
+def test_the_fast_path_never_disagrees_with_the_full_path(text: str) -> None:
+    fast = route_json(text)
+    if fast is not None:
+        assert fast == _full(text)
