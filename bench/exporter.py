@@ -63,8 +63,8 @@ TARGET_OF_STREAMING_LIMIT = 1.15
 TARGET_FASTER_THAN_TWO_STEP = 1.25
 TARGET_PEAK_RSS_BYTES = 150 * 1024 * 1024
 TARGET_RSS_GROWTH = 0.20
-# `import exporter.run` alone, measured while writing the bench (python, asyncpg, aioboto3, pyarrow).
-IMPORTS_MIB = 80
+# `import exporter.run` alone (python, asyncpg, aioboto3; pyarrow only loads for Parquet).
+IMPORTS_MIB = 50
 VARIANTS = ("export", "copy", "two-step")
 CORES = os.cpu_count() or 1
 
@@ -401,9 +401,10 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
             "assumes the halves run on separate resources (PostgreSQL's host and S3); here they share two "
             "cores with the exporter, and moto spends far more CPU per byte than S3 would. What is "
             "jiralake's own is the exporter's CPU-s in the table; profiled (cProfile, 300k rows) it is "
-            "mostly waiting in epoll, with its CPU in MultipartUpload.write (buffer appends and copies), "
+            "mostly waiting in epoll, with its CPU in writing COPY chunks into the part buffer, "
             "the SHA-256 of the object for the manifest, counting rows with bytes.count, and "
-            "aiobotocore's UploadPart (checksums, SigV4, copying the body into a BytesIO)."
+            "aiobotocore's UploadPart (checksums and the SigV4 payload hash, which plain HTTP to moto "
+            "requires)."
         )
     if peak > TARGET_PEAK_RSS_BYTES:
         medians = {size: median(s["rss"]) for size, s in samples.items()}
@@ -412,21 +413,15 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
             "Peak RSS: "
             + ", ".join(f"{v / MIB:,.0f} MiB at {k:,} rows (median)" for k, v in medians.items())
             + f", {peak / MIB:,.0f} MiB at most. Importing `exporter.run` alone takes ~{IMPORTS_MIB} MiB "
-            "(measured while writing the bench: aioboto3/botocore ~44 MiB, and pyarrow ~39 MiB, which "
-            "`exporter.run` imports through `exporter.parquet_format` even for CSV exports). The rest, "
-            f"~{beyond:,.0f} MiB, is about {beyond / 16:,.0f} parts of 16 MiB, not the (parts_in_flight 4 + "
-            "2) x 16 MiB = 96 MiB that exporter/settings.py states: `MultipartUpload.write` keeps a "
-            "bytearray of up to one part plus its `bytes()` copy, one part waits in the queue, each of "
-            "the 4 parts in flight is held by its uploader and, while aiobotocore sends it, copied again "
-            "(a BytesIO for the request body and its checksum), and freed memory is not always returned "
-            "at once. It stays flat in the row count, as designed. Places to look in exporter/multipart.py "
-            "and exporter/run.py: hand the part to upload_part without the extra copies, import pyarrow "
-            "only for Parquet, or default to 8 MiB parts (S3's minimum is 5 MiB)."
+            "(python, asyncpg, aioboto3/botocore; pyarrow is imported only for Parquet exports). The rest, "
+            f"~{beyond:,.0f} MiB, is part buffers and what the allocator has not returned yet; "
+            "exporter/settings.py bounds the buffers at (parts_in_flight + 2) x part size, 48 MiB with "
+            "the defaults (8 MiB parts, 4 in flight)."
         )
     result.method = (
         f"{rounds} rounds per size, the three variants in an order rotated from round to round, after one "
         "unmeasured COPY that warms the page cache. `export` = `exporter.run.export_once` with default "
-        "settings (CSV, 16 MiB parts, 4 parts in flight, raw JSON column left out) in a child process: "
+        "settings (CSV, 8 MiB parts, 4 parts in flight, raw JSON column left out) in a child process: "
         "multipart upload to history/, then the server-side copy to latest/ and the two manifests, all "
         "inside the timed wall. The COPY in every baseline is the exporter's own query "
         "(`exporter.csv_format.csv_query`), so all variants move the same bytes. `aws s3 cp` is the AWS "
