@@ -18,9 +18,12 @@ import asyncpg
 import pytest
 from pytest_postgresql import factories
 
+from consumer.settings import ConsumerSettings
+from consumer.worker import ConsumerStats, consume_until_idle
 from ops.local_aws import LocalAws
 from shared import aws, db, migrate, provision
-from shared.settings import AwsSettings, DatabaseSettings
+from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
+from tests.jira_api_server import JiraApiServer, serve
 
 postgresql_proc = factories.postgresql_proc(port=None)
 
@@ -193,6 +196,38 @@ async def drain(aws_settings: AwsSettings, queue_url: str, *, max_empty: int = 2
                 Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)],
             )
     return messages
+
+
+async def consume_all(
+    aws_settings: AwsSettings,
+    queues: provision.QueuePair,
+    db_settings: DatabaseSettings,
+    *,
+    pollers: int = 1,
+    timeout_s: float = 45,
+) -> ConsumerStats:
+    """Run the real consumer until the queue has been idle for half a second (no long polls)."""
+    settings = ConsumerSettings(
+        aws=aws_settings,
+        queue=QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url),
+        database=db_settings,
+        pollers=pollers,
+        wait_time_s=0,
+        visibility_timeout_s=30,
+        admin_port=None,
+        queue_stats_interval_s=0,
+    )
+    stats = await consume_until_idle(settings, idle_s=0.5, timeout_s=timeout_s)
+    assert not stats.timed_out
+    return stats
+
+
+@pytest.fixture
+async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
+    """A local server speaking the Jira REST shapes (tests/jira_api_server.py), and its URL."""
+    server = JiraApiServer()
+    async with serve(server) as url:
+        yield server, url
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "jira-webhooks"

@@ -30,7 +30,10 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from backfill.settings import BackfillSettings, JiraSettings
 from shared.jira_event import parse_jira_time
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
 from tests.jira_fixtures import load, names
 
 EMAIL = "backfill@example.com"
@@ -314,3 +317,24 @@ async def serve(server: JiraApiServer) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def backfill_settings(
+    url: str,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    *,
+    deployment: str = "cloud",
+    **jira: Any,
+) -> BackfillSettings:
+    """Backfill/reconcile settings against this server: Cloud (email + token) or Data Center (PAT)."""
+    credentials: dict[str, Any] = (
+        {"email": EMAIL, "api_token": API_TOKEN} if deployment == "cloud" else {"pat": PAT}
+    )
+    return BackfillSettings(
+        jira=JiraSettings(url=url, deployment=deployment, **credentials, **jira),  # type: ignore[arg-type]
+        aws=aws_settings,
+        queue_url=queues.queue_url,
+        database=db_settings,
+    )

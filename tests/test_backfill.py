@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,14 +14,21 @@ import pytest
 
 from backfill.backfill import LAST_RUN, BackfillRequest, run_backfill
 from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
-from backfill.settings import BackfillSettings, JiraSettings
+from backfill.settings import JiraSettings
 from backfill.snapshot import snapshot_envelope
 from shared.envelope import Envelope
 from shared.jira_event import SNAPSHOT_EVENT, Routed, parse_jira_time_ms, route
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import drain
-from tests.jira_api_server import API_TOKEN, EMAIL, PAT, JiraApiServer, fixture_issue, fixture_issues, serve
+from tests.jira_api_server import (
+    API_TOKEN,
+    EMAIL,
+    JiraApiServer,
+    backfill_settings,
+    fixture_issue,
+    fixture_issues,
+)
 
 
 class RecordingSleep:
@@ -33,33 +39,6 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
-
-
-@pytest.fixture
-async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
-    server = JiraApiServer()
-    async with serve(server) as url:
-        yield server, url
-
-
-def settings_for(
-    url: str,
-    queues: QueuePair,
-    db_settings: DatabaseSettings,
-    aws_settings: AwsSettings,
-    *,
-    deployment: str = "cloud",
-    **jira: Any,
-) -> BackfillSettings:
-    credentials: dict[str, Any] = (
-        {"email": EMAIL, "api_token": API_TOKEN} if deployment == "cloud" else {"pat": PAT}
-    )
-    return BackfillSettings(
-        jira=JiraSettings(url=url, deployment=deployment, **credentials, **jira),  # type: ignore[arg-type]
-        aws=aws_settings,
-        queue_url=queues.queue_url,
-        database=db_settings,
-    )
 
 
 def queued_ids(messages: list[dict[str, Any]]) -> list[str]:
@@ -109,7 +88,7 @@ async def test_a_cloud_backfill_lands_every_issue_on_the_queue_as_a_snapshot(
     # a few hundred through to the table)
     server, url = jira
     server.issues = fixture_issues(150)
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     # WHEN the default backfill runs
     summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
     # THEN two pages (100 and 50) went out, each issue once, as snapshots of its own version
@@ -142,7 +121,9 @@ async def test_a_data_center_backfill_pages_with_start_at(
     # GIVEN Jira Data Center (PAT, REST v2) with 25 issues and pages of 10
     server, url = jira
     server.issues = fixture_issues(25)
-    settings = settings_for(url, queues, db_settings, aws_settings, deployment="datacenter", page_size=10)
+    settings = backfill_settings(
+        url, queues, db_settings, aws_settings, deployment="datacenter", page_size=10
+    )
     # WHEN the backfill runs
     summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
     # THEN startAt 0, 10, 20 were read once each, the total came from Jira, and all 25 were enqueued
@@ -163,7 +144,7 @@ async def test_throttling_is_retried_after_the_wait_jira_asks_for(
     server, url = jira
     server.issues = fixture_issues(30)
     server.throttle = {1: [(429, "2"), (503, "1")]}
-    settings = settings_for(url, queues, db_settings, aws_settings, page_size=10)
+    settings = backfill_settings(url, queues, db_settings, aws_settings, page_size=10)
     sleep = RecordingSleep()
     # WHEN the backfill runs
     summary = await run_backfill(settings, BackfillRequest(), sleep=sleep, progress_tty=False)
@@ -189,7 +170,7 @@ async def test_a_killed_backfill_resumes_after_its_last_saved_page(
     server, url = jira
     server.issues = fixture_issues(50)
     server.fail_from_page = 3
-    settings = settings_for(
+    settings = backfill_settings(
         url, queues, db_settings, aws_settings, deployment=deployment, page_size=10, max_attempts=2
     )
     sleep = RecordingSleep()
@@ -224,7 +205,7 @@ async def test_restart_ignores_the_saved_cursor(
     server, url = jira
     server.issues = fixture_issues(20)
     server.fail_from_page = 1
-    settings = settings_for(url, queues, db_settings, aws_settings, page_size=10, max_attempts=1)
+    settings = backfill_settings(url, queues, db_settings, aws_settings, page_size=10, max_attempts=1)
     with pytest.raises(JiraUnavailable):
         await run_backfill(settings, BackfillRequest(), progress_tty=False)
     server.fail_from_page = None
@@ -247,7 +228,7 @@ async def test_last_run_fetches_only_issues_updated_since_the_previous_complete_
     server, url = jira
     server.time_zone = "Europe/Berlin"
     server.issues = fixture_issues(5)
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     first = await run_backfill(settings, BackfillRequest(), progress_tty=False)
     assert first.watermark is not None
     await drain(aws_settings, queues.queue_url)
@@ -281,7 +262,7 @@ async def test_a_later_since_date_does_not_move_the_watermark(
     # GIVEN no complete run yet
     server, url = jira
     server.issues = fixture_issues(3)
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     # WHEN a backfill covers only issues updated since a date
     since = datetime(2024, 1, 1, 0, 1, tzinfo=UTC)
     summary = await run_backfill(settings, BackfillRequest(updated_since=since), progress_tty=False)
@@ -301,7 +282,7 @@ async def test_a_dry_run_counts_and_enqueues_nothing(
 ) -> None:
     server, url = jira
     server.issues = fixture_issues(12)
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     summary = await run_backfill(
         settings, BackfillRequest(jql="project = BF ORDER BY key DESC", dry_run=True), progress_tty=False
     )
@@ -322,7 +303,7 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     server, url = jira
     server.issues = fixture_issues(3)
     server.issues[1]["fields"]["description"] = "x" * 1_100_000
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     # WHEN the backfill runs
     summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
     # THEN the other two were enqueued, the large one is named, and no watermark claims completeness

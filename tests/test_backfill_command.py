@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -14,14 +13,7 @@ import pytest
 from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from tests.conftest import drain
-from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues, serve
-
-
-@pytest.fixture
-async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
-    server = JiraApiServer()
-    async with serve(server) as url:
-        yield server, url
+from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues
 
 
 def cli_env(url: str, queues: QueuePair, database_url: str, **extra: str) -> dict[str, str]:

@@ -5,65 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import pytest
 
 from backfill.backfill import BackfillRequest, run_backfill
 from backfill.reconcile import ReconcileRequest, run_reconcile
-from backfill.settings import BackfillSettings, JiraSettings
-from consumer.settings import ConsumerSettings
-from consumer.worker import ConsumerStats, consume_until_idle
+from consumer.worker import ConsumerStats
 from shared import aws
 from shared.envelope import Envelope
 from shared.jira_event import Routed, route
 from shared.provision import QueuePair
-from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
+from shared.settings import AwsSettings, DatabaseSettings
 from shared.sqs_batch import send_entries
-from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issue, fixture_issues, serve
+from tests.conftest import consume_all
+from tests.jira_api_server import (
+    JiraApiServer,
+    backfill_settings,
+    fixture_issue,
+    fixture_issues,
+)
 from tests.jira_fixtures import make_event
 
 WEBHOOK_FIXTURE = "mattermost-plugin-jira__webhook-issue-updated-labels.json"
 
 
-@pytest.fixture
-async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
-    server = JiraApiServer()
-    async with serve(server) as url:
-        yield server, url
-
-
-def backfill_settings(
-    url: str, queues: QueuePair, db_settings: DatabaseSettings, aws_settings: AwsSettings
-) -> BackfillSettings:
-    return BackfillSettings(
-        jira=JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN),
-        aws=aws_settings,
-        queue_url=queues.queue_url,
-        database=db_settings,
-    )
-
-
 async def consume(
-    queues: QueuePair, db_settings: DatabaseSettings, aws_settings: AwsSettings
+    aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings
 ) -> ConsumerStats:
-    settings = ConsumerSettings(
-        aws=aws_settings,
-        queue=QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url),
-        database=db_settings,
-        pollers=2,
-        # No long polls: consume_until_idle abandons one in flight when the queue goes idle, and on
-        # moto that receive still takes (and hides) a message sent right after, by the next step.
-        wait_time_s=0,
-        visibility_timeout_s=30,
-        admin_port=None,
-        queue_stats_interval_s=0,
-    )
-    stats = await consume_until_idle(settings, idle_s=0.5, timeout_s=45)
-    assert not stats.timed_out
+    stats = await consume_all(aws_settings, queues, db_settings, pollers=2)
     assert stats.dead_lettered == 0
     return stats
 
@@ -86,7 +57,7 @@ async def apply_webhook(
     async with aws.sqs_client(aws_settings) as sqs:
         results = await send_entries(sqs, queues.queue_url, [env.send_entry("0")])
     assert results[0].ok
-    await consume(queues, db_settings, aws_settings)
+    await consume(aws_settings, queues, db_settings)
 
 
 def ms(when: datetime) -> int:
@@ -113,7 +84,7 @@ async def test_a_backfill_lands_every_issue_in_the_table_with_backfill_history(
     applied = 0
     while True:
         finished = backfill.done()
-        applied += (await consume(queues, db_settings, aws_settings)).applied
+        applied += (await consume(aws_settings, queues, db_settings)).applied
         if finished:
             break
     summary = await backfill
@@ -152,7 +123,7 @@ async def test_an_older_snapshot_changes_nothing_and_a_newer_one_repairs(
     server.issues[0]["fields"]["summary"] = "stale snapshot"
     settings = backfill_settings(url, queues, db_settings, aws_settings)
     await run_backfill(settings, BackfillRequest(), progress_tty=False)
-    stats = await consume(queues, db_settings, aws_settings)
+    stats = await consume(aws_settings, queues, db_settings)
     # THEN the row still holds the webhook's version; the snapshot is history only, not applied
     assert stats.skipped_stale == 1
     row = await pg.fetchrow("SELECT summary, version FROM ap_jira_task WHERE issue_id = 30000")
@@ -161,7 +132,7 @@ async def test_an_older_snapshot_changes_nothing_and_a_newer_one_repairs(
     server.issues = [fixture_issue(0, issue_id=30000, key="BF-1", updated=t + timedelta(hours=1))]
     server.issues[0]["fields"]["summary"] = "repaired by backfill"
     await run_backfill(settings, BackfillRequest(), progress_tty=False)
-    stats = await consume(queues, db_settings, aws_settings)
+    stats = await consume(aws_settings, queues, db_settings)
     # THEN the snapshot repairs the row
     assert stats.applied == 1
     row = await pg.fetchrow("SELECT summary, version FROM ap_jira_task WHERE issue_id = 30000")
@@ -189,13 +160,13 @@ async def test_reconcile_deletes_what_jira_deleted_and_keeps_what_it_cannot_see(
     server.issues = fixture_issues(3)
     settings = backfill_settings(url, queues, db_settings, aws_settings)
     await run_backfill(settings, BackfillRequest(), progress_tty=False)
-    await consume(queues, db_settings, aws_settings)
+    await consume(aws_settings, queues, db_settings)
     # AND then Jira deleted 30001 (404) and the account lost access to 30002 (403)
     server.issues = server.issues[:1]
     server.issue_status = {"30002": 403}
     # WHEN reconcile runs and the consumer drains the queue
     summary = await run_reconcile(settings, ReconcileRequest(replay_failed_webhooks=False))
-    stats = await consume(queues, db_settings, aws_settings)
+    stats = await consume(aws_settings, queues, db_settings)
     # THEN only 30001 is flagged deleted, through a history row from reconcile
     assert (summary.deletes_enqueued, stats.applied) == (1, 1)
     rows = await pg.fetch("SELECT issue_id, is_deleted FROM ap_jira_task ORDER BY issue_id")

@@ -10,15 +10,13 @@ from typing import Any
 import asyncpg
 
 from consumer.deadletter import Rejected, dead_letter
-from consumer.settings import ConsumerSettings
-from consumer.worker import ConsumerStats, consume_until_idle
 from ops import dlq
 from shared import aws
 from shared.envelope import Envelope
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
 from shared.sqs_batch import send_entries
-from tests.conftest import drain
+from tests.conftest import consume_all, drain
 from tests.jira_fixtures import make_event
 
 ISSUE = "31337"
@@ -67,24 +65,6 @@ async def dead_letter_through_the_consumer(
             await sqs.delete_message(QueueUrl=queues.queue_url, ReceiptHandle=m["ReceiptHandle"])
 
 
-async def consume(
-    aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings
-) -> ConsumerStats:
-    settings = ConsumerSettings(
-        aws=aws_settings,
-        queue=QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url),
-        database=db_settings,
-        pollers=1,
-        wait_time_s=0,
-        visibility_timeout_s=30,
-        admin_port=None,
-        queue_stats_interval_s=0,
-    )
-    stats = await consume_until_idle(settings, idle_s=0.5, timeout_s=30)
-    assert not stats.timed_out
-    return stats
-
-
 async def row(pg: asyncpg.Connection) -> tuple[str, int]:
     r = await pg.fetchrow("SELECT summary, version FROM ap_jira_task WHERE issue_id = $1", int(ISSUE))
     assert r is not None
@@ -98,7 +78,7 @@ async def test_replayed_events_are_applied_and_obey_the_version_guard(
     # GIVEN the row at version T0+2000 ("v2"), and an older ("v1") and a newer ("v3") event of the same
     # issue in the dead-letter queue
     await enqueue(aws_settings, queues.queue_url, [event(T0 + 2000, "v2")])
-    await consume(aws_settings, queues, db_settings)
+    await consume_all(aws_settings, queues, db_settings, timeout_s=30)
     assert await row(pg) == ("v2", T0 + 2000)
     await dead_letter_through_the_consumer(
         aws_settings, queues, [event(T0 + 1000, "v1"), event(T0 + 3000, "v3")]
@@ -107,7 +87,7 @@ async def test_replayed_events_are_applied_and_obey_the_version_guard(
     # WHEN they are replayed and consumed
     async with aws.sqs_client(aws_settings) as sqs:
         summary = await dlq.replay_dead_letters(sqs, settings)
-    stats = await consume(aws_settings, queues, db_settings)
+    stats = await consume_all(aws_settings, queues, db_settings, timeout_s=30)
 
     # THEN the newer one is applied, the older one is a stale no-op, and the DLQ is empty
     assert (summary.replayed, summary.failed) == (2, 0)
@@ -121,7 +101,7 @@ async def test_replayed_events_are_applied_and_obey_the_version_guard(
     await dead_letter_through_the_consumer(aws_settings, queues, [event(T0 + 3000, "v3")])
     async with aws.sqs_client(aws_settings) as sqs:
         again = await dlq.replay_dead_letters(sqs, settings)
-    stats = await consume(aws_settings, queues, db_settings)
+    stats = await consume_all(aws_settings, queues, db_settings, timeout_s=30)
 
     # THEN the duplicate changes nothing
     assert again.replayed == 1

@@ -3,44 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from backfill.reconcile import ReconcileRequest, run_reconcile
-from backfill.settings import BackfillSettings, JiraSettings
 from shared.envelope import Envelope
 from shared.jira_event import RECONCILED_DELETE_EVENT
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import drain
-from tests.jira_api_server import API_TOKEN, EMAIL, PAT, JiraApiServer, fixture_issues, serve
+from tests.jira_api_server import (
+    JiraApiServer,
+    backfill_settings,
+    fixture_issues,
+)
 from tests.jira_fixtures import load, make_event
-
-
-@pytest.fixture
-async def jira() -> AsyncIterator[tuple[JiraApiServer, str]]:
-    server = JiraApiServer()
-    async with serve(server) as url:
-        yield server, url
-
-
-def settings_for(
-    url: str,
-    queues: QueuePair,
-    db_settings: DatabaseSettings,
-    aws_settings: AwsSettings,
-    *,
-    cloud: bool = True,
-) -> BackfillSettings:
-    jira = (
-        JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN)
-        if cloud
-        else JiraSettings(url=url, deployment="datacenter", pat=PAT)
-    )
-    return BackfillSettings(jira=jira, aws=aws_settings, queue_url=queues.queue_url, database=db_settings)
 
 
 async def live_rows(pg: asyncpg.Connection, rows: list[tuple[int, str]]) -> None:
@@ -77,7 +55,9 @@ async def test_reconcile_marks_a_404_deleted_through_the_queue_and_leaves_a_403_
     server, url = jira
     await jira_with_gaps(server, pg)
     # WHEN reconcile runs
-    summary = await run_reconcile(settings_for(url, queues, db_settings, aws_settings), ReconcileRequest())
+    summary = await run_reconcile(
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest()
+    )
     # THEN Jira was asked only about the four missing ids, each once
     assert sorted(server.issue_lookups) == ["30010", "30011", "30012", "30013"]
     assert server.jqls == ["project IS NOT EMPTY ORDER BY created ASC"]
@@ -120,7 +100,7 @@ async def test_a_dry_run_reports_the_same_and_changes_nothing(
     await jira_with_gaps(server, pg)
     server.failed_webhooks = [failed_webhook("1661274651203", 1_700_000_000_000, issue_id=30001)]
     summary = await run_reconcile(
-        settings_for(url, queues, db_settings, aws_settings), ReconcileRequest(dry_run=True)
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest(dry_run=True)
     )
     assert findings(summary.deleted) == [("30010", "BF-11", 404)]
     assert findings(summary.forbidden) == [("30011", "BF-12", 403), ("30013", "BF-14", 401)]
@@ -142,7 +122,7 @@ async def test_more_404s_than_allowed_withholds_every_delete(
     await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2"), (40003, "GONE-3")])
     # WHEN reconcile runs
     summary = await run_reconcile(
-        settings_for(url, queues, db_settings, aws_settings), ReconcileRequest(max_deletes=2)
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest(max_deletes=2)
     )
     # THEN the 404s are reported and nothing is enqueued
     assert [f.issue_id for f in summary.deleted] == ["40001", "40002", "40003"]
@@ -160,7 +140,7 @@ async def test_data_center_reconcile_uses_rest_v2_and_has_no_failed_webhook_list
     server, url = jira
     await jira_with_gaps(server, pg)
     summary = await run_reconcile(
-        settings_for(url, queues, db_settings, aws_settings, cloud=False), ReconcileRequest()
+        backfill_settings(url, queues, db_settings, aws_settings, deployment="datacenter"), ReconcileRequest()
     )
     assert findings(summary.deleted) == [("30010", "BF-11", 404)]
     assert findings(summary.forbidden) == [("30011", "BF-12", 403), ("30013", "BF-14", 401)]
@@ -212,7 +192,7 @@ async def test_failed_webhooks_are_replayed_through_the_queue_and_the_place_is_r
         ),
         failed_webhook("1661274651206", 1_700_000_003_000, body="{not json"),
     ]
-    settings = settings_for(url, queues, db_settings, aws_settings)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
     # WHEN reconcile runs
     summary = await run_reconcile(settings, ReconcileRequest())
     # THEN the update went on the queue as Jira sent it, under Jira's delivery id
