@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter_entry
-from consumer.event import parse_envelope
+from consumer.event import decode_json, parse_envelope
 from consumer.issue_row import is_full, issue_number, issue_row
 from consumer.ordering import NO_CHANGELOG_ID, tiebreak_for, version_time
 from consumer.outcomes import InvalidMessage, Outcome, classify
@@ -120,6 +120,36 @@ def test_tiebreak_is_padded_changelog_id_and_body_hash() -> None:
 
 def test_version_time_is_exact_to_the_millisecond() -> None:
     assert version_time(1550286113023) == datetime(2019, 2, 16, 3, 1, 53, 23000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("name", jira_fixtures.names())
+def test_decode_json_reads_every_fixture_as_the_standard_library_does(name: str) -> None:
+    text = jira_fixtures.raw(name).decode("utf-8")
+    assert decode_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"summary": "lone \\ud800 surrogate"}',  # orjson refuses it; the standard parser takes it
+        "[" * 500 + "]" * 500,
+        '{"a": "NUL \\u0000 inside"}',
+        '{"n": 1.10, "i": 9223372036854775807}',
+    ],
+)
+def test_decode_json_accepts_what_the_standard_library_accepts(text: str) -> None:
+    assert decode_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["[NaN]", '{"a": Infinity}', "{", "", '{"a": 1} trailing'])
+def test_decode_json_rejects_what_is_not_json(text: str) -> None:
+    with pytest.raises(ValueError):
+        decode_json(text)
+
+
+def test_decode_json_refuses_nesting_too_deep_for_either_parser() -> None:
+    with pytest.raises((ValueError, RecursionError)):  # parse_envelope makes either an invalid message
+        decode_json("[" * 100_000 + "]" * 100_000)
 
 
 def test_parse_envelope_classifies_events() -> None:
