@@ -14,7 +14,10 @@ signing, sending) without copying it; a ``bytes`` body, by contrast, is wrapped 
 
 On any failure (an upload error, the source failing, cancellation on SIGTERM) the upload is aborted,
 so S3 keeps no orphan parts (``ListMultipartUploads`` stays empty). The same pattern as aioboto3's
-own ``upload_fileobj``, with the part size and concurrency ours to set.
+own ``upload_fileobj``, with the part size and concurrency ours to set. A killed process runs no code:
+for that, an :class:`UploadRecorder` (exporter/uploads.py) keeps each upload's id in PostgreSQL from
+before its first part until S3 confirmed it completed or aborted, and the next export aborts what a
+dead one left.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
+from botocore.exceptions import ClientError
 
 from exporter.errors import ExportError, failure_reason
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
@@ -40,6 +44,80 @@ log = structlog.get_logger()
 
 # Called after each part is stored, with (part_number, part_bytes).
 PartCallback = Callable[[int, int], None]
+
+
+class UploadRecorder(Protocol):
+    """Keeps the open uploads somewhere that survives the process (exporter/uploads.py: PostgreSQL)."""
+
+    async def opening(self, bucket: str, key: str) -> int:
+        """Before CreateMultipartUpload; returns a reference for the two calls below."""
+
+    async def opened(self, ref: int, upload_id: str) -> None:
+        """S3 created the upload: before its first part."""
+
+    async def closed(self, ref: int) -> None:
+        """S3 confirmed the upload completed or aborted."""
+
+
+async def start_upload(
+    s3: S3Client, recorder: UploadRecorder | None, *, bucket: str, key: str, content_type: str
+) -> tuple[str, int | None]:
+    """CreateMultipartUpload, recorded before any part is sent; returns (upload id, recorder reference).
+
+    If recording the id fails, the upload is aborted before the error is raised."""
+    ref = await recorder.opening(bucket, key) if recorder is not None else None
+    try:
+        created = await s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)
+    except ClientError:
+        # S3 answered: no upload was created.
+        if recorder is not None and ref is not None:
+            await recorder.closed(ref)
+        raise
+    upload_id = created["UploadId"]
+    if recorder is not None and ref is not None:
+        try:
+            await recorder.opened(ref, upload_id)
+        except BaseException:
+            await asyncio.shield(abort_upload(s3, recorder, ref, bucket=bucket, key=key, upload_id=upload_id))
+            raise
+    return upload_id, ref
+
+
+async def abort_upload(
+    s3: S3Client, recorder: UploadRecorder | None, ref: int | None, *, bucket: str, key: str, upload_id: str
+) -> bool:
+    """AbortMultipartUpload, then forget the record; False (logged) when S3 did not confirm it."""
+    try:
+        await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception as exc:
+        # The record stays: the next export aborts it again; the lifecycle rule is the last backstop.
+        log.warning(
+            "multipart_abort_failed",
+            key=key,
+            upload_id=upload_id,
+            reason=failure_reason(exc) or repr(exc),
+        )
+        return False
+    await forget_upload(recorder, ref, key=key, upload_id=upload_id)
+    return True
+
+
+async def forget_upload(
+    recorder: UploadRecorder | None, ref: int | None, *, key: str, upload_id: str
+) -> None:
+    """Clear the record of an upload S3 completed or aborted; if that fails, the next export's abort of
+    it is a no-op (NoSuchUpload), so it is only logged."""
+    if recorder is None or ref is None:
+        return
+    try:
+        await recorder.closed(ref)
+    except Exception as exc:
+        log.warning(
+            "multipart_record_not_cleared",
+            key=key,
+            upload_id=upload_id,
+            reason=failure_reason(exc) or repr(exc),
+        )
 
 
 @dataclass(frozen=True)
@@ -72,6 +150,7 @@ class MultipartUpload:
         parts_in_flight: int,
         content_type: str,
         on_part_stored: PartCallback | None = None,
+        recorder: UploadRecorder | None = None,
     ) -> None:
         if part_size_bytes < S3_MIN_PART_BYTES:
             raise ValueError(f"part_size_bytes must be >= {S3_MIN_PART_BYTES}")
@@ -81,6 +160,8 @@ class MultipartUpload:
         self._part_size = part_size_bytes
         self._content_type = content_type
         self._on_part_stored = on_part_stored
+        self._recorder = recorder
+        self._ref: int | None = None
         self._queue: asyncio.Queue[tuple[int, io.BytesIO, int] | None] = asyncio.Queue(maxsize=1)
         self._workers_count = parts_in_flight
         self._workers: list[asyncio.Task[None]] = []
@@ -100,10 +181,9 @@ class MultipartUpload:
         return self._upload_id
 
     async def __aenter__(self) -> MultipartUpload:
-        created = await self._s3.create_multipart_upload(
-            Bucket=self.bucket, Key=self.key, ContentType=self._content_type
+        self._upload_id, self._ref = await start_upload(
+            self._s3, self._recorder, bucket=self.bucket, key=self.key, content_type=self._content_type
         )
-        self._upload_id = created["UploadId"]
         self._workers = [
             asyncio.create_task(self._upload_parts(), name=f"multipart-uploader-{i}")
             for i in range(self._workers_count)
@@ -147,6 +227,7 @@ class MultipartUpload:
             MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
         )
         self._completed = True
+        await forget_upload(self._recorder, self._ref, key=self.key, upload_id=self._require_upload_id())
         stored = StoredObject(
             bucket=self.bucket,
             key=self.key,
@@ -226,16 +307,10 @@ class MultipartUpload:
     async def _abort(self, cause: BaseException | None) -> None:
         if self._upload_id is None:
             return
-        try:
-            await self._s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
-        except Exception as exc:
-            # Not fatal to report: a lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
-            log.warning(
-                "multipart_abort_failed",
-                key=self.key,
-                upload_id=self._upload_id,
-                reason=failure_reason(exc) or repr(exc),
-            )
+        aborted = await abort_upload(
+            self._s3, self._recorder, self._ref, bucket=self.bucket, key=self.key, upload_id=self._upload_id
+        )
+        if not aborted:
             return
         log.info(
             "multipart_aborted",
@@ -262,11 +337,13 @@ async def copy_object(
     part_size_bytes: int,
     single_copy_max_bytes: int,
     content_type: str,
+    recorder: UploadRecorder | None = None,
 ) -> str:
     """Server-side copy of ``source`` to ``dest_key``, atomic for readers of ``dest_key``; returns its ETag.
 
     Copies only the exact object uploaded (``CopySourceIfMatch``). Up to ``single_copy_max_bytes`` (at
-    most 5 GiB) one CopyObject; above, a multipart copy (UploadPartCopy by byte range), aborted on failure.
+    most 5 GiB) one CopyObject; above, a multipart copy (UploadPartCopy by byte range), aborted on failure
+    and recorded by ``recorder`` like any other upload.
     """
     copy_source: Any = {"Bucket": bucket, "Key": source.key}
     if source.size_bytes <= single_copy_max_bytes:
@@ -281,8 +358,7 @@ async def copy_object(
         return copied.get("CopyObjectResult", {}).get("ETag", "")
     # Parts of at least part_size_bytes, and few enough for S3's 10,000-part limit.
     part_bytes = max(part_size_bytes, -(-source.size_bytes // S3_MAX_PARTS))
-    created = await s3.create_multipart_upload(Bucket=bucket, Key=dest_key, ContentType=content_type)
-    upload_id = created["UploadId"]
+    upload_id, ref = await start_upload(s3, recorder, bucket=bucket, key=dest_key, content_type=content_type)
     try:
         parts: list[Any] = []
         for number, start in enumerate(range(0, source.size_bytes, part_bytes), start=1):
@@ -301,6 +377,9 @@ async def copy_object(
             Bucket=bucket, Key=dest_key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
     except BaseException:
-        await asyncio.shield(s3.abort_multipart_upload(Bucket=bucket, Key=dest_key, UploadId=upload_id))
+        await asyncio.shield(
+            abort_upload(s3, recorder, ref, bucket=bucket, key=dest_key, upload_id=upload_id)
+        )
         raise
+    await forget_upload(recorder, ref, key=dest_key, upload_id=upload_id)
     return done.get("ETag", "")

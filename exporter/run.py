@@ -5,11 +5,13 @@ holds the export lock, and from a single statement inside it (``COPY (SELECT ...
 server-side cursor over one SELECT for Parquet): one snapshot, whatever commits meanwhile.
 
 Atomicity, in order: (1) the data object is written by a multipart upload, which S3 makes visible only
-on complete, and aborts on any failure; (2) for a full export, that exact object (``If-Match`` its ETag)
-is copied server-side to latest/, which readers see switch from the old object to the new one at once;
-(3) the manifests are written last; (4) the run is recorded in ``jiralake_export_run``, which advances
-the incremental watermark. A failure before (2) leaves latest/ untouched; a failure before (4) leaves
-the watermark where it was, so the next incremental run exports those rows again rather than skip them.
+on complete, and aborts on any failure (its id is kept in ``jiralake_export_upload`` meanwhile, so that
+after a SIGKILL the next run aborts it: exporter/uploads.py); (2) for a full export, that exact object
+(``If-Match`` its ETag) is copied server-side to latest/, which readers see switch from the old object to
+the new one at once; (3) the manifests are written last; (4) the run is recorded in
+``jiralake_export_run``, which advances the incremental watermark. A failure before (2) leaves latest/
+untouched; a failure before (4) leaves the watermark where it was, so the next incremental run exports
+those rows again rather than skip them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from exporter.manifest import ManifestFacts, manifest_document, put_manifest
 from exporter.multipart import MultipartUpload, StoredObject, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
+from exporter.uploads import UploadLedger, abort_leftover_uploads
 from shared import aws, db
 from shared.metrics import EXPORT_BYTES, EXPORT_FAILURES, EXPORT_LAST_SUCCESS, EXPORT_ROWS, EXPORT_SECONDS
 
@@ -151,6 +154,10 @@ async def _locked_export(
     abandoned = await run_log.abandon_unfinished(control, started_at)
     if abandoned:
         log.warning("export_runs_abandoned", count=abandoned)
+    # Uploads a killed exporter left open: aborted now, while the lock says no export is running.
+    cleared = await abort_leftover_uploads(control, settings.aws)
+    if cleared:
+        log.info("leftover_uploads_cleared", count=cleared)
     columns = select_columns(
         await read_columns(source),
         include_raw=settings.include_raw or settings.format is ExportFormat.PARQUET,
@@ -210,6 +217,7 @@ async def _export(
         layout.history_key(started_at.date()) if mode == "full" else layout.changes_key(started_at, run_id)
     )
     progress = Progress(listener)
+    ledger = UploadLedger(control, run_id)
     async with aws.s3_client(settings.aws, max_pool=settings.parts_in_flight + 4) as s3:
         async with MultipartUpload(
             s3,
@@ -219,6 +227,7 @@ async def _export(
             parts_in_flight=settings.parts_in_flight,
             content_type=layout.content_type,
             on_part_stored=progress.part_stored,
+            recorder=ledger,
         ) as upload:
             # Not `async with conn.transaction()`: after a failed or cancelled COPY its ROLLBACK would
             # raise over the real error. On failure the connection is closed, which rolls back.
@@ -247,6 +256,7 @@ async def _export(
                 part_size_bytes=settings.part_size_bytes,
                 single_copy_max_bytes=settings.single_copy_max_bytes,
                 content_type=layout.content_type,
+                recorder=ledger,
             )
         facts = ManifestFacts(
             run_id=run_id,

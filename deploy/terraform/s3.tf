@@ -76,8 +76,9 @@ resource "aws_s3_bucket_lifecycle_configuration" "exports" {
   # Rules on noncurrent versions need versioning to be configured first.
   depends_on = [aws_s3_bucket_versioning.exports]
 
-  # The exporter aborts a failed upload itself; a killed process (SIGKILL, OOM) leaves its parts,
-  # which S3 bills until this rule removes them (docs/exporter.md "Failures").
+  # The exporter aborts a failed upload itself, and the next export run aborts the uploads a killed
+  # process (SIGKILL, OOM) left (recorded in jiralake_export_upload; docs/exporter.md "Killed
+  # exporters"). This rule is the backstop for uploads it cannot name or never reaches.
   rule {
     id     = "abort-incomplete-multipart-uploads"
     status = "Enabled"
