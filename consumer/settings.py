@@ -47,7 +47,7 @@ class ConsumerSettings:
     breaker_max_dead_letter_ratio: float = 0.5
     breaker_cooldown_s: float = 60.0
     # /healthz, /readyz, /metrics; port None disables the admin server.
-    admin_host: str = "0.0.0.0"
+    admin_host: str = "127.0.0.1"
     admin_port: int | None = 9091
     # Queue depth gauges (jiralake_queue_messages) refreshed this often; 0 disables.
     queue_stats_interval_s: float = 30.0
@@ -100,7 +100,7 @@ class ConsumerSettings:
                 env, "JIRALAKE_CONSUMER_BREAKER_RATIO", 0.5, minimum=0.01
             ),
             breaker_cooldown_s=env_float(env, "JIRALAKE_CONSUMER_BREAKER_COOLDOWN_S", 60.0, minimum=0),
-            admin_host=env_str(env, "JIRALAKE_CONSUMER_ADMIN_HOST", "0.0.0.0") or "0.0.0.0",
+            admin_host=env_str(env, "JIRALAKE_CONSUMER_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
             admin_port=admin_port or None,
             queue_stats_interval_s=env_float(env, "JIRALAKE_CONSUMER_QUEUE_STATS_S", 30.0, minimum=0),
         )

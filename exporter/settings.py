@@ -69,7 +69,7 @@ class ExporterSettings:
     progress_log_interval_s: float = 10.0
     # /healthz, /readyz and /metrics while running on a schedule; None = no admin server.
     admin_port: int | None = 9092
-    admin_host: str = "0.0.0.0"
+    admin_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.bucket:
@@ -115,7 +115,7 @@ class ExporterSettings:
             schedule=env_str(env, "JIRALAKE_EXPORT_SCHEDULE"),
             timezone=env_str(env, "JIRALAKE_EXPORT_TIMEZONE", "UTC") or "UTC",
             admin_port=admin_port or None,
-            admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "0.0.0.0") or "0.0.0.0",
+            admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
         )
 
 

@@ -95,6 +95,7 @@ async def _prepare(
         webhook_secret=secret,
         host=options.host,
         port=port,
+        admin_host=options.host,
         admin_port=free_port(options.host),
     )
     consumer = ConsumerSettings(

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -20,11 +20,12 @@ from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
 from receiver.intake import IntakeRules, admit
 from receiver.outcomes import Answer, Outcome, Rejected
 from receiver.readiness import QueueReadiness
-from receiver.settings import ReceiverSettings
+from receiver.settings import LINGER_S, MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ReceiverSettings
+from receiver.signature import MATCHED_PREVIOUS
 from shared.admin_server import add_health_routes
 from shared.envelope import Envelope
 from shared.jira_event import Ignored
-from shared.metrics import RECEIVER_REQUEST_SECONDS, RECEIVER_REQUESTS
+from shared.metrics import RECEIVER_PREVIOUS_SECRET_MATCHES, RECEIVER_REQUEST_SECONDS, RECEIVER_REQUESTS
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -82,8 +83,9 @@ def build_app(
         settings=settings,
         rules=IntakeRules(
             max_body_bytes=settings.max_body_bytes,
-            webhook_secret=settings.webhook_secret,
+            secrets=settings.secrets,
             accepted_event_prefixes=settings.accepted_event_prefixes,
+            body_timeout_s=settings.body_timeout_s,
         ),
         batcher=batcher,
         readiness=readiness,
@@ -97,6 +99,20 @@ def build_app(
     app.cleanup_ctx.append(_batcher_lifetime)
     app.on_shutdown.append(_stop_accepting)
     return app
+
+
+def server_options(settings: ReceiverSettings) -> dict[str, Any]:
+    """aiohttp's connection-level limits for the webhook port (``AppRunner``/``TestServer`` keywords):
+    explicit header size limits (beyond them: 400, or 414 for the request line), the idle timeout
+    that also closes a connection whose headers never finish arriving, and a short lingering time
+    (aiohttp's default of 10 s would let a refused body keep trickling in that long)."""
+    return {
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_FIELD_BYTES,
+        "max_headers": MAX_HEADERS,
+        "keepalive_timeout": settings.idle_timeout_s,
+        "lingering_time": LINGER_S,
+    }
 
 
 async def _batcher_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -136,7 +152,7 @@ async def handle_webhook(request: web.Request) -> web.Response:
         **fields,
     )
     response = answer.response()
-    if answer.outcome is Outcome.TOO_LARGE:
+    if answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT):
         response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
     return response
 
@@ -148,9 +164,15 @@ async def _answer(
     if receiver.stopping:
         return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later")
     try:
-        admitted = await admit(request, receiver.rules, received_at_ms=received_at_ms)
+        admission = await admit(request, receiver.rules, received_at_ms=received_at_ms)
     except Rejected as rejected:
         return rejected.answer
+    if admission.signed_with is not None:
+        # Which secret matched ("current"/"previous"), never the secret: shows when a rotation is done.
+        fields["signed_with"] = admission.signed_with
+        if admission.signed_with == MATCHED_PREVIOUS:
+            RECEIVER_PREVIOUS_SECRET_MATCHES.inc()
+    admitted = admission.result
     if isinstance(admitted, Ignored):
         fields["event_type"] = admitted.event_type
         return Answer(Outcome.IGNORED, details={"event_type": admitted.event_type})

@@ -8,16 +8,18 @@ before anything parses them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import StreamReader, hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from receiver.batcher import MAX_ENTRY_BYTES, message_bytes
 from receiver.outcomes import Outcome, Rejected
-from receiver.signature import SIGNATURE_HEADER, signature_problem
+from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
 from shared.envelope import Envelope, delivery_id_for
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
 
@@ -37,21 +39,48 @@ _SQS_FORBIDDEN = ("\ufffe", "\uffff")
 @dataclass(frozen=True)
 class IntakeRules:
     max_body_bytes: int
-    webhook_secret: str | None
+    # None only when unsigned webhooks are accepted (--insecure-no-signature).
+    secrets: WebhookSecrets | None
     accepted_event_prefixes: tuple[str, ...]
+    # Longest wait for the whole body once the handler runs; then 408.
+    body_timeout_s: float = 30.0
 
 
-async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int) -> Envelope | Ignored:
+@dataclass(frozen=True)
+class Admitted:
+    """A request that passed intake: what to do with it, and which secret signed it (None: unsigned)."""
+
+    result: Envelope | Ignored
+    signed_with: str | None
+
+
+async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int) -> Admitted:
     """Check a webhook request; raises :class:`Rejected` with the answer when it cannot be queued."""
     _check_content_type(request)
     declared = request.content_length
     if declared is not None and declared > rules.max_body_bytes:
         raise Rejected(Outcome.TOO_LARGE, _too_large(rules.max_body_bytes))
-    body = await read_limited(request.content, rules.max_body_bytes)
-    if rules.webhook_secret is not None:
-        problem = signature_problem(rules.webhook_secret, body, request.headers.get(SIGNATURE_HEADER))
-        if problem is not None:
-            raise Rejected(Outcome.UNAUTHORIZED, problem)
+    try:
+        async with asyncio.timeout(rules.body_timeout_s):
+            body = await read_limited(request.content, rules.max_body_bytes)
+    except TimeoutError:
+        reason = f"the body did not arrive within {rules.body_timeout_s:g}s"
+        raise Rejected(Outcome.TIMED_OUT, reason) from None
+    except RequestPayloadError as exc:
+        # Broken chunked framing, a body cut short, or a Content-Encoding that does not decode.
+        raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {exc}") from None
+    signed_with: str | None = None
+    if rules.secrets is not None:
+        try:
+            signed_with = verify(rules.secrets, body, request.headers.get(SIGNATURE_HEADER))
+        except BadSignature as exc:
+            raise Rejected(Outcome.UNAUTHORIZED, str(exc)) from None
+    return Admitted(_envelope(request, rules, body, received_at_ms), signed_with)
+
+
+def _envelope(
+    request: web.Request, rules: IntakeRules, body: bytes, received_at_ms: int
+) -> Envelope | Ignored:
     delivery_header = request.headers.get(DELIVERY_HEADER)
     if delivery_header and delivery_header.strip() and not _DELIVERY_ID.match(delivery_header.strip()):
         raise Rejected(Outcome.BAD_REQUEST, f"{DELIVERY_HEADER} must be 1-512 printable ASCII characters")

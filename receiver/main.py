@@ -13,7 +13,7 @@ import signal
 import structlog
 from aiohttp import web
 
-from receiver.app import RECEIVER, WEBHOOK_PATH, build_app
+from receiver.app import RECEIVER, WEBHOOK_PATH, build_app, server_options
 from receiver.settings import ReceiverSettings
 from shared import aws
 from shared.admin_server import admin_app, start_admin_server
@@ -44,22 +44,26 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
         )
         async with client as sqs:
             app = build_app(settings, sqs)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+            runner = web.AppRunner(
+                app, access_log=None, shutdown_timeout=settings.shutdown_grace_s, **server_options(settings)
+            )
             await runner.setup()
             admin: web.AppRunner | None = None
             try:
                 await web.TCPSite(runner, settings.host, settings.port).start()
                 admin = await start_admin_server(
-                    admin_app(app[RECEIVER].readiness), settings.host, settings.admin_port
+                    admin_app(app[RECEIVER].readiness), settings.admin_host, settings.admin_port
                 )
                 log.info(
                     "receiver_started",
                     host=settings.host,
                     port=settings.port,
+                    admin_host=settings.admin_host,
                     admin_port=settings.admin_port,
                     path=WEBHOOK_PATH,
                     queue_url=settings.queue_url,
                     unsigned_webhooks_accepted=settings.webhook_secret is None,
+                    rotation_in_progress=settings.webhook_secret_previous is not None,
                 )
                 await stop.wait()
                 log.info("receiver_shutdown_started")

@@ -5,6 +5,7 @@ Jira retries a delivery on 5xx (and on no answer at all), not on other 4xx, so:
 - ``accepted`` / ``ignored`` (202): stored on the queue / concerns no issue; Jira is done.
 - ``bad_request``, ``unauthorized``, ``too_large``, ``unsupported_media_type`` (4xx): can never be
   stored; retrying would not help.
+- ``request_timeout`` (408): the body did not arrive in time; the connection is closed.
 - ``unavailable`` (503 + ``Retry-After``): not stored this time (SQS failed or timed out, the
   receiver is overloaded or shutting down); Jira retries the same delivery, which SQS deduplicates.
 """
@@ -26,6 +27,7 @@ class Outcome(StrEnum):
     UNAUTHORIZED = "unauthorized"
     TOO_LARGE = "too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    TIMED_OUT = "request_timeout"
     UNAVAILABLE = "unavailable"
 
 
@@ -36,6 +38,7 @@ STATUS: dict[Outcome, int] = {
     Outcome.UNAUTHORIZED: 401,
     Outcome.TOO_LARGE: 413,
     Outcome.UNSUPPORTED_MEDIA_TYPE: 415,
+    Outcome.TIMED_OUT: 408,
     Outcome.UNAVAILABLE: 503,
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from receiver.signature import WebhookSecrets
 from shared.jira_event import ISSUE_EVENT_PREFIXES
 from shared.settings import AwsSettings, ConfigError, env_float, env_int, env_str, require
 
@@ -16,6 +17,14 @@ WEBHOOK_EVENT_PREFIXES: tuple[str, ...] = tuple(
 )
 
 ONE_MIB = 1_048_576
+# aiohttp's limits on the request line and on one header line, set explicitly: a longer one gets
+# 400 (request line: 414) before any handler runs. Jira's longest header is far below either.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 100
+# After answering a request whose body was not read to the end (413, 408), how long aiohttp goes on
+# reading and discarding it so the client sees the answer, before it closes the connection.
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,8 +33,12 @@ class ReceiverSettings:
     queue_url: str
     # None only when the operator explicitly started with --insecure-no-signature.
     webhook_secret: str | None = field(default=None, repr=False)
+    # Also accepted while a secret rotation is in progress; only together with webhook_secret.
+    webhook_secret_previous: str | None = field(default=None, repr=False)
     host: str = "0.0.0.0"
     port: int = 8080
+    # /metrics stays on the loopback interface unless opened (containers: 0.0.0.0).
+    admin_host: str = "127.0.0.1"
     admin_port: int = 9090
     max_body_bytes: int = ONE_MIB
     accepted_event_prefixes: tuple[str, ...] = WEBHOOK_EVENT_PREFIXES
@@ -41,11 +54,32 @@ class ReceiverSettings:
     readiness_cache_s: float = 5.0
     # On SIGTERM: how long in-flight requests and pending batches get to finish.
     shutdown_grace_s: float = 20.0
+    # A request whose body has not fully arrived this long after its handler started gets 408 and
+    # its connection is closed (a client trickling its body cannot hold a connection for ever).
+    body_timeout_s: float = 30.0
+    # An idle connection, or one whose request headers have not fully arrived, is closed after this
+    # long (aiohttp's keep-alive timeout, which also runs from the moment a connection opens).
+    idle_timeout_s: float = 75.0
+
+    def __post_init__(self) -> None:
+        if self.webhook_secret_previous is not None and self.webhook_secret is None:
+            raise ConfigError(
+                "JIRALAKE_WEBHOOK_SECRET_PREVIOUS is set but JIRALAKE_WEBHOOK_SECRET is not; the "
+                "previous secret is only accepted alongside the current one"
+            )
+
+    @property
+    def secrets(self) -> WebhookSecrets | None:
+        """The secrets signatures are checked against; None when unsigned webhooks are accepted."""
+        if self.webhook_secret is None:
+            return None
+        return WebhookSecrets(self.webhook_secret, self.webhook_secret_previous)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, allow_unsigned: bool = False) -> ReceiverSettings:
         secret = env_str(env, "JIRALAKE_WEBHOOK_SECRET")
-        if secret is None and not allow_unsigned:
+        previous = env_str(env, "JIRALAKE_WEBHOOK_SECRET_PREVIOUS")
+        if secret is None and not allow_unsigned and previous is None:
             raise ConfigError(
                 "JIRALAKE_WEBHOOK_SECRET is not set; set it to the webhook's secret in Jira, "
                 "or pass --insecure-no-signature to accept unsigned webhooks (local use only)"
@@ -54,8 +88,10 @@ class ReceiverSettings:
             aws=AwsSettings.from_env(env),
             queue_url=require(env, "JIRALAKE_QUEUE_URL"),
             webhook_secret=secret,
+            webhook_secret_previous=previous,
             host=env_str(env, "JIRALAKE_RECEIVER_HOST", "0.0.0.0") or "0.0.0.0",
             port=env_int(env, "JIRALAKE_RECEIVER_PORT", 8080, minimum=0),
+            admin_host=env_str(env, "JIRALAKE_RECEIVER_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
             admin_port=env_int(env, "JIRALAKE_RECEIVER_ADMIN_PORT", 9090, minimum=0),
             max_body_bytes=env_int(env, "JIRALAKE_MAX_BODY_BYTES", ONE_MIB, minimum=1024),
             accepted_event_prefixes=parse_accepted_events(env_str(env, "JIRALAKE_ACCEPTED_EVENTS")),
@@ -64,6 +100,8 @@ class ReceiverSettings:
             max_inflight_batches=env_int(env, "JIRALAKE_RECEIVER_MAX_INFLIGHT_BATCHES", 8, minimum=1),
             sqs_timeout_s=env_float(env, "JIRALAKE_RECEIVER_SQS_TIMEOUT_S", 5.0, minimum=0.1),
             shutdown_grace_s=env_float(env, "JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S", 20.0, minimum=0.0),
+            body_timeout_s=env_float(env, "JIRALAKE_RECEIVER_BODY_TIMEOUT_S", 30.0, minimum=0.1),
+            idle_timeout_s=env_float(env, "JIRALAKE_RECEIVER_IDLE_TIMEOUT_S", 75.0, minimum=1.0),
         )
         return settings.with_ports()
 

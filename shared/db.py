@@ -9,6 +9,14 @@ import asyncpg
 
 from shared.settings import DatabaseSettings
 
+# Longest wait to open one connection (asyncpg's ``timeout``); a caller's own ``timeout=`` wins.
+CONNECT_TIMEOUT_S = 10.0
+# Per-statement bound for pooled connections (asyncpg's ``command_timeout``); the consumer passes its
+# JIRALAKE_CONSUMER_STATEMENT_TIMEOUT_S. Single connections (db.connect) stay unbounded unless the
+# caller asks: they run the exporter's COPY/cursor streams and migrate's advisory-lock wait, which
+# legitimately last longer than any fixed per-statement bound.
+POOL_COMMAND_TIMEOUT_S = 60.0
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; asyncpg leaves them as text otherwise.
@@ -16,6 +24,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def connect(db: DatabaseSettings, **kwargs: Any) -> asyncpg.Connection:
+    kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
     conn = await asyncpg.connect(dsn=db.url, **kwargs)
     await _init_connection(conn)
     return conn
@@ -24,6 +33,8 @@ async def connect(db: DatabaseSettings, **kwargs: Any) -> asyncpg.Connection:
 async def create_pool(
     db: DatabaseSettings, *, min_size: int = 1, max_size: int = 10, **kwargs: Any
 ) -> asyncpg.Pool:
+    kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
+    kwargs.setdefault("command_timeout", POOL_COMMAND_TIMEOUT_S)
     pool = await asyncpg.create_pool(
         dsn=db.url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
     )

@@ -6,6 +6,7 @@ Only ``main()`` calls :func:`configure`; modules call ``structlog.get_logger()``
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -16,10 +17,16 @@ import structlog
 _SECRET_KEYS = ("secret", "signature", "password", "token", "authorization", "api_key", "credential")
 
 
+# A password inside a URL (postgresql://user:password@host/db), wherever a string value holds one.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+
+
 def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event_dict):
+    for key, value in list(event_dict.items()):
         if any(marker in key.lower() for marker in _SECRET_KEYS):
             event_dict[key] = "[redacted]"
+        elif isinstance(value, str) and "://" in value:
+            event_dict[key] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
     return event_dict
 
 

@@ -11,13 +11,19 @@ from prometheus_client import Counter, Gauge, Histogram
 # -- receiver --
 RECEIVER_REQUESTS = Counter(
     "jiralake_receiver_requests_total",
-    "Webhook requests by outcome (accepted, ignored, bad_request, unauthorized, too_large, unavailable).",
+    "Webhook requests by outcome (accepted, ignored, bad_request, unauthorized, too_large, "
+    "unsupported_media_type, request_timeout, unavailable).",
     ["outcome"],
 )
 RECEIVER_REQUEST_SECONDS = Histogram(
     "jiralake_receiver_request_duration_seconds",
     "Time from a webhook request arriving to its answer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+RECEIVER_PREVIOUS_SECRET_MATCHES = Counter(
+    "jiralake_receiver_previous_secret_matches_total",
+    "Webhooks whose signature matched JIRALAKE_WEBHOOK_SECRET_PREVIOUS, not the current secret; "
+    "once it stays flat, the rotation is done and the previous secret can be removed.",
 )
 RECEIVER_BATCH_SIZE = Histogram(
     "jiralake_receiver_batch_entries",

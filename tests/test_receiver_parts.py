@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from receiver.batcher import BatcherClosed, BatcherFull, SqsBatcher, message_bytes
 from receiver.intake import retry_count
 from receiver.settings import WEBHOOK_EVENT_PREFIXES, ReceiverSettings, parse_accepted_events
-from receiver.signature import sign, signature_problem
+from receiver.signature import MATCHED_CURRENT, BadSignature, WebhookSecrets, sign, verify
 from shared import aws
 from shared.envelope import Envelope
 from shared.provision import QueuePair
@@ -106,8 +106,9 @@ def test_signature_matches_the_published_hmac_sha256_vector() -> None:
     # RFC 4231-style known answer (the "quick brown fox" HMAC-SHA256 example)
     body = b"The quick brown fox jumps over the lazy dog"
     assert sign("key", body) == "sha256=f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
-    assert signature_problem("key", body, sign("key", body)) is None
-    assert signature_problem("key", body, sign("key", body).upper().replace("SHA256=", "sha256=")) is None
+    assert verify(WebhookSecrets("key"), body, sign("key", body)) == MATCHED_CURRENT
+    upper = sign("key", body).upper().replace("SHA256=", "sha256=")
+    assert verify(WebhookSecrets("key"), body, upper) == MATCHED_CURRENT
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,9 @@ def test_signature_matches_the_published_hmac_sha256_vector() -> None:
     ],
 )
 def test_signature_problems_are_named_without_echoing_values(header: str | None, problem: str) -> None:
-    assert signature_problem("key", b"{}", header) == problem
+    with pytest.raises(BadSignature) as refused:
+        verify(WebhookSecrets("key"), b"{}", header)
+    assert str(refused.value) == problem
 
 
 @pytest.mark.parametrize(
