@@ -1,25 +1,38 @@
 """deploy/: the Prometheus alert rules and the Grafana dashboard reference only series that
-shared/metrics.py defines, with the labels those series carry; every alert has a runbook section in
-docs/operations.md. Where ``promtool`` is installed it also checks the rules' syntax, runs their unit
-tests (deploy/prometheus/alerts.test.yml) and parses every dashboard query."""
+shared/metrics.py defines, with the labels those series carry; every alert has a section in
+docs/operations.md and in docs/runbook.md. Where ``promtool`` is installed it also checks the rules'
+syntax, runs their unit tests (deploy/prometheus/alerts.test.yml) and parses every dashboard query.
+Every jiralake command the runbook quotes parses with the real CLI, and its restore script
+(deploy/restore/restore_history.sql) loads a real export back exactly."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from exporter.columns import ColumnKind, ExportColumn
+from exporter.run import export_once
+from exporter.settings import ExporterSettings, ExportFormat
+from jiralake.cli import build_parser
 from receiver.outcomes import Outcome as ReceiverOutcome
 from shared import metrics
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, STATES
+from shared.settings import AwsSettings
+from tests.test_export_support import exported_columns, get_object, insert_awkward_rows, settings_factory
+
+__all__ = ["settings_factory"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -219,3 +232,149 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
         [PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# -- restoring an exported file (deploy/restore/restore_history.sql, docs/runbook.md) --
+
+RESTORE_SCRIPT = ROOT / "deploy" / "restore" / "restore_history.sql"
+PSQL = shutil.which("psql")
+
+
+def _run_restore(database_url: str, folder: Path, *variables: str) -> subprocess.CompletedProcess[str]:
+    """The command docs/runbook.md gives, run in ``folder`` (which holds restore.csv)."""
+    assert PSQL
+    header = (folder / "restore.csv").read_text(encoding="utf-8").split("\n", 1)[0]
+    argv = [PSQL, database_url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"header={header}"]
+    for variable in variables:
+        argv += ["-v", variable]
+    argv += ["-f", str(RESTORE_SCRIPT)]
+    return subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=120)
+
+
+def _rows_sql(columns: list[ExportColumn], table: str) -> str:
+    values = []
+    for c in columns:
+        if c.kind in (ColumnKind.TIMESTAMPTZ, ColumnKind.TIMESTAMP):
+            values.append(f"date_trunc('milliseconds', {c.sql_ident})")
+        else:
+            values.append(c.sql_ident)
+    return f"SELECT {', '.join(values)} FROM {table} ORDER BY issue_id"
+
+
+@pytest.mark.skipif(PSQL is None, reason="psql is not installed")
+async def test_the_restore_script_loads_an_exported_csv_back_exactly(
+    pg: asyncpg.Connection,
+    database_url: str,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    tmp_path: Path,
+) -> None:
+    # GIVEN a CSV export (raw included) of rows full of quotes, line breaks, backslashes and NULLs
+    await insert_awkward_rows(pg, 300)
+    result = await export_once(settings_factory(format=ExportFormat.CSV, include_raw=True))
+    (tmp_path / "restore.csv").write_bytes(await get_object(aws_settings, bucket, result.data_key))
+    columns = await exported_columns(pg, include_raw=True)
+    try:
+        # WHEN the runbook's restore command loads it
+        run = _run_restore(database_url, tmp_path)
+        assert run.returncode == 0, run.stderr
+        # THEN ap_jira_task_restored equals the table (timestamps at the export's millisecond precision)
+        assert await pg.fetch(_rows_sql(columns, "ap_jira_task_restored")) == await pg.fetch(
+            _rows_sql(columns, "ap_jira_task")
+        )
+        assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_restored WHERE is_deleted") == 30
+        assert not await pg.fetchval("SELECT to_regclass('jiralake_restore_text') IS NOT NULL"), (
+            "the staging table is left behind"
+        )
+
+        # GIVEN a table that lost some rows and changed one since the export
+        await pg.execute("DELETE FROM ap_jira_task WHERE issue_id % 50 = 0")
+        await pg.execute("UPDATE ap_jira_task SET summary = 'changed later' WHERE issue_id = 7")
+        # WHEN the file is loaded into ap_jira_task itself
+        run = _run_restore(database_url, tmp_path, "target=ap_jira_task")
+        assert run.returncode == 0, run.stderr
+        # THEN the lost rows are back and the row held by the table is not overwritten
+        assert await pg.fetchval("SELECT count(*) FROM ap_jira_task") == 300
+        assert await pg.fetchval("SELECT summary FROM ap_jira_task WHERE issue_id = 7") == "changed later"
+        restored = await pg.fetch(
+            _rows_sql(columns, "ap_jira_task_restored").replace(
+                "ORDER BY", "WHERE issue_id % 50 = 0 ORDER BY"
+            )
+        )
+        assert (
+            await pg.fetch(
+                _rows_sql(columns, "ap_jira_task").replace("ORDER BY", "WHERE issue_id % 50 = 0 ORDER BY")
+            )
+            == restored
+        )
+    finally:
+        await pg.execute("DROP TABLE IF EXISTS ap_jira_task_restored, jiralake_restore_text")
+
+
+# -- docs/runbook.md --
+
+RUNBOOK_MD = ROOT / "docs" / "runbook.md"
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def quoted_commands(markdown: str, program: str = "jiralake") -> list[str]:
+    """Every command line of ``program`` in a markdown text: in fenced blocks (continuation lines
+    joined, a ``$ `` prompt dropped) and in inline code spans."""
+    found = []
+    blocks = _FENCE.findall(markdown)
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            if line.startswith(program + " "):
+                found.append(line)
+    prose = _FENCE.sub("", markdown)
+    found += [span for span in _CODE_SPAN.findall(prose) if span.startswith(program + " ")]
+    return found
+
+
+def cli_problem(command: str) -> str | None:
+    """None when ``command`` (``jiralake ...``) parses with the real command line; else why not."""
+    argv = shlex.split(command, comments=True)[1:]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return f"{command!r} does not parse (exit {exc.code})"
+    return None
+
+
+def test_the_command_extractor_finds_blocks_and_spans() -> None:
+    text = (
+        "Run `jiralake dlq list` first, not `docker run x`.\n\n"
+        "```sh\n$ jiralake export --once   # a comment\njiralake backfill \\\n  --dry-run\n```\n"
+    )
+    assert quoted_commands(text) == [
+        "jiralake export --once   # a comment",
+        "jiralake backfill    --dry-run",
+        "jiralake dlq list",
+    ]
+    assert cli_problem("jiralake export --once   # a comment") is None
+    assert cli_problem("jiralake export --format xml") is not None
+    assert cli_problem("jiralake dlq rewind") is not None
+
+
+def test_every_command_in_the_runbook_exists() -> None:
+    commands = quoted_commands(RUNBOOK_MD.read_text())
+    assert len(commands) >= 20
+    problems = [p for p in map(cli_problem, commands) if p]
+    assert problems == []
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    headings = {
+        line.lstrip("#").strip() for line in RUNBOOK_MD.read_text().splitlines() if line.startswith("### ")
+    }
+    missing = [rule["alert"] for rule in alert_rules() if rule["alert"] not in headings]
+    assert missing == []
+
+
+def test_the_runbook_gives_the_restore_command_the_tests_run() -> None:
+    text = RUNBOOK_MD.read_text()
+    assert '-v header="$(head -n 1 restore.csv)"' in text
+    assert f"-f {RESTORE_SCRIPT.relative_to(ROOT)}" in text

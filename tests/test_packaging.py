@@ -3,20 +3,28 @@ specification, its commands against the real CLI, and the wheel the image instal
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from compose_spec import PyCompose
 
+from consumer.settings import ConsumerSettings
+from exporter.settings import ExporterSettings
 from jiralake.cli import build_parser
+from receiver.settings import ReceiverSettings
 from shared import migrate
+from shared.admin_server import admin_app, start_admin_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,3 +94,148 @@ def test_wheel_carries_the_sql_files(tmp_path: Path) -> None:
         str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.sql") if p.parts[-2] not in {"tests", "bench"}
     }
     assert sql_in_tree <= names
+
+
+# -- the image's final stage --
+
+BUILD_TOOLS = frozenset(
+    {
+        "gcc",
+        "g++",
+        "cc",
+        "clang",
+        "make",
+        "cmake",
+        "build-essential",
+        "python3-dev",
+        "libpq-dev",
+        "git",
+        "cargo",
+        "rustc",
+        "musl-dev",
+        "linux-headers",
+    }
+)
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined, by stage."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), arguments.strip()))
+    return stages
+
+
+def test_final_stage_is_slim_runs_as_non_root_and_has_a_healthcheck() -> None:
+    final = dockerfile_stages()[-1]
+    (base,) = [args for instr, args in final if instr == "FROM"]
+    assert base.split()[0].endswith("-slim")
+    users = [args for instr, args in final if instr == "USER"]
+    assert users, "the final stage sets no USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    healthchecks = [args for instr, args in final if instr == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "NONE" not in healthchecks[0].split()
+    assert "JIRALAKE_HEALTH_URL" in healthchecks[0]
+    # USER comes after every RUN: nothing the services run is installed or owned by root at run time.
+    instructions = [instr for instr, _ in final]
+    assert instructions.index("USER") > max(i for i, instr in enumerate(instructions) if instr == "RUN")
+
+
+def test_final_stage_installs_no_build_tools() -> None:
+    final = dockerfile_stages()[-1]
+    commands = " ".join(args for instr, args in final if instr == "RUN")
+    words = set(re.findall(r"[\w.+-]+", commands))
+    assert not words & BUILD_TOOLS, f"build tools in the final stage: {words & BUILD_TOOLS}"
+    assert not re.search(r"\b(apt-get|apt|apk|yum|dnf)\b", commands), (
+        "a package manager runs in the final stage"
+    )
+    # Only the wheels built in the first stage are installed, without an index.
+    assert "--no-index" in commands
+
+
+def _healthcheck_argv() -> list[str]:
+    (healthcheck,) = [args for instr, args in dockerfile_stages()[-1] if instr == "HEALTHCHECK"]
+    argv: list[str] = json.loads(healthcheck[healthcheck.index("CMD") + len("CMD") :])
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
+
+
+def _image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, args in dockerfile_stages()[-1]:
+        if instr == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    return env
+
+
+async def _run_probe(url: str) -> int:
+    process = await asyncio.create_subprocess_exec(
+        *_healthcheck_argv(),
+        env={**os.environ, "JIRALAKE_HEALTH_URL": url},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), timeout=30)
+
+
+async def test_the_healthcheck_probe_passes_on_a_live_admin_port_and_fails_otherwise() -> None:
+    async def not_ready() -> str | None:
+        return "postgres unreachable"
+
+    port = _free_port()
+    runner = await start_admin_server(admin_app(not_ready), "127.0.0.1", port)
+    try:
+        # GIVEN a running service's admin port: /healthz answers 200 even while it is not ready
+        assert await _run_probe(f"http://127.0.0.1:{port}/healthz") == 0
+        # A non-2xx answer fails the probe
+        assert await _run_probe(f"http://127.0.0.1:{port}/readyz") != 0
+    finally:
+        await runner.cleanup()
+    # WHEN nothing listens THEN the probe fails (and does not hang)
+    assert await _run_probe(f"http://127.0.0.1:{port}/healthz") != 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_health_urls_point_at_each_service_s_admin_port() -> None:
+    # The image's default fits the receiver; compose sets the URL for every long-running service.
+    assert urlsplit(_image_env()["JIRALAKE_HEALTH_URL"]).port == ReceiverSettings.admin_port
+    expected_port = {
+        "receiver": ReceiverSettings.admin_port,
+        "consumer": ConsumerSettings.admin_port,
+        "exporter": ExporterSettings.admin_port,
+    }
+    services = _compose()["services"]
+    for name, port in expected_port.items():
+        url = urlsplit(services[name]["environment"]["JIRALAKE_HEALTH_URL"])
+        assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/healthz"), name
+        # The image's test is kept (no `test:` override), only its timings are tuned.
+        assert "test" not in services[name]["healthcheck"], name
+    assert services["setup"]["healthcheck"] == {"disable": True}
+
+
+def test_compose_waits_for_healthy_dependencies_and_restarts_services() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            wanted = "service_completed_successfully" if dependency == "setup" else "service_healthy"
+            assert condition == {"condition": wanted}, f"{name} -> {dependency}"
+            if wanted == "service_healthy":
+                assert "test" in services[dependency]["healthcheck"], dependency
+        if name != "setup":
+            assert service["restart"] == "unless-stopped", name
+    assert services["setup"]["restart"] == "no"
+    assert "--schedule" in services["exporter"]["command"]
