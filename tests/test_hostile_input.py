@@ -35,6 +35,7 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests import fuzz_report, jira_fixtures
 from tests.conftest import consume_all, drain
+from tests.test_receiver import receiver_settings as receiver_test_settings
 
 SECRET = "hostile-input-secret"
 WRONG_SECRET = "not-the-secret"
@@ -81,17 +82,14 @@ class Harness:
 
 
 def receiver_settings(aws_settings: AwsSettings, queue_url: str, **overrides: Any) -> ReceiverSettings:
+    """tests/test_receiver.py's settings with this file's secret and short client timeouts."""
     values: dict[str, Any] = {
-        "aws": aws_settings,
-        "queue_url": queue_url,
         "webhook_secret": SECRET,
         "sqs_timeout_s": 10.0,
-        "shutdown_grace_s": 5.0,
         "body_timeout_s": 1.0,
         "idle_timeout_s": 1.5,
     }
-    values.update(overrides)
-    return ReceiverSettings(**values)
+    return receiver_test_settings(aws_settings, queue_url, **{**values, **overrides})
 
 
 @pytest.fixture
