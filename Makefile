@@ -38,5 +38,11 @@ up: install
 bench: install
 	$(BIN)/python -m bench.run_all
 
+## The fault-injection test at soak size and the receiver fuzzing with a bigger budget (slow):
+## docs/reliability.md, docs/receiver.md.
+soak: install
+	JIRALAKE_SOAK=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_fault_injection.py $(PYTEST_ARGS)
+	JIRALAKE_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q -p no:cacheprovider tests/test_hostile_input.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
