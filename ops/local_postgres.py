@@ -108,18 +108,18 @@ async def local_postgres(
 
 async def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, _as_server_user(cmd), capture_output=True, text=True, check=False
+        subprocess.run, as_server_user(cmd), capture_output=True, text=True, check=False
     )
 
 
-def _as_server_user(cmd: list[str]) -> list[str]:
+def as_server_user(cmd: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: there, run it as the system's ``postgres`` user."""
     if os.geteuid() != 0:
         return cmd
     return ["runuser", "-u", _SERVER_USER, "--", *cmd]
 
 
-def _prepare_dir(path: Path) -> None:
+def prepare_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         try:
@@ -145,8 +145,8 @@ async def _start_private(scratch: Path, database: str) -> LocalPostgres:
         raise CommandError(INSTALL_HINT, exit_code=2)
     data_dir = scratch / "pgdata"
     user = "jiralake"
-    _prepare_dir(data_dir)
-    _prepare_dir(scratch / "pgsocket")
+    prepare_dir(data_dir)
+    prepare_dir(scratch / "pgsocket")
     if not (data_dir / "PG_VERSION").exists():
         init = await _run(
             [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", user, "--auth=trust", "-E", "UTF8"]

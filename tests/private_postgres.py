@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from ops.local_aws import free_port
-from ops.local_postgres import _as_server_user, _prepare_dir, find_bin_dir
+from ops.local_postgres import as_server_user, find_bin_dir, prepare_dir
 
 USER = "jiralake"
 
@@ -40,8 +40,8 @@ class PrivatePostgres:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
 
     async def init(self) -> None:
-        _prepare_dir(self.data_dir)
-        _prepare_dir(self.socket_dir)
+        prepare_dir(self.data_dir)
+        prepare_dir(self.socket_dir)
         await self._run("initdb", "-D", str(self.data_dir), "-U", USER, "--auth=trust", "-E", "UTF8")
 
     async def start(self) -> None:
@@ -69,11 +69,11 @@ class PrivatePostgres:
         """For a finalizer (no event loop): stop the server if it still runs, as a crash would."""
         if self.running:
             cmd = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"]
-            subprocess.run(_as_server_user(cmd), capture_output=True, check=False)
+            subprocess.run(as_server_user(cmd), capture_output=True, check=False)
             self.running = False
 
     async def _run(self, program: str, *args: str) -> None:
-        cmd = _as_server_user([str(self.bin_dir / program), *args])
+        cmd = as_server_user([str(self.bin_dir / program), *args])
         done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
