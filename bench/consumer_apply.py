@@ -51,6 +51,22 @@ _ROW_COLUMNS = (
     "reporter_display_name"
 )
 
+# Both baselines overwrite every column of a conflicting row (the naive one behind its version guard).
+_SET_EVERY_COLUMN = """ON CONFLICT (issue_id) DO UPDATE SET
+    issue_key = excluded.issue_key, project_id = excluded.project_id, project_key = excluded.project_key,
+    project_name = excluded.project_name, issue_number = excluded.issue_number, summary = excluded.summary,
+    status = excluded.status, status_category = excluded.status_category, issue_type = excluded.issue_type,
+    priority = excluded.priority, resolution = excluded.resolution,
+    assignee_account_id = excluded.assignee_account_id,
+    assignee_display_name = excluded.assignee_display_name,
+    reporter_account_id = excluded.reporter_account_id,
+    reporter_display_name = excluded.reporter_display_name,
+    labels = excluded.labels, created_at = excluded.created_at, updated_at = excluded.updated_at,
+    resolved_at = excluded.resolved_at, due_date = excluded.due_date, parent_key = excluded.parent_key,
+    raw = excluded.raw, version = excluded.version, version_tiebreak = excluded.version_tiebreak,
+    last_event_type = excluded.last_event_type, last_event_at = excluded.last_event_at,
+    last_event_tiebreak = excluded.last_event_tiebreak, ingested_at = now()"""
+
 # -- ceiling_upsert --
 # The ceiling: the same rows as one unnest upsert per batch, nothing else (no guard, no history).
 CEILING_UPSERT = f"""
@@ -78,20 +94,7 @@ FROM unnest(
     last_event_tiebreak
 )
 ORDER BY c.issue_id
-ON CONFLICT (issue_id) DO UPDATE SET
-    issue_key = excluded.issue_key, project_id = excluded.project_id, project_key = excluded.project_key,
-    project_name = excluded.project_name, issue_number = excluded.issue_number, summary = excluded.summary,
-    status = excluded.status, status_category = excluded.status_category, issue_type = excluded.issue_type,
-    priority = excluded.priority, resolution = excluded.resolution,
-    assignee_account_id = excluded.assignee_account_id,
-    assignee_display_name = excluded.assignee_display_name,
-    reporter_account_id = excluded.reporter_account_id,
-    reporter_display_name = excluded.reporter_display_name,
-    labels = excluded.labels, created_at = excluded.created_at, updated_at = excluded.updated_at,
-    resolved_at = excluded.resolved_at, due_date = excluded.due_date, parent_key = excluded.parent_key,
-    raw = excluded.raw, version = excluded.version, version_tiebreak = excluded.version_tiebreak,
-    last_event_type = excluded.last_event_type, last_event_at = excluded.last_event_at,
-    last_event_tiebreak = excluded.last_event_tiebreak, ingested_at = now()
+{_SET_EVERY_COLUMN}
 """
 
 # -- naive_upsert --
@@ -103,20 +106,7 @@ INSERT INTO ap_jira_task AS t (
 )
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
         $22, $23::text::jsonb, $24, $25, $26, $27, $28)
-ON CONFLICT (issue_id) DO UPDATE SET
-    issue_key = excluded.issue_key, project_id = excluded.project_id, project_key = excluded.project_key,
-    project_name = excluded.project_name, issue_number = excluded.issue_number, summary = excluded.summary,
-    status = excluded.status, status_category = excluded.status_category, issue_type = excluded.issue_type,
-    priority = excluded.priority, resolution = excluded.resolution,
-    assignee_account_id = excluded.assignee_account_id,
-    assignee_display_name = excluded.assignee_display_name,
-    reporter_account_id = excluded.reporter_account_id,
-    reporter_display_name = excluded.reporter_display_name,
-    labels = excluded.labels, created_at = excluded.created_at, updated_at = excluded.updated_at,
-    resolved_at = excluded.resolved_at, due_date = excluded.due_date, parent_key = excluded.parent_key,
-    raw = excluded.raw, version = excluded.version, version_tiebreak = excluded.version_tiebreak,
-    last_event_type = excluded.last_event_type, last_event_at = excluded.last_event_at,
-    last_event_tiebreak = excluded.last_event_tiebreak, ingested_at = now()
+{_SET_EVERY_COLUMN}
 WHERE (t.version, t.version_tiebreak COLLATE "C") < (excluded.version, excluded.version_tiebreak COLLATE "C")
 """
 
