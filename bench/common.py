@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -368,6 +369,10 @@ def fmt_mb(value_bytes: float) -> str:
     return f"{value_bytes / MB:,.0f} MB"
 
 
+# PostgreSQL's parallel query workers: "postgres: 15/main: parallel worker for PID 1234".
+_PARALLEL_WORKER = re.compile(r"parallel worker for PID (\d+)")
+
+
 class CpuWatch:
     """CPU seconds used, while the watch runs, by the processes whose command line contains any of
     ``markers`` (e.g. a scratch database's name for its PostgreSQL backends, moto's port).
@@ -391,20 +396,34 @@ class CpuWatch:
     def _sample(self) -> None:
         import psutil
 
+        helpers: list[tuple[psutil.Process, int]] = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(proc.info["cmdline"] or ())
+            helper = _PARALLEL_WORKER.search(cmdline)
+            if helper:
+                helpers.append((proc, int(helper.group(1))))
+                continue
             for group, marker in self._groups.items():
                 if marker in cmdline:
-                    try:
-                        times = proc.cpu_times()
-                    except psutil.Error:
-                        break
-                    used = float(times.user + times.system)
-                    pid = proc.info["pid"]
-                    self._first.setdefault(pid, used)
-                    self._last[pid] = used
-                    self._group_of[pid] = group
+                    self._record(proc, group)
                     break
+        # A parallel query's workers name only their leader: their CPU is the leader's group's.
+        for proc, leader in helpers:
+            if leader in self._group_of:
+                self._record(proc, self._group_of[leader])
+
+    def _record(self, proc: Any, group: str) -> None:
+        import psutil
+
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            return
+        used = float(times.user + times.system)
+        pid = proc.pid
+        self._first.setdefault(pid, used)
+        self._last[pid] = used
+        self._group_of[pid] = group
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
