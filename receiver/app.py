@@ -182,20 +182,21 @@ async def _answer(
         delivery_id=admitted.delivery_id,
         retry_count=admitted.retry_count,
     )
+    assert admission.entry is not None  # intake makes the entry of every envelope
     with structlog.contextvars.bound_contextvars(
         issue_id=admitted.issue_id, delivery_id=admitted.delivery_id
     ):
-        return await _enqueue(receiver, admitted)
+        return await _enqueue(receiver, admitted, admission.entry, admission.entry_bytes)
 
 
-async def _enqueue(receiver: Receiver, envelope: Envelope) -> Answer:
+async def _enqueue(receiver: Receiver, envelope: Envelope, entry: dict[str, Any], entry_bytes: int) -> Answer:
     details = {
         "event_type": envelope.event_type,
         "issue_id": envelope.issue_id,
         "delivery_id": envelope.delivery_id,
     }
     try:
-        future = receiver.batcher.submit(envelope.send_entry("0"))
+        future = receiver.batcher.submit(entry, size_bytes=entry_bytes)
     except BatcherClosed:
         return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later", details)
     except BatcherUnavailable as exc:

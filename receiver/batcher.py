@@ -117,14 +117,16 @@ class SqsBatcher:
             return "the sqs-batcher task has stopped"
         return None
 
-    def submit(self, entry: dict[str, Any]) -> asyncio.Future[EntryResult]:
-        """Queue one entry (its ``Id`` is replaced when batched); the future resolves with its result."""
+    def submit(self, entry: dict[str, Any], *, size_bytes: int | None = None) -> asyncio.Future[EntryResult]:
+        """Queue one entry (its ``Id`` is replaced when batched); the future resolves with its result.
+        ``size_bytes``: its :func:`message_bytes`, when the caller has it already."""
         if self._closing or self._task is None or self._task.done():
             raise BatcherClosed("the receiver is shutting down")
         if len(self._pending) >= self._max_pending:
             raise BatcherFull(f"{len(self._pending)} entries already wait for SQS")
         loop = asyncio.get_running_loop()
-        pending = _Pending(entry, message_bytes(entry), loop.time(), loop.create_future())
+        size = message_bytes(entry) if size_bytes is None else size_bytes
+        pending = _Pending(entry, size, loop.time(), loop.create_future())
         self._pending.append(pending)
         self._pending_bytes += pending.size_bytes
         self._arrived.set()

@@ -48,10 +48,15 @@ class IntakeRules:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A request that passed intake: what to do with it, and which secret signed it (None: unsigned)."""
+    """A request that passed intake: what to do with it, and which secret signed it (None: unsigned).
+
+    For an envelope, also its ``SendMessageBatch`` entry and the bytes SQS counts for it, made once
+    here (to check the size) and handed to the batcher as they are."""
 
     result: Envelope | Ignored
     signed_with: str | None
+    entry: dict[str, Any] | None = None
+    entry_bytes: int = 0
 
 
 async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int) -> Admitted:
@@ -75,7 +80,17 @@ async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int
             signed_with = verify(rules.secrets, body, request.headers.get(SIGNATURE_HEADER))
         except BadSignature as exc:
             raise Rejected(Outcome.UNAUTHORIZED, str(exc)) from None
-    return Admitted(_envelope(request, rules, body, received_at_ms), signed_with)
+    result = _envelope(request, rules, body, received_at_ms)
+    if isinstance(result, Ignored):
+        return Admitted(result, signed_with)
+    entry = result.send_entry("0")
+    size = message_bytes(entry)
+    if size > MAX_ENTRY_BYTES:
+        raise Rejected(
+            Outcome.TOO_LARGE,
+            f"the message would be {size} bytes with its attributes; SQS takes at most {MAX_ENTRY_BYTES}",
+        )
+    return Admitted(result, signed_with, entry, size)
 
 
 def _envelope(
@@ -94,7 +109,7 @@ def _envelope(
         return routed
     if not _EVENT_TYPE.match(routed.event_type):
         raise Rejected(Outcome.BAD_REQUEST, "webhookEvent is not a valid event type name")
-    envelope = Envelope(
+    return Envelope(
         body=text,
         event_type=routed.event_type,
         issue_id=routed.issue_id,
@@ -103,13 +118,6 @@ def _envelope(
         delivery_id=delivery_id_for(delivery_header, body),
         retry_count=retry_count(request.headers.get(RETRY_HEADER)),
     )
-    size = message_bytes(envelope.send_entry("0"))
-    if size > MAX_ENTRY_BYTES:
-        raise Rejected(
-            Outcome.TOO_LARGE,
-            f"the message would be {size} bytes with its attributes; SQS takes at most {MAX_ENTRY_BYTES}",
-        )
-    return envelope
 
 
 async def read_limited(content: StreamReader, max_bytes: int) -> bytes:

@@ -20,26 +20,39 @@ if TYPE_CHECKING:
 _SESSION = aioboto3.Session()
 
 
-def _config(timeout_s: float, max_pool: int, *, parameter_validation: bool = True) -> AioConfig:
+def _config(
+    timeout_s: float, max_pool: int, *, parameter_validation: bool = True, user_agent: str | None = None
+) -> AioConfig:
     return AioConfig(
         connect_timeout=timeout_s,
         read_timeout=timeout_s,
         retries={"max_attempts": 3, "mode": "standard"},
         max_pool_connections=max_pool,
         parameter_validation=parameter_validation,
+        user_agent=user_agent,
     )
 
 
 def sqs_client(
-    aws: AwsSettings, *, timeout_s: float = 30.0, max_pool: int = 20, parameter_validation: bool = True
+    aws: AwsSettings,
+    *,
+    timeout_s: float = 30.0,
+    max_pool: int = 20,
+    parameter_validation: bool = True,
+    user_agent: str | None = None,
 ) -> ClientCreatorContext[SQSClient]:
     """An async context manager yielding an SQS client (``async with sqs_client(s) as sqs``).
 
-    ``parameter_validation=False`` skips botocore's client-side check of every request parameter
-    (a few hundred nested checks per ``SendMessageBatch``): only for callers whose requests are
-    built by code that already guarantees their shape (the receiver). SQS still validates them.
+    Two settings for a client on a hot path (the receiver), both cutting CPU per call only:
+
+    - ``parameter_validation=False`` skips botocore's client-side check of every request parameter
+      (a few hundred nested checks per ``SendMessageBatch``): only for callers whose requests are
+      built by code that already guarantees their shape. SQS still validates them.
+    - ``user_agent`` sends this fixed ``User-Agent`` (botocore appends its own version) instead of
+      the one botocore rebuilds twice per call from a dozen components (~60 us per call). Only the
+      header changes: retries, credential refresh and error parsing are untouched.
     """
-    config = _config(timeout_s, max_pool, parameter_validation=parameter_validation)
+    config = _config(timeout_s, max_pool, parameter_validation=parameter_validation, user_agent=user_agent)
     return _SESSION.client("sqs", region_name=aws.region, endpoint_url=aws.endpoint_url, config=config)
 
 

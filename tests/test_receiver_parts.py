@@ -10,10 +10,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
 from receiver.batcher import BatcherClosed, BatcherFull, SqsBatcher, message_bytes
 from receiver.intake import retry_count
+from receiver.main import SQS_USER_AGENT
 from receiver.settings import WEBHOOK_EVENT_PREFIXES, ReceiverSettings, parse_accepted_events
 from receiver.signature import MATCHED_CURRENT, BadSignature, WebhookSecrets, sign, verify
 from shared import aws
@@ -250,3 +254,51 @@ async def test_close_gives_up_after_the_grace_period_and_fails_what_sqs_never_co
 
 def batch_sizes_observed() -> float:
     return REGISTRY.get_sample_value("jiralake_receiver_batch_entries_count") or 0.0
+
+
+# -- the receiver's SQS client settings ---------------------------------------------------------
+
+
+async def test_the_receivers_client_settings_keep_retries_and_error_parsing(
+    aws_settings: AwsSettings,
+) -> None:
+    # GIVEN an SQS endpoint that fails the first SendMessageBatch with a 500, then stores it, and
+    # answers GetQueueAttributes with SQS's error for a missing queue
+    seen: list[tuple[str, str]] = []
+
+    async def sqs_api(request: web.Request) -> web.Response:
+        target = request.headers["X-Amz-Target"]
+        seen.append((target, request.headers["User-Agent"]))
+        if target == "AmazonSQS.GetQueueAttributes":
+            error = {"__type": "com.amazonaws.sqs#QueueDoesNotExist", "message": "no such queue"}
+            return web.json_response(error, status=400, content_type="application/x-amz-json-1.0")
+        if len(seen) == 1:
+            error = {"__type": "com.amazonaws.sqs#InternalError", "message": "try again"}
+            return web.json_response(error, status=500, content_type="application/x-amz-json-1.0")
+        stored = {"Successful": [{"Id": "0", "MessageId": "m-1", "MD5OfMessageBody": "x"}], "Failed": []}
+        return web.json_response(stored, content_type="application/x-amz-json-1.0")
+
+    app = web.Application()
+    app.router.add_post("/", sqs_api)
+    async with TestServer(app, host="127.0.0.1") as server:
+        endpoint = AwsSettings(aws_settings.region, str(server.make_url("/")))
+        # WHEN the receiver's client (as receiver.main makes it) sends a batch and asks for attributes
+        client = aws.sqs_client(endpoint, timeout_s=5, parameter_validation=False, user_agent=SQS_USER_AGENT)
+        async with client as sqs:
+            sent = await sqs.send_message_batch(
+                QueueUrl="http://q/1/q.fifo",
+                Entries=[
+                    {"Id": "0", "MessageBody": "{}", "MessageGroupId": "1", "MessageDeduplicationId": "d"}
+                ],
+            )
+            with pytest.raises(ClientError) as refused:
+                await sqs.get_queue_attributes(QueueUrl="http://q/1/q.fifo", AttributeNames=["All"])
+    # THEN the 500 was retried, SQS's error code is parsed, and every call carries the fixed User-Agent
+    assert [target for target, _ in seen] == [
+        "AmazonSQS.SendMessageBatch",
+        "AmazonSQS.SendMessageBatch",
+        "AmazonSQS.GetQueueAttributes",
+    ]
+    assert [ok["Id"] for ok in sent["Successful"]] == ["0"]
+    assert refused.value.response["Error"]["Code"] == "QueueDoesNotExist"
+    assert all(agent.startswith(SQS_USER_AGENT + " ") for _, agent in seen)
