@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
-from exporter.columns import ColumnKind
-from exporter.run import export_once
+from exporter.columns import ORDER_KEY, TABLE, ColumnKind, read_columns, select_columns
+from exporter.csv_format import csv_query
+from exporter.run import export_once, open_source
 from exporter.settings import ExporterSettings, ExportFormat
-from shared.settings import AwsSettings
+from shared.settings import AwsSettings, DatabaseSettings
 from tests.test_export_support import (
     AWKWARD_TEXT,
     athena_decode,
@@ -232,3 +233,37 @@ async def test_an_empty_table_exports_a_valid_empty_file(
     else:
         schema, rows = parquet_rows(data)
         assert (schema.names, rows) == ([c.name for c in columns], [])
+
+
+async def test_the_export_reads_with_one_backend_where_a_plain_session_would_go_parallel(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    # GIVEN session settings (in the URL) that make any scan worth a parallel plan
+    eager = (
+        database_url
+        + ("&" if "?" in database_url else "?")
+        + "&".join(
+            f"{name}=0"
+            for name in (
+                "parallel_setup_cost",
+                "parallel_tuple_cost",
+                "min_parallel_index_scan_size",
+                "min_parallel_table_scan_size",
+            )
+        )
+    )
+    columns = select_columns(await read_columns(pg), include_raw=False)
+    query = csv_query(columns, table=TABLE, order_key=ORDER_KEY)
+    plain = await asyncpg.connect(eager)
+    source = await open_source(
+        ExporterSettings(aws=AwsSettings(), database=DatabaseSettings(url=eager), bucket="unused")
+    )
+    try:
+        # WHEN a plain session and the exporter's plan the export's query
+        plans = ["\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query)) for conn in (plain, source)]
+    finally:
+        await plain.close()
+        await source.close()
+    # THEN the plain one gathers from parallel workers, the exporter's reads in one backend
+    assert "Gather" in plans[0]
+    assert "Gather" not in plans[1]
