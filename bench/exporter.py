@@ -450,7 +450,9 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
         "settings (CSV, 8 MiB parts, 4 parts in flight, raw JSON column left out) in a child process: "
         "multipart upload to history/, then the server-side copy to latest/ and the two manifests, all "
         "inside the timed wall. The COPY in every baseline is the exporter's own query "
-        "(`exporter.csv_format.csv_query`), so all variants move the same bytes. `aws s3 cp` is the AWS "
+        "(`exporter.csv_format.csv_query`), so all variants move the same bytes; psql runs it with the "
+        "server's defaults (a parallel plan on this table), the exporter with one backend "
+        "(docs/exporter.md). `aws s3 cp` is the AWS "
         "CLI v1 with its defaults (8 MiB parts, 10 concurrent requests). Peak RSS: the figure's "
         "ceiling check uses the highest of the runs, the 1M-to-4M comparison the medians."
     )
