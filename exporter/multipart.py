@@ -59,15 +59,34 @@ class UploadRecorder(Protocol):
         """S3 confirmed the upload completed or aborted."""
 
 
+def part_checksum_algorithm(s3: S3Client) -> str | None:
+    """``CRC32`` when the client sends checksums with every upload (botocore's default,
+    ``request_checksum_calculation = when_supported``), else None.
+
+    Declared at CreateMultipartUpload, as the AWS CLI and s3transfer do, S3 checks every part against
+    the CRC32 botocore sends with it and keeps a composite CRC32 of the object. A client set to
+    ``when_required`` (``AWS_REQUEST_CHECKSUM_CALCULATION``, for S3-compatible stores without checksum
+    support) sends none, so nothing is declared either."""
+    setting = getattr(s3.meta.config, "request_checksum_calculation", None)
+    return "CRC32" if setting in (None, "when_supported") else None
+
+
 async def start_upload(
-    s3: S3Client, recorder: UploadRecorder | None, *, bucket: str, key: str, content_type: str
+    s3: S3Client,
+    recorder: UploadRecorder | None,
+    *,
+    bucket: str,
+    key: str,
+    content_type: str,
+    checksum_algorithm: str | None = None,
 ) -> tuple[str, int | None]:
     """CreateMultipartUpload, recorded before any part is sent; returns (upload id, recorder reference).
 
     If recording the id fails, the upload is aborted before the error is raised."""
     ref = await recorder.opening(bucket, key) if recorder is not None else None
+    extra: Any = {"ChecksumAlgorithm": checksum_algorithm} if checksum_algorithm else {}
     try:
-        created = await s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)
+        created = await s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type, **extra)
     except ClientError:
         # S3 answered: no upload was created.
         if recorder is not None and ref is not None:
@@ -171,7 +190,9 @@ class MultipartUpload:
         self._sha256 = hashlib.sha256()
         self._size = 0
         self._next_part = 1
-        self._etags: dict[int, str] = {}
+        self._checksum_algorithm = part_checksum_algorithm(s3)
+        # Per part number: what CompleteMultipartUpload lists (ETag, and its checksum when declared).
+        self._parts: dict[int, dict[str, Any]] = {}
         self._error: BaseException | None = None
         self._upload_id: str | None = None
         self._completed = False
@@ -182,7 +203,12 @@ class MultipartUpload:
 
     async def __aenter__(self) -> MultipartUpload:
         self._upload_id, self._ref = await start_upload(
-            self._s3, self._recorder, bucket=self.bucket, key=self.key, content_type=self._content_type
+            self._s3,
+            self._recorder,
+            bucket=self.bucket,
+            key=self.key,
+            content_type=self._content_type,
+            checksum_algorithm=self._checksum_algorithm,
         )
         self._workers = [
             asyncio.create_task(self._upload_parts(), name=f"multipart-uploader-{i}")
@@ -219,7 +245,7 @@ class MultipartUpload:
             await self._queue.put(None)
         await asyncio.gather(*self._workers)
         self._raise_if_failed()
-        parts = [{"ETag": self._etags[n], "PartNumber": n} for n in sorted(self._etags)]
+        parts = [{**self._parts[n], "PartNumber": n} for n in sorted(self._parts)]
         done = await self._s3.complete_multipart_upload(
             Bucket=self.bucket,
             Key=self.key,
@@ -281,7 +307,10 @@ class MultipartUpload:
                 continue
             finally:
                 _release(body)
-            self._etags[number] = response["ETag"]
+            part: dict[str, Any] = {"ETag": response["ETag"]}
+            if self._checksum_algorithm and response.get("ChecksumCRC32"):
+                part["ChecksumCRC32"] = response["ChecksumCRC32"]
+            self._parts[number] = part
             if self._on_part_stored is not None:
                 try:
                     self._on_part_stored(number, size)
@@ -316,7 +345,7 @@ class MultipartUpload:
             "multipart_aborted",
             key=self.key,
             upload_id=self._upload_id,
-            parts_stored=len(self._etags),
+            parts_stored=len(self._parts),
             cause=type(cause).__name__ if cause else None,
         )
 

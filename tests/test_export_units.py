@@ -3,8 +3,10 @@ failure reasons, progress lines."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import zlib
 from datetime import UTC, date, datetime
 
 import pytest
@@ -173,6 +175,50 @@ async def test_multipart_cuts_parts_of_at_least_the_part_size_and_completes_them
     assert stored.parts == 3 and stored.etag.endswith('-3"')
     assert await get_object(aws_settings, bucket, "t/object.bin") == payload
     assert stored.sha256 == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("calculation", "declared"), [(None, "CRC32"), ("when_required", None)], ids=["default", "when_required"]
+)
+async def test_multipart_declares_crc32_when_the_client_sends_checksums(
+    aws_settings: AwsSettings,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    calculation: str | None,
+    declared: str | None,
+) -> None:
+    # GIVEN an S3 client with botocore's default checksum setting, or with
+    # AWS_REQUEST_CHECKSUM_CALCULATION=when_required
+    if calculation is not None:
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", calculation)
+    payload = bytes(range(256)) * (6 * MIB // 256) + b"tail"
+    async with aws.s3_client(aws_settings) as s3:
+        # WHEN an object of two parts is uploaded
+        async with MultipartUpload(
+            s3,
+            bucket=bucket,
+            key="t/checked.csv",
+            part_size_bytes=5 * MIB,
+            parts_in_flight=2,
+            content_type="text/csv",
+        ) as upload:
+            for start in range(0, len(payload), MIB):
+                await upload.write(payload[start : start + MIB])
+            stored = await upload.complete()
+        head = await s3.head_object(Bucket=bucket, Key="t/checked.csv", ChecksumMode="ENABLED")
+    # THEN by default S3 keeps a composite CRC32 of its parts (as the AWS CLI's uploads do); when the
+    # client sends no checksums, none is declared
+    assert stored.parts == 2
+    if declared is None:
+        assert "ChecksumCRC32" not in head
+    else:
+        # S3's composite checksum: the CRC32 of the parts' CRC32s (S3 appends "-2", moto does not)
+        part_crcs = b"".join(
+            zlib.crc32(part).to_bytes(4, "big") for part in (payload[: 5 * MIB], payload[5 * MIB :])
+        )
+        composite = base64.b64encode(zlib.crc32(part_crcs).to_bytes(4, "big")).decode()
+        assert head["ChecksumCRC32"].removesuffix("-2") == composite
+    assert await get_object(aws_settings, bucket, "t/checked.csv") == payload
 
 
 async def test_multipart_aborts_when_the_writer_fails(aws_settings: AwsSettings, bucket: str) -> None:
