@@ -336,6 +336,17 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
                 faster >= TARGET_FASTER_THAN_TWO_STEP,
             ),
         ]
+        if s.get("last_part"):
+            last_part, stream = median(s["last_part"]), median(s["stream"])
+            result.figures.append(
+                Figure(
+                    f"exporter {label} rows phases",
+                    f"every part stored {last_part:.1f} s after the export started, "
+                    f"{ratio(last_part, copy):.2f}x COPY alone ({copy:.1f} s); then CompleteMultipartUpload "
+                    f"{stream - last_part:.1f} s (moto), the copy to latest/, manifests and start-up "
+                    f"{export - stream:.1f} s",
+                )
+            )
         own, pg, moto = (median(s[k]) for k in ("export_cpu", "export_pg_cpu", "export_moto_cpu"))
         total = own + pg + moto
         half_pg = median(s["copy_pg_cpu"])
@@ -412,7 +423,14 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
                 f"its COPY had read the last row {copy_done:,.1f} s after the export started (COPY alone: "
                 f"{copy_s:,.1f} s), the last part was stored at {last_part:,.1f} s and the upload completed "
                 f"at {stream:,.1f} s, so {stream - last_part:,.1f} s went to moto assembling the object on "
-                "CompleteMultipartUpload (one thread in moto; the AWS CLI's upload pays it too). "
+                "CompleteMultipartUpload (one thread in moto; the AWS CLI's upload pays it too). So the "
+                f"part that streams keeps pace with COPY ({ratio(last_part, copy_s):.2f}x COPY alone): what "
+                "misses the streaming limit is what can only start after the last part, moto's "
+                "CompleteMultipartUpload (which re-reads every part from its temporary files, joins and "
+                f"re-hashes them: {facts[worst]['bytes'] / MB / (stream - last_part):,.0f} MB/s here, a "
+                "metadata operation on S3) and the copy to latest/. "
+                "The upload half is mostly that same CompleteMultipartUpload: moto takes the parts "
+                "themselves in a fraction of its time. "
             )
         else:
             text += f"the streaming part (COPY through to the completed upload) took {stream:,.1f} s. "
@@ -421,7 +439,7 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
             "reads, stores and hashes every byte again), the two manifests and interpreter start-up; the "
             "two-step script does none of that. "
             f"CPU is the other bound: one export makes this machine do {total:,.0f} CPU-s of work (the "
-            "exporter, PostgreSQL's COPY backend and its parallel workers, moto), at least "
+            "exporter, PostgreSQL's COPY backend, moto), at least "
             f"{floor_s:,.0f} s on {CORES} cores, whereas each half alone needs {half_pg:,.0f} (COPY) or "
             f"{half_up:,.0f} (AWS CLI + moto) CPU-s and has the machine to itself. The streaming limit "
             "assumes the halves run on separate resources (PostgreSQL's host and S3); here they share two "
