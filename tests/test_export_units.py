@@ -8,6 +8,7 @@ import hashlib
 import io
 import zlib
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 import pytest
 from botocore.exceptions import ClientError
@@ -15,12 +16,15 @@ from botocore.exceptions import ClientError
 from exporter.csv_format import decode_file_text
 from exporter.errors import ExportError, failure_reason
 from exporter.layout import ExportLayout
-from exporter.multipart import MultipartUpload, copy_object
+from exporter.multipart import MultipartUpload, StoredObject, copy_object
 from exporter.progress import LogProgress, Progress, ProgressSnapshot, TerminalProgress, progress_line
 from exporter.settings import MIB, ExporterSettings, ExportFormat
 from shared import aws
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings
 from tests.test_export_support import get_object, list_keys, open_multipart_uploads
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 DB = DatabaseSettings(url="postgresql://x@127.0.0.1/none")
 
@@ -177,6 +181,18 @@ async def test_multipart_cuts_parts_of_at_least_the_part_size_and_completes_them
     assert stored.sha256 == hashlib.sha256(payload).hexdigest()
 
 
+async def upload_in_chunks(
+    s3: S3Client, bucket: str, key: str, payload: bytes, *, chunk_bytes: int
+) -> StoredObject:
+    """``payload`` through a MultipartUpload of 5 MiB parts, written ``chunk_bytes`` at a time."""
+    async with MultipartUpload(
+        s3, bucket=bucket, key=key, part_size_bytes=5 * MIB, parts_in_flight=2, content_type="text/csv"
+    ) as upload:
+        for start in range(0, len(payload), chunk_bytes):
+            await upload.write(payload[start : start + chunk_bytes])
+        return await upload.complete()
+
+
 @pytest.mark.parametrize(
     ("calculation", "declared"), [(None, "CRC32"), ("when_required", None)], ids=["default", "when_required"]
 )
@@ -194,17 +210,7 @@ async def test_multipart_declares_crc32_when_the_client_sends_checksums(
     payload = bytes(range(256)) * (6 * MIB // 256) + b"tail"
     async with aws.s3_client(aws_settings) as s3:
         # WHEN an object of two parts is uploaded
-        async with MultipartUpload(
-            s3,
-            bucket=bucket,
-            key="t/checked.csv",
-            part_size_bytes=5 * MIB,
-            parts_in_flight=2,
-            content_type="text/csv",
-        ) as upload:
-            for start in range(0, len(payload), MIB):
-                await upload.write(payload[start : start + MIB])
-            stored = await upload.complete()
+        stored = await upload_in_chunks(s3, bucket, "t/checked.csv", payload, chunk_bytes=MIB)
         head = await s3.head_object(Bucket=bucket, Key="t/checked.csv", ChecksumMode="ENABLED")
     # THEN by default S3 keeps a composite CRC32 of its parts (as the AWS CLI's uploads do); when the
     # client sends no checksums, none is declared
@@ -244,16 +250,7 @@ async def test_copy_above_the_single_copy_limit_goes_part_by_part(
     # GIVEN an 11 MiB object
     payload = b"0123456789abcdef" * (11 * MIB // 16)
     async with aws.s3_client(aws_settings) as s3:
-        async with MultipartUpload(
-            s3,
-            bucket=bucket,
-            key="t/src.csv",
-            part_size_bytes=5 * MIB,
-            parts_in_flight=2,
-            content_type="text/csv",
-        ) as upload:
-            await upload.write(payload)
-            source = await upload.complete()
+        source = await upload_in_chunks(s3, bucket, "t/src.csv", payload, chunk_bytes=len(payload))
         # WHEN it is copied with a single-copy limit below its size
         etag = await copy_object(
             s3,
