@@ -233,7 +233,7 @@ def test_exporter_figures_from_measurements() -> None:
         "100 MB/s for 1,100 MB [target <=1.15x] PASS"
     )
     assert lines[1] == (
-        "exporter 1M rows vs two-step: 1.64x faster than psql COPY > file + aws s3 cp (11.0 s vs 18.0 s) "
+        "exporter 1M rows vs two-step: 1.64x the speed of psql COPY > file + aws s3 cp (11.0 s vs 18.0 s) "
         "[target >=1.25x] PASS"
     )
     assert lines[-1] == (
