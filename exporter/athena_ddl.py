@@ -12,11 +12,20 @@ escaping (see exporter/csv_format.py). Query the views.
 
 from __future__ import annotations
 
+import re
+from datetime import date
+
 from exporter.columns import ColumnKind, ExportColumn
 from exporter.csv_format import ATHENA_DECODE
 from exporter.layout import ExportLayout
 
 DEFAULT_PROJECTION_START = "NOW-3YEARS"
+# The start of a date projection's range: a date in the projection's format (yyyy-MM-dd), or a date
+# relative to NOW in the form Athena documents for projection.<column>.range.
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_RELATIVE_DATE = re.compile(
+    r"NOW\s*(?:[+-]\s*[0-9]+\s*(?:YEARS?|MONTHS?|WEEKS?|DAYS?|HOURS?|MINUTES?|SECONDS?))?"
+)
 
 _OPEN_CSV_SERDE = """ROW FORMAT SERDE 'org.apache.hadoop.hive.serde2.OpenCSVSerde'
 WITH SERDEPROPERTIES ('separatorChar' = ',', 'quoteChar' = '"', 'escapeChar' = '\\\\')
@@ -39,9 +48,24 @@ _VIEW_CAST: dict[ColumnKind, str] = {
 }
 
 
+def validate_projection_start(value: str) -> str:
+    """``value`` if Athena accepts it as the start of the ``dt`` projection, else a ValueError."""
+    start = value.strip()
+    if _RELATIVE_DATE.fullmatch(start):
+        return start
+    if _DATE.fullmatch(start):
+        try:
+            date.fromisoformat(start)
+            return start
+        except ValueError:
+            pass
+    raise ValueError(f"not a date (YYYY-MM-DD) or a relative date such as NOW-3YEARS: {value!r}")
+
+
 def athena_ddl(
     columns: list[ExportColumn], layout: ExportLayout, *, projection_start: str = DEFAULT_PROJECTION_START
 ) -> str:
+    validate_projection_start(projection_start)
     stem = layout.table_folder
     locations = (
         (f"{stem}_latest", layout.latest_folder, False),

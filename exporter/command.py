@@ -17,7 +17,7 @@ import sys
 
 import structlog
 
-from exporter.athena_ddl import DEFAULT_PROJECTION_START, athena_ddl
+from exporter.athena_ddl import DEFAULT_PROJECTION_START, athena_ddl, validate_projection_start
 from exporter.columns import read_columns, select_columns
 from exporter.errors import ExportError, ExportLocked, failure_reason
 from exporter.layout import ExportLayout
@@ -91,10 +91,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--projection-start",
+        type=projection_start,
         default=DEFAULT_PROJECTION_START,
-        help=f"with --athena-ddl: first dt of the partition projection (default {DEFAULT_PROJECTION_START})",
+        metavar="START",
+        help="with --athena-ddl: first dt of the partition projection, YYYY-MM-DD or NOW-<n><unit> "
+        f"(default {DEFAULT_PROJECTION_START})",
     )
     parser.set_defaults(func=_command)
+
+
+def projection_start(raw: str) -> str:
+    """``--projection-start``: what Athena's date projection accepts as the start of its range."""
+    try:
+        return validate_projection_start(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> ExporterSettings:
@@ -121,7 +132,11 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Exp
 def _command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, dict(os.environ))
     if args.athena_ddl:
-        sys.stdout.write(asyncio.run(render_ddl(settings, projection_start=args.projection_start)))
+        try:
+            ddl = asyncio.run(render_ddl(settings, projection_start=args.projection_start))
+        except ExportError as exc:
+            raise CommandError(f"cannot print the Athena DDL: {exc}") from None
+        sys.stdout.write(ddl)
         return 0
     listener = _progress_listener(settings)
     if settings.schedule is not None:

@@ -29,11 +29,33 @@ Wait = Callable[[asyncio.Event, float], Awaitable[bool]]
 
 
 def next_run(expression: str, tz: ZoneInfo, after: datetime) -> datetime:
-    """The first time strictly after ``after`` that matches ``expression`` in ``tz``, in UTC."""
+    """The first time strictly after ``after`` that matches ``expression`` in ``tz``, in UTC.
+
+    Daylight saving time as cron treats it: a time in the hour skipped in spring runs when the clocks
+    jump; a time repeated in autumn runs once, at its first occurrence, unless the expression's minute
+    or hour field is a wildcard (``*``, ``*/N``), which runs in both (as Vixie cron and cronie do).
+    """
     if after.tzinfo is None:
         raise ValueError("after must be timezone-aware")
-    following: datetime = croniter(expression, after.astimezone(tz)).get_next(datetime)
-    return following.astimezone(UTC)
+    times = croniter(expression, after.astimezone(tz))
+    once_in_repeated_hour = not _wildcard_minute_or_hour(expression)
+    while True:
+        following: datetime = times.get_next(datetime)
+        if not (once_in_repeated_hour and _second_occurrence(following, tz)):
+            return following.astimezone(UTC)
+
+
+def _wildcard_minute_or_hour(expression: str) -> bool:
+    fields = expression.split()
+    if fields[0].startswith("@"):
+        return fields[0].lower() == "@hourly"
+    return fields[0].startswith("*") or fields[1].startswith("*")
+
+
+def _second_occurrence(moment: datetime, tz: ZoneInfo) -> bool:
+    """True when ``moment`` is the second time its wall-clock time happens (clocks set back)."""
+    local = moment.astimezone(tz)
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:

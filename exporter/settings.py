@@ -4,6 +4,7 @@ command line), constructed directly in tests, benchmarks and the local demo."""
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,10 @@ S3_MAX_PART_BYTES = 5 * 1024 * MIB
 S3_MAX_PARTS = 10_000
 # CopyObject copies at most 5 GiB in one request; larger objects are copied part by part.
 S3_MAX_SINGLE_COPY_BYTES = 5 * 1024 * MIB
+
+# The prefix is part of every key and of the LOCATION literals of the Athena DDL: S3's "safe" key
+# characters without the quote, plus = for Hive-style folders (source=jira), in non-empty folders.
+_SAFE_PREFIX = re.compile(r"([A-Za-z0-9!_.*()=-]+(/[A-Za-z0-9!_.*()=-]+)*)?")
 
 # 8 MiB, as the AWS CLI: (4 + 2) x 8 MiB of part buffers at most, and objects of up to 78 GiB.
 DEFAULT_PART_SIZE_BYTES = 8 * MIB
@@ -88,6 +93,13 @@ class ExporterSettings:
             raise ConfigError(f"Parquet rows per group must be >= 1, got {self.parquet_rows_per_group}")
         if self.single_copy_max_bytes < 1 or self.single_copy_max_bytes > S3_MAX_SINGLE_COPY_BYTES:
             raise ConfigError("single_copy_max_bytes must be between 1 byte and 5 GiB")
+        if self.admin_port is not None and not 1 <= self.admin_port <= 65535:
+            raise ConfigError(f"admin port must be 1..65535 (0 or unset: none), got {self.admin_port}")
+        if not _SAFE_PREFIX.fullmatch(self.prefix):
+            raise ConfigError(
+                f"export prefix {self.prefix!r} may hold only letters, digits and / ! - _ . * ( ) =, "
+                "with no empty folder (//): it goes into S3 keys and Athena LOCATION strings"
+            )
         zone(self.timezone)
         if self.schedule is not None and not croniter.is_valid(self.schedule):
             raise ConfigError(f"schedule {self.schedule!r} is not a valid cron expression")

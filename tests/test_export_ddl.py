@@ -6,11 +6,13 @@ import asyncio
 import re
 import subprocess
 import sys
+import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from exporter.athena_ddl import athena_ddl
+from exporter.athena_ddl import athena_ddl, validate_projection_start
 from exporter.columns import ColumnKind, ExportColumn
 from exporter.layout import ExportLayout
 from exporter.settings import ExportFormat
@@ -134,3 +136,61 @@ async def test_cli_prints_ddl_for_the_tables_columns_in_table_order(
         assert declared == [(c.name, c.kind.athena_type) for c in columns]
         assert ("raw", "string") in declared and ("labels", "array<string>") in declared
     assert f"s3://{bucket}/lake/{ExportLayout(bucket, 'lake', export_format).table_folder}/latest/" in ddl
+
+
+@pytest.mark.parametrize("start", ["NOW-3YEARS", "NOW", "NOW-18MONTHS", "NOW - 2 WEEKS", "2024-01-01"])
+def test_projection_starts_athena_accepts(start: str) -> None:
+    assert validate_projection_start(start) == start
+    assert f"'projection.dt.range' = '{start},NOW'" in athena_ddl(
+        COLUMNS, ExportLayout("bkt", "lake", ExportFormat.CSV), projection_start=start
+    )
+
+
+@pytest.mark.parametrize("start", ["3 years ago", "2024/01/01", "2024-13-01", "NOW-3", "2024-01-01', 'x"])
+def test_a_projection_start_athena_would_refuse_is_an_error(start: str) -> None:
+    with pytest.raises(ValueError, match="not a date"):
+        athena_ddl(COLUMNS, ExportLayout("bkt", "lake", ExportFormat.CSV), projection_start=start)
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int | None, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "export", *args,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_cli_refuses_a_bad_projection_start_with_exit_2(
+    aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str
+) -> None:
+    # WHEN --athena-ddl is asked for a projection Athena would refuse
+    env = cli_env(aws_settings, db_settings, bucket)
+    code, stdout, stderr = await run_cli(env, "--athena-ddl", "--projection-start", "3 years ago")
+    # THEN nothing is printed to paste into Athena, and argparse names the option
+    assert (code, stdout) == (2, "")
+    assert "argument --projection-start: not a date (YYYY-MM-DD)" in stderr.splitlines()[-1]
+
+
+async def test_cli_ddl_without_the_table_is_one_line_not_a_crash(
+    pg_server_dsn: str, aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str
+) -> None:
+    # GIVEN a database where `jiralake setup` has not run
+    name = f"jiralake_empty_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        parts = urlsplit(pg_server_dsn)
+        empty = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+        env = dict(cli_env(aws_settings, db_settings, bucket), DATABASE_URL=empty)
+        # WHEN the DDL is asked for
+        code, stdout, stderr = await run_cli(env, "--athena-ddl")
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    # THEN one line says why, exit 1, no traceback
+    assert (code, stdout) == (1, "")
+    assert stderr == (
+        "jiralake: cannot print the Athena DDL: table ap_jira_task does not exist in this database; "
+        "run `jiralake setup` first\n"
+    )

@@ -52,6 +52,21 @@ def test_next_run_follows_daylight_saving_time() -> None:
     assert after.astimezone(BERLIN).hour == 3
 
 
+def test_a_fixed_time_repeated_when_clocks_go_back_runs_once() -> None:
+    # Berlin set its clocks back on 2024-10-27 at 03:00 CEST to 02:00 CET: 02:30 happened twice, at
+    # 00:30 and 01:30 UTC. A daily 02:30 export ran at the first; the next is the following day.
+    assert next_run("30 2 * * *", BERLIN, utc(2024, 10, 27, 0, 30)) == utc(2024, 10, 28, 1, 30)
+    assert next_run("30 2 * * *", BERLIN, utc(2024, 10, 26, 12, 0)) == utc(2024, 10, 27, 0, 30)
+    # In spring the skipped 02:30 runs when the clocks jump (03:00 CEST), as cron does.
+    assert next_run("30 2 * * *", BERLIN, utc(2024, 3, 30, 12, 0)) == utc(2024, 3, 31, 1, 0)
+
+
+def test_a_wildcard_hour_runs_in_both_occurrences_of_a_repeated_hour() -> None:
+    # Hourly: 02:00 CEST (00:00 UTC), then 02:00 CET (01:00 UTC), as cron runs wildcard jobs.
+    assert next_run("0 * * * *", BERLIN, utc(2024, 10, 27, 0, 0)) == utc(2024, 10, 27, 1, 0)
+    assert next_run("@hourly", BERLIN, utc(2024, 10, 27, 0, 0)) == utc(2024, 10, 27, 1, 0)
+
+
 def test_next_run_needs_an_aware_time() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         next_run("0 3 * * *", SAO_PAULO, datetime(2024, 5, 10, 7, 0))

@@ -48,6 +48,10 @@ def test_settings_from_env_with_defaults() -> None:
     assert no_admin.admin_port is None
     at_root = ExporterSettings.from_env({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "/"})
     assert at_root.prefix == ""
+    hive_style = ExporterSettings.from_env(
+        {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "lake/source=jira/"}
+    )
+    assert hive_style.prefix == "lake/source=jira"
 
 
 def test_settings_from_env_reads_every_variable() -> None:
@@ -97,6 +101,9 @@ def test_settings_from_env_reads_every_variable() -> None:
             "unknown time zone 'Mars/Olympus'",
         ),
         ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_SCHEDULE": "every day"}, "not a valid cron expression"),
+        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "70000"}, "admin port must be 1..65535"),
+        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "team's lake"}, 'export prefix "team\'s lake"'),
+        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "a//b"}, "export prefix 'a//b'"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(env: dict[str, str], message: str) -> None:
