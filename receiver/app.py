@@ -36,6 +36,7 @@ WEBHOOK_PATH = "/webhooks/jira"
 # Log event names.
 LOG_WEBHOOK = "webhook"
 LOG_QUEUED = "webhook_queued"
+LOG_NOT_ROUTED = "request_not_routed"
 
 
 def _wall_clock_ms() -> int:
@@ -96,6 +97,8 @@ def build_app(
     app[RECEIVER] = receiver
     app.router.add_post(WEBHOOK_PATH, handle_webhook)
     add_health_routes(app, readiness)
+    # Last, so it only sees what no route above takes: a wrong URL or method registered in Jira.
+    app.router.add_route("*", "/{tail:.*}", handle_unrouted)
     app.cleanup_ctx.append(_batcher_lifetime)
     app.on_shutdown.append(_stop_accepting)
     return app
@@ -157,6 +160,20 @@ async def handle_webhook(request: web.Request) -> web.Response:
     return response
 
 
+async def handle_unrouted(request: web.Request) -> web.Response:
+    """Any other path or method on the main port. aiohttp's own 404/405 are plain text and leave no
+    trace, so a webhook registered in Jira with a wrong URL (a trailing slash, a missing path) would
+    fail unseen: answer in JSON naming the endpoint, and log the method and path (never the query)."""
+    if request.path == WEBHOOK_PATH:
+        status, label, reason = 405, "method_not_allowed", f"{WEBHOOK_PATH} takes POST only"
+        headers: dict[str, str] | None = {"Allow": "POST"}
+    else:
+        status, label, reason = 404, "not_found", f"no such endpoint; Jira webhooks go to POST {WEBHOOK_PATH}"
+        headers = None
+    log.warning(LOG_NOT_ROUTED, method=request.method[:16], path=request.path[:200], status=status)
+    return web.json_response({"status": label, "reason": reason}, status=status, headers=headers)
+
+
 async def _answer(
     request: web.Request, receiver: Receiver, received_at_ms: int, fields: dict[str, object]
 ) -> Answer:
@@ -211,7 +228,11 @@ async def _enqueue(receiver: Receiver, envelope: Envelope, entry: dict[str, Any]
         return Answer(Outcome.UNAVAILABLE, f"SQS did not confirm within {timeout_s:g}s; retry later", details)
     if result.ok:
         return Answer(Outcome.ACCEPTED, details=details)
-    log.warning("sqs_entry_failed", error=result.error, retryable=result.retryable)
     if result.retryable:
+        log.warning("sqs_entry_failed", error=result.error, retryable=True)
         return Answer(Outcome.UNAVAILABLE, "SQS did not store the message; retry later", details)
-    return Answer(Outcome.BAD_REQUEST, f"SQS refused the message: {result.error}", details)
+    # Intake already refused what SQS would refuse for its content, so a refused entry means the
+    # queue's setup (a disabled or forbidden KMS key, a queue policy): an operator's problem. 503, so
+    # Jira retries the delivery once it is fixed; a 4xx would make Jira drop it for good.
+    log.error("sqs_entry_failed", error=result.error, retryable=False)
+    return Answer(Outcome.UNAVAILABLE, "SQS refused the message; retry later", details)

@@ -32,6 +32,8 @@ _RETRY_COUNT = re.compile(r"^[0-9]{1,9}$")
 # Printable ASCII without spaces: what Jira sends, and safe as an SQS attribute value.
 _DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,512}$")
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}$")
+# What an ignored event whose webhookEvent is no plain name is reported (and logged) as.
+UNNAMED_EVENT = "unknown"
 # The only characters valid JSON text can hold raw that SQS refuses in a message body.
 _SQS_FORBIDDEN = ("\ufffe", "\uffff")
 
@@ -106,7 +108,9 @@ def _envelope(
         _parse(text), rules.accepted_event_prefixes
     )
     if isinstance(routed, Ignored):
-        return routed
+        # The type of an ignored event is echoed to the caller and logged: only a plain name is,
+        # never a long or control-character-laden value from the body.
+        return routed if _EVENT_TYPE.match(routed.event_type) else Ignored(UNNAMED_EVENT)
     if not _EVENT_TYPE.match(routed.event_type):
         raise Rejected(Outcome.BAD_REQUEST, "webhookEvent is not a valid event type name")
     return Envelope(

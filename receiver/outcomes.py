@@ -1,13 +1,16 @@
 """How the receiver answers a webhook, decided in one place: every outcome, its HTTP status, the
 metric label it is counted under, and the JSON body Jira gets back.
 
-Jira retries a delivery on 5xx (and on no answer at all), not on other 4xx, so:
+Jira Cloud retries a delivery on 408, 409, 425, 429 and 5xx (and on no answer at all), not on
+other 4xx, so:
 - ``accepted`` / ``ignored`` (202): stored on the queue / concerns no issue; Jira is done.
 - ``bad_request``, ``unauthorized``, ``too_large``, ``unsupported_media_type`` (4xx): can never be
   stored; retrying would not help.
-- ``request_timeout`` (408): the body did not arrive in time; the connection is closed.
-- ``unavailable`` (503 + ``Retry-After``): not stored this time (SQS failed or timed out, the
-  receiver is overloaded or shutting down); Jira retries the same delivery, which SQS deduplicates.
+- ``request_timeout`` (408): the body did not arrive in time; the connection is closed and Jira
+  retries.
+- ``unavailable`` (503 + ``Retry-After``): not stored this time (SQS failed, timed out or refused
+  the entry, the receiver is overloaded or shutting down); Jira retries the same delivery, which SQS
+  deduplicates.
 """
 
 from __future__ import annotations

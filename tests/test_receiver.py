@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
@@ -235,6 +235,22 @@ async def test_a_webhook_posing_as_a_jiralake_internal_event_is_ignored(
     assert await drain(aws_settings, queues.queue_url) == []
 
 
+async def test_an_ignored_event_type_that_is_no_plain_name_is_neither_echoed_nor_logged(
+    aws_settings: AwsSettings, queues: QueuePair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN a signed non-issue body whose webhookEvent is 20,000 characters with a forged log line in it
+    odd = "sprint_" + "x" * 20_000 + "\nwebhook outcome=accepted"
+    body = json.dumps({"webhookEvent": odd, "sprint": {"id": 1}}).encode()
+    capsys.readouterr()
+    async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
+        status, answer, _ = await post(client, body)
+    # THEN it is ignored under a plain label: the value goes neither back to the caller nor to the log
+    assert (status, answer) == (202, {"status": "ignored", "event_type": "unknown"})
+    logged = capsys.readouterr()
+    assert "x" * 100 not in logged.out + logged.err
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
 # -- rejections -------------------------------------------------------------------------------
 
 ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.json")
@@ -292,6 +308,49 @@ async def test_bad_requests_get_the_right_4xx_with_a_json_reason_and_nothing_is_
     assert answer[:2] == (status, {"status": outcome, "reason": reason})
     assert requests_counted(outcome) - counted_before == 1
     assert batch_calls() == calls_before
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+NOT_FOUND = {"status": "not_found", "reason": "no such endpoint; Jira webhooks go to POST /webhooks/jira"}
+NOT_ALLOWED = {"status": "method_not_allowed", "reason": "/webhooks/jira takes POST only"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "answer", "allow"),
+    [
+        ("POST", "/webhooks/jira/", 404, NOT_FOUND, None),
+        ("POST", "/", 404, NOT_FOUND, None),
+        ("GET", "/webhooks/jira", 405, NOT_ALLOWED, "POST"),
+        ("PUT", "/webhooks/jira", 405, NOT_ALLOWED, "POST"),
+    ],
+    ids=["trailing-slash", "root", "get", "put"],
+)  # fmt: skip
+async def test_a_wrong_url_or_method_gets_a_json_reason_and_a_log_line(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    capsys: pytest.CaptureFixture[str],
+    method: str,
+    path: str,
+    status: int,
+    answer: dict[str, str],
+    allow: str | None,
+) -> None:
+    # GIVEN a webhook registered in Jira with a wrong URL, or someone opening the URL in a browser
+    capsys.readouterr()
+    async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
+        # WHEN it is called, signed, with a query string holding a secret-looking value
+        async with client.request(
+            method, path + "?token=hunter2", data=ISSUE_BODY, headers=headers_for(ISSUE_BODY)
+        ) as response:
+            got = (response.status, await response.json(), response.headers.get("Allow"))
+        # AND the health routes still answer
+        assert (await client.get("/healthz")).status == 200
+    # THEN the answer says where webhooks go, in JSON, and the log shows method and path, not the query
+    assert got == (status, answer, allow)
+    logged = capsys.readouterr().out
+    [line] = [line for line in logged.splitlines() if "request_not_routed" in line]
+    assert method in line and str(status) in line and path in line
+    assert "hunter2" not in logged
     assert await drain(aws_settings, queues.queue_url) == []
 
 
@@ -438,6 +497,44 @@ async def test_sqs_down_is_503_with_retry_after_and_jiras_retry_is_stored_once(
     [message] = await drain(aws_settings, queues.queue_url)
     envelope = Envelope.from_message(message)
     assert (envelope.delivery_id, envelope.retry_count, envelope.issue_id) == ("delivery-42", 1, "20942")
+
+
+async def test_an_entry_sqs_refuses_is_503_so_that_jira_retries_it(aws_settings: AwsSettings) -> None:
+    # GIVEN an SQS that refuses every entry as a sender fault (its queue's KMS key is disabled)
+    refused: list[str] = []
+
+    async def sqs_api(request: web.Request) -> web.Response:
+        entries = (await request.json())["Entries"]
+        refused.extend(e["MessageDeduplicationId"] for e in entries)
+        failed = [
+            {"Id": e["Id"], "SenderFault": True, "Code": "KMS.DisabledException", "Message": "key disabled"}
+            for e in entries
+        ]
+        return web.json_response(
+            {"Successful": [], "Failed": failed}, content_type="application/x-amz-json-1.0"
+        )
+
+    app = web.Application()
+    app.router.add_post("/", sqs_api)
+    async with TestServer(app, host="127.0.0.1") as sqs_server:
+        endpoint = AwsSettings(aws_settings.region, str(sqs_server.make_url("/")))
+        unavailable_before = requests_counted("unavailable")
+        # WHEN Jira delivers an event
+        async with running(receiver_settings(endpoint, "http://sqs/1/q.fifo")) as client:
+            status, answer, headers = await post(
+                client, jira_fixtures.raw("pinpoint-jira__jira_issue_created.json"), delivery="d-kms"
+            )
+    # THEN SQS was asked, and Jira is told to retry (a 4xx would make it drop the event)
+    assert refused == ["d-kms"]
+    assert (status, headers["Retry-After"]) == (503, "10")
+    assert answer == {
+        "status": "unavailable",
+        "reason": "SQS refused the message; retry later",
+        "event_type": "jira:issue_created",
+        "issue_id": "20942",
+        "delivery_id": "d-kms",
+    }
+    assert requests_counted("unavailable") - unavailable_before == 1
 
 
 async def test_readyz_reports_sqs_reachability_and_caches_it(
