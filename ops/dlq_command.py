@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -20,6 +21,18 @@ from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 
 DEFAULT_LIST_LIMIT = 100
+_ISSUE_ID = re.compile(r"^\d{1,19}$")
+
+
+def issue_id(raw: str) -> str:
+    """``--issue``: a Jira issue's numeric id. Anything else is refused rather than matching nothing
+    (a key like ABC-1) or, when empty (``--issue "$UNSET"``), being taken as no filter at all."""
+    value = raw.strip()
+    if not _ISSUE_ID.match(value):
+        raise argparse.ArgumentTypeError(
+            f"not a numeric Jira issue id (the ISSUE column of dlq list, not the key): {raw!r}"
+        )
+    return str(int(value))
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,7 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "between the two leaves a harmless duplicate, never a loss. Exits 1 if anything failed.",
     )
     replay.add_argument("--limit", type=argtypes.positive_int, help="replay at most N messages")
-    replay.add_argument("--issue", metavar="ID", help="only this Jira issue id (the numeric id, not the key)")
+    replay.add_argument(
+        "--issue", metavar="ID", type=issue_id, help="only this Jira issue id (the numeric id, not the key)"
+    )
     replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; change nothing")
     replay.set_defaults(func=_replay_command)
 
@@ -137,8 +152,7 @@ def _field(value: Any) -> str:
 
 def _replay_command(args: argparse.Namespace) -> int:
     aws, queues = _settings()
-    issue = args.issue.strip() if args.issue else None
-    summary = asyncio.run(_replay(aws, queues, limit=args.limit, issue_id=issue, dry_run=args.dry_run))
+    summary = asyncio.run(_replay(aws, queues, limit=args.limit, issue_id=args.issue, dry_run=args.dry_run))
     print(render_replay(summary))
     return 1 if summary.failed or summary.stopped else 0
 

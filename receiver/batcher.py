@@ -18,24 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from shared.metrics import RECEIVER_BATCH_SIZE, SQS_CALLS
-from shared.provision import MAX_MESSAGE_BYTES
-from shared.sqs_batch import MAX_BATCH, EntryResult, send_entries
+from shared.sqs_batch import MAX_BATCH, MAX_CALL_BYTES, EntryResult, entry_bytes, send_entries
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 log = structlog.get_logger()
 
-# SQS counts a message's body plus its attributes' names, types and values against one limit, which
-# is also the limit for a whole SendMessageBatch call.
-SQS_MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES
+SQS_MAX_PAYLOAD_BYTES = MAX_CALL_BYTES
 # Dead-lettering adds four error attributes (at most ~1.4 KiB); every stored message keeps room for them.
 DEAD_LETTER_ROOM_BYTES = 2048
 MAX_ENTRY_BYTES = SQS_MAX_PAYLOAD_BYTES - DEAD_LETTER_ROOM_BYTES
@@ -51,19 +47,6 @@ class BatcherFull(BatcherUnavailable):
 
 class BatcherClosed(BatcherUnavailable):
     pass
-
-
-def message_bytes(entry: Mapping[str, Any]) -> int:
-    """What SQS counts against its size limit for one ``SendMessageBatch`` entry."""
-    size = _utf8_len(entry["MessageBody"])
-    for name, attr in entry.get("MessageAttributes", {}).items():
-        size += _utf8_len(name) + _utf8_len(attr["DataType"]) + _utf8_len(attr["StringValue"])
-    return size
-
-
-def _utf8_len(text: str) -> int:
-    # ASCII text is one byte a character: skip encoding a copy of a body of up to 256 KiB.
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 @dataclass(eq=False)
@@ -119,13 +102,13 @@ class SqsBatcher:
 
     def submit(self, entry: dict[str, Any], *, size_bytes: int | None = None) -> asyncio.Future[EntryResult]:
         """Queue one entry (its ``Id`` is replaced when batched); the future resolves with its result.
-        ``size_bytes``: its :func:`message_bytes`, when the caller has it already."""
+        ``size_bytes``: its :func:`shared.sqs_batch.entry_bytes`, when the caller has it already."""
         if self._closing or self._task is None or self._task.done():
             raise BatcherClosed("the receiver is shutting down")
         if len(self._pending) >= self._max_pending:
             raise BatcherFull(f"{len(self._pending)} entries already wait for SQS")
         loop = asyncio.get_running_loop()
-        size = message_bytes(entry) if size_bytes is None else size_bytes
+        size = entry_bytes(entry) if size_bytes is None else size_bytes
         pending = _Pending(entry, size, loop.time(), loop.create_future())
         self._pending.append(pending)
         self._pending_bytes += pending.size_bytes

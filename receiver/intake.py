@@ -17,11 +17,12 @@ from typing import Any
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
-from receiver.batcher import MAX_ENTRY_BYTES, message_bytes
+from receiver.batcher import MAX_ENTRY_BYTES
 from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
 from shared.envelope import Envelope, delivery_id_for
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
+from shared.sqs_batch import entry_bytes
 
 DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
 RETRY_HEADER = "X-Atlassian-Webhook-Retry"
@@ -86,7 +87,7 @@ async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int
     if isinstance(result, Ignored):
         return Admitted(result, signed_with)
     entry = result.send_entry("0")
-    size = message_bytes(entry)
+    size = entry_bytes(entry)
     if size > MAX_ENTRY_BYTES:
         raise Rejected(
             Outcome.TOO_LARGE,

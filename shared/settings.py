@@ -78,6 +78,12 @@ class QueueSettings:
     queue_url: str
     dlq_url: str
 
+    def __post_init__(self) -> None:
+        if self.queue_url == self.dlq_url:
+            # The consumer would dead-letter into its own queue and a replay would read back what it
+            # sends, both forever.
+            raise ConfigError("JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> QueueSettings:
         return cls(queue_url=require(env, "JIRALAKE_QUEUE_URL"), dlq_url=require(env, "JIRALAKE_DLQ_URL"))

@@ -1,4 +1,5 @@
-"""``SendMessageBatch`` in chunks of 10 with per-entry results, counted in ``jiralake_sqs_requests_total``.
+"""``SendMessageBatch`` in calls SQS accepts (at most 10 entries and 1 MiB in all) with per-entry
+results, counted in ``jiralake_sqs_requests_total``.
 
 Used by the receiver's micro-batcher, backfill and dead-letter replay: each caller learns exactly
 which of its entries SQS stored and which it refused, so nothing is acknowledged that was not stored.
@@ -6,18 +7,22 @@ which of its entries SQS stored and which it refused, so nothing is acknowledged
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.metrics import SQS_CALLS
+from shared.provision import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 MAX_BATCH = 10
+# SQS counts a message's body plus its attributes' names, types and values against one limit, which
+# is also the limit for a whole SendMessageBatch call: a call over it fails as a whole.
+MAX_CALL_BYTES = MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,41 @@ class EntryResult:
     retryable: bool = False
 
 
+def entry_bytes(entry: Mapping[str, Any]) -> int:
+    """What SQS counts against its size limits for one ``SendMessageBatch`` entry."""
+    size = _utf8_len(entry["MessageBody"])
+    for name, attr in entry.get("MessageAttributes", {}).items():
+        size += _utf8_len(name) + _utf8_len(attr["DataType"]) + _utf8_len(attr["StringValue"])
+    return size
+
+
+def _utf8_len(text: str) -> int:
+    # ASCII text is one byte a character: skip encoding a copy of a body of up to 1 MiB.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def calls(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """The entries in order, cut into calls of at most MAX_BATCH entries and MAX_CALL_BYTES."""
+    call: list[dict[str, Any]] = []
+    call_bytes = 0
+    for entry in entries:
+        size = entry_bytes(entry)
+        if call and (len(call) == MAX_BATCH or call_bytes + size > MAX_CALL_BYTES):
+            yield call
+            call, call_bytes = [], 0
+        call.append(entry)
+        call_bytes += size
+    if call:
+        yield call
+
+
 async def send_entries(
     sqs: SQSClient, queue_url: str, entries: Sequence[dict[str, Any]]
 ) -> list[EntryResult]:
-    """Send entries (each with a unique ``Id``) in chunks of 10; one result per entry, in order."""
+    """Send entries (each with a unique ``Id``) in as few calls as SQS accepts; one result per entry,
+    in order. A few large messages (backfill snapshots, dead letters) never share a call over 1 MiB."""
     results: dict[str, EntryResult] = {}
-    for start in range(0, len(entries), MAX_BATCH):
-        chunk = list(entries[start : start + MAX_BATCH])
+    for chunk in calls(entries):
         try:
             resp = await sqs.send_message_batch(QueueUrl=queue_url, Entries=chunk)  # type: ignore[arg-type]
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from backfill.backfill import BackfillRequest, run_backfill
+from backfill.enqueue import send_envelopes
 from backfill.reconcile import ReconcileRequest, run_reconcile
 from consumer.worker import ConsumerStats
 from shared import aws
@@ -19,7 +20,7 @@ from shared.jira_event import Routed, route
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from shared.sqs_batch import send_entries
-from tests.conftest import consume_all
+from tests.conftest import consume_all, drain
 from tests.jira_api_server import (
     JiraApiServer,
     backfill_settings,
@@ -175,3 +176,26 @@ async def test_reconcile_deletes_what_jira_deleted_and_keeps_what_it_cannot_see(
         "SELECT issue_id, source, applied FROM ap_jira_task_event WHERE source = 'reconcile'"
     )
     assert [tuple(r) for r in history] == [(30001, "reconcile", True)]
+
+
+async def test_large_snapshots_of_one_page_are_sent_in_calls_sqs_accepts(
+    queues: QueuePair, aws_settings: AwsSettings
+) -> None:
+    # GIVEN four snapshots of 400 KB each: together more than one SendMessageBatch may carry (1 MiB)
+    envelopes = []
+    for i in range(4):
+        body = make_event("pinpoint-jira__jira_issue_created.json", issue_id=50_000 + i, ts=1_000 + i)
+        body["issue"]["fields"]["description"] = "x" * 400_000
+        raw = json.dumps(body)
+        envelopes.append(
+            Envelope(raw, "jira:issue_created", str(50_000 + i), 1_000 + i, 1_000 + i, f"snapshot-{i}")
+        )
+    # WHEN backfill sends them as one page
+    async with aws.sqs_client(aws_settings) as sqs:
+        outcome = await send_envelopes(sqs, queues.queue_url, envelopes, attempts=1)
+    # THEN every one is stored (one call over 1 MiB would have failed as a whole, every time)
+    assert (outcome.sent, outcome.refused) == (4, [])
+    stored = await drain(aws_settings, queues.queue_url)
+    assert sorted(m["MessageAttributes"]["delivery_id"]["StringValue"] for m in stored) == [
+        f"snapshot-{i}" for i in range(4)
+    ]

@@ -130,6 +130,30 @@ async def test_poison_messages_are_dead_lettered_with_their_reason_and_the_rest_
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+async def test_large_invalid_messages_received_together_are_all_dead_lettered(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN three 400 KB events of three issues whose attributes name another event type (invalid),
+    # together more than SQS takes in one SendMessageBatch (1 MiB)
+    bad = []
+    for issue_id in (1, 2, 3):
+        body = make_event(CREATED, issue_id=issue_id, ts=1000)
+        body["issue"]["fields"]["description"] = "x" * 400_000
+        bad.append(replace(envelope_of(body), event_type="jira:issue_updated"))
+        await enqueue(aws_settings, queues.queue_url, bad[-1:])
+    # WHEN the consumer receives them in one batch
+    stats = await consume_until_idle(settings, idle_s=1.0, timeout_s=60)
+    # THEN each is in the DLQ once, with its reason, and none is left on the main queue
+    assert (stats.received, stats.batches, stats.dead_lettered) == (3, 1, 3)
+    dead = await drain(aws_settings, queues.dlq_url)
+    assert sorted(m["MessageAttributes"]["delivery_id"]["StringValue"] for m in dead) == sorted(
+        e.delivery_id for e in bad
+    )
+    assert {m["MessageAttributes"]["error_class"]["StringValue"] for m in dead} == {"InvalidMessage"}
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+    assert await history_count(pg) == 0
+
+
 async def test_postgres_going_away_mid_batch_loses_nothing_and_applies_nothing_twice(
     pg: asyncpg.Connection,
     settings: ConsumerSettings,

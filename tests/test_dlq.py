@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import aioboto3
@@ -297,6 +298,28 @@ async def test_replay_limit_keeps_order_across_runs(aws_settings: AwsSettings, q
     assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_A: [T0, T0 + 1, T0 + 2]}
 
 
+async def test_replay_sends_large_events_in_calls_sqs_accepts(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN three 400 KB events dead-lettered: together more than one SendMessageBatch may carry (1 MiB)
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i, issue_id in enumerate((ISSUE_A, ISSUE_B, "10003")):
+            body = make_event(UPDATED, issue_id=issue_id, ts=T0 + i)
+            body["issue"]["fields"]["description"] = "x" * 400_000
+            env = envelope(issue_id, T0 + i)
+            await dead_letter(sqs, queues.dlq_url, replace(env, body=json.dumps(body)))
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+    # THEN all three are back on the main queue and the DLQ is empty
+    assert (summary.replayed, summary.skipped, summary.failed) == (3, 0, 0)
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {
+        ISSUE_A: [T0],
+        ISSUE_B: [T0 + 1],
+        "10003": [T0 + 2],
+    }
+    assert await drain(aws_settings, queues.dlq_url) == []
+
+
 async def test_replay_skips_messages_that_are_not_envelopes(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -451,6 +474,56 @@ def test_replay_and_purge_commands(
     asyncio.run(put(1))
     assert cli.main(["dlq", "replay"]) == 0
     assert capsys.readouterr().out.strip() == "replayed 1, skipped 0, failed 0"
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("issue", ["", "  ", "ABC-1", "10001x"])
+def test_replay_refuses_an_issue_that_is_not_a_numeric_id(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    issue: str,
+) -> None:
+    # GIVEN two issues' events in the DLQ
+    async def put() -> None:
+        async with aws.sqs_client(aws_settings) as sqs:
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0))
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_B, T0 + 1))
+
+    async def queue_counts() -> tuple[tuple[int, int], tuple[int, int]]:
+        async with aws.sqs_client(aws_settings) as sqs:
+            return await counts(sqs, queues.queue_url), await counts(sqs, queues.dlq_url)
+
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    asyncio.run(put())
+    # WHEN replay is given an --issue that is empty (an unset shell variable) or a key
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["dlq", "replay", "--issue", issue])
+    # THEN it refuses with argparse's usage error, exit 2, and replays nothing (not everything)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        "jiralake dlq replay: error: argument --issue: not a numeric Jira issue id "
+        f"(the ISSUE column of dlq list, not the key): {issue!r}"
+    )
+    assert asyncio.run(queue_counts()) == ((0, 0), (2, 0))
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("action", [["list"], ["replay"], ["purge", "--yes"]])
+def test_commands_refuse_a_dlq_that_is_the_main_queue(
+    queues: QueuePair, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], action: list[str]
+) -> None:
+    # GIVEN JIRALAKE_DLQ_URL set to the main queue by mistake (a replay would loop on its own copies)
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.queue_url)
+    # WHEN any dlq command runs THEN it stops with one line and exit 2
+    assert cli.main(["dlq", *action]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "jiralake: configuration error: JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue"
+    )
 
 
 # -- helpers --

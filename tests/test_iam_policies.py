@@ -281,7 +281,7 @@ async def iam_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[W
             admin = await create_user(iam, "jiralake-test-admin", ADMIN_POLICY)
         world = World(
             aws=AwsSettings(region=REGION, endpoint_url=endpoint),
-            queues=QueueSettings(queue_url="", dlq_url=""),
+            queues=QueueSettings(queue_url="(made below)", dlq_url="(made below: dlq)"),
             bucket=BUCKET,
             admin=admin,
             roles={},

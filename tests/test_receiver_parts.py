@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 
-from receiver.batcher import BatcherClosed, BatcherFull, SqsBatcher, message_bytes
+from receiver.batcher import BatcherClosed, BatcherFull, SqsBatcher
 from receiver.intake import retry_count
 from receiver.main import SQS_USER_AGENT
 from receiver.settings import WEBHOOK_EVENT_PREFIXES, ReceiverSettings, parse_accepted_events
@@ -24,7 +24,7 @@ from shared import aws
 from shared.envelope import Envelope
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, ConfigError
-from shared.sqs_batch import EntryResult
+from shared.sqs_batch import EntryResult, entry_bytes
 from tests.conftest import drain
 
 # -- settings ---------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_message_size_counts_the_body_and_every_attribute_in_utf8_bytes() -> Non
         len(name) + len(a["DataType"]) + len(a["StringValue"])
         for name, a in entry["MessageAttributes"].items()
     )
-    assert message_bytes(entry) == 10 + attributes
+    assert entry_bytes(entry) == 10 + attributes
 
 
 # -- the batcher against moto ------------------------------------------------------------------
