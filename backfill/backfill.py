@@ -21,7 +21,7 @@ import structlog
 
 from backfill import state
 from backfill.enqueue import Refused, send_envelopes
-from backfill.jira_client import JiraClient, SearchPage, Sleep
+from backfill.jira_client import JiraClient, JiraRequestError, SearchPage, Sleep
 from backfill.jql import WATERMARK_OVERLAP, build_jql, jira_zone
 from backfill.progress import Progress
 from backfill.settings import BackfillSettings
@@ -66,6 +66,8 @@ class BackfillSummary:
     watermark: datetime | None = None
     duration_s: float = 0.0
     jira_retries: int = 0
+    # A resumed run whose saved nextPageToken Jira no longer accepted, and so began again at page one.
+    restarted_after_expired_token: bool = False
 
 
 async def run_backfill(
@@ -121,9 +123,28 @@ async def run_backfill(
                 progress.set_total(summary.total)
             try:
                 if not run.fetched_all_pages:
-                    await _pages_to_queue(
-                        settings, request, key, run, jira, sqs, conn, progress, summary, sleep
-                    )
+                    try:
+                        await _pages_to_queue(
+                            settings, request, key, run, jira, sqs, conn, progress, summary, sleep
+                        )
+                    except JiraRequestError as exc:
+                        if not _saved_token_refused(settings, run, summary, exc):
+                            raise
+                        # Cloud's nextPageToken expires after 7 days: start the same run again at
+                        # page one (same JQL and start time); the pages re-sent are duplicates.
+                        log.warning("backfill_token_expired", reason=exc.reason, pages_done=run.pages_done)
+                        run = await state.start_run(
+                            conn,
+                            key,
+                            effective_jql=run.effective_jql,
+                            covers_from=run.covers_from,
+                            started_at=run.started_at,
+                        )
+                        summary.restarted_after_expired_token = True
+                        summary.issues_sent_total = 0
+                        await _pages_to_queue(
+                            settings, request, key, run, jira, sqs, conn, progress, summary, sleep
+                        )
             finally:
                 progress.finish()  # ends the bar's line before an error message, too
             await _finish(conn, key, run, summary)
@@ -239,6 +260,19 @@ async def _finish(
         sent=summary.sent,
         refused=len(summary.refused),
         watermark=summary.watermark.isoformat() if summary.watermark else None,
+    )
+
+
+def _saved_token_refused(
+    settings: BackfillSettings, run: state.RunState, summary: BackfillSummary, exc: JiraRequestError
+) -> bool:
+    """Jira answered 400 to the very first request of a Cloud run resumed at a saved token: the
+    token expired (or is invalid). Page one with the same JQL is then worth one try."""
+    return (
+        settings.jira.deployment == "cloud"
+        and exc.status == 400
+        and run.next_cursor is not None
+        and summary.pages == 0
     )
 
 

@@ -154,6 +154,11 @@ def backfill_report(summary: BackfillSummary) -> list[str]:
         f"in {summary.duration_s:.1f} s{resumed} ({summary.issues_sent_total} in the whole run)",
         f"  jql: {summary.jql}",
     ]
+    if summary.restarted_after_expired_token:
+        lines.append(
+            f"  Jira no longer accepted the page token saved after page {summary.resumed_after_page}: "
+            "started again at page one"
+        )
     if summary.jira_retries:
         lines.append(f"  Jira throttled or failed {summary.jira_retries} requests; all were retried")
     lines += [f"  not enqueued: issue {r.issue_id}: {r.reason}" for r in summary.refused]

@@ -1,8 +1,11 @@
 """A small aiohttp client for the Jira REST endpoints backfill and reconcile use.
 
-- Cloud (REST v3): ``GET /rest/api/3/search/jql`` paged by ``nextPageToken``;
-  Data Center (REST v2): ``GET /rest/api/2/search`` paged by ``startAt``. Both surface as
-  :class:`SearchPage` with an opaque text cursor, so callers (and the resume state) need not care.
+- Cloud: ``GET /rest/api/2/search/jql`` paged by ``nextPageToken``; Data Center:
+  ``GET /rest/api/2/search`` paged by ``startAt``. Both surface as :class:`SearchPage` with an
+  opaque text cursor, so callers (and the resume state) need not care. Search is REST v2 on Cloud
+  too: v3 returns rich text (description, environment, comments, text custom fields) as Atlassian
+  Document Format objects, while Cloud webhooks carry the v2 representation (wiki-markup strings);
+  a snapshot must be the same issue object a webhook carries, or ``raw`` changes shape by source.
 - Throttling and transient failures (429, 500, 502, 503, 504, network errors) are retried: a
   ``Retry-After`` header is honoured, otherwise exponential backoff with jitter.
 - Bounded concurrency: one semaphore caps requests in flight across the whole client; a request
@@ -36,6 +39,8 @@ log = structlog.get_logger()
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = "jiralake-backfill/0.1"
+# Enhanced search in REST v2 on Cloud: issue objects in the shape Cloud webhooks carry (module doc).
+SEARCH_PATH_CLOUD = "rest/api/2/search/jql"
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -190,7 +195,7 @@ class JiraClient:
         if self.settings.deployment == "cloud":
             if cursor is not None:
                 params["nextPageToken"] = cursor
-            _, body = await self._request("GET", self._api("search/jql"), params=params)
+            _, body = await self._request("GET", SEARCH_PATH_CLOUD, params=params)
             issues = _issues(body)
             token = body.get("nextPageToken") if isinstance(body, dict) else None
             is_last = bool(body.get("isLast", token is None)) if isinstance(body, dict) else True

@@ -8,7 +8,8 @@
 - JQL dates have minute precision and are read in the searching account's time zone (its Jira
   profile setting), so an instant is written in that zone (from ``/myself``), floored to the minute.
   When the zone is unknown, the bound moves 14 hours earlier (the widest UTC offset), which only
-  re-sends a few snapshots: snapshots are idempotent.
+  re-sends a few snapshots: snapshots are idempotent. A wall time in the hour that repeats when
+  clocks go back is ambiguous, so such a bound moves back by the offset change (one hour).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ DEFAULT_ORDER = "created ASC"
 # search index lags a little behind writes, and clocks differ.
 WATERMARK_OVERLAP = timedelta(minutes=10)
 UNKNOWN_ZONE_MARGIN = timedelta(hours=14)
+EARLIEST_SINCE = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_SINCE = datetime(9998, 12, 31, tzinfo=UTC)
 
 _ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
 _QUOTED = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'")
@@ -52,7 +55,15 @@ def jql_time(instant: datetime, zone: tzinfo | None) -> str:
     """An instant as JQL's ``yyyy-MM-dd HH:mm`` in the account's zone, floored to the minute."""
     if instant.tzinfo is None:
         raise ValueError("jql_time needs an aware datetime")
-    local = instant.astimezone(zone) if zone is not None else (instant - UNKNOWN_ZONE_MARGIN).astimezone(UTC)
+    if zone is None:
+        return (instant - UNKNOWN_ZONE_MARGIN).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+    local = instant.astimezone(zone)
+    later = local.replace(fold=1).utcoffset()
+    if local.fold == 0 and later is not None and local.utcoffset() != later:
+        # The first pass through a repeated hour (clocks going back): Jira may read the wall time as
+        # the second pass, up to an hour later, and miss updates. Write the time that is not after
+        # the instant under either reading: earlier by the offset change.
+        local -= local.utcoffset() - later  # type: ignore[operator]
     return local.strftime("%Y-%m-%d %H:%M")
 
 
@@ -73,11 +84,17 @@ def parse_since(text: str) -> datetime:
     try:
         if len(raw) == 10:
             day = date.fromisoformat(raw)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            parsed = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
             f"--updated-since must be a date like 2024-05-01, a time like 2024-05-01T08:30:00Z, "
             f"or last-run; got {text!r}"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    since = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if not EARLIEST_SINCE <= since <= LATEST_SINCE:
+        # Jira holds no issue from before 1970, and the edges of datetime's range overflow when the
+        # bound is written in the account's zone.
+        raise ValueError(f"--updated-since must lie between 1970 and 9998; got {text!r}")
+    return since

@@ -1,9 +1,11 @@
 """A local aiohttp server that speaks the Jira REST shapes backfill and reconcile use, serving issue
 objects taken from the real webhook fixtures (ids, keys and times varied).
 
-- Cloud: ``GET /rest/api/3/search/jql`` (``nextPageToken``, ``isLast``; refuses unbounded JQL and a
-  token minted for another JQL), ``POST /rest/api/3/search/approximate-count``,
-  ``GET /rest/api/3/issue/{id}``, ``GET /rest/api/3/myself``, ``GET /rest/api/3/webhook/failed``.
+- Cloud: ``GET /rest/api/2/search/jql`` and ``/rest/api/3/search/jql`` (``nextPageToken``,
+  ``isLast``; refuses unbounded JQL, a token minted for another JQL and an expired one; v3
+  renders rich text as Atlassian Document Format, as real Cloud does),
+  ``POST /rest/api/3/search/approximate-count``, ``GET /rest/api/3/issue/{id}``,
+  ``GET /rest/api/3/myself``, ``GET /rest/api/3/webhook/failed``.
 - Data Center: ``GET /rest/api/2/search`` (``startAt``, ``total``), ``/rest/api/2/issue/{id}``,
   ``/rest/api/2/myself``.
 - Auth: basic (email + API token) or bearer (PAT); anything else is 401.
@@ -41,7 +43,18 @@ API_TOKEN = "cloud-api-token-s3cr3t"
 PAT = "dc-personal-access-token-s3cr3t"
 
 _UPDATED_GE = re.compile(r'updated\s*>=\s*"(\d{4}-\d{2}-\d{2} \d{2}:\d{2})"', re.IGNORECASE)
+# Fields REST v3 returns as Atlassian Document Format (v2 and webhooks: wiki-markup strings).
+RICH_TEXT_FIELDS = ("description", "environment")
 _UNBOUNDED = re.compile(r"^\s*(order\s+by\b.*)?$", re.IGNORECASE | re.DOTALL)
+
+
+def adf_doc(text: str) -> dict[str, Any]:
+    """Plain text as the Atlassian Document Format object REST v3 returns for a rich text field."""
+    return {
+        "type": "doc",
+        "version": 1,
+        "content": [{"type": "paragraph", "content": [{"type": "text", "text": text}]}],
+    }
 
 
 @cache
@@ -107,16 +120,19 @@ class JiraApiServer:
     # None: 403 as for a non-Connect account. Else the entries, oldest failure first.
     failed_webhooks: list[dict[str, Any]] | None = None
     failed_webhooks_page_size: int = 100
+    # Raising it expires every nextPageToken handed out so far (Cloud's expire after 7 days).
+    token_generation: int = 0
     # What was asked.
     page_requests: Counter[int] = field(default_factory=Counter)
     jqls: list[str] = field(default_factory=list)
+    search_paths: list[str] = field(default_factory=list)
     failed_webhook_afters: list[str | None] = field(default_factory=list)
     issue_lookups: list[str] = field(default_factory=list)
     count_requests: int = 0
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
-        app.router.add_get("/rest/api/3/search/jql", self._cloud_search)
+        app.router.add_get("/rest/api/{version:[23]}/search/jql", self._cloud_search)
         app.router.add_post("/rest/api/3/search/approximate-count", self._approximate_count)
         app.router.add_get("/rest/api/2/search", self._dc_search)
         app.router.add_get("/rest/api/{version:[23]}/issue/{issue_id}", self._issue)
@@ -164,7 +180,9 @@ class JiraApiServer:
             return web.json_response({"errorMessages": ["Internal server error"]}, status=500)
         return None
 
-    def _shape(self, issue: dict[str, Any], fields: str, expand: str, *, cloud: bool) -> dict[str, Any]:
+    def _shape(
+        self, issue: dict[str, Any], fields: str, expand: str, *, cloud: bool, adf: bool = False
+    ) -> dict[str, Any]:
         if fields == "id":
             return (
                 {"id": issue["id"]}
@@ -172,6 +190,10 @@ class JiraApiServer:
                 else {"id": issue["id"], "key": issue["key"], "self": issue["self"]}
             )
         shaped = copy.deepcopy(issue)
+        if adf:  # REST v3: rich text fields are Atlassian Document Format, not wiki markup
+            for name in RICH_TEXT_FIELDS:
+                if isinstance(shaped["fields"].get(name), str):
+                    shaped["fields"][name] = adf_doc(shaped["fields"][name])
         if "changelog" in expand.split(","):
             shaped["changelog"] = {"startAt": 0, "maxResults": 0, "total": 0, "histories": []}
         return shaped
@@ -179,6 +201,7 @@ class JiraApiServer:
     async def _cloud_search(self, request: web.Request) -> web.Response:
         jql = request.query.get("jql", "")
         self.jqls.append(jql)
+        self.search_paths.append(request.path)
         if _UNBOUNDED.match(jql):
             return web.json_response(
                 {
@@ -196,7 +219,7 @@ class JiraApiServer:
         token = request.query.get("nextPageToken")
         if token is not None:
             decoded = _read_token(token)
-            if decoded is None or decoded[1] != _jql_hash(jql):
+            if decoded is None or decoded[1] != _jql_hash(jql, self.token_generation):
                 return web.json_response(
                     {"errorMessages": ["The provided next page token is invalid or expired."]}, status=400
                 )
@@ -208,11 +231,20 @@ class JiraApiServer:
         chunk = matching[offset : offset + limit]
         end = offset + len(chunk)
         body: dict[str, Any] = {
-            "issues": [self._shape(i, fields, request.query.get("expand", ""), cloud=True) for i in chunk],
+            "issues": [
+                self._shape(
+                    i,
+                    fields,
+                    request.query.get("expand", ""),
+                    cloud=True,
+                    adf=request.match_info["version"] == "3",
+                )
+                for i in chunk
+            ],
             "isLast": end >= len(matching),
         }
         if end < len(matching):
-            body["nextPageToken"] = _token(end, jql)
+            body["nextPageToken"] = _token(end, jql, self.token_generation)
         return web.json_response(body)
 
     async def _approximate_count(self, request: web.Request) -> web.Response:
@@ -289,12 +321,12 @@ class JiraApiServer:
         return web.json_response(body)
 
 
-def _jql_hash(jql: str) -> str:
-    return hashlib.sha256(jql.encode()).hexdigest()[:12]
+def _jql_hash(jql: str, generation: int) -> str:
+    return hashlib.sha256(f"{generation}:{jql}".encode()).hexdigest()[:12]
 
 
-def _token(offset: int, jql: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([offset, _jql_hash(jql)]).encode()).decode()
+def _token(offset: int, jql: str, generation: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([offset, _jql_hash(jql, generation)]).encode()).decode()
 
 
 def _read_token(token: str) -> tuple[int, str] | None:

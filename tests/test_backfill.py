@@ -111,6 +111,30 @@ async def test_a_cloud_backfill_lands_every_issue_on_the_queue_as_a_snapshot(
     assert (row["watermark"], row["issues_sent"]) == (summary.watermark, 150)
 
 
+async def test_a_cloud_snapshot_carries_rich_text_as_cloud_webhooks_do_not_as_adf(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud, whose REST v3 returns a description as an Atlassian Document Format object,
+    # while its webhooks carry the REST v2 representation: the wiki-markup string
+    server, url = jira
+    server.issues = fixture_issues(2)
+    server.issues[0]["fields"]["description"] = "h1. Steps\n* open the *door*"
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
+    # WHEN the backfill runs
+    await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN it searched REST v2's enhanced search, and the snapshot holds the string a webhook holds
+    assert server.search_paths == ["/rest/api/2/search/jql"]
+    bodies = {
+        Envelope.from_message(m).issue_id: json.loads(Envelope.from_message(m).body)
+        for m in await drain(aws_settings, queues.queue_url)
+    }
+    assert bodies[server.issues[0]["id"]]["issue"]["fields"]["description"] == "h1. Steps\n* open the *door*"
+
+
 async def test_a_data_center_backfill_pages_with_start_at(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
@@ -192,6 +216,35 @@ async def test_a_killed_backfill_resumes_after_its_last_saved_page(
     assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues[30:])
     assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
     assert await pg.fetchval("SELECT issues_sent FROM jiralake_backfill_watermark") == 50
+
+
+async def test_a_run_resumed_after_its_page_token_expired_starts_again_at_page_one(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a Cloud run that died after three of five pages
+    server, url = jira
+    server.issues = fixture_issues(50)
+    server.fail_from_page = 3
+    settings = backfill_settings(url, queues, db_settings, aws_settings, page_size=10, max_attempts=1)
+    with pytest.raises(JiraUnavailable):
+        await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    await drain(aws_settings, queues.queue_url)
+    # AND more than 7 days went by: Jira no longer accepts the saved nextPageToken
+    server.fail_from_page = None
+    server.token_generation += 1
+    # WHEN the same backfill runs again (a nightly job that no one reran by hand, say)
+    summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN it tried the saved token once, then read every page from the first, and completed
+    assert summary.restarted_after_expired_token
+    assert (summary.pages, summary.sent, summary.issues_sent_total, summary.complete) == (5, 50, 50, True)
+    assert dict(server.page_requests) == {0: 2, 1: 2, 2: 2, 3: 2, 4: 1}
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == ids_of(server.issues)
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
+    assert summary.watermark is not None
 
 
 async def test_restart_ignores_the_saved_cursor(
@@ -329,7 +382,7 @@ async def test_jira_s_own_error_message_reaches_the_operator(jira: tuple[JiraApi
         with pytest.raises(JiraRequestError) as caught:
             await client.search_page("ORDER BY created", None)
     assert str(caught.value) == (
-        "Jira answered HTTP 400 to /rest/api/3/search/jql: Unbounded JQL queries are not allowed here. "
+        "Jira answered HTTP 400 to /rest/api/2/search/jql: Unbounded JQL queries are not allowed here. "
         "Please add a search restriction to your query."
     )
 

@@ -108,6 +108,12 @@ async def test_backfill_then_reconcile_from_the_command_line(
             "or last-run; got 'last tuesday'",
         ),
         (
+            ["backfill", "--updated-since", "0001-01-01T00:00:00+05:00"],
+            {},
+            2,
+            "jiralake: --updated-since must lie between 1970 and 9998; got '0001-01-01T00:00:00+05:00'",
+        ),
+        (
             ["reconcile"],
             {"JIRALAKE_JIRA_API_TOKEN": "wrong-token"},
             1,

@@ -108,6 +108,34 @@ def test_an_unknown_zone_moves_the_bound_fourteen_hours_earlier() -> None:
 
 
 @pytest.mark.parametrize(
+    ("instant", "expected"),
+    [
+        # Berlin, 27 Oct 2024: 02:00-03:00 local happens twice (00:00-01:00 UTC, then 01:00-02:00 UTC)
+        (datetime(2024, 10, 26, 23, 59, tzinfo=UTC), "2024-10-27 01:59"),  # before: as it is
+        (datetime(2024, 10, 27, 0, 30, tzinfo=UTC), "2024-10-27 01:30"),  # first pass: an hour back
+        (datetime(2024, 10, 27, 1, 30, tzinfo=UTC), "2024-10-27 02:30"),  # second pass: as it is
+        (datetime(2024, 10, 27, 2, 0, tzinfo=UTC), "2024-10-27 03:00"),
+    ],
+)
+def test_a_bound_in_the_repeated_hour_is_not_after_the_instant_whichever_pass_jira_reads(
+    instant: datetime, expected: str
+) -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    text = jql_time(instant, berlin)
+    assert text == expected
+    wall = datetime.strptime(text, "%Y-%m-%d %H:%M")
+    assert all(wall.replace(tzinfo=berlin, fold=fold) <= instant for fold in (0, 1))
+
+
+@pytest.mark.parametrize(
+    "text", ["0001-01-01", "1969-12-31T23:00:00Z", "0001-01-01T00:00:00+05:00", "9999-12-31"]
+)
+def test_updated_since_outside_jira_s_time_is_refused_not_overflowed(text: str) -> None:
+    with pytest.raises(ValueError, match="--updated-since must lie between 1970 and 9998"):
+        parse_since(text)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("2024-05-01", datetime(2024, 5, 1, tzinfo=UTC)),
