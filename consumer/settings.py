@@ -12,6 +12,7 @@ from shared.settings import (
     QueueSettings,
     env_float,
     env_int,
+    env_port,
     env_str,
 )
 
@@ -79,7 +80,7 @@ class ConsumerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConsumerSettings:
-        admin_port = env_int(env, "JIRALAKE_CONSUMER_ADMIN_PORT", 9091, minimum=0)
+        admin_port = env_port(env, "JIRALAKE_CONSUMER_ADMIN_PORT", 9091)
         return cls(
             aws=AwsSettings.from_env(env),
             queue=QueueSettings.from_env(env),

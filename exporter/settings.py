@@ -11,7 +11,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
-from shared.settings import AwsSettings, ConfigError, DatabaseSettings, env_bool, env_int, env_str, require
+from shared.settings import (
+    AwsSettings,
+    ConfigError,
+    DatabaseSettings,
+    env_bool,
+    env_int,
+    env_port,
+    env_str,
+    require,
+)
 
 MIB = 1024 * 1024
 # S3's multipart rules: every part but the last at least 5 MiB, at most 5 GiB, at most 10,000 parts.
@@ -110,7 +119,7 @@ class ExporterSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ExporterSettings:
-        admin_port = env_int(env, "JIRALAKE_EXPORT_ADMIN_PORT", 9092, minimum=0)
+        admin_port = env_port(env, "JIRALAKE_EXPORT_ADMIN_PORT", 9092)
         return cls(
             aws=AwsSettings.from_env(env),
             database=DatabaseSettings.from_env(env),

@@ -6,8 +6,11 @@ them directly. Nothing below ``main()`` reads the environment.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,14 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | N
     return value
 
 
+def env_port(env: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port, 0..65535 (0: the caller's meaning, such as "no admin server")."""
+    value = env_int(env, name, default, minimum=0)
+    if value > MAX_PORT:
+        raise ConfigError(f"{name} must be a port number, 0..{MAX_PORT}, got {value}")
+    return value
+
+
 def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
     raw = env_str(env, name)
     if raw is None:
@@ -42,6 +53,8 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # float() takes "nan" and "inf", which pass any minimum check
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     return value

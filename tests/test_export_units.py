@@ -101,7 +101,10 @@ def test_settings_from_env_reads_every_variable() -> None:
             "unknown time zone 'Mars/Olympus'",
         ),
         ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_SCHEDULE": "every day"}, "not a valid cron expression"),
-        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "70000"}, "admin port must be 1..65535"),
+        (
+            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "70000"},
+            "JIRALAKE_EXPORT_ADMIN_PORT must be a port number, 0..65535",
+        ),
         ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "team's lake"}, 'export prefix "team\'s lake"'),
         ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "a//b"}, "export prefix 'a//b'"),
     ],

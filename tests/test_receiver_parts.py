@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -68,6 +69,29 @@ def test_settings_read_every_receiver_variable() -> None:
     assert s.accepted_event_prefixes == ("jira:issue_", "comment_created")
     assert (s.batch_max_wait_ms, s.max_pending_entries, s.max_inflight_batches) == (2.5, 50, 3)
     assert (s.sqs_timeout_s, s.shutdown_grace_s) == (2.0, 7.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        (
+            "JIRALAKE_RECEIVER_PORT",
+            "70000",
+            "JIRALAKE_RECEIVER_PORT must be a port number, 0..65535, got 70000",
+        ),
+        ("JIRALAKE_RECEIVER_ADMIN_PORT", "65536", "must be a port number, 0..65535, got 65536"),
+        ("JIRALAKE_RECEIVER_SQS_TIMEOUT_S", "nan", "JIRALAKE_RECEIVER_SQS_TIMEOUT_S must be a finite number"),
+        ("JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S", "inf", "must be a finite number, got 'inf'"),
+    ],
+)
+def test_out_of_range_ports_and_non_finite_numbers_are_config_errors(
+    name: str, raw: str, message: str
+) -> None:
+    # A port above 65535 crashed the server at bind time (a traceback); nan and inf passed every
+    # minimum check (nan compares false) and made timeouts that never or always fire.
+    env = {"JIRALAKE_QUEUE_URL": "http://q/1/jira.fifo", "JIRALAKE_WEBHOOK_SECRET": "x", name: raw}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ReceiverSettings.from_env(env)
 
 
 def test_a_missing_secret_is_refused_unless_unsigned_webhooks_are_allowed() -> None:
