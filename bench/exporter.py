@@ -330,7 +330,8 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
             ),
             Figure(
                 f"exporter {label} rows vs two-step",
-                f"{fmt_ratio(faster, TARGET_FASTER_THAN_TWO_STEP)}x the speed of psql COPY > file + aws s3 cp "
+                f"{fmt_ratio(faster, TARGET_FASTER_THAN_TWO_STEP)}x the speed of "
+                "psql COPY > file + aws s3 cp "
                 f"({export:.1f} s vs {two_step:.1f} s)",
                 f">={TARGET_FASTER_THAN_TWO_STEP}x",
                 faster >= TARGET_FASTER_THAN_TWO_STEP,

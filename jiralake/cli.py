@@ -9,13 +9,13 @@ import asyncio
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import structlog
 
 from shared import logging as jl_logging
 from shared.errors import CommandError
-from shared.settings import ConfigError
+from shared.settings import ConfigError, env_str
 
 # Modules that each define ``add_parser(subparsers)``; their parsers set ``func(args) -> int``.
 COMMAND_MODULES = (
@@ -32,6 +32,8 @@ COMMAND_MODULES = (
 # Infrastructure failures a person can act on: reported in one line, not as a traceback.
 _ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -39,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Jira webhooks -> SQS FIFO -> PostgreSQL -> S3. Configuration comes from the "
         "environment (see README.md); AWS credentials from the standard AWS chain.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("JIRALAKE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        metavar="LEVEL",
+        help=f"{', '.join(LOG_LEVELS)} (default JIRALAKE_LOG_LEVEL or INFO)",
+    )
     parser.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a TTY")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -50,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    jl_logging.configure(args.log_level, json=args.log_json)
     try:
+        jl_logging.configure(args.log_level or _log_level_from_env(os.environ), json=args.log_json)
         code: int = args.func(args)
         return code
     except ConfigError as exc:
@@ -71,6 +78,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         structlog.get_logger().exception("command_crashed", command=args.command)
         return 70
+
+
+def _normalized_level(raw: str) -> str | None:
+    """The level's name, or None when logging would silently fall back to INFO for it."""
+    level = raw.strip().upper()
+    level = "WARNING" if level == "WARN" else level
+    return level if level in LOG_LEVELS else None
+
+
+def _log_level(raw: str) -> str:
+    level = _normalized_level(raw)
+    if level is None:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return level
+
+
+def _log_level_from_env(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "JIRALAKE_LOG_LEVEL", "INFO") or "INFO"
+    level = _normalized_level(raw)
+    if level is None:
+        raise ConfigError(f"JIRALAKE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return level
 
 
 def _is_infrastructure_error(exc: Exception) -> bool:

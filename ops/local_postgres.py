@@ -49,12 +49,22 @@ class LocalPostgres:
 
 
 async def reachable(url: str | None) -> bool:
+    return await connect_problem(url) is None
+
+
+async def connect_problem(url: str | None) -> str | None:
+    """None when PostgreSQL at ``url`` accepts a connection, else why not, in a few words. The URL is
+    never repeated (it may hold a password)."""
     try:
         conn = await asyncpg.connect(dsn=url, timeout=3)
-    except (TimeoutError, OSError, asyncpg.PostgresError):
-        return False
+    except (TimeoutError, OSError):
+        return "PostgreSQL does not answer there"
+    except asyncpg.PostgresError as exc:
+        return f"PostgreSQL refused the connection: {exc}"
+    except ValueError as exc:  # asyncpg's ClientConfigurationError included: the URL does not parse
+        return f"it is not a valid PostgreSQL URL ({exc})"
     await conn.close()
-    return True
+    return None
 
 
 def find_bin_dir() -> Path | None:
@@ -98,8 +108,9 @@ async def local_postgres(
 ) -> LocalPostgres:
     """The stack's database: the given URL as is, else a ``jiralake`` database on a local server."""
     if database_url:
-        if not await reachable(database_url):
-            raise CommandError("DATABASE_URL is set but PostgreSQL does not answer there", exit_code=2)
+        problem = await connect_problem(database_url)
+        if problem is not None:
+            raise CommandError(f"DATABASE_URL is set but {problem}", exit_code=2)
         return LocalPostgres(url=database_url)
     if await reachable(None):
         return LocalPostgres(url=await ensure_database(None, database))

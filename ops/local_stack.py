@@ -29,7 +29,7 @@ from ops.local_postgres import LocalPostgres, local_postgres
 from ops.setup import SetupSettings, run_setup
 from receiver.main import serve as serve_receiver
 from receiver.settings import ReceiverSettings
-from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
+from shared.settings import AwsSettings, DatabaseSettings, QueueSettings, env_str
 from shared.shutdown import stop_on_signals
 
 log = structlog.get_logger()
@@ -168,19 +168,20 @@ def _webhook_secret(env: Mapping[str, str], scratch: Path) -> tuple[str, Path]:
     """The secret to paste into Jira: ``JIRALAKE_WEBHOOK_SECRET``, else one generated and kept in a file
     readable only by this user (never printed or logged)."""
     path = scratch / "webhook-secret"
-    configured = env.get("JIRALAKE_WEBHOOK_SECRET")
+    configured = env_str(env, "JIRALAKE_WEBHOOK_SECRET")
     if configured:
         return configured, path
-    if not path.exists():
+    # An empty file (a run interrupted between creating and writing it) must not become an empty
+    # secret: anyone can sign with the empty key.
+    if not path.exists() or not path.read_text().strip():
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(32))
     return path.read_text().strip(), path
 
 
 def _print_banner(stack: Stack, options: StackOptions, local_aws: LocalAws, pg: LocalPostgres) -> None:
-    secret_from = (
-        "JIRALAKE_WEBHOOK_SECRET" if os.environ.get("JIRALAKE_WEBHOOK_SECRET") else str(stack.secret_file)
-    )
+    from_env = env_str(os.environ, "JIRALAKE_WEBHOOK_SECRET")
+    secret_from = "JIRALAKE_WEBHOOK_SECRET" if from_env else str(stack.secret_file)
     lines = [
         "jiralake local stack",
         f"  webhook URL (paste into Jira)  {stack.webhook_url}",

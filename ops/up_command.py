@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import socket
 from pathlib import Path
+
+from croniter import croniter
 
 from ops.local_stack import StackOptions, run_stack
 from shared import argtypes
@@ -20,12 +23,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--demo", action="store_true", help="send the sample webhooks, export, print, exit")
     parser.add_argument("--keep-running", action="store_true", help="with --demo: leave the stack up")
-    parser.add_argument("--host", default="127.0.0.1", help="address the receiver listens on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="IPv4 address the receiver and the admin ports listen on (default 127.0.0.1)",
+    )
     parser.add_argument("--port", type=argtypes.port, default=8080, help="receiver port (0 = any free port)")
     parser.add_argument("--fixtures", type=Path, help="folder of sample webhooks for --demo")
     parser.add_argument("--state-dir", type=Path, default=Path(".jiralake"), help="scratch folder")
     parser.add_argument(
-        "--export-schedule", default="*/15 * * * *", help="cron expression for the exporter (UTC)"
+        "--export-schedule",
+        type=_cron,
+        default="*/15 * * * *",
+        help="cron expression for the exporter, in UTC (default every 15 minutes)",
     )
     parser.add_argument(
         "--demo-timeout", type=argtypes.positive_number, default=120.0, help="seconds to wait for the demo"
@@ -38,7 +48,7 @@ def _command(args: argparse.Namespace) -> int:
         raise CommandError(
             "--keep-running only applies to --demo (without --demo the stack keeps running)", 2
         )
-    _fail_if_port_taken(args.host, args.port)
+    _fail_if_cannot_listen(args.host, args.port)
     options = StackOptions(
         scratch_dir=args.state_dir.resolve(),
         host=args.host,
@@ -52,13 +62,24 @@ def _command(args: argparse.Namespace) -> int:
     return asyncio.run(run_stack(options, dict(os.environ)))
 
 
-def _fail_if_port_taken(host: str, port: int) -> None:
-    if port == 0:
-        return
+def _cron(raw: str) -> str:
+    if not croniter.is_valid(raw):
+        raise argparse.ArgumentTypeError(f"not a cron expression: {raw!r} (e.g. '*/15 * * * *')")
+    return raw
+
+
+def _fail_if_cannot_listen(host: str, port: int) -> None:
+    """Refuse before anything starts: a port in use, or a host that is no IPv4 address of this machine."""
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandError(
+                    f"port {port} on {host} is in use; pass --port with a free one (0 = any)", 2
+                ) from None
             raise CommandError(
-                f"port {port} on {host} is in use; pass --port with a free one (0 = any)", 2
+                f"cannot listen on {host}: {exc.strerror or exc}; pass --host with an IPv4 address "
+                "of this machine (default 127.0.0.1)",
+                2,
             ) from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,10 +17,12 @@ import asyncpg
 import pytest
 
 from ops.local_postgres import find_bin_dir, local_postgres
+from ops.local_stack import _webhook_secret
 from shared.errors import CommandError
 from tests.conftest import _with_database
 
 ROOT = Path(__file__).resolve().parent.parent
+UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
 
 
 @pytest.fixture
@@ -69,10 +73,35 @@ def test_up_demo_runs_the_whole_pipeline_and_exits_0(stack_database: str, tmp_pa
     assert "Тестовый эпик" in out
     assert "jiralake/ap_jira_task/latest/ap_jira_task.csv" in out
     assert "jiralake/ap_jira_task/history/dt=" in out
+    # and its output ends as the README shows it
+    assert _ends_like(_readme_demo_sample(), out.rstrip("\n").splitlines())
     # and the secret it generated is in a private file, never in the output or the logs
     secret = (tmp_path / "state" / "webhook-secret").read_text().strip()
     assert oct((tmp_path / "state" / "webhook-secret").stat().st_mode & 0o777) == "0o600"
     assert secret not in out and secret not in result.stderr
+
+
+def _normalized(line: str) -> str:
+    """Today's date and the manifests' sizes (they hold the run's times) vary between runs."""
+    line = re.sub(r"dt=\d{4}-\d{2}-\d{2}", "dt=DATE", line)
+    return re.sub(r"(_manifest\.json)  \(\d+ bytes\)", r"\1  (N bytes)", line)
+
+
+def _readme_demo_sample() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"`--keep-running` leaves the stack up\).*?```\n(.*?)```", readme, re.DOTALL)
+    assert found, "README.md no longer shows the demo's output"
+    return found.group(1).rstrip("\n").splitlines()
+
+
+def _ends_like(sample: list[str], actual: list[str]) -> bool:
+    """The output ends with the sample's lines, where a ``...`` line stands for one or more lines."""
+    any_lines = r"[^\n]*(?:\n[^\n]*)*?"
+    pattern = "\n".join(
+        any_lines if line.strip() == "..." else re.escape(_normalized(line)) for line in sample
+    )
+    text = "\n".join(_normalized(line) for line in actual)
+    return re.search(rf"(?:\A|\n){pattern}\Z", text) is not None
 
 
 @pytest.mark.timeout(120)
@@ -97,6 +126,84 @@ def test_up_stops_cleanly_on_ctrl_c(stack_database: str, tmp_path: Path) -> None
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert '"event": "consumer_stopped"' in err and '"event": "receiver_stopped"' in err
+
+
+def _up(tmp_path: Path, *args: str, database_url: str = UNREACHABLE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jiralake", "up", "--state-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        env=_env(database_url),
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_up_with_a_host_that_is_not_this_machine_says_so_not_port_in_use(tmp_path: Path) -> None:
+    # GIVEN an address of no interface here (TEST-NET-3), and one that does not resolve
+    for host in ("203.0.113.1", "no-such-host.invalid"):
+        # WHEN the stack is asked to listen there
+        result = _up(tmp_path, "--host", host, "--port", "0")
+        # THEN it refuses before starting anything, naming the host, not a port in use
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"jiralake: cannot listen on {host}: "), line
+        assert line.endswith("pass --host with an IPv4 address of this machine (default 127.0.0.1)")
+
+
+def test_up_on_a_port_in_use_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _up(tmp_path, "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"jiralake: port {port} on 127.0.0.1 is in use; pass --port with a free one (0 = any)"
+    )
+
+
+def test_up_refuses_a_bad_export_schedule_before_starting_anything(tmp_path: Path) -> None:
+    result = _up(tmp_path, "--port", "0", "--export-schedule", "every day")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "jiralake up: error: argument --export-schedule: not a cron expression: 'every day' "
+        "(e.g. '*/15 * * * *')"
+    )
+    assert not (tmp_path / "moto.log").exists()
+
+
+def test_up_with_a_malformed_database_url_says_so_in_one_line(tmp_path: Path) -> None:
+    # GIVEN a DATABASE_URL whose port is not a number (and which holds a password)
+    result = _up(tmp_path, "--port", "0", database_url="postgresql://me:s3cret@127.0.0.1:54x2/jiralake")
+    # THEN one line, exit 2, no traceback and no password
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "jiralake: DATABASE_URL is set but it is not a valid PostgreSQL URL "
+        "(invalid literal for int() with base 10: '54x2')"
+    )
+
+
+def test_up_with_a_missing_database_says_what_postgres_answered(pg_server_dsn: str, tmp_path: Path) -> None:
+    # GIVEN a server that answers, and a database it does not have
+    missing = f"jiralake_missing_{uuid.uuid4().hex[:8]}"
+    result = _up(tmp_path, "--port", "0", database_url=_with_database(pg_server_dsn, missing))
+    # THEN the line says what PostgreSQL answered, not that it does not answer
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f'jiralake: DATABASE_URL is set but PostgreSQL refused the connection: database "{missing}" '
+        "does not exist"
+    )
+
+
+def test_an_empty_secret_file_gets_a_new_secret_not_an_empty_one(tmp_path: Path) -> None:
+    # GIVEN the secret file of a run interrupted between creating and writing it
+    (tmp_path / "webhook-secret").touch(mode=0o600)
+    # WHEN the stack picks its secret
+    secret, path = _webhook_secret({"JIRALAKE_WEBHOOK_SECRET": "  "}, tmp_path)
+    # THEN it is a fresh one, kept in that file (a blank variable counts as unset)
+    assert len(secret) >= 32
+    assert path.read_text() == secret
 
 
 def test_up_with_an_unreachable_database_url_says_so(tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ specification, its commands against the real CLI, and the wheel the image instal
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -239,3 +241,30 @@ def test_compose_waits_for_healthy_dependencies_and_restarts_services() -> None:
             assert service["restart"] == "unless-stopped", name
     assert services["setup"]["restart"] == "no"
     assert "--schedule" in services["exporter"]["command"]
+
+
+def _old_pythons() -> list[str]:
+    """Interpreters older than 3.11 on this machine, if any (pyenv's, or python3.x on PATH)."""
+    found = [shutil.which(f"python3.{minor}") for minor in range(8, 11)]
+    found += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
+    return [path for path in found if path]
+
+
+def test_make_refuses_a_python_older_than_3_11_before_creating_the_venv(tmp_path: Path) -> None:
+    # GIVEN a newcomer whose python3 is missing or too old (Ubuntu 22.04 ships 3.10)
+    for python in ["python3.99-not-installed", *_old_pythons()[:1]]:
+        venv = tmp_path / "venv"
+        # WHEN they run the README's first command
+        result = subprocess.run(
+            ["make", "demo", f"PYTHON={python}", f"VENV={venv}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        # THEN make stops at once, says what it needs and how to pass it, and leaves no venv behind
+        assert result.returncode != 0
+        line = result.stderr.splitlines()[0]
+        assert line.startswith(f"make: jiralake needs Python 3.11 or newer; {python} is "), line
+        assert line.endswith("Pass one, e.g. make demo PYTHON=python3.11"), line
+        assert not venv.exists()
