@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 MAX_PORT = 65535
 
@@ -107,9 +108,27 @@ class DatabaseSettings:
     # None: asyncpg falls back to libpq's PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.
     url: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            check_database_url(self.url)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
         return cls(url=env_str(env, "DATABASE_URL"))
+
+
+def check_database_url(url: str) -> None:
+    """Refuse what asyncpg would fail on with a bare ValueError (a traceback to the user): another
+    scheme, a port that is not a number. The URL is never repeated: it may hold a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("DATABASE_URL must be a postgresql:// URL")
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):  # libpq's multi-host form: h1:5432,h2:5433
+        after_address = host.rpartition("]")[2]  # an IPv6 address is bracketed: [::1]:5432
+        port = after_address.rpartition(":")[2] if ":" in after_address else ""
+        if port and not (port.isdigit() and 0 < int(port) <= MAX_PORT):
+            raise ConfigError(f"DATABASE_URL has a port that is not 1..{MAX_PORT}: {port[:20]!r}")
 
 
 def require(env: Mapping[str, str], name: str) -> str:

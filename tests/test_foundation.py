@@ -89,3 +89,40 @@ def test_setup_without_configuration_is_one_line_and_exit_2() -> None:
         "jiralake: configuration error: JIRALAKE_QUEUE_URL is not set "
         "(see the configuration table in README.md)"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql://me:s3cret@127.0.0.1:54x2/jiralake", "has a port that is not 1..65535: '54x2'"),
+        ("postgresql://me:s3cret@127.0.0.1:99999/jiralake", "has a port that is not 1..65535: '99999'"),
+        ("mysql://me:s3cret@127.0.0.1/jiralake", "must be a postgresql:// URL"),
+    ],
+)
+def test_a_malformed_database_url_is_one_line_without_the_password(url: str, problem: str) -> None:
+    # GIVEN a DATABASE_URL asyncpg would fail on with a bare ValueError (a traceback, exit 70)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "JIRALAKE_QUEUE_URL": "http://127.0.0.1:1/1/q.fifo",
+        "JIRALAKE_DLQ_URL": "http://127.0.0.1:1/1/dlq.fifo",
+        "JIRALAKE_BUCKET": "b",
+        "DATABASE_URL": url,
+    }
+    # WHEN a command that needs the database starts
+    result = subprocess.run(
+        [sys.executable, "-m", "jiralake", "setup"], capture_output=True, text=True, env=env, timeout=60
+    )
+    # THEN one line names the problem, exit 2, and the password is not repeated
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"jiralake: configuration error: DATABASE_URL {problem}"
+    assert "s3cret" not in result.stderr
+
+
+def test_database_urls_libpq_accepts_are_accepted() -> None:
+    for url in (
+        "postgresql://u:p@h1:5432,h2:5433/db",
+        "postgresql://[::1]:5432/db",
+        "postgres:///db?host=/var/run/postgresql",
+        "postgresql://127.0.0.1/db",
+    ):
+        assert DatabaseSettings(url=url).url == url
