@@ -89,6 +89,12 @@ class SqsBatcher:
         self._task = asyncio.create_task(self._run(), name="sqs-batcher")
         self._task.add_done_callback(_report_crash)
 
+    async def ended(self) -> None:
+        """Returns when the batcher's task has ended: after :meth:`close`, or because of a bug."""
+        if self._task is None:
+            raise RuntimeError("the batcher was never started")
+        await asyncio.wait({self._task})
+
     @property
     def problem(self) -> str | None:
         """Why the batcher cannot send (for /readyz), or None."""

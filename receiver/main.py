@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from receiver.app import RECEIVER, WEBHOOK_PATH, build_app, server_options
+from receiver.batcher import SqsBatcher
 from receiver.settings import ReceiverSettings
 from shared import aws
 from shared.admin_server import admin_app, start_admin_server
@@ -74,7 +75,7 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                     unsigned_webhooks_accepted=settings.webhook_secret is None,
                     rotation_in_progress=settings.webhook_secret_previous is not None,
                 )
-                await stop.wait()
+                await until_stopped(stop, app[RECEIVER].batcher)
                 log.info("receiver_shutdown_started")
             finally:
                 # Stops listening, lets in-flight requests finish, then flushes the batcher.
@@ -82,3 +83,24 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                 if admin is not None:
                     await admin.cleanup()
     log.info("receiver_stopped")
+
+
+class BatcherStopped(Exception):
+    """The sqs-batcher task ended while the receiver was serving: a bug."""
+
+
+async def until_stopped(stop: asyncio.Event, batcher: SqsBatcher) -> None:
+    """Wait until ``stop`` is set. If the batcher's task ends first (it only does by a bug), every
+    webhook would get 503 while /healthz said ok, and no supervisor would restart the process:
+    raise :class:`BatcherStopped` instead, so the receiver shuts down and exits non-zero."""
+    stopping = asyncio.create_task(stop.wait(), name="receiver-stop-wait")
+    batcher_ended = asyncio.create_task(batcher.ended(), name="sqs-batcher-watch")
+    try:
+        await asyncio.wait({stopping, batcher_ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (stopping, batcher_ended):
+            task.cancel()
+        await asyncio.gather(stopping, batcher_ended, return_exceptions=True)
+    if not stop.is_set():
+        log.error("receiver_stopping_batcher_ended")
+        raise BatcherStopped("the sqs-batcher task ended; the receiver cannot queue webhooks")

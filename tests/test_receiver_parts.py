@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from receiver.batcher import BatcherClosed, BatcherFull, SqsBatcher
 from receiver.intake import retry_count
-from receiver.main import SQS_USER_AGENT
+from receiver.main import SQS_USER_AGENT, BatcherStopped, until_stopped
 from receiver.settings import WEBHOOK_EVENT_PREFIXES, ReceiverSettings, parse_accepted_events
 from receiver.signature import MATCHED_CURRENT, BadSignature, WebhookSecrets, sign, verify
 from shared import aws
@@ -326,3 +326,42 @@ async def test_the_receivers_client_settings_keep_retries_and_error_parsing(
     assert [ok["Id"] for ok in sent["Successful"]] == ["0"]
     assert refused.value.response["Error"]["Code"] == "QueueDoesNotExist"
     assert all(agent.startswith(SQS_USER_AGENT + " ") for _, agent in seen)
+
+
+# -- the process stops when its batcher does ----------------------------------------------------
+
+
+async def test_serving_ends_with_an_error_when_the_batcher_task_ends_first(aws_settings: AwsSettings) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        batcher = SqsBatcher(
+            sqs, "http://q/1/q.fifo", max_wait_s=0.05, max_pending=10, max_inflight=1, timeout_s=5
+        )
+        batcher.start()
+        # GIVEN a receiver serving: it waits for a stop signal
+        stop = asyncio.Event()
+        serving = asyncio.create_task(until_stopped(stop, batcher))
+        await asyncio.sleep(0.05)
+        assert not serving.done()
+        # WHEN the batcher's task ends though nobody asked the receiver to stop
+        await batcher.close(grace_s=1)
+        # THEN serving ends with an error (the process exits non-zero and its supervisor restarts it)
+        # rather than answering 503 forever while /healthz says ok
+        with pytest.raises(BatcherStopped, match="the sqs-batcher task ended"):
+            await asyncio.wait_for(serving, timeout=5)
+
+
+async def test_a_stop_signal_ends_serving_and_leaves_the_batcher_to_the_shutdown(
+    aws_settings: AwsSettings,
+) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        batcher = SqsBatcher(
+            sqs, "http://q/1/q.fifo", max_wait_s=0.05, max_pending=10, max_inflight=1, timeout_s=5
+        )
+        batcher.start()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(until_stopped(stop, batcher))
+        # WHEN the stop signal arrives THEN serving returns and the batcher still runs for the drain
+        stop.set()
+        await asyncio.wait_for(serving, timeout=5)
+        assert batcher.problem is None
+        await batcher.close(grace_s=1)
