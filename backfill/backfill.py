@@ -62,6 +62,8 @@ class BackfillSummary:
     sent: int = 0
     issues_sent_total: int = 0
     refused: list[Refused] = field(default_factory=list)
+    # Snapshots an earlier process of this (resumed) run did not enqueue: listed when that one stopped.
+    refused_before_resume: int = 0
     complete: bool = False
     watermark: datetime | None = None
     duration_s: float = 0.0
@@ -105,6 +107,7 @@ async def run_backfill(
                 )
             else:
                 summary.resumed_after_page = run.pages_done
+                summary.refused_before_resume = run.issues_refused
                 if request.dry_run:
                     summary.jql = run.effective_jql
                     summary.total = await jira.count(run.effective_jql)
@@ -142,6 +145,7 @@ async def run_backfill(
                         )
                         summary.restarted_after_expired_token = True
                         summary.issues_sent_total = 0
+                        summary.refused_before_resume = 0
                         await _pages_to_queue(
                             settings, request, key, run, jira, sqs, conn, progress, summary, sleep
                         )
@@ -212,6 +216,7 @@ async def _pages_to_queue(
                 next_cursor=item.next_cursor,
                 pages_done=pages_done,
                 issues_sent=summary.issues_sent_total,
+                issues_refused=summary.refused_before_resume + len(summary.refused),
             )
             progress.advance(len(item.issues))
     finally:
@@ -246,11 +251,12 @@ async def _covers_from(conn: asyncpg.Connection, key: state.RunKey, since: Since
 async def _finish(
     conn: asyncpg.Connection, key: state.RunKey, run: state.RunState, summary: BackfillSummary
 ) -> None:
-    """Forget the cursor; store a watermark only when nothing was refused and the run reached back
-    at least to the previous watermark (a later --updated-since date would leave a gap)."""
+    """Forget the cursor; store a watermark only when nothing was refused (in this process or, for a
+    resumed run, before it) and the run reached back at least to the previous watermark (a later
+    --updated-since date would leave a gap)."""
     previous = await state.load_watermark(conn, key.jira_url, key.request_jql)
     contiguous = run.covers_from is None or (previous is not None and run.covers_from <= previous)
-    store = contiguous and not summary.refused
+    store = contiguous and not summary.refused and not summary.refused_before_resume
     await state.finish_run(conn, key, run, issues_sent=summary.issues_sent_total, store_watermark=store)
     summary.complete = True
     summary.watermark = run.started_at if store else None

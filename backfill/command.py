@@ -93,8 +93,11 @@ def _backfill_command(args: argparse.Namespace) -> int:
             f"{exc} (pages already enqueued are saved: run the same command to resume)"
         ) from None
     print("\n".join(backfill_report(summary)))
-    if summary.refused:
-        raise CommandError(f"{len(summary.refused)} issues could not be enqueued (listed above)")
+    if summary.refused or summary.refused_before_resume:
+        raise CommandError(
+            f"{len(summary.refused) + summary.refused_before_resume} issues could not be enqueued "
+            "(listed above, or in the snapshot_refused log lines of the run before the resume)"
+        )
     return 0
 
 
@@ -162,6 +165,11 @@ def backfill_report(summary: BackfillSummary) -> list[str]:
     if summary.jira_retries:
         lines.append(f"  Jira throttled or failed {summary.jira_retries} requests; all were retried")
     lines += [f"  not enqueued: issue {r.issue_id}: {r.reason}" for r in summary.refused]
+    if summary.refused_before_resume:
+        lines.append(
+            f"  not enqueued before the resume: {summary.refused_before_resume} issues "
+            "(see that run's snapshot_refused log lines); no watermark is stored"
+        )
     if summary.watermark is not None:
         lines.append(f"  watermark: {summary.watermark.isoformat()} (for --updated-since last-run)")
     else:

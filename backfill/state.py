@@ -35,6 +35,8 @@ class RunState:
     pages_done: int
     issues_sent: int
     started_at: datetime
+    # Snapshots of this run not enqueued so far (migration 0006): a resumed run stores no watermark.
+    issues_refused: int = 0
 
     @property
     def fetched_all_pages(self) -> bool:
@@ -44,7 +46,7 @@ class RunState:
 
 # -- load_run --
 _LOAD_RUN = """
-SELECT effective_jql, covers_from, next_cursor, pages_done, issues_sent, started_at
+SELECT effective_jql, covers_from, next_cursor, pages_done, issues_sent, issues_refused, started_at
 FROM jiralake_backfill_run WHERE job_key = $1
 """
 
@@ -55,13 +57,14 @@ INSERT INTO jiralake_backfill_run
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (job_key) DO UPDATE SET
     effective_jql = excluded.effective_jql, covers_from = excluded.covers_from,
-    next_cursor = NULL, pages_done = 0, issues_sent = 0, started_at = excluded.started_at, updated_at = now()
+    next_cursor = NULL, pages_done = 0, issues_sent = 0, issues_refused = 0, started_at = excluded.started_at,
+    updated_at = now()
 """
 
 # -- save_page --
 _SAVE_PAGE = """
 UPDATE jiralake_backfill_run
-SET next_cursor = $2, pages_done = $3, issues_sent = $4, updated_at = now()
+SET next_cursor = $2, pages_done = $3, issues_sent = $4, issues_refused = $5, updated_at = now()
 WHERE job_key = $1
 """
 
@@ -105,6 +108,7 @@ async def load_run(conn: asyncpg.Connection, key: RunKey) -> RunState | None:
         pages_done=row["pages_done"],
         issues_sent=row["issues_sent"],
         started_at=row["started_at"],
+        issues_refused=row["issues_refused"],
     )
 
 
@@ -130,9 +134,15 @@ async def start_run(
 
 
 async def save_page(
-    conn: asyncpg.Connection, key: RunKey, *, next_cursor: str | None, pages_done: int, issues_sent: int
+    conn: asyncpg.Connection,
+    key: RunKey,
+    *,
+    next_cursor: str | None,
+    pages_done: int,
+    issues_sent: int,
+    issues_refused: int,
 ) -> None:
-    await conn.execute(_SAVE_PAGE, key.job_key, next_cursor, pages_done, issues_sent)
+    await conn.execute(_SAVE_PAGE, key.job_key, next_cursor, pages_done, issues_sent, issues_refused)
 
 
 async def finish_run(

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from backfill.backfill import LAST_RUN, BackfillRequest, run_backfill
+from backfill.command import backfill_report
 from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
 from backfill.settings import JiraSettings
 from backfill.snapshot import snapshot_envelope
@@ -367,6 +368,37 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     assert summary.watermark is None
     assert queued_ids(await drain(aws_settings, queues.queue_url)) == sorted(
         [server.issues[0]["id"], server.issues[2]["id"]]
+    )
+
+
+async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN 30 issues in pages of 10, one on page one too large for SQS, and a Jira that fails hard
+    # from the third page on
+    server, url = jira
+    server.issues = fixture_issues(30)
+    server.issues[4]["fields"]["description"] = "x" * 1_100_000
+    server.fail_from_page = 2
+    settings = backfill_settings(url, queues, db_settings, aws_settings, page_size=10, max_attempts=1)
+    # WHEN the first run dies on page three, after refusing that issue
+    with pytest.raises(JiraUnavailable):
+        await run_backfill(settings, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False)
+    assert await pg.fetchval("SELECT issues_refused FROM jiralake_backfill_run") == 1
+    # WHEN Jira is back and the same backfill resumes and completes
+    server.fail_from_page = None
+    summary = await run_backfill(settings, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False)
+    # THEN the resumed part refused nothing itself, yet the run stores no watermark: --updated-since
+    # last-run would otherwise never send the refused issue again
+    assert (summary.resumed_after_page, summary.refused, summary.refused_before_resume) == (2, [], 1)
+    assert (summary.complete, summary.watermark) == (True, None)
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_watermark") == 0
+    assert "  not enqueued before the resume: 1 issues (see that run's snapshot_refused log lines); " in (
+        "\n".join(backfill_report(summary))
     )
 
 
