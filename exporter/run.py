@@ -173,9 +173,19 @@ async def _locked_export(
         await read_columns(source),
         include_raw=settings.include_raw or settings.format is ExportFormat.PARQUET,
     )
-    since = await run_log.last_watermark(control, settings.format.value) if mode == "changes" else None
+    destination = f"s3://{settings.bucket}/{settings.prefix}"
+    since = (
+        await run_log.last_watermark(control, destination=destination, format=settings.format.value)
+        if mode == "changes"
+        else None
+    )
     run_id = await run_log.start_run(
-        control, mode=mode, format=settings.format.value, started_at=started_at, since_xid8=since
+        control,
+        mode=mode,
+        format=settings.format.value,
+        destination=destination,
+        started_at=started_at,
+        since_xid8=since,
     )
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         log.info("export_started", bucket=settings.bucket, since_xid8=since, columns=len(columns))

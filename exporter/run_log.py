@@ -15,8 +15,8 @@ WHERE status = 'running'
 
 # -- start_run --
 START_RUN = """
-INSERT INTO jiralake_export_run (mode, format, status, started_at, since_xid8)
-VALUES ($1, $2, 'running', $3, $4)
+INSERT INTO jiralake_export_run (mode, format, status, started_at, since_xid8, destination)
+VALUES ($1, $2, 'running', $3, $4, $5)
 RETURNING run_id
 """
 
@@ -34,9 +34,10 @@ UPDATE jiralake_export_run SET status = 'failed', finished_at = $2, error = $3 W
 """
 
 # -- last_watermark --
+# Per destination (migration 0007): another exporter's runs to another bucket or prefix don't count.
 LAST_WATERMARK = """
 SELECT watermark_xid8 FROM jiralake_export_run
-WHERE mode = 'changes' AND status = 'succeeded' AND format = $1
+WHERE mode = 'changes' AND status = 'succeeded' AND destination = $1 AND format = $2
 ORDER BY run_id DESC
 LIMIT 1
 """
@@ -48,9 +49,15 @@ async def abandon_unfinished(conn: asyncpg.Connection, now: datetime) -> int:
 
 
 async def start_run(
-    conn: asyncpg.Connection, *, mode: str, format: str, started_at: datetime, since_xid8: int | None
+    conn: asyncpg.Connection,
+    *,
+    mode: str,
+    format: str,
+    destination: str,
+    started_at: datetime,
+    since_xid8: int | None,
 ) -> int:
-    run_id: int = await conn.fetchval(START_RUN, mode, format, started_at, since_xid8)
+    run_id: int = await conn.fetchval(START_RUN, mode, format, started_at, since_xid8, destination)
     return run_id
 
 
@@ -85,6 +92,6 @@ async def run_failed(conn: asyncpg.Connection, run_id: int, *, finished_at: date
     await conn.execute(RUN_FAILED, run_id, finished_at, error[:2000])
 
 
-async def last_watermark(conn: asyncpg.Connection, format: str) -> int | None:
-    value: int | None = await conn.fetchval(LAST_WATERMARK, format)
+async def last_watermark(conn: asyncpg.Connection, *, destination: str, format: str) -> int | None:
+    value: int | None = await conn.fetchval(LAST_WATERMARK, destination, format)
     return value

@@ -123,6 +123,35 @@ async def test_changed_since_last_exports_only_rows_changed_since_the_previous_i
     assert third.rows == 0
 
 
+async def test_each_destination_keeps_its_own_incremental_watermark(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN two exporters of the same format on one database, to two prefixes (a production lake and
+    # a test lake), and 10 rows the first one exported incrementally
+    production, test_lake = settings_factory(prefix="prod"), settings_factory(prefix="test")
+    await insert_awkward_rows(pg, 10)
+    first = await export_once(production, changed_since_last=True, clock=at(10, 6))
+    assert first.rows == 10
+    # WHEN a row changes and each runs incrementally
+    await pg.execute("UPDATE ap_jira_task SET version = version + 1 WHERE issue_id = 3")
+    to_test = await export_once(test_lake, changed_since_last=True, clock=at(10, 7))
+    to_production = await export_once(production, changed_since_last=True, clock=at(10, 8))
+    # THEN the test lake's first incremental run has every row (the production runs don't count for
+    # it), and production gets just the changed row
+    assert (to_test.since_xid8, to_test.rows) == (None, 10)
+    assert (to_production.since_xid8, to_production.rows) == (first.watermark_xid8, 1)
+    destinations = await pg.fetch(
+        "SELECT destination FROM jiralake_export_run WHERE run_id = ANY($1::bigint[]) ORDER BY run_id",
+        [first.run_id, to_test.run_id, to_production.run_id],
+    )
+    assert [r["destination"] for r in destinations] == [f"s3://{bucket}/prod", f"s3://{bucket}/test"] + [
+        f"s3://{bucket}/prod"
+    ]
+
+
 async def test_rows_committed_while_an_incremental_run_reads_are_in_the_next_one(
     pg: asyncpg.Connection,
     db_settings: DatabaseSettings,
