@@ -37,6 +37,9 @@ class ConsumerSettings:
     retry_max_s: int = 900
     # While Postgres or SQS is unreachable, a poller waits (doubling up to this) before trying again.
     unavailable_backoff_max_s: float = 30.0
+    # A batch that fails transiently on a connection that survives (a lock wait past the statement
+    # timeout, a deadlock, disk full) is retried in place this long before it is released; 0: never.
+    retry_in_place_s: float = 300.0
     # Longest one Postgres statement may take before it counts as a (transient) timeout.
     statement_timeout_s: float = 30.0
     # On SIGTERM, batches in flight get this long to commit and acknowledge before they are cancelled.
@@ -93,6 +96,7 @@ class ConsumerSettings:
             unavailable_backoff_max_s=env_float(
                 env, "JIRALAKE_CONSUMER_UNAVAILABLE_BACKOFF_S", 30.0, minimum=0.1
             ),
+            retry_in_place_s=env_float(env, "JIRALAKE_CONSUMER_RETRY_IN_PLACE_S", 300.0, minimum=0),
             statement_timeout_s=env_float(env, "JIRALAKE_CONSUMER_STATEMENT_TIMEOUT_S", 30.0, minimum=0.1),
             shutdown_grace_s=env_float(env, "JIRALAKE_CONSUMER_SHUTDOWN_GRACE_S", 25.0, minimum=0),
             breaker_window_events=env_int(env, "JIRALAKE_CONSUMER_BREAKER_WINDOW", 100, minimum=1),

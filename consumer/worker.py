@@ -4,8 +4,10 @@ Each poller loops: check Postgres (a pooled connection and ``SELECT 1``; while P
 does not receive, so an outage does not burn receive counts into the DLQ) -> ``ReceiveMessage`` (long
 polling, up to 10) -> apply (consumer/apply.py) while ``visibility-extender`` keeps the batch hidden
 -> after the commit, dead-letter the invalid messages (send, then delete) and delete the rest in one
-``DeleteMessageBatch``, shielded so shutdown cannot split them. A transient failure releases the batch
-with backoff; anything unexpected stops the consumer and is raised (consumer/outcomes.py).
+``DeleteMessageBatch``, shielded so shutdown cannot split them. A transient failure that leaves the
+connection usable is retried in place for a while (the batch stays received and hidden); otherwise, or
+after that, it releases the batch with backoff. Anything unexpected stops the consumer and is raised
+(consumer/outcomes.py).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class Consumer:
                         return
                     messages = await self._receive()
                     if messages:
-                        await self._handle(conn, messages)
+                        await self._handle(conn, messages, halt)
                 backoff_s = first_backoff_s
             except Exception as exc:
                 if classify(exc) is not Outcome.RETRY:
@@ -193,15 +195,17 @@ class Consumer:
             self.activity.last_empty = now
         return messages
 
-    async def _handle(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
+    async def _handle(self, conn: asyncpg.Connection, messages: list[Message], halt: asyncio.Event) -> None:
         self.stats.batches += 1
         task = asyncio.current_task()
         with structlog.contextvars.bound_contextvars(
             poller=task.get_name() if task else None, batch=self.stats.batches
         ):
-            await self._handle_batch(conn, messages)
+            await self._handle_batch(conn, messages, halt)
 
-    async def _handle_batch(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
+    async def _handle_batch(
+        self, conn: asyncpg.Connection, messages: list[Message], halt: asyncio.Event
+    ) -> None:
         started = time.perf_counter()
         self.activity.in_flight += 1
         self.stats.received += len(messages)
@@ -223,7 +227,7 @@ class Consumer:
                 except InvalidEnvelope as exc:
                     rejected.append(Rejected(message, *describe(exc)))
             try:
-                result = await apply.apply_envelopes(conn, [envelope for _, envelope in parsed])
+                result = await self._apply(conn, [envelope for _, envelope in parsed], halt)
             except Exception as exc:
                 if classify(exc) is Outcome.RETRY:
                     await self._shielded(self._release(messages, exc))
@@ -251,6 +255,36 @@ class Consumer:
             self.activity.in_flight -= 1
             self.activity.last_busy = time.monotonic()
             CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _apply(
+        self, conn: asyncpg.Connection, envelopes: list[Envelope], halt: asyncio.Event
+    ) -> apply.ApplyResult:
+        """``apply_envelopes``, retried in place while a transient failure leaves the connection usable
+        (a lock held past the statement timeout, a deadlock, disk full): Postgres answers ``SELECT 1``
+        then, so releasing the batch would only spend its receive counts toward the DLQ. The batch stays
+        received and hidden (the visibility extender runs) for up to ``retry_in_place_s``; after that,
+        on a stop, or on any other failure, this raises and the caller releases or crashes."""
+        give_up_at = time.monotonic() + self.settings.retry_in_place_s
+        delay_s = min(_FIRST_BACKOFF_S, self.settings.unavailable_backoff_max_s)
+        while True:
+            try:
+                return await apply.apply_envelopes(conn, envelopes)
+            except Exception as exc:
+                out_of_time = time.monotonic() + delay_s > give_up_at
+                if out_of_time or halt.is_set() or not _connection_survives(exc, conn):
+                    raise
+                error_class, message = describe(exc)
+                log.warning(
+                    "batch_retrying_in_place",
+                    messages=len(envelopes),
+                    error_class=error_class,
+                    error=message,
+                    retry_in_s=delay_s,
+                )
+                await _wait(halt, delay_s)
+                if halt.is_set():
+                    raise
+                delay_s = min(delay_s * 2, self.settings.unavailable_backoff_max_s)
 
     async def _acknowledge(self, done: list[Message], rejected: list[Rejected]) -> None:
         """After the commit: dead-letter (send, then delete) the invalid messages, delete the others."""
@@ -298,6 +332,15 @@ class Consumer:
             if a.in_flight == 0 and a.last_empty is not None and a.last_empty - a.last_busy >= idle_s:
                 return
             await asyncio.sleep(0.05)
+
+
+def _connection_survives(exc: BaseException, conn: asyncpg.Connection) -> bool:
+    """A transient failure of the statement, not of the connection: Postgres refused or timed out
+    this write (classes 40, 53, 55P03, 57014, or the client-side statement timeout) and the
+    connection is still open."""
+    transient = classify(exc) is Outcome.RETRY
+    statement_level = isinstance(exc, asyncpg.PostgresError | TimeoutError)
+    return transient and statement_level and not conn.is_closed()
 
 
 async def _wait(halt: asyncio.Event, delay_s: float) -> None:

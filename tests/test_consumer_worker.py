@@ -197,6 +197,42 @@ async def test_postgres_going_away_mid_batch_loses_nothing_and_applies_nothing_t
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
+@pytest.mark.parametrize("retry_in_place_s", [300.0, 0.0])
+async def test_a_lock_held_past_the_statement_timeout_is_waited_out_without_spending_receives(
+    pg: asyncpg.Connection,
+    settings: ConsumerSettings,
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    retry_in_place_s: float,
+) -> None:
+    # GIVEN a 0.5 s statement timeout, and maintenance holding the table for about 2 s: Postgres
+    # answers SELECT 1 all along, but every write times out
+    patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=retry_in_place_s)
+    events = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2, 3)]
+    retried_before = counter(CONSUMER_EVENTS, "retried")
+    stop = asyncio.Event()
+    async with pg.transaction():
+        await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
+        await enqueue(aws_settings, queues.queue_url, events)
+        task = asyncio.create_task(run_consumer(patient, stop))
+        await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
+        await asyncio.sleep(2.0)  # holds the lock over several statement timeouts
+    # WHEN the lock is released
+    try:
+        await wait_for(lambda: _history_is(pg, 3), what="the batch")
+    finally:
+        stop.set()
+        stats = await asyncio.wait_for(task, timeout=20)
+    # THEN every event is applied once; retried in place, the batch was received once and never
+    # released, so no receive count grew toward maxReceiveCount
+    assert (stats.applied, await history_count(pg)) == (3, 3)
+    if retry_in_place_s:
+        assert (stats.received, stats.batches, stats.retried) == (3, 1, 0)
+        assert counter(CONSUMER_EVENTS, "retried") == retried_before
+    else:  # the old way, still there when disabled: released, received again, each time counted
+        assert stats.retried >= 3 and stats.received >= 6
+
+
 async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_changes_nothing(
     pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
