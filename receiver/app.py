@@ -53,6 +53,8 @@ class Receiver:
     readiness: QueueReadiness
     clock_ms: Callable[[], int]
     stopping: bool = False
+    # Requests reading their bodies now (bounded by settings.max_bodies_reading).
+    reading: int = 0
 
     def problem(self) -> str | None:
         """Why the receiver should not get traffic now (checked before asking SQS), or None."""
@@ -155,7 +157,7 @@ async def handle_webhook(request: web.Request) -> web.Response:
         **fields,
     )
     response = answer.response()
-    if answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT):
+    if answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT) or not request.content.at_eof():
         response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
     return response
 
@@ -180,10 +182,18 @@ async def _answer(
     """Everything a webhook request can lead to, mapped to one :class:`Answer`."""
     if receiver.stopping:
         return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later")
+    if receiver.reading >= receiver.settings.max_bodies_reading:
+        # Every body is buffered (up to max_body_bytes) before its signature can be checked: bound
+        # how many at once, so unsigned senders trickling large bodies cannot exhaust memory.
+        log.warning("receiver_overloaded", detail=f"{receiver.reading} request bodies being read")
+        return Answer(Outcome.UNAVAILABLE, "too many requests are sending their bodies; retry later")
+    receiver.reading += 1
     try:
         admission = await admit(request, receiver.rules, received_at_ms=received_at_ms)
     except Rejected as rejected:
         return rejected.answer
+    finally:
+        receiver.reading -= 1
     if admission.signed_with is not None:
         # Which secret matched ("current"/"previous"), never the secret: shows when a rotation is done.
         fields["signed_with"] = admission.signed_with

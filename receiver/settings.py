@@ -46,6 +46,10 @@ class ReceiverSettings:
     batch_max_wait_ms: float = 5.0
     # Entries waiting for a batch; beyond this, requests get 503 at once (backpressure).
     max_pending_entries: int = 1000
+    # Requests whose bodies are being read (each buffers up to max_body_bytes before its signature
+    # can be checked); beyond this, 503 and the connection closed, so unsigned slow senders cannot
+    # run the process out of memory.
+    max_bodies_reading: int = 64
     # SendMessageBatch calls in flight at once.
     max_inflight_batches: int = 8
     # Bound on one SendMessageBatch call and on a request's wait for its entry's result.
@@ -97,6 +101,7 @@ class ReceiverSettings:
             accepted_event_prefixes=parse_accepted_events(env_str(env, "JIRALAKE_ACCEPTED_EVENTS")),
             batch_max_wait_ms=env_float(env, "JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS", 5.0, minimum=0.0),
             max_pending_entries=env_int(env, "JIRALAKE_RECEIVER_MAX_PENDING", 1000, minimum=10),
+            max_bodies_reading=env_int(env, "JIRALAKE_RECEIVER_MAX_BODIES_READING", 64, minimum=1),
             max_inflight_batches=env_int(env, "JIRALAKE_RECEIVER_MAX_INFLIGHT_BATCHES", 8, minimum=1),
             sqs_timeout_s=env_float(env, "JIRALAKE_RECEIVER_SQS_TIMEOUT_S", 5.0, minimum=0.1),
             shutdown_grace_s=env_float(env, "JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S", 20.0, minimum=0.0),

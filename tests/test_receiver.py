@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
 from ops.local_aws import free_port
-from receiver.app import build_app
+from receiver.app import RECEIVER, build_app
 from receiver.batcher import MAX_ENTRY_BYTES, SqsBatcher
 from receiver.settings import ReceiverSettings
 from receiver.signature import sign
@@ -26,6 +26,7 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from tests import jira_fixtures
 from tests.conftest import drain
+from tests.test_consumer_helpers import holds, wait_for
 
 SECRET = "test-webhook-secret"
 RECEIVED_AT_MS = 1_700_000_000_123
@@ -404,6 +405,44 @@ async def test_a_declared_length_over_the_limit_is_refused_without_reading_the_b
                 "reason": "body is larger than the limit of 65536 bytes",
             }
         release.set()
+
+
+async def test_senders_trickling_bodies_cannot_hold_more_than_the_limit_of_buffers(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a receiver that reads at most two bodies at once, and two unsigned senders that declare a
+    # body and then trickle it (each would hold up to max_body_bytes before its signature is checked)
+    release = asyncio.Event()
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield b"{"
+        await release.wait()
+        yield b"}"
+
+    settings = receiver_settings(aws_settings, queues.queue_url, max_bodies_reading=2)
+    async with running(settings) as client:
+        headers = {"Content-Type": "application/json", "Content-Length": "2"}
+        stalled = [
+            asyncio.create_task(client.post("/webhooks/jira", data=stalled_body(), headers=headers))
+            for _ in range(2)
+        ]
+        receiver = client.app[RECEIVER]
+        await wait_for(holds(lambda: receiver.reading == 2), what="two bodies being read")
+        # WHEN a third request comes
+        status, answer, answer_headers = await post(client, ISSUE_BODY, delivery="d-third")
+        # THEN it is told to retry later, and its connection is not kept
+        connection = answer_headers.get("Connection")
+        assert (status, answer_headers["Retry-After"], connection) == (503, "10", "close")
+        assert answer == {
+            "status": "unavailable",
+            "reason": "too many requests are sending their bodies; retry later",
+        }
+        # AND once the slow bodies are in (unsigned: 401), a request is read again
+        release.set()
+        assert [(await r).status for r in stalled] == [401, 401]
+        assert receiver.reading == 0
+        status, _, _ = await post(client, ISSUE_BODY, delivery="d-fourth")
+        assert status == 202
 
 
 @pytest.mark.parametrize("content_type", [None, "application/json", "Application/JSON; charset=utf-8"])

@@ -60,6 +60,7 @@ def test_settings_read_every_receiver_variable() -> None:
         "JIRALAKE_ACCEPTED_EVENTS": "jira:issue_, comment_created",
         "JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS": "2.5",
         "JIRALAKE_RECEIVER_MAX_PENDING": "50",
+        "JIRALAKE_RECEIVER_MAX_BODIES_READING": "16",
         "JIRALAKE_RECEIVER_MAX_INFLIGHT_BATCHES": "3",
         "JIRALAKE_RECEIVER_SQS_TIMEOUT_S": "2",
         "JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S": "7",
@@ -68,6 +69,7 @@ def test_settings_read_every_receiver_variable() -> None:
     assert (s.host, s.port, s.admin_port, s.max_body_bytes) == ("127.0.0.1", 8001, 9000, 262144)
     assert s.accepted_event_prefixes == ("jira:issue_", "comment_created")
     assert (s.batch_max_wait_ms, s.max_pending_entries, s.max_inflight_batches) == (2.5, 50, 3)
+    assert s.max_bodies_reading == 16
     assert (s.sqs_timeout_s, s.shutdown_grace_s) == (2.0, 7.0)
 
 
