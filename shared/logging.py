@@ -6,14 +6,16 @@ Only ``main()`` calls :func:`configure`; modules call ``structlog.get_logger()``
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import re
 import sys
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
+from structlog.typing import ExcInfo
 
 # Keys whose values never reach a log line, whatever a caller binds.
 _SECRET_KEYS = ("secret", "signature", "password", "token", "authorization", "api_key", "credential")
@@ -21,6 +23,15 @@ _SECRET_KEYS = ("secret", "signature", "password", "token", "authorization", "ap
 
 # A password inside a URL (postgresql://user:password@host/db), wherever a string value holds one.
 _URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+# libpq's (and asyncpg's) other place for it: postgresql://user@host/db?password=... (and sslpassword).
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#\s'\"]+", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every URL in it replaced, in the user-info or the query string."""
+    if "://" not in text:
+        return text
+    return _QUERY_PASSWORD.sub(r"\1[redacted]", _URL_PASSWORD.sub(r"\1[redacted]@", text))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -36,8 +47,25 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
         if _is_secret_key(key):
             event_dict[key] = "[redacted]"
         elif isinstance(value, str) and "://" in value:
-            event_dict[key] = _URL_PASSWORD.sub(r"\1[redacted]@", value)
+            event_dict[key] = redact_text(value)
     return event_dict
+
+
+def _redacted_traceback(sio: TextIO, exc_info: ExcInfo) -> None:
+    # The console renderer formats exceptions itself, after every processor: redact its text too.
+    # Plain text, never rich's: it prints each frame's local variables (headers, settings, DSNs).
+    buffer = io.StringIO()
+    structlog.dev.plain_traceback(buffer, exc_info)
+    sio.write(redact_text(buffer.getvalue()))
+
+
+class _LibraryLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root logger's handler for libraries' stdlib records (configure() finds and replaces it).
+    It writes to ``sys.stderr`` as it is when a record comes, not as it was when configured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 @functools.lru_cache(maxsize=8)
@@ -60,18 +88,22 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=json_dumps)
         if render_json
-        else structlog.dev.ConsoleRenderer()
+        else structlog.dev.ConsoleRenderer(exception_formatter=_redacted_traceback)
     )
     numeric_level = logging.getLevelName(level.upper())
     if not isinstance(numeric_level, int):
         numeric_level = logging.INFO
+    # Exceptions become text first, so the redaction sees the traceback's messages too.
+    to_text: Any = (
+        structlog.processors.format_exc_info if render_json else structlog.processors.StackInfoRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            to_text,
             redact_secrets,
-            structlog.processors.format_exc_info if render_json else structlog.processors.StackInfoRenderer(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
@@ -79,5 +111,27 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    # Libraries (aiohttp access log, botocore) go through stdlib logging: keep them quiet and on stderr.
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    # Libraries (aiohttp's "Error handling request", asyncio, botocore) go through stdlib logging: keep
+    # them quiet, on stderr, and through the same redaction and renderer, so a library's traceback is
+    # one JSON line like ours rather than raw lines that bypass the redaction.
+    handler = _LibraryLogHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                to_text,
+                redact_secrets,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _LibraryLogHandler)]:
+        root.removeHandler(old)  # configured again (tests, `jiralake up`): one handler, the newest
+    root.addHandler(handler)
+    root.setLevel(max(numeric_level, logging.WARNING))
