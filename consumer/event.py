@@ -30,7 +30,7 @@ DELETE_EVENTS = frozenset({"jira:issue_deleted", RECONCILED_DELETE_EVENT})
 SOURCES = {SNAPSHOT_EVENT: "backfill", RECONCILED_DELETE_EVENT: "reconcile"}
 WEBHOOK_SOURCE = "webhook"
 
-_ISSUE_ID = re.compile(r"^\d{1,19}$")
+_ISSUE_ID = re.compile(r"^[0-9]{1,19}$")
 _MAX_BIGINT = 2**63 - 1
 
 

@@ -19,8 +19,8 @@ from shared.jira_event import parse_jira_time
 # REST snapshots with the default fields all do; slim objects in comment and attachment events don't).
 FULL_ISSUE_FIELDS = ("created", "status", "issuetype", "project")
 
-_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-(\d{1,9})$")
-_DIGITS = re.compile(r"^\d{1,19}$")
+_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-([0-9]{1,9})$")
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
 _MAX_BIGINT = 2**63 - 1
 
 

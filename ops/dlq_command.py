@@ -21,7 +21,7 @@ from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 
 DEFAULT_LIST_LIMIT = 100
-_ISSUE_ID = re.compile(r"^\d{1,19}$")
+_ISSUE_ID = re.compile(r"^[0-9]{1,19}$")
 
 
 def issue_id(raw: str) -> str:

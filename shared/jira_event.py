@@ -30,8 +30,10 @@ ISSUE_EVENT_PREFIXES: tuple[str, ...] = (
     "jiralake:issue_",
 )
 
-_COMMENT_SELF = re.compile(r"/issue/(\d+)/comment/")
-_DIGITS = re.compile(r"^\d{1,19}$")
+_COMMENT_SELF = re.compile(r"/issue/([0-9]+)/comment/")
+# ASCII digits only: \d and str.isdigit() also take other scripts' digits and "²", which int() or SQS
+# refuse (a 500, or a MessageGroupId SQS rejects).
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
 
 
 class InvalidEvent(ValueError):
@@ -164,13 +166,21 @@ def issue_id_of(hook: JiraWebhook) -> str | None:
 
 def event_time_ms(hook: JiraWebhook) -> int | None:
     """The event's own time: ``timestamp`` (ms) when it is one, else the issue's ``updated`` time."""
-    ts = hook.timestamp
-    if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0:
+    ts = timestamp_ms(hook.timestamp)
+    if ts is not None:
         return ts
-    if isinstance(ts, str) and ts.isdigit():
-        return int(ts)
     if hook.issue is not None and hook.issue.fields:
         return parse_jira_time_ms(hook.issue.fields.get("updated"))
+    return None
+
+
+def timestamp_ms(ts: Any) -> int | None:
+    """Jira's ``timestamp`` (ms since the epoch, a number or ASCII digits) when it is one, else None."""
+    if isinstance(ts, int) and not isinstance(ts, bool):
+        return ts if ts > 0 else None
+    if isinstance(ts, str) and _DIGITS.match(ts):
+        value = int(ts)
+        return value if value > 0 else None
     return None
 
 
@@ -285,11 +295,9 @@ def route_json(
 
 def _slim_event_time_ms(hook: _SlimWebhook) -> int | None:
     # event_time_ms for the slim model: the same rules, reading issue.fields.updated.
-    ts = hook.timestamp
-    if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0:
+    ts = timestamp_ms(hook.timestamp)
+    if ts is not None:
         return ts
-    if isinstance(ts, str) and ts.isdigit():
-        return int(ts)
     if hook.issue is not None and hook.issue.fields is not None:
         return parse_jira_time_ms(hook.issue.fields.updated)
     return None

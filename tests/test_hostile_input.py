@@ -328,6 +328,22 @@ async def test_deeply_nested_json_is_a_400_not_a_recursion_error(harness: Harnes
     harness.report.counts["explicit"] += 1
 
 
+async def test_digits_of_other_scripts_are_not_ids_or_times(harness: Harness) -> None:
+    # str.isdigit() and \d take "²" and "١٢" (Arabic-Indic), which int() refuses (a 500) or SQS would
+    # refuse as a MessageGroupId. A timestamp of them is no timestamp: the event is stamped with its
+    # arrival. An issue id of them is no issue id: 400.
+    odd_time = json.dumps({"webhookEvent": "jira:issue_updated", "timestamp": "²", "issue": {"id": 1}})
+    odd_id = json.dumps({"webhookEvent": "jira:issue_updated", "timestamp": 1, "issue": {"id": "١٢"}})
+    status, answer = await harness.post(odd_time.encode(), signed(odd_time.encode()))
+    assert (status, answer["status"], answer["issue_id"]) == (202, "accepted", "1")
+    status, answer = await harness.post(odd_id.encode(), signed(odd_id.encode()))
+    assert (status, answer["status"]) == (400, "bad_request")
+    assert answer["reason"] == "jira:issue_updated event has a non-numeric issue id '١٢'"
+    assert await harness.queued() == 1
+    await harness.assert_alive()
+    harness.report.counts["explicit"] += 2
+
+
 async def test_invalid_utf8_and_raw_control_characters_are_400(harness: Harness) -> None:
     event = jira_fixtures.raw(ISSUE_FIXTURE)
     cases = {
