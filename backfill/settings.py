@@ -121,9 +121,8 @@ class BackfillSettings:
 def _base_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
-        raise ConfigError(
-            f"JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net, got {raw!r}"
-        )
+        # Not repeated: a value such as "me:TOKEN@jira.example" parses as scheme "me" with the token.
+        raise ConfigError("JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net")
     if parts.username or parts.password:
         raise ConfigError("JIRALAKE_JIRA_URL must not carry credentials; use the JIRALAKE_JIRA_* variables")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"

@@ -29,6 +29,7 @@ from ops.local_postgres import LocalPostgres, local_postgres
 from ops.setup import SetupSettings, run_setup
 from receiver.main import serve as serve_receiver
 from receiver.settings import ReceiverSettings
+from shared.logging import redact_text
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings, env_str
 from shared.shutdown import stop_on_signals
 
@@ -174,8 +175,14 @@ def _webhook_secret(env: Mapping[str, str], scratch: Path) -> tuple[str, Path]:
     # An empty file (a run interrupted between creating and writing it) must not become an empty
     # secret: anyone can sign with the empty key.
     if not path.exists() or not path.read_text().strip():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32))
+        # os.open's mode applies only to a new file, so an existing one (left empty) is chmod-ed too.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(secrets.token_urlsafe(32))
+    elif path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # a secret readable by others was never only ours: make it so from now on
+        log.warning("webhook_secret_file_permissions_fixed", path=str(path))
     return path.read_text().strip(), path
 
 
@@ -197,13 +204,7 @@ def _print_banner(stack: Stack, options: StackOptions, local_aws: LocalAws, pg: 
 
 
 def _redacted(url: str | None) -> str:
-    if url is None:
-        return "(libpq defaults)"
-    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
-        scheme, rest = url.split("//", 1)
-        user = rest.split(":", 1)[0]
-        return f"{scheme}//{user}:***@{rest.split('@', 1)[1]}"
-    return url
+    return "(libpq defaults)" if url is None else redact_text(url)
 
 
 @contextlib.contextmanager

@@ -128,7 +128,12 @@ def check_database_url(url: str) -> None:
         after_address = host.rpartition("]")[2]  # an IPv6 address is bracketed: [::1]:5432
         port = after_address.rpartition(":")[2] if ":" in after_address else ""
         if port and not (port.isdigit() and 0 < int(port) <= MAX_PORT):
-            raise ConfigError(f"DATABASE_URL has a port that is not 1..{MAX_PORT}: {port[:20]!r}")
+            # Not repeated: a raw #, ? or / in a password ends the user-info early, and the "port"
+            # is then the password's first characters.
+            raise ConfigError(
+                f"DATABASE_URL has a port that is not a number 1..{MAX_PORT} "
+                "(percent-encode any #, ? or / in the password)"
+            )
 
 
 def require(env: Mapping[str, str], name: str) -> str:

@@ -78,6 +78,13 @@ def test_bad_jira_settings_name_the_problem(env: dict[str, str], message: str) -
         JiraSettings.from_env(env)
 
 
+def test_a_jira_url_that_does_not_parse_is_not_repeated() -> None:
+    # "me:TOKEN@jira.example" parses as scheme "me": repeating the value would print the token
+    with pytest.raises(ConfigError) as refused:
+        JiraSettings.from_env(dict(CLOUD_ENV, JIRALAKE_JIRA_URL="me:S3cretToken@jira.example"))
+    assert "S3cretToken" not in str(refused.value)
+
+
 # -- JQL --
 
 

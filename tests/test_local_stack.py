@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from ops.local_postgres import find_bin_dir, local_postgres
-from ops.local_stack import _webhook_secret
+from ops.local_stack import _redacted, _webhook_secret
 from shared.errors import CommandError
 from tests.conftest import _with_database
 
@@ -204,6 +204,26 @@ def test_an_empty_secret_file_gets_a_new_secret_not_an_empty_one(tmp_path: Path)
     # THEN it is a fresh one, kept in that file (a blank variable counts as unset)
     assert len(secret) >= 32
     assert path.read_text() == secret
+
+
+def test_the_secret_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # GIVEN an empty secret file that others can read (touch's mode applies to new files only)
+    path = tmp_path / "webhook-secret"
+    path.touch()
+    path.chmod(0o644)
+    # WHEN the stack writes its secret there THEN only its owner can read it
+    _webhook_secret({}, tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    # AND a secret file left readable by others is made private when it is used
+    path.chmod(0o644)
+    secret, _ = _webhook_secret({}, tmp_path)
+    assert (path.stat().st_mode & 0o777, path.read_text()) == (0o600, secret)
+
+
+def test_the_banner_hides_a_password_in_either_place_of_the_url() -> None:
+    assert "S3cret" not in _redacted("postgresql://jl@db/x?password=S3cret")
+    assert "S3cret" not in _redacted("postgresql://jl:S3cret@db/x")
+    assert _redacted(None) == "(libpq defaults)"
 
 
 def test_up_with_an_unreachable_database_url_says_so(tmp_path: Path) -> None:
