@@ -255,7 +255,14 @@ class OldestAgeTracker:
         last = self._peeked.get(queue)
         stale = last is None or counts.total < last.total or now - last.peeked_at_s >= self._repeek_every_s
         if stale and counts.visible > 0:
-            sent_ms = await peek_oldest_sent_ms(sqs, url)
+            try:
+                sent_ms = await peek_oldest_sent_ms(sqs, url)
+            except SQS_ERRORS as exc:
+                # The counts are read: publish them (the DLQ alert needs them) with the age unknown,
+                # rather than nothing at all while the peek keeps failing (e.g. no sqs:ReceiveMessage).
+                log.warning("queue_oldest_age_unavailable", queue=queue, error=_reason(exc))
+                self._peeked.pop(queue, None)
+                return _depth(queue, url, counts, None)
             if sent_ms is not None:
                 last = self._peeked[queue] = _Peeked(counts.total, sent_ms, now)
         elif last is not None and counts.total > last.total:

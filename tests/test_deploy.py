@@ -199,6 +199,33 @@ def test_dashboard_uses_only_defined_series() -> None:
             assert obj._name in shown, f"{obj._name} is on no panel"
 
 
+def test_the_rule_unit_tests_expect_the_rules_annotations() -> None:
+    # promtool runs alerts.test.yml only where it is installed; its expected annotations must not go
+    # stale unnoticed elsewhere: every one without a template equals the rule's own.
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    stale = []
+    for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            rule = rules[check["alertname"]]
+            for expected in check.get("exp_alerts") or []:
+                if expected.get("exp_labels", {}).get("severity") != rule["labels"]["severity"]:
+                    stale.append(f"{check['alertname']} at {check['eval_time']}: severity")
+                for key, text in expected.get("exp_annotations", {}).items():
+                    actual = rule["annotations"][key]
+                    if "{{" not in actual and text != actual:
+                        stale.append(f"{check['alertname']} at {check['eval_time']}: {key}")
+    assert stale == []
+
+
+def test_the_circuit_panel_shows_what_the_alert_looks_at() -> None:
+    # The breaker flips back to 0 after each cooldown: a panel of the last value reads 0 while the
+    # alert fires.
+    (expr,) = [e for title, e in dashboard_exprs() if title == "Circuit open"]
+    alert = {rule["alert"]: rule["expr"] for rule in alert_rules()}["JiralakeConsumerCircuitOpen"]
+    assert "max_over_time(" in expr
+    assert alert.startswith(expr)
+
+
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (see docs/operations.md)"

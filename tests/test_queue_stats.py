@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from jiralake import cli
 from ops.queue_stats import Thresholds, exceeded, read_stats, render_lines, render_table, watch
 from shared import aws
+from shared.metrics import QUEUE_MESSAGES
 from shared.provision import QueuePair
 from shared.queue_depth import (
     DEAD_LETTER_QUEUE,
@@ -203,6 +204,7 @@ def gauge(name: str, **labels: str) -> float | None:
 async def test_poller_publishes_depth_and_dlq_age(aws_settings: AwsSettings, queues: QueuePair) -> None:
     # GIVEN 3 messages on the main queue (1 in flight) and 2 on the DLQ
     await enqueue(aws_settings, queues, main=3, dlq=2, receive=1)
+    QUEUE_MESSAGES.labels(DEAD_LETTER_QUEUE, "visible").set(-1)  # whatever earlier tests left
     stop = asyncio.Event()
 
     # WHEN the poller runs until the gauges show the DLQ

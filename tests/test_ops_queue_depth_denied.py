@@ -1,0 +1,79 @@
+"""The queue-depth poller when SQS refuses the dead-letter queue's peek (a consumer role without
+``sqs:ReceiveMessage`` on the DLQ, or a throttled receive): the counts it did read are still
+published, so ``JiralakeDeadLetterQueueNotEmpty`` still sees the dead-lettered events; only the age
+is unknown. moto does not enforce IAM, so a proxy in front of it answers ``ReceiveMessage`` the way
+SQS answers a role without that permission."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from shared import aws
+from shared.metrics import QUEUE_MESSAGES
+from shared.provision import QueuePair
+from shared.queue_depth import DEAD_LETTER_QUEUE, poll_queue_depths, queue_urls
+from shared.settings import AwsSettings, QueueSettings
+from tests.fault_proxy import SqsFaultProxy
+
+
+class DenyReceiveProxy(SqsFaultProxy):
+    """Forwards every SQS call to moto except ``ReceiveMessage``, refused with ``AccessDenied``."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".ReceiveMessage"):
+            await request.read()
+            self.counts.requests["ReceiveMessage"] += 1
+            return web.json_response(
+                {"__type": "com.amazon.coral.service#AccessDeniedException", "message": "not authorized"},
+                status=400,
+                content_type="application/x-amz-json-1.0",
+                headers={"x-amzn-RequestId": str(uuid.uuid4())},
+            )
+        return await super()._handle(request)
+
+
+def gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 2 events on the DLQ, and an SQS that refuses every ReceiveMessage
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(2):
+            await sqs.send_message(
+                QueueUrl=queues.dlq_url,
+                MessageBody=f"m{i}",
+                MessageGroupId=f"3000{i}",
+                MessageDeduplicationId=f"denied-{i}",
+            )
+    QUEUE_MESSAGES.labels(DEAD_LETTER_QUEUE, "visible").set(-1)  # whatever earlier tests left
+    stop = asyncio.Event()
+    async with DenyReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+        denied = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        urls = queue_urls(QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url))
+        with structlog.testing.capture_logs() as logs:
+            # WHEN the poller runs for a few rounds
+            task = asyncio.create_task(
+                poll_queue_depths(denied, urls, interval_s=0.05, stop=stop), name="queue-depth-poller"
+            )
+            deadline = time.monotonic() + 10
+            while proxy.counts.requests["ReceiveMessage"] < 2:
+                assert time.monotonic() < deadline, "the poller did not peek in time"
+                await asyncio.sleep(0.02)
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+
+    # THEN the DLQ's counts are published, its age is unknown, and the refusal is logged
+    assert gauge("jiralake_queue_messages", queue=DEAD_LETTER_QUEUE, state="visible") == 2
+    assert gauge("jiralake_queue_oldest_message_age_seconds", queue=DEAD_LETTER_QUEUE) is None
+    refused = [e for e in logs if e["event"] == "queue_oldest_age_unavailable"]
+    assert refused and refused[0]["queue"] == DEAD_LETTER_QUEUE
+    assert "AccessDenied" in refused[0]["error"]
