@@ -34,7 +34,7 @@ from consumer.sqs import Message
 from shared import aws, db, queue_depth
 from shared.admin_server import admin_app, start_admin_server
 from shared.envelope import Envelope, InvalidEnvelope
-from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS
+from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS, SQS_CALLS, sqs_label_sets, start_at_zero
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -44,6 +44,15 @@ log = structlog.get_logger()
 APPLICATION_NAME = "jiralake-consumer"
 DEAD_LETTERED = "dead_lettered"
 RETRIED = "retried"
+# Every outcome jiralake_consumer_events_total counts.
+EVENT_OUTCOMES = (
+    apply.APPLIED,
+    apply.SKIPPED_STALE,
+    apply.DUPLICATE,
+    apply.HISTORY_ONLY,
+    DEAD_LETTERED,
+    RETRIED,
+)
 # After an empty short poll (wait_time_s 0), pause this long before the next one.
 _EMPTY_POLL_PAUSE_S = 0.2
 _FIRST_BACKOFF_S = 0.5
@@ -92,6 +101,17 @@ class Consumer:
         )
         self.activity = _Activity()
         self._acks: set[asyncio.Task[None]] = set()
+        start_at_zero(CONSUMER_EVENTS, [(outcome,) for outcome in EVENT_OUTCOMES])
+        start_at_zero(
+            SQS_CALLS,
+            sqs_label_sets(
+                "ReceiveMessage",
+                "DeleteMessageBatch",
+                "ChangeMessageVisibilityBatch",
+                "SendMessageBatch",
+                "GetQueueAttributes",
+            ),
+        )
 
     async def run(self, stop: asyncio.Event, *, idle_s: float | None = None) -> None:
         """Run the pollers until ``stop`` is set (or, with ``idle_s``, until the queue is idle).

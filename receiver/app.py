@@ -25,7 +25,14 @@ from receiver.signature import MATCHED_PREVIOUS
 from shared.admin_server import add_health_routes
 from shared.envelope import Envelope
 from shared.jira_event import Ignored
-from shared.metrics import RECEIVER_PREVIOUS_SECRET_MATCHES, RECEIVER_REQUEST_SECONDS, RECEIVER_REQUESTS
+from shared.metrics import (
+    RECEIVER_PREVIOUS_SECRET_MATCHES,
+    RECEIVER_REQUEST_SECONDS,
+    RECEIVER_REQUESTS,
+    SQS_CALLS,
+    sqs_label_sets,
+    start_at_zero,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -67,6 +74,8 @@ RECEIVER = web.AppKey("receiver", Receiver)
 def build_app(
     settings: ReceiverSettings, sqs: SQSClient, *, clock_ms: Callable[[], int] = _wall_clock_ms
 ) -> web.Application:
+    start_at_zero(RECEIVER_REQUESTS, [(outcome.value,) for outcome in Outcome])
+    start_at_zero(SQS_CALLS, sqs_label_sets("SendMessageBatch", "GetQueueAttributes"))
     batcher = SqsBatcher(
         sqs,
         settings.queue_url,

@@ -6,6 +6,8 @@ Documented in docs/operations.md; alert rules and the dashboard in deploy/ use t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # -- receiver --
@@ -37,6 +39,21 @@ SQS_CALLS = Counter(
     "SQS API calls made, by operation and outcome (ok, error).",
     ["operation", "outcome"],
 )
+
+SQS_OUTCOMES = ("ok", "error")
+
+
+def start_at_zero(counter: Counter, label_sets: Iterable[tuple[str, ...]]) -> None:
+    """Expose these labelled series at 0 from the start. A series first scraped at 1 has no earlier
+    sample, so rate() and increase() (and the alerts built on them) would miss its first event after
+    every restart."""
+    for labels in label_sets:
+        counter.labels(*labels)
+
+
+def sqs_label_sets(*operations: str) -> list[tuple[str, str]]:
+    return [(operation, outcome) for operation in operations for outcome in SQS_OUTCOMES]
+
 
 # -- consumer --
 CONSUMER_EVENTS = Counter(

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -405,3 +406,34 @@ def test_the_runbook_gives_the_restore_command_the_tests_run() -> None:
     text = RUNBOOK_MD.read_text()
     assert '-v header="$(head -n 1 restore.csv)"' in text
     assert f"-f {RESTORE_SCRIPT.relative_to(ROOT)}" in text
+
+
+def test_the_series_alerts_divide_by_exist_from_the_start() -> None:
+    # A labelled counter first scraped at 1 has no earlier sample: rate() and increase() would miss
+    # its first event after every restart (the first 503, the first unauthorized, the first retry).
+    script = """
+from prometheus_client import generate_latest
+from consumer.settings import ConsumerSettings
+from consumer.worker import Consumer
+from receiver.app import build_app
+from receiver.settings import ReceiverSettings
+from shared.settings import AwsSettings, QueueSettings
+
+aws = AwsSettings()
+build_app(ReceiverSettings(aws=aws, queue_url="http://q/1/q.fifo", webhook_secret="x"), None)
+Consumer(ConsumerSettings(aws=aws, queue=QueueSettings("http://q/1/q.fifo", "http://q/1/d.fifo")), None, None)
+print(generate_latest().decode())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    exposed = result.stdout.splitlines()
+    for series in (
+        'jiralake_receiver_requests_total{outcome="unavailable"} 0.0',
+        'jiralake_receiver_requests_total{outcome="unauthorized"} 0.0',
+        'jiralake_consumer_events_total{outcome="retried"} 0.0',
+        'jiralake_consumer_events_total{outcome="dead_lettered"} 0.0',
+        'jiralake_sqs_requests_total{operation="SendMessageBatch",outcome="error"} 0.0',
+        'jiralake_sqs_requests_total{operation="ReceiveMessage",outcome="error"} 0.0',
+    ):
+        assert series in exposed, series
