@@ -23,7 +23,7 @@ from ops.text_table import format_age, format_table
 from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
-from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
+from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, SQS_ERRORS, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
 
 THRESHOLD_EXIT_CODE = 2
@@ -174,13 +174,26 @@ async def watch(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> None:
     """Print the stats every ``interval_s`` (``rounds`` times, or until cancelled). Thresholds are
-    reported on each round, not by the exit code: a watch is for people, the check is for cron."""
+    reported on each round, not by the exit code: a watch is for people, the check is for cron. A
+    round SQS fails is reported as such and the watch goes on: it is watched during incidents."""
     stream = out or sys.stdout
     done = 0
     while rounds is None or done < rounds:
-        depths = await read_stats(aws, queues)
-        reasons = exceeded(depths, thresholds)
         stamp = now().isoformat(timespec="seconds").replace("+00:00", "Z")
+        try:
+            depths = await read_stats(aws, queues)
+        except SQS_ERRORS as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            if style == "json":
+                text = json.dumps({"time": stamp, "error": problem})
+            else:
+                text = f"time={stamp} SQS unavailable: {problem}; trying again in {interval_s:g}s"
+            print(text, file=stream, flush=True)
+            done += 1
+            if rounds is None or done < rounds:
+                await asyncio.sleep(interval_s)
+            continue
+        reasons = exceeded(depths, thresholds)
         if style == "json":
             text = render(depths, reasons, style, indent=None)
         elif style == "table":

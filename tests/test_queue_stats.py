@@ -15,6 +15,7 @@ import structlog
 from prometheus_client import REGISTRY
 
 from jiralake import cli
+from ops.local_aws import free_port
 from ops.queue_stats import Thresholds, exceeded, read_stats, render_lines, render_table, watch
 from shared import aws
 from shared.metrics import QUEUE_MESSAGES
@@ -195,6 +196,17 @@ async def test_watch_prints_one_json_line_per_round(aws_settings: AwsSettings, q
     rounds = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["queues"][0]["visible"] for r in rounds] == [1, 1]
     assert [r["exceeded"] for r in rounds] == [["main queue has 1 visible messages (max 0)"]] * 2
+
+
+async def test_watch_goes_on_through_an_sqs_outage(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    # GIVEN a watch whose SQS endpoint does not answer (an incident, when people watch)
+    down = AwsSettings(aws_settings.region, f"http://127.0.0.1:{free_port()}")
+    out = io.StringIO()
+    # WHEN it runs two rounds THEN each says SQS is unavailable, and the watch does not end
+    await watch(down, settings(queues), Thresholds(), interval_s=0.01, style="json", rounds=2, out=out)
+    rounds = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(rounds) == 2
+    assert all(r["error"].startswith("EndpointConnectionError") for r in rounds), rounds
 
 
 def gauge(name: str, **labels: str) -> float | None:
