@@ -31,10 +31,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-SQS_MAX_PAYLOAD_BYTES = MAX_CALL_BYTES
 # Dead-lettering adds four error attributes (at most ~1.4 KiB); every stored message keeps room for them.
 DEAD_LETTER_ROOM_BYTES = 2048
-MAX_ENTRY_BYTES = SQS_MAX_PAYLOAD_BYTES - DEAD_LETTER_ROOM_BYTES
+MAX_ENTRY_BYTES = MAX_CALL_BYTES - DEAD_LETTER_ROOM_BYTES
 
 
 class BatcherUnavailable(Exception):
@@ -67,7 +66,7 @@ class SqsBatcher:
         max_pending: int,
         max_inflight: int,
         timeout_s: float,
-        max_batch_bytes: int = SQS_MAX_PAYLOAD_BYTES,
+        max_batch_bytes: int = MAX_CALL_BYTES,
     ) -> None:
         self._sqs = sqs
         self._queue_url = queue_url
