@@ -66,9 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     reconcile.add_argument(
         "--max-deletes",
         type=int,
-        default=DEFAULT_MAX_DELETES,
         metavar="N",
-        help=f"withhold all deletes when more than N issues answer 404 (default {DEFAULT_MAX_DELETES})",
+        help=f"withhold all deletes when more than N issues answer 404 (default {DEFAULT_MAX_DELETES}); "
+        "given explicitly, deletes also go ahead when Jira's search returns no issue at all",
     )
     reconcile.add_argument(
         "--skip-failed-webhooks", action="store_true", help="do not read Jira Cloud's failed-webhook list"
@@ -102,13 +102,14 @@ def _backfill_command(args: argparse.Namespace) -> int:
 
 
 def _reconcile_command(args: argparse.Namespace) -> int:
-    if args.max_deletes < 0:
+    if args.max_deletes is not None and args.max_deletes < 0:
         raise CommandError("--max-deletes must be >= 0", exit_code=2)
     settings = BackfillSettings.from_env(os.environ)
     request = ReconcileRequest(
         jql=args.jql,
         dry_run=args.dry_run,
-        max_deletes=args.max_deletes,
+        max_deletes=DEFAULT_MAX_DELETES if args.max_deletes is None else args.max_deletes,
+        max_deletes_given=args.max_deletes is not None,
         replay_failed_webhooks=not args.skip_failed_webhooks,
     )
     try:
@@ -118,9 +119,8 @@ def _reconcile_command(args: argparse.Namespace) -> int:
     print("\n".join(reconcile_report(summary)))
     if summary.deletes_withheld:
         raise CommandError(
-            f"{len(summary.deleted)} issues answered 404, more than --max-deletes {request.max_deletes}: "
-            "no delete was enqueued. Jira also answers 404 for issues the account may not browse; "
-            "check its permissions, then rerun with a higher --max-deletes"
+            f"{summary.withheld_because}: no delete was enqueued. Jira also answers 404 for issues the "
+            "account may not browse; check its permissions, then rerun with a higher --max-deletes"
         )
     return 0
 

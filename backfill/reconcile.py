@@ -7,7 +7,9 @@ live rows of ``ap_jira_task``. Every live row missing from Jira's answer is look
 other event). 401/403 mean the account lost access: reported, never deleted. 200 means the issue
 exists but the JQL does not match it: left alone. More 404s than ``max_deletes`` withholds every
 delete: Jira also answers 404 for issues the account may not browse, so a sudden flood of them
-usually means lost permissions, not deletions.
+usually means lost permissions, not deletions. So does a search that returns no issue at all while
+the table holds live rows: every row then answers 404 to an account that lost access, however few
+there are, so that withholds every delete too unless ``max_deletes`` was given explicitly.
 
 Failed webhooks: Jira Cloud's ``GET /rest/api/3/webhook/failed`` lists deliveries that failed after
 all retries, with their bodies, for up to 72 hours. Jira serves it only to Connect apps, for the
@@ -57,6 +59,8 @@ class ReconcileRequest:
     jql: str | None = None
     dry_run: bool = False
     max_deletes: int = DEFAULT_MAX_DELETES
+    # The operator set max_deletes: deletes go ahead even when Jira's search returned no issue.
+    max_deletes_given: bool = False
     replay_failed_webhooks: bool = True
 
 
@@ -95,6 +99,8 @@ class ReconcileSummary:
     lookup_failed: list[Finding] = field(default_factory=list)
     deletes_enqueued: int = 0
     deletes_withheld: bool = False
+    # Why, when withheld.
+    withheld_because: str = ""
     failed_webhooks: FailedWebhookReport | None = None
 
     @property
@@ -188,11 +194,10 @@ async def _enqueue_deletes(
 ) -> None:
     if not summary.deleted or request.dry_run:
         return
-    if len(summary.deleted) > request.max_deletes:
-        summary.deletes_withheld = True
-        log.warning(
-            "reconcile_deletes_withheld", deletes=len(summary.deleted), max_deletes=request.max_deletes
-        )
+    reason = _withhold_reason(request, summary)
+    if reason:
+        summary.deletes_withheld, summary.withheld_because = True, reason
+        log.warning("reconcile_deletes_withheld", deletes=len(summary.deleted), reason=reason)
         return
     now_ms = int(time.time() * 1000)
     envelopes = [reconciled_delete_envelope(f.issue_id, f.issue_key, now_ms=now_ms) for f in summary.deleted]
@@ -202,6 +207,19 @@ async def _enqueue_deletes(
     summary.deletes_enqueued = outcome.sent
     for finding in summary.deleted:
         log.info("reconcile_deleted", issue_id=finding.issue_id, issue_key=finding.issue_key)
+
+
+def _withhold_reason(request: ReconcileRequest, summary: ReconcileSummary) -> str:
+    """Why no delete may go out, or "" (Jira answers 404 to an account that lost access, too)."""
+    deletes = len(summary.deleted)
+    if deletes > request.max_deletes:
+        return f"{deletes} issues answered 404, more than --max-deletes {request.max_deletes}"
+    if summary.jira_ids == 0 and not request.max_deletes_given:
+        return (
+            f"Jira's search returned no issue at all, and all {deletes} live rows it was asked about "
+            "answered 404"
+        )
+    return ""
 
 
 async def _replay_failed_webhooks(

@@ -130,6 +130,35 @@ async def test_more_404s_than_allowed_withholds_every_delete(
     assert await drain(aws_settings, queues.queue_url) == []
 
 
+async def test_a_search_that_returns_nothing_withholds_every_delete_unless_the_limit_was_given(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a small table, and a Jira whose search returns nothing and which answers 404 for every
+    # row: what an account that lost access to the project sees, far below --max-deletes
+    server, url = jira
+    server.issues = []
+    await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2")])
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
+    # WHEN reconcile runs with the default limit
+    summary = await run_reconcile(settings, ReconcileRequest())
+    # THEN nothing is deleted, and the summary says why
+    assert [f.issue_id for f in summary.deleted] == ["40001", "40002"]
+    assert (summary.deletes_withheld, summary.deletes_enqueued) == (True, 0)
+    assert summary.withheld_because == (
+        "Jira's search returned no issue at all, and all 2 live rows it was asked about answered 404"
+    )
+    assert await drain(aws_settings, queues.queue_url) == []
+    # WHEN the operator, who knows the project was removed, gives the limit explicitly
+    summary = await run_reconcile(settings, ReconcileRequest(max_deletes=100, max_deletes_given=True))
+    # THEN the deletes go out
+    assert (summary.deletes_withheld, summary.deletes_enqueued) == (False, 2)
+    assert len(await drain(aws_settings, queues.queue_url)) == 2
+
+
 async def test_data_center_reconcile_uses_rest_v2_and_has_no_failed_webhook_list(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
