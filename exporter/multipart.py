@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from exporter.errors import ExportError, failure_reason
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
@@ -246,12 +246,16 @@ class MultipartUpload:
         await asyncio.gather(*self._workers)
         self._raise_if_failed()
         parts = [{**self._parts[n], "PartNumber": n} for n in sorted(self._parts)]
-        done = await self._s3.complete_multipart_upload(
-            Bucket=self.bucket,
-            Key=self.key,
-            UploadId=self._require_upload_id(),
-            MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-        )
+        try:
+            done = await self._s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self._require_upload_id(),
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except (ClientError, BotoCoreError) as exc:  # S3 lost the upload, or did not answer
+            self._error = exc
+            raise self._failure() from exc
         self._completed = True
         await forget_upload(self._recorder, self._ref, key=self.key, upload_id=self._require_upload_id())
         stored = StoredObject(
@@ -320,8 +324,12 @@ class MultipartUpload:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            reason = failure_reason(self._error) or f"{type(self._error).__name__}: {self._error}"
-            raise ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason}") from self._error
+            raise self._failure() from self._error
+
+    def _failure(self) -> ExportError:
+        error = self._error
+        reason = failure_reason(error) if error is not None else None
+        return ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason or repr(error)}")
 
     def _require_upload_id(self) -> str:
         if self._upload_id is None:

@@ -3,6 +3,7 @@ failure reasons, progress lines."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -21,6 +22,7 @@ from exporter.progress import LogProgress, Progress, ProgressSnapshot, TerminalP
 from exporter.settings import MIB, ExporterSettings, ExportFormat
 from shared import aws
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings
+from tests.s3_pause_proxy import S3PauseProxy, complete_upload
 from tests.test_export_support import get_object, list_keys, open_multipart_uploads
 
 if TYPE_CHECKING:
@@ -189,6 +191,35 @@ async def test_multipart_cuts_parts_of_at_least_the_part_size_and_completes_them
     assert stored.parts == 3 and stored.etag.endswith('-3"')
     assert await get_object(aws_settings, bucket, "t/object.bin") == payload
     assert stored.sha256 == hashlib.sha256(payload).hexdigest()
+
+
+async def test_an_upload_lost_before_its_completion_fails_as_one_export_error(
+    aws_settings: AwsSettings, bucket: str
+) -> None:
+    assert aws_settings.endpoint_url is not None
+    async with S3PauseProxy(aws_settings.endpoint_url) as proxy:
+        held = proxy.hold("complete", complete_upload("t/lost.csv"))
+        via_proxy = AwsSettings(aws_settings.region, proxy.url)
+        async with aws.s3_client(via_proxy) as s3, aws.s3_client(aws_settings) as direct:
+            async with MultipartUpload(
+                s3, bucket=bucket, key="t/lost.csv", part_size_bytes=5 * MIB, parts_in_flight=1,
+                content_type="text/csv",
+            ) as upload:  # fmt: skip
+                # GIVEN every part stored, and the completion on its way
+                await upload.write(b"issue_id\n1\n")
+                completing = asyncio.create_task(upload.complete())
+                await held.reached.wait()
+                # WHEN S3 loses the upload before the completion reaches it (aborted behind its back)
+                [lost] = (await direct.list_multipart_uploads(Bucket=bucket))["Uploads"]
+                await direct.abort_multipart_upload(Bucket=bucket, Key=lost["Key"], UploadId=lost["UploadId"])
+                proxy.release()
+                # THEN the export fails with one line naming the object and the S3 call, like a lost
+                # part does, not with botocore's exception
+                with pytest.raises(ExportError) as failure:
+                    await completing
+    assert str(failure.value).startswith(
+        f"uploading s3://{bucket}/t/lost.csv failed: S3 CompleteMultipartUpload failed: "
+    )
 
 
 async def upload_in_chunks(
