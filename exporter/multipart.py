@@ -328,8 +328,8 @@ class MultipartUpload:
 
     def _failure(self) -> ExportError:
         error = self._error
-        reason = failure_reason(error) if error is not None else None
-        return ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason or repr(error)}")
+        reason = (failure_reason(error) or f"{type(error).__name__}: {error}") if error is not None else "?"
+        return ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason}")
 
     def _require_upload_id(self) -> str:
         if self._upload_id is None:
