@@ -405,13 +405,14 @@ def refusal(exc: ClientError) -> str:
 
 
 def sqs_error_counts() -> dict[str, float]:
-    """``jiralake_sqs_requests_total{outcome="error"}`` per operation."""
+    """``jiralake_sqs_requests_total{outcome="error"}`` per operation that had any (the services
+    expose every operation's error series at 0 from the start)."""
     return {
         sample.labels["operation"]: sample.value
         for metric in REGISTRY.collect()
         if metric.name == "jiralake_sqs_requests"
         for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels.get("outcome") == "error"
+        if sample.name.endswith("_total") and sample.labels.get("outcome") == "error" and sample.value
     }
 
 
