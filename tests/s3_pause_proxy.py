@@ -4,7 +4,9 @@ kill the client at an exact point of its conversation with S3.
 A hold matches a request (method, query, headers); the proxy either keeps the request from S3 (S3 never
 sees it) or forwards it and keeps the response from the client (S3 did the work, the client never
 hears). Either way it sets ``reached`` and waits until the test releases it, typically after killing
-the client process. Every other request is forwarded as is.
+the client process. A hold ``then_forward`` instead delays the request: once released it goes to S3 and
+the client gets S3's own answer (for changing S3's state at an exact point of the conversation). Every
+other request is forwarded as is.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Hold:
     matches: RequestMatch
     # False: hold the request before S3 sees it; True: forward it, hold S3's answer.
     after_s3: bool
+    # True (only before S3): on release, forward the request and answer with what S3 says.
+    then_forward: bool = False
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     # What S3 answered, when after_s3 (the status of the request S3 completed).
     s3_status: int | None = None
@@ -85,14 +89,18 @@ class S3PauseProxy:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def hold(self, name: str, matches: RequestMatch, *, after_s3: bool = False) -> Hold:
+    def hold(
+        self, name: str, matches: RequestMatch, *, after_s3: bool = False, then_forward: bool = False
+    ) -> Hold:
         """Hold the first request that ``matches`` (each hold fires once)."""
-        hold = Hold(name, matches, after_s3)
+        assert not (after_s3 and then_forward), "then_forward holds the request before S3"
+        hold = Hold(name, matches, after_s3, then_forward)
         self.holds.append(hold)
         return hold
 
     def release(self) -> None:
-        """Let every held request go (answered 503 to a client that is, by then, usually gone)."""
+        """Let every held request go (answered 503 to a client that is, by then, usually gone; a
+        ``then_forward`` one goes on to S3)."""
         self._released.set()
 
     async def __aenter__(self) -> S3PauseProxy:
@@ -121,7 +129,9 @@ class S3PauseProxy:
         if hold is not None and not hold.after_s3:
             hold.reached.set()
             await self._released.wait()
-            return web.Response(status=503, text="held by the test proxy")
+            if not hold.then_forward:
+                return web.Response(status=503, text="held by the test proxy")
+            hold = None
         status, headers, payload = await self._forward(request, body)
         if hold is not None:
             hold.s3_status = status

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from consumer.settings import ConsumerSettings
@@ -205,32 +206,39 @@ async def test_a_lock_held_past_the_statement_timeout_is_waited_out_without_spen
     queues: QueuePair,
     retry_in_place_s: float,
 ) -> None:
-    # GIVEN a 0.5 s statement timeout, and maintenance holding the table for about 2 s: Postgres
-    # answers SELECT 1 all along, but every write times out
+    # GIVEN a 0.5 s statement timeout, and maintenance holding the table until the batch's writes
+    # timed out twice: Postgres answers SELECT 1 all along, but every write times out
     patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=retry_in_place_s)
     events = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2, 3)]
     retried_before = counter(CONSUMER_EVENTS, "retried")
+    retry_event = "batch_retrying_in_place" if retry_in_place_s else "batch_retried"
     stop = asyncio.Event()
-    async with pg.transaction():
-        await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
-        await enqueue(aws_settings, queues.queue_url, events)
-        task = asyncio.create_task(run_consumer(patient, stop))
-        await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
-        await asyncio.sleep(2.0)  # holds the lock over several statement timeouts
-    # WHEN the lock is released
-    try:
-        await wait_for(lambda: _history_is(pg, 3), what="the batch")
-    finally:
-        stop.set()
-        stats = await asyncio.wait_for(task, timeout=20)
+    with capture_logs() as logs:
+        async with pg.transaction():
+            await pg.execute("LOCK TABLE ap_jira_task IN EXCLUSIVE MODE")
+            await enqueue(aws_settings, queues.queue_url, events)
+            task = asyncio.create_task(run_consumer(patient, stop))
+            await wait_for(lambda: consumer_waiting_on_lock(pg), what="a batch blocked on the lock")
+            await wait_for(
+                holds(lambda: sum(e["event"] == retry_event for e in logs) >= 2),
+                what=f"two statement timeouts ({retry_event})",
+            )
+        # WHEN the lock is released
+        try:
+            await wait_for(lambda: _history_is(pg, 3), what="the batch")
+        finally:
+            stop.set()
+            stats = await asyncio.wait_for(task, timeout=20)
     # THEN every event is applied once; retried in place, the batch was received once and never
     # released, so no receive count grew toward maxReceiveCount
     assert (stats.applied, await history_count(pg)) == (3, 3)
     if retry_in_place_s:
         assert (stats.received, stats.batches, stats.retried) == (3, 1, 0)
         assert counter(CONSUMER_EVENTS, "retried") == retried_before
+        assert not any(e["event"] == "batch_retried" for e in logs)
     else:  # the old way, still there when disabled: released, received again, each time counted
-        assert stats.retried >= 3 and stats.received >= 6
+        assert stats.retried >= 6 and stats.received >= 9
+        assert not any(e["event"] == "batch_retrying_in_place" for e in logs)
 
 
 async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_changes_nothing(

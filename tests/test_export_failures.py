@@ -8,8 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import aiohttp
@@ -26,6 +26,7 @@ from exporter.shutdown import Stopped, run_unless_stopped
 from ops.local_aws import free_port
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.s3_pause_proxy import S3PauseProxy, upload_part
 from tests.test_export_support import (
     get_object,
     insert_awkward_rows,
@@ -117,33 +118,29 @@ async def test_s3_losing_the_upload_mid_way_fails_cleanly_and_keeps_latest(
     settings = settings_factory()
     await previous_export(pg, settings)
     before = await snapshot_objects(aws_settings, bucket)
-    # AND S3 loses the multipart upload (aborted behind the exporter's back) after its first part
-    saboteur: list[asyncio.Task[None]] = []
-
-    async def abort_behind_its_back() -> None:
+    assert aws_settings.endpoint_url is not None
+    async with S3PauseProxy(aws_settings.endpoint_url) as proxy:
+        # AND S3 loses the multipart upload (aborted behind the exporter's back) while its second part
+        # is on the way: the proxy holds that part until the upload is gone, then lets S3 answer it
+        second_part = proxy.hold("part 2", upload_part(2), then_forward=True)
+        via_proxy = replace(settings, aws=AwsSettings(aws_settings.region, proxy.url))
+        exporting = asyncio.create_task(export_once(via_proxy, clock=lambda: DAY_ONE), name="export")
+        reached = asyncio.create_task(second_part.reached.wait(), name="part-2-held")
+        await asyncio.wait({exporting, reached}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        reached.cancel()
+        assert second_part.reached.is_set(), f"the export never sent its second part: {exporting}"
         async with aws.s3_client(aws_settings) as s3:
-            for upload in (await s3.list_multipart_uploads(Bucket=bucket)).get("Uploads", []):
-                await s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-
-    def sabotage(p: ProgressSnapshot) -> None:
-        if p.parts_stored >= 1 and not saboteur:
-            saboteur.append(
-                asyncio.get_running_loop().create_task(abort_behind_its_back(), name="s3-sabotage")
-            )
-
-    # WHEN the export runs
-    with pytest.raises(ExportError) as failure:
-        await export_once(settings, clock=lambda: DAY_ONE, on_progress=sabotage)
-    # THEN the failure names the object and S3's answer, on one line (S3 says NoSuchUpload; moto, 500),
-    # from the next part, or from the completion when every part was sent before the upload was lost
-    await saboteur[0]
+            [upload] = (await s3.list_multipart_uploads(Bucket=bucket))["Uploads"]
+            assert upload["Key"] == HISTORY
+            await s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        proxy.release()
+        # WHEN the export goes on
+        with pytest.raises(ExportError) as failure:
+            await asyncio.wait_for(exporting, timeout=60)
+    # THEN the failure names the object and S3's answer to that part, on one line (S3 says
+    # NoSuchUpload; moto, 500)
     message = str(failure.value)
-    assert message.startswith(
-        tuple(
-            f"uploading s3://{bucket}/{HISTORY} failed: S3 {operation} failed: "
-            for operation in ("UploadPart", "CompleteMultipartUpload")
-        )
-    ), message
+    assert message.startswith(f"uploading s3://{bucket}/{HISTORY} failed: S3 UploadPart failed: "), message
     assert "\n" not in message
     # AND nothing the readers see changed
     await assert_nothing_changed(pg, aws_settings, bucket, before)
@@ -244,19 +241,24 @@ async def test_cli_sigterm_mid_upload_aborts_and_exits_143(
 ) -> None:
     # GIVEN a big table and no export yet
     await insert_awkward_rows(pg, BIG_ROWS, pad=BIG_PAD)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jiralake", "export", "--once",
-        env=cli_env(aws_settings, db_settings, bucket),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    # WHEN SIGTERM arrives while its multipart upload is open
-    deadline = time.monotonic() + 30
-    while not await open_multipart_uploads(aws_settings, bucket):
-        assert proc.returncode is None, "the export ended before its upload was seen"
-        assert time.monotonic() < deadline, "no multipart upload appeared"
-        await asyncio.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert aws_settings.endpoint_url is not None
+    async with S3PauseProxy(aws_settings.endpoint_url) as proxy:
+        # AND its second part held on the way to S3, so its multipart upload is open until told otherwise
+        second_part = proxy.hold("part 2", upload_part(2))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "export", "--once",
+            env=dict(cli_env(aws_settings, db_settings, bucket), AWS_ENDPOINT_URL=proxy.url),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        exited = asyncio.create_task(proc.wait(), name="exporter-exit")
+        reached = asyncio.create_task(second_part.reached.wait(), name="part-2-held")
+        await asyncio.wait({exited, reached}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        reached.cancel()
+        assert second_part.reached.is_set(), f"the export never sent its second part (exit {proc.returncode})"
+        assert len(await open_multipart_uploads(aws_settings, bucket)) == 1
+        # WHEN SIGTERM arrives while its multipart upload is open
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
     # THEN it exits 143 with one line, having aborted the upload and written nothing
     assert proc.returncode == 143
     assert stderr.decode().strip().splitlines()[-1] == (

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -118,7 +117,13 @@ def test_up_stops_cleanly_on_ctrl_c(stack_database: str, tmp_path: Path) -> None
         assert proc.stdout is not None
         banner = [proc.stdout.readline() for _ in range(2)]
         assert "webhook URL (paste into Jira)" in banner[1]
-        time.sleep(1.0)  # let the services start listening before the interrupt
+        # Ctrl-C once both services have started (their signal handlers are in place by then)
+        assert proc.stderr is not None
+        waiting_for = {'"event": "consumer_starting"', '"event": "receiver_started"'}
+        while waiting_for:
+            line = proc.stderr.readline()
+            assert line, f"the stack ended before starting its services (exit {proc.wait()})"
+            waiting_for = {event for event in waiting_for if event not in line}
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
