@@ -195,6 +195,7 @@ class MultipartUpload:
         self._parts: dict[int, dict[str, Any]] = {}
         self._error: BaseException | None = None
         self._upload_id: str | None = None
+        self._all_sent = False
         self._completed = False
 
     @property
@@ -222,9 +223,13 @@ class MultipartUpload:
     ) -> None:
         if self._completed:
             return
+        # Shielded, the stopping of the uploaders too: a second cancellation must not leave the parts
+        # behind.
+        await asyncio.shield(self._stop_and_abort(exc))
+
+    async def _stop_and_abort(self, cause: BaseException | None) -> None:
         await self._stop_workers()
-        # Shielded: a second cancellation must not leave the parts behind.
-        await asyncio.shield(self._abort(exc))
+        await self._abort(cause)
 
     async def write(self, data: bytes) -> None:
         """Append bytes to the object; waits while the upload queue is full."""
@@ -237,14 +242,23 @@ class MultipartUpload:
         if self._buffered >= self._part_size:
             await self._send_buffer()
 
-    async def complete(self) -> StoredObject:
-        """Upload what is left as the last part, wait for every part, and complete the upload."""
+    async def send_remaining(self) -> None:
+        """Upload what is left as the last part and wait until every part is stored. The upload stays
+        open (readers see nothing new yet): leaving the block without :meth:`complete` aborts it."""
+        if self._all_sent:
+            self._raise_if_failed()
+            return
         if self._buffered or self._next_part == 1:
             await self._send_buffer()
         for _ in self._workers:
             await self._queue.put(None)
         await asyncio.gather(*self._workers)
+        self._all_sent = True
         self._raise_if_failed()
+
+    async def complete(self) -> StoredObject:
+        """:meth:`send_remaining` if not done yet, then complete the upload: S3 shows the object now."""
+        await self.send_remaining()
         parts = [{**self._parts[n], "PartNumber": n} for n in sorted(self._parts)]
         try:
             done = await self._s3.complete_multipart_upload(

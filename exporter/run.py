@@ -11,7 +11,10 @@ after a SIGKILL the next run aborts it: exporter/uploads.py); (2) for a full exp
 the new one at once; (3) the manifests are written last; (4) the run is recorded in
 ``jiralake_export_run``, which advances the incremental watermark. A failure before (2) leaves latest/
 untouched; a failure before (4) leaves the watermark where it was, so the next incremental run exports
-those rows again rather than skip them.
+those rows again rather than skip them. A stop request (SIGTERM) cancels a run only until every part
+is stored; from the completion of the data object on, (1)-(4) run to their end first
+(exporter/shutdown.py: ``finish_before_stopping``), so a stop never leaves latest/ ahead of its
+manifest or a published run recorded as failed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from exporter.manifest import ManifestFacts, manifest_document, put_manifest
 from exporter.multipart import MultipartUpload, StoredObject, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
+from exporter.shutdown import finish_before_stopping
 from exporter.uploads import UploadLedger, abort_leftover_uploads
 from shared import aws, db
 from shared.metrics import EXPORT_BYTES, EXPORT_FAILURES, EXPORT_LAST_SUCCESS, EXPORT_ROWS, EXPORT_SECONDS
@@ -261,70 +265,106 @@ async def _export(
             else:
                 rows = await _stream_parquet(settings, source, columns, where, args, upload, progress)
             await source.execute("COMMIT")
-            stored = await upload.complete()
-        progress.finish(rows=rows)
-        data_done_at = clock().astimezone(UTC)
+            await upload.send_remaining()
+            # Up to here a stop aborts the upload: readers see nothing new. From the completion on, the
+            # run publishes, and a stop waits for it to end: cancelled half-way, it could leave latest/
+            # replaced and its manifest not, or a published run recorded as failed.
+            publication = Publication(
+                settings=settings, s3=s3, control=control, layout=layout, ledger=ledger, run_id=run_id,
+                mode=mode, columns=columns, since=since, rows=rows, watermark_xid8=snapshot["watermark8"],
+                started_at=started_at, started_monotonic=started_monotonic, clock=clock, progress=progress,
+            )  # fmt: skip
+            return await finish_before_stopping(_publish(publication, upload), name="export-publish")
 
-        latest_key = None
-        latest_etag = ""
-        if mode == "full":
-            latest_key = layout.latest_key
-            latest_etag = await copy_object(
-                s3,
-                bucket=settings.bucket,
-                source=stored,
-                dest_key=latest_key,
-                part_size_bytes=settings.part_size_bytes,
-                single_copy_max_bytes=settings.single_copy_max_bytes,
-                content_type=layout.content_type,
-                recorder=ledger,
-            )
-        facts = ManifestFacts(
-            run_id=run_id,
-            mode=mode,
-            format=settings.format,
-            rows=rows,
-            bytes=stored.size_bytes,
-            sha256=stored.sha256,
-            etag=stored.etag,
-            parts=stored.parts,
-            started_at=started_at,
-            finished_at=data_done_at,
-            watermark_xid8=snapshot["watermark8"],
-            since_xid8=since,
-            columns=columns,
+
+@dataclass(frozen=True)
+class Publication:
+    """What :func:`_publish` needs of a run whose rows are all in its (not yet completed) upload."""
+
+    settings: ExporterSettings
+    s3: S3Client
+    control: asyncpg.Connection
+    layout: ExportLayout
+    ledger: UploadLedger
+    run_id: int
+    mode: str
+    columns: list[ExportColumn]
+    since: int | None
+    rows: int
+    watermark_xid8: int
+    started_at: datetime
+    started_monotonic: float
+    clock: Clock
+    progress: Progress
+
+
+async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
+    """Complete the data object, copy it to latest/ (full exports), write the manifests, record the run."""
+    settings, layout = run.settings, run.layout
+    stored = await upload.complete()
+    run.progress.finish(rows=run.rows)
+    data_done_at = run.clock().astimezone(UTC)
+
+    latest_key = None
+    latest_etag = ""
+    if run.mode == "full":
+        latest_key = layout.latest_key
+        latest_etag = await copy_object(
+            run.s3,
+            bucket=settings.bucket,
+            source=stored,
+            dest_key=latest_key,
+            part_size_bytes=settings.part_size_bytes,
+            single_copy_max_bytes=settings.single_copy_max_bytes,
+            content_type=layout.content_type,
+            recorder=run.ledger,
         )
-        manifest_keys = await _write_manifests(s3, layout, facts, stored, latest_key, latest_etag)
+    facts = ManifestFacts(
+        run_id=run.run_id,
+        mode=run.mode,
+        format=settings.format,
+        rows=run.rows,
+        bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        etag=stored.etag,
+        parts=stored.parts,
+        started_at=run.started_at,
+        finished_at=data_done_at,
+        watermark_xid8=run.watermark_xid8,
+        since_xid8=run.since,
+        columns=run.columns,
+    )
+    manifest_keys = await _write_manifests(run.s3, layout, facts, stored, latest_key, latest_etag)
 
-    finished_at = clock().astimezone(UTC)
+    finished_at = run.clock().astimezone(UTC)
     await run_log.run_succeeded(
-        control,
-        run_id,
+        run.control,
+        run.run_id,
         finished_at=finished_at,
-        watermark_xid8=snapshot["watermark8"],
-        rows=rows,
+        watermark_xid8=run.watermark_xid8,
+        rows=run.rows,
         bytes_exported=stored.size_bytes,
         sha256=stored.sha256,
-        data_key=data_key,
+        data_key=stored.key,
         latest_key=latest_key,
         manifest_key=manifest_keys[0],
     )
     return ExportResult(
-        run_id=run_id,
-        mode=mode,
+        run_id=run.run_id,
+        mode=run.mode,
         format=settings.format,
-        rows=rows,
+        rows=run.rows,
         bytes=stored.size_bytes,
         sha256=stored.sha256,
         parts=stored.parts,
-        data_key=data_key,
+        data_key=stored.key,
         latest_key=latest_key,
         manifest_keys=manifest_keys,
-        started_at=started_at,
+        started_at=run.started_at,
         finished_at=finished_at,
-        duration_s=time.monotonic() - started_monotonic,
-        watermark_xid8=snapshot["watermark8"],
-        since_xid8=since,
+        duration_s=time.monotonic() - run.started_monotonic,
+        watermark_xid8=run.watermark_xid8,
+        since_xid8=run.since,
     )
 
 

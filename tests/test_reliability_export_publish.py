@@ -1,0 +1,187 @@
+"""docs/exporter.md, "Failures" and "Scheduling, lock, signals": what readers of latest/, history/ and the
+manifests see when an export fails or is stopped after its data object is complete, while it publishes
+(the copy to latest/, the manifests, the run row).
+
+The exporter talks to moto through tests/s3_pause_proxy.py, which holds a chosen request so the test can
+stop the export, make S3 refuse, or break PostgreSQL at that exact point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import asyncpg
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from exporter.lock import EXPORT_LOCK_KEY
+from exporter.run import export_once
+from exporter.settings import ExporterSettings
+from exporter.shutdown import run_unless_stopped
+from shared import aws
+from shared.settings import AwsSettings
+from tests.s3_pause_proxy import S3PauseProxy, copy_object
+from tests.test_export_support import (
+    csv_rows,
+    exported_columns,
+    get_object,
+    insert_awkward_rows,
+    list_keys,
+    open_multipart_uploads,
+    settings_factory,
+    table_rows,
+)
+
+__all__ = ["settings_factory"]  # a fixture, used by name
+
+MORNING = datetime(2024, 5, 10, 6, 0, tzinfo=UTC)
+EVENING = datetime(2024, 5, 10, 18, 0, tzinfo=UTC)
+ROOT = "lake/ap_jira_task"
+LATEST = f"{ROOT}/latest/ap_jira_task.csv"
+LATEST_MANIFEST = f"{ROOT}/latest/_manifest.json"
+HISTORY = f"{ROOT}/history/dt=2024-05-10/ap_jira_task.csv"
+HISTORY_MANIFEST = f"{ROOT}/history/dt=2024-05-10/_manifest.json"
+
+
+async def manifest_matches(aws_settings: AwsSettings, bucket: str, manifest_key: str, data_key: str) -> bool:
+    """What a careful reader checks: the manifest's sha256, bytes and etag are the object's."""
+    document = json.loads(await get_object(aws_settings, bucket, manifest_key))
+    data = await get_object(aws_settings, bucket, data_key)
+    async with aws.s3_client(aws_settings) as s3:
+        head = await s3.head_object(Bucket=bucket, Key=data_key)
+    return (document["sha256"], document["bytes"], document["etag"]) == (
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        head["ETag"],
+    )
+
+
+def manifest_put(suffix: str) -> Callable[[web.Request], bool]:
+    return lambda r: r.method == "PUT" and r.path.endswith(suffix) and "x-amz-copy-source" not in r.headers
+
+
+async def test_a_stop_during_the_copy_to_latest_finishes_publishing_first(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a morning export of 10 rows, then 5 more rows
+    columns = await exported_columns(pg, include_raw=False)
+    await insert_awkward_rows(pg, 10)
+    await export_once(settings_factory(), clock=lambda: MORNING)
+    await insert_awkward_rows(pg, 5, first_id=100)
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
+        # AND S3 has copied the new object to latest/, but the exporter has not heard yet
+        hold = proxy.hold("copy to latest done", copy_object(), after_s3=True)
+        stop = asyncio.Event()
+        run = asyncio.create_task(
+            run_unless_stopped(export_once(settings, clock=lambda: EVENING), stop, name="export")
+        )
+        await asyncio.wait_for(hold.reached.wait(), timeout=60)
+        # WHEN a stop request (SIGTERM) arrives at that moment
+        stop.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        proxy.release()
+        # THEN the export finishes publishing rather than leave latest/ ahead of its manifest
+        result = await asyncio.wait_for(run, timeout=60)
+    assert result.rows == 15
+    assert csv_rows(await get_object(aws_settings, bucket, LATEST), columns) == await table_rows(pg, columns)
+    assert await manifest_matches(aws_settings, bucket, LATEST_MANIFEST, LATEST)
+    assert await manifest_matches(aws_settings, bucket, HISTORY_MANIFEST, HISTORY)
+    status = await pg.fetchval("SELECT status FROM jiralake_export_run WHERE run_id = $1", result.run_id)
+    assert status == "succeeded"
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+
+
+async def test_s3_refusing_the_copy_to_latest_leaves_latest_and_its_manifest_as_they_were(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a morning export of 10 rows, then 5 more rows
+    columns = await exported_columns(pg, include_raw=False)
+    await insert_awkward_rows(pg, 10)
+    await export_once(settings_factory(), clock=lambda: MORNING)
+    previous = await get_object(aws_settings, bucket, LATEST)
+    await insert_awkward_rows(pg, 5, first_id=100)
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
+        # AND S3 answering every CopyObject with 503, botocore's retries included
+        holds = [proxy.hold(f"copy {n}", copy_object()) for n in range(5)]
+        proxy.release()
+        # WHEN the evening export runs
+        with capture_logs() as logs:
+            try:
+                await export_once(settings, clock=lambda: EVENING)
+            except Exception as exc:
+                failure: Exception | None = exc
+            else:
+                failure = None
+    # THEN it fails, on one line, after S3 refused the copy
+    assert failure is not None and holds[0].reached.is_set()
+    run = await pg.fetchrow("SELECT status, error FROM jiralake_export_run ORDER BY run_id DESC LIMIT 1")
+    assert run is not None and run["status"] == "failed"
+    assert run["error"].startswith("S3 CopyObject failed: 503"), run["error"]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["export_failed"]
+    # AND latest/ is the previous object, still described by its manifest
+    assert await get_object(aws_settings, bucket, LATEST) == previous
+    assert await manifest_matches(aws_settings, bucket, LATEST_MANIFEST, LATEST)
+    # AND today's history object is the new one, complete; its manifest is the morning run's, visibly
+    assert csv_rows(await get_object(aws_settings, bucket, HISTORY), columns) == await table_rows(pg, columns)
+    assert not await manifest_matches(aws_settings, bucket, HISTORY_MANIFEST, HISTORY)
+    assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 10
+    # AND nothing is left open
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
+
+
+TERMINATE_BOOKKEEPING = """
+SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory' AND l.objid = $1
+  )
+"""
+
+
+async def test_a_run_whose_row_was_not_updated_leaves_the_watermark_so_its_rows_come_again(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a first incremental run, then 5 new rows
+    await insert_awkward_rows(pg, 10)
+    first = await export_once(settings_factory(), changed_since_last=True, clock=lambda: MORNING)
+    await insert_awkward_rows(pg, 5, first_id=100)
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
+        # AND PostgreSQL drops the exporter's bookkeeping connection once its manifest is in S3
+        hold = proxy.hold("manifest stored", manifest_put(".manifest.json"), after_s3=True)
+        run = asyncio.create_task(export_once(settings, changed_since_last=True, clock=lambda: EVENING))
+        await asyncio.wait_for(hold.reached.wait(), timeout=60)
+        assert await pg.fetchval(TERMINATE_BOOKKEEPING, EXPORT_LOCK_KEY) is True
+        proxy.release()
+        # WHEN the run tries to record its success
+        with capture_logs() as logs:
+            try:
+                await asyncio.wait_for(run, timeout=60)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+    # THEN its object and manifest are in S3 ...
+    changes = await list_keys(aws_settings, bucket, f"{ROOT}/changes/")
+    assert len(changes) == 4, changes
+    # ... but the run row could not say so, and the failure is logged
+    assert "export_run_not_recorded" in [e["event"] for e in logs]
+    # AND the next incremental run starts from the first run's watermark and exports those 5 rows again
+    again = await export_once(settings_factory(), changed_since_last=True, clock=lambda: EVENING)
+    assert (again.since_xid8, again.rows) == (first.watermark_xid8, 5)
