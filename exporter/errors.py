@@ -33,9 +33,10 @@ def failure_reason(exc: BaseException) -> str | None:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         operation = getattr(exc, "operation_name", "request")
-        return f"S3 {operation} failed: {error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
+        message = one_line(str(error.get("Message", "")))
+        return f"S3 {operation} failed: {error.get('Code', '?')}: {message}".rstrip(": ")
     if isinstance(exc, BotoCoreError):
-        return f"S3 unreachable: {exc}"
+        return f"S3 unreachable: {one_line(str(exc))}"
     if isinstance(exc, asyncpg.PostgresError):
         return f"PostgreSQL error: {type(exc).__name__}: {one_line(str(exc))}"
     if isinstance(exc, asyncpg.InterfaceError):

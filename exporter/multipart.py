@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from exporter.errors import ExportError, failure_reason
+from exporter.errors import ExportError, failure_reason, one_line
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
 
 if TYPE_CHECKING:
@@ -342,7 +342,10 @@ class MultipartUpload:
 
     def _failure(self) -> ExportError:
         error = self._error
-        reason = (failure_reason(error) or f"{type(error).__name__}: {error}") if error is not None else "?"
+        if error is None:
+            reason = "?"
+        else:
+            reason = failure_reason(error) or f"{type(error).__name__}: {one_line(str(error))}"
         return ExportError(f"uploading s3://{self.bucket}/{self.key} failed: {reason}")
 
     def _require_upload_id(self) -> str:

@@ -315,6 +315,10 @@ def test_failure_reasons_are_one_line_and_bugs_are_none() -> None:
     client_error = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
     assert failure_reason(client_error) == "S3 PutObject failed: AccessDenied: Access Denied"
     assert failure_reason(ExportError("table missing")) == "table missing"
+    # an S3-compatible store's multi-line message stays on the one line the CLI prints
+    snag = {"Error": {"Code": "InternalError", "Message": "We hit\n  a snag"}}
+    multi_line = ClientError(snag, "UploadPart")  # type: ignore[arg-type]
+    assert failure_reason(multi_line) == "S3 UploadPart failed: InternalError: We hit a snag"
     assert failure_reason(ConnectionRefusedError(111, "Connection\nrefused")) == (
         "ConnectionRefusedError: [Errno 111] Connection refused"
     )
