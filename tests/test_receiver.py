@@ -384,20 +384,23 @@ async def test_a_chunked_body_over_the_limit_is_refused_before_it_is_all_sent(
     assert await drain(aws_settings, queues.queue_url) == []
 
 
+async def stalled_body(release: asyncio.Event, rest: bytes = b"") -> AsyncIterator[bytes]:
+    """A body that sends its first byte, then nothing until ``release`` is set, then ``rest``."""
+    yield b"{"
+    await release.wait()
+    if rest:
+        yield rest
+
+
 async def test_a_declared_length_over_the_limit_is_refused_without_reading_the_body(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
     # GIVEN a client that declares 100 MB but sends one byte and then nothing
     release = asyncio.Event()
-
-    async def stalled_body() -> AsyncIterator[bytes]:
-        yield b"{"
-        await release.wait()
-
     settings = receiver_settings(aws_settings, queues.queue_url, max_body_bytes=65536)
     async with running(settings) as client:
         headers = {"Content-Type": "application/json", "Content-Length": str(100_000_000)}
-        async with client.post("/webhooks/jira", data=stalled_body(), headers=headers) as response:
+        async with client.post("/webhooks/jira", data=stalled_body(release), headers=headers) as response:
             # THEN the answer comes from the header alone
             assert response.status == 413
             assert await response.json() == {
@@ -414,16 +417,13 @@ async def test_senders_trickling_bodies_cannot_hold_more_than_the_limit_of_buffe
     # body and then trickle it (each would hold up to max_body_bytes before its signature is checked)
     release = asyncio.Event()
 
-    async def stalled_body() -> AsyncIterator[bytes]:
-        yield b"{"
-        await release.wait()
-        yield b"}"
-
     settings = receiver_settings(aws_settings, queues.queue_url, max_bodies_reading=2)
     async with running(settings) as client:
         headers = {"Content-Type": "application/json", "Content-Length": "2"}
         stalled = [
-            asyncio.create_task(client.post("/webhooks/jira", data=stalled_body(), headers=headers))
+            asyncio.create_task(
+                client.post("/webhooks/jira", data=stalled_body(release, rest=b"}"), headers=headers)
+            )
             for _ in range(2)
         ]
         receiver = client.app[RECEIVER]
