@@ -38,7 +38,7 @@ from exporter.errors import failure_reason
 from exporter.layout import ExportLayout
 from exporter.lock import acquire_export_lock
 from exporter.manifest import ManifestFacts, manifest_document, put_manifest
-from exporter.multipart import MultipartUpload, StoredObject, copy_object
+from exporter.multipart import MultipartUpload, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
 from exporter.shutdown import finish_before_stopping
@@ -299,14 +299,36 @@ class Publication:
 
 
 async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
-    """Complete the data object, copy it to latest/ (full exports), write the manifests, record the run."""
+    """Complete the data object and write its manifest, copy it to latest/ (full exports) and write
+    that manifest, record the run. Each manifest follows its object at once, so a run that fails at
+    the copy leaves today's history object described by its own manifest."""
     settings, layout = run.settings, run.layout
     stored = await upload.complete()
     run.progress.finish(rows=run.rows)
-    data_done_at = run.clock().astimezone(UTC)
+    facts = ManifestFacts(
+        run_id=run.run_id,
+        mode=run.mode,
+        format=settings.format,
+        rows=run.rows,
+        bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        etag=stored.etag,
+        parts=stored.parts,
+        started_at=run.started_at,
+        finished_at=run.clock().astimezone(UTC),
+        watermark_xid8=run.watermark_xid8,
+        since_xid8=run.since,
+        columns=run.columns,
+    )
+    manifest_keys: tuple[str, ...] = (layout.manifest_key(stored.key),)
+    await put_manifest(
+        run.s3,
+        bucket=layout.bucket,
+        key=manifest_keys[0],
+        document=manifest_document(facts, object_uri=stored.uri),
+    )
 
     latest_key = None
-    latest_etag = ""
     if run.mode == "full":
         latest_key = layout.latest_key
         latest_etag = await copy_object(
@@ -319,22 +341,14 @@ async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
             content_type=layout.content_type,
             recorder=run.ledger,
         )
-    facts = ManifestFacts(
-        run_id=run.run_id,
-        mode=run.mode,
-        format=settings.format,
-        rows=run.rows,
-        bytes=stored.size_bytes,
-        sha256=stored.sha256,
-        etag=stored.etag,
-        parts=stored.parts,
-        started_at=run.started_at,
-        finished_at=data_done_at,
-        watermark_xid8=run.watermark_xid8,
-        since_xid8=run.since,
-        columns=run.columns,
-    )
-    manifest_keys = await _write_manifests(run.s3, layout, facts, stored, latest_key, latest_etag)
+        latest_manifest = layout.manifest_key(latest_key)
+        document = manifest_document(
+            dataclasses.replace(facts, etag=latest_etag),
+            object_uri=layout.uri(latest_key),
+            source_uri=stored.uri,
+        )
+        await put_manifest(run.s3, bucket=layout.bucket, key=latest_manifest, document=document)
+        manifest_keys += (latest_manifest,)
 
     finished_at = run.clock().astimezone(UTC)
     await run_log.run_succeeded(
@@ -418,28 +432,6 @@ async def _stream_parquet(
         await upload.write(data)
     await upload.write(stream.finish())
     return rows
-
-
-async def _write_manifests(
-    s3: S3Client,
-    layout: ExportLayout,
-    facts: ManifestFacts,
-    stored: StoredObject,
-    latest_key: str | None,
-    latest_etag: str,
-) -> tuple[str, ...]:
-    data_manifest = layout.manifest_key(stored.key)
-    await put_manifest(
-        s3, bucket=layout.bucket, key=data_manifest, document=manifest_document(facts, object_uri=stored.uri)
-    )
-    if latest_key is None:
-        return (data_manifest,)
-    latest_manifest = layout.manifest_key(latest_key)
-    document = manifest_document(
-        dataclasses.replace(facts, etag=latest_etag), object_uri=layout.uri(latest_key), source_uri=stored.uri
-    )
-    await put_manifest(s3, bucket=layout.bucket, key=latest_manifest, document=document)
-    return (data_manifest, latest_manifest)
 
 
 async def _record_failure(control: asyncpg.Connection, run_id: int, now: datetime, reason: str) -> None:

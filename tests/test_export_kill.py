@@ -82,6 +82,8 @@ class KillPoint:
     # What readers see after the kill: the new run's history object (complete) and/or latest/.
     history_is_new: bool
     latest_is_new: bool
+    # The killed run had written the new history object's manifest (it follows its object at once).
+    history_manifest_is_new: bool
     # Multipart uploads S3 still holds open right after the kill (the next run must abort them).
     open_uploads: int
     # Parts stored in the open upload.
@@ -97,6 +99,7 @@ KILL_POINTS = [
         after_s3=False,
         history_is_new=False,
         latest_is_new=False,
+        history_manifest_is_new=False,
         open_uploads=1,
     ),
     KillPoint(
@@ -105,6 +108,7 @@ KILL_POINTS = [
         after_s3=False,
         history_is_new=False,
         latest_is_new=False,
+        history_manifest_is_new=False,
         open_uploads=1,
         parts_stored=2,
     ),
@@ -114,6 +118,7 @@ KILL_POINTS = [
         after_s3=True,
         history_is_new=True,
         latest_is_new=False,
+        history_manifest_is_new=False,
         open_uploads=0,
     ),
     KillPoint(
@@ -122,6 +127,7 @@ KILL_POINTS = [
         after_s3=False,
         history_is_new=True,
         latest_is_new=False,
+        history_manifest_is_new=True,
         open_uploads=0,
     ),
     KillPoint(
@@ -130,6 +136,7 @@ KILL_POINTS = [
         after_s3=True,
         history_is_new=True,
         latest_is_new=True,
+        history_manifest_is_new=True,
         open_uploads=0,
     ),
     KillPoint(
@@ -138,6 +145,7 @@ KILL_POINTS = [
         after_s3=False,
         history_is_new=True,
         latest_is_new=False,
+        history_manifest_is_new=True,
         open_uploads=1,
         parts_stored=1,
         part_copy=True,
@@ -199,7 +207,7 @@ async def read_export(aws_settings: AwsSettings, bucket: str, key: str, columns:
 
 
 async def assert_history_consistent(
-    aws_settings: AwsSettings, bucket: str, states: TableStates, *, new_history: bool
+    aws_settings: AwsSettings, bucket: str, states: TableStates, *, new_history: bool, new_manifest: bool
 ) -> None:
     keys = await list_keys(aws_settings, bucket, f"{ROOT}/history/")
     data_keys = [k for k in keys if not k.rsplit("/", 1)[1].startswith("_")]
@@ -209,14 +217,14 @@ async def assert_history_consistent(
     assert len(others) == (1 if new_history else 0), data_keys
     for key in others:
         assert await read_export(aws_settings, bucket, key, states.columns) == states.new
-    # A manifest describes the object beside it (the killed run wrote none).
-    for key in data_keys:
-        manifest = key.rsplit("/", 1)[0] + "/_manifest.json"
+    # A manifest describes the object beside it; the killed run wrote one only after its object.
+    manifests = [k.rsplit("/", 1)[0] + "/_manifest.json" for k in [DAY_ONE_HISTORY, *others]]
+    assert [k for k in keys if k not in data_keys] == manifests[: 2 if new_manifest else 1]
+    for key, manifest in zip([DAY_ONE_HISTORY, *others], manifests, strict=True):
         if manifest in keys:
             document = json.loads(await get_object(aws_settings, bucket, manifest))
             data = await get_object(aws_settings, bucket, key)
             assert document["sha256"] == hashlib.sha256(data).hexdigest()
-    assert [k for k in keys if k not in data_keys] == [f"{ROOT}/history/dt=2024-05-10/_manifest.json"]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS, ids=lambda p: p.name.replace(" ", "-"))
@@ -246,7 +254,13 @@ async def test_sigkill_mid_export_leaves_latest_whole_and_no_upload_after_the_ne
     assert latest_manifest["sha256"] == hashlib.sha256(previous_latest).hexdigest()
     assert latest_manifest["rows"] == PREVIOUS_ROWS
     # AND history/ shows the new run's object only once it is complete, and never a part of one
-    await assert_history_consistent(aws_settings, bucket, states, new_history=point.history_is_new)
+    await assert_history_consistent(
+        aws_settings,
+        bucket,
+        states,
+        new_history=point.history_is_new,
+        new_manifest=point.history_manifest_is_new,
+    )
     # AND every upload S3 still holds open is recorded in PostgreSQL, with its parts
     uploads = await open_multipart_uploads(aws_settings, bucket)
     assert len(uploads) == point.open_uploads

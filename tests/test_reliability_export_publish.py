@@ -135,10 +135,13 @@ async def test_s3_refusing_the_copy_to_latest_leaves_latest_and_its_manifest_as_
     # AND latest/ is the previous object, still described by its manifest
     assert await get_object(aws_settings, bucket, LATEST) == previous
     assert await manifest_matches(aws_settings, bucket, LATEST_MANIFEST, LATEST)
-    # AND today's history object is the new one, complete; its manifest is the morning run's, visibly
+    # AND today's history object is the new one, complete, described by its own manifest (written
+    # before the copy), while latest/'s manifest names it as its source: its sha256 says it is not
     assert csv_rows(await get_object(aws_settings, bucket, HISTORY), columns) == await table_rows(pg, columns)
-    assert not await manifest_matches(aws_settings, bucket, HISTORY_MANIFEST, HISTORY)
-    assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 10
+    assert await manifest_matches(aws_settings, bucket, HISTORY_MANIFEST, HISTORY)
+    assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 15
+    latest_manifest = json.loads(await get_object(aws_settings, bucket, LATEST_MANIFEST))
+    assert latest_manifest["copied_from"].endswith(HISTORY) and latest_manifest["rows"] == 10
     # AND nothing is left open
     assert await open_multipart_uploads(aws_settings, bucket) == []
     assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
