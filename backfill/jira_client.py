@@ -7,13 +7,16 @@
   Document Format objects, while Cloud webhooks carry the v2 representation (wiki-markup strings);
   a snapshot must be the same issue object a webhook carries, or ``raw`` changes shape by source.
 - Throttling and transient failures (429, 500, 502, 503, 504, network errors) are retried: a
-  ``Retry-After`` header is honoured, otherwise exponential backoff with jitter.
+  ``Retry-After`` header is honoured; failing that, on a 429, Jira Cloud's ``X-RateLimit-Reset``;
+  otherwise exponential backoff with jitter (:func:`requested_wait`, :meth:`RetryPolicy.delay_s`).
 - Bounded concurrency: one semaphore caps requests in flight across the whole client; a request
-  that waits out a ``Retry-After`` keeps its slot, so a throttled client slows down as a whole.
+  that waits out a ``Retry-After`` (or a reset) keeps its slot, so a throttled client slows down as
+  a whole.
 - 401 ends the command (:class:`JiraAuthError`); other 4xx are :class:`JiraRequestError` with Jira's
   own message, except where a caller expects a status (404/403 on an issue lookup).
 
-Credentials go only into the ``Authorization`` header; nothing here logs headers or bodies.
+Credentials go only into the ``Authorization`` header; nothing here logs bodies, nor headers beyond
+the wait Jira asked for and a ``RateLimit-Reason`` that has the shape of one (:func:`loggable_reason`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
@@ -41,8 +47,16 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = "jiralake-backfill/0.1"
 # Enhanced search in REST v2 on Cloud: issue objects in the shape Cloud webhooks carry (module doc).
 SEARCH_PATH_CLOUD = "rest/api/2/search/jql"
+# Headers that set the wait before a retry (docs/backfill.md, "Rate limits and failures").
+RETRY_AFTER = "Retry-After"
+RATE_LIMIT_RESET = "X-RateLimit-Reset"
+RATE_LIMIT_REASON = "RateLimit-Reason"
+# Atlassian's RateLimit-Reason values are lowercase words joined by hyphens (``jira-burst-based``).
+# Only such a value is logged: a mixed-case or long one (a token a proxy echoed, say) is not.
+_REASON_SHAPE = re.compile(r"[a-z0-9][a-z0-9._:,-]{0,79}")
 
 Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
 
 
 class JiraError(Exception):
@@ -95,11 +109,13 @@ class RetryPolicy:
     max_s: float = 60.0
     max_retry_after_s: float = 600.0
 
-    def delay_s(self, attempt: int, retry_after_s: float | None, rng: random.Random) -> float:
-        """Wait before retry number ``attempt`` (0-based): Retry-After plus up to 10 % jitter when
-        Jira gave one (it answers early retries with a longer wait), else backoff with equal jitter."""
-        if retry_after_s is not None:
-            wait = min(max(retry_after_s, 0.0), self.max_retry_after_s)
+    def delay_s(self, attempt: int, requested_s: float | None, rng: random.Random) -> float:
+        """Wait before retry number ``attempt`` (0-based). When Jira asked for a wait
+        (:func:`requested_wait`: Retry-After, or the time to X-RateLimit-Reset), that wait, capped at
+        ``max_retry_after_s``, plus up to 10 % jitter (Jira answers early retries with a longer
+        wait); else backoff with equal jitter."""
+        if requested_s is not None:
+            wait = min(max(requested_s, 0.0), self.max_retry_after_s)
             return wait + rng.uniform(0.0, 0.1 * wait)
         ceiling = min(self.max_s, self.base_s * (2.0**attempt))
         return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
@@ -111,9 +127,11 @@ def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float
         return None
     text = value.strip()
     try:
-        return max(float(text), 0.0)
+        delta = float(text)
     except ValueError:
         pass
+    else:  # "nan" and "inf" parse as floats but are no wait
+        return max(delta, 0.0) if math.isfinite(delta) else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError):
@@ -124,8 +142,56 @@ def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float
     return max(seconds, 0.0)
 
 
+def parse_rate_limit_reset(value: str | None, *, now_s: float | None = None) -> float | None:
+    """Seconds until ``X-RateLimit-Reset``, an ISO 8601 time with a zone (``Z`` or an offset). None
+    when absent, garbage, without a zone, or not ahead of now: the caller backs off instead."""
+    if value is None or not value.strip():
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None
+    seconds = when.timestamp() - (time.time() if now_s is None else now_s)
+    return seconds if seconds > 0.0 else None
+
+
+@dataclass(frozen=True)
+class RequestedWait:
+    """The wait Jira asked for, in seconds, and the header that asked."""
+
+    seconds: float
+    header: str
+
+
+def requested_wait(
+    status: int, headers: Mapping[str, str], *, now_s: float | None = None
+) -> RequestedWait | None:
+    """Which wait Jira asked for: a usable ``Retry-After`` first; else, on a 429, the time until
+    ``X-RateLimit-Reset`` (Jira Cloud may throttle without Retry-After); else None (back off). The
+    reset is read only on a 429: on a 5xx it says when a quota renews, not when Jira recovers."""
+    retry_after = parse_retry_after(headers.get(RETRY_AFTER), now_s=now_s)
+    if retry_after is not None:
+        return RequestedWait(retry_after, RETRY_AFTER)
+    if status == 429:
+        reset_in = parse_rate_limit_reset(headers.get(RATE_LIMIT_RESET), now_s=now_s)
+        if reset_in is not None:
+            return RequestedWait(reset_in, RATE_LIMIT_RESET)
+    return None
+
+
+def loggable_reason(value: str | None) -> str | None:
+    """``RateLimit-Reason`` as it may be logged: Atlassian's shape of value, else "unrecognised"."""
+    if value is None:
+        return None
+    text = value.strip()
+    return text if _REASON_SHAPE.fullmatch(text) else "unrecognised"
+
+
 class JiraClient:
-    """``async with JiraClient(settings) as jira: ...``. ``sleep`` and ``rng`` are injectable."""
+    """``async with JiraClient(settings) as jira: ...``. ``sleep``, ``rng`` and ``clock`` (wall
+    time, which an HTTP-date Retry-After and X-RateLimit-Reset are read against) are injectable."""
 
     def __init__(
         self,
@@ -133,6 +199,7 @@ class JiraClient:
         *,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.settings = settings
         self.policy = RetryPolicy(
@@ -143,6 +210,7 @@ class JiraClient:
         )
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._clock = clock
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self.retries = 0
@@ -270,14 +338,17 @@ class JiraClient:
         assert self._session is not None, "use JiraClient as an async context manager"
         async with self._slots:
             for attempt in range(self.policy.max_attempts):
-                retry_after: float | None = None
+                requested: RequestedWait | None = None
+                reason: str | None = None
                 try:
                     async with self._session.request(
                         method, f"{self.settings.url}/{path}", params=params, json=json_body
                     ) as resp:
                         status = resp.status
                         raw = await resp.read()
-                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                        if status in RETRYABLE_STATUSES:
+                            requested = requested_wait(status, resp.headers, now_s=self._clock())
+                            reason = loggable_reason(resp.headers.get(RATE_LIMIT_REASON))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     status, raw = 0, b""
                     problem = f"{type(exc).__name__}: {exc}"
@@ -297,18 +368,26 @@ class JiraClient:
                     raise JiraUnavailable(
                         f"Jira still failing after {self.policy.max_attempts} attempts at /{path}: {problem}"
                     )
-                delay_s = self.policy.delay_s(attempt, retry_after, self._rng)
+                requested_s = requested.seconds if requested is not None else None
+                delay_s = self.policy.delay_s(attempt, requested_s, self._rng)
                 self.retries += 1
                 log.warning(
                     "jira_retry",
                     path="/" + path,
                     problem=problem,
                     attempt=attempt + 1,
-                    retry_after_s=retry_after,
+                    wait_reason=requested.header if requested is not None else "backoff",
+                    retry_after_s=_seconds_from(requested, RETRY_AFTER),
+                    reset_in_s=_seconds_from(requested, RATE_LIMIT_RESET),
+                    rate_limit_reason=reason,
                     delay_s=round(delay_s, 3),
                 )
                 await self._sleep(delay_s)
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _seconds_from(requested: RequestedWait | None, header: str) -> float | None:
+    return round(requested.seconds, 3) if requested is not None and requested.header == header else None
 
 
 def _decode(raw: bytes) -> Any:

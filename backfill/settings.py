@@ -44,10 +44,12 @@ class JiraSettings:
     max_concurrency: int = 4
     # Attempts per request when Jira throttles (429/503) or fails transiently (5xx, network).
     max_attempts: int = 8
-    # Exponential backoff: base * 2**attempt, capped, with jitter; Retry-After wins when given.
+    # Exponential backoff: base * 2**attempt, capped, with jitter; a wait Jira asks for wins (Retry-After,
+    # or on a 429 X-RateLimit-Reset).
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    # A Retry-After longer than this is cut to it (the request is still retried, not dropped).
+    # A Retry-After (or an X-RateLimit-Reset) further ahead than this is cut to it (the request is
+    # still retried, not dropped).
     max_retry_after_s: float = 600.0
     request_timeout_s: float = 60.0
     page_size: int = MAX_PAGE_SIZE

@@ -9,7 +9,8 @@ objects taken from the real webhook fixtures (ids, keys and times varied).
 - Data Center: ``GET /rest/api/2/search`` (``startAt``, ``total``), ``/rest/api/2/issue/{id}``,
   ``/rest/api/2/myself``.
 - Auth: basic (email + API token) or bearer (PAT); anything else is 401.
-- Faults on demand: queued throttling answers per page (429/503 with Retry-After), a page from which
+- Faults on demand: queued throttling answers per page (429/503 with Retry-After, or Jira Cloud's
+  429 with only ``X-RateLimit-Reset``, repeated until the reset on ``clock``), a page from which
   every search fails (a Jira that "dies" mid-run), 403/404 for chosen issue ids.
 - JQL: only ``updated >= "yyyy-MM-dd HH:mm"`` (read in ``time_zone``) filters; the rest is recorded.
 """
@@ -21,8 +22,9 @@ import copy
 import hashlib
 import json
 import re
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,6 +107,15 @@ def fixture_issues(
     ]
 
 
+@dataclass(frozen=True)
+class RateLimited:
+    """A throttle entry: Jira Cloud's 429 without Retry-After, whose ``X-RateLimit-Reset`` lies
+    ``reset_in_s`` ahead of the server's clock. Every search answers the same 429 until then."""
+
+    reset_in_s: float
+    reason: str = "jira-burst-based"
+
+
 @dataclass
 class JiraApiServer:
     issues: list[dict[str, Any]] = field(default_factory=list)
@@ -113,8 +124,11 @@ class JiraApiServer:
     # Issues that exist (GET answers 200) but no search returns: outside the JQL.
     outside_jql: set[str] = field(default_factory=set)
     time_zone: str = "UTC"
-    # Page index -> answers served (and used up) before the page itself: (status, Retry-After).
-    throttle: dict[int, list[tuple[int, str | None]]] = field(default_factory=dict)
+    # Page index -> answers served (and used up) before the page itself: (status, Retry-After), or
+    # a RateLimited entry.
+    throttle: dict[int, list[tuple[int, str | None] | RateLimited]] = field(default_factory=dict)
+    # Wall time as the server sees it: when a rate limit resets, when each search arrived.
+    clock: Callable[[], float] = time.time
     # Every search for this page index or later answers 500 (a Jira that went away mid-run).
     fail_from_page: int | None = None
     # None: 403 as for a non-Connect account. Else the entries, oldest failure first.
@@ -124,11 +138,18 @@ class JiraApiServer:
     token_generation: int = 0
     # What was asked.
     page_requests: Counter[int] = field(default_factory=Counter)
+    # (page index, clock()) of every search, in arrival order.
+    page_request_times: list[tuple[int, float]] = field(default_factory=list)
+    # Epoch seconds of every X-RateLimit-Reset sent, as sent; the last one is in force.
+    rate_limit_resets: list[float] = field(default_factory=list)
     jqls: list[str] = field(default_factory=list)
     search_paths: list[str] = field(default_factory=list)
     failed_webhook_afters: list[str | None] = field(default_factory=list)
     issue_lookups: list[str] = field(default_factory=list)
     count_requests: int = 0
+    # The rate limit in force: the X-RateLimit-Reset and RateLimit-Reason sent with its 429s.
+    _limit_reset: str = field(default="", init=False, repr=False)
+    _limit_reason: str = field(default="", init=False, repr=False)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -167,11 +188,34 @@ class JiraApiServer:
             found = [i for i in found if (parse_jira_time(i["fields"]["updated"]) or since) >= since]
         return found
 
+    def _rate_limited(self) -> web.Response:
+        return web.json_response(
+            {"errorMessages": ["Rate limit exceeded."]},
+            status=429,
+            headers={
+                "X-RateLimit-Reset": self._limit_reset,
+                "RateLimit-Reason": self._limit_reason,
+                "X-RateLimit-Limit": "100",
+                "X-RateLimit-Remaining": "0",
+            },
+        )
+
     def _fault(self, page: int) -> web.Response | None:
+        now = self.clock()
         self.page_requests[page] += 1
+        self.page_request_times.append((page, now))
+        if self.rate_limit_resets and now < self.rate_limit_resets[-1]:
+            return self._rate_limited()
         queued = self.throttle.get(page)
         if queued:
-            status, retry_after = queued.pop(0)
+            entry = queued.pop(0)
+            if isinstance(entry, RateLimited):
+                when = datetime.fromtimestamp(now + entry.reset_in_s, UTC).isoformat(timespec="milliseconds")
+                self._limit_reset, self._limit_reason = when.replace("+00:00", "Z"), entry.reason
+                # In force until the instant the header names (milliseconds), not a hair less.
+                self.rate_limit_resets.append(datetime.fromisoformat(when).timestamp())
+                return self._rate_limited()
+            status, retry_after = entry
             headers = {"Retry-After": retry_after} if retry_after is not None else {}
             return web.json_response(
                 {"errorMessages": ["Rate limit exceeded."]}, status=status, headers=headers

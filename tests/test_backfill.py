@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from backfill.backfill import LAST_RUN, BackfillRequest, run_backfill
 from backfill.command import backfill_report
@@ -26,6 +27,7 @@ from tests.jira_api_server import (
     API_TOKEN,
     EMAIL,
     JiraApiServer,
+    RateLimited,
     backfill_settings,
     fixture_issue,
     fixture_issues,
@@ -40,6 +42,21 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+
+class SteppingClock:
+    """Wall time shared by the client and the server that moves only when the client sleeps."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
 
 
 def queued_ids(messages: list[dict[str, Any]]) -> list[str]:
@@ -432,3 +449,35 @@ async def test_network_failures_back_off_exponentially_with_jitter() -> None:
     assert len(sleep.waits) == 3
     for wait, ceiling in zip(sleep.waits, [1.0, 2.0, 4.0], strict=True):
         assert ceiling / 2 <= wait <= ceiling
+
+
+async def test_a_429_with_only_x_ratelimit_reset_is_retried_once_after_the_reset(
+    jira: tuple[JiraApiServer, str],
+) -> None:
+    # GIVEN Jira Cloud throttling with a 429 that has no Retry-After, only X-RateLimit-Reset 5 s
+    # ahead, and answering every search before the reset with the same 429
+    server, url = jira
+    server.issues = fixture_issues(3)
+    clock = SteppingClock(datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp())
+    server.clock = clock
+    server.throttle = {0: [RateLimited(reset_in_s=5.0, reason="jira-burst-based")]}
+    settings = JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN)
+    # WHEN the client searches (its sleep moves the shared clock instead of waiting)
+    with capture_logs() as logs:
+        async with JiraClient(settings, sleep=clock.sleep, rng=random.Random(5), clock=clock) as client:
+            page = await client.search_page("project = BF", None)
+    # THEN it asked twice: throttled once, then answered, the retry arriving after the reset the
+    # server announced (not a backoff's second or two later, which would meet another 429)
+    reset_s = datetime(2024, 5, 1, 10, 0, 5, tzinfo=UTC).timestamp()
+    assert server.rate_limit_resets == [reset_s]
+    assert dict(server.page_requests) == {0: 2}
+    (_, first), (_, retry) = server.page_request_times
+    assert first < reset_s <= retry
+    assert (len(page.issues), client.retries) == (3, 1)
+    # AND the wait is the time to the reset plus at most 10 % jitter, logged with its reason
+    assert len(clock.waits) == 1 and 5.0 <= clock.waits[0] <= 5.5
+    retries = [e for e in logs if e["event"] == "jira_retry"]
+    assert [
+        (e["wait_reason"], e["reset_in_s"], e["retry_after_s"], e["rate_limit_reason"]) for e in retries
+    ] == [("X-RateLimit-Reset", 5.0, None, "jira-burst-based")]
+    assert API_TOKEN not in repr(logs)

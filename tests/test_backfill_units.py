@@ -1,4 +1,4 @@
-"""Backfill's pure parts: settings, JQL, Retry-After, progress output."""
+"""Backfill's pure parts: settings, JQL, Retry-After and X-RateLimit-Reset, progress output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from structlog.testing import capture_logs
 
-from backfill.jira_client import RetryPolicy, parse_retry_after
+from backfill.jira_client import (
+    RequestedWait,
+    RetryPolicy,
+    loggable_reason,
+    parse_rate_limit_reset,
+    parse_retry_after,
+    requested_wait,
+)
 from backfill.jql import build_jql, jira_zone, jql_time, parse_since, split_order_by
 from backfill.progress import Progress, format_duration
 from backfill.settings import JiraSettings
@@ -184,6 +191,84 @@ def test_retry_after_wins_over_backoff_and_is_capped() -> None:
     # Without Retry-After: between half the ceiling and the ceiling, the ceiling doubling up to max_s.
     for attempt, ceiling in [(0, 1.0), (3, 8.0), (10, 60.0)]:
         assert ceiling / 2 <= policy.delay_s(attempt, None, rng) <= ceiling
+
+
+# The instant the rate-limit tests call now: 2024-05-01 10:00:00 UTC.
+NOW_S = datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        "2024-05-01T10:00:30Z",
+        "2024-05-01T10:00:30.000Z",
+        "2024-05-01T12:00:30+02:00",
+        "2024-05-01T07:30:30-02:30",
+    ],
+)
+def test_x_ratelimit_reset_is_read_as_the_seconds_until_an_iso_time(reset: str) -> None:
+    assert parse_rate_limit_reset(reset, now_s=NOW_S) == 30.0
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        None,
+        "",
+        "2024-05-01T09:59:59Z",  # in the past
+        "2024-05-01T10:00:00Z",  # now: no wait to honour
+        "2024-05-01T10:00:30",  # no zone: which 10:00 is unknown
+        "1714557630",  # epoch seconds are not ISO 8601
+        "soon",
+    ],
+)
+def test_a_reset_that_is_absent_past_or_garbage_means_back_off(reset: str | None) -> None:
+    assert parse_rate_limit_reset(reset, now_s=NOW_S) is None
+    headers = {} if reset is None else {"X-RateLimit-Reset": reset}
+    assert requested_wait(429, headers, now_s=NOW_S) is None
+    rng = random.Random(1)
+    assert 0.5 <= RetryPolicy(base_s=1.0).delay_s(0, None, rng) <= 1.0
+
+
+def test_a_429_with_only_x_ratelimit_reset_waits_until_the_reset_capped_and_jittered() -> None:
+    # GIVEN Jira Cloud's 429 without Retry-After
+    headers = {"X-RateLimit-Reset": "2024-05-01T10:00:30Z", "RateLimit-Reason": "jira-burst-based"}
+    # WHEN the wait is decided
+    requested = requested_wait(429, headers, now_s=NOW_S)
+    # THEN it is the time to the reset, with Retry-After's jitter and cap
+    assert requested == RequestedWait(30.0, "X-RateLimit-Reset")
+    policy, rng = RetryPolicy(max_retry_after_s=600.0), random.Random(1)
+    assert 30.0 <= policy.delay_s(0, requested.seconds, rng) <= 33.0
+    far = requested_wait(429, {"X-RateLimit-Reset": "2024-05-01T12:00:00Z"}, now_s=NOW_S)
+    assert far == RequestedWait(7200.0, "X-RateLimit-Reset")
+    assert 600.0 <= policy.delay_s(0, far.seconds, rng) <= 660.0
+
+
+def test_retry_after_wins_over_x_ratelimit_reset_when_usable() -> None:
+    reset = {"X-RateLimit-Reset": "2024-05-01T10:00:30Z"}
+    both = requested_wait(429, {**reset, "Retry-After": "5"}, now_s=NOW_S)
+    assert both == RequestedWait(5.0, "Retry-After")
+    # a Retry-After that is no wait gives way to the reset
+    for unusable in ("soon", "nan", "inf", ""):
+        assert requested_wait(429, {**reset, "Retry-After": unusable}, now_s=NOW_S) == RequestedWait(
+            30.0, "X-RateLimit-Reset"
+        )
+
+
+def test_x_ratelimit_reset_is_read_only_on_a_429() -> None:
+    # a 503 says Jira is unwell; when a quota renews says nothing about when it recovers
+    headers = {"X-RateLimit-Reset": "2024-05-01T10:00:30Z"}
+    assert requested_wait(503, headers, now_s=NOW_S) is None
+    assert requested_wait(503, {**headers, "Retry-After": "3"}, now_s=NOW_S) == RequestedWait(
+        3.0, "Retry-After"
+    )
+
+
+def test_only_a_ratelimit_reason_shaped_like_atlassian_s_is_logged() -> None:
+    assert loggable_reason(None) is None
+    assert loggable_reason(" jira-quota-tenant-based ") == "jira-quota-tenant-based"
+    for hostile in ("ATATT3xFfGF0-secret-token", "Bearer NjM0-pat", "x\nevent=forged", "a" * 200):
+        assert loggable_reason(hostile) == "unrecognised"
 
 
 # -- progress --
