@@ -22,6 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --gid 10001 jiralake \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin jiralake
+# The plain package, no extras: moto's server (the `local` extra, for `jiralake up` on a laptop) and
+# its web stack stay out of the production image; compose.yaml runs moto from its own image.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels jiralake
 # Numeric, so Kubernetes' runAsNonRoot can verify it.

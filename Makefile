@@ -5,13 +5,14 @@ BIN = $(VENV)/bin
 
 .PHONY: install test lint typecheck pytest demo up bench soak clean
 
+# Extras: `local` is moto's server for `make up`/`make demo`; `dev` the test tools (it includes `local`).
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "make: jiralake needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo 'not found')." \
 	    "Pass one, e.g. make $(or $(MAKECMDGOALS),install) PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -1,6 +1,7 @@
 """An embedded AWS endpoint for local runs: moto's server (SQS + S3) in a child process, over HTTP.
 
-Used by ``jiralake up`` and by the test suite, so both talk to the same real HTTP server.
+Used by ``jiralake up`` and by the test suite, so both talk to the same real HTTP server. moto is
+the ``local`` extra, not a base dependency: the production image installs none, so it may be absent.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+
+from shared.errors import CommandError
+
+INSTALL_LOCAL_EXTRA = "pip install 'jiralake[local]'"
+# What `python -m moto.server` imports: moto, and the two its `server` extra adds for the HTTP app.
+_SERVER_MODULES = ("moto", "flask", "flask_cors")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -20,6 +28,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def require_moto_server() -> None:
+    """Refuse in one line, before anything starts, where moto's server is not installed."""
+    for name in _SERVER_MODULES:
+        if not _importable(name):
+            raise CommandError(
+                f"the local stack runs moto's server, which is not installed here (no module {name!r}); "
+                f"install it with: {INSTALL_LOCAL_EXTRA}"
+            )
+
+
+def _importable(name: str) -> bool:
+    """Whether ``import name`` would find the module, without importing it."""
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass
@@ -38,6 +64,7 @@ class LocalAws:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> LocalAws:
+        require_moto_server()
         if not self.port:
             self.port = free_port(self.host)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

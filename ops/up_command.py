@@ -11,6 +11,7 @@ from pathlib import Path
 
 from croniter import croniter
 
+from ops.local_aws import require_moto_server
 from ops.local_stack import StackOptions, run_stack
 from shared import argtypes
 from shared.errors import CommandError
@@ -48,6 +49,7 @@ def _command(args: argparse.Namespace) -> int:
         raise CommandError(
             "--keep-running only applies to --demo (without --demo the stack keeps running)", 2
         )
+    require_moto_server()
     _fail_if_cannot_listen(args.host, args.port)
     options = StackOptions(
         scratch_dir=args.state_dir.resolve(),

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from compose_spec import PyCompose
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from consumer.settings import ConsumerSettings
 from exporter.settings import ExporterSettings
@@ -69,8 +71,10 @@ def test_image_copies_every_package_the_project_declares() -> None:
     assert declared == copied
 
 
-@pytest.mark.timeout(300)
-def test_wheel_carries_the_sql_files(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel the image's first stage builds (`pip wheel .`), built once for this module."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [
             sys.executable,
@@ -81,13 +85,91 @@ def test_wheel_carries_the_sql_files(tmp_path: Path) -> None:
             "--no-deps",
             "--no-build-isolation",
             "-w",
-            str(tmp_path),
+            str(out),
             str(ROOT),
         ],
         check=True,
         capture_output=True,
+        timeout=280,
     )
-    (wheel,) = tmp_path.glob("jiralake-*.whl")
+    (built,) = out.glob("jiralake-*.whl")
+    return built
+
+
+def _requirements(wheel: Path) -> list[Requirement]:
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    return [
+        Requirement(line.partition(": ")[2])
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
+
+
+def _needed(requirements: list[Requirement], extras: set[str]) -> dict[str, Requirement]:
+    """What installing jiralake with these extras asks for, following its own extras (`jiralake[local]`)."""
+    needed: dict[str, Requirement] = {}
+    seen: set[str] = set()
+    todo = {""} | extras
+    while todo:
+        extra = todo.pop()
+        seen.add(extra)
+        for req in requirements:
+            if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+                continue
+            if req.marker is None and extra:
+                continue
+            if canonicalize_name(req.name) == "jiralake":
+                todo |= set(req.extras) - seen
+            else:
+                needed[canonicalize_name(req.name)] = req
+    return needed
+
+
+@pytest.mark.timeout(300)
+def test_the_image_s_install_carries_no_moto_which_the_local_extra_brings(wheel: Path) -> None:
+    requirements = _requirements(wheel)
+    # GIVEN what the image installs: the plain package, no extras
+    installs = [args for instr, args in dockerfile_stages()[-1] if instr == "RUN" and "pip install" in args]
+    assert len(installs) == 1 and installs[0].split()[-1] == "jiralake", installs
+    # THEN moto's server (and its web stack) is no requirement of it
+    base = _needed(requirements, set())
+    assert not {"moto", "flask", "werkzeug"} & set(base), sorted(base)
+    assert {"aiohttp", "aioboto3", "asyncpg"} <= set(base)
+    # WHILE the `local` extra brings moto's server, for `jiralake up`
+    (moto,) = [r for r in requirements if canonicalize_name(r.name) == "moto"]
+    assert moto.extras == {"server"}
+    assert moto.marker is not None and moto.marker.evaluate({"extra": "local"})
+    assert "moto" in _needed(requirements, {"local"})
+    # AND the tools the test suite needs include it too (the tests run moto's server)
+    assert "moto" in _needed(requirements, {"dev"})
+
+
+@pytest.mark.timeout(300)
+def test_make_installs_the_extras_the_readme_s_commands_need(wheel: Path) -> None:
+    # `make demo` runs `jiralake up` (moto's server) and `make test` the test tools: both install
+    # through the one stamp rule, so its extras must bring moto and pytest.
+    makefile = (ROOT / "Makefile").read_text()
+    (extras,) = re.findall(r"pip install .*-e '\.\[([\w,]+)\]'", makefile)
+    needed = _needed(_requirements(wheel), set(extras.split(",")))
+    assert {"moto", "pytest", "mypy", "ruff"} <= set(needed), sorted(needed)
+
+
+def test_compose_runs_moto_from_its_own_image_not_from_jiralake_s() -> None:
+    # The jiralake image has no moto: compose's AWS endpoint is moto's own image, and no jiralake
+    # service runs `up` (the only command that starts moto's server).
+    services = _compose()["services"]
+    assert services["aws"]["image"].startswith("motoserver/moto:")
+    jiralake_services = {n: s for n, s in services.items() if s.get("image", "").startswith("jiralake")}
+    assert jiralake_services
+    for name, service in jiralake_services.items():
+        assert service["command"][0] != "up", name
+        assert urlsplit(service["environment"]["AWS_ENDPOINT_URL"]).hostname == "aws", name
+
+
+@pytest.mark.timeout(300)
+def test_wheel_carries_the_sql_files(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for migration in migrate.available():
         assert f"shared/migrations/{migration.version:04d}_{migration.name}.sql" in names
