@@ -209,7 +209,7 @@ async def _locked_export(
     EXPORT_ROWS.inc(result.rows)
     EXPORT_BYTES.inc(result.bytes)
     EXPORT_SECONDS.observe(result.duration_s)
-    EXPORT_LAST_SUCCESS.set(result.finished_at.timestamp())
+    EXPORT_LAST_SUCCESS.labels(mode).set(result.finished_at.timestamp())
     log.info(
         "export_finished",
         run_id=result.run_id,

@@ -43,12 +43,12 @@ SQS_CALLS = Counter(
 SQS_OUTCOMES = ("ok", "error")
 
 
-def start_at_zero(counter: Counter, label_sets: Iterable[tuple[str, ...]]) -> None:
+def start_at_zero(metric: Counter | Gauge, label_sets: Iterable[tuple[str, ...]]) -> None:
     """Expose these labelled series at 0 from the start. A series first scraped at 1 has no earlier
     sample, so rate() and increase() (and the alerts built on them) would miss its first event after
-    every restart."""
+    every restart; a labelled gauge would have no sample at all, and an alert on it would stay quiet."""
     for labels in label_sets:
-        counter.labels(*labels)
+        metric.labels(*labels)
 
 
 def sqs_label_sets(*operations: str) -> list[tuple[str, str]]:
@@ -85,10 +85,18 @@ QUEUE_OLDEST_AGE_SECONDS = Gauge(
 )
 
 # -- exporter --
+# The export-run table's modes: "full" replaces latest/ (what analysts read), "changes" adds an
+# incremental object. Their freshness is separate: hourly incremental runs that succeed must not hide
+# a daily full export that fails.
+EXPORT_MODES = ("full", "changes")
 EXPORT_LAST_SUCCESS = Gauge(
     "jiralake_export_last_success_timestamp_seconds",
-    "Unix time at which the last successful export finished.",
+    "Unix time at which the last successful export of this mode (full: replaces latest/; changes: "
+    "incremental) finished; 0 until one has.",
+    ["mode"],
 )
+# Both modes at 0 from the start, as the unlabelled gauge was: "never" is old enough to alert on.
+start_at_zero(EXPORT_LAST_SUCCESS, [(mode,) for mode in EXPORT_MODES])
 EXPORT_ROWS = Counter("jiralake_export_rows_total", "Rows written by successful exports.")
 EXPORT_BYTES = Counter("jiralake_export_bytes_total", "Bytes uploaded by successful exports.")
 EXPORT_FAILURES = Counter("jiralake_export_failures_total", "Exports that failed and were aborted.")

@@ -49,6 +49,7 @@ KNOWN_VALUES = {
     "queue": {MAIN_QUEUE, DEAD_LETTER_QUEUE},
     "state": set(STATES),
     "outcome": {o.value for o in ReceiverOutcome} | {"ok", "error"},
+    "mode": set(metrics.EXPORT_MODES),
 }
 
 _SERIES_REF = re.compile(r"\b(jiralake_[a-z0-9_]+|up(?=\s*\{))\s*(\{[^}]*\})?")
@@ -139,6 +140,7 @@ def test_the_derived_series_include_suffixes() -> None:
     assert series["jiralake_consumer_events_total"] == {"outcome"}
     assert series["jiralake_consumer_batch_duration_seconds_bucket"] == {"le"}
     assert series["jiralake_queue_messages"] == {"queue", "state"}
+    assert series["jiralake_export_last_success_timestamp_seconds"] == {"mode"}
     assert "jiralake_consumer_events" not in series
 
 
@@ -151,6 +153,9 @@ def test_the_checker_catches_mistakes() -> None:
     ]
     assert problems_in('max(jiralake_queue_messages{queue="dead"})') == [
         'jiralake_queue_messages{queue="dead"}: no such queue'
+    ]
+    assert problems_in('max(jiralake_export_last_success_timestamp_seconds{mode="incremental"})') == [
+        'jiralake_export_last_success_timestamp_seconds{mode="incremental"}: no such mode'
     ]
     assert problems_in("sum by (le) (rate(jiralake_export_rows_total[5m]))") == [
         "grouping by le, which no series here carries"
@@ -178,6 +183,8 @@ def test_the_issue_s_alerts_are_all_there() -> None:
     assert 'state="visible"' in by_name["JiralakeQueueBacklog"]
     assert "jiralake_queue_oldest_message_age_seconds" in by_name["JiralakeDeadLetterMessageOld"]
     assert "26 * 3600" in by_name["JiralakeNoRecentExport"]
+    # latest/ is what analysts read: only full exports keep the alert quiet, not incremental ones.
+    assert 'jiralake_export_last_success_timestamp_seconds{mode="full"}' in by_name["JiralakeNoRecentExport"]
     assert by_name["JiralakeConsumerDown"] == 'absent(up{job="jiralake-consumer"} == 1)'
     assert "jiralake_consumer_circuit_open" in by_name["JiralakeConsumerCircuitOpen"]
 
@@ -225,6 +232,15 @@ def test_the_circuit_panel_shows_what_the_alert_looks_at() -> None:
     alert = {rule["alert"]: rule["expr"] for rule in alert_rules()}["JiralakeConsumerCircuitOpen"]
     assert "max_over_time(" in expr
     assert alert.startswith(expr)
+
+
+def test_the_export_panel_shows_what_the_alert_looks_at() -> None:
+    # The panel's full-export age is the alert's left-hand side; incremental runs are shown apart.
+    exprs = [e for title, e in dashboard_exprs() if title == "Since last successful export"]
+    alert = {rule["alert"]: rule["expr"] for rule in alert_rules()}["JiralakeNoRecentExport"]
+    assert len(exprs) == 2
+    assert alert.startswith(exprs[0])
+    assert 'mode="changes"' in exprs[1]
 
 
 PROMTOOL = shutil.which("promtool")
@@ -435,5 +451,8 @@ print(generate_latest().decode())
         'jiralake_consumer_events_total{outcome="dead_lettered"} 0.0',
         'jiralake_sqs_requests_total{operation="SendMessageBatch",outcome="error"} 0.0',
         'jiralake_sqs_requests_total{operation="ReceiveMessage",outcome="error"} 0.0',
+        # "never" must be a sample the export alert can see, not a missing series
+        'jiralake_export_last_success_timestamp_seconds{mode="full"} 0.0',
+        'jiralake_export_last_success_timestamp_seconds{mode="changes"} 0.0',
     ):
         assert series in exposed, series

@@ -1,37 +1,102 @@
-"""The consumer publishes when the last export succeeded, read from the export-run table."""
+"""The consumer publishes when the last export of each mode succeeded, read from the export-run table:
+``full`` (what replaced latest/) apart from ``changes`` (incremental), so incremental runs that succeed
+cannot hide a full export that fails."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
+from prometheus_client import REGISTRY
 
-from consumer.export_freshness import publish_last_export
+from consumer.export_freshness import poll_last_export, publish_last_export
 from shared import db
-from shared.metrics import EXPORT_LAST_SUCCESS
+from shared.metrics import EXPORT_LAST_SUCCESS, EXPORT_MODES
 from shared.settings import DatabaseSettings
 
 INSERT_RUN = """
-INSERT INTO jiralake_export_run (mode, format, status, started_at, finished_at)
-VALUES ('full', 'csv', $1, $2, $3)
+INSERT INTO jiralake_export_run (mode, format, status, started_at, finished_at, destination)
+VALUES ($1, 'csv', $2, $3, $4, 's3://bucket/jiralake')
 """
+FULL_OK_AT = datetime(2026, 11, 20, 3, 0, 12, tzinfo=UTC)
 
 
-async def test_the_gauge_follows_the_newest_successful_run(
-    pg: asyncpg.Connection, db_settings: DatabaseSettings
-) -> None:
+def freshness(mode: str) -> float | None:
+    return REGISTRY.get_sample_value("jiralake_export_last_success_timestamp_seconds", {"mode": mode})
+
+
+@pytest.fixture
+async def pool(db_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Pool]:
+    for mode in EXPORT_MODES:  # whatever earlier tests left
+        EXPORT_LAST_SUCCESS.labels(mode).set(0)
     pool = await db.create_pool(db_settings, min_size=0, max_size=1)
     try:
-        # GIVEN no export yet: nothing is claimed
-        EXPORT_LAST_SUCCESS.set(0)
-        assert await publish_last_export(pool) is None
-        assert EXPORT_LAST_SUCCESS._value.get() == 0
-        # WHEN one run succeeded and a later one failed
-        ok_at = datetime(2026, 11, 20, 3, 0, 12, tzinfo=UTC)
-        await pg.execute(INSERT_RUN, "succeeded", ok_at.replace(second=0), ok_at)
-        await pg.execute(INSERT_RUN, "failed", datetime(2026, 11, 21, 3, tzinfo=UTC), None)
-        # THEN the gauge shows the successful one
-        assert await publish_last_export(pool) == ok_at.timestamp()
-        assert EXPORT_LAST_SUCCESS._value.get() == ok_at.timestamp()
+        yield pool
     finally:
         await pool.close()
+
+
+async def run(pg: asyncpg.Connection, mode: str, status: str, finished_at: datetime | None) -> None:
+    started_at = (finished_at or datetime(2026, 11, 22, tzinfo=UTC)).replace(second=0)
+    await pg.execute(INSERT_RUN, mode, status, started_at, finished_at)
+
+
+async def test_every_mode_is_exposed_at_zero_until_an_export_succeeds(
+    pg: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # GIVEN no export yet: nothing is claimed, and both series exist at 0 (the alert fires on "never")
+    assert await publish_last_export(pool) == {}
+    assert {mode: freshness(mode) for mode in EXPORT_MODES} == {"full": 0, "changes": 0}
+
+
+async def test_the_gauge_follows_the_newest_successful_run_of_each_mode(
+    pg: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # GIVEN one full run that succeeded and a later one that failed
+    await run(pg, "full", "succeeded", FULL_OK_AT)
+    await run(pg, "full", "failed", datetime(2026, 11, 21, 3, tzinfo=UTC))
+    # WHEN the gauges are published
+    published = await publish_last_export(pool)
+    # THEN full shows the successful run, and changes (none yet) stays at 0
+    assert published == {"full": FULL_OK_AT.timestamp()}
+    assert freshness("full") == FULL_OK_AT.timestamp()
+    assert freshness("changes") == 0
+
+
+async def test_incremental_successes_do_not_hide_a_failing_full_export(
+    pg: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # GIVEN the daily full export succeeded once, then failed two days running (latest/ is stale),
+    # while the hourly incremental export kept succeeding, the newest after the last failure
+    changes_ok_at = datetime(2026, 11, 22, 14, 0, 3, tzinfo=UTC)
+    await run(pg, "full", "succeeded", FULL_OK_AT)
+    await run(pg, "changes", "succeeded", datetime(2026, 11, 21, 9, 0, 2, tzinfo=UTC))
+    await run(pg, "full", "failed", datetime(2026, 11, 21, 3, 5, tzinfo=UTC))
+    await run(pg, "full", "failed", datetime(2026, 11, 22, 3, 5, tzinfo=UTC))
+    await run(pg, "changes", "succeeded", changes_ok_at)
+    await run(pg, "changes", "running", None)
+    # WHEN the gauges are published
+    published = await publish_last_export(pool)
+    # THEN the full series still shows the old full export; the incremental one its own newest run
+    assert published == {"full": FULL_OK_AT.timestamp(), "changes": changes_ok_at.timestamp()}
+    assert freshness("full") == FULL_OK_AT.timestamp()
+    assert freshness("changes") == changes_ok_at.timestamp()
+
+
+async def test_a_postgres_failure_keeps_the_last_values(pg: asyncpg.Connection, pool: asyncpg.Pool) -> None:
+    # GIVEN gauges published from a full run
+    await run(pg, "full", "succeeded", FULL_OK_AT)
+    await publish_last_export(pool)
+    # WHEN the poller runs against a pool that is closed (Postgres gone)
+    await pool.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+    # THEN the gauges keep what they showed
+    assert freshness("full") == FULL_OK_AT.timestamp()
+    assert freshness("changes") == 0
