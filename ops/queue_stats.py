@@ -1,7 +1,14 @@
 """``jiralake queue stats``: how many messages the main queue and the dead-letter queue hold (visible,
 in flight, delayed) and how old the oldest is where that can be known; a table on a terminal, plain
 ``key=value`` lines otherwise, JSON with ``--json``. ``--max-visible`` / ``--max-dlq`` make it a check
-for cron or a health checker: exit 2 with a one-line reason when exceeded.
+for cron or a health checker: exit 3 with a one-line reason when exceeded.
+
+Exit codes, distinct so that a check can tell "the queue is too deep" from "the check could not run":
+0 within the thresholds; 3 a threshold exceeded (no other path of any jiralake command uses 3);
+2 bad arguments or configuration (argparse's usage error, and ``ConfigError`` in jiralake/cli.py, as
+for every command); 1 the queues could not be read (SQS unreachable, credentials, permissions, no such
+queue). Not Nagios's 0/1/2/3: there 2 is CRITICAL and 3 UNKNOWN, but 2 is every jiralake command's
+usage error already. An unexpected error exits 70 and Ctrl-C 130, as for every command.
 
 The main queue's oldest age is "unknown" on purpose: peeking there would count toward its
 ``maxReceiveCount`` (see shared/queue_depth.py); CloudWatch's ``ApproximateAgeOfOldestMessage`` has it.
@@ -26,7 +33,16 @@ from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, SQS_ERRORS, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
 
-THRESHOLD_EXIT_CODE = 2
+OK_EXIT_CODE = 0
+UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors
+USAGE_EXIT_CODE = 2  # argparse, and cli.py for ConfigError: never raised here
+THRESHOLD_EXIT_CODE = 3
+EXIT_CODES_HELP = (
+    f"Exit codes: {OK_EXIT_CODE} within the thresholds (or no thresholds); {THRESHOLD_EXIT_CODE} a "
+    f"threshold exceeded; {USAGE_EXIT_CODE} bad arguments or configuration (e.g. JIRALAKE_QUEUE_URL "
+    f"unset); {UNAVAILABLE_EXIT_CODE} the queues could not be read (SQS unreachable or refusing). "
+    "--watch exits 0 on Ctrl-C."
+)
 UNKNOWN_AGE_NOTE = (
     "the main queue's oldest age is not peeked (a receive there counts toward maxReceiveCount); "
     "CloudWatch's ApproximateAgeOfOldestMessage has it"
@@ -51,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="messages in the main queue and the dead-letter queue",
         description="Visible, in-flight and delayed messages of the main queue and the dead-letter "
         "queue, and the oldest message's age where it can be known. With --max-visible or --max-dlq, "
-        "exits 2 with a one-line reason when a threshold is exceeded.",
+        f"exits {THRESHOLD_EXIT_CODE} with a one-line reason when a threshold is exceeded.",
+        epilog=EXIT_CODES_HELP,
     )
     stats.add_argument("--json", action="store_true", help="print JSON (one object per round with --watch)")
     stats.add_argument(
@@ -64,13 +81,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--max-visible",
         type=argtypes.non_negative_int,
         metavar="N",
-        help="exit 2 if the main queue has more visible",
+        help=f"exit {THRESHOLD_EXIT_CODE} if the main queue has more visible",
     )
     stats.add_argument(
         "--max-dlq",
         type=argtypes.non_negative_int,
         metavar="N",
-        help="exit 2 if the dead-letter queue holds more",
+        help=f"exit {THRESHOLD_EXIT_CODE} if the dead-letter queue holds more",
     )
     stats.set_defaults(func=_stats_command)
 
@@ -146,7 +163,14 @@ def _stats_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    depths = asyncio.run(read_stats(aws, queues))
+    try:
+        depths = asyncio.run(read_stats(aws, queues))
+    except SQS_ERRORS as exc:
+        # Said here, not left to cli.py's generic mapping: "could not check" must never look like a
+        # threshold, whatever the error is.
+        raise CommandError(
+            f"cannot read the queues: {type(exc).__name__}: {exc}", exit_code=UNAVAILABLE_EXIT_CODE
+        ) from None
     reasons = exceeded(depths, thresholds)
     print(render(depths, reasons, style))
     if reasons:

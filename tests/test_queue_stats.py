@@ -1,11 +1,15 @@
 """``jiralake queue stats`` and the queue-depth poller against moto's server: the numbers match what
-was enqueued, thresholds set exit code 2, and the gauges carry the same numbers."""
+was enqueued, thresholds set exit code 3 (which nothing else uses: bad arguments and configuration
+exit 2, unreadable queues 1), and the gauges carry the same numbers."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,8 +166,8 @@ def test_stats_command_thresholds_and_json(
         "queue=dlq visible=1 in_flight=0 delayed=0",
     ]
 
-    # WHEN they are: exit 2 and one line saying which
-    assert cli.main(["queue", "stats", "--max-visible", "1", "--max-dlq", "0"]) == 2
+    # WHEN they are: exit 3 and one line saying which
+    assert cli.main(["queue", "stats", "--max-visible", "1", "--max-dlq", "0"]) == 3
     captured = capsys.readouterr()
     assert captured.err.strip() == (
         "jiralake: threshold exceeded: main queue has 2 visible messages (max 1); "
@@ -171,7 +175,7 @@ def test_stats_command_thresholds_and_json(
     )
 
     # WHEN --json: it parses and carries the same numbers and reasons
-    assert cli.main(["queue", "stats", "--json", "--max-dlq", "0"]) == 2
+    assert cli.main(["queue", "stats", "--json", "--max-dlq", "0"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert [(q["queue"], q["visible"], q["in_flight"], q["delayed"]) for q in report["queues"]] == [
         (MAIN_QUEUE, 2, 0, 0),
@@ -179,6 +183,48 @@ def test_stats_command_thresholds_and_json(
     ]
     assert report["queues"][0]["oldest_age_s"] is None
     assert report["exceeded"] == ["dead-letter queue holds 1 messages (max 0)"]
+
+
+def test_exit_codes_tell_a_deep_queue_from_a_check_that_could_not_run(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 2 visible messages on the main queue, and the environment cron would run the check with
+    asyncio.run(enqueue(aws_settings, queues, main=2, dlq=0))
+    env = {**os.environ, "JIRALAKE_QUEUE_URL": queues.queue_url, "JIRALAKE_DLQ_URL": queues.dlq_url}
+    env.pop("JIRALAKE_LOG_LEVEL", None)
+    no_queue_url = {k: v for k, v in env.items() if k != "JIRALAKE_QUEUE_URL"}
+    unreachable = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+
+    def check(*args: str, environ: dict[str, str] = env) -> tuple[int, str]:
+        """The exit status and the last stderr line, as cron sees them: a real process."""
+        done = subprocess.run(
+            [sys.executable, "-m", "jiralake", "queue", "stats", *args],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
+
+    # WHEN it runs within, over, misused, misconfigured and without SQS
+    # THEN each case has its own exit code, and 3 only ever means a threshold
+    assert check("--max-visible", "2") == (0, "")
+    assert check("--max-visible", "1") == (
+        3,
+        "jiralake: threshold exceeded: main queue has 2 visible messages (max 1)",
+    )
+    assert check("--max-visible", "-1") == (
+        2,
+        "jiralake queue stats: error: argument --max-visible: must be at least 0, got -1",
+    )
+    assert check("--max-visible", "1", environ=no_queue_url) == (
+        2,
+        "jiralake: configuration error: JIRALAKE_QUEUE_URL is not set "
+        "(see the configuration table in README.md)",
+    )
+    code, line = check("--max-visible", "1", environ=unreachable)
+    assert code == 1
+    assert line.startswith("jiralake: cannot read the queues: EndpointConnectionError: "), line
 
 
 async def test_watch_prints_one_json_line_per_round(aws_settings: AwsSettings, queues: QueuePair) -> None:
