@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "exporter.command",
     "ops.dlq_command",
     "ops.queue_stats",
+    "ops.history_prune",
     "backfill.command",
     "ops.up_command",
 )

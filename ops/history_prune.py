@@ -1,0 +1,351 @@
+"""``jiralake history prune --older-than DAYS [--dry-run] [--batch-size N]``: delete the history rows
+(``ap_jira_task_event``) recorded more than DAYS days ago, in small batches. Opt-in: nothing in
+jiralake prunes by itself. Operators' guide: docs/operations.md, "Pruning the history".
+
+**Which time.** ``ingested_at``, when the consumer recorded the row: Postgres's clock, never NULL,
+and never earlier than the moment the message was sent to SQS. Not ``received_at``: it is NULL where
+the producer gave no receive time (those rows would never go) and comes from the receiver's clock,
+while the cutoff comes from Postgres's. Not ``event_at``: it is the event's own time, for a backfill
+snapshot the issue's ``updated``, so a row recorded today can be years "old": the prune would delete
+rows whose messages SQS can still redeliver, and every backfill re-run would record them again.
+
+**Why at least 14 days.** The consumer recognises a redelivery by its history row (``ON CONFLICT
+(delivery_id) DO NOTHING``, consumer/queries.sql). SQS keeps a message at most 14 days after it was
+sent, so a row recorded more than 14 days ago cannot come back from the main queue. One that comes
+back after its row was pruned changes nothing in ``ap_jira_task`` (the version guard), but is counted
+``skipped_stale`` (``history_only`` for comments and the like) instead of ``duplicate`` and is recorded
+again, as a new history row with ``applied`` false. A dead-lettered message can come back later (a
+FIFO dead-letter queue keeps it 14 days from when it moved there, and ``dlq replay`` sends it again).
+
+**Batches.** Each batch is one statement, its own short transaction: the oldest ``batch_size`` rows
+below the cutoff, found through the ``ingested_at`` index (migration 0008) from where the previous
+batch ended, deleted by ctid. It locks only rows recorded before the cutoff, which the consumer never
+writes: neither waits for the other (except a redelivery of a row in the batch being deleted, for
+that batch's milliseconds), so they run at the same time. SIGINT/SIGTERM stop it between batches.
+
+Exit codes: 0 done (also a dry run); 2 bad arguments or configuration, a retention under 14 days
+included; 1 Postgres unreachable, refusing, or the table locked by someone else; 130/143 stopped by
+SIGINT/SIGTERM between batches (what was deleted stays deleted: run it again to go on); 70 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from shared import argtypes, db
+from shared.errors import CommandError
+from shared.settings import DatabaseSettings
+from shared.shutdown import stop_on_signals
+
+log = structlog.get_logger()
+
+# SQS keeps a message at most 14 days (MessageRetentionPeriod's maximum): see the module docstring.
+MIN_RETENTION_DAYS = 14
+MAX_RETENTION_DAYS = 36500  # 100 years: more is a typo
+DEFAULT_BATCH_SIZE = 1000
+MAX_BATCH_SIZE = 100_000
+USAGE_EXIT_CODE = 2
+# A DELETE waits this long at most for a lock someone else holds (a migration, VACUUM FULL).
+LOCK_TIMEOUT = "10s"
+PROGRESS_LOG_INTERVAL_S = 10.0
+APPLICATION_NAME = "jiralake-history-prune"
+
+LOG_STARTED = "history_prune_started"
+LOG_BATCH = "history_prune_batch"
+LOG_PROGRESS = "history_prune_progress"
+LOG_FINISHED = "history_prune_finished"
+LOG_STOPPED = "history_prune_stopped"
+
+RETENTION_HELP = (
+    f"at least {MIN_RETENTION_DAYS}: the consumer recognises a redelivered message by its history row, "
+    f"and SQS can redeliver a message for up to {MIN_RETENTION_DAYS} days after it was sent"
+)
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done (also with --dry-run); 2 bad arguments or configuration; 1 PostgreSQL "
+    "unreachable or refusing; 130/143 stopped by SIGINT/SIGTERM between batches (what was deleted "
+    "stays deleted: run it again to go on)."
+)
+
+# -- cutoff --
+# Postgres's clock, the one ingested_at comes from.
+CUTOFF_SQL = "SELECT now() - make_interval(days => $1)"
+
+# -- oldest_recorded --
+OLDEST_SQL = "SELECT min(ingested_at) FROM ap_jira_task_event"
+
+# -- count_prunable --
+COUNT_SQL = "SELECT count(*) FROM ap_jira_task_event WHERE ingested_at < $1"
+
+# -- delete_batch --
+# $1: where the previous batch ended (its newest ingested_at; rows of that same time may remain), so
+# the index scan starts past the entries earlier batches deleted. $2: the cutoff. $3: the batch size.
+DELETE_BATCH_SQL = """
+WITH deleted AS (
+    DELETE FROM ap_jira_task_event
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM ap_jira_task_event
+        WHERE ingested_at >= $1 AND ingested_at < $2
+        ORDER BY ingested_at
+        LIMIT $3
+    ))
+      AND ingested_at < $2
+    RETURNING ingested_at
+)
+SELECT count(*) AS deleted, max(ingested_at) AS newest FROM deleted
+"""
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    older_than_days: int
+    batch_size: int = DEFAULT_BATCH_SIZE
+    dry_run: bool = False
+
+
+@dataclass
+class PruneSummary:
+    cutoff: datetime
+    older_than_days: int
+    batch_size: int
+    dry_run: bool
+    # Rows deleted (with --dry-run: rows that would be).
+    rows: int = 0
+    # Batches run (with --dry-run: batches it would take).
+    batches: int = 0
+    # The oldest row left, when the prune ran to its end; None when the history is empty.
+    oldest_left: datetime | None = None
+    # True when a stop request ended it between batches, and the signal that made it, if one did.
+    stopped: bool = False
+    stop_signal: signal.Signals | None = None
+    duration_s: float = 0.0
+
+
+def check_retention(days: int) -> None:
+    """Refuse what cannot be meant, in one line (exit 2): the minimum's reason is in the message."""
+    if days < 1:
+        raise CommandError(
+            f"--older-than must be a number of days, at least {MIN_RETENTION_DAYS}, got {days}",
+            USAGE_EXIT_CODE,
+        )
+    if days < MIN_RETENTION_DAYS:
+        raise CommandError(
+            f"--older-than {days} is inside SQS's {MIN_RETENTION_DAYS}-day redelivery window: a message "
+            "redelivered after its history row was pruned would be recorded again as a new delivery; "
+            f"use {MIN_RETENTION_DAYS} days or more",
+            USAGE_EXIT_CODE,
+        )
+    if days > MAX_RETENTION_DAYS:
+        raise CommandError(
+            f"--older-than must be at most {MAX_RETENTION_DAYS} days (100 years), got {days}",
+            USAGE_EXIT_CODE,
+        )
+
+
+async def cutoff_for(conn: asyncpg.Connection, older_than_days: int) -> datetime:
+    cutoff: datetime = await conn.fetchval(CUTOFF_SQL, older_than_days)
+    return cutoff
+
+
+async def count_prunable(conn: asyncpg.Connection, cutoff: datetime) -> int:
+    count: int = await conn.fetchval(COUNT_SQL, cutoff)
+    return count
+
+
+async def delete_batch(
+    conn: asyncpg.Connection, *, start: datetime, cutoff: datetime, limit: int
+) -> tuple[int, datetime | None]:
+    """Delete the oldest ``limit`` rows recorded in [start, cutoff): (rows deleted, newest time deleted)."""
+    row = await conn.fetchrow(DELETE_BATCH_SQL, start, cutoff, limit)
+    assert row is not None
+    return row["deleted"], row["newest"]
+
+
+async def prune_history(
+    conn: asyncpg.Connection,
+    cutoff: datetime,
+    *,
+    older_than_days: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    stop: asyncio.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    on_batch: Callable[[PruneSummary], None] | None = None,
+) -> PruneSummary:
+    """Delete every history row recorded before ``cutoff``, ``batch_size`` at a time, until done or
+    ``stop`` is set (checked between batches). ``on_batch`` is called after each batch."""
+    started = clock()
+    summary = PruneSummary(cutoff, older_than_days, batch_size, dry_run=False)
+    last_logged = started
+    start: datetime | None = await conn.fetchval(OLDEST_SQL)
+    while start is not None and start < cutoff:
+        if stop is not None and stop.is_set():
+            summary.stopped = True
+            break
+        deleted, newest = await delete_batch(conn, start=start, cutoff=cutoff, limit=batch_size)
+        if deleted == 0:
+            break  # nothing is left before the cutoff, and nothing new can be recorded there
+        summary.rows += deleted
+        summary.batches += 1
+        log.debug(LOG_BATCH, deleted=deleted, rows_deleted=summary.rows, batches=summary.batches)
+        if clock() - last_logged >= PROGRESS_LOG_INTERVAL_S:
+            last_logged = clock()
+            log.info(LOG_PROGRESS, rows_deleted=summary.rows, batches=summary.batches, up_to=_iso(newest))
+        if on_batch is not None:
+            on_batch(summary)
+        start = newest
+    if not summary.stopped:
+        summary.oldest_left = await conn.fetchval(OLDEST_SQL)
+    summary.duration_s = clock() - started
+    return summary
+
+
+async def dry_run(
+    conn: asyncpg.Connection, cutoff: datetime, *, older_than_days: int, batch_size: int
+) -> PruneSummary:
+    rows = await count_prunable(conn, cutoff)
+    return PruneSummary(
+        cutoff, older_than_days, batch_size, dry_run=True, rows=rows, batches=math.ceil(rows / batch_size)
+    )
+
+
+async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary:
+    """The command: connect, take the cutoff from Postgres's clock, prune (or count) until done or
+    SIGINT/SIGTERM."""
+    check_retention(options.older_than_days)
+    conn = await db.connect(
+        database, server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT}
+    )
+    try:
+        cutoff = await cutoff_for(conn, options.older_than_days)
+        if options.dry_run:
+            _log_started(cutoff, options)
+            summary = await dry_run(
+                conn, cutoff, older_than_days=options.older_than_days, batch_size=options.batch_size
+            )
+        else:
+            with stop_on_signals() as stop:
+                _log_started(cutoff, options)  # from here a signal stops it between batches
+                try:
+                    summary = await prune_history(
+                        conn,
+                        cutoff,
+                        older_than_days=options.older_than_days,
+                        batch_size=options.batch_size,
+                        stop=stop.event,
+                    )
+                except asyncpg.LockNotAvailableError:
+                    raise CommandError(
+                        f"ap_jira_task_event stayed locked by another session for {LOCK_TIMEOUT} (a "
+                        "migration, VACUUM FULL?); the batch was not deleted; run it again later"
+                    ) from None
+                if summary.stopped:
+                    summary.stop_signal = stop.signal
+    finally:
+        await conn.close()
+    event = LOG_STOPPED if summary.stopped else LOG_FINISHED
+    log.info(
+        event,
+        cutoff=_iso(cutoff),
+        dry_run=summary.dry_run,
+        rows=summary.rows,
+        batches=summary.batches,
+        signal=summary.stop_signal.name if summary.stop_signal else None,
+        duration_ms=round(summary.duration_s * 1000),
+    )
+    return summary
+
+
+def _log_started(cutoff: datetime, options: PruneOptions) -> None:
+    log.info(
+        LOG_STARTED,
+        cutoff=_iso(cutoff),
+        older_than_days=options.older_than_days,
+        batch_size=options.batch_size,
+        dry_run=options.dry_run,
+    )
+
+
+def render(summary: PruneSummary) -> str:
+    recorded = (
+        f"history rows recorded before {_iso(summary.cutoff)} (more than {summary.older_than_days} days ago)"
+    )
+    if summary.dry_run:
+        return (
+            f"dry run, nothing deleted: would delete {summary.rows} {recorded} "
+            f"in {summary.batches} batch(es) of up to {summary.batch_size}"
+        )
+    text = f"deleted {summary.rows} {recorded} in {summary.batches} batch(es) of up to {summary.batch_size}"
+    if summary.stopped:
+        return text + f"; stopped by {_stop_name(summary)} before the end"
+    if summary.oldest_left is None:
+        return text + "; the history is now empty"
+    return text + f"; the oldest row left was recorded at {_iso(summary.oldest_left)}"
+
+
+def _stop_name(summary: PruneSummary) -> str:
+    return summary.stop_signal.name if summary.stop_signal else "a stop request"
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "history",
+        help="retention of the event history (ap_jira_task_event)",
+        description="Retention of the event history table, ap_jira_task_event. See docs/operations.md.",
+    )
+    actions = parser.add_subparsers(dest="history_action", metavar="ACTION", required=True)
+    prune = actions.add_parser(
+        "prune",
+        help="delete history rows recorded more than DAYS days ago, in small batches",
+        description="Deletes the ap_jira_task_event rows the consumer recorded (ingested_at) more than "
+        "DAYS days ago, oldest first, in batches that are each their own short transaction; safe while "
+        "the consumer runs; SIGINT/SIGTERM stop it between batches. Never automatic. The history is "
+        "what status-time and cycle-time queries read: they see nothing before the cutoff afterwards, "
+        "and only ap_jira_task is exported to S3. Settings: DATABASE_URL (else libpq's PG* variables).",
+        epilog=EXIT_CODES_HELP,
+    )
+    prune.add_argument(
+        "--older-than",
+        type=argtypes.integer(),
+        required=True,
+        metavar="DAYS",
+        help=f"delete rows recorded more than DAYS days ago; {RETENTION_HELP}",
+    )
+    prune.add_argument(
+        "--batch-size",
+        type=argtypes.integer(1, MAX_BATCH_SIZE),
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"rows per batch, each its own transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    prune.set_defaults(func=_prune_command)
+
+
+def _prune_command(args: argparse.Namespace) -> int:
+    check_retention(args.older_than)  # before reading any setting: a refusal needs no database
+    options = PruneOptions(older_than_days=args.older_than, batch_size=args.batch_size, dry_run=args.dry_run)
+    summary = asyncio.run(run(DatabaseSettings.from_env(os.environ), options))
+    print(render(summary))
+    if summary.stopped:
+        raise CommandError(
+            f"history prune stopped by {_stop_name(summary)} after {summary.batches} batch(es); what "
+            "was deleted stays deleted; run the same command again to go on",
+            exit_code=128 + int(summary.stop_signal or signal.SIGTERM),
+        )
+    return 0

@@ -1,0 +1,407 @@
+"""``jiralake history prune`` against real Postgres: exactly the rows recorded before the cutoff go, in
+batches; --dry-run changes nothing; the 14-day minimum and other nonsense are refused in one line by the
+real command line; a redelivery whose history row was pruned leaves ap_jira_task as it was; the prune and
+the consumer run at the same time without waiting for each other; SIGTERM stops it between batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.apply import APPLIED, DUPLICATE, HISTORY_ONLY, SKIPPED_STALE, apply_envelopes
+from ops import history_prune
+from ops.history_prune import PruneOptions, PruneSummary, cutoff_for, delete_batch, prune_history
+from shared import db, migrate
+from shared.envelope import Envelope
+from shared.settings import DatabaseSettings
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import envelope_of, wait_for
+
+ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
+COMMENT = "mattermost-plugin-jira__webhook-cloud-comment-created.json"
+INDEX = "ap_jira_task_event_ingested_at_idx"
+TS = 1_700_000_000_000
+WAITING_ON_LOCK = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+IS_VALID = f"SELECT indisvalid FROM pg_index WHERE indexrelid = '{INDEX}'::regclass"
+
+
+async def record(pg: asyncpg.Connection, prefix: str, count: int, *, age_days: float) -> list[str]:
+    """``count`` history rows recorded ``age_days`` ago, in one statement (so at one and the same time)."""
+    ids = [f"{prefix}-{i:05d}" for i in range(count)]
+    await pg.execute(
+        """
+        INSERT INTO ap_jira_task_event (delivery_id, issue_id, event_type, event_at, event_version,
+                                        event_tiebreak, applied, ingested_at)
+        SELECT d, 1, 'jira:issue_updated', now(), 0, '', true, now() - $2 * interval '1 day'
+        FROM unnest($1::text[]) AS d
+        """,
+        ids,
+        age_days,
+    )
+    return ids
+
+
+async def age(pg: asyncpg.Connection, delivery_ids: list[str], *, days: float) -> None:
+    """Make rows the consumer recorded look recorded ``days`` ago."""
+    await pg.execute(
+        "UPDATE ap_jira_task_event SET ingested_at = now() - $2 * interval '1 day' "
+        "WHERE delivery_id = ANY($1)",
+        delivery_ids,
+        days,
+    )
+
+
+async def remaining(pg: asyncpg.Connection) -> list[str]:
+    return [r["delivery_id"] for r in await pg.fetch("SELECT delivery_id FROM ap_jira_task_event ORDER BY 1")]
+
+
+async def prune(pg: asyncpg.Connection, days: int, batch_size: int, **kwargs: Any) -> PruneSummary:
+    cutoff = await cutoff_for(pg, days)
+    return await prune_history(pg, cutoff, older_than_days=days, batch_size=batch_size, **kwargs)
+
+
+def updates(prefix: str, count: int, *, first_issue: int) -> list[Envelope]:
+    """``count`` field-carrying events, one per issue, as the receiver enqueues them."""
+    return [
+        envelope_of(make_event(ASSIGNED, issue_id=first_issue + i, ts=TS), delivery_id=f"{prefix}-{i:05d}")
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+async def other(db_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
+    """A second connection: the consumer on one, the prune on the other."""
+    conn = await db.connect(db_settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def _run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jiralake", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DATABASE_URL", "JIRALAKE_"))}
+    return {**env, **extra}
+
+
+# -- what goes --
+
+
+async def test_deletes_exactly_the_rows_recorded_before_the_cutoff_in_batches(pg: asyncpg.Connection) -> None:
+    # GIVEN rows recorded 40, 20, 13 days ago and today; each group at one identical time
+    d40 = await record(pg, "d40", 7, age_days=40)
+    d20 = await record(pg, "d20", 3, age_days=20)
+    d13 = await record(pg, "d13", 2, age_days=13)
+    today = await record(pg, "today", 4, age_days=0)
+    d20_at = await pg.fetchval("SELECT ingested_at FROM ap_jira_task_event WHERE delivery_id = $1", d20[0])
+    # WHEN the history older than 30 days is pruned in batches of 3
+    first = await prune(pg, 30, batch_size=3)
+    # THEN the 7 rows go in 3 batches (3, 3, 1: rows of one same time split across batches), and only they
+    assert (first.rows, first.batches, first.stopped) == (7, 3, False)
+    assert first.oldest_left == d20_at
+    assert await remaining(pg) == sorted(d13 + d20 + today)
+    # WHEN it is pruned again at the 14-day minimum, and once more
+    second = await prune(pg, 14, batch_size=3)
+    third = await prune(pg, 14, batch_size=3)
+    # THEN the 20-day-old rows go in one batch, the 13-day-old ones stay, and the third run finds nothing
+    assert (second.rows, second.batches) == (3, 1)
+    assert (third.rows, third.batches) == (0, 0)
+    assert await remaining(pg) == sorted(d13 + today)
+    assert not set(d40) & set(await remaining(pg))
+
+
+async def test_an_empty_history_is_nothing_to_do(pg: asyncpg.Connection) -> None:
+    summary = await prune(pg, 14, batch_size=10)
+    assert (summary.rows, summary.batches, summary.oldest_left) == (0, 0, None)
+    assert history_prune.render(summary).endswith("in 0 batch(es) of up to 10; the history is now empty")
+
+
+async def test_dry_run_counts_what_would_go_and_changes_nothing(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN 10 rows older than 14 days and 2 newer
+    await record(pg, "old", 10, age_days=15)
+    await record(pg, "new", 2, age_days=1)
+    before = [dict(r) for r in await pg.fetch("SELECT * FROM ap_jira_task_event ORDER BY delivery_id")]
+    # WHEN the command runs with --dry-run and batches of 4
+    summary = await history_prune.run(
+        db_settings, PruneOptions(older_than_days=14, batch_size=4, dry_run=True)
+    )
+    # THEN it counts 10 rows in 3 batches and the table is exactly as it was
+    assert (summary.dry_run, summary.rows, summary.batches) == (True, 10, 3)
+    after = [dict(r) for r in await pg.fetch("SELECT * FROM ap_jira_task_event ORDER BY delivery_id")]
+    assert after == before
+    text = history_prune.render(summary)
+    assert text.startswith("dry run, nothing deleted: would delete 10 history rows recorded before ")
+    assert text.endswith("(more than 14 days ago) in 3 batch(es) of up to 4")
+
+
+# -- the real command line --
+
+
+@pytest.mark.parametrize(
+    ("days", "line"),
+    [
+        (
+            "13",
+            "jiralake: --older-than 13 is inside SQS's 14-day redelivery window: a message redelivered "
+            "after its history row was pruned would be recorded again as a new delivery; use 14 days or more",
+        ),
+        ("0", "jiralake: --older-than must be a number of days, at least 14, got 0"),
+        ("-3", "jiralake: --older-than must be a number of days, at least 14, got -3"),
+        ("36501", "jiralake: --older-than must be at most 36500 days (100 years), got 36501"),
+    ],
+)
+def test_a_retention_under_14_days_or_absurd_is_refused_in_one_line(days: str, line: str) -> None:
+    # GIVEN no database configured at all: the refusal needs none
+    # WHEN the real command line is asked to prune with that retention
+    result = _run_cli("history", "prune", "--older-than", days, env=_env())
+    # THEN one line says why, exit 2, nothing on stdout
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, line, "")
+
+
+async def test_the_command_prunes_and_prints_a_summary(pg: asyncpg.Connection, database_url: str) -> None:
+    # GIVEN 10 rows older than 14 days and 3 newer
+    await record(pg, "old", 10, age_days=30)
+    new = await record(pg, "new", 3, age_days=2)
+    # WHEN `jiralake history prune --older-than 14 --batch-size 4` runs as cron would run it
+    child = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "jiralake", "--log-json", "history", "prune", "--older-than", "14"],
+        *["--batch-size", "4"],
+        env=_env(DATABASE_URL=database_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    # THEN exit 0, one summary line, a JSON log line with the counts, and only the newer rows are left
+    assert child.returncode == 0, err.decode()
+    summary = out.decode().strip()
+    assert summary.startswith("deleted 10 history rows recorded before "), summary
+    assert "(more than 14 days ago) in 3 batch(es) of up to 4; the oldest row left was recorded " in summary
+    logs = [json.loads(line) for line in err.decode().splitlines()]
+    finished = [entry for entry in logs if entry["event"] == "history_prune_finished"]
+    assert [(e["rows"], e["batches"], e["dry_run"]) for e in finished] == [(10, 3, False)]
+    assert await remaining(pg) == new
+
+
+async def test_sigterm_stops_the_command_between_batches(pg: asyncpg.Connection, database_url: str) -> None:
+    # GIVEN more old rows than one-row batches can delete in the moment before the signal
+    total = 50_000
+    await record(pg, "old", total, age_days=30)
+    child = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "jiralake", "--log-json", "history", "prune", "--older-than", "14"],
+        *["--batch-size", "1"],
+        env=_env(DATABASE_URL=database_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert child.stderr is not None
+    # WHEN SIGTERM comes once it has started deleting
+    started = await asyncio.wait_for(child.stderr.readline(), timeout=30)
+    assert json.loads(started)["event"] == "history_prune_started"
+    await asyncio.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    # THEN it exits 143 after a whole batch, says how far it got, and what it deleted stays deleted
+    assert child.returncode == 128 + signal.SIGTERM, err.decode()
+    summary = out.decode().strip()
+    deleted = int(summary.split()[1])
+    assert 0 < deleted < total
+    assert summary.endswith(f"in {deleted} batch(es) of up to 1; stopped by SIGTERM before the end")
+    assert err.decode().strip().splitlines()[-1] == (
+        f"jiralake: history prune stopped by SIGTERM after {deleted} batch(es); what was deleted stays "
+        "deleted; run the same command again to go on"
+    )
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == total - deleted
+
+
+async def test_a_stop_request_ends_it_after_the_batch_in_progress(pg: asyncpg.Connection) -> None:
+    # GIVEN 10 old rows and a stop requested while the second batch of 3 runs
+    old = await record(pg, "old", 10, age_days=30)
+    stop = asyncio.Event()
+
+    def after_batch(summary: PruneSummary) -> None:
+        if summary.batches == 2:
+            stop.set()
+
+    # WHEN it prunes
+    summary = await prune(pg, 14, batch_size=3, stop=stop, on_batch=after_batch)
+    # THEN it stops after that batch: 6 rows gone, the 4 newest of them left for the next run
+    assert (summary.rows, summary.batches, summary.stopped) == (6, 2, True)
+    assert len(await remaining(pg)) == 4
+    assert set(await remaining(pg)) < set(old)
+
+
+# -- redeliveries after a prune --
+
+
+async def test_a_redelivery_after_its_history_row_was_pruned_changes_no_issue_row(
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN an issue update and a comment the consumer applied, and their redeliveries seen as duplicates
+    update = envelope_of(make_event(ASSIGNED, issue_id=77, ts=TS), delivery_id="update-1")
+    comment = envelope_of(make_event(COMMENT, issue_id=77, ts=TS + 1), delivery_id="comment-1")
+    first = await apply_envelopes(pg, [update, comment])
+    assert [r.outcome for r in first.results] == [APPLIED, HISTORY_ONLY]
+    again = await apply_envelopes(pg, [update, comment])
+    assert [r.outcome for r in again.results] == [DUPLICATE, DUPLICATE]
+    issue_row = dict(await pg.fetchrow("SELECT * FROM ap_jira_task WHERE issue_id = 77"))
+    # WHEN their history rows are pruned (recorded 15 days ago) and the same deliveries come again
+    await age(pg, ["update-1", "comment-1"], days=15)
+    assert (await prune(pg, 14, batch_size=10)).rows == 2
+    late = await apply_envelopes(pg, [update, comment])
+    # THEN the issue row is exactly as it was (the version guard: an equal version is not newer) ...
+    assert dict(await pg.fetchrow("SELECT * FROM ap_jira_task WHERE issue_id = 77")) == issue_row
+    # ... they are no longer recognised as duplicates: the update is stale, the comment history only ...
+    assert [r.outcome for r in late.results] == [SKIPPED_STALE, HISTORY_ONLY]
+    # ... and each is recorded again, as a new history row that changed nothing
+    rows = await pg.fetch("SELECT delivery_id, applied FROM ap_jira_task_event ORDER BY delivery_id")
+    assert [tuple(r) for r in rows] == [("comment-1", False), ("update-1", False)]
+
+
+# -- alongside the consumer --
+
+
+async def test_prune_runs_while_a_consumer_batch_is_uncommitted(
+    pg: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    # GIVEN 6 old history rows, and a consumer batch of 5 new events applied but not committed
+    await record(pg, "old", 6, age_days=20)
+    batch = updates("new", 5, first_issue=1000)
+    async with other.transaction():
+        result = await apply_envelopes(other, batch)
+        # WHEN the prune runs meanwhile
+        summary = await asyncio.wait_for(prune(pg, 14, batch_size=2), timeout=10)
+        # THEN it does not wait for the consumer's transaction
+        assert (summary.rows, summary.batches) == (6, 3)
+    # AND once the consumer commits, exactly its rows are left
+    assert [r.outcome for r in result.results] == [APPLIED] * 5
+    assert await remaining(pg) == [e.delivery_id for e in batch]
+
+
+async def test_consumer_applies_while_a_prune_batch_is_uncommitted(
+    pg: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    # GIVEN 6 old history rows, and a prune batch deleting 3 of them, not committed
+    await record(pg, "old", 6, age_days=20)
+    cutoff = await cutoff_for(other, 14)
+    start = await other.fetchval(history_prune.OLDEST_SQL)
+    batch = updates("new", 5, first_issue=2000)
+    async with other.transaction():
+        assert (await delete_batch(other, start=start, cutoff=cutoff, limit=3))[0] == 3
+        # WHEN the consumer applies a batch meanwhile
+        result = await asyncio.wait_for(apply_envelopes(pg, batch), timeout=10)
+        # THEN it does not wait for the prune
+        assert [r.outcome for r in result.results] == [APPLIED] * 5
+    assert len(await remaining(pg)) == 3 + 5
+
+
+async def test_a_redelivery_of_a_row_being_pruned_waits_for_that_batch_only(
+    pg: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    # GIVEN an update the consumer applied 20 days ago, and a prune batch deleting its history row
+    update = envelope_of(make_event(ASSIGNED, issue_id=88, ts=TS), delivery_id="update-88")
+    await apply_envelopes(pg, [update])
+    await age(pg, ["update-88"], days=20)
+    issue_row = dict(await pg.fetchrow("SELECT * FROM ap_jira_task WHERE issue_id = 88"))
+    consumer_pid = pg.get_server_pid()
+    cutoff = await cutoff_for(other, 14)
+    start = await other.fetchval(history_prune.OLDEST_SQL)
+    async with other.transaction():
+        assert (await delete_batch(other, start=start, cutoff=cutoff, limit=10))[0] == 1
+        # WHEN the same delivery comes again meanwhile
+        redelivery = asyncio.create_task(apply_envelopes(pg, [update]), name="redelivery")
+
+        # THEN it waits for the prune's batch (the row it would conflict with is being deleted) ...
+        async def consumer_waits() -> bool:
+            await other.execute("SELECT pg_stat_clear_snapshot()")  # else one snapshot per transaction
+            return bool(await other.fetchval(WAITING_ON_LOCK, consumer_pid))
+
+        await wait_for(consumer_waits, timeout_s=10, what="the redelivery to wait for the prune's batch")
+        assert not redelivery.done()
+    # ... and goes on when it commits: no deadlock, the row unchanged, the redelivery recorded as stale
+    result = await asyncio.wait_for(redelivery, timeout=10)
+    assert [r.outcome for r in result.results] == [SKIPPED_STALE]
+    assert dict(await pg.fetchrow("SELECT * FROM ap_jira_task WHERE issue_id = 88")) == issue_row
+
+
+async def test_prune_and_consumer_run_concurrently_to_exact_counts(
+    pg: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    # GIVEN 300 old history rows, and 20 consumer batches of 5 new events
+    await record(pg, "old", 300, age_days=20)
+    batches = [updates(f"new{b:02d}", 5, first_issue=3000 + 5 * b) for b in range(20)]
+
+    async def consume() -> list[str]:
+        outcomes: list[str] = []
+        for batch in batches:
+            outcomes += [r.outcome for r in (await apply_envelopes(pg, batch)).results]
+            await asyncio.sleep(0)
+        return outcomes
+
+    # WHEN the consumer applies them while the prune deletes in batches of 7
+    outcomes, summary = await asyncio.wait_for(
+        asyncio.gather(consume(), prune(other, 14, batch_size=7)), timeout=60
+    )
+    # THEN neither fails nor waits on the other, and exactly the consumer's rows are left
+    assert outcomes == [APPLIED] * 100
+    assert (summary.rows, summary.batches) == (300, 43)
+    assert await remaining(pg) == sorted(e.delivery_id for batch in batches for e in batch)
+
+
+# -- the index (migration 0008) --
+
+
+async def test_batches_find_their_rows_through_the_ingested_at_index(pg: asyncpg.Connection) -> None:
+    # GIVEN a history of 20000 rows recorded over 200 days, with fresh statistics
+    for day in range(0, 200, 10):
+        await record(pg, f"d{day:03d}", 1000, age_days=day)
+    await pg.execute("ANALYZE ap_jira_task_event")
+    cutoff = await cutoff_for(pg, 90)
+    start = await pg.fetchval(history_prune.OLDEST_SQL)
+    # WHEN Postgres plans a batch as a prepared statement does after a few runs (a generic plan)
+    async with pg.transaction():
+        await pg.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        statement = await pg.prepare("EXPLAIN (COSTS OFF) " + history_prune.DELETE_BATCH_SQL)
+        plan = "\n".join(r[0] for r in await statement.fetch(start, cutoff, 1000))
+    # THEN the batch is found through the index, from where the last one ended, and deleted by ctid
+    assert f"Index Scan using {INDEX} on ap_jira_task_event" in plan, plan
+    assert "Tid Scan on ap_jira_task_event" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+async def test_the_migration_replaces_an_index_a_failed_concurrent_build_left(pg: asyncpg.Connection) -> None:
+    # GIVEN an operator's CREATE INDEX CONCURRENTLY of that name that failed (an INVALID index)
+    (migration,) = [m for m in migrate.available() if m.version == 8]
+    await record(pg, "row", 1, age_days=0)
+    await pg.execute(f"DROP INDEX {INDEX}")
+    try:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await pg.execute(
+                f"CREATE INDEX CONCURRENTLY {INDEX} ON ap_jira_task_event "
+                "((issue_id / (issue_id - issue_id)))"
+            )
+        assert await pg.fetchval(IS_VALID) is False
+    finally:
+        # WHEN the migration runs
+        async with pg.transaction():
+            await pg.execute(migration.sql)
+    # THEN the index is valid and on ingested_at
+    assert await pg.fetchval(IS_VALID) is True
+    assert await pg.fetchval(f"SELECT pg_get_indexdef('{INDEX}'::regclass)") == (
+        f"CREATE INDEX {INDEX} ON public.ap_jira_task_event USING btree (ingested_at)"
+    )
