@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "ops.dlq_command",
     "ops.queue_stats",
     "ops.history_prune",
+    "ops.forget_user",
     "backfill.command",
     "ops.up_command",
 )

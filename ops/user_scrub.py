@@ -1,0 +1,197 @@
+"""Scrubbing one person out of one row, pure (no database): what ``jiralake forget-user``
+(ops/forget_user.py, whose docstring says what changes and why) does to each row it locked.
+
+A JSON object is the person's user object by its id fields only (:meth:`Person.owns`); it keeps
+``accountId``, ``accountType`` and ``active``, its ``displayName`` becomes "Former user", and on
+Server/Data Center its ``name``/``key`` become the pseudonym. Changelog items whose ``from``/``to``
+name the person get "Former user" as ``fromString``/``toString``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMER_USER = "Former user"  # Jira Cloud's own display name for a deleted account
+PSEUDONYM_PREFIX = "former-user-"
+PSEUDONYM_HEX_DIGITS = 16
+# What a scrubbed user object keeps besides its displayName (and, on Data Center, its pseudonymous
+# name and key): the Cloud id and two facts about the account that identify nobody.
+KEPT_USER_FIELDS = ("accountId", "accountType", "active")
+# A JSON object is a user object only with one of these (projects, statuses, groups have none).
+USER_OBJECT_MARKERS = ("accountId", "displayName", "emailAddress")
+
+# A changelog item's two sides: (id, display text, Cloud's account id of that side).
+_CHANGE_SIDES = (("from", "fromString", "tmpFromAccountId"), ("to", "toString", "tmpToAccountId"))
+
+
+@dataclass
+class Person:
+    """Whom to forget: exactly one of ``account_id`` (Cloud) or ``username`` (Server/Data Center)."""
+
+    account_id: str | None = None
+    username: str | None = None
+    # What a username, and every other id of the person, becomes (username mode only).
+    pseudonym: str | None = None
+    # Other ids of the person met in their user objects (lower-cased): see ops/forget_user.py, "Who".
+    learned: set[str] = field(default_factory=set)
+
+    @property
+    def mode(self) -> str:
+        return "account-id" if self.account_id is not None else "username"
+
+    @property
+    def replacement(self) -> str:
+        """What an id naming the person becomes: the account id itself, or the pseudonym."""
+        value = self.account_id if self.account_id is not None else self.pseudonym
+        assert value is not None, "a username needs its pseudonym first"
+        return value
+
+    def search_terms(self) -> list[str]:
+        """The person's ids, as the find queries look for them."""
+        return [self.account_id if self.account_id is not None else str(self.username), *sorted(self.learned)]
+
+    def owns(self, obj: Mapping[str, Any]) -> bool:
+        """True when ``obj`` is one of the person's user objects (by its id fields only)."""
+        if self.account_id is not None:
+            return obj.get("accountId") == self.account_id
+        if not any(marker in obj for marker in USER_OBJECT_MARKERS):
+            return False
+        name = obj.get("name")
+        if isinstance(name, str):
+            return name.lower() == str(self.username).lower()
+        key = obj.get("key")
+        return isinstance(key, str) and (
+            key.lower() == str(self.username).lower() or key.lower() in self.learned
+        )
+
+    def is_id(self, value: Any) -> bool:
+        """True when an id column's value (``user_id`` of a user object) is the person's."""
+        if not isinstance(value, str):
+            return False
+        if self.account_id is not None:
+            return value == self.account_id
+        return value.lower() == str(self.username).lower()
+
+    def is_change_id(self, value: Any) -> bool:
+        """True when a changelog item's ``from``/``to`` is the person's."""
+        return self.is_id(value) or (isinstance(value, str) and value.lower() in self.learned)
+
+    def learn_from(self, document: Any) -> None:
+        """Remember the other ids (``name``, ``key``) in the person's user objects in ``document``."""
+        for obj in _objects(document):
+            if self.owns(obj):
+                for id_field in ("name", "key"):
+                    value = obj.get(id_field)
+                    if isinstance(value, str) and value and not self.is_id(value):
+                        self.learned.add(value.lower())
+
+    def scrubbed_user(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        scrubbed = {name: obj[name] for name in KEPT_USER_FIELDS if name in obj}
+        scrubbed["displayName"] = FORMER_USER
+        if self.username is not None:
+            for id_field in ("name", "key"):
+                if id_field in obj:
+                    scrubbed[id_field] = self.replacement
+        return scrubbed
+
+
+def pseudonym_for(username: str, key: str) -> str:
+    digest = hmac.new(key.encode("utf-8"), username.lower().encode("utf-8"), hashlib.sha256).hexdigest()
+    return PSEUDONYM_PREFIX + digest[:PSEUDONYM_HEX_DIGITS]
+
+
+# -- scrubbing one row (pure: no database) --
+
+
+def scrub_document(document: Any, person: Person) -> tuple[Any, bool]:
+    """``document`` (decoded JSON) with every user object of the person and every changelog item
+    naming them scrubbed, and whether anything changed. Changes ``document`` in place."""
+    holder = [document]
+    changed = False
+    stack: list[tuple[Any, Any]] = [(holder, 0)]
+    while stack:  # a loop, not recursion: webhook JSON may nest deeper than Python's recursion limit
+        container, slot = stack.pop()
+        value = container[slot]
+        if isinstance(value, dict):
+            if person.owns(value):
+                scrubbed = person.scrubbed_user(value)
+                if scrubbed != value:
+                    container[slot] = scrubbed
+                    changed = True
+                continue
+            changed = _scrub_change_item(value, person) or changed
+            stack.extend((value, name) for name in value)
+        elif isinstance(value, list):
+            stack.extend((value, index) for index in range(len(value)))
+    return holder[0], changed
+
+
+def _scrub_change_item(item: dict[str, Any], person: Person) -> bool:
+    changed = False
+    for id_field, text_field, account_field in _CHANGE_SIDES:
+        if id_field not in item or text_field not in item:
+            continue  # not a changelog item, or not this side of one
+        value = item[id_field]
+        by_account = person.account_id is not None and item.get(account_field) == person.account_id
+        if not (person.is_change_id(value) or by_account):
+            continue
+        if item[text_field] is not None and item[text_field] != FORMER_USER:
+            item[text_field] = FORMER_USER
+            changed = True
+        if isinstance(value, str) and value != person.replacement:
+            item[id_field] = person.replacement
+            changed = True
+    return changed
+
+
+def _objects(document: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            found.append(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return found
+
+
+def scrub_task_row(row: Mapping[str, Any], person: Person) -> tuple[Any, ...] | None:
+    """The ``scrub_task`` arguments for a locked ``ap_jira_task`` row, or None when nothing names the
+    person. The id and display-name columns change where their id is the person's or where the
+    issue object they come from (``raw.fields.assignee`` / ``reporter``) is the person's."""
+    raw = row["raw"]
+    person.learn_from(raw)
+    fields = raw.get("fields") if isinstance(raw, dict) else None
+    people: list[Any] = []
+    columns_changed = False
+    for role in ("assignee", "reporter"):
+        user_id, name = row[f"{role}_account_id"], row[f"{role}_display_name"]
+        obj = fields.get(role) if isinstance(fields, dict) else None
+        if person.is_id(user_id) or (isinstance(obj, dict) and person.owns(obj)):
+            new_id = person.replacement if person.is_id(user_id) else user_id
+            columns_changed = columns_changed or (new_id, FORMER_USER) != (user_id, name)
+            user_id, name = new_id, FORMER_USER
+        people += [user_id, name]
+    raw, raw_changed = scrub_document(raw, person)
+    if not (columns_changed or raw_changed):
+        return None
+    return (row["issue_id"], *people, raw)
+
+
+def scrub_event_row(row: Mapping[str, Any], person: Person) -> tuple[Any, ...] | None:
+    """The ``scrub_event`` arguments for a locked ``ap_jira_task_event`` row, or None."""
+    actor_id, actor_name = row["actor_account_id"], row["actor_display_name"]
+    actor_changed = False
+    if person.is_id(actor_id):
+        actor_changed = (person.replacement, FORMER_USER) != (actor_id, actor_name)
+        actor_id, actor_name = person.replacement, FORMER_USER
+    changelog, changelog_changed = scrub_document(row["changelog"], person)
+    if not (actor_changed or changelog_changed):
+        return None
+    return (row["delivery_id"], actor_id, actor_name, changelog)
