@@ -168,7 +168,7 @@ async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> lis
 
 async def _complete(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to the end even if the caller is cancelled (Ctrl-C, shutdown), then re-raise."""
-    task = asyncio.ensure_future(coro)
+    task = asyncio.create_task(coro, name="dlq-complete-step")
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -131,7 +131,8 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
                 else:
                     stop.set()
             done, _ = await asyncio.wait(
-                [asyncio.create_task(stop.wait()), *services], return_when="FIRST_COMPLETED"
+                [asyncio.create_task(stop.wait(), name="local-stack-stop-watcher"), *services],
+                return_when="FIRST_COMPLETED",
             )
             stop.set()
         finally:
