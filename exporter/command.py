@@ -31,7 +31,7 @@ from exporter.shutdown import Stopped, run_unless_stopped
 from shared import argtypes, db
 from shared.admin_server import admin_app, start_admin_server
 from shared.errors import CommandError
-from shared.shutdown import stop_on_signals
+from shared.shutdown import signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -177,7 +177,7 @@ async def _once(
             sig = stop.signal or signal.SIGTERM
             raise CommandError(
                 f"export stopped by {sig.name}: the multipart upload was aborted, latest/ is unchanged",
-                exit_code=128 + int(sig),
+                exit_code=signal_exit_code(sig),
             ) from None
         except ExportLocked as exc:
             raise CommandError(str(exc), exit_code=EXIT_LOCKED) from None

@@ -46,7 +46,7 @@ import structlog
 from shared import argtypes, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
-from shared.shutdown import stop_on_signals
+from shared.shutdown import signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -346,6 +346,6 @@ def _prune_command(args: argparse.Namespace) -> int:
         raise CommandError(
             f"history prune stopped by {_stop_name(summary)} after {summary.batches} batch(es); what "
             "was deleted stays deleted; run the same command again to go on",
-            exit_code=128 + int(summary.stop_signal or signal.SIGTERM),
+            exit_code=signal_exit_code(summary.stop_signal),
         )
     return 0

@@ -46,3 +46,9 @@ def stop_on_signals(event: asyncio.Event | None = None) -> Iterator[StopRequest]
             loop.remove_signal_handler(sig)
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+def signal_exit_code(sig: signal.Signals | None) -> int:
+    """The exit code of a command a stop signal ended early: 128 + the signal's number, as a shell
+    reports a process killed by it (143 for SIGTERM, 130 for SIGINT; SIGTERM when none is known)."""
+    return 128 + int(sig or signal.SIGTERM)
