@@ -71,7 +71,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,24 +257,44 @@ class _Table:
     name: str
     key: str
     start: Any
-    find_sql: str  # after, ids, ids as JSON text, limit
-    lock_sql: str  # keys
-    write_sql: str  # one scrub(...) tuple per row
+    find: Callable[[asyncpg.Connection, Any, Person, int], Awaitable[list[asyncpg.Record]]]
+    lock: Callable[[asyncpg.Connection, list[Any]], Awaitable[list[asyncpg.Record]]]
+    write: Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Awaitable[None]]
     scrub: Callable[[Mapping[str, Any], Person], tuple[Any, ...] | None]
 
-    async def find(
-        self, conn: asyncpg.Connection, after: Any, person: Person, limit: int
-    ) -> list[asyncpg.Record]:
-        terms = person.search_terms()
-        rows: list[asyncpg.Record] = await conn.fetch(self.find_sql, after, terms, _json_texts(terms), limit)
-        return rows
 
-    async def lock(self, conn: asyncpg.Connection, keys: list[Any]) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(self.lock_sql, keys)
-        return rows
+async def _find_tasks(
+    conn: asyncpg.Connection, after: Any, person: Person, limit: int
+) -> list[asyncpg.Record]:
+    terms = person.search_terms()
+    rows: list[asyncpg.Record] = await conn.fetch(FIND_TASKS_SQL, after, terms, _json_texts(terms), limit)
+    return rows
 
-    async def write(self, conn: asyncpg.Connection, changes: list[tuple[Any, ...]]) -> None:
-        await conn.executemany(self.write_sql, changes)
+
+async def _lock_tasks(conn: asyncpg.Connection, keys: list[Any]) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(LOCK_TASKS_SQL, keys)
+    return rows
+
+
+async def _write_tasks(conn: asyncpg.Connection, changes: list[tuple[Any, ...]]) -> None:
+    await conn.executemany(SCRUB_TASK_SQL, changes)
+
+
+async def _find_events(
+    conn: asyncpg.Connection, after: Any, person: Person, limit: int
+) -> list[asyncpg.Record]:
+    terms = person.search_terms()
+    rows: list[asyncpg.Record] = await conn.fetch(FIND_EVENTS_SQL, after, terms, _json_texts(terms), limit)
+    return rows
+
+
+async def _lock_events(conn: asyncpg.Connection, keys: list[Any]) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(LOCK_EVENTS_SQL, keys)
+    return rows
+
+
+async def _write_events(conn: asyncpg.Connection, changes: list[tuple[Any, ...]]) -> None:
+    await conn.executemany(SCRUB_EVENT_SQL, changes)
 
 
 def _json_texts(terms: Sequence[str]) -> list[str]:
@@ -284,10 +304,8 @@ def _json_texts(terms: Sequence[str]) -> list[str]:
 
 # ap_jira_task first: it teaches the person's other ids (keys) that the history's changelog items use.
 TABLES = (
-    _Table(TASK_TABLE, "issue_id", -1, FIND_TASKS_SQL, LOCK_TASKS_SQL, SCRUB_TASK_SQL, scrub_task_row),
-    _Table(
-        EVENT_TABLE, "delivery_id", "", FIND_EVENTS_SQL, LOCK_EVENTS_SQL, SCRUB_EVENT_SQL, scrub_event_row
-    ),
+    _Table(TASK_TABLE, "issue_id", -1, _find_tasks, _lock_tasks, _write_tasks, scrub_task_row),
+    _Table(EVENT_TABLE, "delivery_id", "", _find_events, _lock_events, _write_events, scrub_event_row),
 )
 
 
