@@ -26,6 +26,7 @@ from shared.admin_server import add_health_routes
 from shared.envelope import Envelope
 from shared.jira_event import Ignored
 from shared.metrics import (
+    RECEIVER_JIRA_USERS_DELETED,
     RECEIVER_PREVIOUS_SECRET_MATCHES,
     RECEIVER_REQUEST_SECONDS,
     RECEIVER_REQUESTS,
@@ -44,6 +45,9 @@ WEBHOOK_PATH = "/webhooks/jira"
 LOG_WEBHOOK = "webhook"
 LOG_QUEUED = "webhook_queued"
 LOG_NOT_ROUTED = "request_not_routed"
+# The event type shared.jira_event gives Jira's user_deleted webhook (the bare {accountId, username}
+# body included): a Jira account was deleted, so an erasure (`jiralake forget-user`) may be due.
+USER_DELETED = "user_deleted"
 
 
 def _wall_clock_ms() -> int:
@@ -211,6 +215,10 @@ async def _answer(
     admitted = admission.result
     if isinstance(admitted, Ignored):
         fields["event_type"] = admitted.event_type
+        if admitted.event_type == USER_DELETED and admission.signed_with is not None:
+            # Counted and flagged for on-call; the account id and username are never kept or logged.
+            fields["user_deleted"] = True
+            RECEIVER_JIRA_USERS_DELETED.inc()
         return Answer(Outcome.IGNORED, details={"event_type": admitted.event_type})
     fields.update(
         event_type=admitted.event_type,

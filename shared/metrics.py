@@ -27,6 +27,12 @@ RECEIVER_PREVIOUS_SECRET_MATCHES = Counter(
     "Webhooks whose signature matched JIRALAKE_WEBHOOK_SECRET_PREVIOUS, not the current secret; "
     "once it stays flat, the rotation is done and the previous secret can be removed.",
 )
+# Unlabelled, so exposed at 0 from import: the alert's increase() sees its first deletion too.
+RECEIVER_JIRA_USERS_DELETED = Counter(
+    "jiralake_receiver_jira_users_deleted_total",
+    "Signed user_deleted webhooks (a Jira account was deleted; an erasure with `jiralake forget-user` "
+    "may be due). Counted only: the answer is 202 ignored and the account id is never kept.",
+)
 RECEIVER_BATCH_SIZE = Histogram(
     "jiralake_receiver_batch_entries",
     "Entries per SendMessageBatch call made by the receiver's micro-batcher.",

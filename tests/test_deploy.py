@@ -451,6 +451,8 @@ print(generate_latest().decode())
         'jiralake_consumer_events_total{outcome="dead_lettered"} 0.0',
         'jiralake_sqs_requests_total{operation="SendMessageBatch",outcome="error"} 0.0',
         'jiralake_sqs_requests_total{operation="ReceiveMessage",outcome="error"} 0.0',
+        # unlabelled: at 0 from import, so the first deleted Jira user after a restart alerts
+        "jiralake_receiver_jira_users_deleted_total 0.0",
         # "never" must be a sample the export alert can see, not a missing series
         'jiralake_export_last_success_timestamp_seconds{mode="full"} 0.0',
         'jiralake_export_last_success_timestamp_seconds{mode="changes"} 0.0',

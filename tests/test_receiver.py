@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from ops.local_aws import free_port
 from receiver.app import RECEIVER, build_app
@@ -209,6 +211,47 @@ async def test_non_issue_fixtures_and_the_bare_user_deleted_body_are_ignored_and
         assert (status, body) == (202, {"status": "ignored", "event_type": event}), name
     assert requests_counted("ignored") - ignored_before == len(names) == 16
     assert batch_calls() == calls_before
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+def users_deleted() -> float:
+    return metric("jiralake_receiver_jira_users_deleted_total")
+
+
+async def test_a_signed_user_deleted_body_is_counted_and_flagged_without_the_person_s_ids(
+    aws_settings: AwsSettings, queues: QueuePair, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GIVEN Jira's bare user_deleted body, and every ignored fixture that is no user_deleted
+    name = "pinpoint-jira__user_deleted.json"
+    user_deleted = jira_fixtures.raw(name)
+    person = jira_fixtures.load(name)
+    assert set(person) == {"accountId", "username"}
+    others = [n for n in jira_fixtures.ignored_fixtures() if "webhookEvent" in jira_fixtures.load(n)]
+    assert len(others) == 14 and "pinpoint-jira__user_created.json" in others
+    before = users_deleted()
+    caplog.set_level(logging.DEBUG)
+    async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
+        with capture_logs() as logs:
+            # WHEN the others arrive signed, and the user_deleted body unsigned
+            for other in others:
+                assert (await post(client, jira_fixtures.raw(other)))[1]["status"] == "ignored", other
+            unsigned = await post(client, user_deleted, secret=None)
+            # THEN none of them is counted
+            assert users_deleted() == before
+            # WHEN it arrives signed
+            signed = await post(client, user_deleted)
+    # THEN it is answered as before, counted once, and its log line is flagged
+    assert unsigned[:2] == (401, {"status": "unauthorized", "reason": "missing X-Hub-Signature header"})
+    assert signed[:2] == (202, {"status": "ignored", "event_type": "user_deleted"})
+    assert users_deleted() == before + 1
+    webhooks = [entry for entry in logs if entry["event"] == "webhook"]
+    assert len(webhooks) == len(others) + 2
+    assert [entry.get("user_deleted") for entry in webhooks] == [None] * (len(others) + 1) + [True]
+    assert (webhooks[-1]["outcome"], webhooks[-1]["event_type"]) == ("ignored", "user_deleted")
+    # AND the person's account id and username are nowhere in what was logged
+    logged = repr(logs) + caplog.text
+    for value in person.values():
+        assert value not in logged
     assert await drain(aws_settings, queues.queue_url) == []
 
 
