@@ -8,6 +8,7 @@ throwaway one from the machine's PostgreSQL binaries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -70,23 +71,29 @@ async def pg_server_dsn(request: pytest.FixtureRequest) -> str:
     return f"postgresql://{proc.user}@{proc.host}:{proc.port}/postgres"
 
 
+@contextlib.asynccontextmanager
+async def empty_database(server_dsn: str, label: str) -> AsyncIterator[str]:
+    """A new database without jiralake's schema on the test server, dropped afterwards; yields its URL."""
+    name = f"jiralake_{label}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(server_dsn, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest.fixture(scope="session")
 async def database_url(pg_server_dsn: str) -> AsyncIterator[str]:
     """A fresh database for this test session, migrated to the latest schema."""
-    name = f"jiralake_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(pg_server_dsn, name)
-    try:
+    async with empty_database(pg_server_dsn, "test") as url:
         conn = await asyncpg.connect(url)
         try:
             await migrate.apply(conn)
         finally:
             await conn.close()
         yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(scope="session")

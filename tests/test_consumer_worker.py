@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +22,7 @@ from shared.envelope import ERROR_ATTRIBUTES, Envelope
 from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
-from tests.conftest import drain
+from tests.conftest import drain, empty_database
 from tests.jira_fixtures import make_event
 from tests.tcp_proxy import TcpProxy
 from tests.test_consumer_helpers import (
@@ -275,18 +274,11 @@ async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_
     settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str
 ) -> None:
     # GIVEN a database without jiralake's schema (a misconfiguration, not a bad message)
-    name = f"jiralake_empty_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    empty = urlunsplit(urlsplit(pg_server_dsn)._replace(path=f"/{name}"))
-    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
-    try:
+    async with empty_database(pg_server_dsn, "empty") as empty:
+        await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
         # WHEN the consumer applies a batch THEN the error propagates: no retry loop, no dead-letter
         with pytest.raises(asyncpg.UndefinedTableError, match="ap_jira_task"):
             await consume_until_idle(replace(settings, database=DatabaseSettings(url=empty)), timeout_s=20)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
     # AND the message is still on the queue (in flight until its visibility timeout), not in the DLQ
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 1)
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)

@@ -6,8 +6,6 @@ import asyncio
 import re
 import subprocess
 import sys
-import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -17,6 +15,7 @@ from exporter.columns import ColumnKind, ExportColumn
 from exporter.layout import ExportLayout
 from exporter.settings import ExportFormat
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import empty_database
 from tests.test_export_failures import cli_env
 from tests.test_export_support import exported_columns
 
@@ -176,18 +175,10 @@ async def test_cli_ddl_without_the_table_is_one_line_not_a_crash(
     pg_server_dsn: str, aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str
 ) -> None:
     # GIVEN a database where `jiralake setup` has not run
-    name = f"jiralake_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        parts = urlsplit(pg_server_dsn)
-        empty = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+    async with empty_database(pg_server_dsn, "empty") as empty:
         env = dict(cli_env(aws_settings, db_settings, bucket), DATABASE_URL=empty)
         # WHEN the DDL is asked for
         code, stdout, stderr = await run_cli(env, "--athena-ddl")
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
     # THEN one line says why, exit 1, no traceback
     assert (code, stdout) == (1, "")
     assert stderr == (

@@ -18,7 +18,7 @@ import pytest
 from ops.local_postgres import find_bin_dir, local_postgres
 from ops.local_stack import _redacted, _webhook_secret
 from shared.errors import CommandError
-from tests.conftest import _with_database
+from tests.conftest import _with_database, empty_database
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
@@ -27,14 +27,8 @@ UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
 @pytest.fixture
 async def stack_database(pg_server_dsn: str) -> AsyncIterator[str]:
     """A database of its own: the stack migrates and fills it like a user's."""
-    name = f"jiralake_up_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(pg_server_dsn, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with empty_database(pg_server_dsn, "up") as url:
+        yield url
 
 
 def _env(database_url: str) -> dict[str, str]:
