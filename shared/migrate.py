@@ -56,7 +56,7 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
             if migration.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                await _execute_logging_warnings(conn, migration)
                 await conn.execute(
                     "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, $2)",
                     migration.version,
@@ -67,3 +67,17 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def _execute_logging_warnings(conn: asyncpg.Connection, migration: Migration) -> None:
+    """Run one migration; a WARNING it raises (an optional step it skipped) is logged, not dropped."""
+
+    def forward(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+        if message.severity == "WARNING":
+            log.warning("migration_warning", version=migration.version, message=message.message)
+
+    conn.add_log_listener(forward)
+    try:
+        await conn.execute(migration.sql)
+    finally:
+        conn.remove_log_listener(forward)

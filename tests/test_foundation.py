@@ -8,11 +8,16 @@ import sys
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
+from consumer.apply import apply_envelopes
 from ops.setup import SetupSettings, run_setup
 from shared import aws, migrate
 from shared.envelope import ENVELOPE_ATTRIBUTES, ERROR_ATTRIBUTES, MAX_ATTRIBUTES
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings, QueueSettings, env_int
+from tests.conftest import empty_database
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import envelope_of
 
 
 def test_queue_settings_name_the_missing_variable() -> None:
@@ -131,3 +136,71 @@ def test_database_urls_libpq_accepts_are_accepted() -> None:
         "postgresql://127.0.0.1/db",
     ):
         assert DatabaseSettings(url=url).url == url
+
+
+# -- migration 0010: LZ4 for the JSON columns --
+
+JSON_COLUMNS_COMPRESSION = """
+SELECT attrelid::regclass::text || '.' || attname AS column_name, attcompression::text AS method
+FROM pg_attribute
+WHERE (attrelid, attname) IN (
+    ('ap_jira_task'::regclass, 'raw'), ('ap_jira_task_event'::regclass, 'changelog')
+)
+ORDER BY 1
+"""
+LZ4_MIGRATION = 10
+UPDATED_LARGE = "mattermost-plugin-jira__webhook-server-issue-updated-comment-edited.json"
+
+
+async def test_raw_and_changelog_are_written_with_lz4(pg: asyncpg.Connection) -> None:
+    # GIVEN the migrated session database
+    # WHEN the consumer applies a full-issue event (a 47 KB body: its issue object is compressed)
+    body = make_event(UPDATED_LARGE, issue_id=9001, ts=1_700_000_000_000)
+    result = await apply_envelopes(pg, [envelope_of(body)])
+    assert result.counts() == {"applied": 1}
+    # THEN both JSON columns are declared LZ4 ('l'), and the stored raw value was compressed with it
+    assert [tuple(r) for r in await pg.fetch(JSON_COLUMNS_COMPRESSION)] == [
+        ("ap_jira_task.raw", "l"),
+        ("ap_jira_task_event.changelog", "l"),
+    ]
+    assert (
+        await pg.fetchval("SELECT pg_column_compression(raw) FROM ap_jira_task WHERE issue_id = 9001")
+        == "lz4"
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server_dsn: str) -> None:
+    async with empty_database(pg_server_dsn, "lz4") as url:
+        conn = await asyncpg.connect(url)
+        holder = await asyncpg.connect(url)
+        try:
+            # GIVEN a schema one migration behind (0010 undone), and an export's COPY holding the table
+            await migrate.apply(conn)
+            await conn.execute(
+                "ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION default;"
+                "ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION default"
+            )
+            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+            await holder.execute("BEGIN; LOCK TABLE ap_jira_task IN ACCESS SHARE MODE")
+            # WHEN setup migrates
+            with capture_logs() as logs:
+                applied = await migrate.apply(conn)
+            # THEN it gave up the lock after its timeout, recorded the migration and logged why
+            assert [m.version for m in applied] == [LZ4_MIGRATION]
+            warnings = [e for e in logs if e["event"] == "migration_warning"]
+            assert warnings == [
+                {
+                    "event": "migration_warning",
+                    "log_level": "warning",
+                    "version": LZ4_MIGRATION,
+                    "message": (
+                        "jiralake: ap_jira_task was busy; raw and changelog keep pglz (see migration 0010)"
+                    ),
+                }
+            ]
+            # AND the columns keep the server's default, the writes the consumer makes still work
+            assert [r["method"] for r in await conn.fetch(JSON_COLUMNS_COMPRESSION)] == ["", ""]
+        finally:
+            await holder.close()
+            await conn.close()
