@@ -31,6 +31,7 @@ def render(
     total_s: float,
     failures: Sequence[str] = (),
     rerendered_at: str | None = None,
+    note: str | None = None,
 ) -> str:
     out = ["# Benchmarks", "", INTRO]
     out += [
@@ -46,6 +47,8 @@ def render(
             "(`python -m bench.run_all --from-json bench/published-run.json`); every number is this run's"
         )
     out += [f"- {key}: {value}" for key, value in machine.items()]
+    if note:
+        out.append(f"- note: {note}")
     out += ["", "## Summary", "", "```", *summary_lines(results), *failures, "```", ""]
     for result in results:
         out += [f"## {result.title}", "", f"Stage `{result.stage}` ({result.duration_s:.0f} s).", ""]

@@ -1,4 +1,5 @@
-"""``python -m bench.run_all [--quick] [--only STAGE ...] [--runs N] [--output PATH] [--from-json PATH]``
+"""``python -m bench.run_all [--quick] [--only STAGE ...] [--runs N] [--output PATH] [--from-json PATH]
+[--note TEXT]``
 
 Runs the stages in order, prints one summary line per figure, and writes the report: a full run
 (all stages, full sizes) writes docs/benchmarks.md; a ``--quick`` or ``--only`` run writes
@@ -69,7 +70,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure nothing: rebuild the report from a saved run (bench/results/last-run.json), e.g. "
         "after editing its prose; a full `make bench` run goes back to docs/benchmarks.md",
     )
+    parser.add_argument(
+        "--note",
+        metavar="TEXT",
+        help="a line for the report's Run section, kept with the run (e.g. how this machine differs from "
+        "the one of the previous published run); with --from-json, replaces the saved note",
+    )
     return parser.parse_args(argv)
+
+
+def _without_note(given: list[str]) -> list[str]:
+    """The arguments that change what is measured: a note alone still makes the run `make bench`'s."""
+    kept: list[str] = []
+    skip = False
+    for arg in given:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
 
 
 async def run_stages(ctx: BenchContext, names: Sequence[str]) -> tuple[list[StageResult], list[str]]:
@@ -115,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, saved = rerender(args.from_json)
         date, command, machine = saved["date"], saved["command"], saved["machine"]
         failures: list[str] = saved.get("failures", [])
+        note: str | None = args.note if args.note is not None else saved.get("note")
         total_s = saved.get("total_s", sum(r.duration_s for r in results))
         published = command == "make bench" and not failures and len(results) == len(STAGES)
         output = args.output or (PUBLISHED if published else RESULTS_DIR / "benchmarks-rerendered.md")
@@ -127,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             output = PUBLISHED
         date = now
-        given = list(argv if argv is not None else sys.argv[1:])
+        note = args.note
+        given = _without_note(list(argv if argv is not None else sys.argv[1:]))
         command = "make bench" if not given else shlex.join(["python", "-m", "bench.run_all", *given])
         machine = machine_description(asyncio.run(postgres_version(ctx.dsn)))
         started = time.monotonic()
@@ -141,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine,
             "total_s": total_s,
             "failures": failures,
+            "note": note,
             "stages": [asdict(r) for r in results],
         }
         saved_text = json.dumps(saved_run, indent=2, default=str)
@@ -158,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             total_s=total_s,
             failures=failures,
             rerendered_at=now if args.from_json is not None else None,
+            note=note,
         )
     )
     shown = output.relative_to(REPO) if output.is_relative_to(REPO) else output

@@ -11,7 +11,7 @@ import pytest
 from bench import events
 from bench.common import Figure, StageResult, fmt_ratio, median, percentile, run_measured, spread
 from bench.report import render, summary_lines
-from bench.run_all import STAGES, parse_args
+from bench.run_all import STAGES, _without_note, parse_args
 from shared.jira_event import Routed, route
 
 
@@ -84,6 +84,19 @@ def test_report_holds_machine_command_date_and_every_summary_line() -> None:
     assert "| consumer 10 | 1,000 |" in text
     assert "**What bounds these figures.** PostgreSQL." in text
     assert "- Something." in text
+
+
+def test_a_note_shows_in_the_run_section_and_leaves_the_run_make_bench_s() -> None:
+    # GIVEN a full run started with a note about the machine
+    given = ["--note", "this VM is slower", "--note=kept once"]
+    # THEN the command recorded is still make bench's (no argument that changes what is measured)
+    assert _without_note(given) == []
+    assert _without_note(["--runs", "3", "--note", "x"]) == ["--runs", "3"]
+    assert parse_args(given).note == "kept once"
+    # AND the report carries the note after the machine
+    text = render([], machine={"cores": "2"}, command="make bench", date="d", total_s=60, note="slower VM")
+    assert "- cores: 2\n- note: slower VM\n" in text
+    assert "- note:" not in render([], machine={}, command="make bench", date="d", total_s=60)
 
 
 def test_run_all_arguments() -> None:
