@@ -392,5 +392,10 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
             "two connections speeds up as much). What remains is the decode, which the ceiling never "
             "does, and the version guard and history row, which are the product's idempotency and "
             "audit trail.",
+            "Since migration 0010 both variants write `raw` compressed with LZ4 instead of pglz. "
+            "Measured before it landed (2026-12-06, batch 100, 3 alternating runs on fresh tables), LZ4 "
+            "cut the time per event by about 19% for the consumer (604 -> 491 us, medians) and 26% for "
+            "the ceiling (351 -> 258 us). Compression is work both do, so it helps the ceiling more and "
+            "the ratio does not improve.",
         ]
     return result
