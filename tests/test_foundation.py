@@ -152,20 +152,34 @@ LZ4_MIGRATION = 10
 UPDATED_LARGE = "mattermost-plugin-jira__webhook-server-issue-updated-comment-edited.json"
 
 
-async def test_raw_and_changelog_are_written_with_lz4(pg: asyncpg.Connection) -> None:
+async def lz4_supported(conn: asyncpg.Connection) -> bool:
+    """Whether this server can compress a column with LZ4 (PostgreSQL 14+ built with it)."""
+    try:
+        async with conn.transaction():
+            await conn.execute("CREATE TEMP TABLE lz4_probe (j jsonb COMPRESSION lz4) ON COMMIT DROP")
+    except (asyncpg.FeatureNotSupportedError, asyncpg.PostgresSyntaxError):
+        return False
+    return True
+
+
+async def test_raw_and_changelog_are_written_with_lz4_where_the_server_has_it(pg: asyncpg.Connection) -> None:
     # GIVEN the migrated session database
+    if int(await pg.fetchval("SHOW server_version_num")) < 140000:
+        pytest.skip("PostgreSQL 13 has no per-column compression (nor pg_column_compression)")
+    method, stored = ("l", "lz4") if await lz4_supported(pg) else ("", "pglz")
     # WHEN the consumer applies a full-issue event (a 47 KB body: its issue object is compressed)
     body = make_event(UPDATED_LARGE, issue_id=9001, ts=1_700_000_000_000)
     result = await apply_envelopes(pg, [envelope_of(body)])
     assert result.counts() == {"applied": 1}
     # THEN both JSON columns are declared LZ4 ('l'), and the stored raw value was compressed with it
+    # (elsewhere: the server's default, pglz)
     assert [tuple(r) for r in await pg.fetch(JSON_COLUMNS_COMPRESSION)] == [
-        ("ap_jira_task.raw", "l"),
-        ("ap_jira_task_event.changelog", "l"),
+        ("ap_jira_task.raw", method),
+        ("ap_jira_task_event.changelog", method),
     ]
     assert (
         await pg.fetchval("SELECT pg_column_compression(raw) FROM ap_jira_task WHERE issue_id = 9001")
-        == "lz4"
+        == stored
     )
 
 
@@ -175,6 +189,8 @@ async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server
         conn = await asyncpg.connect(url)
         holder = await asyncpg.connect(url)
         try:
+            if not await lz4_supported(conn):
+                pytest.skip("this PostgreSQL has no LZ4: migration 0010 changes nothing here")
             # GIVEN a schema one migration behind (0010 undone), and an export's COPY holding the table
             await migrate.apply(conn)
             await conn.execute(
