@@ -73,7 +73,7 @@ async def _execute_logging_warnings(conn: asyncpg.Connection, migration: Migrati
     """Run one migration; a WARNING it raises (an optional step it skipped) is logged, not dropped."""
 
     def forward(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
-        if message.severity == "WARNING":
+        if message.severity_en == "WARNING":  # severity itself follows the server's lc_messages
             log.warning("migration_warning", version=migration.version, message=message.message)
 
     conn.add_log_listener(forward)
