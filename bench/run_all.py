@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--note",
         metavar="TEXT",
         help="a line for the report's Run section, kept with the run (e.g. how this machine differs from "
-        "the one of the previous published run); with --from-json, replaces the saved note",
+        "the one of the previous published run); with --from-json, shown instead of the saved one",
     )
     return parser.parse_args(argv)
 

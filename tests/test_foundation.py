@@ -215,7 +215,7 @@ async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server
                     ),
                 }
             ]
-            # AND the columns keep the server's default, the writes the consumer makes still work
+            # AND both columns keep the server's default
             assert [r["method"] for r in await conn.fetch(JSON_COLUMNS_COMPRESSION)] == ["", ""]
         finally:
             await holder.close()
