@@ -73,11 +73,13 @@ async def test_real_fixtures_flow_through_the_queue_into_the_tables(
     await enqueue(aws_settings, queues.queue_url, envelopes)
     # WHEN two pollers consume until the queue is idle
     stats = await consume_until_idle(replace(settings, pollers=2), idle_s=1.0, timeout_s=60)
-    # THEN everything was applied once, the queues are empty, and the tables equal a direct apply
+    # THEN each event was handled once, the queues are empty, and the tables equal a direct apply.
+    # A second receipt of one message is a duplicate, not a failure: moto's server can hand a message
+    # still in flight to the other poller (a race in its ReceiveMessage), and SQS delivers at least once.
     assert not stats.timed_out
-    assert stats.received == len(envelopes) == 50
+    assert stats.received - stats.duplicate == len(envelopes) == 50
     assert stats.dead_lettered == stats.retried == 0
-    assert stats.applied + stats.skipped_stale + stats.history_only + stats.duplicate == 50
+    assert stats.applied + stats.skipped_stale + stats.history_only == 50
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
     through_queue = await snapshot(pg)
