@@ -9,7 +9,6 @@ unexpected errors propagate (consumer/outcomes.py decides what they mean to the 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
@@ -18,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from consumer import queries
 from consumer.event import ConsumerEvent, parse_envelope
 from consumer.ordering import IssueChange, coalesce
-from consumer.outcomes import Outcome, classify, describe
+from consumer.outcomes import InvalidMessage, Outcome, classify, describe
 from shared.envelope import Envelope
 
 log = structlog.get_logger()
@@ -136,9 +136,21 @@ async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[Ev
     return outcomes
 
 
-def _json(value: Any) -> str | None:
-    """JSON text for a jsonb argument; unencodable text (a lone surrogate) is left for Postgres to reject."""
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json(value: Any, what: str) -> str | None:
+    """JSON text for a jsonb argument.
+
+    Raises :class:`InvalidMessage` for a value that can never be stored, which isolates its message
+    (:func:`_apply_one_by_one`): text that is not Unicode (a lone surrogate, which jsonb refuses too)
+    and nesting deeper than orjson writes (254 levels; the decoders take up to 1024, and ``json.dumps``
+    hit Python's recursion limit near there, a crash rather than an invalid event). Jira's changelogs
+    and issue objects nest a few tens of levels at most.
+    """
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidMessage(f"{what} cannot be stored as JSON: {exc}") from None
 
 
 def _invalid(exc: BaseException) -> EventResult:
@@ -152,7 +164,7 @@ def _extractable(body: str) -> bool:
     jsonb rejects the escape of NUL (``\\u0000``) and unpaired UTF-16 surrogate escapes wherever they
     are in the body, while the Python path rejects them only in the issue object it writes. A body with
     either escape (or with a paired surrogate escape: the check stays one regex scan) takes the Python
-    path (``json.dumps`` of the issue), so such a character outside the issue never makes an event
+    path (the issue object encoded in Python), so such a character outside the issue never makes an event
     invalid.
     """
     return _JSONB_REJECTS.search(body) is None
@@ -162,7 +174,7 @@ def _arguments(changes: list[IssueChange], events: list[ConsumerEvent]) -> list[
     """The 46 arrays of ``apply_batch``: 34 per changed issue, then 12 per delivery.
 
     ``raw`` goes as the winning message's body (``fields_body``, PostgreSQL takes ``-> 'issue'``) rather
-    than re-encoded in Python: ``json.dumps`` of a 4-47 KB issue object was most of the Python time.
+    than re-encoded in Python: encoding a 4-47 KB issue object was most of the Python time.
     """
     columns: list[list[Any]] = [[] for _ in range(46)]
     for change in changes:
@@ -191,13 +203,13 @@ def _arguments(changes: list[IssueChange], events: list[ConsumerEvent]) -> list[
                 row.assignee_display_name,
                 row.reporter_account_id,
                 row.reporter_display_name,
-                _json(row.labels),
+                _json(row.labels, "labels"),
                 row.created_at,
                 row.updated_at,
                 row.resolved_at,
                 row.due_date,
                 row.parent_key,
-                None if fields_body is not None else _json(row.raw),
+                None if fields_body is not None else _json(row.raw, "issue object"),
             ]
         values += [
             d and d.version,
@@ -222,7 +234,7 @@ def _arguments(changes: list[IssueChange], events: list[ConsumerEvent]) -> list[
             event.version,
             event.tiebreak,
             event.source,
-            _json(event.changelog),
+            _json(event.changelog, "changelog items"),
             event.actor_account_id,
             event.actor_display_name,
             event.received_at,

@@ -3,6 +3,7 @@ duplicates, deletes, moves, history-only events, unicode, poison data isolation,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -335,8 +336,36 @@ async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     # A lone surrogate escape is valid JSON but not valid Unicode text.
     body = json.dumps(make_event(CREATED, ts=1000)).replace('"Unit test summary"', '"\\ud800"')
     result = await apply_envelopes(pg, [envelope_of(body)])
-    assert result.results[0].outcome == "invalid"
-    assert result.results[0].error_class in {"DataError", "InvalidTextRepresentationError"}
+    assert (result.results[0].outcome, result.results[0].error_class) == ("invalid", "InvalidMessage")
+    assert result.results[0].error_message == (
+        "issue object cannot be stored as JSON: str is not valid UTF-8: surrogates not allowed"
+    )
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+async def test_a_changelog_nested_too_deeply_is_invalid_not_a_crash(
+    pg: asyncpg.Connection, depth: int
+) -> None:
+    # GIVEN an update whose changelog nests deeper than can be stored (1000: json.dumps hit Python's
+    # recursion limit there, which crashed the consumer), between two good events of its batch
+    deep = make_event(ASSIGNED, issue_id=2, ts=2000)
+    deep["changelog"]["items"][0]["to"] = "NESTED"
+    shallow = envelope_of(deep)  # the same attributes: the receiver's own parser stops near 1000 levels
+    deep_body = shallow.body.replace('"NESTED"', "[" * depth + "]" * depth)
+    batch = [
+        envelope_of(make_event(CREATED, issue_id=1, ts=1000)),
+        dataclasses.replace(shallow, body=deep_body),
+        envelope_of(make_event(ASSIGNED, issue_id=3, ts=2000)),
+    ]
+    # WHEN the batch is applied
+    result = await apply_envelopes(pg, batch)
+    # THEN that event alone is invalid, with the reason, and the others apply
+    assert result.isolated
+    assert [r.outcome for r in result.results] == ["applied", "invalid", "applied"]
+    assert result.results[1].error_class == "InvalidMessage"
+    assert (
+        result.results[1].error_message == "changelog items cannot be stored as JSON: Recursion limit reached"
+    )
 
 
 def _readme_queries() -> dict[str, str]:
