@@ -51,7 +51,9 @@ DEFAULT_MAX_DELETES = 100
 WEBHOOK_EVENT_PREFIXES = tuple(p for p in ISSUE_EVENT_PREFIXES if not p.startswith("jiralake:"))
 
 # -- live_rows --
-_LIVE_ROWS = "SELECT issue_id, issue_key FROM ap_jira_task WHERE NOT is_deleted"
+_LIVE_ROWS = (
+    "SELECT issue_id, issue_key, coalesce(version, 0) AS version FROM ap_jira_task WHERE NOT is_deleted"
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Finding:
     # 0 when the lookup itself kept failing.
     status: int
     detail: str = ""
+    # The row's version when it was read: names the delete (see reconciled_delete_envelope).
+    row_version: int = 0
 
 
 @dataclass
@@ -128,7 +132,11 @@ async def run_reconcile(
             summary.jira_ids = len(jira_ids)
             rows = await conn.fetch(_LIVE_ROWS)
             summary.live_rows = len(rows)
-            missing = [(str(r["issue_id"]), r["issue_key"]) for r in rows if r["issue_id"] not in jira_ids]
+            missing = [
+                (str(r["issue_id"]), r["issue_key"], r["version"])
+                for r in rows
+                if r["issue_id"] not in jira_ids
+            ]
             log.info("reconcile_compared", jira_ids=len(jira_ids), live_rows=len(rows), missing=len(missing))
             findings = await bounded_map(
                 missing, lambda item: _look_up(jira, *item), settings.jira.max_concurrency
@@ -164,12 +172,12 @@ async def _jira_ids(jira: JiraClient, jql: str, progress: Progress) -> set[int]:
     return ids
 
 
-async def _look_up(jira: JiraClient, issue_id: str, issue_key: str | None) -> Finding:
+async def _look_up(jira: JiraClient, issue_id: str, issue_key: str | None, row_version: int) -> Finding:
     try:
         status = await jira.issue_status(issue_id)
     except (JiraUnavailable, JiraRequestError) as exc:
-        return Finding(issue_id, issue_key, 0, str(exc))
-    return Finding(issue_id, issue_key, status)
+        return Finding(issue_id, issue_key, 0, str(exc), row_version)
+    return Finding(issue_id, issue_key, status, row_version=row_version)
 
 
 def _classify(findings: Sequence[Finding], summary: ReconcileSummary) -> None:
@@ -200,7 +208,10 @@ async def _enqueue_deletes(
         log.warning("reconcile_deletes_withheld", deletes=len(summary.deleted), reason=reason)
         return
     now_ms = int(time.time() * 1000)
-    envelopes = [reconciled_delete_envelope(f.issue_id, f.issue_key, now_ms=now_ms) for f in summary.deleted]
+    envelopes = [
+        reconciled_delete_envelope(f.issue_id, f.issue_key, row_version=f.row_version, now_ms=now_ms)
+        for f in summary.deleted
+    ]
     outcome = await send_envelopes(
         sqs, settings.queue_url, envelopes, attempts=settings.sqs_attempts, sleep=sleep
     )

@@ -7,8 +7,10 @@ Both are ordinary messages on the one FIFO queue, so the consumer's ordering rul
   newer webhook and repairs an older one. Its delivery id ``backfill:<id>:<updated ms>`` makes a
   re-sent version a duplicate, in SQS (5-minute dedup window) and in the history table.
 - A reconciled delete's body is ``{"webhookEvent": RECONCILED_DELETE_EVENT, "timestamp": <now ms>,
-  "issue": {"id", "key"}}``; its delivery id ``reconcile:deleted:<id>`` is stable, so running
-  reconcile twice before the consumer caught up records the delete once.
+  "issue": {"id", "key"}}``; its delivery id ``reconcile:deleted:<id>:<row version>`` names the row
+  state it deletes (the ``version`` reconcile read), so running reconcile twice before the consumer
+  caught up records the delete once, while an issue that came back (a newer webhook after a 404
+  for lost access) and vanished again gets a delete of its own, recorded in the history like any.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def snapshot_envelope(issue: Mapping[str, Any], *, received_at_ms: int) -> Envel
     )
 
 
-def reconciled_delete_envelope(issue_id: str, issue_key: str | None, *, now_ms: int) -> Envelope:
+def reconciled_delete_envelope(
+    issue_id: str, issue_key: str | None, *, row_version: int, now_ms: int
+) -> Envelope:
     issue: dict[str, Any] = {"id": issue_id}
     if issue_key:
         issue["key"] = issue_key
@@ -64,7 +68,7 @@ def reconciled_delete_envelope(issue_id: str, issue_key: str | None, *, now_ms: 
         issue_id=routed_id,
         event_ts_ms=now_ms,
         received_at_ms=now_ms,
-        delivery_id=f"reconcile:deleted:{routed_id}",
+        delivery_id=f"reconcile:deleted:{routed_id}:{row_version}",
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from backfill.snapshot import reconciled_delete_envelope
 from consumer.apply import apply_envelopes
 from shared.envelope import Envelope
 from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT
@@ -171,6 +172,34 @@ async def test_a_newer_event_after_a_reconciled_delete_shows_the_issue_exists(pg
     assert (await row(pg, 10040))["is_deleted"] is True
     await apply_envelopes(pg, [envelope_of(make_event(ASSIGNED, ts=6000))])
     assert (await row(pg, 10040))["is_deleted"] is False
+
+
+async def test_an_issue_reconciled_away_twice_is_deleted_and_recorded_twice_in_any_batching(
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN an issue reconcile deleted (a 404), which came back (a newer webhook: the 404 was lost
+    # access), then vanished again: two reconcile deletes of two different row versions
+    first_gone = reconciled_delete_envelope("10040", "TES-1", row_version=4000, now_ms=5000)
+    second_gone = reconciled_delete_envelope("10040", "TES-1", row_version=6000, now_ms=7000)
+    sequence = [
+        envelope_of(make_event(CREATED, ts=4000)),
+        first_gone,
+        envelope_of(make_event(ASSIGNED, ts=6000)),
+        second_gone,
+    ]
+    expected = {
+        4: ["skipped_stale", "skipped_stale", "applied", "applied"],  # the batch's newest of each part wins
+        1: ["applied"] * 4,
+    }
+    for size, outcomes in expected.items():
+        await clear_tables(pg)
+        # WHEN they are applied in one batch, or one message per batch
+        assert await apply_in_batches(pg, sequence, size) == outcomes
+        # THEN neither delete is a duplicate of the other: the row ends deleted by the second, and the
+        # history holds all four deliveries
+        r = await row(pg, 10040)
+        assert (r["is_deleted"], r["deleted_version"]) == (True, 7000)
+        assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 4
 
 
 async def test_a_move_makes_key_project_and_number_follow(pg: asyncpg.Connection) -> None:

@@ -78,7 +78,7 @@ async def test_reconcile_marks_a_404_deleted_through_the_queue_and_leaves_a_403_
     assert (env.event_type, env.issue_id, env.delivery_id) == (
         RECONCILED_DELETE_EVENT,
         "30010",
-        "reconcile:deleted:30010",
+        "reconcile:deleted:30010:1700000000000",  # names the row version it deletes
     )
     assert messages[0]["Attributes"]["MessageGroupId"] == "30010"
     # AND this account may not read the failed-webhook list, which is reported, not an error
