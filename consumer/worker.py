@@ -5,8 +5,10 @@ does not receive, so an outage does not burn receive counts into the DLQ) -> ``R
 polling, up to 10) -> apply (consumer/apply.py) while ``visibility-extender`` keeps the batch hidden
 -> after the commit, dead-letter the invalid messages (send, then delete) and delete the rest in one
 ``DeleteMessageBatch``, shielded so shutdown cannot split them. A transient failure that leaves the
-connection usable is retried in place for a while (the batch stays received and hidden); otherwise, or
-after that, it releases the batch with backoff. Anything unexpected stops the consumer and is raised
+connection usable (a lock wait past the statement timeout, a deadlock) may concern one issue only, so a
+batch of several FIFO groups then applies each group once on its own and acknowledges those that
+commit; what still fails is retried in place for a while (it stays received and hidden). Otherwise, or
+after that, the rest is released with backoff. Anything unexpected stops the consumer and is raised
 (consumer/outcomes.py).
 """
 
@@ -238,6 +240,7 @@ class Consumer:
             ),
             name="visibility-extender",
         )
+        outstanding = list(messages)  # not yet acknowledged: released if the batch must be retried
         try:
             parsed: list[tuple[Message, Envelope]] = []
             rejected: list[Rejected] = []
@@ -247,27 +250,12 @@ class Consumer:
                 except InvalidEnvelope as exc:
                     rejected.append(Rejected(message, *describe(exc)))
             try:
-                result = await self._apply(conn, [envelope for _, envelope in parsed], halt)
+                parsed, rejected, result = await self._apply_batch(conn, parsed, rejected, outstanding, halt)
             except Exception as exc:
                 if classify(exc) is Outcome.RETRY:
-                    await self._shielded(self._release(messages, exc))
+                    await self._shielded(self._release(outstanding, exc))
                 raise
-            done: list[Message] = []
-            for (message, envelope), outcome in zip(parsed, result.results, strict=True):
-                if outcome.outcome == apply.INVALID:
-                    rejected.append(Rejected(message, outcome.error_class or "", outcome.error_message or ""))
-                    continue
-                done.append(message)
-                self.stats.count(outcome.outcome)
-                log.info(
-                    "message_handled",
-                    issue_id=envelope.issue_id,
-                    event_type=envelope.event_type,
-                    delivery_id=envelope.delivery_id,
-                    outcome=outcome.outcome,
-                    duration_ms=round(result.duration_s * 1000, 1),
-                )
-            await self._shielded(self._acknowledge(done, rejected))
+            await self._finish(parsed, result, rejected, outstanding)
         finally:
             extender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -276,35 +264,130 @@ class Consumer:
             self.activity.last_busy = time.monotonic()
             CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
 
+    async def _apply_batch(
+        self,
+        conn: asyncpg.Connection,
+        parsed: list[tuple[Message, Envelope]],
+        rejected: list[Rejected],
+        outstanding: list[Message],
+        halt: asyncio.Event,
+    ) -> tuple[list[tuple[Message, Envelope]], list[Rejected], apply.ApplyResult | None]:
+        """The batch in one transaction, retried in place (:meth:`_apply`). When that fails transiently
+        and the batch holds several FIFO groups, each group is first applied once on its own
+        (:meth:`_apply_groups_apart`, which acknowledges what commits), and only the groups that failed
+        again are retried. Returns what is left to acknowledge: messages, their result, rejections."""
+        groups = _by_group(parsed)
+        if len(groups) < 2:
+            return parsed, rejected, await self._apply(conn, _envelopes(parsed), halt)
+        try:
+            return parsed, rejected, await apply.apply_envelopes(conn, _envelopes(parsed))
+        except Exception as exc:
+            if not _connection_survives(exc, conn) or halt.is_set():
+                raise
+            failed = exc
+        await self._finish([], None, rejected, outstanding)
+        again = await self._apply_groups_apart(conn, groups, failed, outstanding, halt)
+        if not again:
+            return [], [], None
+        return again, [], await self._apply(conn, _envelopes(again), halt, failed=failed)
+
+    async def _apply_groups_apart(
+        self,
+        conn: asyncpg.Connection,
+        groups: list[list[tuple[Message, Envelope]]],
+        failed: BaseException,
+        outstanding: list[Message],
+        halt: asyncio.Event,
+    ) -> list[tuple[Message, Envelope]]:
+        """After the whole batch failed transiently (``failed``), apply each FIFO group once on its own
+        and acknowledge it when it commits, so a lock on one issue holds back that issue only. Returns
+        the messages of the groups that failed again (transiently), in batch order."""
+        error_class, message = describe(failed)
+        log.warning("batch_split_by_group", groups=len(groups), error_class=error_class, error=message)
+        again: list[tuple[Message, Envelope]] = []
+        for group in groups:
+            if halt.is_set():  # stopping: the rest is released, not tried
+                again += group
+                continue
+            try:
+                result = await apply.apply_envelopes(conn, _envelopes(group))
+            except Exception as exc:
+                if not _connection_survives(exc, conn):
+                    raise
+                again += group
+                continue
+            await self._finish(group, result, [], outstanding)
+        return again
+
+    async def _finish(
+        self,
+        parsed: list[tuple[Message, Envelope]],
+        result: apply.ApplyResult | None,
+        rejected: list[Rejected],
+        outstanding: list[Message],
+    ) -> None:
+        """Log and count what was applied (``result`` holds one outcome per ``parsed``), then
+        acknowledge it: dead-letter the invalid messages and ``rejected``, delete the rest."""
+        rejected = list(rejected)
+        done: list[Message] = []
+        results = result.results if result is not None else []
+        for (message, envelope), outcome in zip(parsed, results, strict=True):
+            if outcome.outcome == apply.INVALID:
+                rejected.append(Rejected(message, outcome.error_class or "", outcome.error_message or ""))
+                continue
+            done.append(message)
+            self.stats.count(outcome.outcome)
+            log.info(
+                "message_handled",
+                issue_id=envelope.issue_id,
+                event_type=envelope.event_type,
+                delivery_id=envelope.delivery_id,
+                outcome=outcome.outcome,
+                duration_ms=round(result.duration_s * 1000, 1) if result is not None else 0.0,
+            )
+        if done or rejected:
+            await self._shielded(self._acknowledge(done, rejected))
+        acknowledged = {id(m) for m in done} | {id(r.message) for r in rejected}
+        outstanding[:] = [m for m in outstanding if id(m) not in acknowledged]
+
     async def _apply(
-        self, conn: asyncpg.Connection, envelopes: list[Envelope], halt: asyncio.Event
+        self,
+        conn: asyncpg.Connection,
+        envelopes: list[Envelope],
+        halt: asyncio.Event,
+        *,
+        failed: BaseException | None = None,
     ) -> apply.ApplyResult:
         """``apply_envelopes``, retried in place while a transient failure leaves the connection usable
         (a lock held past the statement timeout, a deadlock, disk full): Postgres answers ``SELECT 1``
         then, so releasing the batch would only spend its receive counts toward the DLQ. The batch stays
         received and hidden (the visibility extender runs) for up to ``retry_in_place_s``; after that,
-        on a stop, or on any other failure, this raises and the caller releases or crashes."""
+        on a stop, or on any other failure, this raises and the caller releases or crashes. ``failed``:
+        the failure of an attempt already made, which counts as the first."""
         give_up_at = time.monotonic() + self.settings.retry_in_place_s
         delay_s = min(_FIRST_BACKOFF_S, self.settings.unavailable_backoff_max_s)
         while True:
-            try:
-                return await apply.apply_envelopes(conn, envelopes)
-            except Exception as exc:
-                out_of_time = time.monotonic() + delay_s > give_up_at
-                if out_of_time or halt.is_set() or not _connection_survives(exc, conn):
-                    raise
-                error_class, message = describe(exc)
-                log.warning(
-                    "batch_retrying_in_place",
-                    messages=len(envelopes),
-                    error_class=error_class,
-                    error=message,
-                    retry_in_s=delay_s,
-                )
-                await _wait(halt, delay_s)
-                if halt.is_set():
-                    raise
-                delay_s = min(delay_s * 2, self.settings.unavailable_backoff_max_s)
+            if failed is None:
+                try:
+                    return await apply.apply_envelopes(conn, envelopes)
+                except Exception as exc:
+                    failed = exc
+            out_of_time = time.monotonic() + delay_s > give_up_at
+            if out_of_time or halt.is_set() or not _connection_survives(failed, conn):
+                raise failed
+            error_class, message = describe(failed)
+            log.warning(
+                "batch_retrying_in_place",
+                messages=len(envelopes),
+                error_class=error_class,
+                error=message,
+                retry_in_s=delay_s,
+            )
+            await _wait(halt, delay_s)
+            if halt.is_set():
+                raise failed
+            delay_s = min(delay_s * 2, self.settings.unavailable_backoff_max_s)
+            failed = None
 
     async def _acknowledge(self, done: list[Message], rejected: list[Rejected]) -> None:
         """After the commit: dead-letter (send, then delete) the invalid messages, delete the others."""
@@ -352,6 +435,18 @@ class Consumer:
             if a.in_flight == 0 and a.last_empty is not None and a.last_empty - a.last_busy >= idle_s:
                 return
             await asyncio.sleep(0.05)
+
+
+def _envelopes(parsed: list[tuple[Message, Envelope]]) -> list[Envelope]:
+    return [envelope for _, envelope in parsed]
+
+
+def _by_group(parsed: list[tuple[Message, Envelope]]) -> list[list[tuple[Message, Envelope]]]:
+    """The batch's messages by FIFO group (the issue), each group in queue order."""
+    groups: dict[str, list[tuple[Message, Envelope]]] = {}
+    for item in parsed:
+        groups.setdefault(sqs_calls.group_id(item[0]), []).append(item)
+    return list(groups.values())
 
 
 def _connection_survives(exc: BaseException, conn: asyncpg.Connection) -> bool:

@@ -242,6 +242,48 @@ async def test_a_lock_held_past_the_statement_timeout_is_waited_out_without_spen
         assert not any(e["event"] == "batch_retrying_in_place" for e in logs)
 
 
+async def test_a_lock_on_one_issue_holds_back_that_issue_only(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a row lock held on issue 1 (a session left open in psql), and a batch with an update of
+    # issue 1 and one of issue 2: two FIFO groups
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=1, ts=1000))])
+    patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=60)
+    events = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=2000)) for i in (1, 2)]
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        async with pg.transaction():
+            await pg.execute("SELECT 1 FROM ap_jira_task WHERE issue_id = 1 FOR UPDATE")
+            await enqueue(aws_settings, queues.queue_url, events)
+            task = asyncio.create_task(run_consumer(patient, stop))
+            # WHEN the batch's statement times out on the lock
+            # THEN issue 2 is applied and acknowledged while issue 1 is still locked
+            await wait_for(lambda: _applied(pg, 2), what="issue 2, which no lock holds")
+            await wait_for(
+                lambda: _counts_are(aws_settings, queues.queue_url, (0, 1)),
+                what="issue 2 deleted",
+            )
+            assert await pg.fetchval("SELECT version FROM ap_jira_task WHERE issue_id = 1") == 1000
+        # AND issue 1 follows once the lock is gone, from the same receive (retried in place)
+        try:
+            await wait_for(lambda: _applied(pg, 1), what="issue 1 after the lock")
+        finally:
+            stop.set()
+            stats = await asyncio.wait_for(task, timeout=20)
+    assert any(e["event"] == "batch_split_by_group" and e["groups"] == 2 for e in logs)
+    assert (stats.received, stats.batches, stats.applied, stats.retried) == (2, 1, 2, 0)
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
+async def _applied(pg: asyncpg.Connection, issue_id: int) -> bool:
+    version = await pg.fetchval("SELECT version FROM ap_jira_task WHERE issue_id = $1", issue_id)
+    return bool(version == 2000)
+
+
+async def _counts_are(aws_settings: AwsSettings, queue_url: str, counts: tuple[int, int]) -> bool:
+    return await queue_counts(aws_settings, queue_url) == counts
+
+
 async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_changes_nothing(
     pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
