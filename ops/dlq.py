@@ -407,6 +407,11 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 def _iso_ms(ms: int | None) -> str | None:
+    """ISO 8601 in UTC; the number itself when it is no time (often why the event was dead-lettered)."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")

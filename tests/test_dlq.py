@@ -109,6 +109,20 @@ def restore_logging() -> Iterator[None]:
 # -- list --
 
 
+def given_dead_lettered(
+    aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch, env: Envelope
+) -> None:
+    """``env`` on the DLQ as the consumer leaves it, and both queues in the environment for ``cli.main``."""
+
+    async def given() -> None:
+        async with aws.sqs_client(aws_settings) as sqs:
+            await dead_letter(sqs, queues.dlq_url, env)
+
+    asyncio.run(given())
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+
+
 async def test_list_shows_what_is_there_and_leaves_it(aws_settings: AwsSettings, queues: QueuePair) -> None:
     # GIVEN two dead-lettered events of one issue, one event SQS moved by itself, one foreign message
     async with aws.sqs_client(aws_settings) as sqs:
@@ -169,13 +183,7 @@ def test_list_command_json_and_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # GIVEN one dead-lettered event and the queues in the environment
-    async def given() -> None:
-        async with aws.sqs_client(aws_settings) as sqs:
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0))
-
-    asyncio.run(given())
-    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
-    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    given_dead_lettered(aws_settings, queues, monkeypatch, envelope(ISSUE_A, T0))
 
     # WHEN listed as JSON and as text
     assert cli.main(["dlq", "list", "--json"]) == 0
@@ -198,6 +206,25 @@ def test_list_command_json_and_table(
     assert lines[1].startswith(f"{ISSUE_A}  jira:issue_updated  2023-11-14T22:13:20.000Z")
     assert lines[1].endswith(f"InvalidEvent: cannot apply delivery-{ISSUE_A}-{T0}")
     assert lines[2].startswith("1 listed of about 1 in ")
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("ts_ms", [10**40, -62_135_596_800_001])  # past datetime's range either way
+def test_list_shows_an_event_time_that_is_no_time_as_its_number(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    ts_ms: int,
+) -> None:
+    # GIVEN an event dead-lettered because its time is out of range
+    given_dead_lettered(aws_settings, queues, monkeypatch, envelope(ISSUE_A, ts_ms))
+    # WHEN listed, THEN the listing shows the number instead of failing
+    assert cli.main(["dlq", "list", "--json"]) == 0
+    [message] = json.loads(capsys.readouterr().out)["messages"]
+    assert message["event_time"] == str(ts_ms)
+    assert cli.main(["dlq", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"{ISSUE_A}  jira:issue_updated  {ts_ms}  ")
 
 
 # -- replay --
