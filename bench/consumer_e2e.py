@@ -73,6 +73,7 @@ async def child_consumer(
         wait_time_s=1,
         admin_port=None,
         queue_stats_interval_s=0,
+        export_freshness_interval_s=0,
     )
     async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
         pool = await db.create_pool(

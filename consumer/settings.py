@@ -55,6 +55,8 @@ class ConsumerSettings:
     admin_port: int | None = 9091
     # Queue depth gauges (jiralake_queue_messages) refreshed this often; 0 disables.
     queue_stats_interval_s: float = 30.0
+    # jiralake_export_last_success_timestamp_seconds read from Postgres this often; 0 disables.
+    export_freshness_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.pollers < 1:
@@ -108,4 +110,7 @@ class ConsumerSettings:
             admin_host=env_str(env, "JIRALAKE_CONSUMER_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
             admin_port=admin_port or None,
             queue_stats_interval_s=env_float(env, "JIRALAKE_CONSUMER_QUEUE_STATS_S", 30.0, minimum=0),
+            export_freshness_interval_s=env_float(
+                env, "JIRALAKE_CONSUMER_EXPORT_FRESHNESS_S", 60.0, minimum=0
+            ),
         )

@@ -502,8 +502,9 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
                     ),
                     name="queue-depth-poller",
                 )
+            if settings.export_freshness_interval_s > 0:
                 freshness = asyncio.create_task(
-                    poll_last_export(pool, settings.queue_stats_interval_s, depth_stop),
+                    poll_last_export(pool, settings.export_freshness_interval_s, depth_stop),
                     name="export-freshness-poller",
                 )
             await consumer.run(stop)

@@ -107,6 +107,7 @@ async def _prepare(
         admin_host=options.host,
         admin_port=free_port(options.host),
         queue_stats_interval_s=5.0,
+        export_freshness_interval_s=5.0,
     )
     exporter = ExporterSettings(
         aws=aws, database=database, bucket=BUCKET, schedule=options.export_schedule, timezone="UTC"

@@ -74,7 +74,7 @@ async def clear_tables(conn: asyncpg.Connection) -> None:
 def consumer_settings(
     aws_settings: AwsSettings, queues: QueuePair, db: DatabaseSettings, **overrides: Any
 ) -> ConsumerSettings:
-    """Fast settings for tests: short polls, short backoffs, no admin port, no depth poller."""
+    """Fast settings for tests: short polls, short backoffs, no admin port, no depth or freshness poller."""
     values: dict[str, Any] = {
         "pollers": 1,
         "wait_time_s": 1,
@@ -86,6 +86,7 @@ def consumer_settings(
         "shutdown_grace_s": 10.0,
         "admin_port": None,
         "queue_stats_interval_s": 0,
+        "export_freshness_interval_s": 0,
     }
     values.update(overrides)
     return ConsumerSettings(

@@ -13,9 +13,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from consumer.export_freshness import poll_last_export, publish_last_export
+from consumer.worker import run_consumer
 from shared import db
 from shared.metrics import EXPORT_LAST_SUCCESS, EXPORT_MODES
-from shared.settings import DatabaseSettings
+from shared.provision import QueuePair
+from shared.settings import AwsSettings, DatabaseSettings
+from tests.test_consumer_helpers import consumer_settings, holds, wait_for
 
 INSERT_RUN = """
 INSERT INTO jiralake_export_run (mode, format, status, started_at, finished_at, destination)
@@ -100,3 +103,26 @@ async def test_a_postgres_failure_keeps_the_last_values(pg: asyncpg.Connection, 
     # THEN the gauges keep what they showed
     assert freshness("full") == FULL_OK_AT.timestamp()
     assert freshness("changes") == 0
+
+
+async def test_the_consumer_publishes_it_with_the_queue_gauges_turned_off(
+    pg: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+) -> None:
+    # GIVEN a full export that succeeded, and a consumer without queue gauges (JIRALAKE_CONSUMER_
+    # QUEUE_STATS_S=0, as deploy/iam/README.md allows to drop the DLQ permissions)
+    await run(pg, "full", "succeeded", FULL_OK_AT)
+    settings = consumer_settings(
+        aws_settings, queues, db_settings, queue_stats_interval_s=0, export_freshness_interval_s=0.05
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_consumer(settings, stop), name="test-consumer")
+    try:
+        # THEN the consumer still publishes when the last full export succeeded
+        await wait_for(holds(lambda: freshness("full") == FULL_OK_AT.timestamp()), what="the full gauge")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=20)
