@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--admin-port",
         type=argtypes.port,
-        help="port of /healthz, /readyz, /metrics; 0 disables (default 9091)",
+        help="port of /healthz, /readyz, /metrics; 0 disables (default JIRALAKE_CONSUMER_ADMIN_PORT or 9091)",
     )
     parser.set_defaults(func=_command)
 

@@ -42,8 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "export",
         help="stream ap_jira_task to S3 (CSV, csv.gz or Parquet), once or on a schedule",
-        description="Stream ap_jira_task to S3 through a multipart upload: history/dt=YYYY-MM-DD/, then "
-        "latest/ (atomic copy), then manifests. Settings from JIRALAKE_* (see README.md); flags override.",
+        description="Stream ap_jira_task to S3 through a multipart upload to history/dt=YYYY-MM-DD/ and "
+        "its manifest, then latest/ (atomic copy) and its manifest. Settings from JIRALAKE_* (see "
+        "README.md); flags override.",
     )
     when = parser.add_mutually_exclusive_group()
     when.add_argument(
@@ -57,9 +58,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="print CREATE EXTERNAL TABLE statements for the format, exit",
     )
-    parser.add_argument("--timezone", metavar="TZ", help="IANA time zone of --schedule (default UTC)")
     parser.add_argument(
-        "--format", choices=[f.value for f in ExportFormat], help="csv (default), csv.gz, parquet"
+        "--timezone",
+        metavar="TZ",
+        help="IANA time zone of --schedule (default JIRALAKE_EXPORT_TIMEZONE or UTC)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=[f.value for f in ExportFormat],
+        help="csv, csv.gz, parquet (default JIRALAKE_EXPORT_FORMAT or csv)",
     )
     parser.add_argument("--bucket", help="S3 bucket (default JIRALAKE_BUCKET)")
     parser.add_argument(
@@ -77,19 +84,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--part-size-mib",
         type=argtypes.integer(5, 5120),
         metavar="MIB",
-        help="multipart part size (5..5120, default 8)",
+        help="multipart part size (5..5120, default JIRALAKE_EXPORT_PART_SIZE_MIB or 8)",
     )
     parser.add_argument(
         "--parts-in-flight",
         type=argtypes.positive_int,
         metavar="N",
-        help="parts uploaded at once (default 4)",
+        help="parts uploaded at once (default JIRALAKE_EXPORT_PARTS_IN_FLIGHT or 4)",
     )
     parser.add_argument(
         "--admin-port",
         type=argtypes.port,
         metavar="PORT",
-        help="with --schedule: /healthz /readyz /metrics (0: none)",
+        help="with --schedule: /healthz /readyz /metrics, 0: none "
+        "(default JIRALAKE_EXPORT_ADMIN_PORT or 9092)",
     )
     parser.add_argument(
         "--projection-start",

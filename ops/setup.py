@@ -79,7 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
     parser.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
     parser.add_argument(
-        "--max-receive-count", type=argtypes.integer(1, 1000), help="DLQ redrive threshold (default 5)"
+        "--max-receive-count",
+        type=argtypes.integer(1, 1000),
+        help="DLQ redrive threshold (default JIRALAKE_MAX_RECEIVE_COUNT or 5)",
     )
     parser.set_defaults(func=_command)
 
