@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit
 
 from shared.settings import (
     AwsSettings,
@@ -20,6 +19,7 @@ from shared.settings import (
     env_float,
     env_int,
     env_str,
+    http_url,
     require,
 )
 
@@ -121,10 +121,8 @@ class BackfillSettings:
 
 
 def _base_url(raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
-        # Not repeated: a value such as "me:TOKEN@jira.example" parses as scheme "me" with the token.
-        raise ConfigError("JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net")
+    # Not repeated: a value such as "me:TOKEN@jira.example" parses as scheme "me" with the token.
+    parts = http_url("JIRALAKE_JIRA_URL", raw, "https://example.atlassian.net")
     if parts.username or parts.password:
         raise ConfigError("JIRALAKE_JIRA_URL must not carry credentials; use the JIRALAKE_JIRA_* variables")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"

@@ -7,9 +7,10 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from shared.settings import (
     AwsSettings,
@@ -33,6 +34,9 @@ S3_MAX_SINGLE_COPY_BYTES = 5 * 1024 * MIB
 # The prefix is part of every key and of the LOCATION literals of the Athena DDL: S3's "safe" key
 # characters without the quote, plus = for Hive-style folders (source=jira), in non-empty folders.
 _SAFE_PREFIX = re.compile(r"([A-Za-z0-9!_.*()=-]+(/[A-Za-z0-9!_.*()=-]+)*)?")
+# The bucket is in those LOCATION literals too: S3's bucket naming rules, 3-63 lowercase letters,
+# digits, dots and hyphens, beginning and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 # 8 MiB, as the AWS CLI: (4 + 2) x 8 MiB of part buffers at most, and objects of up to 78 GiB.
 DEFAULT_PART_SIZE_BYTES = 8 * MIB
@@ -110,8 +114,13 @@ class ExporterSettings:
                 "with no empty folder (//): it goes into S3 keys and Athena LOCATION strings"
             )
         zone(self.timezone)
-        if self.schedule is not None and not croniter.is_valid(self.schedule):
-            raise ConfigError(f"schedule {self.schedule!r} is not a valid cron expression")
+        if self.schedule is not None:
+            if not croniter.is_valid(self.schedule):
+                raise ConfigError(f"schedule {self.schedule!r} is not a valid cron expression")
+            try:  # "0 0 31 2 *" is valid cron but never comes: the loop would crash computing its time
+                croniter(self.schedule, datetime.now(self.tzinfo)).get_next(datetime)
+            except CroniterBadDateError:
+                raise ConfigError(f"schedule {self.schedule!r} never fires (no such date)") from None
 
     @property
     def tzinfo(self) -> ZoneInfo:
@@ -123,7 +132,7 @@ class ExporterSettings:
         return cls(
             aws=AwsSettings.from_env(env),
             database=DatabaseSettings.from_env(env),
-            bucket=require(env, "JIRALAKE_BUCKET"),
+            bucket=bucket_name(require(env, "JIRALAKE_BUCKET")),
             prefix=env_str(env, "JIRALAKE_EXPORT_PREFIX", "jiralake") or "",
             format=ExportFormat.parse(env_str(env, "JIRALAKE_EXPORT_FORMAT", "csv") or "csv"),
             part_size_bytes=env_int(
@@ -138,6 +147,15 @@ class ExporterSettings:
             admin_port=admin_port or None,
             admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
         )
+
+
+def bucket_name(name: str) -> str:
+    if not _BUCKET_NAME.fullmatch(name):
+        raise ConfigError(
+            f"bucket {name!r} is not a valid S3 bucket name: 3-63 lowercase letters, digits, dots and "
+            "hyphens, beginning and ending with a letter or digit"
+        )
+    return name
 
 
 def zone(name: str) -> ZoneInfo:

@@ -18,6 +18,7 @@ import structlog
 
 from ops.local_aws import free_port
 from shared.errors import CommandError
+from shared.settings import check_database_url
 
 log = structlog.get_logger()
 
@@ -54,15 +55,17 @@ async def reachable(url: str | None) -> bool:
 
 async def connect_problem(url: str | None) -> str | None:
     """None when PostgreSQL at ``url`` accepts a connection, else why not, in a few words. The URL is
-    never repeated (it may hold a password)."""
+    never repeated (it may hold a password); a malformed one is a ConfigError, as in every command."""
+    if url is not None:
+        check_database_url(url)
     try:
         conn = await asyncpg.connect(dsn=url, timeout=3)
     except (TimeoutError, OSError):
         return "PostgreSQL does not answer there"
     except asyncpg.PostgresError as exc:
         return f"PostgreSQL refused the connection: {exc}"
-    except ValueError as exc:  # asyncpg's ClientConfigurationError included: the URL does not parse
-        return f"it is not a valid PostgreSQL URL ({exc})"
+    except ValueError:  # asyncpg's ClientConfigurationError included; its text may quote the password
+        return "it is not a valid PostgreSQL URL"
     await conn.close()
     return None
 

@@ -6,12 +6,19 @@ them directly. Nothing below ``main()`` reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 MAX_PORT = 65535
+
+# A host name botocore takes for an endpoint: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?")
+# ... or an IP address, an IPv6 zone (%25eth0) of unreserved characters only.
+_IP_ADDRESS_CHARS = re.compile(r"[0-9a-f:.]+(%[a-z0-9._~%-]+)?")
 
 
 class ConfigError(ValueError):
@@ -84,7 +91,28 @@ class AwsSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AwsSettings:
         region = env_str(env, "AWS_REGION") or env_str(env, "AWS_DEFAULT_REGION") or "us-east-1"
-        return cls(region=region, endpoint_url=env_str(env, "AWS_ENDPOINT_URL"))
+        endpoint_url = env_str(env, "AWS_ENDPOINT_URL")
+        if endpoint_url is not None:
+            _check_endpoint_url(endpoint_url)
+        return cls(region=region, endpoint_url=endpoint_url)
+
+
+def _check_endpoint_url(url: str) -> None:
+    """Refuse at start what botocore would refuse with a bare ValueError ("Invalid endpoint", a
+    traceback) on the first client, and what is not an http(s) URL with a usable port."""
+    host = http_url("AWS_ENDPOINT_URL", url, "http://127.0.0.1:5000").hostname or ""
+    name_ok = len(host) <= 255 and _HOST_NAME.fullmatch(host) is not None
+    address_ok = _IP_ADDRESS_CHARS.fullmatch(host) is not None and _is_ip_address(host)
+    if any(c in url for c in "\t\r\n") or not (name_ok or address_ok):
+        raise ConfigError("AWS_ENDPOINT_URL has a host that is not a name (letters, digits, -, .) or an IP")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -118,22 +146,77 @@ class DatabaseSettings:
 
 
 def check_database_url(url: str) -> None:
-    """Refuse what asyncpg would fail on with a bare ValueError (a traceback to the user): another
-    scheme, a port that is not a number. The URL is never repeated: it may hold a password."""
-    parts = urlsplit(url)
+    """Refuse what asyncpg would fail on with a bare ValueError or IndexError (a traceback to the
+    user): a URL that does not parse, another scheme, an empty host in a host list, a port that is not
+    a number (in the host list or in ``?port=``). Hosts are split as asyncpg splits them: after the
+    first @, and a host's port after its first :. The URL is never repeated: it may hold a password."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [, or what is in [ ] is not an IPv6 address
+        raise ConfigError(
+            "DATABASE_URL is not a valid URL (an IPv6 address goes in [ ]; percent-encode any [ or ] in "
+            "the password)"
+        ) from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigError("DATABASE_URL must be a postgresql:// URL")
-    hosts = parts.netloc.rpartition("@")[2]
-    for host in hosts.split(","):  # libpq's multi-host form: h1:5432,h2:5433
-        after_address = host.rpartition("]")[2]  # an IPv6 address is bracketed: [::1]:5432
-        port = after_address.rpartition(":")[2] if ":" in after_address else ""
-        if port and not (port.isdigit() and 0 < int(port) <= MAX_PORT):
-            # Not repeated: a raw #, ? or / in a password ends the user-info early, and the "port"
-            # is then the password's first characters.
-            raise ConfigError(
-                f"DATABASE_URL has a port that is not a number 1..{MAX_PORT} "
-                "(percent-encode any #, ? or / in the password)"
-            )
+    hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc
+    if hosts:
+        for host in hosts.split(","):  # libpq's multi-host form: h1:5432,h2:5433
+            _check_host(host, quoted=True)
+    try:
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
+    except ValueError:  # as asyncpg parses it: a field without "=", an empty field ("&&")
+        raise ConfigError(
+            "DATABASE_URL has a query that is not name=value pairs joined by & "
+            "(percent-encode any #, ? or / in the password)"
+        ) from None
+    for value in query.get("host", []):
+        for host in value.split(","):
+            _check_host(host, quoted=False)
+    for value in query.get("port", []):
+        for port in value.split(","):
+            _check_port(port)
+
+
+def _check_host(host: str, *, quoted: bool) -> None:
+    if not host:
+        raise ConfigError("DATABASE_URL has an empty host in its host list")
+    if host.startswith("/"):  # a Unix socket directory
+        return
+    if host.startswith("["):  # an IPv6 address is bracketed: [::1]:5432
+        port = host.partition("]")[2].partition(":")[2]
+    else:  # asyncpg's reading: all after the first ":", so "h:5432:5433" has the port "5432:5433"
+        port = host.partition(":")[2]
+    if port:
+        _check_port(unquote(port) if quoted else port)
+
+
+def _check_port(port: str) -> None:
+    if not (port.isascii() and port.isdigit() and 0 < int(port) <= MAX_PORT):
+        # Not repeated: a raw #, ? or / in a password ends the user-info early, and the "port" is
+        # then the password's first characters.
+        raise ConfigError(
+            f"DATABASE_URL has a port that is not a number 1..{MAX_PORT} "
+            "(percent-encode any #, ? or / in the password)"
+        )
+
+
+def http_url(name: str, url: str, example: str) -> SplitResult:
+    """``url`` split, when it is an http(s) URL with a host and, if it has one, a port 1..65535; else a
+    ConfigError naming the variable. The value is never repeated: it may carry credentials."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [, or what is in [ ] is not an IPv6 address
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL like {example}")
+    try:
+        port = parts.port  # a ValueError when it is not a number 0..65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{name} has a port that is not a number 1..{MAX_PORT}")
+    return parts
 
 
 def require(env: Mapping[str, str], name: str) -> str:

@@ -46,12 +46,12 @@ def test_settings_from_env_with_defaults() -> None:
         4,
     )
     assert (s.include_raw, s.schedule, s.timezone, s.admin_port) == (False, None, "UTC", 9092)
-    no_admin = ExporterSettings.from_env({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "0"})
+    no_admin = ExporterSettings.from_env({"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_ADMIN_PORT": "0"})
     assert no_admin.admin_port is None
-    at_root = ExporterSettings.from_env({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "/"})
+    at_root = ExporterSettings.from_env({"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_PREFIX": "/"})
     assert at_root.prefix == ""
     hive_style = ExporterSettings.from_env(
-        {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "lake/source=jira/"}
+        {"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_PREFIX": "lake/source=jira/"}
     )
     assert hive_style.prefix == "lake/source=jira"
 
@@ -59,7 +59,7 @@ def test_settings_from_env_with_defaults() -> None:
 def test_settings_from_env_reads_every_variable() -> None:
     s = ExporterSettings.from_env(
         {
-            "JIRALAKE_BUCKET": "b",
+            "JIRALAKE_BUCKET": "bkt",
             "JIRALAKE_EXPORT_PREFIX": "/exports/jira/",
             "JIRALAKE_EXPORT_FORMAT": "PARQUET",
             "JIRALAKE_EXPORT_PART_SIZE_MIB": "64",
@@ -91,24 +91,24 @@ def test_settings_from_env_reads_every_variable() -> None:
     [
         ({}, "JIRALAKE_BUCKET is not set"),
         (
-            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PART_SIZE_MIB": "4"},
+            {"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_PART_SIZE_MIB": "4"},
             "JIRALAKE_EXPORT_PART_SIZE_MIB must be >= 5",
         ),
         (
-            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_FORMAT": "xlsx"},
+            {"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_FORMAT": "xlsx"},
             "export format must be one of csv, csv.gz",
         ),
         (
-            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_TIMEZONE": "Mars/Olympus"},
+            {"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_TIMEZONE": "Mars/Olympus"},
             "unknown time zone 'Mars/Olympus'",
         ),
-        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_SCHEDULE": "every day"}, "not a valid cron expression"),
+        ({"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_SCHEDULE": "every day"}, "not a valid cron expression"),
         (
-            {"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_ADMIN_PORT": "70000"},
+            {"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_ADMIN_PORT": "70000"},
             "JIRALAKE_EXPORT_ADMIN_PORT must be a port number, 0..65535",
         ),
-        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "team's lake"}, 'export prefix "team\'s lake"'),
-        ({"JIRALAKE_BUCKET": "b", "JIRALAKE_EXPORT_PREFIX": "a//b"}, "export prefix 'a//b'"),
+        ({"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_PREFIX": "team's lake"}, 'export prefix "team\'s lake"'),
+        ({"JIRALAKE_BUCKET": "bkt", "JIRALAKE_EXPORT_PREFIX": "a//b"}, "export prefix 'a//b'"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(env: dict[str, str], message: str) -> None:

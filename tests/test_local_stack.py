@@ -178,8 +178,8 @@ def test_up_with_a_malformed_database_url_says_so_in_one_line(tmp_path: Path) ->
     # THEN one line, exit 2, no traceback and no password
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == (
-        "jiralake: DATABASE_URL is set but it is not a valid PostgreSQL URL "
-        "(invalid literal for int() with base 10: '54x2')"
+        "jiralake: configuration error: DATABASE_URL has a port that is not a number 1..65535 "
+        "(percent-encode any #, ? or / in the password)"
     )
 
 

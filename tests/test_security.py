@@ -365,7 +365,7 @@ ENV = {
     "JIRALAKE_QUEUE_URL": "https://sqs.example/q.fifo",
     "JIRALAKE_DLQ_URL": "https://sqs.example/d.fifo",
     "JIRALAKE_WEBHOOK_SECRET": "s",
-    "JIRALAKE_BUCKET": "b",
+    "JIRALAKE_BUCKET": "bkt",
 }
 OPENED = {
     "JIRALAKE_RECEIVER_ADMIN_HOST": "0.0.0.0",

@@ -1,0 +1,203 @@
+"""Bad configuration is refused at start: exit 2 and one line on stderr naming the variable, never a
+traceback, never the password of a ``DATABASE_URL``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backfill.settings import JiraSettings
+from exporter.settings import ExporterSettings
+from shared.settings import AwsSettings, ConfigError, DatabaseSettings
+from tests.test_cli_log_level import _jiralake
+
+CONFIG_ERROR = "jiralake: configuration error: "
+DB_PORT = (
+    "DATABASE_URL has a port that is not a number 1..65535 (percent-encode any #, ? or / in the password)"
+)
+QUEUES = {
+    "JIRALAKE_QUEUE_URL": "http://127.0.0.1:1/1/q.fifo",
+    "JIRALAKE_DLQ_URL": "http://127.0.0.1:1/1/dlq.fifo",
+    "JIRALAKE_WEBHOOK_SECRET": "s",
+}
+BUCKET_RULES = (
+    "is not a valid S3 bucket name: 3-63 lowercase letters, digits, dots and hyphens, beginning and "
+    "ending with a letter or digit"
+)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The message of a configuration error: exit 2, one line on stderr, nothing on stdout."""
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith(CONFIG_ERROR), line
+    return line.removeprefix(CONFIG_ERROR)
+
+
+# -- DATABASE_URL --
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "postgresql://postgres:S3cretPW@[::1/db",
+            "DATABASE_URL is not a valid URL (an IPv6 address goes in [ ]; percent-encode any [ or ] in "
+            "the password)",
+        ),
+        ("postgresql://postgres:S3cretPW@127.0.0.1:5432:5433/db", DB_PORT),
+        ("postgresql://postgres:S3cretPW@/db?host=127.0.0.1&port=abc", DB_PORT),
+        ("postgresql://postgres:S3cretPW@/db?host=127.0.0.1:x", DB_PORT),
+        ("postgresql://postgres:S3cretPW@127.0.0.1:²/db", DB_PORT),
+        ("postgresql://postgres:S3cretPW@[::1]:5x/db", DB_PORT),
+        # a raw @ in the password: asyncpg reads the hosts after the first @, "ret:12@127.0.0.1:5432"
+        ("postgresql://postgres:S3c@ret:12@127.0.0.1:5432/db", DB_PORT),
+        ("postgresql://postgres:S3cretPW@h1,/db", "DATABASE_URL has an empty host in its host list"),
+        (
+            "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode",
+            "DATABASE_URL has a query that is not name=value pairs joined by & (percent-encode any #, ? "
+            "or / in the password)",
+        ),
+    ],
+)
+def test_a_malformed_database_url_is_one_line_without_the_password(url: str, message: str) -> None:
+    # WHEN a command that needs the database starts with a DATABASE_URL asyncpg would choke on
+    result = _jiralake("setup", "--skip-queues", DATABASE_URL=url)
+    # THEN one line names the problem, exit 2, and no part of the password is repeated
+    assert one_line(result) == message
+    assert "S3c" not in result.stderr and "ret:12" not in result.stderr
+
+
+def test_database_urls_asyncpg_reads_are_still_accepted() -> None:
+    for url in (
+        "postgresql://u:p%23w@h1:5432,h2:5433/db",
+        "postgresql://[::1]:5432/db",
+        "postgresql://h:%35432/db",
+        "postgresql:///db?host=h1,h2&port=5432,5433",
+        "postgres:///db?host=/var/run/postgresql",
+        "postgresql://u:p@h/db?sslmode=require&application_name=jiralake",
+    ):
+        assert DatabaseSettings(url=url).url == url
+
+
+def test_up_refuses_a_malformed_database_url_without_the_password(tmp_path: Path) -> None:
+    # GIVEN a raw # in the password: the URL's user-info ends there, "Pa55" would be read as the port
+    url = "postgresql://postgres:Pa55#wXrd@127.0.0.1/db"
+    # WHEN the local stack starts on it
+    result = _jiralake("up", "--port", "0", "--state-dir", str(tmp_path), DATABASE_URL=url)
+    # THEN it is the same configuration error as in every command, without the password
+    assert one_line(result) == DB_PORT
+    assert "Pa55" not in result.stderr and "wXrd" not in result.stderr
+
+
+# -- AWS_ENDPOINT_URL --
+
+
+@pytest.mark.parametrize("command", [("queue", "stats"), ("consumer",), ("receiver",)])
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("not a url", "AWS_ENDPOINT_URL must be an http(s) URL like http://127.0.0.1:5000"),
+        ("http://[::1", "AWS_ENDPOINT_URL must be an http(s) URL like http://127.0.0.1:5000"),
+        (
+            "http://local_stack:4566",
+            "AWS_ENDPOINT_URL has a host that is not a name (letters, digits, -, .) or an IP",
+        ),
+    ],
+)
+def test_a_bad_aws_endpoint_is_one_line_in_every_aws_command(
+    command: tuple[str, ...], endpoint: str, message: str
+) -> None:
+    result = _jiralake(*command, AWS_ENDPOINT_URL=endpoint, **QUEUES)
+    assert one_line(result) == message
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("ftp://127.0.0.1:21", "must be an http(s) URL"),
+        ("http://:4566", "must be an http(s) URL"),
+        ("http://localhost:45x6", "has a port that is not a number 1..65535"),
+        ("http://localhost:0", "has a port that is not a number 1..65535"),
+        ("http://localhost:99999", "has a port that is not a number 1..65535"),
+        ("http://[fe80::1%25eth[0]]:1", "has a host that is not a name"),  # an IPv6 zone botocore refuses
+    ],
+)
+def test_aws_endpoints_botocore_would_refuse_are_config_errors(endpoint: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^AWS_ENDPOINT_URL {re.escape(message)}"):
+        AwsSettings.from_env({"AWS_ENDPOINT_URL": endpoint})
+
+
+def test_local_and_real_aws_endpoints_are_accepted() -> None:
+    for endpoint in (
+        "http://127.0.0.1:5000",
+        "http://[::1]:5000",
+        "http://localhost:4566/",
+        "http://moto-server.local.:5000",
+        "https://s3.sa-east-1.amazonaws.com",
+    ):
+        assert AwsSettings.from_env({"AWS_ENDPOINT_URL": endpoint}).endpoint_url == endpoint
+
+
+# -- JIRALAKE_JIRA_URL --
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net"),
+        ("https://jira.example.com:443x", "JIRALAKE_JIRA_URL has a port that is not a number 1..65535"),
+    ],
+)
+def test_a_bad_jira_url_is_refused_at_start_not_retried(url: str, message: str) -> None:
+    # WHEN a backfill starts with it THEN it stops at once (no request, no retries) in one line
+    result = _jiralake("backfill", "--dry-run", JIRALAKE_JIRA_URL=url, JIRALAKE_JIRA_PAT="NjM0-pat", **QUEUES)
+    assert one_line(result) == message
+
+
+def test_a_jira_url_with_a_port_and_a_context_path_is_accepted() -> None:
+    env = {"JIRALAKE_JIRA_URL": "https://jira.example.com:8443/jira/", "JIRALAKE_JIRA_PAT": "NjM0-pat"}
+    assert JiraSettings.from_env(env).url == "https://jira.example.com:8443/jira"
+
+
+# -- the exporter's schedule and bucket --
+
+
+def test_a_schedule_that_never_fires_is_one_line() -> None:
+    expected = "schedule '0 0 31 2 *' never fires (no such date)"
+    flag = _jiralake("export", "--schedule", "0 0 31 2 *", "--admin-port", "0", "--bucket", "lake-bucket")
+    assert one_line(flag) == expected
+    env = _jiralake("export", JIRALAKE_EXPORT_SCHEDULE="0 0 31 2 *", JIRALAKE_BUCKET="lake-bucket")
+    assert one_line(env) == expected
+
+
+def test_a_schedule_that_fires_rarely_is_accepted() -> None:
+    env = {"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_SCHEDULE": "0 3 29 2 *"}
+    assert ExporterSettings.from_env(env).schedule == "0 3 29 2 *"
+
+
+def test_a_bucket_name_s3_would_refuse_never_reaches_the_athena_ddl() -> None:
+    # WHEN the DDL is asked for a bucket that would break out of its LOCATION literal
+    result = _jiralake("export", "--athena-ddl", "--bucket", "x'; DROP TABLE t; --")
+    # THEN no SQL is printed, and one line says why
+    assert one_line(result) == f'bucket "x\'; DROP TABLE t; --" {BUCKET_RULES}'
+    assert one_line(_jiralake("export", "--athena-ddl", JIRALAKE_BUCKET="Lake_Bucket")) == (
+        f"bucket 'Lake_Bucket' {BUCKET_RULES}"
+    )
+
+
+@pytest.mark.parametrize(
+    "bucket", ["ab", "a" * 64, "-lake", "lake-", ".lake", "Lake", "lake_bucket", "lake bucket"]
+)
+def test_bucket_names_outside_s3_rules_are_refused(bucket: str) -> None:
+    with pytest.raises(ConfigError, match=f"^bucket '{bucket}' is not a valid S3 bucket name"):
+        ExporterSettings.from_env({"JIRALAKE_BUCKET": bucket})
+
+
+@pytest.mark.parametrize("bucket", ["abc", "a" * 63, "my.lake-2024", "1lake9"])
+def test_bucket_names_within_s3_rules_are_accepted(bucket: str) -> None:
+    assert ExporterSettings.from_env({"JIRALAKE_BUCKET": bucket}).bucket == bucket
