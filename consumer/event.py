@@ -10,7 +10,6 @@ Event kinds (docs/consumer.md):
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,10 +17,17 @@ from typing import Any
 import orjson
 
 from consumer.issue_row import IssueRow, is_full, issue_row, user_id
-from consumer.ordering import MAX_VERSION_MS, tiebreak_for, version_time
+from consumer.ordering import tiebreak_for, version_time
 from consumer.outcomes import InvalidMessage
 from shared.envelope import Envelope
-from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT, Ignored, route
+from shared.jira_event import (
+    RECONCILED_DELETE_EVENT,
+    SNAPSHOT_EVENT,
+    Ignored,
+    is_event_time_ms,
+    is_issue_id,
+    route,
+)
 
 FIELD_EVENTS = frozenset(
     {"jira:issue_created", "jira:issue_updated", "jira:worklog_updated", "jira:issue_deleted", SNAPSHOT_EVENT}
@@ -29,9 +35,6 @@ FIELD_EVENTS = frozenset(
 DELETE_EVENTS = frozenset({"jira:issue_deleted", RECONCILED_DELETE_EVENT})
 SOURCES = {SNAPSHOT_EVENT: "backfill", RECONCILED_DELETE_EVENT: "reconcile"}
 WEBHOOK_SOURCE = "webhook"
-
-_ISSUE_ID = re.compile(r"^[0-9]{1,19}$")
-_MAX_BIGINT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,9 @@ class ConsumerEvent:
 
 def parse_envelope(envelope: Envelope) -> ConsumerEvent:
     """Raises :class:`InvalidMessage` (or ``InvalidEvent``) when the message can never be applied."""
-    if not _ISSUE_ID.match(envelope.issue_id) or int(envelope.issue_id) > _MAX_BIGINT:
+    if not is_issue_id(envelope.issue_id):
         raise InvalidMessage(f"issue_id attribute {envelope.issue_id[:40]!r} is not a Jira issue id")
-    if not 0 < envelope.event_ts_ms <= MAX_VERSION_MS:
+    if not is_event_time_ms(envelope.event_ts_ms):
         raise InvalidMessage(f"event_ts_ms attribute {envelope.event_ts_ms} is not a time in ms")
     try:
         payload = decode_json(envelope.body)
@@ -95,7 +98,7 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
         tiebreak=tiebreak,
         event_at=version_time(envelope.event_ts_ms),
         received_at=(
-            version_time(envelope.received_at_ms) if 0 < envelope.received_at_ms <= MAX_VERSION_MS else None
+            version_time(envelope.received_at_ms) if is_event_time_ms(envelope.received_at_ms) else None
         ),
         source=SOURCES.get(routed.event_type, WEBHOOK_SOURCE),
         changelog=items if isinstance(items, list) else None,

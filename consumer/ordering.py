@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from consumer.event import ConsumerEvent
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# 9999-12-31T23:59:59.999Z: the last millisecond both Python and Postgres represent.
-MAX_VERSION_MS = 253_402_300_799_999
+# The range of versions (shared.jira_event.MAX_VERSION_MS) is defined with routing, which refuses
+# events outside it before they are queued.
 NO_CHANGELOG_ID = "0" * 20
 _CHANGELOG_ID = re.compile(r"^\d{1,20}$")
 

@@ -8,6 +8,7 @@ starts its micro-batcher on startup and flushes it on cleanup, so tests run it w
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
-from receiver.intake import IntakeRules, admit
+from receiver.intake import IntakeRules, admit, error_text
 from receiver.outcomes import Answer, Outcome, Rejected
 from receiver.readiness import QueueReadiness
 from receiver.settings import LINGER_S, MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ReceiverSettings
@@ -122,15 +125,49 @@ def build_app(
 def server_options(settings: ReceiverSettings) -> dict[str, Any]:
     """aiohttp's connection-level limits for the webhook port (``AppRunner``/``TestServer`` keywords):
     explicit header size limits (beyond them: 400, or 414 for the request line), the idle timeout
-    that also closes a connection whose headers never finish arriving, and a short lingering time
-    (aiohttp's default of 10 s would let a refused body keep trickling in that long)."""
+    that also closes a connection whose headers never finish arriving, a short lingering time
+    (aiohttp's default of 10 s would let a refused body keep trickling in that long), and the logger
+    aiohttp reports its own refusals through (:class:`ClientFaultsAsWarnings`)."""
     return {
         "max_line_size": MAX_LINE_BYTES,
         "max_field_size": MAX_FIELD_BYTES,
         "max_headers": MAX_HEADERS,
         "keepalive_timeout": settings.idle_timeout_s,
         "lingering_time": LINGER_S,
+        "logger": HTTP_SERVER_LOG,
     }
+
+
+# What a client alone can cause inside aiohttp: a request it cannot parse (a request line or header
+# beyond the limits, broken chunked framing, a Content-Encoding that does not decode), a body that
+# fails while aiohttp reads what is left of it after the answer, a connection the client dropped.
+_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
+
+
+class ClientFaultsAsWarnings(logging.Filter):
+    """aiohttp answers some requests itself, before or without the handler (400 for a request it
+    cannot parse), and logs each of them at ERROR with a traceback, as it logs a server's crash. Those
+    are the client's doing: they become one WARNING line naming the error, without the traceback; a
+    client that merely went away becomes DEBUG (the handler already logged its request, if any).
+    Records of any other exception stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.ERROR or not isinstance(exc, _CLIENT_FAULTS):
+            return True
+        level = logging.DEBUG if isinstance(exc, ConnectionError) else logging.WARNING
+        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {error_text(exc)}"
+        record.args = None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.exc_info, record.exc_text = None, None
+        # The level was checked for ERROR; a record made quieter is kept only if its new level is on.
+        return logging.getLogger(record.name).isEnabledFor(level)
+
+
+# aiohttp's request handler for the webhook port logs here (server_options): a child of aiohttp's
+# own "aiohttp.server", so its records go wherever that logger's go.
+HTTP_SERVER_LOG = logging.getLogger("aiohttp.server.receiver")
+HTTP_SERVER_LOG.addFilter(ClientFaultsAsWarnings())
 
 
 async def _batcher_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -170,9 +207,25 @@ async def handle_webhook(request: web.Request) -> web.Response:
         **fields,
     )
     response = answer.response()
-    if answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT) or not request.content.at_eof():
+    if request.content.exception() is not None:
+        await _answer_and_close(request, response)
+    elif answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT) or not request.content.at_eof():
         response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
     return response
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Answer a request whose body failed to read (it did not decode, or the client went away), then
+    close the connection. After a handler returns, aiohttp reads whatever is left of the body before
+    closing (its lingering close); reading a failed body raises its error again, which aiohttp would
+    log as an "Unhandled exception" with a traceback. A failed body has nothing left to read."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        return  # the client is gone: aiohttp sees that too, and closes without reading on
+    request.protocol.force_close()  # the answer is written: close once it is sent, skip the lingering
 
 
 async def handle_unrouted(request: web.Request) -> web.Response:

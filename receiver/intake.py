@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import StreamReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from receiver.batcher import MAX_ENTRY_BYTES
@@ -37,6 +38,8 @@ _EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}$")
 UNNAMED_EVENT = "unknown"
 # The only characters valid JSON text can hold raw that SQS refuses in a message body.
 _SQS_FORBIDDEN = ("\ufffe", "\uffff")
+# How aiohttp's HTTP errors begin their text ("400, message:\n  ...").
+_STATUS_PREFIX = re.compile(r"^[0-9]{3}, message:")
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,18 @@ async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int
     except TimeoutError:
         reason = f"the body did not arrive within {rules.body_timeout_s:g}s"
         raise Rejected(Outcome.TIMED_OUT, reason) from None
-    except RequestPayloadError as exc:
-        # Broken chunked framing, a body cut short, or a Content-Encoding that does not decode.
-        raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {exc}") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        # Broken chunked framing, or a Content-Encoding that does not decode (aiohttp's pure-Python
+        # parser fails a read with the framing error itself, its C parser with RequestPayloadError).
+        raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {error_text(exc)}") from None
+    except (ConnectionError, RuntimeError) as exc:
+        # The client closed the connection before the whole body arrived: aiohttp fails the read
+        # with ConnectionResetError, or with RuntimeError("Connection closed.") when the connection
+        # was already gone as the read began. Any other RuntimeError is a bug, and goes on.
+        if isinstance(exc, RuntimeError) and request.transport is not None:
+            raise
+        reason = "the client closed the connection before the whole body arrived"
+        raise Rejected(Outcome.CLIENT_CLOSED, reason) from None
     signed_with: str | None = None
     if rules.secrets is not None:
         try:
@@ -155,6 +167,13 @@ def _check_content_type(request: web.Request) -> None:
 
 def _too_large(max_bytes: int) -> str:
     return f"body is larger than the limit of {max_bytes} bytes"
+
+
+def error_text(exc: BaseException) -> str:
+    """An error of aiohttp's about a request, as one short line: its text starts with "400, message:"
+    and a line break, and a framing error quotes the bytes it stumbled on."""
+    text = _STATUS_PREFIX.sub("", str(exc), count=1)
+    return " ".join(text.split())[:200] or type(exc).__name__
 
 
 def _decode(body: bytes) -> str:

@@ -11,6 +11,9 @@ other 4xx, so:
 - ``unavailable`` (503 + ``Retry-After``): not stored this time (SQS failed, timed out or refused
   the entry, the receiver is overloaded or shutting down); Jira retries the same delivery, which SQS
   deduplicates.
+- ``client_closed`` (499, nginx's "client closed request"; never sent): the client closed the
+  connection before its whole body arrived, so there is no one to answer. Nothing is stored; Jira
+  retries a delivery that got no answer.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Outcome(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     TIMED_OUT = "request_timeout"
     UNAVAILABLE = "unavailable"
+    CLIENT_CLOSED = "client_closed"
 
 
 STATUS: dict[Outcome, int] = {
@@ -43,6 +47,7 @@ STATUS: dict[Outcome, int] = {
     Outcome.UNSUPPORTED_MEDIA_TYPE: 415,
     Outcome.TIMED_OUT: 408,
     Outcome.UNAVAILABLE: 503,
+    Outcome.CLIENT_CLOSED: 499,
 }
 
 

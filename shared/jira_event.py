@@ -34,10 +34,30 @@ _COMMENT_SELF = re.compile(r"/issue/([0-9]+)/comment/")
 # ASCII digits only: \d and str.isdigit() also take other scripts' digits and "²", which int() or SQS
 # refuse (a 500, or a MessageGroupId SQS rejects).
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
+_ANY_DIGITS = re.compile(r"^[0-9]+$")
+
+# What the consumer can store and order by; the receiver refuses (400) what lies outside, rather than
+# queue an event the consumer could only dead-letter. One definition, for both.
+# PostgreSQL's bigint, the type of ap_jira_task.issue_id.
+MAX_ISSUE_ID = 2**63 - 1
+# An event's time (its version, consumer/ordering.py) in ms since the epoch: after the epoch, and at
+# most 9999-12-31T23:59:59.999Z, the last millisecond both Python and PostgreSQL represent.
+MAX_VERSION_MS = 253_402_300_799_999
+
+
+def is_issue_id(text: str) -> bool:
+    """``text`` is an issue id the consumer can store: 1-19 ASCII digits, at most :data:`MAX_ISSUE_ID`."""
+    return _DIGITS.match(text) is not None and int(text) <= MAX_ISSUE_ID
+
+
+def is_event_time_ms(ms: int) -> bool:
+    """``ms`` is an event time the consumer can order by and store (see :data:`MAX_VERSION_MS`)."""
+    return 0 < ms <= MAX_VERSION_MS
 
 
 class InvalidEvent(ValueError):
-    """The body can never be routed: not JSON, not an object, or an issue event without an issue id."""
+    """The body can never be routed or applied: not JSON, not an object, an issue event without a
+    usable issue id, or one whose time lies outside what the consumer can store."""
 
 
 def _id_text(value: Any) -> Any:
@@ -143,7 +163,12 @@ def route(payload: Any, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXE
     issue_id = issue_id_of(hook)
     if issue_id is None:
         raise InvalidEvent(f"{event_type} event carries no issue id")
-    if not _DIGITS.match(issue_id):
+    if not is_issue_id(issue_id):
+        if _ANY_DIGITS.match(issue_id):
+            raise InvalidEvent(
+                f"{event_type} event has issue id {issue_id[:40]!r}, beyond the largest one jiralake "
+                f"can store ({MAX_ISSUE_ID})"
+            )
         raise InvalidEvent(f"{event_type} event has a non-numeric issue id {issue_id[:40]!r}")
     return Routed(event_type, issue_id, event_time_ms(hook), hook)
 
@@ -165,21 +190,40 @@ def issue_id_of(hook: JiraWebhook) -> str | None:
 
 
 def event_time_ms(hook: JiraWebhook) -> int | None:
-    """The event's own time: ``timestamp`` (ms) when it is one, else the issue's ``updated`` time."""
-    ts = timestamp_ms(hook.timestamp)
+    """The event's own time: ``timestamp`` (ms) when it is one, else the issue's ``updated`` time;
+    None when the body has neither. Raises :class:`InvalidEvent` when the time it finds lies outside
+    what the consumer can store (:func:`is_event_time_ms`)."""
+    updated = hook.issue.fields.get("updated") if hook.issue is not None and hook.issue.fields else None
+    return _event_time_ms(hook.timestamp, updated)
+
+
+def _event_time_ms(timestamp: Any, updated: Any) -> int | None:
+    ts = timestamp_ms(timestamp)
     if ts is not None:
+        if not is_event_time_ms(ts):
+            raise InvalidEvent(
+                f"timestamp is more than {MAX_VERSION_MS} ms since the epoch (9999-12-31T23:59:59.999Z), "
+                "the last time jiralake can store"
+            )
         return ts
-    if hook.issue is not None and hook.issue.fields:
-        return parse_jira_time_ms(hook.issue.fields.get("updated"))
-    return None
+    updated_ms = parse_jira_time_ms(updated)
+    if updated_ms is not None and not is_event_time_ms(updated_ms):
+        raise InvalidEvent(
+            f"issue.fields.updated {str(updated)[:40]!r} is outside the times jiralake can store "
+            "(after 1970-01-01T00:00:00Z, up to 9999-12-31T23:59:59.999Z)"
+        )
+    return updated_ms
 
 
 def timestamp_ms(ts: Any) -> int | None:
-    """Jira's ``timestamp`` (ms since the epoch, a number or ASCII digits) when it is one, else None."""
+    """Jira's ``timestamp`` (ms since the epoch, a number or ASCII digits) when it is a positive one,
+    else None. It may be too large to be a time: :func:`is_event_time_ms` tells."""
     if isinstance(ts, int) and not isinstance(ts, bool):
         return ts if ts > 0 else None
-    if isinstance(ts, str) and _DIGITS.match(ts):
-        value = int(ts)
+    if isinstance(ts, str) and _ANY_DIGITS.match(ts):
+        digits = ts.lstrip("0")
+        # Beyond 19 digits it is no time whatever the digits are: never int() an unbounded string.
+        value = int(digits or "0") if len(digits) <= 19 else MAX_VERSION_MS + 1
         return value if value > 0 else None
     return None
 
@@ -288,16 +332,12 @@ def route_json(
     if not event_type.startswith(ISSUE_EVENT_PREFIXES) or not event_type.startswith(accepted_prefixes):
         return Ignored(event_type)
     issue_id = issue_id_of(hook)  # type: ignore[arg-type]  # same attribute names as JiraWebhook
-    if issue_id is None or not _DIGITS.match(issue_id):
+    if issue_id is None or not is_issue_id(issue_id):
         return None
-    return RouteKey(event_type, issue_id, _slim_event_time_ms(hook))
-
-
-def _slim_event_time_ms(hook: _SlimWebhook) -> int | None:
     # event_time_ms for the slim model: the same rules, reading issue.fields.updated.
-    ts = timestamp_ms(hook.timestamp)
-    if ts is not None:
-        return ts
-    if hook.issue is not None and hook.issue.fields is not None:
-        return parse_jira_time_ms(hook.issue.fields.updated)
-    return None
+    fields = hook.issue.fields if hook.issue is not None else None
+    try:
+        event_ts_ms = _event_time_ms(hook.timestamp, fields.updated if fields is not None else None)
+    except InvalidEvent:
+        return None
+    return RouteKey(event_type, issue_id, event_ts_ms)

@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 RECEIVER_REQUESTS = Counter(
     "jiralake_receiver_requests_total",
     "Webhook requests by outcome (accepted, ignored, bad_request, unauthorized, too_large, "
-    "unsupported_media_type, request_timeout, unavailable).",
+    "unsupported_media_type, request_timeout, unavailable, client_closed).",
     ["outcome"],
 )
 RECEIVER_REQUEST_SECONDS = Histogram(

@@ -13,19 +13,25 @@ import asyncio
 import copy
 import gzip
 import json
+import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from ops.local_aws import free_port
 from receiver.app import build_app, server_options
 from receiver.settings import LINGER_S, WEBHOOK_EVENT_PREFIXES, ReceiverSettings
 from receiver.signature import sign
@@ -36,7 +42,9 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests import fuzz_report, jira_fixtures
 from tests.conftest import consume_all, drain
+from tests.test_consumer_helpers import holds, wait_for
 from tests.test_receiver import receiver_settings as receiver_test_settings
+from tests.test_receiver import requests_counted
 
 SECRET = "hostile-input-secret"
 WRONG_SECRET = "not-the-secret"
@@ -158,6 +166,8 @@ ODD_VALUES: list[Any] = [
     "\ud800",
     "'; DROP TABLE ap_jira_task; --",
     {"id": None},
+    # A time, but one the consumer cannot store (as `updated`: the event is refused, never queued).
+    "0001-01-01T00:00:00.000+1400",
 ]
 
 
@@ -467,6 +477,113 @@ async def test_slow_and_idle_clients_are_cut_off_while_others_are_served(harness
             writer.close()
     await harness.assert_alive()
     harness.report.counts["explicit"] += 102
+
+
+# -- clients that hang up, bodies that do not decode: answered, logged once, never a traceback ----
+
+
+@asynccontextmanager
+async def served_as_in_production(aws_settings: AwsSettings, queue_url: str) -> AsyncIterator[int]:
+    """The receiver on an AppRunner as receiver.main serves it; yields its port. aiohttp's TestServer
+    cancels a handler whose client went away, which a production server does not."""
+    settings = receiver_settings(aws_settings, queue_url)
+    async with aws.sqs_client(aws_settings) as sqs:
+        runner = web.AppRunner(build_app(settings, sqs), access_log=None, **server_options(settings))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            yield port
+        finally:
+            await runner.cleanup()
+
+
+def request_head(**headers: str | int) -> bytes:
+    lines = ["POST /webhooks/jira HTTP/1.1", "Host: x", f"Content-Type: {JSON_TYPE}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def tracebacks_and_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("how", ["close", "close-at-once", "reset"])
+async def test_a_client_that_hangs_up_mid_body_is_logged_once_without_a_traceback(
+    aws_settings: AwsSettings, queues: QueuePair, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    caplog.set_level(logging.WARNING)
+    before = requests_counted("client_closed")
+    async with served_as_in_production(aws_settings, queues.queue_url) as port:
+        with capture_logs() as logs:
+            # GIVEN a client that declares 500 bytes, sends 5, and hangs up (a FIN, at once or while
+            # the body is being read, or a reset)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_head(Content_Length=500) + b'{"a":')
+            await writer.drain()
+            if how != "close-at-once":
+                await asyncio.sleep(0.3)
+            if how == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            # THEN its request is logged once, as client_closed, and counted
+            webhooks = holds(lambda: any(entry["event"] == "webhook" for entry in logs))
+            await wait_for(webhooks, timeout_s=5, what="the webhook log line")
+            await asyncio.sleep(0.2)  # anything aiohttp logs after the handler
+    [line] = [entry for entry in logs if entry["event"] == "webhook"]
+    assert (line["outcome"], line["log_level"]) == ("client_closed", "warning"), line
+    assert line["reason"] == "the client closed the connection before the whole body arrived"
+    assert requests_counted("client_closed") - before == 1
+    # AND nothing is logged at ERROR, and no traceback at all
+    assert tracebacks_and_errors(caplog) == []
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        # curl -H 'Content-Encoding: gzip' --data-binary '{"a":1}'
+        ({"Content_Encoding": "gzip"}, b'{"a":1}'),
+        ({"Content_Encoding": "gzip"}, b"\x1f\x8b" + b"not the rest of a gzip stream"),
+        ({"Content_Encoding": "deflate"}, b'{"a":1}'),
+        ({"Content_Encoding": "br"}, b'{"a":1}'),
+        ({"Transfer_Encoding": "chunked"}, b"zz\r\nabc\r\n0\r\n\r\n"),
+    ],
+    ids=["gzip-plain-json", "gzip-broken-stream", "deflate-plain-json", "brotli", "chunked-bad-size"],
+)
+async def test_a_body_that_does_not_decode_is_400_without_a_traceback(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    caplog: pytest.LogCaptureFixture,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    if "Transfer_Encoding" not in headers:
+        headers = {**headers, "Content_Length": str(len(body))}
+    async with served_as_in_production(aws_settings, queues.queue_url) as port:
+        with capture_logs() as logs:
+            # WHEN it is sent; the answer is read until the server closes the connection
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_head(**headers) + body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+    # THEN it gets 400 from the handler (a webhook line with the reason) or, for what aiohttp
+    # refuses before the handler runs, from aiohttp (one WARNING line naming the error)
+    assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+    webhooks = [entry for entry in logs if entry["event"] == "webhook"]
+    refusals = [r for r in caplog.records if r.name == "aiohttp.server.receiver"]
+    assert len(webhooks) + len(refusals) == 1, (webhooks, [r.getMessage() for r in refusals])
+    for entry in webhooks:
+        assert entry["outcome"] == "bad_request"
+        assert entry["reason"].startswith("the body could not be read: ") and "\n" not in entry["reason"]
+    for record in refusals:
+        assert record.levelno == logging.WARNING and "Error" in record.getMessage()
+    # AND nothing is logged at ERROR, and no traceback at all
+    assert tracebacks_and_errors(caplog) == []
+    assert await drain(aws_settings, queues.queue_url) == []
 
 
 # -- end to end through the consumer into Postgres ----------------------------------------------

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from consumer.event import parse_envelope
 from ops.local_aws import free_port
 from receiver.app import RECEIVER, build_app
 from receiver.batcher import MAX_ENTRY_BYTES, SqsBatcher
@@ -353,6 +354,67 @@ async def test_bad_requests_get_the_right_4xx_with_a_json_reason_and_nothing_is_
     assert requests_counted(outcome) - counted_before == 1
     assert batch_calls() == calls_before
     assert await drain(aws_settings, queues.queue_url) == []
+
+
+def issue_event(issue: dict[str, Any], **body: Any) -> bytes:
+    return json.dumps({"webhookEvent": "jira:issue_updated", **body, "issue": issue}).encode()
+
+
+TOO_LATE = (
+    "timestamp is more than 253402300799999 ms since the epoch (9999-12-31T23:59:59.999Z), the last "
+    "time jiralake can store"
+)
+OUT_OF_RANGE = (
+    "is outside the times jiralake can store (after 1970-01-01T00:00:00Z, up to 9999-12-31T23:59:59.999Z)"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (issue_event({"id": "9999999999999999999"}, timestamp=1_700_000_000_000),
+         "jira:issue_updated event has issue id '9999999999999999999', beyond the largest one jiralake "
+         "can store (9223372036854775807)"),
+        (issue_event({"id": "1"}, timestamp=10**40), TOO_LATE),
+        (issue_event({"id": "1"}, timestamp=10**200), TOO_LATE),
+        (issue_event({"id": "1", "fields": {"updated": "0001-01-01T00:00:00.000+1400"}}),
+         f"issue.fields.updated '0001-01-01T00:00:00.000+1400' {OUT_OF_RANGE}"),
+        (issue_event({"id": "1", "fields": {"updated": "9999-12-31T23:59:59.999-1400"}}),
+         f"issue.fields.updated '9999-12-31T23:59:59.999-1400' {OUT_OF_RANGE}"),
+    ],
+    ids=["issue-id-over-bigint", "timestamp-1e40", "timestamp-1e200", "updated-year-1", "updated-year-9999"],
+)  # fmt: skip
+async def test_an_event_the_consumer_could_never_apply_is_400_at_once_not_queued(
+    aws_settings: AwsSettings, queues: QueuePair, body: bytes, reason: str
+) -> None:
+    # GIVEN a signed issue event whose issue id or time the consumer cannot store (it would dead-letter it)
+    counted_before = requests_counted("bad_request")
+    async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
+        answer = await post(client, body)
+    # THEN Jira is told 400 with the reason, and nothing is queued
+    assert answer[:2] == (400, {"status": "bad_request", "reason": reason})
+    assert requests_counted("bad_request") - counted_before == 1
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+async def test_the_largest_issue_id_and_latest_time_are_accepted_and_the_consumer_takes_them(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN events at the bounds: the largest bigint issue id, the last storable millisecond, and an
+    # updated time just after the epoch (no timestamp)
+    bodies = [
+        issue_event({"id": str(2**63 - 1)}, timestamp=253_402_300_799_999),
+        issue_event({"id": "2", "fields": {"updated": "1970-01-01T00:00:00.001Z"}}),
+    ]
+    async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
+        answers = [await post(client, body) for body in bodies]
+    # THEN both are accepted, and the consumer parses both messages as they were queued
+    assert [status for status, _, _ in answers] == [202, 202]
+    events = sorted(
+        (parse_envelope(Envelope.from_message(m)) for m in await drain(aws_settings, queues.queue_url)),
+        key=lambda event: event.version,
+    )
+    assert [(event.issue_id, event.version) for event in events] == [(2, 1), (2**63 - 1, 253_402_300_799_999)]
 
 
 NOT_FOUND = {"status": "not_found", "reason": "no such endpoint; Jira webhooks go to POST /webhooks/jira"}

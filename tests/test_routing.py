@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from shared.jira_event import Ignored, InvalidEvent, Routed, parse_jira_time_ms, route
+from shared.jira_event import (
+    MAX_ISSUE_ID,
+    MAX_VERSION_MS,
+    Ignored,
+    InvalidEvent,
+    Routed,
+    parse_jira_time_ms,
+    route,
+)
 from tests import jira_fixtures
 
 EXPECTED_ISSUE = {
@@ -56,3 +66,62 @@ def test_jira_times_parse_with_colonless_offsets() -> None:
     assert parse_jira_time_ms("2019-02-15T19:01:52.971-0800") == 1550286112971
     assert parse_jira_time_ms("2020-07-07T00:37:08.707Z") == 1594082228707
     assert parse_jira_time_ms("30/Mar/18") is None
+
+
+def _issue_event(issue: dict[str, object], **body: object) -> dict[str, object]:
+    return {"webhookEvent": "jira:issue_updated", **body, "issue": issue}
+
+
+TOO_LATE = f"is more than {MAX_VERSION_MS} ms since the epoch"
+OUT_OF_RANGE = "is outside the times jiralake can store"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_issue_event({"id": "9223372036854775808"}, timestamp=1),
+         "has issue id '9223372036854775808', beyond the largest one jiralake can store"),
+        (_issue_event({"id": "9999999999999999999"}, timestamp=1), "beyond the largest one"),
+        (_issue_event({"id": 10**30}, timestamp=1), "beyond the largest one"),
+        (_issue_event({"id": "1"}, timestamp=MAX_VERSION_MS + 1), TOO_LATE),
+        (_issue_event({"id": "1"}, timestamp=10**40), TOO_LATE),
+        (_issue_event({"id": "1"}, timestamp=10**200), TOO_LATE),
+        (_issue_event({"id": "1"}, timestamp="9" * 30), TOO_LATE),
+        (_issue_event({"id": "1", "fields": {"updated": "0001-01-01T00:00:00.000+1400"}}),
+         f"issue.fields.updated '0001-01-01T00:00:00.000+1400' {OUT_OF_RANGE}"),
+        (_issue_event({"id": "1", "fields": {"updated": "9999-12-31T23:59:59.999-1400"}}), OUT_OF_RANGE),
+        (_issue_event({"id": "1", "fields": {"updated": "1969-12-31T23:59:59.999Z"}}), OUT_OF_RANGE),
+        (_issue_event({"id": "1", "fields": {"updated": "1970-01-01T00:00:00.000Z"}}, timestamp=0),
+         OUT_OF_RANGE),
+    ],
+    ids=[
+        "id-2^63", "id-19-nines", "id-30-digits", "ts-max+1", "ts-1e40", "ts-1e200", "ts-30-digit-string",
+        "updated-year-1", "updated-year-9999-west", "updated-1969", "updated-epoch-no-ts",
+    ],
+)  # fmt: skip
+def test_events_the_consumer_could_never_store_are_refused(payload: object, reason: str) -> None:
+    # The consumer stores the issue id as a bigint and orders by the event time in ms, which must lie
+    # after the epoch and by 9999-12-31T23:59:59.999Z (consumer/event.py parse_envelope).
+    with pytest.raises(InvalidEvent, match=re.escape(reason)):
+        route(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "event_ts_ms"),
+    [
+        (_issue_event({"id": str(MAX_ISSUE_ID)}, timestamp=MAX_VERSION_MS), MAX_VERSION_MS),
+        (_issue_event({"id": "1"}, timestamp="000000000000000000000001"), 1),
+        (_issue_event({"id": "1", "fields": {"updated": "9999-12-31T23:59:59.999Z"}}), MAX_VERSION_MS),
+        (_issue_event({"id": "1", "fields": {"updated": "1970-01-01T00:00:00.001Z"}}), 1),
+        # A timestamp that is no time falls back to the updated time; one that is a time wins.
+        (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=-5),
+         1594082228707),
+        (_issue_event({"id": "1", "fields": {"updated": "0001-01-01T00:00:00.000+1400"}}, timestamp=7), 7),
+    ],
+    ids=["largest-id-and-time", "zero-padded-ts", "updated-last-ms", "updated-first-ms", "ts-negative",
+         "ts-wins"],
+)  # fmt: skip
+def test_the_bounds_themselves_are_accepted(payload: object, event_ts_ms: int) -> None:
+    routed = route(payload)
+    assert isinstance(routed, Routed)
+    assert routed.event_ts_ms == event_ts_ms

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.jira_event import Ignored, InvalidEvent, Routed, RouteKey, route, route_json
+from shared.jira_event import (
+    MAX_ISSUE_ID,
+    MAX_VERSION_MS,
+    Ignored,
+    InvalidEvent,
+    Routed,
+    RouteKey,
+    route,
+    route_json,
+)
 from tests import jira_fixtures
 
 
@@ -34,15 +43,36 @@ def test_every_real_fixture_takes_the_fast_path_with_the_same_answer(name: str) 
     assert route_json(text) == _full(text)
 
 
+# Around the largest issue id the consumer can store (a bigint), as numbers and as text.
+near_max_id = st.integers(min_value=MAX_ISSUE_ID - 2, max_value=MAX_ISSUE_ID + 2)
 ids = st.one_of(
     st.none(),
     st.integers(min_value=-5, max_value=10**20),
+    near_max_id,
+    near_max_id.map(str),
     st.text(alphabet="0123456789A- ", max_size=22),
     st.booleans(),
     st.lists(st.integers(), max_size=2),
     st.floats(allow_nan=False),
 )
-times = st.one_of(st.none(), st.integers(min_value=-1, max_value=2**63), st.text(max_size=12), st.floats())
+# Jira times from year 1 to 9999 at offsets up to +-14:00: the extremes fall outside the times the
+# consumer can store, in UTC, on either side.
+jira_times = st.builds(
+    lambda year, offset: f"{year:04d}-{'01-01T00:00' if year < 5000 else '12-31T23:59'}:59.999{offset}",
+    st.sampled_from([1, 1969, 1970, 2024, 9999]),
+    st.sampled_from(["Z", "+1400", "-1400", "+0000"]),
+)
+near_max_time = st.integers(min_value=MAX_VERSION_MS - 1, max_value=MAX_VERSION_MS + 1)
+times = st.one_of(
+    st.none(),
+    st.integers(min_value=-1, max_value=2**63),
+    near_max_time,
+    near_max_time.map(str),
+    st.sampled_from([10**40, 10**200, "9" * 30]),
+    jira_times,
+    st.text(max_size=12),
+    st.floats(),
+)
 events = st.sampled_from(
     [
         "jira:issue_updated",
