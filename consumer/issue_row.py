@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from shared.jira_event import parse_jira_time
@@ -84,9 +84,9 @@ def issue_row(issue: dict[str, Any]) -> IssueRow:
         reporter_account_id=user_id(reporter),
         reporter_display_name=_text(reporter.get("displayName")),
         labels=_labels(f.get("labels")),
-        created_at=parse_jira_time(f.get("created")),
-        updated_at=parse_jira_time(f.get("updated")),
-        resolved_at=parse_jira_time(f.get("resolutiondate")),
+        created_at=_time(f.get("created")),
+        updated_at=_time(f.get("updated")),
+        resolved_at=_time(f.get("resolutiondate")),
         due_date=_date(f.get("duedate")),
         parent_key=_text(_obj(f.get("parent")).get("key")),
         raw=issue,
@@ -137,6 +137,19 @@ def _labels(value: Any) -> list[str] | None:
     if not isinstance(value, list):
         return None
     return [label for label in value if isinstance(label, str)]
+
+
+def _time(value: Any) -> datetime | None:
+    """A Jira time, or None where it has no UTC equivalent Python holds (year 1 at +14:00, 9999-12-31
+    at -14:00): asyncpg converts to UTC, and failing there would make the whole event invalid."""
+    parsed = parse_jira_time(value)
+    if parsed is None:
+        return None
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError:
+        return None
+    return parsed
 
 
 def _date(value: Any) -> date | None:

@@ -361,6 +361,22 @@ async def test_poison_data_is_isolated_and_the_rest_of_the_batch_applies(pg: asy
     assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 3
 
 
+async def test_a_time_with_no_utc_equivalent_becomes_null_not_an_invalid_event(
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN an update whose created and resolution times fall outside datetime's range once in UTC
+    body = make_event(ASSIGNED, ts=2000)
+    body["issue"]["fields"].update(
+        created="0001-01-01T00:00:00.000+1400", resolutiondate="9999-12-31T23:00:00.000-1400"
+    )
+    # WHEN it is applied
+    result = await apply_envelopes(pg, [envelope_of(body)])
+    # THEN it applies like any tolerated odd field: those columns are NULL, the rest is there
+    assert [r.outcome for r in result.results] == ["applied"]
+    r = await row(pg, 10040)
+    assert (r["created_at"], r["resolved_at"], r["version"]) == (None, None, 2000)
+
+
 async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     # A lone surrogate escape is valid JSON but not valid Unicode text.
     body = json.dumps(make_event(CREATED, ts=1000)).replace('"Unit test summary"', '"\\ud800"')
