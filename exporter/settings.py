@@ -115,12 +115,7 @@ class ExporterSettings:
             )
         zone(self.timezone)
         if self.schedule is not None:
-            if not croniter.is_valid(self.schedule):
-                raise ConfigError(f"schedule {self.schedule!r} is not a valid cron expression")
-            try:  # "0 0 31 2 *" is valid cron but never comes: the loop would crash computing its time
-                croniter(self.schedule, datetime.now(self.tzinfo)).get_next(datetime)
-            except CroniterBadDateError:
-                raise ConfigError(f"schedule {self.schedule!r} never fires (no such date)") from None
+            check_schedule(self.schedule, self.tzinfo)
 
     @property
     def tzinfo(self) -> ZoneInfo:
@@ -147,6 +142,17 @@ class ExporterSettings:
             admin_port=admin_port or None,
             admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
         )
+
+
+def check_schedule(schedule: str, tz: ZoneInfo) -> None:
+    """ConfigError unless ``schedule`` is a cron expression that fires: "0 0 31 2 *" is valid cron but
+    never comes, and the scheduler loop would crash computing its next time."""
+    if not croniter.is_valid(schedule):
+        raise ConfigError(f"schedule {schedule!r} is not a valid cron expression")
+    try:
+        croniter(schedule, datetime.now(tz)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ConfigError(f"schedule {schedule!r} never fires (no such date)") from None
 
 
 def bucket_name(name: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from exporter.settings import bucket_name
 from shared import argtypes, aws, db, migrate, provision
 from shared.settings import AwsSettings, DatabaseSettings, env_int, env_str, require
 
@@ -29,12 +30,13 @@ class SetupSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SetupSettings:
+        bucket = env_str(env, "JIRALAKE_BUCKET")
         return cls(
             aws=AwsSettings.from_env(env),
             database=DatabaseSettings.from_env(env),
             queue_name=provision.queue_name_from_url(require(env, "JIRALAKE_QUEUE_URL")),
             dlq_name=provision.queue_name_from_url(require(env, "JIRALAKE_DLQ_URL")),
-            bucket=env_str(env, "JIRALAKE_BUCKET"),
+            bucket=bucket_name(bucket) if bucket else None,
             max_receive_count=env_int(env, "JIRALAKE_MAX_RECEIVE_COUNT", 5, minimum=1),
             visibility_timeout_s=env_int(env, "JIRALAKE_VISIBILITY_TIMEOUT_S", 60, minimum=1),
         )

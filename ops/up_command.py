@@ -8,13 +8,14 @@ import errno
 import os
 import socket
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from croniter import croniter
-
+from exporter.settings import check_schedule
 from ops.local_aws import require_moto_server
 from ops.local_stack import StackOptions, run_stack
 from shared import argtypes
 from shared.errors import CommandError
+from shared.settings import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,8 +66,10 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _cron(raw: str) -> str:
-    if not croniter.is_valid(raw):
-        raise argparse.ArgumentTypeError(f"not a cron expression: {raw!r} (e.g. '*/15 * * * *')")
+    try:
+        check_schedule(raw, ZoneInfo("UTC"))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (e.g. '*/15 * * * *')") from None
     return raw
 
 

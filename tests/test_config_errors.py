@@ -188,6 +188,10 @@ def test_a_bucket_name_s3_would_refuse_never_reaches_the_athena_ddl() -> None:
     assert one_line(_jiralake("export", "--athena-ddl", JIRALAKE_BUCKET="Lake_Bucket")) == (
         f"bucket 'Lake_Bucket' {BUCKET_RULES}"
     )
+    # AND setup, which creates the bucket on a local endpoint, refuses it the same way
+    assert one_line(_jiralake("setup", **QUEUES, JIRALAKE_BUCKET="Lake_Bucket")) == (
+        f"bucket 'Lake_Bucket' {BUCKET_RULES}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -162,12 +162,17 @@ def test_up_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     )
 
 
-def test_up_refuses_a_bad_export_schedule_before_starting_anything(tmp_path: Path) -> None:
-    result = _up(tmp_path, "--port", "0", "--export-schedule", "every day")
+@pytest.mark.parametrize(
+    ("schedule", "why"),
+    [("every day", "is not a valid cron expression"), ("0 0 31 2 *", "never fires (no such date)")],
+)
+def test_up_refuses_a_bad_export_schedule_before_starting_anything(
+    tmp_path: Path, schedule: str, why: str
+) -> None:
+    result = _up(tmp_path, "--port", "0", "--export-schedule", schedule)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "jiralake up: error: argument --export-schedule: not a cron expression: 'every day' "
-        "(e.g. '*/15 * * * *')"
+        f"jiralake up: error: argument --export-schedule: schedule {schedule!r} {why} (e.g. '*/15 * * * *')"
     )
     assert not (tmp_path / "moto.log").exists()
 
