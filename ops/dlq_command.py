@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -17,18 +16,18 @@ from ops.text_table import format_table
 from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
+from shared.jira_event import is_issue_id
 from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 
 DEFAULT_LIST_LIMIT = 100
-_ISSUE_ID = re.compile(r"^[0-9]{1,19}$")
 
 
 def issue_id(raw: str) -> str:
     """``--issue``: a Jira issue's numeric id. Anything else is refused rather than matching nothing
     (a key like ABC-1) or, when empty (``--issue "$UNSET"``), being taken as no filter at all."""
     value = raw.strip()
-    if not _ISSUE_ID.match(value):
+    if not is_issue_id(value):
         raise argparse.ArgumentTypeError(
             f"not a numeric Jira issue id (the ISSUE column of dlq list, not the key): {raw!r}"
         )
