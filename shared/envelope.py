@@ -42,6 +42,9 @@ MAX_ATTRIBUTES = 10
 assert len(ENVELOPE_ATTRIBUTES) + len(ERROR_ATTRIBUTES) <= MAX_ATTRIBUTES
 
 _DEDUP_ID = re.compile(r"^[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128}$")
+# Characters SQS refuses in a message attribute value (it takes #x9, #xA, #xD, #x20-#xD7FF,
+# #xE000-#xFFFD and #x10000-#x10FFFF): other control characters, surrogates, U+FFFE and U+FFFF.
+_SQS_REFUSED = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 class InvalidEnvelope(ValueError):
@@ -126,9 +129,12 @@ class Envelope:
 def error_attributes(
     *, error_class: str, error_message: str, failed_at_iso: str, original_group_id: str
 ) -> dict[str, dict[str, str]]:
+    """The reason attributes of a dead-lettered message. The texts can quote what a body held (an
+    event type, a value PostgreSQL refused): a character SQS refuses becomes U+FFFD, or the DLQ
+    would refuse the message and it would stay on the queue, to be redriven without its reason."""
     return {
-        ATTR_ERROR_CLASS: _string(error_class[:256]),
-        ATTR_ERROR_MESSAGE: _string(error_message[:1024] or "-"),
+        ATTR_ERROR_CLASS: _string(_SQS_REFUSED.sub("\ufffd", error_class[:256])),
+        ATTR_ERROR_MESSAGE: _string(_SQS_REFUSED.sub("\ufffd", error_message[:1024]) or "-"),
         ATTR_FAILED_AT: _string(failed_at_iso),
         ATTR_ORIGINAL_GROUP_ID: _string(original_group_id),
     }

@@ -329,3 +329,21 @@ def test_dead_letter_entry_keeps_the_envelope_and_adds_the_reason() -> None:
         "failed_at": "2024-01-02T03:04:05.000+00:00",
         "original_group_id": "10040",
     }
+
+
+def test_a_reason_quoting_characters_sqs_refuses_is_made_sendable() -> None:
+    # GIVEN a reason that quotes a body's control character, a lone surrogate and U+FFFF
+    message = {
+        "MessageId": "m1",
+        "Body": "{}",
+        "Attributes": {"MessageGroupId": "1"},
+        "MessageAttributes": {},
+    }
+    reason = "event 'a\x01b' carries no issue id \ud800 \uffff\ttab \u00e9 \U0001f389"
+    entry = dead_letter_entry(Rejected(message, "Invalid\x00Event", reason), "0", failed_at=datetime.now(UTC))
+    # THEN those characters become U+FFFD; what SQS takes (tab, accents, emoji) is kept
+    attrs = {k: v["StringValue"] for k, v in entry["MessageAttributes"].items()}
+    assert attrs["error_class"] == "Invalid\ufffdEvent"
+    assert (
+        attrs["error_message"] == "event 'a\ufffdb' carries no issue id \ufffd \ufffd\ttab \u00e9 \U0001f389"
+    )
