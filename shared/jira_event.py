@@ -170,7 +170,8 @@ def route(payload: Any, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXE
                 f"can store ({MAX_ISSUE_ID})"
             )
         raise InvalidEvent(f"{event_type} event has a non-numeric issue id {issue_id[:40]!r}")
-    return Routed(event_type, issue_id, event_time_ms(hook), hook)
+    # One spelling per issue: its FIFO group and row key (Jira never pads ids with zeros; others might).
+    return Routed(event_type, str(int(issue_id)), event_time_ms(hook), hook)
 
 
 def issue_id_of(hook: JiraWebhook) -> str | None:
@@ -340,4 +341,4 @@ def route_json(
         event_ts_ms = _event_time_ms(hook.timestamp, fields.updated if fields is not None else None)
     except InvalidEvent:
         return None
-    return RouteKey(event_type, issue_id, event_ts_ms)
+    return RouteKey(event_type, str(int(issue_id)), event_ts_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from shared.jira_event import (
     Routed,
     parse_jira_time_ms,
     route,
+    route_json,
 )
 from tests import jira_fixtures
 
@@ -125,3 +127,12 @@ def test_the_bounds_themselves_are_accepted(payload: object, event_ts_ms: int) -
     routed = route(payload)
     assert isinstance(routed, Routed)
     assert routed.event_ts_ms == event_ts_ms
+
+
+def test_an_issue_id_padded_with_zeros_routes_as_the_same_issue() -> None:
+    # One FIFO group and one row per issue, however a producer spells its id
+    padded = _issue_event({"id": "0010013"}, timestamp=5)
+    routed = route(padded)
+    assert isinstance(routed, Routed) and routed.issue_id == "10013"
+    key = route_json(json.dumps(padded))
+    assert key is not None and key.issue_id == "10013"
