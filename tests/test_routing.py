@@ -13,6 +13,7 @@ from shared.jira_event import (
     Ignored,
     InvalidEvent,
     Routed,
+    RouteKey,
     parse_jira_time_ms,
     route,
     route_json,
@@ -135,4 +136,4 @@ def test_an_issue_id_padded_with_zeros_routes_as_the_same_issue() -> None:
     routed = route(padded)
     assert isinstance(routed, Routed) and routed.issue_id == "10013"
     key = route_json(json.dumps(padded))
-    assert key is not None and key.issue_id == "10013"
+    assert isinstance(key, RouteKey) and key.issue_id == "10013"
