@@ -32,18 +32,20 @@ def retry_delay_s(receive_count: int, *, base_s: int, max_s: int) -> int:
 async def keep_visible(
     sqs: SQSClient, queue_url: str, messages: Sequence[Message], *, visibility_timeout_s: int
 ) -> None:
-    """Renew the messages' visibility every half timeout until cancelled (run as a named task)."""
+    """Renew the messages' visibility every half timeout until cancelled (run as a named task).
+    ``messages`` is read each round: the caller may remove those it has acknowledged meanwhile."""
     every_s = max(visibility_timeout_s / 2, 0.5)
     while True:
         await asyncio.sleep(every_s)
+        timeouts = [(m, visibility_timeout_s) for m in messages]
+        if not timeouts:
+            continue
         try:
-            failed = await sqs_calls.change_visibility_batch(
-                sqs, queue_url, [(m, visibility_timeout_s) for m in messages]
-            )
+            failed = await sqs_calls.change_visibility_batch(sqs, queue_url, timeouts)
         except Exception as exc:  # the batch may still finish in time; the next round tries again
             log.warning("visibility_extend_failed", error=f"{type(exc).__name__}: {exc}")
             continue
-        log.info("visibility_extended", messages=len(messages), timeout_s=visibility_timeout_s, failed=failed)
+        log.info("visibility_extended", messages=len(timeouts), timeout_s=visibility_timeout_s, failed=failed)
 
 
 async def release_for_retry(

@@ -231,16 +231,18 @@ class Consumer:
         started = time.perf_counter()
         self.activity.in_flight += 1
         self.stats.received += len(messages)
+        # Not yet acknowledged: kept invisible while the batch runs, released if it must be retried.
+        # Groups applied apart are acknowledged early and leave it (the extender reads it each round).
+        outstanding = list(messages)
         extender = asyncio.create_task(
             visibility.keep_visible(
                 self.sqs,
                 self.settings.queue.queue_url,
-                messages,
+                outstanding,
                 visibility_timeout_s=self.settings.visibility_timeout_s,
             ),
             name="visibility-extender",
         )
-        outstanding = list(messages)  # not yet acknowledged: released if the batch must be retried
         try:
             parsed: list[tuple[Message, Envelope]] = []
             rejected: list[Rejected] = []

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -248,7 +249,7 @@ async def test_a_lock_on_one_issue_holds_back_that_issue_only(
     # GIVEN a row lock held on issue 1 (a session left open in psql), and a batch with an update of
     # issue 1 and one of issue 2: two FIFO groups
     await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=1, ts=1000))])
-    patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=60)
+    patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=60, visibility_timeout_s=2)
     events = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=2000)) for i in (1, 2)]
     stop = asyncio.Event()
     with capture_logs() as logs:
@@ -260,10 +261,15 @@ async def test_a_lock_on_one_issue_holds_back_that_issue_only(
             # THEN issue 2 is applied and acknowledged while issue 1 is still locked
             await wait_for(lambda: _applied(pg, 2), what="issue 2, which no lock holds")
             await wait_for(
-                lambda: _counts_are(aws_settings, queues.queue_url, (0, 1)),
-                what="issue 2 deleted",
+                lambda: _queue_counts_are(aws_settings, queues.queue_url, (0, 1)), what="issue 2 deleted"
             )
             assert await pg.fetchval("SELECT version FROM ap_jira_task WHERE issue_id = 1") == 1000
+            # AND only issue 1's message, still held, is kept invisible from then on
+            before = len(_extensions(logs))
+            await wait_for(
+                holds(lambda: len(_extensions(logs)) > before), what="a visibility extension after the delete"
+            )
+            assert _extensions(logs)[-1] == (1, [])
         # AND issue 1 follows once the lock is gone, from the same receive (retried in place)
         try:
             await wait_for(lambda: _applied(pg, 1), what="issue 1 after the lock")
@@ -280,8 +286,9 @@ async def _applied(pg: asyncpg.Connection, issue_id: int) -> bool:
     return bool(version == 2000)
 
 
-async def _counts_are(aws_settings: AwsSettings, queue_url: str, counts: tuple[int, int]) -> bool:
-    return await queue_counts(aws_settings, queue_url) == counts
+def _extensions(logs: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any]]:
+    """(messages, failed) of each visibility_extended line so far."""
+    return [(e["messages"], e["failed"]) for e in logs if e["event"] == "visibility_extended"]
 
 
 async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_changes_nothing(
