@@ -6,19 +6,12 @@ them directly. Nothing below ``main()`` reads the environment.
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 MAX_PORT = 65535
-
-# A host name botocore takes for an endpoint: dot-separated labels of letters, digits and inner hyphens.
-_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?")
-# ... or an IP address, an IPv6 zone (%25eth0) of unreserved characters only.
-_IP_ADDRESS_CHARS = re.compile(r"[0-9a-f:.]+(%[a-z0-9._~%-]+)?")
 
 
 class ConfigError(ValueError):
@@ -98,21 +91,13 @@ class AwsSettings:
 
 
 def _check_endpoint_url(url: str) -> None:
-    """Refuse at start what botocore would refuse with a bare ValueError ("Invalid endpoint", a
-    traceback) on the first client, and what is not an http(s) URL with a usable port."""
-    host = http_url("AWS_ENDPOINT_URL", url, "http://127.0.0.1:5000").hostname or ""
-    name_ok = len(host) <= 255 and _HOST_NAME.fullmatch(host) is not None
-    address_ok = _IP_ADDRESS_CHARS.fullmatch(host) is not None and _is_ip_address(host)
-    if any(c in url for c in "\t\r\n") or not (name_ok or address_ok):
+    """Refuse at start what is not an http(s) URL with a usable port, and what botocore would refuse
+    with a bare ValueError ("Invalid endpoint", a traceback) on the first client: its own check."""
+    from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url  # only with an endpoint
+
+    http_url("AWS_ENDPOINT_URL", url, "http://127.0.0.1:5000")
+    if not (is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)):
         raise ConfigError("AWS_ENDPOINT_URL has a host that is not a name (letters, digits, -, .) or an IP")
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
