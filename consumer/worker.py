@@ -58,6 +58,8 @@ EVENT_OUTCOMES = (
 # After an empty short poll (wait_time_s 0), pause this long before the next one.
 _EMPTY_POLL_PAUSE_S = 0.2
 _FIRST_BACKOFF_S = 0.5
+# What _finish gets for acknowledgements that follow no apply (rejections alone, or nothing left).
+_NOTHING_APPLIED = apply.ApplyResult(results=[], duration_s=0.0)
 
 
 @dataclass
@@ -273,7 +275,7 @@ class Consumer:
         rejected: list[Rejected],
         outstanding: list[Message],
         halt: asyncio.Event,
-    ) -> tuple[list[tuple[Message, Envelope]], list[Rejected], apply.ApplyResult | None]:
+    ) -> tuple[list[tuple[Message, Envelope]], list[Rejected], apply.ApplyResult]:
         """The batch in one transaction, retried in place (:meth:`_apply`). When that fails transiently
         and the batch holds several FIFO groups, each group is first applied once on its own
         (:meth:`_apply_groups_apart`, which acknowledges what commits), and only the groups that failed
@@ -287,10 +289,10 @@ class Consumer:
             if not _connection_survives(exc, conn) or halt.is_set():
                 raise
             failed = exc
-        await self._finish([], None, rejected, outstanding)
+        await self._finish([], _NOTHING_APPLIED, rejected, outstanding)
         again = await self._apply_groups_apart(conn, groups, failed, outstanding, halt)
         if not again:
-            return [], [], None
+            return [], [], _NOTHING_APPLIED
         return again, [], await self._apply(conn, _envelopes(again), halt, failed=failed)
 
     async def _apply_groups_apart(
@@ -324,7 +326,7 @@ class Consumer:
     async def _finish(
         self,
         parsed: list[tuple[Message, Envelope]],
-        result: apply.ApplyResult | None,
+        result: apply.ApplyResult,
         rejected: list[Rejected],
         outstanding: list[Message],
     ) -> None:
@@ -332,8 +334,7 @@ class Consumer:
         acknowledge it: dead-letter the invalid messages and ``rejected``, delete the rest."""
         rejected = list(rejected)
         done: list[Message] = []
-        results = result.results if result is not None else []
-        for (message, envelope), outcome in zip(parsed, results, strict=True):
+        for (message, envelope), outcome in zip(parsed, result.results, strict=True):
             if outcome.outcome == apply.INVALID:
                 rejected.append(Rejected(message, outcome.error_class or "", outcome.error_message or ""))
                 continue
@@ -345,7 +346,7 @@ class Consumer:
                 event_type=envelope.event_type,
                 delivery_id=envelope.delivery_id,
                 outcome=outcome.outcome,
-                duration_ms=round(result.duration_s * 1000, 1) if result is not None else 0.0,
+                duration_ms=round(result.duration_s * 1000, 1),
             )
         if done or rejected:
             await self._shielded(self._acknowledge(done, rejected))
