@@ -198,7 +198,12 @@ async def read_depth(
     if counts.total == 0:
         oldest = 0.0
     elif peek_oldest and not counts.has_redrive_policy and counts.visible > 0:
-        sent_ms = await peek_oldest_sent_ms(sqs, url)
+        try:
+            sent_ms = await peek_oldest_sent_ms(sqs, url)
+        except SQS_ERRORS as exc:
+            # The counts are read, and the thresholds need only them: the age stays unknown.
+            log.warning("queue_oldest_age_unavailable", queue=queue, error=_reason(exc))
+            sent_ms = None
         if sent_ms is not None:
             oldest = max(0.0, now_s() - sent_ms / 1000)
     return _depth(queue, url, counts, oldest)

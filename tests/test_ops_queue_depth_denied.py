@@ -1,5 +1,5 @@
-"""The queue-depth poller when SQS refuses the dead-letter queue's peek (a consumer role without
-``sqs:ReceiveMessage`` on the DLQ, or a throttled receive): the counts it did read are still
+"""The queue-depth poller and ``queue stats`` when SQS refuses the dead-letter queue's peek (a role
+without ``sqs:ReceiveMessage`` on the DLQ, or a throttled receive): the counts it did read are still
 published, so ``JiralakeDeadLetterQueueNotEmpty`` still sees the dead-lettered events; only the age
 is unknown. moto does not enforce IAM, so a proxy in front of it answers ``ReceiveMessage`` the way
 SQS answers a role without that permission."""
@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from ops.queue_stats import Thresholds, exceeded, read_stats
 from shared import aws
 from shared.metrics import QUEUE_MESSAGES
 from shared.provision import QueuePair
@@ -42,18 +43,22 @@ def gauge(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
-async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
-    aws_settings: AwsSettings, queues: QueuePair
-) -> None:
-    # GIVEN 2 events on the DLQ, and an SQS that refuses every ReceiveMessage
+async def dead_letter(aws_settings: AwsSettings, queues: QueuePair, count: int) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(2):
+        for i in range(count):
             await sqs.send_message(
                 QueueUrl=queues.dlq_url,
                 MessageBody=f"m{i}",
                 MessageGroupId=f"3000{i}",
                 MessageDeduplicationId=f"denied-{i}",
             )
+
+
+async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 2 events on the DLQ, and an SQS that refuses every ReceiveMessage
+    await dead_letter(aws_settings, queues, 2)
     QUEUE_MESSAGES.labels(DEAD_LETTER_QUEUE, "visible").set(-1)  # whatever earlier tests left
     stop = asyncio.Event()
     async with DenyReceiveProxy(aws_settings.endpoint_url or "") as proxy:
@@ -77,3 +82,25 @@ async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
     refused = [e for e in logs if e["event"] == "queue_oldest_age_unavailable"]
     assert refused and refused[0]["queue"] == DEAD_LETTER_QUEUE
     assert "AccessDenied" in refused[0]["error"]
+
+
+async def test_queue_stats_still_checks_the_thresholds_when_the_peek_is_refused(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 3 events on the DLQ, and an SQS that refuses every ReceiveMessage
+    await dead_letter(aws_settings, queues, 3)
+    async with DenyReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+        denied = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        with structlog.testing.capture_logs() as logs:
+            # WHEN queue stats reads the queues (the cron check `queue stats --max-dlq 0`)
+            settings = QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url)
+            depths = await read_stats(denied, settings)
+        assert proxy.counts.requests["ReceiveMessage"] == 1
+
+    # THEN the counts are there, the DLQ's age is unknown, the refusal is logged, and the check fires
+    dlq = depths[1]
+    assert (dlq.queue, dlq.visible, dlq.oldest_age_s) == (DEAD_LETTER_QUEUE, 3, None)
+    assert exceeded(depths, Thresholds(max_visible=None, max_dlq=0)) == [
+        "dead-letter queue holds 3 messages (max 0)"
+    ]
+    assert [e["queue"] for e in logs if e["event"] == "queue_oldest_age_unavailable"] == [DEAD_LETTER_QUEUE]
