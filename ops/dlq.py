@@ -59,6 +59,7 @@ RECEIVE_WAIT_S = 1
 
 MAX_RECEIVE_REASON = "exceeded maxReceiveCount"
 NOT_ENVELOPE_REASON = "not a jiralake envelope"
+EARLIER_FAILED_REASON = "an earlier event of this issue failed to replay"
 
 T = TypeVar("T")
 
@@ -311,7 +312,7 @@ async def replay_dead_letters(
                     summary.add(letter, "skipped", NOT_ENVELOPE_REASON)
                     held.append(letter.receipt_handle)
                 elif letter.group_id in failed_groups:
-                    summary.add(letter, "skipped", "an earlier event of this issue failed to replay")
+                    summary.add(letter, "skipped", EARLIER_FAILED_REASON)
                     held.append(letter.receipt_handle)
                 elif dry_run:
                     summary.add(letter, "would_replay")
@@ -335,9 +336,11 @@ async def _send_then_delete(
     failed_groups: set[str | None],
     held: list[str],
 ) -> None:
-    """One batch: send, then delete what SQS stored. SQS may refuse one entry of a call and store the
-    next one of the same issue; the older event then arrives after the newer one, which the
-    consumer's version guard turns into a no-op (no regression)."""
+    """One batch: send, then delete what SQS stored. When the batch takes several calls (over 1 MiB)
+    and one fails, the issue's later events are held back (send_entries), so order holds. Within one
+    call SQS may refuse one entry and store the next one of the same issue; the older event then
+    arrives after the newer one, which the consumer's version guard turns into a no-op (no
+    regression)."""
     results = await send_entries(
         sqs, queues.queue_url, [letter.replay_entry(str(i)) for i, letter in enumerate(letters)]
     )
@@ -345,6 +348,9 @@ async def _send_then_delete(
     for letter, result in zip(letters, results, strict=True):
         if result.ok:
             sent.append(letter)
+        elif result.held_back:
+            held.append(letter.receipt_handle)
+            summary.add(letter, "skipped", EARLIER_FAILED_REASON)
         else:
             failed_groups.add(letter.group_id)
             held.append(letter.receipt_handle)

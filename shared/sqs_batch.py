@@ -3,6 +3,8 @@ results, counted in ``jiralake_sqs_requests_total``.
 
 Used by the receiver's micro-batcher, backfill and dead-letter replay: each caller learns exactly
 which of its entries SQS stored and which it refused, so nothing is acknowledged that was not stored.
+When the entries need several calls and one entry is not stored, the later entries of its message
+group are not sent at all: SQS would store them ahead of it, out of the group's order.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class EntryResult:
     error: str | None = None
     # True when retrying could succeed (throttling, network, 5xx); False for a refused entry.
     retryable: bool = False
+    # True when it was never sent, because an earlier entry of its message group was not stored.
+    held_back: bool = False
 
 
 def entry_bytes(entry: Mapping[str, Any]) -> int:
@@ -69,7 +73,18 @@ async def send_entries(
     """Send entries (each with a unique ``Id``) in as few calls as SQS accepts; one result per entry,
     in order. A few large messages (backfill snapshots, dead letters) never share a call over 1 MiB."""
     results: dict[str, EntryResult] = {}
-    for chunk in calls(entries):
+    failed_groups: set[str] = set()
+    for planned in calls(entries):
+        chunk = []
+        for entry in planned:
+            group = entry.get("MessageGroupId")
+            if group is not None and group in failed_groups:
+                reason = f"held back: an earlier message of group {group} was not stored"
+                results[entry["Id"]] = EntryResult(entry["Id"], False, reason, retryable=True, held_back=True)
+            else:
+                chunk.append(entry)
+        if not chunk:
+            continue
         try:
             resp = await sqs.send_message_batch(QueueUrl=queue_url, Entries=chunk)  # type: ignore[arg-type]
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
@@ -77,18 +92,26 @@ async def send_entries(
             reason = f"{type(exc).__name__}: {exc}"
             for entry in chunk:
                 results[entry["Id"]] = EntryResult(entry["Id"], False, reason, retryable=True)
-            continue
-        SQS_CALLS.labels("SendMessageBatch", "ok").inc()
-        for ok in resp.get("Successful", []):
-            results[ok["Id"]] = EntryResult(ok["Id"], True)
-        for failed in resp.get("Failed", []):
-            results[failed["Id"]] = EntryResult(
-                failed["Id"],
-                False,
-                f"{failed.get('Code', 'Unknown')}: {failed.get('Message', '')}".strip(),
-                retryable=not failed.get("SenderFault", False),
-            )
+        else:
+            SQS_CALLS.labels("SendMessageBatch", "ok").inc()
+            for ok in resp.get("Successful", []):
+                results[ok["Id"]] = EntryResult(ok["Id"], True)
+            for failed in resp.get("Failed", []):
+                results[failed["Id"]] = EntryResult(
+                    failed["Id"],
+                    False,
+                    f"{failed.get('Code', 'Unknown')}: {failed.get('Message', '')}".strip(),
+                    retryable=not failed.get("SenderFault", False),
+                )
+        failed_groups.update(
+            e["MessageGroupId"] for e in chunk if "MessageGroupId" in e and not _stored(results, e["Id"])
+        )
     return [
         results.get(e["Id"], EntryResult(e["Id"], False, "no result from SQS", retryable=True))
         for e in entries
     ]
+
+
+def _stored(results: Mapping[str, EntryResult], entry_id: str) -> bool:
+    result = results.get(entry_id)
+    return result is not None and result.ok

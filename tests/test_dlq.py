@@ -13,6 +13,7 @@ import aioboto3
 import pytest
 import structlog
 from aiobotocore.config import AioConfig
+from aiohttp import web
 
 from jiralake import cli
 from ops import dlq
@@ -21,6 +22,7 @@ from shared.envelope import ENVELOPE_ATTRIBUTES, Envelope, error_attributes
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, QueueSettings
 from tests.conftest import drain
+from tests.fault_proxy import SqsFaultProxy
 from tests.jira_fixtures import make_event
 from tests.tcp_proxy import TcpProxy
 
@@ -345,6 +347,49 @@ async def test_replay_sends_large_events_in_calls_sqs_accepts(
         "10003": [T0 + 2],
     }
     assert await drain(aws_settings, queues.dlq_url) == []
+
+
+class RefuseSendingProxy(SqsFaultProxy):
+    """Answers 503 to every SendMessageBatch call that carries ``marker`` (without forwarding it)."""
+
+    def __init__(self, target_url: str, marker: str) -> None:
+        super().__init__(target_url)
+        self.marker = marker.encode()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch"):
+            body = await request.read()
+            if self.marker in body:
+                self.counts.requests["refused"] += 1
+                return self._error()
+        return await super()._handle(request)
+
+
+async def test_a_failed_call_holds_back_the_issues_later_events(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN two 600 KB events of one issue in the DLQ (two SendMessageBatch calls: over 1 MiB in
+    # all), and an SQS that fails every call carrying the first one
+    first, second = envelope(ISSUE_A, T0), envelope(ISSUE_A, T0 + 1)
+    async with aws.sqs_client(aws_settings) as sqs:
+        for env in (first, second):
+            body = json.loads(env.body)
+            body["issue"]["fields"]["description"] = "x" * 600_000
+            await dead_letter(sqs, queues.dlq_url, replace(env, body=json.dumps(body)))
+    async with RefuseSendingProxy(aws_settings.endpoint_url or "", first.delivery_id) as proxy:
+        refusing = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        # WHEN replayed
+        async with aws.sqs_client(refusing) as sqs:
+            summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+        assert proxy.counts.requests["refused"] >= 1
+    # THEN the first failed and the second was never sent: both stay in the DLQ, in order
+    assert [(r.outcome, r.reason) for r in summary.results] == [
+        ("failed", summary.results[0].reason),
+        ("skipped", dlq.EARLIER_FAILED_REASON),
+    ]
+    assert (summary.results[0].reason or "").startswith("not sent: ")
+    assert await drain(aws_settings, queues.queue_url) == []
+    assert by_group(await drain(aws_settings, queues.dlq_url)) == {ISSUE_A: [T0, T0 + 1]}
 
 
 async def test_replay_skips_messages_that_are_not_envelopes(
