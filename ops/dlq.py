@@ -54,6 +54,9 @@ log = structlog.get_logger()
 # How long listing and replay hold received messages before they would reappear by themselves.
 LIST_HOLD_S = 60
 REPLAY_HOLD_S = 300
+# Messages per receive, SQS's maximum. On a FIFO queue, also the most of one issue's messages a reader
+# that holds what it received (a listing, a dry run) can see: SQS hands out no more of that group.
+RECEIVE_BATCH = 10
 # Long-poll briefly: a short poll samples a subset of SQS servers and may come back empty too early.
 RECEIVE_WAIT_S = 1
 
@@ -158,7 +161,7 @@ class DeadLetter:
 async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> list[dict[str, Any]]:
     resp = await sqs.receive_message(
         QueueUrl=url,
-        MaxNumberOfMessages=10,
+        MaxNumberOfMessages=RECEIVE_BATCH,
         VisibilityTimeout=hold_s,
         WaitTimeSeconds=wait_s,
         MessageAttributeNames=["All"],
@@ -184,15 +187,17 @@ async def list_dead_letters(
     limit: int,
     hold_s: int = LIST_HOLD_S,
     wait_s: int = RECEIVE_WAIT_S,
+    stop: asyncio.Event | None = None,
 ) -> list[DeadLetter]:
     """Up to ``limit`` DLQ messages in FIFO order per issue, left in the queue (visible again at once).
 
     While listing, the listed messages and their issues' later messages are hidden from other readers.
+    ``stop`` ends the listing between receives (what was listed is still made visible and returned).
     """
     listed: dict[str, DeadLetter] = {}
     held: list[str] = []
     try:
-        while len(listed) < limit:
+        while len(listed) < limit and not _stopping(stop):
             batch = await _receive(sqs, dlq_url, hold_s=hold_s, wait_s=wait_s)
             if not batch:
                 break
@@ -269,12 +274,14 @@ async def replay_dead_letters(
     dry_run: bool = False,
     hold_s: int = REPLAY_HOLD_S,
     wait_s: int = RECEIVE_WAIT_S,
+    stop: asyncio.Event | None = None,
 ) -> ReplaySummary:
     """Move up to ``limit`` DLQ messages (only ``issue_id``'s when given) back to the main queue in
     their original order per issue. Nothing changes with ``dry_run``.
 
     Per issue, a failed send stops that issue for this run (its later events stay in the DLQ, so
-    order holds). Everything not moved is made visible again at the end.
+    order holds). ``stop`` ends the replay between batches (a batch's send-then-delete always
+    finishes). Everything not moved is made visible again at the end.
     """
     summary = ReplaySummary(dry_run=dry_run)
     held: list[str] = []
@@ -285,7 +292,7 @@ async def replay_dead_letters(
         return summary.replayed + summary.failed
 
     try:
-        while limit is None or attempted() < limit:
+        while (limit is None or attempted() < limit) and not _stopping(stop):
             try:
                 received = await _receive(sqs, queues.dlq_url, hold_s=hold_s, wait_s=wait_s)
             except SQS_ERRORS as exc:
@@ -326,6 +333,10 @@ async def replay_dead_letters(
     finally:
         await _complete(make_visible(sqs, queues.dlq_url, held))
     return summary
+
+
+def _stopping(stop: asyncio.Event | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
 async def _send_then_delete(

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from shared.errors import CommandError
 from shared.jira_event import is_issue_id
 from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
+from shared.shutdown import signal_exit_code, stop_on_signals
 
 DEFAULT_LIST_LIMIT = 100
 
@@ -89,7 +91,12 @@ def _settings() -> tuple[AwsSettings, QueueSettings]:
 
 def _list_command(args: argparse.Namespace) -> int:
     aws, queues = _settings()
-    letters, counts = asyncio.run(_list(aws, queues.dlq_url, args.limit))
+    letters, counts, stopped_by = asyncio.run(_list(aws, queues.dlq_url, args.limit))
+    if stopped_by is not None:
+        raise CommandError(
+            f"dlq list stopped by {stopped_by.name}; the messages it held are visible again",
+            exit_code=signal_exit_code(stopped_by),
+        )
     if args.json:
         print(
             json.dumps(
@@ -106,11 +113,18 @@ def _list_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _list(aws: AwsSettings, dlq_url: str, limit: int) -> tuple[list[dlq.DeadLetter], QueueCounts]:
+async def _list(
+    aws: AwsSettings, dlq_url: str, limit: int
+) -> tuple[list[dlq.DeadLetter], QueueCounts, signal.Signals | None]:
     async with sqs_client(aws) as sqs:
-        counts = await read_counts(sqs, dlq_url)
-        letters = await dlq.list_dead_letters(sqs, dlq_url, limit=limit) if counts.total else []
-        return letters, counts
+        with stop_on_signals() as stop:
+            counts = await read_counts(sqs, dlq_url)
+            letters = (
+                await dlq.list_dead_letters(sqs, dlq_url, limit=limit, stop=stop.event)
+                if counts.total
+                else []
+            )
+        return letters, counts, stop.signal
 
 
 def render_list(letters: list[dlq.DeadLetter], counts: QueueCounts, dlq_url: str) -> str:
@@ -151,19 +165,34 @@ def _field(value: Any) -> str:
 
 def _replay_command(args: argparse.Namespace) -> int:
     aws, queues = _settings()
-    summary = asyncio.run(_replay(aws, queues, limit=args.limit, issue_id=args.issue, dry_run=args.dry_run))
-    print(render_replay(summary))
+    summary, dlq_total, stopped_by = asyncio.run(
+        _replay(aws, queues, limit=args.limit, issue_id=args.issue, dry_run=args.dry_run)
+    )
+    print(render_replay(summary, dlq_total=dlq_total))
+    if stopped_by is not None:
+        raise CommandError(
+            f"dlq replay stopped by {stopped_by.name} after {summary.replayed + summary.failed} "
+            "message(s); the rest stay in the dead-letter queue; run the same command again to go on",
+            exit_code=signal_exit_code(stopped_by),
+        )
     return 1 if summary.failed or summary.stopped else 0
 
 
 async def _replay(
     aws: AwsSettings, queues: QueueSettings, *, limit: int | None, issue_id: str | None, dry_run: bool
-) -> dlq.ReplaySummary:
+) -> tuple[dlq.ReplaySummary, int | None, signal.Signals | None]:
+    """The summary; for a dry run also what the DLQ holds (a dry run cannot see all of it); and the
+    signal that stopped the replay between batches, if one did."""
     async with sqs_client(aws) as sqs:
-        return await dlq.replay_dead_letters(sqs, queues, limit=limit, issue_id=issue_id, dry_run=dry_run)
+        with stop_on_signals() as stop:
+            dlq_total = (await read_counts(sqs, queues.dlq_url)).total if dry_run else None
+            summary = await dlq.replay_dead_letters(
+                sqs, queues, limit=limit, issue_id=issue_id, dry_run=dry_run, stop=stop.event
+            )
+        return summary, dlq_total, stop.signal
 
 
-def render_replay(summary: dlq.ReplaySummary) -> str:
+def render_replay(summary: dlq.ReplaySummary, *, dlq_total: int | None = None) -> str:
     lines = [
         f"{r.outcome.replace('_', ' ')}: issue {r.issue_id or '-'} {r.event_type or '-'} "
         f"(message {r.message_id})" + (f": {r.reason}" if r.reason else "")
@@ -176,6 +205,13 @@ def render_replay(summary: dlq.ReplaySummary) -> str:
     if summary.other_issues:
         counts += f"; {summary.other_issues} message(s) of other issues left in place"
     lines.append(counts)
+    seen = len(summary.results) + summary.other_issues
+    if dlq_total is not None and dlq_total > seen:
+        lines.append(
+            f"the dead-letter queue holds about {dlq_total}: a dry run sees at most {dlq.RECEIVE_BATCH} "
+            "events of each issue (SQS hands out no more of an issue while its first ones are held), so "
+            "the replay itself may move more"
+        )
     if summary.stopped:
         lines.append(f"stopped early: {summary.stopped}")
     return "\n".join(lines)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -175,6 +178,27 @@ async def test_list_respects_the_limit(aws_settings: AwsSettings, queues: QueueP
         listed = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=2, wait_s=NO_WAIT)
         assert [d.event_ts_ms for d in listed] == [T0, T0 + 1]
         assert await counts(sqs, queues.dlq_url) == (3, 0)
+
+
+async def test_a_stop_ends_the_listing_after_its_receive(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN one event each of 12 issues (two receives' worth), and a stop (SIGTERM) during the first
+    stop = asyncio.Event()
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(12):
+            await dead_letter(sqs, queues.dlq_url, envelope(str(20_000 + i), T0 + i))
+
+        def stop_after_receive(**_: Any) -> None:
+            stop.set()
+
+        sqs.meta.events.register("after-call.sqs.ReceiveMessage", stop_after_receive)
+        # WHEN listed
+        listed = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=100, wait_s=NO_WAIT, stop=stop)
+        sqs.meta.events.unregister("after-call.sqs.ReceiveMessage", stop_after_receive)
+        # THEN it returns the first receive's messages, and all 12 are visible again
+        assert len(listed) == dlq.RECEIVE_BATCH
+        assert await counts(sqs, queues.dlq_url) == (12, 0)
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -492,6 +516,67 @@ async def test_cancelled_replay_finishes_the_send_delete_pair(
     assert left == []
 
 
+class PausingProxy(SqsFaultProxy):
+    """Holds the first SendMessageBatch call until ``release`` is set; ``sending`` says it arrived."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(target_url)
+        self.sending = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if (
+            request.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch")
+            and not self.sending.is_set()
+        ):
+            self.sending.set()
+            await self.release.wait()
+        return await super()._handle(request)
+
+
+async def test_sigterm_stops_the_replay_between_batches(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    # GIVEN 6 events of issue A and 6 of issue B in the DLQ, interleaved
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(6):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 2 * i))
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_B, T0 + 2 * i + 1))
+    proxy = PausingProxy(aws_settings.endpoint_url or "")
+    async with proxy:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JIRALAKE_")}
+        env.update(
+            AWS_ENDPOINT_URL=proxy.url, JIRALAKE_QUEUE_URL=queues.queue_url, JIRALAKE_DLQ_URL=queues.dlq_url
+        )
+        # WHEN `dlq replay --issue A` (a one-off task) gets SIGTERM while its first send is in flight
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "dlq", "replay", "--issue", ISSUE_A,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(proxy.sending.wait(), timeout=30)
+        child.send_signal(signal.SIGTERM)
+        assert child.stderr is not None
+        early = b""  # the child's log, up to its line saying it took the signal
+        while b"signal_received" not in early:
+            line = await asyncio.wait_for(child.stderr.readline(), timeout=30)
+            assert line, "the child ended without logging the signal"
+            early += line
+        proxy.release.set()
+        out, rest = await asyncio.wait_for(child.communicate(), timeout=30)
+        err = early + rest
+
+    # THEN the batch in flight was sent and deleted, nothing after it, the summary and one line say so,
+    # the exit code is 143, and every message left in the DLQ is visible again (none held for 5 min)
+    assert child.returncode == 143, err
+    sent = by_group(await drain(aws_settings, queues.queue_url))
+    assert list(sent) == [ISSUE_A] and sent[ISSUE_A] == [T0 + 2 * i for i in range(len(sent[ISSUE_A]))]
+    assert out.decode().splitlines()[-1].startswith(f"replayed {len(sent[ISSUE_A])}, skipped 0, failed 0; ")
+    assert err.decode().splitlines()[-1] == (
+        f"jiralake: dlq replay stopped by SIGTERM after {len(sent[ISSUE_A])} message(s); the rest stay in "
+        "the dead-letter queue; run the same command again to go on"
+    )
+    async with aws.sqs_client(aws_settings) as sqs:
+        assert await counts(sqs, queues.dlq_url) == (12 - len(sent[ISSUE_A]), 0)
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_replay_and_purge_commands(
     aws_settings: AwsSettings,
@@ -546,6 +631,35 @@ def test_replay_and_purge_commands(
     asyncio.run(put(1))
     assert cli.main(["dlq", "replay"]) == 0
     assert capsys.readouterr().out.strip() == "replayed 1, skipped 0, failed 0"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_dry_run_says_when_it_could_not_see_everything(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN 12 events of one issue in the DLQ: SQS hands out the first 10, then none while they are held
+    async def put() -> None:
+        async with aws.sqs_client(aws_settings) as sqs:
+            for i in range(12):
+                await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+
+    asyncio.run(put())
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    # WHEN dry-run
+    assert cli.main(["dlq", "replay", "--dry-run"]) == 0
+    # THEN it counts the 10 it saw and says the DLQ holds more, and why
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "dry run, nothing changed: would replay 10, skipped 0",
+        "the dead-letter queue holds about 12: a dry run sees at most 10 events of each issue (SQS hands "
+        "out no more of an issue while its first ones are held), so the replay itself may move more",
+    ]
+    # AND the replay itself moves all 12
+    assert cli.main(["dlq", "replay"]) == 0
+    assert capsys.readouterr().out.strip() == "replayed 12, skipped 0, failed 0"
 
 
 @pytest.mark.usefixtures("restore_logging")
