@@ -47,12 +47,18 @@ async def run(pg: asyncpg.Connection, mode: str, status: str, finished_at: datet
     await pg.execute(INSERT_RUN, mode, status, started_at, finished_at)
 
 
-async def test_every_mode_is_exposed_at_zero_until_an_export_succeeds(
+async def test_a_mode_with_no_successful_run_keeps_its_value(
     pg: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
-    # GIVEN no export yet: nothing is claimed, and both series exist at 0 (the alert fires on "never")
-    assert await publish_last_export(pool) == {}
-    assert {mode: freshness(mode) for mode in EXPORT_MODES} == {"full": 0, "changes": 0}
+    # GIVEN no successful export in the table, and gauges at 0 (as every process starts them:
+    # tests/test_deploy.py checks that in a fresh process) and at a value published before
+    EXPORT_LAST_SUCCESS.labels("changes").set(FULL_OK_AT.timestamp())
+    await run(pg, "full", "failed", FULL_OK_AT)
+    # WHEN the gauges are published
+    published = await publish_last_export(pool)
+    # THEN nothing is claimed, and neither series is reset or removed (the alert fires on "never")
+    assert published == {}
+    assert {mode: freshness(mode) for mode in EXPORT_MODES} == {"full": 0, "changes": FULL_OK_AT.timestamp()}
 
 
 async def test_the_gauge_follows_the_newest_successful_run_of_each_mode(

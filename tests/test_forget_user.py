@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -562,6 +563,53 @@ async def test_the_command_line_forgets_and_prints_the_counts(
     # AND its log lines carry counts, never the person's id or name
     assert '"forget_user_finished"' in result.stderr
     assert CLOUD_ID not in result.stderr and "Robin" not in result.stderr
+
+
+async def test_sigterm_stops_the_command_line_between_batches(
+    pg: asyncpg.Connection, database_url: str
+) -> None:
+    # GIVEN every sample applied, and another session holding every history row (a long transaction)
+    await load_samples(pg)
+    holder = await asyncpg.connect(database_url)
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM ap_jira_task_event FOR UPDATE")
+        # WHEN the command, in batches of 3, has scrubbed ap_jira_task and waits for its first history
+        # batch, it gets SIGTERM; then the other session lets go
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "--log-json", "forget-user", "--account-id", CLOUD_ID,
+            "--batch-size", "3", env=_env(DATABASE_URL=database_url),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await wait_for(lambda: waiting_on_lock(pg), what="forget-user waiting for the history rows")
+        child.send_signal(signal.SIGTERM)
+        assert child.stderr is not None
+        early = b""  # its log up to the line saying it took the signal
+        while b"signal_received" not in early:
+            line = await asyncio.wait_for(child.stderr.readline(), timeout=30)
+            assert line, "the child ended without logging the signal"
+            early += line
+        await hold.rollback()
+    finally:
+        await holder.close()
+    out, rest = await asyncio.wait_for(child.communicate(), timeout=30)
+    # THEN it finished the batch it was in, stopped there, said so, and exited 143
+    assert child.returncode == 143, (early + rest).decode()
+    assert (
+        out.decode()
+        .splitlines()[0]
+        .startswith(
+            "scrubbed 4 row(s) of ap_jira_task and 3 row(s) of ap_jira_task_event in 3 batch(es) of up to 3"
+        )
+    )
+    assert (early + rest).decode().splitlines()[-1] == (
+        "jiralake: forget-user stopped by SIGTERM after 3 batch(es); what was scrubbed stays scrubbed; "
+        "run the same command again to finish"
+    )
+    # AND what it scrubbed stays scrubbed: a dry run finds only the 4 history rows it did not reach
+    left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 4}
 
 
 @pytest.mark.parametrize(
