@@ -151,7 +151,8 @@ async def consumer_waiting_on_lock(conn: asyncpg.Connection) -> bool:
     # pg_stat_activity is a snapshot kept for the whole transaction unless cleared.
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     count = await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = $1 AND wait_event_type = 'Lock'",
         CONSUMER_APP,
     )
     return bool(count)

@@ -455,7 +455,8 @@ async def test_it_waits_for_a_consumer_batch_and_scrubs_what_that_batch_committe
 async def waiting_on_lock(conn: asyncpg.Connection) -> bool:
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     count = await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = $1 AND wait_event_type = 'Lock'",
         forget_user.APPLICATION_NAME,
     )
     return bool(count)
