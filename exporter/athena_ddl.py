@@ -13,7 +13,7 @@ escaping (see exporter/csv_format.py). Query the views.
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import UTC, date, datetime
 
 from exporter.columns import ColumnKind, ExportColumn
 from exporter.csv_format import ATHENA_DECODE
@@ -21,10 +21,11 @@ from exporter.layout import ExportLayout
 
 DEFAULT_PROJECTION_START = "NOW-3YEARS"
 # The start of a date projection's range: a date in the projection's format (yyyy-MM-dd), or a date
-# relative to NOW in the form Athena documents for projection.<column>.range.
+# relative to NOW in the form Athena documents for projection.<column>.range. The range ends at NOW,
+# so a start after today would project no partition at all: only past dates and NOW minus an amount.
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _RELATIVE_DATE = re.compile(
-    r"NOW\s*(?:[+-]\s*[0-9]+\s*(?:YEARS?|MONTHS?|WEEKS?|DAYS?|HOURS?|MINUTES?|SECONDS?))?"
+    r"NOW\s*(?:-\s*[0-9]+\s*(?:YEARS?|MONTHS?|WEEKS?|DAYS?|HOURS?|MINUTES?|SECONDS?))?"
 )
 
 _OPEN_CSV_SERDE = """ROW FORMAT SERDE 'org.apache.hadoop.hive.serde2.OpenCSVSerde'
@@ -48,17 +49,21 @@ _VIEW_CAST: dict[ColumnKind, str] = {
 }
 
 
-def validate_projection_start(value: str) -> str:
-    """``value`` if Athena accepts it as the start of the ``dt`` projection, else a ValueError."""
+def validate_projection_start(value: str, *, today: date | None = None) -> str:
+    """``value`` if Athena accepts it as the start of the ``dt`` projection (which ends at NOW), else a
+    ValueError. ``today`` is the UTC date (the one NOW means to Athena's projection)."""
     start = value.strip()
     if _RELATIVE_DATE.fullmatch(start):
         return start
     if _DATE.fullmatch(start):
         try:
-            date.fromisoformat(start)
-            return start
+            day = date.fromisoformat(start)
         except ValueError:
             pass
+        else:
+            if day > (today or datetime.now(UTC).date()):
+                raise ValueError(f"a start after today would project no partition: {value!r}")
+            return start
     raise ValueError(f"not a date (YYYY-MM-DD) or a relative date such as NOW-3YEARS: {value!r}")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 import subprocess
 import sys
+from datetime import date
 
 import asyncpg
 import pytest
@@ -145,10 +146,20 @@ def test_projection_starts_athena_accepts(start: str) -> None:
     )
 
 
-@pytest.mark.parametrize("start", ["3 years ago", "2024/01/01", "2024-13-01", "NOW-3", "2024-01-01', 'x"])
+@pytest.mark.parametrize(
+    "start", ["3 years ago", "2024/01/01", "2024-13-01", "NOW-3", "2024-01-01', 'x", "NOW+3DAYS"]
+)
 def test_a_projection_start_athena_would_refuse_is_an_error(start: str) -> None:
     with pytest.raises(ValueError, match="not a date"):
         athena_ddl(COLUMNS, ExportLayout("bkt", "lake", ExportFormat.CSV), projection_start=start)
+
+
+def test_a_projection_start_after_today_is_an_error() -> None:
+    # The range ends at NOW: a start after today projects no partition at all
+    today = date(2026, 12, 6)
+    assert validate_projection_start("2026-12-06", today=today) == "2026-12-06"
+    with pytest.raises(ValueError, match="a start after today would project no partition: '2026-12-07'"):
+        validate_projection_start("2026-12-07", today=today)
 
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int | None, str, str]:
