@@ -207,7 +207,7 @@ def _arguments(changes: list[IssueChange], events: list[ConsumerEvent]) -> list[
                 row.created_at,
                 row.updated_at,
                 row.resolved_at,
-                row.due_date,
+                row.due_date and row.due_date.isoformat(),  # text: see apply_batch in queries.sql
                 row.parent_key,
                 None if fields_body is not None else _json(row.raw, "issue object"),
             ]

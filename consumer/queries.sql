@@ -7,6 +7,8 @@
 -- jsonb values arrive as JSON text (asyncpg would read a list inside a jsonb[] as another array
 -- dimension). `raw` comes either as that text (raw_json) or as the winning message's whole body
 -- (fields_body), from which PostgreSQL takes the issue object: cheaper than re-encoding it in Python.
+-- due_date arrives as ISO text: asyncpg's binary codec turns date.max and date.min (a Jira due date of
+-- 9999-12-31 or 0001-01-01) into infinity and -infinity, which are no dates to an analyst or Parquet.
 -- `winner` reads ap_jira_task as it was when the statement started (every part of one statement sees
 -- the same snapshot, not the upsert's writes), which tells which winner actually changed its row.
 -- `applied` is a hashed lookup in `won`, the set of winning deliveries: linear in the batch size.
@@ -16,7 +18,7 @@ WITH change AS (
         $1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
         $8::integer[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
         $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[],
-        $21::timestamptz[], $22::timestamptz[], $23::date[], $24::text[], $25::text[], $26::bigint[],
+        $21::timestamptz[], $22::timestamptz[], $23::text[], $24::text[], $25::text[], $26::bigint[],
         $27::timestamptz[], $28::text[], $29::timestamptz[], $30::text[], $31::text[], $32::text[],
         $33::text[], $34::text[]
     ) AS c (
@@ -52,7 +54,7 @@ upserted AS (
            c.reporter_display_name,
            CASE WHEN c.labels_json IS NOT NULL
                 THEN ARRAY(SELECT jsonb_array_elements_text(c.labels_json::jsonb)) END,
-           c.created_at, c.updated_at, c.resolved_at, c.due_date, c.parent_key,
+           c.created_at, c.updated_at, c.resolved_at, c.due_date::date, c.parent_key,
            coalesce(c.raw_json::jsonb, c.fields_body::jsonb -> 'issue'),
            c.version,
            c.version_tiebreak, c.deleted_version, c.deleted_at, c.last_event_type, c.last_event_at,

@@ -101,6 +101,31 @@ class ExportColumn:
         return quote_ident(self.name)
 
 
+# PostgreSQL's infinity and -infinity are no values a CSV reader, Athena or Parquet take (to_char gives
+# an empty string, the epoch arithmetic an error): they are written as the type's last and first values
+# Python and Athena hold. The consumer stores a Jira due date of 9999-12-31 as that date, but older rows,
+# or a time of exactly 0001-01-01T00:00:00Z (which asyncpg sends as -infinity), may hold them.
+_FINITE: dict[ColumnKind, str] = {
+    ColumnKind.TIMESTAMPTZ: (
+        "CASE WHEN {col} = 'infinity' THEN TIMESTAMPTZ '9999-12-31 23:59:59.999+00' "
+        "WHEN {col} = '-infinity' THEN TIMESTAMPTZ '0001-01-01 00:00:00+00' ELSE {col} END"
+    ),
+    ColumnKind.TIMESTAMP: (
+        "CASE WHEN {col} = 'infinity' THEN TIMESTAMP '9999-12-31 23:59:59.999' "
+        "WHEN {col} = '-infinity' THEN TIMESTAMP '0001-01-01 00:00:00' ELSE {col} END"
+    ),
+    ColumnKind.DATE: (
+        "CASE WHEN {col} = 'infinity' THEN DATE '9999-12-31' "
+        "WHEN {col} = '-infinity' THEN DATE '0001-01-01' ELSE {col} END"
+    ),
+}
+
+
+def finite_value(column: ExportColumn) -> str:
+    """The column as an SQL expression with no infinite value (see _FINITE); other kinds as they are."""
+    return _FINITE.get(column.kind, "{col}").format(col=column.sql_ident)
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

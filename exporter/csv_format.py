@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import zlib
 
-from exporter.columns import ColumnKind, ExportColumn, quote_ident
+from exporter.columns import ColumnKind, ExportColumn, finite_value, quote_ident
 
 # -- newline_safe --
 # backslash -> 4 backslashes, CR -> 2 backslashes + r, LF -> 2 backslashes + n (chr() keeps this
@@ -71,7 +71,7 @@ _FILE_UNESCAPE = {"\\\\": "\\", "n": "\n", "r": "\r"}
 
 def csv_value_sql(column: ExportColumn) -> str:
     """The SQL expression for one column, named as the column (so the header row carries the name)."""
-    return _CSV_VALUE[column.kind].format(col=column.sql_ident) + " AS " + column.sql_ident
+    return _CSV_VALUE[column.kind].format(col=finite_value(column)) + " AS " + column.sql_ident
 
 
 def csv_query(columns: list[ExportColumn], *, table: str, order_key: str, where: str = "") -> str:

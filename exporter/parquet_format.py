@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exporter.columns import ColumnKind, ExportColumn, quote_ident
+from exporter.columns import ColumnKind, ExportColumn, finite_value, quote_ident
 
 # What the server-side cursor selects for each kind of column: values pyarrow takes directly.
 _PARQUET_VALUE: dict[ColumnKind, str] = {
@@ -56,7 +56,9 @@ PARQUET_QUERY = "SELECT {values} FROM {table}{where} ORDER BY {table}.{order_key
 
 
 def parquet_query(columns: list[ExportColumn], *, table: str, order_key: str, where: str = "") -> str:
-    values = ", ".join(_PARQUET_VALUE[c.kind].format(col=c.sql_ident) + " AS " + c.sql_ident for c in columns)
+    values = ", ".join(
+        _PARQUET_VALUE[c.kind].format(col=finite_value(c)) + " AS " + c.sql_ident for c in columns
+    )
     return PARQUET_QUERY.format(
         values=values, table=quote_ident(table), where=where, order_key=quote_ident(order_key)
     )

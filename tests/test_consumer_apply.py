@@ -377,6 +377,20 @@ async def test_a_time_with_no_utc_equivalent_becomes_null_not_an_invalid_event(
     assert (r["created_at"], r["resolved_at"], r["version"]) == (None, None, 2000)
 
 
+@pytest.mark.parametrize("due", ["9999-12-31", "0001-01-01"])
+async def test_a_due_date_at_the_end_of_the_calendar_is_stored_as_that_date(
+    pg: asyncpg.Connection, due: str
+) -> None:
+    # GIVEN an update with a far-off due date (asyncpg's binary codec would send date.max and date.min
+    # as infinity and -infinity)
+    body = make_event(ASSIGNED, ts=2000)
+    body["issue"]["fields"]["duedate"] = due
+    # WHEN it is applied
+    await apply_envelopes(pg, [envelope_of(body)])
+    # THEN the column holds that very date, which analysts, CSV and Parquet read as a date
+    assert await pg.fetchval("SELECT due_date::text FROM ap_jira_task WHERE issue_id = 10040") == due
+
+
 async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     # A lone surrogate escape is valid JSON but not valid Unicode text.
     body = json.dumps(make_event(CREATED, ts=1000)).replace('"Unit test summary"', '"\\ud800"')

@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import asyncpg
 import pyarrow as pa
@@ -214,6 +214,38 @@ async def test_layout_and_manifests_are_as_documented(
         100,
         result.data_key,
     )
+
+
+@pytest.mark.parametrize("export_format", [ExportFormat.CSV, ExportFormat.PARQUET])
+async def test_infinite_dates_and_times_are_written_as_the_last_and_first_values(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    export_format: ExportFormat,
+) -> None:
+    # GIVEN rows holding PostgreSQL's infinity and -infinity (a due date of 9999-12-31 stored before the
+    # consumer sent due dates as text; a time of exactly 0001-01-01T00:00:00Z, which asyncpg sends so)
+    await pg.execute(
+        "INSERT INTO ap_jira_task (issue_id, issue_key, version, due_date, created_at) VALUES "
+        "(1, 'A-1', 1, 'infinity', '-infinity'), (2, 'A-2', 1, '-infinity', 'infinity'), "
+        "(3, 'A-3', 1, NULL, NULL)"
+    )
+    # WHEN exported
+    result = await export_once(settings_factory(format=export_format), clock=fixed_clock)
+    # THEN the export succeeds, and each is the type's last or first value; NULL stays NULL
+    data = await get_object(aws_settings, bucket, result.data_key)
+    columns = await exported_columns(pg, include_raw=export_format is ExportFormat.PARQUET)
+    rows = csv_rows(data, columns) if export_format is ExportFormat.CSV else parquet_rows(data)[1]
+    names = [c.name for c in columns]
+    picked = {
+        r[names.index("issue_id")]: (r[names.index("due_date")], r[names.index("created_at")]) for r in rows
+    }
+    assert picked == {
+        1: (date(9999, 12, 31), datetime(1, 1, 1, tzinfo=UTC)),
+        2: (date(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)),
+        3: (None, None),
+    }
 
 
 @pytest.mark.parametrize("export_format", [ExportFormat.CSV, ExportFormat.PARQUET])
