@@ -12,10 +12,13 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from consumer.apply import apply_envelopes
 from exporter.run import export_once
 from exporter.settings import ExporterSettings, ExportFormat
 from shared import db
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import envelope_of
 from tests.test_export_failures import cli_env
 from tests.test_export_support import (
     csv_rows,
@@ -28,6 +31,8 @@ from tests.test_export_support import (
 )
 
 __all__ = ["settings_factory"]  # a fixture, used by name
+
+CREATED = "mattermost-plugin-jira__webhook-issue-created.json"  # issue 10040
 
 
 def at(day: int, hour: int, minute: int = 0) -> Callable[[], datetime]:
@@ -121,6 +126,40 @@ async def test_changed_since_last_exports_only_rows_changed_since_the_previous_i
     # AND with nothing changed, the next run is empty
     third = await export_once(settings, changed_since_last=True, clock=at(10, 9))
     assert third.rows == 0
+
+
+async def test_keeping_the_greatest_ingested_at_per_issue_across_changes_objects_gives_the_table(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    settings = settings_factory()
+    columns = await exported_columns(pg, include_raw=False)
+    names = [c.name for c in columns]
+    ingested, deleted, version = (names.index(n) for n in ("ingested_at", "is_deleted", "version"))
+    # GIVEN an issue the consumer created, and an incremental run
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, ts=1000))])
+    first = await export_once(settings, changed_since_last=True, clock=at(10, 6))
+    # WHEN the consumer applies a delete without the issue's fields (as reconcile's, or a slim payload),
+    # and the next incremental run goes
+    slim = {
+        "webhookEvent": "jira:issue_deleted",
+        "timestamp": 2000,
+        "issue": {"id": "10040", "key": "TES-41"},
+    }
+    await apply_envelopes(pg, [envelope_of(slim)])
+    second = await export_once(settings, changed_since_last=True, clock=at(10, 8))
+    # THEN both objects hold the issue with the same version, so README's rule (per issue_id the row with
+    # the greatest ingested_at) is what picks the current row: the table's, deleted
+    rows = [
+        r
+        for key in (first.data_key, second.data_key)
+        for r in csv_rows(await get_object(aws_settings, bucket, key), columns)
+    ]
+    assert [(r[version], r[deleted]) for r in rows] == [(1000, False), (1000, True)]
+    newest = max(rows, key=lambda r: r[ingested])
+    assert [newest] == await table_rows(pg, columns, where="issue_id = 10040")
 
 
 async def test_each_destination_keeps_its_own_incremental_watermark(
