@@ -146,9 +146,15 @@ class ExporterSettings:
 
 def check_schedule(schedule: str, tz: ZoneInfo) -> None:
     """ConfigError unless ``schedule`` is a cron expression that fires: "0 0 31 2 *" is valid cron but
-    never comes, and the scheduler loop would crash computing its next time."""
-    if not croniter.is_valid(schedule):
-        raise ConfigError(f"schedule {schedule!r} is not a valid cron expression")
+    never comes, and the scheduler loop would crash computing its next time. Only the five standard
+    fields: croniter also takes seconds and a year, and a year field stops firing some day, when the
+    running loop would crash the same way. Nicknames (``@hourly``, ``@daily``...) are five fields too."""
+    fields = schedule.split()
+    standard = len(fields) == 5 or (len(fields) == 1 and fields[0].startswith("@"))
+    if not standard or not croniter.is_valid(schedule):
+        raise ConfigError(
+            f"schedule {schedule!r} is not a valid cron expression (5 fields: minute hour day month weekday)"
+        )
     try:
         croniter(schedule, datetime.now(tz)).get_next(datetime)
     except CroniterBadDateError:

@@ -175,9 +175,17 @@ def test_a_schedule_that_never_fires_is_one_line() -> None:
     assert one_line(env) == expected
 
 
-def test_a_schedule_that_fires_rarely_is_accepted() -> None:
-    env = {"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_SCHEDULE": "0 3 29 2 *"}
-    assert ExporterSettings.from_env(env).schedule == "0 3 29 2 *"
+@pytest.mark.parametrize("schedule", ["59 23 31 12 * 0 2026", "*/5 * * * * *"])
+def test_a_schedule_with_seconds_or_a_year_is_refused(schedule: str) -> None:
+    # A year field stops firing some day (the running loop would then crash); seconds are no export rate
+    with pytest.raises(ConfigError, match=r"not a valid cron expression \(5 fields: minute hour day month"):
+        ExporterSettings.from_env({"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_SCHEDULE": schedule})
+
+
+@pytest.mark.parametrize("schedule", ["0 3 29 2 *", "@hourly", "@daily"])
+def test_a_schedule_that_fires_rarely_or_a_nickname_is_accepted(schedule: str) -> None:
+    env = {"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_SCHEDULE": schedule}
+    assert ExporterSettings.from_env(env).schedule == schedule
 
 
 def test_a_bucket_name_s3_would_refuse_never_reaches_the_athena_ddl() -> None:

@@ -164,7 +164,10 @@ def test_up_on_a_port_in_use_says_so(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("schedule", "why"),
-    [("every day", "is not a valid cron expression"), ("0 0 31 2 *", "never fires (no such date)")],
+    [
+        ("every day", "is not a valid cron expression (5 fields: minute hour day month weekday)"),
+        ("0 0 31 2 *", "never fires (no such date)"),
+    ],
 )
 def test_up_refuses_a_bad_export_schedule_before_starting_anything(
     tmp_path: Path, schedule: str, why: str
