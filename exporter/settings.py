@@ -108,10 +108,13 @@ class ExporterSettings:
             raise ConfigError("single_copy_max_bytes must be between 1 byte and 5 GiB")
         if self.admin_port is not None and not 1 <= self.admin_port <= 65535:
             raise ConfigError(f"admin port must be 1..65535 (0 or unset: none), got {self.admin_port}")
-        if not _SAFE_PREFIX.fullmatch(self.prefix):
+        # "." and ".." folders: S3 keeps them literally, but Athena's and Hadoop's paths normalise
+        # them, so the tables' LOCATION would point somewhere else than the objects.
+        dot_folder = any(folder in (".", "..") for folder in self.prefix.split("/"))
+        if not _SAFE_PREFIX.fullmatch(self.prefix) or dot_folder:
             raise ConfigError(
                 f"export prefix {self.prefix!r} may hold only letters, digits and / ! - _ . * ( ) =, "
-                "with no empty folder (//): it goes into S3 keys and Athena LOCATION strings"
+                "with no empty, '.' or '..' folder: it goes into S3 keys and Athena LOCATION strings"
             )
         zone(self.timezone)
         if self.schedule is not None:

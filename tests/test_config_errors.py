@@ -175,6 +175,18 @@ def test_a_schedule_that_never_fires_is_one_line() -> None:
     assert one_line(env) == expected
 
 
+@pytest.mark.parametrize("prefix", ["lake/../other", "./lake", "lake/.", ".."])
+def test_a_prefix_with_a_dot_folder_is_refused(prefix: str) -> None:
+    # S3 keeps the folder literally, Athena's LOCATION would normalise it away
+    with pytest.raises(ConfigError, match=r"with no empty, '\.' or '\.\.' folder"):
+        ExporterSettings.from_env({"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_PREFIX": prefix})
+
+
+def test_a_prefix_with_dots_inside_a_name_is_accepted() -> None:
+    env = {"JIRALAKE_BUCKET": "lake-bucket", "JIRALAKE_EXPORT_PREFIX": "lake.v2/..hidden/x."}
+    assert ExporterSettings.from_env(env).prefix == "lake.v2/..hidden/x."
+
+
 @pytest.mark.parametrize("schedule", ["59 23 31 12 * 0 2026", "*/5 * * * * *"])
 def test_a_schedule_with_seconds_or_a_year_is_refused(schedule: str) -> None:
     # A year field stops firing some day (the running loop would then crash); seconds are no export rate
