@@ -9,9 +9,10 @@ import hashlib
 import io
 import zlib
 from datetime import UTC, date, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from botocore.awsrequest import AWSPreparedRequest
 from botocore.exceptions import ClientError
 
 from exporter.csv_format import decode_file_text
@@ -308,6 +309,48 @@ async def test_copy_above_the_single_copy_limit_goes_part_by_part(
     assert head["ContentType"] == "text/csv"
     assert await get_object(aws_settings, bucket, "t/dest.csv") == payload
     assert await open_multipart_uploads(aws_settings, bucket) == []
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "single_copy_max_bytes", "calls"),
+    [(1 * MIB, 5 * MIB, ["CopyObject"]), (6 * MIB, 1 * MIB, ["UploadPartCopy", "UploadPartCopy"])],
+    ids=["one-copy", "part-by-part"],
+)
+async def test_every_copy_request_copies_only_the_object_that_was_uploaded(
+    aws_settings: AwsSettings, bucket: str, size_bytes: int, single_copy_max_bytes: int, calls: list[str]
+) -> None:
+    # moto ignores x-amz-copy-source-if-match (docs/exporter.md, "Limits and notes"), so a copy of an
+    # object replaced in between cannot be refused here: the requests as sent on the wire are checked
+    # instead (botocore's before-send event, after signing).
+    payload = b"0123456789abcdef" * (size_bytes // 16)
+    sent: list[tuple[str, str | None]] = []
+
+    def record_copy(request: AWSPreparedRequest, event_name: str, **_: Any) -> None:
+        value = request.headers.get("x-amz-copy-source-if-match")  # bytes once signed
+        condition = value.decode() if isinstance(value, bytes) else value
+        sent.append((event_name.rsplit(".", 1)[-1], condition))
+
+    async with aws.s3_client(aws_settings) as s3:
+        # GIVEN an object the exporter uploaded, and the ETag S3 gives it
+        source = await upload_in_chunks(s3, bucket, "t/src.csv", payload, chunk_bytes=len(payload))
+        uploaded_etag = (await s3.head_object(Bucket=bucket, Key="t/src.csv"))["ETag"]
+        assert source.etag == uploaded_etag
+        # WHEN it is copied, in one CopyObject or part by part
+        for operation in ("CopyObject", "UploadPartCopy"):
+            s3.meta.events.register(f"before-send.s3.{operation}", record_copy)
+        await copy_object(
+            s3,
+            bucket=bucket,
+            source=source,
+            dest_key="t/dest.csv",
+            part_size_bytes=5 * MIB,
+            single_copy_max_bytes=single_copy_max_bytes,
+            content_type="text/csv",
+        )
+    # THEN every copy request is conditional on that ETag: S3 would refuse (412) to copy any other
+    # version of the source, such as one a concurrent run put there after this upload
+    assert sent == [(call, uploaded_etag) for call in calls]
+    assert await get_object(aws_settings, bucket, "t/dest.csv") == payload
 
 
 # -- failure reasons --

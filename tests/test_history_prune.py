@@ -32,6 +32,9 @@ INDEX = "ap_jira_task_event_ingested_at_idx"
 TS = 1_700_000_000_000
 WAITING_ON_LOCK = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
 IS_VALID = f"SELECT indisvalid FROM pg_index WHERE indexrelid = '{INDEX}'::regclass"
+PRUNE_WAITING_ON_LOCK = (
+    "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+)
 
 
 async def record(pg: asyncpg.Connection, prefix: str, count: int, *, age_days: float) -> list[str]:
@@ -198,35 +201,65 @@ async def test_the_command_prunes_and_prints_a_summary(pg: asyncpg.Connection, d
     assert await remaining(pg) == new
 
 
-async def test_sigterm_stops_the_command_between_batches(pg: asyncpg.Connection, database_url: str) -> None:
-    # GIVEN more old rows than one-row batches can delete in the moment before the signal
-    total = 50_000
-    await record(pg, "old", total, age_days=30)
-    child = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "jiralake", "--log-json", "history", "prune", "--older-than", "14"],
-        *["--batch-size", "1"],
-        env=_env(DATABASE_URL=database_url),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert child.stderr is not None
-    # WHEN SIGTERM comes once it has started deleting
-    started = await asyncio.wait_for(child.stderr.readline(), timeout=30)
-    assert json.loads(started)["event"] == "history_prune_started"
-    await asyncio.sleep(0.2)
-    child.send_signal(signal.SIGTERM)
-    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
-    # THEN it exits 143 after a whole batch, says how far it got, and what it deleted stays deleted
+async def next_log_line(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:
+    """Read a child's JSON log lines (stderr) up to the first one of ``event``."""
+    while line := await asyncio.wait_for(stream.readline(), timeout=30):
+        entry: dict[str, Any] = json.loads(line)
+        if entry["event"] == event:
+            return entry
+    raise AssertionError(f"the child's stderr ended before a {event!r} line")
+
+
+async def test_sigterm_stops_the_command_between_batches(
+    pg: asyncpg.Connection, other: asyncpg.Connection, database_url: str
+) -> None:
+    # GIVEN one row recorded 31 days ago (the first one-row batch) and 5 recorded 30 days ago, which
+    # another session holds locked: the prune's second batch waits on them
+    await record(pg, "first", 1, age_days=31)
+    held = await record(pg, "held", 5, age_days=30)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        async with other.transaction():
+            locked = await other.fetch(
+                "SELECT delivery_id FROM ap_jira_task_event WHERE delivery_id = ANY($1) FOR UPDATE", held
+            )
+            assert len(locked) == 5
+            child = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "jiralake", "--log-json", "history", "prune", "--older-than", "14"],
+                *["--batch-size", "1"],
+                env=_env(DATABASE_URL=database_url),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert child.stderr is not None
+            await next_log_line(child.stderr, "history_prune_started")
+
+            async def second_batch_waits() -> bool:
+                return bool(await pg.fetchval(PRUNE_WAITING_ON_LOCK, history_prune.APPLICATION_NAME))
+
+            await wait_for(second_batch_waits, what="the prune's second batch to wait on the locked rows")
+            # WHEN SIGTERM comes while that batch is in progress, and the batch can go on once the
+            # child has taken the signal in (leaving this block releases the locks)
+            child.send_signal(signal.SIGTERM)
+            received = await next_log_line(child.stderr, "signal_received")
+            assert received["signal"] == "SIGTERM"
+        out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    finally:
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+    # THEN it finishes the batch in progress and starts no other: exit 143 after exactly 2 batches,
+    # it says how far it got, and what it deleted stays deleted
     assert child.returncode == 128 + signal.SIGTERM, err.decode()
     summary = out.decode().strip()
-    deleted = int(summary.split()[1])
-    assert 0 < deleted < total
-    assert summary.endswith(f"in {deleted} batch(es) of up to 1; stopped by SIGTERM before the end")
+    assert summary.startswith("deleted 2 history rows recorded before "), summary
+    assert summary.endswith("in 2 batch(es) of up to 1; stopped by SIGTERM before the end"), summary
     assert err.decode().strip().splitlines()[-1] == (
-        f"jiralake: history prune stopped by SIGTERM after {deleted} batch(es); what was deleted stays "
+        "jiralake: history prune stopped by SIGTERM after 2 batch(es); what was deleted stays "
         "deleted; run the same command again to go on"
     )
-    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == total - deleted
+    left = await remaining(pg)
+    assert len(left) == 4 and set(left) < set(held), left
 
 
 async def test_a_stop_request_ends_it_after_the_batch_in_progress(pg: asyncpg.Connection) -> None:

@@ -20,6 +20,7 @@ from consumer.event import parse_envelope
 from ops.local_aws import free_port
 from receiver.app import RECEIVER, build_app
 from receiver.batcher import MAX_ENTRY_BYTES, SqsBatcher
+from receiver.readiness import QueueReadiness
 from receiver.settings import ReceiverSettings
 from receiver.signature import sign
 from shared import aws
@@ -704,6 +705,42 @@ async def test_readyz_reports_sqs_reachability_and_caches_it(
                 "reason": "SQS queue not reachable (AWS.SimpleQueueService.NonExistentQueue)",
             },
         )
+
+
+async def test_readyz_reuses_the_sqs_answer_for_the_cache_period_then_asks_again(
+    aws_settings: AwsSettings, queues: QueuePair, unique_name: str
+) -> None:
+    # GIVEN the readiness check of a queue that does not exist yet, with a 5 s cache, on a clock the
+    # test moves (the lambda reads `now` at each call)
+    queue_url = queues.queue_url.rsplit("/", 1)[0] + "/" + unique_name
+    missing = "SQS queue not reachable (AWS.SimpleQueueService.NonExistentQueue)"
+    calls = "jiralake_sqs_requests_total"
+    errors = {"operation": "GetQueueAttributes", "outcome": "error"}
+    oks = {"operation": "GetQueueAttributes", "outcome": "ok"}
+    now = 100.0
+    async with aws.sqs_client(aws_settings) as sqs:
+        readiness = QueueReadiness(sqs, queue_url, cache_s=5.0, timeout_s=10.0, clock=lambda: now)
+        errors_before, oks_before = metric(calls, errors), metric(calls, oks)
+        first = await readiness()
+        # WHEN the queue is created, and the check is asked again inside the cache period
+        created = await sqs.create_queue(QueueName=unique_name)
+        try:
+            assert created["QueueUrl"] == queue_url
+            now = 104.75
+            within = await readiness()
+            # AND again once the period has run out, and once more inside the next period
+            now = 105.0
+            after = await readiness()
+            now = 109.75
+            within_next = await readiness()
+        finally:
+            await sqs.delete_queue(QueueUrl=queue_url)
+    # THEN inside the period the first answer is reused: still not ready, though the queue exists
+    assert (first, within) == (missing, missing)
+    # AND once it ran out SQS is asked again (ready), and that answer is reused in turn
+    assert (after, within_next) == (None, None)
+    # AND SQS was asked exactly twice: once refused, once answered
+    assert (metric(calls, errors) - errors_before, metric(calls, oks) - oks_before) == (1, 1)
 
 
 # -- micro-batching ---------------------------------------------------------------------------
