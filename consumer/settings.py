@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shared.provision import MAX_VISIBILITY_TIMEOUT_S
 from shared.settings import (
     AwsSettings,
     ConfigError,
@@ -18,7 +19,6 @@ from shared.settings import (
 
 MAX_RECEIVE_MESSAGES = 10  # SQS's limit per ReceiveMessage
 MAX_WAIT_TIME_S = 20  # SQS's limit on long polling
-MAX_VISIBILITY_TIMEOUT_S = 43_200  # SQS's limit: 12 hours
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import structlog
 
 from exporter.settings import bucket_name
 from shared import argtypes, aws, db, migrate, provision
+from shared.provision import MAX_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_S
 from shared.settings import AwsSettings, DatabaseSettings, env_int, env_str, require
 
 log = structlog.get_logger()
@@ -37,8 +38,16 @@ class SetupSettings:
             queue_name=provision.queue_name_from_url(require(env, "JIRALAKE_QUEUE_URL")),
             dlq_name=provision.queue_name_from_url(require(env, "JIRALAKE_DLQ_URL")),
             bucket=bucket_name(bucket) if bucket else None,
-            max_receive_count=env_int(env, "JIRALAKE_MAX_RECEIVE_COUNT", 5, minimum=1),
-            visibility_timeout_s=env_int(env, "JIRALAKE_VISIBILITY_TIMEOUT_S", 60, minimum=1),
+            max_receive_count=env_int(
+                env, "JIRALAKE_MAX_RECEIVE_COUNT", 5, minimum=1, maximum=MAX_RECEIVE_COUNT
+            ),
+            visibility_timeout_s=env_int(
+                env,
+                "JIRALAKE_VISIBILITY_TIMEOUT_S",
+                60,
+                minimum=1,
+                maximum=MAX_VISIBILITY_TIMEOUT_S,
+            ),
         )
 
 
@@ -82,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
     parser.add_argument(
         "--max-receive-count",
-        type=argtypes.integer(1, 1000),
+        type=argtypes.integer(1, MAX_RECEIVE_COUNT),
         help="DLQ redrive threshold (default JIRALAKE_MAX_RECEIVE_COUNT or 5)",
     )
     parser.set_defaults(func=_command)

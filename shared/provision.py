@@ -19,6 +19,8 @@ from shared.settings import ConfigError
 log = structlog.get_logger()
 
 MAX_MESSAGE_BYTES = 1_048_576  # SQS's limit since 2025
+MAX_VISIBILITY_TIMEOUT_S = 43_200  # SQS's limit: 12 hours
+MAX_RECEIVE_COUNT = 1_000  # SQS's limit for a redrive policy's maxReceiveCount
 RETENTION_S = 1_209_600  # 14 days, SQS's maximum: the DLQ must outlive any outage
 
 

@@ -25,7 +25,9 @@ def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> st
     return value.strip()
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None) -> int:
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     raw = env_str(env, name)
     if raw is None:
         return default
@@ -35,6 +37,8 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | N
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

@@ -175,6 +175,23 @@ def test_a_schedule_that_never_fires_is_one_line() -> None:
     assert one_line(env) == expected
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "line"),
+    [
+        ("JIRALAKE_MAX_RECEIVE_COUNT", "1001", "must be <= 1000, got 1001"),
+        ("JIRALAKE_VISIBILITY_TIMEOUT_S", "43201", "must be <= 43200, got 43201"),
+    ],
+)
+def test_setup_refuses_what_sqs_would_refuse_as_a_configuration_error(
+    name: str, value: str, line: str
+) -> None:
+    # A configuration error (exit 2) before any call, rather than SQS's refusal at CreateQueue (exit 1)
+    result = _jiralake(
+        "setup", JIRALAKE_QUEUE_URL="jiralake.fifo", JIRALAKE_DLQ_URL="jiralake-dlq.fifo", **{name: value}
+    )
+    assert one_line(result) == f"{name} {line}"
+
+
 @pytest.mark.parametrize("prefix", ["lake/../other", "./lake", "lake/.", ".."])
 def test_a_prefix_with_a_dot_folder_is_refused(prefix: str) -> None:
     # S3 keeps the folder literally, Athena's LOCATION would normalise it away
