@@ -213,7 +213,13 @@ def test_receiver_and_consumer_e2e_figures_from_measurements() -> None:
         {"results": {"consumer": [drain(10.0, 110)], "bare": [drain(9.0, 102)]}, "rounds": 1, "count": 500}
     )
     assert [f.passed for f in e2e.figures] == [True, True, None]
-    assert e2e.figures[0].line().startswith("consumer_e2e drain: 0.90x of bare receive/delete loop (50 ev/s")
+    assert (
+        e2e.figures[0]
+        .line()
+        .startswith(
+            "consumer_e2e drain: 0.90x of bare receive/delete loop, median of 1 paired rounds (50 ev/s"
+        )
+    )
 
 
 def test_exporter_figures_from_measurements() -> None:
