@@ -5,8 +5,8 @@ Athena DDL for what it writes (``--athena-ddl``).
 Exit codes: 0 done; 1 the export failed (one line says why; the upload was aborted); 2 bad
 configuration; 75 another export holds the lock (try again later); 130/143 stopped by SIGINT/SIGTERM
 while the export streamed (upload aborted, latest/ unchanged). A stop once the export is publishing
-(completing its object, copying it to latest/, writing the manifests) waits for it: exit 0 or 1 as it
-ends.
+(completing its object, copying it to latest/, writing the manifests, recording the run) waits for the
+run to end, connections closed: exit 0 and its line, or 1, as it ends.
 """
 
 from __future__ import annotations

@@ -1,23 +1,27 @@
 """One S3 object written as a stream: a multipart upload fed chunk by chunk, atomic on complete.
 
-The writer cuts the stream into parts of ``part_size_bytes`` (S3: at least 5 MiB except the last) and
-hands each to a bounded queue; ``parts_in_flight`` uploader tasks take parts from it. When the queue is
-full the writer waits, and so does whatever feeds it (the COPY stream): memory stays at about
+The writer cuts the stream into parts of exactly ``part_size_bytes`` but the last (S3: at least 5 MiB
+except the last, at most 5 GiB): a chunk is split at the part boundary and its rest starts the next
+part, so a chunk larger than a part (a Parquet row group) fills several. It hands each part to a
+bounded queue; ``parts_in_flight`` uploader tasks take parts from it. When the queue is full the
+writer waits, and so does whatever feeds it (the COPY stream): memory stays at about
 ``(parts_in_flight + 2) x part_size_bytes`` whatever the object's size (one part being filled, one
 queued, ``parts_in_flight`` being sent). ``complete`` sends the parts sorted by number; until then
 readers see the previous object under the key, or none.
 
-Each part is one buffer, written once: the chunks go straight into an ``io.BytesIO`` that is handed to
-``upload_part`` as the body. botocore and aiohttp read a file-like body in small chunks (checksums,
-signing, sending) without copying it; a ``bytes`` body, by contrast, is wrapped by botocore in a
-``BytesIO`` sharing it, which aiohttp's ``getbuffer()`` then un-shares: a full copy of every part.
+Each part is one buffer, written once: the chunks (or memoryview slices of them, not copies) go
+straight into an ``io.BytesIO`` that is handed to ``upload_part`` as the body. botocore and aiohttp
+read a file-like body in small chunks (checksums, signing, sending) without copying it; a ``bytes``
+body, by contrast, is wrapped by botocore in a ``BytesIO`` sharing it, which aiohttp's ``getbuffer()``
+then un-shares: a full copy of every part.
 
 On any failure (an upload error, the source failing, cancellation on SIGTERM) the upload is aborted,
-so S3 keeps no orphan parts (``ListMultipartUploads`` stays empty). The same pattern as aioboto3's
-own ``upload_fileobj``, with the part size and concurrency ours to set. A killed process runs no code:
-for that, an :class:`UploadRecorder` (exporter/uploads.py) keeps each upload's id in PostgreSQL from
-before its first part until S3 confirmed it completed or aborted, and the next export aborts what a
-dead one left.
+so S3 keeps no orphan parts (``ListMultipartUploads`` stays empty). The abort runs to its end even if
+a stop arrives meanwhile (exporter/shutdown.py: ``finish_cleanup``), and the first failure is the one
+raised. The same pattern as aioboto3's own ``upload_fileobj``, with the part size and concurrency ours
+to set. A killed process runs no code: for that, an :class:`UploadRecorder` (exporter/uploads.py)
+keeps each upload's id in PostgreSQL from before its first part until S3 confirmed it completed or
+aborted, and the next export aborts what a dead one left.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from exporter.errors import ExportError, failure_reason, one_line
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
+from exporter.shutdown import finish_cleanup
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -96,8 +101,12 @@ async def start_upload(
     if recorder is not None and ref is not None:
         try:
             await recorder.opened(ref, upload_id)
-        except BaseException:
-            await asyncio.shield(abort_upload(s3, recorder, ref, bucket=bucket, key=key, upload_id=upload_id))
+        except BaseException as exc:
+            await finish_cleanup(
+                abort_upload(s3, recorder, ref, bucket=bucket, key=key, upload_id=upload_id),
+                after=exc,
+                name="multipart-abort",
+            )
             raise
     return upload_id, ref
 
@@ -223,24 +232,33 @@ class MultipartUpload:
     ) -> None:
         if self._completed:
             return
-        # Shielded, the stopping of the uploaders too: a second cancellation must not leave the parts
-        # behind.
-        await asyncio.shield(self._stop_and_abort(exc))
+        # To its end, the stopping of the uploaders too, even if a stop (cancellation) arrives meanwhile:
+        # cut short, the caller would close the S3 client under the abort and leave the parts behind.
+        # A failure that came first (exc) is what the caller goes on to raise.
+        await finish_cleanup(self._stop_and_abort(exc), after=exc, name="multipart-abort")
 
     async def _stop_and_abort(self, cause: BaseException | None) -> None:
         await self._stop_workers()
         await self._abort(cause)
 
     async def write(self, data: bytes) -> None:
-        """Append bytes to the object; waits while the upload queue is full."""
+        """Append bytes to the object; waits while the upload queue is full.
+
+        Every part but the last is exactly ``part_size_bytes``: ``data`` is cut where the part being
+        filled is full (slices of a memoryview, no copy), and what follows goes into the next part."""
         self._raise_if_failed()
         if not data:
             return
         self._sha256.update(data)
         self._size += len(data)
-        self._buffered += self._buffer.write(data)
-        if self._buffered >= self._part_size:
+        rest = memoryview(data)
+        while len(rest) >= (room := self._part_size - self._buffered):
+            self._buffer.write(rest[:room])
+            self._buffered += room
+            rest = rest[room:]
             await self._send_buffer()
+        if rest:
+            self._buffered += self._buffer.write(rest)
 
     async def send_remaining(self) -> None:
         """Upload what is left as the last part and wait until every part is stored. The upload stays
@@ -430,9 +448,11 @@ async def copy_object(
         done = await s3.complete_multipart_upload(
             Bucket=bucket, Key=dest_key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
-    except BaseException:
-        await asyncio.shield(
-            abort_upload(s3, recorder, ref, bucket=bucket, key=dest_key, upload_id=upload_id)
+    except BaseException as exc:
+        await finish_cleanup(
+            abort_upload(s3, recorder, ref, bucket=bucket, key=dest_key, upload_id=upload_id),
+            after=exc,
+            name="multipart-copy-abort",
         )
         raise
     await forget_upload(recorder, ref, key=dest_key, upload_id=upload_id)

@@ -12,9 +12,10 @@ the new one at once; (3) the manifests are written last; (4) the run is recorded
 ``jiralake_export_run``, which advances the incremental watermark. A failure before (2) leaves latest/
 untouched; a failure before (4) leaves the watermark where it was, so the next incremental run exports
 those rows again rather than skip them. A stop request (SIGTERM) cancels a run only until every part
-is stored; from the completion of the data object on, (1)-(4) run to their end first
-(exporter/shutdown.py: ``finish_before_stopping``), so a stop never leaves latest/ ahead of its
-manifest or a published run recorded as failed.
+is stored; from the completion of the data object on, (1)-(4) run to their end first, and so does the
+rest of the run (closing the S3 client and the connections: exporter/shutdown.py,
+``finish_before_stopping``), so a stop never leaves latest/ ahead of its manifest, nor a published run
+recorded as failed or reported as stopped.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from exporter.manifest import ManifestFacts, manifest_document, put_manifest
 from exporter.multipart import MultipartUpload, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
-from exporter.shutdown import finish_before_stopping
+from exporter.shutdown import finish_before_stopping, finish_cleanup
 from exporter.uploads import UploadLedger, abort_leftover_uploads
 from shared import aws, db
 from shared.metrics import EXPORT_BYTES, EXPORT_FAILURES, EXPORT_LAST_SUCCESS, EXPORT_ROWS, EXPORT_SECONDS
@@ -203,7 +204,12 @@ async def _locked_export(
             EXPORT_SECONDS.observe(time.monotonic() - started_monotonic)
             interrupted = isinstance(exc, asyncio.CancelledError)
             reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)
-            await asyncio.shield(_record_failure(control, run_id, clock().astimezone(UTC), reason))
+            # To its end even if a stop arrives meanwhile; the failure that came first is what is raised.
+            await finish_cleanup(
+                _record_failure(control, run_id, clock().astimezone(UTC), reason),
+                after=exc,
+                name="export-record-failure",
+            )
             log.error("export_failed", reason=reason, interrupted=interrupted)
             raise
     EXPORT_ROWS.inc(result.rows)
@@ -267,8 +273,9 @@ async def _export(
             await source.execute("COMMIT")
             await upload.send_remaining()
             # Up to here a stop aborts the upload: readers see nothing new. From the completion on, the
-            # run publishes, and a stop waits for it to end: cancelled half-way, it could leave latest/
-            # replaced and its manifest not, or a published run recorded as failed.
+            # run publishes, and a stop waits for the run to end (this block's S3 client and the
+            # connections closed too): cancelled half-way, it could leave latest/ replaced and its
+            # manifest not, or a published run recorded as failed or reported as stopped.
             publication = Publication(
                 settings=settings, s3=s3, control=control, layout=layout, ledger=ledger, run_id=run_id,
                 mode=mode, columns=columns, since=since, rows=rows, watermark_xid8=snapshot["watermark8"],

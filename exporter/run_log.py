@@ -29,8 +29,11 @@ WHERE run_id = $1
 """
 
 # -- run_failed --
+# Only a run still 'running': a run already recorded 'succeeded' has published (latest/ and the manifests
+# name it), whatever fails or stops after that.
 RUN_FAILED = """
-UPDATE jiralake_export_run SET status = 'failed', finished_at = $2, error = $3 WHERE run_id = $1
+UPDATE jiralake_export_run SET status = 'failed', finished_at = $2, error = $3
+WHERE run_id = $1 AND status = 'running'
 """
 
 # -- last_watermark --

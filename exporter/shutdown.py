@@ -1,13 +1,19 @@
 """Running an export that is cancelled, its upload aborted, when the stop event is set (the event
 comes from :func:`shared.shutdown.stop_on_signals`), unless it has started to publish: from S3's
-CompleteMultipartUpload on, a run finishes (the copy to latest/, the manifests, the run row) and then
-the stop is honoured, so a stop never leaves latest/ ahead of its manifest or a published run recorded
-as failed."""
+CompleteMultipartUpload on, a run finishes (the copy to latest/, the manifests, the run row, closing its
+clients and connections) and then the stop is honoured, so a stop never leaves latest/ ahead of its
+manifest, a published run recorded as failed, or a published run reported as stopped.
+
+The cleanup of a failure (aborting an upload, recording the failed run) also runs to its end when a stop
+arrives meanwhile: cancelled half-way, the caller would close the S3 client under the abort and leave
+the upload open."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -21,19 +27,38 @@ class Stopped(Exception):
     """The stop event was set while the awaited work ran; the work was cancelled."""
 
 
+@dataclass
+class _Run:
+    """What :func:`run_unless_stopped` knows of the work it watches."""
+
+    publishing: bool = False
+
+
+# The run of the current task (and of the tasks it starts), set by run_unless_stopped.
+_current_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("export_run", default=None)
+
+
 async def run_unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event, *, name: str) -> T:
     """Await ``work`` as a named task; if ``stop`` is set first, cancel it and wait for it to unwind (its
-    cleanup aborts uploads). Raises :class:`Stopped` when it was cancelled; a run that was publishing
-    when the stop came finishes instead, and its result (or failure) is returned (or raised) as usual."""
-    task = asyncio.create_task(work, name=name)
+    cleanup aborts uploads). Raises :class:`Stopped` when it was cancelled. A run that has started to
+    publish (:func:`finish_before_stopping`) when the stop comes is not cancelled: it runs to its end,
+    and its result (or failure) is returned (or raised) as usual."""
+    run = _Run()
+    context = contextvars.copy_context()
+    context.run(_current_run.set, run)
+    task = asyncio.create_task(work, name=name, context=context)
     watcher = asyncio.create_task(stop.wait(), name=f"{name}-stop-watch")
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if run.publishing:
+            log.warning("export_stop_deferred", until=f"{name} is done")
+            await asyncio.wait({task})
+        else:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if task.cancelled():
             raise Stopped(name)
     return task.result()
@@ -43,20 +68,53 @@ async def finish_before_stopping(work: Coroutine[Any, Any, T], *, name: str) -> 
     """Run ``work`` to its end in a task of its own, even if the caller is cancelled meanwhile (a stop
     request): the caller then waits for it, and returns its result or raises its failure as if it had
     not been cancelled. Only a cancellation of ``work`` itself (the event loop shutting down) cancels it.
-    """
+
+    From this call on, the run the caller belongs to is publishing: :func:`run_unless_stopped` no longer
+    cancels it when the stop comes, so what follows (closing the S3 client and the connections) is not
+    cut short either."""
+    if (run := _current_run.get()) is not None:
+        run.publishing = True
     task = asyncio.create_task(work, name=name)
-    absorbed = 0
-    try:
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    raise
-                if not absorbed:
-                    log.warning("export_stop_deferred", until=f"{name} is done")
-                absorbed += 1
-    finally:
-        if absorbed and (current := asyncio.current_task()) is not None:
-            for _ in range(absorbed):
-                current.uncancel()
+    cancellations = await _wait_to_the_end(task, deferred=f"{name} is done")
+    if not task.cancelled():
+        _withdraw(cancellations)
+    return task.result()
+
+
+async def finish_cleanup(cleanup: Coroutine[Any, Any, T], *, after: BaseException | None, name: str) -> T:
+    """Run ``cleanup`` (aborting an upload, recording a failure) to its end in a task of its own, even if
+    the caller is cancelled meanwhile, and return its result.
+
+    ``after`` is the failure the cleanup follows (None: none). A cancellation that arrived meanwhile is
+    withdrawn when there is one, because the caller re-raises that failure next: it came first, it is
+    what the run failed of (its reason and exit code). After no failure, the cancellation is raised
+    once the cleanup has ended."""
+    task = asyncio.create_task(cleanup, name=name)
+    cancellations = await _wait_to_the_end(task, deferred=f"{name} is done")
+    if cancellations and after is None:
+        raise asyncio.CancelledError
+    if not task.cancelled():
+        _withdraw(cancellations)
+    return task.result()
+
+
+async def _wait_to_the_end(task: asyncio.Task[Any], *, deferred: str) -> int:
+    """Wait until ``task`` is done, however often the caller is cancelled meanwhile (even in the very
+    loop turn ``task`` ends); returns how many times it was."""
+    cancellations = 0
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            if not cancellations:
+                log.warning("export_stop_deferred", until=deferred)
+            cancellations += 1
+    return cancellations
+
+
+def _withdraw(cancellations: int) -> None:
+    """Take back ``cancellations`` requests to cancel the current task, which it has absorbed."""
+    current = asyncio.current_task()
+    if current is not None:
+        for _ in range(cancellations):
+            current.uncancel()
