@@ -37,7 +37,7 @@ from exporter.settings import MIB, ExporterSettings
 from exporter.shutdown import finish_before_stopping, run_unless_stopped
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
-from tests.s3_pause_proxy import S3PauseProxy, upload_part, upload_part_copy
+from tests.s3_pause_proxy import Hold, RequestMatch, S3PauseProxy, upload_part, upload_part_copy
 from tests.test_export_failures import cli_env
 from tests.test_export_support import (
     get_object,
@@ -46,6 +46,7 @@ from tests.test_export_support import (
     open_multipart_uploads,
     settings_factory,
 )
+from tests.test_export_units import upload_in_chunks
 
 __all__ = ["settings_factory"]  # a fixture, used by name
 
@@ -87,6 +88,17 @@ def logged(event: str) -> Iterator[asyncio.Event]:
 def abort_upload() -> Callable[[web.Request], bool]:
     """AbortMultipartUpload."""
     return lambda r: r.method == "DELETE" and "uploadId" in r.query
+
+
+def refuse_then_hold_the_abort(
+    front: S3PauseProxy, behind: S3PauseProxy, what: str, request: RequestMatch
+) -> Hold:
+    """``front`` answers 503 to each of botocore's attempts at ``request``; ``behind`` holds the abort
+    that follows. Returns the abort's hold."""
+    for attempt in range(S3_ATTEMPTS):
+        front.hold(f"{what}, attempt {attempt + 1}", request)
+    front.release()
+    return behind.hold("abort", abort_upload())
 
 
 # -- a stop once the run has published --
@@ -283,12 +295,9 @@ async def test_a_stop_while_a_failed_upload_aborts_waits_for_the_abort_and_keeps
         S3PauseProxy(aws_settings.endpoint_url) as behind,
         S3PauseProxy(behind.url) as front,
     ):
-        # GIVEN S3 refusing the export's only part (503 to each of botocore's attempts) ...
-        for attempt in range(S3_ATTEMPTS):
-            front.hold(f"part 1, attempt {attempt + 1}", upload_part(1))
-        front.release()
-        # ... and holding the abort of its upload that follows
-        abort = behind.hold("abort", abort_upload())
+        # GIVEN S3 refusing the export's only part (503 to each of botocore's attempts), and holding the
+        # abort of its upload that follows
+        abort = refuse_then_hold_the_abort(front, behind, "part 1", upload_part(1))
         settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=front.url))
         stop = asyncio.Event()
         with logged("export_stop_deferred") as deferred:
@@ -321,22 +330,14 @@ async def test_a_cancelled_part_by_part_copy_aborts_to_the_end_and_raises_its_fa
     # GIVEN an 11 MiB object, to copy part by part (5 MiB parts)
     payload = b"0123456789abcdef" * (11 * MIB // 16)
     async with aws.s3_client(aws_settings) as s3:
-        async with MultipartUpload(
-            s3, bucket=bucket, key="t/src.csv", part_size_bytes=5 * MIB, parts_in_flight=1,
-            content_type="text/csv",
-        ) as upload:  # fmt: skip
-            await upload.write(payload)
-            source = await upload.complete()
+        source = await upload_in_chunks(s3, bucket, "t/src.csv", payload, chunk_bytes=len(payload))
     assert aws_settings.endpoint_url is not None
     async with (
         S3PauseProxy(aws_settings.endpoint_url) as behind,
         S3PauseProxy(behind.url) as front,
     ):
         # AND S3 refusing the copy of its second part, then holding the abort of the copy's upload
-        for attempt in range(S3_ATTEMPTS):
-            front.hold(f"part 2, attempt {attempt + 1}", upload_part_copy(2))
-        front.release()
-        abort = behind.hold("abort", abort_upload())
+        abort = refuse_then_hold_the_abort(front, behind, "part 2", upload_part_copy(2))
         async with aws.s3_client(dataclasses.replace(aws_settings, endpoint_url=front.url)) as s3:
             copying = asyncio.create_task(
                 copy_object(
