@@ -179,10 +179,9 @@ async def prune_history(
     batch_size: int = DEFAULT_BATCH_SIZE,
     stop: asyncio.Event | None = None,
     clock: Callable[[], float] = time.monotonic,
-    on_batch: Callable[[PruneSummary], None] | None = None,
 ) -> PruneSummary:
     """Delete every history row recorded before ``cutoff``, ``batch_size`` at a time, until done or
-    ``stop`` is set (checked between batches). ``on_batch`` is called after each batch."""
+    ``stop`` is set (checked between batches)."""
     started = clock()
     summary = PruneSummary(cutoff, older_than_days, batch_size, dry_run=False)
     last_logged = started
@@ -200,8 +199,6 @@ async def prune_history(
         if clock() - last_logged >= PROGRESS_LOG_INTERVAL_S:
             last_logged = clock()
             log.info(LOG_PROGRESS, rows_deleted=summary.rows, batches=summary.batches, up_to=_iso(newest))
-        if on_batch is not None:
-            on_batch(summary)
         start = newest
     if not summary.stopped:
         summary.oldest_left = await conn.fetchval(OLDEST_SQL)

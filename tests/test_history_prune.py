@@ -262,23 +262,6 @@ async def test_sigterm_stops_the_command_between_batches(
     assert len(left) == 4 and set(left) < set(held), left
 
 
-async def test_a_stop_request_ends_it_after_the_batch_in_progress(pg: asyncpg.Connection) -> None:
-    # GIVEN 10 old rows and a stop requested while the second batch of 3 runs
-    old = await record(pg, "old", 10, age_days=30)
-    stop = asyncio.Event()
-
-    def after_batch(summary: PruneSummary) -> None:
-        if summary.batches == 2:
-            stop.set()
-
-    # WHEN it prunes
-    summary = await prune(pg, 14, batch_size=3, stop=stop, on_batch=after_batch)
-    # THEN it stops after that batch: 6 rows gone, the 4 newest of them left for the next run
-    assert (summary.rows, summary.batches, summary.stopped) == (6, 2, True)
-    assert len(await remaining(pg)) == 4
-    assert set(await remaining(pg)) < set(old)
-
-
 # -- redeliveries after a prune --
 
 
