@@ -35,7 +35,7 @@ from exporter import run_log
 from exporter.columns import ORDER_KEY, TABLE, ExportColumn, read_columns, select_columns
 from exporter.copy_stream import copy_csv
 from exporter.csv_format import GzipStream, csv_query
-from exporter.errors import failure_reason
+from exporter.errors import ExportLocked, failure_reason
 from exporter.layout import ExportLayout
 from exporter.lock import acquire_export_lock
 from exporter.manifest import ManifestFacts, manifest_document, put_manifest
@@ -125,8 +125,22 @@ async def export_once(
     on_progress: ProgressListener | None = None,
 ) -> ExportResult:
     """Run one export now. Raises :class:`~exporter.errors.ExportLocked` if another is running, and
-    re-raises any failure after aborting the upload and recording the run as failed."""
+    re-raises any failure after aborting the upload and recording the run as failed. Every failure
+    counts in ``jiralake_export_failures_total``, also one before the run could be recorded (PostgreSQL
+    unreachable, no schema): the export-failure alert must not depend on where a run failed."""
     mode = "changes" if changed_since_last else "full"
+    try:
+        return await _export_under_lock(settings, mode=mode, clock=clock, on_progress=on_progress)
+    except ExportLocked:
+        raise  # another export is running: a skipped run, not a failed one
+    except BaseException:
+        EXPORT_FAILURES.inc()
+        raise
+
+
+async def _export_under_lock(
+    settings: ExporterSettings, *, mode: str, clock: Clock, on_progress: ProgressListener | None
+) -> ExportResult:
     source = await open_source(settings)
     try:
         await acquire_export_lock(source)
@@ -200,7 +214,6 @@ async def _locked_export(
                 started_at=started_at, started_monotonic=started_monotonic, clock=clock, listener=listener,
             )  # fmt: skip
         except BaseException as exc:
-            EXPORT_FAILURES.inc()
             EXPORT_SECONDS.observe(time.monotonic() - started_monotonic)
             interrupted = isinstance(exc, asyncio.CancelledError)
             reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)

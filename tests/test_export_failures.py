@@ -26,6 +26,7 @@ from exporter.shutdown import Stopped, run_unless_stopped
 from ops.local_aws import free_port
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import empty_database
 from tests.s3_pause_proxy import S3PauseProxy, upload_part
 from tests.test_export_support import (
     get_object,
@@ -185,18 +186,38 @@ async def test_a_second_export_is_refused_while_one_holds_the_lock(
     # GIVEN another session holding the export lock
     await pg.execute("SELECT pg_advisory_lock($1)", EXPORT_LOCK_KEY)
     holder = await pg.fetchval("SELECT pg_backend_pid()")
+    failures_before = failures()
     try:
         # WHEN an export starts
         with pytest.raises(ExportLocked) as refused:
             await export_once(settings_factory())
     finally:
         await pg.execute("SELECT pg_advisory_unlock($1)", EXPORT_LOCK_KEY)
-    # THEN it refuses at once, naming the holder, and records no run
+    # THEN it refuses at once, naming the holder, and records no run: a skipped run, not a failure
     assert str(refused.value) == (
         f"another export is running (advisory lock {EXPORT_LOCK_KEY:#x} is held by PostgreSQL backend pid "
         f"{holder}); not starting"
     )
     assert await pg.fetchval("SELECT count(*) FROM jiralake_export_run") == 0
+    assert failures() == failures_before
+
+
+def failures() -> float:
+    return REGISTRY.get_sample_value("jiralake_export_failures_total") or 0.0
+
+
+async def test_a_failure_before_the_run_is_recorded_still_counts(
+    pg_server_dsn: str, settings_factory: Callable[..., ExporterSettings]
+) -> None:
+    # GIVEN a database without jiralake's tables (setup not run, or the wrong DATABASE_URL)
+    async with empty_database(pg_server_dsn, "noschema") as url:
+        settings = settings_factory(database=DatabaseSettings(url=url))
+        before = failures()
+        # WHEN an export runs (a scheduled one logs it and waits for its next time)
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await export_once(settings)
+    # THEN it counts as a failure, though no run row could record it: the failure alert sees it
+    assert failures() == before + 1
 
 
 def cli_env(aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str) -> dict[str, str]:
