@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -505,11 +505,13 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
                     ),
                     name="queue-depth-poller",
                 )
+                depth.add_done_callback(stop_when_crashed(stop))
             if settings.export_freshness_interval_s > 0:
                 freshness = asyncio.create_task(
                     poll_last_export(pool, settings.export_freshness_interval_s, depth_stop),
                     name="export-freshness-poller",
                 )
+                freshness.add_done_callback(stop_when_crashed(stop))
             await consumer.run(stop)
         finally:
             depth_stop.set()
@@ -521,6 +523,20 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
             await pool.close()
     log.info("consumer_stopped", **_stats_fields(consumer.stats))
     return consumer.stats
+
+
+def stop_when_crashed(stop: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback for a gauge poller: the pollers handle SQS and PostgreSQL failures themselves,
+    so one that ends with an exception is a bug. It stops the consumer (which drains its batches, then
+    re-raises the exception from run_consumer: the process crashes loudly and its supervisor restarts
+    it) rather than serve frozen gauges, which would keep an alert firing or silent, unnoticed."""
+
+    def check(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_crashed", task=task.get_name(), exc_info=task.exception())
+            stop.set()
+
+    return check
 
 
 async def consume_until_idle(

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from consumer.settings import ConsumerSettings
-from consumer.worker import consume_until_idle, run_consumer
+from consumer.worker import consume_until_idle, run_consumer, stop_when_crashed
 from shared import aws
 from shared.envelope import ERROR_ATTRIBUTES, Envelope
 from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
@@ -448,3 +448,30 @@ async def _queue_counts_are(aws_settings: AwsSettings, url: str, counts: tuple[i
 
 async def _queue_empty(aws_settings: AwsSettings, url: str) -> bool:
     return await queue_counts(aws_settings, url) == (0, 0)
+
+
+async def test_a_gauge_poller_that_crashes_stops_the_consumer_and_one_that_returns_does_not() -> None:
+    # GIVEN two pollers: one failing with a bug (the SQS and PostgreSQL failures they handle themselves),
+    # one returning as on a stop request
+    stop = asyncio.Event()
+
+    async def crashing() -> None:
+        raise RuntimeError("bug in the poller")
+
+    async def returning() -> None:
+        return None
+
+    with capture_logs() as logs:
+        fine = asyncio.create_task(returning(), name="export-freshness-poller")
+        fine.add_done_callback(stop_when_crashed(stop))
+        await fine  # done-callbacks run in the order added: the check ran before this await returned
+        assert not stop.is_set()
+        # WHEN the other ends with its exception
+        crashed = asyncio.create_task(crashing(), name="queue-depth-poller")
+        crashed.add_done_callback(stop_when_crashed(stop))
+        with pytest.raises(RuntimeError, match="bug in the poller"):
+            await crashed
+        await asyncio.wait_for(stop.wait(), timeout=5)
+    # THEN the consumer is told to stop (run_consumer then re-raises it), and the crash is logged by name
+    crashes = [e for e in logs if e["event"] == "background_task_crashed"]
+    assert [(e["task"], e["log_level"]) for e in crashes] == [("queue-depth-poller", "error")]
