@@ -133,14 +133,17 @@ def _mirrored_aws_versions(plugin_dir: Path) -> list[str]:
     return sorted(p.name for p in (plugin_dir / "registry.terraform.io" / "hashicorp" / "aws").glob("*"))
 
 
-def test_terraform_validates_against_a_local_provider_mirror(tmp_path: Path) -> None:
+def test_terraform_validates_and_applies_with_a_mock_provider(tmp_path: Path) -> None:
+    """``terraform validate``, then ``terraform test`` (deploy/terraform/tests/: applies with a mock
+    provider, values known), against a local provider mirror: offline, no AWS account."""
     terraform = shutil.which("terraform")
     plugin_dir = Path(os.environ.get("TF_PLUGIN_DIR", "/opt/tf-plugins"))
     if terraform is None or not plugin_dir.is_dir() or not _mirrored_aws_versions(plugin_dir):
         pytest.skip("terraform or a local aws provider mirror (TF_PLUGIN_DIR) is missing: validate not run")
     version = _mirrored_aws_versions(plugin_dir)[-1]
-    copy = tmp_path / "terraform"
-    shutil.copytree(TF, copy)
+    shutil.copytree(TF.parent, tmp_path / "deploy")  # the policies in deploy/iam/ come along
+    copy = tmp_path / "deploy" / "terraform"
+    shutil.rmtree(copy / ".terraform", ignore_errors=True)
     versions = (copy / "versions.tf").read_text()
     sqs = (copy / "sqs.tf").read_text()
     assert '"~> 6.8"' in versions and "max_message_size_bytes = 1048576" in sqs
@@ -155,17 +158,24 @@ def test_terraform_validates_against_a_local_provider_mirror(tmp_path: Path) -> 
         "CHECKPOINT_DISABLE": "1",
         "TF_CLI_CONFIG_FILE": "/dev/null",
     }
-    for command in (["init", "-backend=false", "-input=false", f"-plugin-dir={plugin_dir}"], ["validate"]):
+    outputs = {}
+    for command in (
+        ["init", "-backend=false", "-input=false", f"-plugin-dir={plugin_dir}"],
+        ["validate"],
+        ["test"],
+    ):
         result = subprocess.run(
             [terraform, f"-chdir={copy}", *command, "-no-color"],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
             env=env,
             check=False,
         )
         assert result.returncode == 0, f"terraform {command[0]} failed:\n{result.stdout}\n{result.stderr}"
-    assert "The configuration is valid" in result.stdout
+        outputs[command[0]] = result.stdout
+    assert "The configuration is valid" in outputs["validate"]
+    assert "Success! 2 passed, 0 failed." in outputs["test"]
 
 
 def test_versions_pin_terraform_and_the_aws_provider() -> None:

@@ -131,13 +131,17 @@ resource "aws_s3_bucket_lifecycle_configuration" "exports" {
 # account must also give that role exporter.json, substituted with this bucket's ARN: cross-account
 # access needs both sides. Objects it writes belong to this account (BucketOwnerEnforced): ACLs are
 # disabled, so it sends no bucket-owner-full-control ACL and none is required.
+# (The role test is inside the `for`, not a conditional around it: the statements differ in shape, an
+# Action string in one and a list in another, so the `for` is a tuple, and Terraform refuses a
+# conditional whose branches are tuples of different lengths once the values are known, at apply.)
 locals {
-  cross_account_exporter_statements = var.exporter_role_arn_cross_account == null ? [] : [
+  cross_account_exporter_statements = [
     for statement in jsondecode(local.role_policies["exporter"]).Statement : merge(statement, {
       Sid       = "CrossAccount${statement.Sid}"
       Principal = { AWS = var.exporter_role_arn_cross_account }
     })
-    if alltrue([for action in flatten([statement.Action]) : startswith(action, "s3:")])
+    if var.exporter_role_arn_cross_account != null
+    && alltrue([for action in flatten([statement.Action]) : startswith(action, "s3:")])
   ]
 }
 
