@@ -311,6 +311,31 @@ def test_health_urls_point_at_each_service_s_admin_port() -> None:
     assert services["setup"]["healthcheck"] == {"disable": True}
 
 
+def test_compose_publishes_only_the_webhook_port_beyond_this_host() -> None:
+    # moto takes any credentials (events queued past the signature check, exports readable), and the
+    # admin ports are for this host's Prometheus: loopback only. Jira must reach the receiver.
+    published = {
+        port: name for name, service in _compose()["services"].items() for port in service.get("ports", [])
+    }
+    assert {port for port in published if not port.startswith("127.0.0.1:")} == {"8080:8080"}
+    assert published["8080:8080"] == "receiver"
+
+
+def test_compose_gives_the_services_time_to_drain_before_sigkill() -> None:
+    # Docker's default is 10 s; the receiver needs its grace plus one SQS call, the consumer its grace
+    def default(settings: type[Any], name: str) -> float:
+        value: float = settings.__dataclass_fields__[name].default
+        return value
+
+    grace = _compose()["x-jiralake"]["stop_grace_period"]
+    assert re.fullmatch(r"[0-9]+s", grace), grace
+    needed = max(
+        default(ReceiverSettings, "shutdown_grace_s") + default(ReceiverSettings, "sqs_timeout_s"),
+        default(ConsumerSettings, "shutdown_grace_s"),
+    )
+    assert int(grace[:-1]) > needed, (grace, needed)
+
+
 def test_compose_waits_for_healthy_dependencies_and_restarts_services() -> None:
     services = _compose()["services"]
     for name, service in services.items():
