@@ -159,6 +159,25 @@ def test_a_bad_jira_url_is_refused_at_start_not_retried(url: str, message: str) 
     assert one_line(result) == message
 
 
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {"JIRALAKE_JIRA_PAT": "NjM0\nSECRETPART"},
+        {"JIRALAKE_JIRA_EMAIL": "me@example.com", "JIRALAKE_JIRA_API_TOKEN": "tok\x1bSECRETPART"},
+    ],
+)
+def test_a_credential_with_a_control_character_is_one_line_and_never_echoed(
+    credentials: dict[str, str],
+) -> None:
+    result = _jiralake(
+        "backfill", "--dry-run", JIRALAKE_JIRA_URL="https://acme.atlassian.net", JIRALAKE_QUEUE_URL="q.fifo",
+        **credentials,
+    )  # fmt: skip
+    name = [n for n in credentials if n != "JIRALAKE_JIRA_EMAIL"][0]
+    assert one_line(result) == f"{name} holds a control character (a line break pasted into it?); remove it"
+    assert "SECRETPART" not in result.stderr
+
+
 def test_a_jira_url_with_a_port_and_a_context_path_is_accepted() -> None:
     env = {"JIRALAKE_JIRA_URL": "https://jira.example.com:8443/jira/", "JIRALAKE_JIRA_PAT": "NjM0-pat"}
     assert JiraSettings.from_env(env).url == "https://jira.example.com:8443/jira"
