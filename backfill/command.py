@@ -119,8 +119,18 @@ def _reconcile_command(args: argparse.Namespace) -> int:
     print("\n".join(reconcile_report(summary)))
     if summary.deletes_withheld:
         raise CommandError(
-            f"{summary.withheld_because}: no delete was enqueued. Jira also answers 404 for issues the "
-            "account may not browse; check its permissions, then rerun with a higher --max-deletes"
+            f"{summary.withheld_because}: no delete {'would be' if request.dry_run else 'was'} enqueued. "
+            "Jira also answers 404 for issues the account may not browse; check its permissions, then "
+            "rerun with a higher --max-deletes"
+        )
+    unchecked = len(summary.lookup_failed) + sum(1 for f in summary.forbidden if f.status == 401)
+    if unchecked:
+        # Rows left alone because Jira could not be asked (retries exhausted) or refused the
+        # credentials: the table may hold deleted issues this run could not see. A 403 is a
+        # permission on that issue, reported above, not a failed run.
+        raise CommandError(
+            f"{unchecked} live row(s) could not be checked (lookup kept failing, or HTTP 401: "
+            "credentials rejected); they were left alone; rerun when Jira answers"
         )
     return 0
 

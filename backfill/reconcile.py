@@ -200,12 +200,15 @@ async def _enqueue_deletes(
     summary: ReconcileSummary,
     sleep: Sleep,
 ) -> None:
-    if not summary.deleted or request.dry_run:
+    if not summary.deleted:
         return
+    # The guard first, also for a dry run: it shows what the real run would do.
     reason = _withhold_reason(request, summary)
     if reason:
         summary.deletes_withheld, summary.withheld_because = True, reason
         log.warning("reconcile_deletes_withheld", deletes=len(summary.deleted), reason=reason)
+        return
+    if request.dry_run:
         return
     now_ms = int(time.time() * 1000)
     envelopes = [

@@ -138,3 +138,39 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit(
     env = {k: v for k, v in env.items() if v}
     got_code, out, err = await jiralake("--log-json", *args, env=env)
     assert (got_code, out, err) == (code, "", message.format(url=url) + "\n")
+
+
+async def test_reconcile_exits_1_when_rows_could_not_be_checked_or_deletes_would_be_withheld(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    database_url: str,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a live row Jira's search does not return and whose lookup Jira refuses with 401 (a token
+    # revoked mid-run), and two rows whose lookups answer 404
+    server, url = jira
+    server.issues = fixture_issues(3)
+    server.issue_status = {"60001": 401}
+    await pg.executemany(
+        "INSERT INTO ap_jira_task (issue_id, issue_key, version) VALUES ($1, $2, 1)",
+        [(60001, "OLD-1"), (60002, "OLD-2"), (60003, "OLD-3")],
+    )
+    env = cli_env(url, queues, database_url)
+    # WHEN reconcile runs with room for the deletes
+    code, out, err = await jiralake("--log-json", "reconcile", "--max-deletes", "5", env=env)
+    # THEN the 404s are enqueued, but the run is not reported as done: the 401 row was never checked
+    assert code == 1, err
+    assert "  left alone (no access: permission lost?): 60001 OLD-1 (HTTP 401)" in out.splitlines()
+    assert err.splitlines()[-1] == (
+        "jiralake: 1 live row(s) could not be checked (lookup kept failing, or HTTP 401: credentials "
+        "rejected); they were left alone; rerun when Jira answers"
+    )
+    # WHEN its dry run has a limit the deletes exceed
+    code, out, err = await jiralake("--log-json", "reconcile", "--dry-run", "--max-deletes", "1", env=env)
+    # THEN it says the real run would withhold them, and exits as the real run would
+    assert code == 1, err
+    assert err.splitlines()[-1] == (
+        "jiralake: 2 issues answered 404, more than --max-deletes 1: no delete would be enqueued. Jira "
+        "also answers 404 for issues the account may not browse; check its permissions, then rerun with "
+        "a higher --max-deletes"
+    )

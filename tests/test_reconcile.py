@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import asyncpg
+import pytest
 
 from backfill.reconcile import ReconcileRequest, run_reconcile
 from shared.envelope import Envelope
@@ -110,19 +111,22 @@ async def test_a_dry_run_reports_the_same_and_changes_nothing(
     assert await pg.fetchval("SELECT count(*) FROM jiralake_failed_webhook_cursor") == 0
 
 
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
 async def test_more_404s_than_allowed_withholds_every_delete(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
     db_settings: DatabaseSettings,
     aws_settings: AwsSettings,
     pg: asyncpg.Connection,
+    dry_run: bool,
 ) -> None:
     # GIVEN three live rows Jira answers 404 for, and a limit of two
     server, url = jira
     await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2"), (40003, "GONE-3")])
-    # WHEN reconcile runs
+    # WHEN reconcile runs (or its dry run, which must say what the run would do)
     summary = await run_reconcile(
-        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest(max_deletes=2)
+        backfill_settings(url, queues, db_settings, aws_settings),
+        ReconcileRequest(max_deletes=2, dry_run=dry_run),
     )
     # THEN the 404s are reported and nothing is enqueued
     assert [f.issue_id for f in summary.deleted] == ["40001", "40002", "40003"]
