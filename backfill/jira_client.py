@@ -2,10 +2,13 @@
 
 - Cloud: ``GET /rest/api/2/search/jql`` paged by ``nextPageToken``; Data Center:
   ``GET /rest/api/2/search`` paged by ``startAt``. Both surface as :class:`SearchPage` with an
-  opaque text cursor, so callers (and the resume state) need not care. Search is REST v2 on Cloud
-  too: v3 returns rich text (description, environment, comments, text custom fields) as Atlassian
-  Document Format objects, while Cloud webhooks carry the v2 representation (wiki-markup strings);
-  a snapshot must be the same issue object a webhook carries, or ``raw`` changes shape by source.
+  opaque text cursor, so callers (and the resume state) need not care. Data Center pages overlap
+  (:class:`OffsetCursor`): an issue that leaves the result while the run reads it shifts every later
+  one up a place, and a plain ``startAt + issues returned`` would skip one issue per shift.
+  Search is REST v2 on Cloud too: v3 returns rich text (description, environment, comments, text
+  custom fields) as Atlassian Document Format objects, while Cloud webhooks carry the v2
+  representation (wiki-markup strings); a snapshot must be the same issue object a webhook
+  carries, or ``raw`` changes shape by source.
 - Throttling and transient failures (429, 500, 502, 503, 504, network errors) are retried: a
   ``Retry-After`` header is honoured; failing that, on a 429, Jira Cloud's ``X-RateLimit-Reset``;
   otherwise exponential backoff with jitter (:func:`requested_wait`, :meth:`RetryPolicy.delay_s`).
@@ -14,6 +17,9 @@
   a whole.
 - 401 ends the command (:class:`JiraAuthError`); other 4xx are :class:`JiraRequestError` with Jira's
   own message, except where a caller expects a status (404/403 on an issue lookup).
+- A 2xx that is not what was asked (an SSO login page behind a redirect, a proxy's page, JSON
+  without ``issues``) is a :class:`JiraError` naming its content type and first bytes, never an
+  empty result: an empty last page would complete the run and store a watermark.
 
 Credentials go only into the ``Authorization`` header; nothing here logs bodies, nor headers beyond
 the wait Jira asked for and a ``RateLimit-Reason`` that has the shape of one (:func:`loggable_reason`).
@@ -54,6 +60,16 @@ RATE_LIMIT_REASON = "RateLimit-Reason"
 # Atlassian's RateLimit-Reason values are lowercase words joined by hyphens (``jira-burst-based``).
 # Only such a value is logged: a mixed-case or long one (a token a proxy echoed, say) is not.
 _REASON_SHAPE = re.compile(r"[a-z0-9][a-z0-9._:,-]{0,79}")
+# Data Center: each next page is asked from this many issues before where the last one ended (at
+# most half a page), so that a page starts with issues already read (docs/backfill.md, "Data Center
+# paging"). A shift larger than the overlap is found that way and stepped back over.
+DC_OVERLAP_MAX = 10
+# Ids of the issues read last, carried in the Data Center cursor: what a page's first issue is
+# matched against, and which issues of an overlapping page are not sent again. Bounded: a run of
+# any length remembers this many.
+DC_RECENT_IDS = 1000
+# Bytes of an unexpected answer quoted in the error (a login page's title, a proxy's banner).
+HEAD_BYTES = 60
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -86,6 +102,49 @@ class SearchPage:
     next_cursor: str | None
     # Data Center reports the total; Cloud's enhanced search does not (see JiraClient.count).
     total: int | None = None
+
+
+@dataclass(frozen=True)
+class OffsetCursor:
+    """Where a Data Center search goes on: ``start_at`` is just past the last issue read, and
+    ``recent`` the ids read last (oldest first, at most :data:`DC_RECENT_IDS`). As text it is JSON;
+    a plain number is a cursor saved before pages overlapped (nothing remembered)."""
+
+    start_at: int
+    recent: tuple[str, ...] = ()
+
+    def encode(self) -> str:
+        return json.dumps({"startAt": self.start_at, "recent": list(self.recent)}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, cursor: str | None) -> OffsetCursor:
+        if cursor is None:
+            return cls(0)
+        bad = JiraError(f"saved startAt cursor {cursor[:40]!r} is not readable; run with --restart")
+        text = cursor.strip()
+        if not text.startswith("{"):
+            try:
+                return cls(max(int(text), 0))
+            except ValueError:
+                raise bad from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise bad from None
+        start_at = data.get("startAt") if isinstance(data, dict) else None
+        recent = data.get("recent") if isinstance(data, dict) else None
+        if not isinstance(start_at, int) or not isinstance(recent, list):
+            raise bad
+        return cls(max(start_at, 0), tuple(str(i) for i in recent[-DC_RECENT_IDS:]))
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    # Parsed JSON; else (not JSON) the first 500 bytes as text; None when empty.
+    body: Any
+    content_type: str
+    head: bytes
 
 
 @dataclass(frozen=True)
@@ -243,9 +302,17 @@ class JiraClient:
         return f"rest/api/{self.settings.api_version}/{path}"
 
     async def myself(self) -> dict[str, Any]:
-        """The authenticated account (checks the credentials; ``timeZone`` interprets JQL dates)."""
-        _, body = await self._request("GET", self._api("myself"))
-        return body if isinstance(body, dict) else {}
+        """The authenticated account (checks the credentials; ``timeZone`` interprets JQL dates).
+        Cloud names it by ``accountId``, Data Center by ``name`` and ``key``: a 2xx with none of
+        them is not Jira's answer (a login page, say), and the credentials check fails."""
+        path = self._api("myself")
+        reply = await self._request("GET", path)
+        body = reply.body
+        if isinstance(body, dict) and any(
+            isinstance(body.get(k), str) and body[k] for k in ("accountId", "name", "key")
+        ):
+            return body
+        raise _not_jira(reply, path, "an account")
 
     async def search_page(
         self,
@@ -263,33 +330,72 @@ class JiraClient:
         if self.settings.deployment == "cloud":
             if cursor is not None:
                 params["nextPageToken"] = cursor
-            _, body = await self._request("GET", SEARCH_PATH_CLOUD, params=params)
-            issues = _issues(body)
-            token = body.get("nextPageToken") if isinstance(body, dict) else None
-            is_last = bool(body.get("isLast", token is None)) if isinstance(body, dict) else True
+            reply = await self._request("GET", SEARCH_PATH_CLOUD, params=params)
+            body = _search_result(reply, SEARCH_PATH_CLOUD, cloud=True)
+            token = body.get("nextPageToken")
+            is_last = bool(body.get("isLast", token is None))
             next_cursor = token if isinstance(token, str) and token and not is_last else None
-            return SearchPage(issues=issues, next_cursor=next_cursor)
-        start_at = _start_at(cursor)
-        params["startAt"] = str(start_at)
-        _, body = await self._request("GET", self._api("search"), params=params)
-        issues = _issues(body)
-        total = body.get("total") if isinstance(body, dict) else None
-        total = total if isinstance(total, int) else None
-        next_start = start_at + len(issues)
-        more = bool(issues) and (total is None or next_start < total)
-        return SearchPage(issues=issues, next_cursor=str(next_start) if more else None, total=total)
+            return SearchPage(issues=_issues(body), next_cursor=next_cursor)
+        return await self._offset_page(params, OffsetCursor.decode(cursor), size)
+
+    async def _offset_page(self, params: dict[str, str], at: OffsetCursor, size: int) -> SearchPage:
+        """One Data Center page, overlapping the one before: asked from ``overlap`` issues before
+        ``at.start_at``, it must begin with an issue read already. When it does not, issues before it
+        left the result (deleted, no longer matching, or moved to the end by ``ORDER BY updated``)
+        and the ones behind them moved up past the overlap: the overlap doubles until the page
+        begins with a known issue, or starts at 0. Only issues not read recently are returned."""
+        path = self._api("search")
+        overlap = min(DC_OVERLAP_MAX, max(size // 2, 1)) if at.start_at > 0 and size > 0 else 0
+        recent = list(at.recent)
+        known = set(recent)
+        back = overlap
+        while True:
+            start_at = max(at.start_at - back, 0)
+            params["startAt"] = str(start_at)
+            params["maxResults"] = str(size + overlap)
+            reply = await self._request("GET", path, params=params)
+            body = _search_result(reply, path, cloud=False)
+            issues = _issues(body)
+            total = body.get("total") if isinstance(body.get("total"), int) else None
+            if size == 0 or start_at == 0 or not known:
+                break  # page one, a count, or a cursor saved before pages overlapped: nothing to match
+            if issues and _issue_id(issues[0]) in known:
+                break
+            if not issues and (total is None or start_at < total):
+                break  # Jira says there is more but gives nothing: the end, as before
+            log.warning("jira_page_shifted", start_at=start_at, expected_at=at.start_at, total=total)
+            back *= 2
+        end = start_at + len(issues)
+        more = bool(issues) and (total is None or end < total)
+        if more and end <= at.start_at and back == overlap:
+            raise JiraError(
+                f"Jira returned {len(issues)} issues for maxResults={size + overlap} at /{path}: "
+                "too few to page with an overlap; lower JIRALAKE_JIRA_PAGE_SIZE"
+            )
+        fresh: list[dict[str, Any]] = []
+        for issue in issues:
+            issue_id = _issue_id(issue)
+            if issue_id is not None and issue_id in known:
+                continue
+            fresh.append(issue)
+            if issue_id is not None:
+                known.add(issue_id)
+                recent.append(issue_id)
+        next_cursor = OffsetCursor(end, tuple(recent[-DC_RECENT_IDS:])).encode() if more else None
+        return SearchPage(issues=fresh, next_cursor=next_cursor, total=total)
 
     async def count(self, jql: str) -> int | None:
         """How many issues match: Cloud's approximate count, Data Center's exact total.
         None when Jira will not say (an older Cloud without the endpoint): progress runs without it."""
         if self.settings.deployment == "cloud":
-            status, body = await self._request(
+            reply = await self._request(
                 "POST",
                 self._api("search/approximate-count"),
                 json_body={"jql": split_order_by(jql)[0]},
                 allow_status={400, 404, 405},
             )
-            if status != 200 or not isinstance(body, dict) or not isinstance(body.get("count"), int):
+            body = reply.body
+            if reply.status != 200 or not isinstance(body, dict) or not isinstance(body.get("count"), int):
                 return None
             count: int = body["count"]
             return count
@@ -298,10 +404,10 @@ class JiraClient:
 
     async def issue_status(self, issue_id: str) -> int:
         """HTTP status of ``GET issue/{id}``: 200 (exists and visible), 404, 403 or 401."""
-        status, _ = await self._request(
+        reply = await self._request(
             "GET", self._api(f"issue/{issue_id}"), params={"fields": "id"}, allow_status={401, 403, 404}
         )
-        return status
+        return reply.status
 
     async def failed_webhooks(
         self, after_ms: int | None, *, max_results: int = 100
@@ -312,9 +418,10 @@ class JiraClient:
         params = {"maxResults": str(max_results)}
         if after_ms is not None:
             params["after"] = str(after_ms)
-        status, body = await self._request(
+        reply = await self._request(
             "GET", self._api("webhook/failed"), params=params, allow_status={401, 403, 404, 405}
         )
+        status, body = reply.status, reply.body
         if status != 200:
             return Unavailable(status, _reason(body, status))
         values = body.get("values") if isinstance(body, dict) else None
@@ -334,7 +441,7 @@ class JiraClient:
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
         allow_status: Collection[int] = (),
-    ) -> tuple[int, Any]:
+    ) -> Reply:
         assert self._session is not None, "use JiraClient as an async context manager"
         async with self._slots:
             for attempt in range(self.policy.max_attempts):
@@ -345,18 +452,19 @@ class JiraClient:
                         method, f"{self.settings.url}/{path}", params=params, json=json_body
                     ) as resp:
                         status = resp.status
+                        content_type = resp.content_type
                         raw = await resp.read()
                         if status in RETRYABLE_STATUSES:
                             requested = requested_wait(status, resp.headers, now_s=self._clock())
                             reason = loggable_reason(resp.headers.get(RATE_LIMIT_REASON))
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    status, raw = 0, b""
+                    status, raw, content_type = 0, b"", ""
                     problem = f"{type(exc).__name__}: {exc}"
                 else:
                     problem = f"HTTP {status}"
                 body = _decode(raw)
                 if 200 <= status < 300 or status in allow_status:
-                    return status, body
+                    return Reply(status, body, content_type, raw[:HEAD_BYTES])
                 if status == 401:
                     raise JiraAuthError(
                         f"Jira rejected the credentials (HTTP 401) at {self.settings.url}: check "
@@ -415,15 +523,34 @@ def _reason(body: Any, status: int) -> str:
     return f"HTTP {status}"
 
 
-def _issues(body: Any) -> list[dict[str, Any]]:
-    issues = body.get("issues") if isinstance(body, dict) else None
+def _search_result(reply: Reply, path: str, *, cloud: bool) -> dict[str, Any]:
+    """The search answer, if it is one: a JSON object with an ``issues`` list (Cloud's enhanced
+    search may leave the list out of an empty last page, which still says ``isLast``)."""
+    body = reply.body
+    if not isinstance(body, dict):
+        raise _not_jira(reply, path, "a search result")
+    empty_last = cloud and "issues" not in body and body.get("isLast") is True
+    if isinstance(body.get("issues"), list) or empty_last:
+        return body
+    raise _not_jira(reply, path, "a search result")
+
+
+def _not_jira(reply: Reply, path: str, wanted: str) -> JiraError:
+    """A 2xx that is not Jira's answer, in one line: content type and first bytes, nothing else."""
+    head = " ".join(reply.head.decode("utf-8", errors="replace").split())
+    head = "".join(c if c.isprintable() else "?" for c in head)
+    return JiraError(
+        f"Jira answered HTTP {reply.status} to /{path} with {reply.content_type or 'no content type'} "
+        f"that is not {wanted} (starts {head!r}): is JIRALAKE_JIRA_URL Jira itself, not a login page "
+        "or proxy in front of it?"
+    )
+
+
+def _issues(body: dict[str, Any]) -> list[dict[str, Any]]:
+    issues = body.get("issues")
     return [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
 
 
-def _start_at(cursor: str | None) -> int:
-    if cursor is None:
-        return 0
-    try:
-        return max(int(cursor), 0)
-    except ValueError:
-        raise JiraError(f"saved startAt cursor {cursor[:40]!r} is not a number; run with --restart") from None
+def _issue_id(issue: dict[str, Any]) -> str | None:
+    issue_id = issue.get("id")
+    return str(issue_id) if isinstance(issue_id, str | int) and str(issue_id) else None

@@ -7,11 +7,13 @@ objects taken from the real webhook fixtures (ids, keys and times varied).
   ``POST /rest/api/3/search/approximate-count``, ``GET /rest/api/3/issue/{id}``,
   ``GET /rest/api/3/myself``, ``GET /rest/api/3/webhook/failed``.
 - Data Center: ``GET /rest/api/2/search`` (``startAt``, ``total``), ``/rest/api/2/issue/{id}``,
-  ``/rest/api/2/myself``.
+  ``/rest/api/2/myself`` (Data Center's account shape: ``name`` and ``key``, no ``accountId``).
 - Auth: basic (email + API token) or bearer (PAT); anything else is 401.
 - Faults on demand: queued throttling answers per page (429/503 with Retry-After, or Jira Cloud's
   429 with only ``X-RateLimit-Reset``, repeated until the reset on ``clock``), a page from which
-  every search fails (a Jira that "dies" mid-run), 403/404 for chosen issue ids.
+  every search fails (a Jira that "dies" mid-run), 403/404 for chosen issue ids, a change to the
+  issues right after a Data Center page was answered (a delete or an edit mid-run), and answers
+  that are not Jira's: a redirect to an SSO login page, or a proxy's JSON.
 - JQL: only ``updated >= "yyyy-MM-dd HH:mm"`` (read in ``time_zone``) filters; the rest is recorded.
 """
 
@@ -147,6 +149,18 @@ class JiraApiServer:
     failed_webhook_afters: list[str | None] = field(default_factory=list)
     issue_lookups: list[str] = field(default_factory=list)
     count_requests: int = 0
+    # Data Center page index -> a change to ``issues`` made (once) right after that page was
+    # answered: an issue deleted or edited while the backfill runs.
+    change_after_page: dict[int, Callable[[list[dict[str, Any]]], None]] = field(default_factory=dict)
+    # Endpoints ("search", "myself") that answer 302 to an HTML SSO login page, which answers 200
+    # (an identity provider in front of Jira, with the credentials not accepted by it).
+    login_redirect: set[str] = field(default_factory=set)
+    # Endpoint ("search", "myself") -> JSON answered with 200 instead of Jira's (a proxy's page).
+    foreign_json: dict[str, Any] = field(default_factory=dict)
+    # Data Center page size, per ``fields``, learned from the first page-one search (startAt 0): a
+    # search's page index is the first page boundary at or after its startAt, so a search that
+    # overlaps the page before (startAt a few issues early) counts as the page it goes on to.
+    _dc_page_sizes: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     # The rate limit in force: the X-RateLimit-Reset and RateLimit-Reason sent with its 429s.
     _limit_reset: str = field(default="", init=False, repr=False)
     _limit_reason: str = field(default="", init=False, repr=False)
@@ -159,6 +173,7 @@ class JiraApiServer:
         app.router.add_get("/rest/api/{version:[23]}/issue/{issue_id}", self._issue)
         app.router.add_get("/rest/api/{version:[23]}/myself", self._myself)
         app.router.add_get("/rest/api/3/webhook/failed", self._failed_webhooks)
+        app.router.add_get("/sso/login", self._sso_login)
         return app
 
     # -- middleware --
@@ -166,6 +181,9 @@ class JiraApiServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         basic = "Basic " + base64.b64encode(f"{EMAIL}:{API_TOKEN}".encode()).decode()
+        if request.path == "/sso/login":  # the identity provider's page: no Jira credentials
+            login: web.StreamResponse = await handler(request)
+            return login
         if request.headers.get("Authorization") not in {basic, f"Bearer {PAT}"}:
             return web.json_response(
                 {
@@ -177,6 +195,21 @@ class JiraApiServer:
             )
         response: web.StreamResponse = await handler(request)
         return response
+
+    def _impostor(self, endpoint: str, request: web.Request) -> web.Response | None:
+        """What stands in for Jira's answer at ``endpoint``, if a test put something there."""
+        if endpoint in self.login_redirect:
+            raise web.HTTPFound(f"/sso/login?redirect_to={request.path}")
+        if endpoint in self.foreign_json:
+            return web.json_response(self.foreign_json[endpoint])
+        return None
+
+    async def _sso_login(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="<!DOCTYPE html>\n<html><head><title>Sign in - Example SSO</title></head>"
+            "<body><form method='post'>...</form></body></html>",
+            content_type="text/html",
+        )
 
     # -- search --
 
@@ -243,6 +276,9 @@ class JiraApiServer:
         return shaped
 
     async def _cloud_search(self, request: web.Request) -> web.Response:
+        impostor = self._impostor("search", request)
+        if impostor is not None:
+            return impostor
         jql = request.query.get("jql", "")
         self.jqls.append(jql)
         self.search_paths.append(request.path)
@@ -297,18 +333,26 @@ class JiraApiServer:
         return web.json_response({"count": len(self._matching(payload.get("jql", "")))})
 
     async def _dc_search(self, request: web.Request) -> web.Response:
+        impostor = self._impostor("search", request)
+        if impostor is not None:
+            return impostor
         jql = request.query.get("jql", "")
         self.jqls.append(jql)
         fields = request.query.get("fields", "*navigable")
         limit = min(int(request.query.get("maxResults", "50")), 1000)
         start_at = int(request.query.get("startAt", "0"))
+        page = 0
         if limit > 0:
-            fault = self._fault(start_at // limit)
+            if start_at == 0:
+                self._dc_page_sizes.setdefault(fields, limit)
+            size = self._dc_page_sizes.get(fields, limit)
+            page = -(-start_at // size)
+            fault = self._fault(page)
             if fault is not None:
                 return fault
         matching = self._matching(jql)
         chunk = matching[start_at : start_at + limit]
-        return web.json_response(
+        response = web.json_response(
             {
                 "expand": "schema,names",
                 "startAt": start_at,
@@ -319,6 +363,10 @@ class JiraApiServer:
                 ],
             }
         )
+        change = self.change_after_page.pop(page, None) if limit > 0 else None
+        if change is not None:
+            change(self.issues)
+        return response
 
     # -- single issue, account, failed webhooks --
 
@@ -340,6 +388,20 @@ class JiraApiServer:
         )
 
     async def _myself(self, request: web.Request) -> web.Response:
+        impostor = self._impostor("myself", request)
+        if impostor is not None:
+            return impostor
+        if request.match_info["version"] == "2":  # Data Center: users have a name and a key
+            return web.json_response(
+                {
+                    "self": f"{request.url.origin()}/rest/api/2/user?username=backfill",
+                    "key": "JIRAUSER10100",
+                    "name": "backfill",
+                    "displayName": "Backfill Bot",
+                    "active": True,
+                    "timeZone": self.time_zone,
+                }
+            )
         return web.json_response(
             {
                 "accountId": "5b10a2844c20165700ede21g",
