@@ -251,12 +251,13 @@ async def _covers_from(conn: asyncpg.Connection, key: state.RunKey, since: Since
 async def _finish(
     conn: asyncpg.Connection, key: state.RunKey, run: state.RunState, summary: BackfillSummary
 ) -> None:
-    """Forget the cursor; store a watermark only when nothing was refused (in this process or, for a
-    resumed run, before it) and the run reached back at least to the previous watermark (a later
-    --updated-since date would leave a gap)."""
+    """Forget the cursor; store a watermark when the run reached back at least to the previous one (a
+    later --updated-since date would leave a gap). A refused snapshot (too large for SQS, no
+    ``updated``) does not hold it back: the refusal is the issue's own, fetching it again unchanged
+    would be refused again, and once it changes its ``updated`` is past the watermark, so the next
+    last-run fetches it. Held back, one such issue turned every last-run into a full scan."""
     previous = await state.load_watermark(conn, key.jira_url, key.request_jql)
-    contiguous = run.covers_from is None or (previous is not None and run.covers_from <= previous)
-    store = contiguous and not summary.refused and not summary.refused_before_resume
+    store = run.covers_from is None or (previous is not None and run.covers_from <= previous)
     await state.finish_run(conn, key, run, issues_sent=summary.issues_sent_total, store_watermark=store)
     summary.complete = True
     summary.watermark = run.started_at if store else None

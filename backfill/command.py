@@ -178,7 +178,7 @@ def backfill_report(summary: BackfillSummary) -> list[str]:
     if summary.refused_before_resume:
         lines.append(
             f"  not enqueued before the resume: {summary.refused_before_resume} issues "
-            "(see that run's snapshot_refused log lines); no watermark is stored"
+            "(see that run's snapshot_refused log lines)"
         )
     if summary.watermark is not None:
         lines.append(f"  watermark: {summary.watermark.isoformat()} (for --updated-since last-run)")

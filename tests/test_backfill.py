@@ -377,15 +377,23 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     settings = backfill_settings(url, queues, db_settings, aws_settings)
     # WHEN the backfill runs
     summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
-    # THEN the other two were enqueued, the large one is named, and no watermark claims completeness
+    # THEN the other two were enqueued, the large one is named, and the watermark is stored all the
+    # same: fetched again unchanged, the issue would be refused again
     assert summary.sent == 2
     assert [(r.issue_id, r.reason) for r in summary.refused] == [
         (server.issues[1]["id"], "body larger than 1044480 bytes")
     ]
-    assert summary.watermark is None
+    assert summary.watermark is not None
     assert queued_ids(await drain(aws_settings, queues.queue_url)) == sorted(
         [server.issues[0]["id"], server.issues[2]["id"]]
     )
+    # WHEN the issue is trimmed in Jira (so updated after the watermark) and last-run goes
+    server.issues[1]["fields"]["description"] = "trimmed"
+    server.issues[1]["fields"]["updated"] = (summary.watermark + timedelta(hours=1)).isoformat()
+    again = await run_backfill(settings, BackfillRequest(updated_since=LAST_RUN), progress_tty=False)
+    # THEN last-run asks only for what changed since the watermark, and the issue goes out now
+    assert (again.refused, again.watermark is not None) == ([], True)
+    assert queued_ids(await drain(aws_settings, queues.queue_url)) == [server.issues[1]["id"]]
 
 
 async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(
@@ -409,13 +417,13 @@ async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(
     # WHEN Jira is back and the same backfill resumes and completes
     server.fail_from_page = None
     summary = await run_backfill(settings, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False)
-    # THEN the resumed part refused nothing itself, yet the run stores no watermark: --updated-since
-    # last-run would otherwise never send the refused issue again
+    # THEN the resumed part refused nothing itself, and the summary still counts the earlier refusal
+    # (the command exits 1 on it); the watermark is stored, as for a refusal in one process
     assert (summary.resumed_after_page, summary.refused, summary.refused_before_resume) == (2, [], 1)
-    assert (summary.complete, summary.watermark) == (True, None)
-    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_watermark") == 0
-    assert "  not enqueued before the resume: 1 issues (see that run's snapshot_refused log lines); " in (
-        "\n".join(backfill_report(summary))
+    assert summary.complete and summary.watermark is not None
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_watermark") == 1
+    assert "  not enqueued before the resume: 1 issues (see that run's snapshot_refused log lines)" in (
+        backfill_report(summary)
     )
 
 
