@@ -424,10 +424,15 @@ class JiraClient:
         status, body = reply.status, reply.body
         if status != 200:
             return Unavailable(status, _reason(body, status))
-        values = body.get("values") if isinstance(body, dict) else None
-        size = body.get("maxResults") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(body.get("values"), list):
+            # A login page or a proxy's answer: not "no failed deliveries", which would read as all clear.
+            return Unavailable(
+                status, str(_not_jira(reply, self._api("webhook/failed"), "a failed-webhook list"))
+            )
+        values = body["values"]
+        size = body.get("maxResults")
         return FailedWebhookPage(
-            values=[v for v in values if isinstance(v, dict)] if isinstance(values, list) else [],
+            values=[v for v in values if isinstance(v, dict)],
             max_results=size if isinstance(size, int) and size > 0 else max_results,
         )
 

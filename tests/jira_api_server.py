@@ -152,10 +152,11 @@ class JiraApiServer:
     # Data Center page index -> a change to ``issues`` made (once) right after that page was
     # answered: an issue deleted or edited while the backfill runs.
     change_after_page: dict[int, Callable[[list[dict[str, Any]]], None]] = field(default_factory=dict)
-    # Endpoints ("search", "myself") that answer 302 to an HTML SSO login page, which answers 200
-    # (an identity provider in front of Jira, with the credentials not accepted by it).
+    # Endpoints ("search", "myself", "webhook/failed") that answer 302 to an HTML SSO login page,
+    # which answers 200 (an identity provider in front of Jira, with the credentials not accepted).
     login_redirect: set[str] = field(default_factory=set)
-    # Endpoint ("search", "myself") -> JSON answered with 200 instead of Jira's (a proxy's page).
+    # Endpoint ("search", "myself", "webhook/failed") -> JSON answered with 200 instead of Jira's
+    # (a proxy's page).
     foreign_json: dict[str, Any] = field(default_factory=dict)
     # Data Center page size, per ``fields``, learned from the first page-one search (startAt 0): a
     # search's page index is the first page boundary at or after its startAt, so a search that
@@ -413,6 +414,9 @@ class JiraApiServer:
     async def _failed_webhooks(self, request: web.Request) -> web.Response:
         after = request.query.get("after")
         self.failed_webhook_afters.append(after)
+        impostor = self._impostor("webhook/failed", request)
+        if impostor is not None:
+            return impostor
         if self.failed_webhooks is None:
             return web.json_response(
                 {"errorMessages": ["Only Connect apps can use this operation."], "errors": {}}, status=403

@@ -258,3 +258,29 @@ async def test_failed_webhooks_are_replayed_through_the_queue_and_the_place_is_r
     # THEN it asks only for failures after that
     assert server.failed_webhook_afters[-1:] == ["1700000003000"]
     assert await drain(aws_settings, queues.queue_url) == []
+
+
+async def test_a_login_page_for_the_failed_webhook_list_is_not_an_empty_list(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud with a failed delivery, behind an SSO page that catches the failed-webhook list
+    server, url = jira
+    server.failed_webhooks = [failed_webhook("1661274651203", 1_700_000_000_000, issue_id=30001)]
+    server.login_redirect = {"webhook/failed"}
+    # WHEN reconcile runs
+    summary = await run_reconcile(
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest()
+    )
+    # THEN the list is reported as not available, with what came back, not as "nothing failed"
+    report = summary.failed_webhooks
+    assert report is not None and not report.available
+    assert report.reason == (
+        "HTTP 200: Jira answered HTTP 200 to /rest/api/3/webhook/failed with text/html that is not a "
+        "failed-webhook list (starts '<!DOCTYPE html> <html><head><title>Sign in - Example SSO</ti'): "
+        "is JIRALAKE_JIRA_URL Jira itself, not a login page or proxy in front of it?"
+    )
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_failed_webhook_cursor") == 0
