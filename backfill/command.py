@@ -67,8 +67,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--max-deletes",
         type=int,
         metavar="N",
-        help=f"withhold all deletes when more than N issues answer 404 (default {DEFAULT_MAX_DELETES}); "
-        "given explicitly, deletes also go ahead when Jira's search returns no issue at all",
+        help=f"withhold all deletes when more than N issues answer 404 (default {DEFAULT_MAX_DELETES})",
+    )
+    reconcile.add_argument(
+        "--allow-empty-search",
+        action="store_true",
+        help="let deletes go ahead even when Jira's search returns no issue at all (every issue of "
+        "the JQL really is gone); without it such a run withholds them, as an account that lost "
+        "access sees the same",
     )
     reconcile.add_argument(
         "--skip-failed-webhooks", action="store_true", help="do not read Jira Cloud's failed-webhook list"
@@ -109,7 +115,7 @@ def _reconcile_command(args: argparse.Namespace) -> int:
         jql=args.jql,
         dry_run=args.dry_run,
         max_deletes=DEFAULT_MAX_DELETES if args.max_deletes is None else args.max_deletes,
-        max_deletes_given=args.max_deletes is not None,
+        allow_empty_search=args.allow_empty_search,
         replay_failed_webhooks=not args.skip_failed_webhooks,
     )
     try:

@@ -9,7 +9,8 @@ exists but the JQL does not match it: left alone. More 404s than ``max_deletes``
 delete: Jira also answers 404 for issues the account may not browse, so a sudden flood of them
 usually means lost permissions, not deletions. So does a search that returns no issue at all while
 the table holds live rows: every row then answers 404 to an account that lost access, however few
-there are, so that withholds every delete too unless ``max_deletes`` was given explicitly.
+there are, so that withholds every delete too unless ``allow_empty_search`` says every issue of the
+JQL really is gone (a limit raised for a big deletion must not waive it).
 
 Failed webhooks: Jira Cloud's ``GET /rest/api/3/webhook/failed`` lists deliveries that failed after
 all retries, with their bodies, for up to 72 hours. Jira serves it only to Connect apps, for the
@@ -61,8 +62,9 @@ class ReconcileRequest:
     jql: str | None = None
     dry_run: bool = False
     max_deletes: int = DEFAULT_MAX_DELETES
-    # The operator set max_deletes: deletes go ahead even when Jira's search returned no issue.
-    max_deletes_given: bool = False
+    # The operator said every issue really is gone: deletes go ahead even when Jira's search returned
+    # no issue at all (which is also what an account that lost access sees).
+    allow_empty_search: bool = False
     replay_failed_webhooks: bool = True
 
 
@@ -228,7 +230,7 @@ def _withhold_reason(request: ReconcileRequest, summary: ReconcileSummary) -> st
     deletes = len(summary.deleted)
     if deletes > request.max_deletes:
         return f"{deletes} issues answered 404, more than --max-deletes {request.max_deletes}"
-    if summary.jira_ids == 0 and not request.max_deletes_given:
+    if summary.jira_ids == 0 and not request.allow_empty_search:
         return (
             f"Jira's search returned no issue at all, and all {deletes} live rows it was asked about "
             "answered 404"

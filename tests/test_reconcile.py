@@ -134,7 +134,7 @@ async def test_more_404s_than_allowed_withholds_every_delete(
     assert await drain(aws_settings, queues.queue_url) == []
 
 
-async def test_a_search_that_returns_nothing_withholds_every_delete_unless_the_limit_was_given(
+async def test_a_search_that_returns_nothing_withholds_every_delete_unless_allowed(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
     db_settings: DatabaseSettings,
@@ -156,8 +156,12 @@ async def test_a_search_that_returns_nothing_withholds_every_delete_unless_the_l
         "Jira's search returned no issue at all, and all 2 live rows it was asked about answered 404"
     )
     assert await drain(aws_settings, queues.queue_url) == []
-    # WHEN the operator, who knows the project was removed, gives the limit explicitly
-    summary = await run_reconcile(settings, ReconcileRequest(max_deletes=100, max_deletes_given=True))
+    # WHEN a scheduled run raised the limit for big deletions (which must not waive this guard)
+    summary = await run_reconcile(settings, ReconcileRequest(max_deletes=500))
+    # THEN nothing is deleted either
+    assert (summary.deletes_withheld, summary.deletes_enqueued) == (True, 0)
+    # WHEN the operator, who knows the project was removed, says every issue really is gone
+    summary = await run_reconcile(settings, ReconcileRequest(allow_empty_search=True))
     # THEN the deletes go out
     assert (summary.deletes_withheld, summary.deletes_enqueued) == (False, 2)
     assert len(await drain(aws_settings, queues.queue_url)) == 2
