@@ -20,8 +20,8 @@ import asyncpg
 import structlog
 
 from backfill import state
-from backfill.enqueue import Refused, send_envelopes
-from backfill.jira_client import JiraClient, JiraRequestError, SearchPage, Sleep
+from backfill.enqueue import QueueUnavailable, Refused, send_envelopes
+from backfill.jira_client import JiraClient, JiraError, JiraRequestError, SearchPage, Sleep
 from backfill.jql import WATERMARK_OVERLAP, build_jql, jira_zone
 from backfill.progress import Progress
 from backfill.settings import BackfillSettings
@@ -121,42 +121,67 @@ async def run_backfill(
                 deployment=settings.jira.deployment,
             )
             progress = Progress(total=None, done=run.issues_sent, stream=progress_stream, tty=progress_tty)
-            if settings.jira.deployment == "cloud":
-                summary.total = await jira.count(run.effective_jql)
-                progress.set_total(summary.total)
             try:
-                if not run.fetched_all_pages:
-                    try:
-                        await _pages_to_queue(
-                            settings, request, key, run, jira, sqs, conn, progress, summary, sleep
-                        )
-                    except JiraRequestError as exc:
-                        if not _saved_token_refused(settings, run, summary, exc):
-                            raise
-                        # Cloud's nextPageToken expires after 7 days: start the same run again at
-                        # page one (same JQL and start time); the pages re-sent are duplicates.
-                        log.warning("backfill_token_expired", reason=exc.reason, pages_done=run.pages_done)
-                        run = await state.start_run(
-                            conn,
-                            key,
-                            effective_jql=run.effective_jql,
-                            covers_from=run.covers_from,
-                            started_at=run.started_at,
-                        )
-                        summary.restarted_after_expired_token = True
-                        summary.issues_sent_total = 0
-                        summary.refused_before_resume = 0
-                        await _pages_to_queue(
-                            settings, request, key, run, jira, sqs, conn, progress, summary, sleep
-                        )
-            finally:
-                progress.finish()  # ends the bar's line before an error message, too
-            await _finish(conn, key, run, summary)
+                await _send_remaining_pages(
+                    settings, request, key, run, jira, sqs, conn, progress, summary, sleep
+                )
+            except (JiraError, QueueUnavailable) as exc:
+                # Said only when there is something to resume: a failed first page has none.
+                saved = summary.pages
+                if not summary.restarted_after_expired_token:
+                    saved += summary.resumed_after_page or 0
+                if saved:
+                    exc.add_note(
+                        f"{saved} page(s) already enqueued are saved: run the same command to resume"
+                    )
+                raise
             summary.jira_retries = jira.retries
             return summary
     finally:
         await conn.close()
         summary.duration_s = time.monotonic() - started_mono
+
+
+async def _send_remaining_pages(
+    settings: BackfillSettings,
+    request: BackfillRequest,
+    key: state.RunKey,
+    run: state.RunState,
+    jira: JiraClient,
+    sqs: SQSClient,
+    conn: asyncpg.Connection,
+    progress: Progress,
+    summary: BackfillSummary,
+    sleep: Sleep,
+) -> None:
+    """Every page after the saved cursor, then the run's end (cursor forgotten, watermark)."""
+    if settings.jira.deployment == "cloud":
+        summary.total = await jira.count(run.effective_jql)
+        progress.set_total(summary.total)
+    try:
+        if not run.fetched_all_pages:
+            try:
+                await _pages_to_queue(settings, request, key, run, jira, sqs, conn, progress, summary, sleep)
+            except JiraRequestError as exc:
+                if not _saved_token_refused(settings, run, summary, exc):
+                    raise
+                # Cloud's nextPageToken expires after 7 days: start the same run again at
+                # page one (same JQL and start time); the pages re-sent are duplicates.
+                log.warning("backfill_token_expired", reason=exc.reason, pages_done=run.pages_done)
+                run = await state.start_run(
+                    conn,
+                    key,
+                    effective_jql=run.effective_jql,
+                    covers_from=run.covers_from,
+                    started_at=run.started_at,
+                )
+                summary.restarted_after_expired_token = True
+                summary.issues_sent_total = 0
+                summary.refused_before_resume = 0
+                await _pages_to_queue(settings, request, key, run, jira, sqs, conn, progress, summary, sleep)
+    finally:
+        progress.finish()  # ends the bar's line before an error message, too
+    await _finish(conn, key, run, summary)
 
 
 async def _pages_to_queue(

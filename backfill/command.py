@@ -95,9 +95,9 @@ def _backfill_command(args: argparse.Namespace) -> int:
     try:
         summary = asyncio.run(run_backfill(settings, request, progress_stream=sys.stderr))
     except (JiraError, QueueUnavailable) as exc:
-        raise CommandError(
-            f"{exc} (pages already enqueued are saved: run the same command to resume)"
-        ) from None
+        # run_backfill notes on the error when saved pages make a rerun resume.
+        notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        raise CommandError(f"{exc}{notes}") from None
     print("\n".join(backfill_report(summary)))
     if summary.refused or summary.refused_before_resume:
         raise CommandError(

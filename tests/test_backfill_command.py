@@ -15,6 +15,8 @@ from shared.settings import AwsSettings
 from tests.conftest import drain
 from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues
 
+FAILED_SEARCH = "Jira still failing after 1 attempts at /rest/api/2/search/jql: HTTP 500"
+
 
 def cli_env(url: str, queues: QueuePair, database_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JIRALAKE_")}
@@ -138,6 +140,39 @@ async def test_bad_input_is_one_line_and_a_non_zero_exit(
     env = {k: v for k, v in env.items() if v}
     got_code, out, err = await jiralake("--log-json", *args, env=env)
     assert (got_code, out, err) == (code, "", message.format(url=url) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("fail_from_page", "hint"),
+    [(0, ""), (1, " (1 page(s) already enqueued are saved: run the same command to resume)")],
+)
+async def test_a_backfill_that_dies_mid_run_says_to_resume_only_when_pages_were_saved(
+    fail_from_page: int,
+    hint: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    database_url: str,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN 150 issues (two pages of 100) and a Jira whose search fails from page one or page two on
+    server, url = jira
+    server.issues = fixture_issues(150)
+    server.fail_from_page = fail_from_page
+    env = cli_env(url, queues, database_url, JIRALAKE_JIRA_MAX_ATTEMPTS="1")
+    # WHEN an operator runs a backfill
+    code, out, err = await jiralake("--log-json", "backfill", env=env)
+    # THEN it exits 1 with one line (after the JSON logs), which says to rerun only when a page was
+    # saved to resume from
+    assert (code, out) == (1, "")
+    assert err.splitlines()[-1] == f"jiralake: {FAILED_SEARCH}{hint}"
+    assert len(await drain(aws_settings, queues.queue_url)) == 100 * fail_from_page
+    # WHEN Jira is back and the same command runs again
+    server.fail_from_page = None
+    code, out, err = await jiralake("--log-json", "backfill", env=env)
+    # THEN it sends the pages that were not saved
+    assert code == 0, err
+    assert len(await drain(aws_settings, queues.queue_url)) == 150 - 100 * fail_from_page
 
 
 async def test_reconcile_exits_1_when_rows_could_not_be_checked_or_deletes_would_be_withheld(

@@ -291,12 +291,11 @@ async def test_the_command_behind_an_sso_login_page_exits_1_with_one_line(
     server.login_redirect = {"myself", "search"}
     # WHEN an operator runs a backfill
     code, out, err = await jiralake("--log-json", "backfill", env=cli_env(url, queues, database_url))
-    # THEN it exits 1 with one line on stderr, and no watermark is stored
+    # THEN it exits 1 with one line on stderr (no page saved: no resume hint), and no watermark
     assert (code, out, err) == (
         1,
         "",
         "jiralake: Jira answered HTTP 200 to /rest/api/3/myself with text/html that is not an account "
-        f"(starts {SSO_HEAD}): {HINT} (pages already enqueued are saved: run the same command to "
-        "resume)\n",
+        f"(starts {SSO_HEAD}): {HINT}\n",
     )
     assert await state.load_watermark(pg, url, "") is None
