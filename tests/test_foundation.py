@@ -220,3 +220,42 @@ async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server
         finally:
             await holder.close()
             await conn.close()
+
+
+# -- migration 0011: infinite due dates back to Jira's dates --
+
+FINITE_DUE_DATES_MIGRATION = 11
+
+
+async def test_due_dates_stored_as_infinity_become_the_dates_jira_sent(pg_server_dsn: str) -> None:
+    async with empty_database(pg_server_dsn, "due") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            # GIVEN a schema one migration behind, holding four issues whose due dates were stored
+            # by an older consumer: infinity (Jira's 9999-12-31), -infinity (0001-01-01), a plain date,
+            # none
+            await migrate.apply(conn)
+            await conn.execute(
+                "DELETE FROM jiralake_schema_migrations WHERE version = $1", FINITE_DUE_DATES_MIGRATION
+            )
+            for issue_id in (1, 2, 3, 4):
+                body = make_event(UPDATED_LARGE, issue_id=issue_id, ts=1_700_000_000_000)
+                assert (await apply_envelopes(conn, [envelope_of(body)])).counts() == {"applied": 1}
+            await conn.execute(
+                "UPDATE ap_jira_task SET due_date = CASE issue_id WHEN 1 THEN 'infinity'::date "
+                "WHEN 2 THEN '-infinity'::date WHEN 3 THEN DATE '2024-05-31' END"
+            )
+            # WHEN setup migrates
+            applied = await migrate.apply(conn)
+            # THEN the infinite ones hold the dates Jira sent; the others are unchanged (as text:
+            # asyncpg reads infinity and 9999-12-31 alike)
+            assert [m.version for m in applied] == [FINITE_DUE_DATES_MIGRATION]
+            rows = await conn.fetch("SELECT issue_id, due_date::text AS due FROM ap_jira_task ORDER BY 1")
+            assert [(r["issue_id"], r["due"]) for r in rows] == [
+                (1, "9999-12-31"),
+                (2, "0001-01-01"),
+                (3, "2024-05-31"),
+                (4, None),
+            ]
+        finally:
+            await conn.close()

@@ -10,7 +10,9 @@ CREATE TABLE jiralake_backfill_run (
     updated_since   text NOT NULL,          -- as the operator gave it ('' for none)
     effective_jql   text NOT NULL,          -- as sent to Jira
     covers_from     timestamptz,            -- the updated-since bound it asked for; NULL = all time
-    next_cursor     text,                   -- nextPageToken (Cloud) or startAt (Data Center); NULL = first page
+    -- nextPageToken (Cloud); Data Center: JSON {"startAt", "recent"} (backfill/jira_client.py
+    -- OffsetCursor), or a plain startAt saved by an older version; NULL = first page
+    next_cursor     text,
     pages_done      integer NOT NULL DEFAULT 0,
     issues_sent     bigint NOT NULL DEFAULT 0,
     started_at      timestamptz NOT NULL,
