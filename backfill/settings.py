@@ -7,15 +7,18 @@ and the personal access token are ``repr=False`` fields, and the client puts the
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from shared.settings import (
     AwsSettings,
     ConfigError,
     DatabaseSettings,
     QueueSettings,
+    env_bool,
     env_float,
     env_int,
     env_str,
@@ -54,12 +57,22 @@ class JiraSettings:
     request_timeout_s: float = 60.0
     page_size: int = MAX_PAGE_SIZE
     id_page_size: int = MAX_ID_PAGE_SIZE
+    # Plain http to a Jira other than this machine: credentials unencrypted on the network.
+    allow_http: bool = False
 
     def __post_init__(self) -> None:
         if self.api_token is None and self.pat is None:
             raise ConfigError(
                 "no Jira credentials: set JIRALAKE_JIRA_EMAIL and JIRALAKE_JIRA_API_TOKEN (Cloud) "
                 "or JIRALAKE_JIRA_PAT (Data Center)"
+            )
+        url = urlsplit(self.url)
+        if url.scheme == "http" and not self.allow_http and not _is_loopback(url.hostname or ""):
+            # Every request carries the API token or PAT in its Authorization header.
+            raise ConfigError(
+                "JIRALAKE_JIRA_URL is plain http: the Jira credentials would cross the network "
+                "unencrypted; use https, or set JIRALAKE_JIRA_ALLOW_HTTP=true for a Jira reached only "
+                "over a trusted network"
             )
 
     @property
@@ -107,6 +120,7 @@ class JiraSettings:
             max_attempts=env_int(env, "JIRALAKE_JIRA_MAX_ATTEMPTS", 8, minimum=1),
             request_timeout_s=env_float(env, "JIRALAKE_JIRA_TIMEOUT_S", 60.0, minimum=1.0),
             page_size=_bounded(env, "JIRALAKE_JIRA_PAGE_SIZE", MAX_PAGE_SIZE, MAX_PAGE_SIZE),
+            allow_http=env_bool(env, "JIRALAKE_JIRA_ALLOW_HTTP", False),
         )
 
 
@@ -129,6 +143,15 @@ class BackfillSettings:
             queue_url=QueueSettings.from_env(env).queue_url,
             database=DatabaseSettings.from_env(env),
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _base_url(raw: str) -> str:

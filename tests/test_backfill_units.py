@@ -77,12 +77,34 @@ def test_the_deployment_can_be_forced() -> None:
         (dict(CLOUD_ENV, JIRALAKE_JIRA_URL="acme.atlassian.net"), "must be an http"),
         (dict(CLOUD_ENV, JIRALAKE_JIRA_URL="https://u:pw@acme.atlassian.net"), "must not carry credentials"),
         (dict(CLOUD_ENV, JIRALAKE_JIRA_DEPLOYMENT="onprem"), "must be auto, cloud or datacenter"),
+        (dict(CLOUD_ENV, JIRALAKE_JIRA_URL="http://jira.acme.example"), "plain http: the Jira credentials"),
+        (
+            dict(CLOUD_ENV, JIRALAKE_JIRA_URL="http://jira.acme.example", JIRALAKE_JIRA_ALLOW_HTTP="no"),
+            "set JIRALAKE_JIRA_ALLOW_HTTP=true for a Jira reached only over a trusted network",
+        ),
         (dict(CLOUD_ENV, JIRALAKE_JIRA_PAGE_SIZE="500"), "must be <= 100"),
     ],
 )
 def test_bad_jira_settings_name_the_problem(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         JiraSettings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_http"),
+    [
+        ("https://jira.acme.example", None),
+        ("http://127.0.0.1:8080", None),
+        ("http://localhost:8080/jira", None),
+        ("http://[::1]:8080", None),
+        ("http://jira.internal.example", "true"),
+    ],
+)
+def test_plain_http_is_taken_on_loopback_or_when_allowed(url: str, allow_http: str | None) -> None:
+    env = dict(CLOUD_ENV, JIRALAKE_JIRA_URL=url)
+    if allow_http is not None:
+        env["JIRALAKE_JIRA_ALLOW_HTTP"] = allow_http
+    assert JiraSettings.from_env(env).url == url
 
 
 def test_a_jira_url_that_does_not_parse_is_not_repeated() -> None:

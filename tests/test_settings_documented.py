@@ -133,6 +133,7 @@ READS = [
     Reads("JIRALAKE_JIRA_API_TOKEN", "backfill", "jira.api_token", "other", "other",
           unset_reader="backfill-pat"),
     Reads("JIRALAKE_JIRA_PAT", "backfill-pat", "jira.pat", "other", "other", unset_reader="backfill"),
+    Reads("JIRALAKE_JIRA_ALLOW_HTTP", "backfill", "jira.allow_http", "true", True),
     Reads("JIRALAKE_JIRA_DEPLOYMENT", "backfill", "jira.deployment", "datacenter", "datacenter"),
     Reads("JIRALAKE_JIRA_CONCURRENCY", "backfill", "jira.max_concurrency", "2", 2),
     Reads("JIRALAKE_JIRA_MAX_ATTEMPTS", "backfill", "jira.max_attempts", "3", 3),
