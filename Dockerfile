@@ -33,7 +33,8 @@ WORKDIR /home/jiralake
 EXPOSE 8080 9090 9091 9092
 # Health: fetch JIRALAKE_HEALTH_URL, the /healthz of the running service's admin port. The default
 # fits the receiver; set it per service (consumer: port 9091, `export --schedule`: 9092). One-shot
-# commands (setup, export --once, backfill, dlq ...) serve nothing and exit before it matters.
+# commands (setup, export --once, backfill, dlq ...) serve nothing: run them with
+# `docker run --no-healthcheck`, or a long one (a backfill) turns unhealthy, which Swarm acts on.
 # Proxies are bypassed: the probe targets this container. Any error or non-2xx answer exits 1.
 ENV JIRALAKE_HEALTH_URL=http://127.0.0.1:9090/healthz
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
