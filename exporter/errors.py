@@ -22,6 +22,10 @@ class ExportLocked(ExportError):
     """Another export holds the advisory lock."""
 
 
+class ExportLockLost(ExportError):
+    """The session that held the advisory lock ended mid-run: the run must not publish."""
+
+
 class ExportInterrupted(ExportError):
     """The process was asked to stop (SIGTERM, SIGINT) while an export was running."""
 

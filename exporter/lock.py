@@ -1,11 +1,15 @@
 """Only one export at a time: a PostgreSQL session advisory lock, held by the connection that reads
-the table. It goes away with that connection, so a killed exporter never leaves it behind."""
+the table. It goes away with that connection, so a killed exporter never leaves it behind; and so an
+export whose session ended mid-run (a PostgreSQL restart, a dropped connection) no longer holds it,
+and another export may have started. Before each step that publishes, the run checks that it still
+holds the lock (:func:`confirm_export_lock`), so it does not overwrite the other run's objects.
+"""
 
 from __future__ import annotations
 
 import asyncpg
 
-from exporter.errors import ExportLocked
+from exporter.errors import ExportLocked, ExportLockLost
 
 # "jlex": distinct from the migrator's "jlmi" (shared/migrate.py).
 EXPORT_LOCK_KEY = 0x6A6C_6578
@@ -22,6 +26,18 @@ WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND objsubid = 1 AND 
 LIMIT 1
 """
 
+# -- export_lock_held --
+LOCK_HELD = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND objsubid = 1 AND granted
+      AND pid = pg_backend_pid()
+)
+"""
+# A check is one tiny query on an idle connection; a PostgreSQL that does not answer in this long is
+# as good as gone for deciding whether to publish.
+CONFIRM_TIMEOUT_S = 30.0
+
 
 async def acquire_export_lock(conn: asyncpg.Connection) -> None:
     """Take the lock for this connection's session, or raise :class:`ExportLocked` at once."""
@@ -32,3 +48,19 @@ async def acquire_export_lock(conn: asyncpg.Connection) -> None:
     raise ExportLocked(
         f"another export is running (advisory lock {EXPORT_LOCK_KEY:#x} is held{by}); not starting"
     )
+
+
+async def confirm_export_lock(conn: asyncpg.Connection, *, before: str) -> None:
+    """Raise :class:`ExportLockLost` unless ``conn``'s session still holds the lock; ``before`` names
+    the step it guards, for the message."""
+    try:
+        held = await conn.fetchval(LOCK_HELD, EXPORT_LOCK_KEY, timeout=CONFIRM_TIMEOUT_S)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise ExportLockLost(
+            f"the export lock's PostgreSQL session ended ({type(exc).__name__}): another export may "
+            f"be running; not {before}"
+        ) from exc
+    if not held:
+        raise ExportLockLost(
+            f"the export lock is no longer held: another export may be running; not {before}"
+        )

@@ -37,7 +37,7 @@ from exporter.copy_stream import copy_csv
 from exporter.csv_format import GzipStream, csv_query
 from exporter.errors import ExportLocked, failure_reason
 from exporter.layout import ExportLayout
-from exporter.lock import acquire_export_lock
+from exporter.lock import acquire_export_lock, confirm_export_lock
 from exporter.manifest import ManifestFacts, manifest_document, put_manifest
 from exporter.multipart import MultipartUpload, copy_object
 from exporter.progress import Progress, ProgressListener
@@ -285,14 +285,16 @@ async def _export(
                 rows = await _stream_parquet(settings, source, columns, where, args, upload, progress)
             await source.execute("COMMIT")
             await upload.send_remaining()
+            await confirm_export_lock(source, before=f"completing {layout.uri(data_key)}")
             # Up to here a stop aborts the upload: readers see nothing new. From the completion on, the
             # run publishes, and a stop waits for the run to end (this block's S3 client and the
             # connections closed too): cancelled half-way, it could leave latest/ replaced and its
             # manifest not, or a published run recorded as failed or reported as stopped.
             publication = Publication(
-                settings=settings, s3=s3, control=control, layout=layout, ledger=ledger, run_id=run_id,
-                mode=mode, columns=columns, since=since, rows=rows, watermark_xid8=snapshot["watermark8"],
-                started_at=started_at, started_monotonic=started_monotonic, clock=clock, progress=progress,
+                settings=settings, s3=s3, source=source, control=control, layout=layout, ledger=ledger,
+                run_id=run_id, mode=mode, columns=columns, since=since, rows=rows,
+                watermark_xid8=snapshot["watermark8"], started_at=started_at,
+                started_monotonic=started_monotonic, clock=clock, progress=progress,
             )  # fmt: skip
             return await finish_before_stopping(_publish(publication, upload), name="export-publish")
 
@@ -303,6 +305,7 @@ class Publication:
 
     settings: ExporterSettings
     s3: S3Client
+    source: asyncpg.Connection  # holds the export lock
     control: asyncpg.Connection
     layout: ExportLayout
     ledger: UploadLedger
@@ -351,6 +354,7 @@ async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
     latest_key = None
     if run.mode == "full":
         latest_key = layout.latest_key
+        await confirm_export_lock(run.source, before=f"replacing {layout.uri(latest_key)}")
         latest_etag = await copy_object(
             run.s3,
             bucket=settings.bucket,

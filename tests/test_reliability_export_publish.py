@@ -16,16 +16,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from exporter.lock import EXPORT_LOCK_KEY
+from exporter.errors import ExportLockLost
+from exporter.lock import EXPORT_LOCK_KEY, confirm_export_lock
 from exporter.run import export_once
 from exporter.settings import ExporterSettings
 from exporter.shutdown import run_unless_stopped
 from shared import aws
 from shared.settings import AwsSettings
-from tests.s3_pause_proxy import S3PauseProxy, copy_object
+from tests.s3_pause_proxy import S3PauseProxy, copy_object, upload_part
 from tests.test_export_support import (
     csv_rows,
     exported_columns,
@@ -188,3 +190,73 @@ async def test_a_run_whose_row_was_not_updated_leaves_the_watermark_so_its_rows_
     # AND the next incremental run starts from the first run's watermark and exports those 5 rows again
     again = await export_once(settings_factory(), changed_since_last=True, clock=lambda: EVENING)
     assert (again.since_xid8, again.rows) == (first.watermark_xid8, 5)
+
+
+# -- the export lock lost mid-run --
+
+TERMINATE_LOCK_HOLDER = """
+SELECT pg_terminate_backend(pid) FROM pg_locks
+WHERE locktype = 'advisory' AND objid = $1 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+@pytest.mark.parametrize(
+    ("held_request", "refused_step", "history_published"),
+    [
+        (upload_part(1), f"completing s3://{{bucket}}/{HISTORY}", False),
+        (manifest_put("dt=2024-05-10/_manifest.json"), f"replacing s3://{{bucket}}/{LATEST}", True),
+    ],
+    ids=["before-completing", "before-replacing-latest"],
+)
+async def test_an_export_whose_lock_session_ended_publishes_nothing_more(
+    held_request: Callable[[web.Request], bool],
+    refused_step: str,
+    history_published: bool,
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a morning export of 10 rows, then 5 more rows
+    await insert_awkward_rows(pg, 10)
+    await export_once(settings_factory(), clock=lambda: MORNING)
+    previous = await get_object(aws_settings, bucket, LATEST)
+    await insert_awkward_rows(pg, 5, first_id=100)
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
+        # AND the evening export's session that holds the export lock ends (a PostgreSQL restart, a
+        # dropped connection: another exporter may now take the lock) once every row was read, with
+        # the upload's part, or the history manifest, on its way to S3
+        hold = proxy.hold("held", held_request, then_forward=True)
+        run = asyncio.create_task(export_once(settings, clock=lambda: EVENING))
+        await asyncio.wait_for(hold.reached.wait(), timeout=60)
+        assert await pg.fetchval(TERMINATE_LOCK_HOLDER, EXPORT_LOCK_KEY) is True
+        proxy.release()
+        # WHEN the run goes on
+        with pytest.raises(ExportLockLost) as lost:
+            await asyncio.wait_for(run, timeout=60)
+    # THEN it stops before the next step that publishes, and records why
+    step = refused_step.format(bucket=bucket)
+    assert str(lost.value).startswith("the export lock's PostgreSQL session ended (")
+    assert str(lost.value).endswith(f"): another export may be running; not {step}")
+    failed = await pg.fetchrow("SELECT status, error FROM jiralake_export_run ORDER BY run_id DESC LIMIT 1")
+    assert failed is not None and dict(failed) == {"status": "failed", "error": str(lost.value)}
+    # AND latest/ is the morning's; today's history object is the evening's only if it was already
+    # complete, and nothing is left open
+    assert await get_object(aws_settings, bucket, LATEST) == previous
+    history_rows = json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"]
+    assert history_rows == (15 if history_published else 10)
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+
+
+async def test_the_lock_check_refuses_a_session_that_does_not_hold_the_lock(pg: asyncpg.Connection) -> None:
+    # GIVEN a live session that does not hold the export lock; WHEN a run checks it; THEN it is refused
+    with pytest.raises(ExportLockLost, match="^the export lock is no longer held: .*; not publishing$"):
+        await confirm_export_lock(pg, before="publishing")
+    # AND a session that holds it passes
+    await pg.execute("SELECT pg_advisory_lock($1)", EXPORT_LOCK_KEY)
+    try:
+        await confirm_export_lock(pg, before="publishing")
+    finally:
+        await pg.execute("SELECT pg_advisory_unlock($1)", EXPORT_LOCK_KEY)
