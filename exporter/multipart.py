@@ -419,6 +419,11 @@ async def copy_object(
     """
     copy_source: Any = {"Bucket": bucket, "Key": source.key}
     if source.size_bytes <= single_copy_max_bytes:
+        # A full-object CRC32 of the copy, where uploads declare one. Without it moto gives the copy
+        # the source's composite checksum as if it were a full-object one, and every reader that
+        # validates checksums (boto3's default since 1.36) fails on latest/.
+        algorithm = part_checksum_algorithm(s3)
+        extra: Any = {"ChecksumAlgorithm": algorithm} if algorithm else {}
         copied = await s3.copy_object(
             Bucket=bucket,
             Key=dest_key,
@@ -426,6 +431,7 @@ async def copy_object(
             CopySourceIfMatch=source.etag,
             MetadataDirective="REPLACE",
             ContentType=content_type,
+            **extra,
         )
         return copied.get("CopyObjectResult", {}).get("ETag", "")
     # Parts of at least part_size_bytes, and few enough for S3's 10,000-part limit.

@@ -125,8 +125,13 @@ def make_settings(
 async def get_object(aws_settings: AwsSettings, bucket: str, key: str) -> bytes:
     async with aws.s3_client(aws_settings) as s3:
         response = await s3.get_object(Bucket=bucket, Key=key)
-        async with response["Body"] as body:
+        # Read as a reader would: the body itself validates the object's checksum at its end
+        # (``async with`` on it would hand back the raw stream, which does not).
+        body = response["Body"]
+        try:
             data: bytes = await body.read()
+        finally:
+            body.close()
     return data
 
 
