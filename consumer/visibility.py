@@ -2,14 +2,15 @@
 
 A message comes back when its visibility timeout ends. A batch still being applied must not come
 back (another poller would apply it again, out of order), so ``keep_visible`` renews the timeout at
-half-time. A batch that failed for a transient reason is made visible again after an exponential
-backoff on its receive count, so an outage neither spins nor burns through ``maxReceiveCount``.
+half-time, and soon again after a renewal that failed. A batch that failed for a transient reason
+is made visible again after an exponential backoff on its receive count, so an outage neither spins
+nor burns through ``maxReceiveCount``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -29,21 +30,47 @@ def retry_delay_s(receive_count: int, *, base_s: int, max_s: int) -> int:
     return int(min(max_s, base_s * 2**exponent))
 
 
+# After a failed renewal, the next try comes this soon (at most half the period): waiting a whole
+# period would let the timeout run out, and the batch reappear to another poller, before it.
+RETRY_RENEWAL_S = 2.0
+
+StopWait = Callable[[asyncio.Event, float], Awaitable[bool]]
+
+
+async def stopped_within(stop: asyncio.Event, delay_s: float) -> bool:
+    """Wait up to ``delay_s``; True as soon as ``stop`` is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def keep_visible(
-    sqs: SQSClient, queue_url: str, messages: Sequence[Message], *, visibility_timeout_s: int
+    sqs: SQSClient,
+    queue_url: str,
+    messages: Sequence[Message],
+    *,
+    visibility_timeout_s: int,
+    stop: asyncio.Event,
+    wait: StopWait = stopped_within,
 ) -> None:
-    """Renew the messages' visibility every half timeout until cancelled (run as a named task).
+    """Renew the messages' visibility every half timeout until ``stop`` is set (run as a named task);
+    a failed renewal is tried again after ``RETRY_RENEWAL_S``. A renewal under way when ``stop`` is set
+    is finished first, so a release for retry that follows is the last word on the messages.
     ``messages`` is read each round: the caller may remove those it has acknowledged meanwhile."""
     every_s = max(visibility_timeout_s / 2, 0.5)
-    while True:
-        await asyncio.sleep(every_s)
+    delay_s = every_s
+    while not await wait(stop, delay_s):
+        delay_s = every_s
         timeouts = [(m, visibility_timeout_s) for m in messages]
         if not timeouts:
             continue
         try:
             failed = await sqs_calls.change_visibility_batch(sqs, queue_url, timeouts)
-        except Exception as exc:  # the batch may still finish in time; the next round tries again
-            log.warning("visibility_extend_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the batch may still finish in time; try again soon
+            delay_s = min(RETRY_RENEWAL_S, every_s / 2)
+            log.warning("visibility_extend_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay_s)
             continue
         log.info("visibility_extended", messages=len(timeouts), timeout_s=visibility_timeout_s, failed=failed)
 

@@ -236,12 +236,14 @@ class Consumer:
         # Not yet acknowledged: kept invisible while the batch runs, released if it must be retried.
         # Groups applied apart are acknowledged early and leave it (the extender reads it each round).
         outstanding = list(messages)
+        extending = asyncio.Event()  # set: renew no more
         extender = asyncio.create_task(
             visibility.keep_visible(
                 self.sqs,
                 self.settings.queue.queue_url,
                 outstanding,
                 visibility_timeout_s=self.settings.visibility_timeout_s,
+                stop=extending,
             ),
             name="visibility-extender",
         )
@@ -257,10 +259,14 @@ class Consumer:
                 parsed, rejected, result = await self._apply_batch(conn, parsed, rejected, outstanding, halt)
             except Exception as exc:
                 if classify(exc) is Outcome.RETRY:
-                    await self._shielded(self._release(outstanding, exc))
+                    # The extender first ends a renewal under way: landing after the release, it would
+                    # undo the backoff (hidden for a whole timeout again, or visible too early).
+                    extending.set()
+                    await self._shielded(self._release(outstanding, exc, after=extender))
                 raise
             await self._finish(parsed, result, rejected, outstanding)
         finally:
+            extending.set()
             extender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await extender
@@ -412,7 +418,10 @@ class Consumer:
             log.warning("delete_failed", failed=failed)
         self.breaker.record([False] * len(done) + [True] * len(stored))
 
-    async def _release(self, messages: Sequence[Message], exc: BaseException) -> None:
+    async def _release(
+        self, messages: Sequence[Message], exc: BaseException, *, after: asyncio.Task[None]
+    ) -> None:
+        await asyncio.wait({after})  # ended, however: it logs its own failures
         error_class, message = describe(exc)
         self.stats.count(RETRIED, len(messages))
         log.warning("batch_retried", messages=len(messages), error_class=error_class, error=message)
