@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from consumer.issue_row import IssueRow, is_full, issue_row, user_id
+from consumer.issue_row import IssueRow, is_full, is_full_delete, issue_row, user_id
 from consumer.ordering import tiebreak_for, version_time
 from consumer.outcomes import InvalidMessage
 from shared.envelope import Envelope
@@ -85,7 +85,9 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
     if routed.event_type != envelope.event_type:
         raise InvalidMessage(f"body is a {routed.event_type!r} event, attributes say {envelope.event_type!r}")
     issue = payload.get("issue")
-    row = issue_row(issue) if routed.event_type in FIELD_EVENTS and is_full(issue) else None
+    deletes = routed.event_type in DELETE_EVENTS
+    full = is_full_delete(issue) if deletes else is_full(issue)
+    row = issue_row(issue) if routed.event_type in FIELD_EVENTS and full else None
     actor = _actor(payload)
     items = _changelog(payload).get("items")
     name = payload.get("issue_event_type_name")
@@ -105,7 +107,7 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
         actor_account_id=user_id(actor),
         actor_display_name=actor.get("displayName") if isinstance(actor.get("displayName"), str) else None,
         row=row,
-        deletes=routed.event_type in DELETE_EVENTS,
+        deletes=deletes,
         body=envelope.body,
     )
 

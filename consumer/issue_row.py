@@ -19,6 +19,15 @@ from shared.jira_event import parse_jira_time
 # REST snapshots with the default fields all do; slim objects in comment and attachment events don't).
 FULL_ISSUE_FIELDS = ("created", "status", "issuetype", "project")
 
+# A delete's issue object must also carry every one of these fields (null or not) to replace the field
+# columns: Forge-era Cloud deletes are trimmed (NOTES.md) and may still hold the four above, and
+# applied, they would blank the deleted issue's last priority, labels, due date... `parent` is not
+# here: Jira leaves it out for an issue that has none. Every full delete in the fixtures carries them.
+DELETE_COLUMN_FIELDS = (
+    "summary", "priority", "labels", "duedate", "resolution", "resolutiondate", "assignee", "reporter",
+    "updated",
+)  # fmt: skip
+
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-([0-9]{1,9})$")
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 _MAX_BIGINT = 2**63 - 1
@@ -58,6 +67,12 @@ def is_full(issue: Any) -> bool:
         return False
     fields = issue.get("fields")
     return isinstance(fields, dict) and all(fields.get(name) is not None for name in FULL_ISSUE_FIELDS)
+
+
+def is_full_delete(issue: Any) -> bool:
+    """True when a delete's issue object can replace every field column (see
+    :data:`DELETE_COLUMN_FIELDS`); a trimmed one only flags the row."""
+    return is_full(issue) and all(name in issue["fields"] for name in DELETE_COLUMN_FIELDS)
 
 
 def issue_row(issue: dict[str, Any]) -> IssueRow:

@@ -151,6 +151,42 @@ async def test_a_slim_delete_flags_the_row_and_keeps_its_fields(pg: asyncpg.Conn
     }
 
 
+async def test_a_trimmed_delete_that_still_looks_full_keeps_the_last_fields(pg: asyncpg.Connection) -> None:
+    # GIVEN a resolved issue with a priority, a resolution and labels
+    resolved = make_event(RESOLVED, ts=1000)
+    await apply_envelopes(pg, [envelope_of(resolved)])
+    before = await row(pg, 10040)
+    assert (before["priority"], before["resolution"], before["labels"]) == ("High", "Done", ["test-label"])
+    # WHEN its delete arrives trimmed as Forge-era Cloud deletes are: only the fields Forge's Issue
+    # type lists, which still include key, created, status, issue type and project
+    kept = (
+        "summary",
+        "issuetype",
+        "creator",
+        "created",
+        "project",
+        "reporter",
+        "assignee",
+        "updated",
+        "status",
+    )
+    trimmed = {
+        "webhookEvent": "jira:issue_deleted",
+        "timestamp": 2000,
+        "issue": {
+            **resolved["issue"],
+            "fields": {k: v for k, v in resolved["issue"]["fields"].items() if k in kept},
+        },
+    }
+    result = await apply_envelopes(pg, [envelope_of(trimmed)])
+    # THEN the row is flagged deleted and keeps every field it had, raw included
+    assert result.results[0].outcome == "applied"
+    after = await row(pg, 10040)
+    assert (after["is_deleted"], after["deleted_version"], after["version"]) == (True, 2000, 1000)
+    fields = ("summary", "status", "priority", "resolution", "resolved_at", "labels", "due_date", "raw")
+    assert {k: after[k] for k in fields} == {k: before[k] for k in fields}
+
+
 async def test_a_delete_before_any_fields_creates_a_flagged_row(pg: asyncpg.Connection) -> None:
     gone = {"webhookEvent": RECONCILED_DELETE_EVENT, "timestamp": 5000, "issue": {"id": "42"}}
     await apply_envelopes(pg, [envelope_of(gone)])
