@@ -126,6 +126,13 @@ class Envelope:
             raise InvalidEnvelope(f"message is not a jiralake envelope: {exc}") from None
 
 
+# Bytes, not characters: SQS counts a message's size in bytes, and the room a producer keeps free for
+# these attributes (receiver/message_size.py) is counted in bytes. 1024 non-ASCII characters could be
+# three times the room's share.
+ERROR_CLASS_MAX_BYTES = 256
+ERROR_MESSAGE_MAX_BYTES = 1024
+
+
 def error_attributes(
     *, error_class: str, error_message: str, failed_at_iso: str, original_group_id: str
 ) -> dict[str, dict[str, str]]:
@@ -133,11 +140,18 @@ def error_attributes(
     event type, a value PostgreSQL refused): a character SQS refuses becomes U+FFFD, or the DLQ
     would refuse the message and it would stay on the queue, to be redriven without its reason."""
     return {
-        ATTR_ERROR_CLASS: _string(_SQS_REFUSED.sub("\ufffd", error_class[:256])),
-        ATTR_ERROR_MESSAGE: _string(_SQS_REFUSED.sub("\ufffd", error_message[:1024]) or "-"),
+        ATTR_ERROR_CLASS: _string(_clip_utf8(_SQS_REFUSED.sub("\ufffd", error_class), ERROR_CLASS_MAX_BYTES)),
+        ATTR_ERROR_MESSAGE: _string(
+            _clip_utf8(_SQS_REFUSED.sub("\ufffd", error_message), ERROR_MESSAGE_MAX_BYTES) or "-"
+        ),
         ATTR_FAILED_AT: _string(failed_at_iso),
         ATTR_ORIGINAL_GROUP_ID: _string(original_group_id),
     }
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    return text.encode()[:max_bytes].decode(errors="ignore")
 
 
 def read_attribute(message: Mapping[str, Any], name: str) -> str | None:

@@ -13,7 +13,16 @@ from structlog.testing import capture_logs
 from consumer.apply import apply_envelopes
 from ops.setup import SetupSettings, run_setup
 from shared import aws, migrate
-from shared.envelope import ENVELOPE_ATTRIBUTES, ERROR_ATTRIBUTES, MAX_ATTRIBUTES
+from shared.envelope import (
+    ATTR_ERROR_CLASS,
+    ATTR_ERROR_MESSAGE,
+    ENVELOPE_ATTRIBUTES,
+    ERROR_ATTRIBUTES,
+    ERROR_CLASS_MAX_BYTES,
+    ERROR_MESSAGE_MAX_BYTES,
+    MAX_ATTRIBUTES,
+    error_attributes,
+)
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings, QueueSettings, env_int
 from tests.conftest import empty_database
 from tests.jira_fixtures import make_event
@@ -41,6 +50,22 @@ def test_database_url_is_not_in_repr() -> None:
 
 def test_every_message_fits_sqs_attribute_limit() -> None:
     assert len(ENVELOPE_ATTRIBUTES) + len(ERROR_ATTRIBUTES) <= MAX_ATTRIBUTES
+
+
+def test_dead_letter_reasons_are_cut_in_bytes_never_inside_a_character() -> None:
+    # GIVEN reasons quoting non-ASCII text (asyncpg quotes the value PostgreSQL refused), three
+    # bytes per character, and a character SQS refuses
+    attrs = error_attributes(
+        error_class="Ошибка" * 100,
+        error_message="\x00" + "€" * 1024,
+        failed_at_iso="2024-05-10T06:00:00+00:00",
+        original_group_id="10040",
+    )
+    error_class = attrs[ATTR_ERROR_CLASS]["StringValue"]
+    message = attrs[ATTR_ERROR_MESSAGE]["StringValue"]
+    # THEN each is within its byte budget, whole characters only, the refused one replaced
+    assert len(error_class.encode()) <= ERROR_CLASS_MAX_BYTES and error_class == "Ошибка" * 21 + "Ош"
+    assert len(message.encode()) <= ERROR_MESSAGE_MAX_BYTES and message == "\ufffd" + "€" * 340
 
 
 async def test_migrations_are_idempotent(pg: asyncpg.Connection) -> None:
