@@ -175,7 +175,7 @@ def test_terraform_validates_and_applies_with_a_mock_provider(tmp_path: Path) ->
         assert result.returncode == 0, f"terraform {command[0]} failed:\n{result.stdout}\n{result.stderr}"
         outputs[command[0]] = result.stdout
     assert "The configuration is valid" in outputs["validate"]
-    assert "Success! 2 passed, 0 failed." in outputs["test"]
+    assert "Success! 3 passed, 0 failed." in outputs["test"]
 
 
 def test_versions_pin_terraform_and_the_aws_provider() -> None:
@@ -348,7 +348,11 @@ def test_each_role_policy_is_its_deploy_iam_file_filled_in() -> None:
 def test_service_roles_trust_a_configurable_principal_ecs_by_default() -> None:
     assert default("trusted_service_principals") == ["ecs-tasks.amazonaws.com"]
     assert default("assume_role_policy_json") is None
-    assert resource("aws_iam_role", "workload")["assume_role_policy"] == "${local.workload_trust_policy}"
+    assert default("assume_role_policy_json_by_role") == {}
+    # A role's own trust policy (IRSA: its service account only) wins over the shared one.
+    assert resource("aws_iam_role", "workload")["assume_role_policy"] == (
+        "${lookup(var.assume_role_policy_json_by_role, each.key, local.workload_trust_policy)}"
+    )
     trust = locals_()["workload_trust_policy"]
     assert trust.startswith("${coalesce(var.assume_role_policy_json, jsonencode(")
     assert "Principal = {Service = var.trusted_service_principals}" in trust

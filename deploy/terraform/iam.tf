@@ -41,7 +41,7 @@ resource "aws_iam_role" "workload" {
 
   name                 = "${var.name}-${each.key}"
   description          = "jiralake ${each.key}: deploy/iam/${each.key}.json"
-  assume_role_policy   = local.workload_trust_policy
+  assume_role_policy   = lookup(var.assume_role_policy_json_by_role, each.key, local.workload_trust_policy)
   permissions_boundary = var.role_permissions_boundary_arn
 }
 

@@ -191,6 +191,17 @@ variable "assume_role_policy_json" {
   default     = null
 }
 
+variable "assume_role_policy_json_by_role" {
+  description = "Trust policies (JSON) per role, keyed receiver, consumer, exporter or backfill, each replacing the shared one for that role: for EKS IRSA, so each role trusts only its own service account (system:serviceaccount:NAMESPACE:NAME), not all four."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for role in keys(var.assume_role_policy_json_by_role) : contains(["receiver", "consumer", "exporter", "backfill"], role)])
+    error_message = "assume_role_policy_json_by_role keys must be receiver, consumer, exporter or backfill."
+  }
+}
+
 variable "role_permissions_boundary_arn" {
   description = "ARN of a managed policy set as every role's permissions boundary. null: none."
   type        = string

@@ -62,3 +62,23 @@ run "cross_account_exporter" {
     error_message = "a cross-account exporter gets the S3 statements of deploy/iam/exporter.json"
   }
 }
+
+run "trust_policy_per_role" {
+  command = apply
+
+  variables {
+    assume_role_policy_json_by_role = {
+      receiver = "{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Principal\":{\"Federated\":\"arn:aws:iam::111122223333:oidc-provider/oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLE\"},\"Action\":\"sts:AssumeRoleWithWebIdentity\",\"Condition\":{\"StringEquals\":{\"oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLE:sub\":\"system:serviceaccount:jiralake:receiver\"}}}]}"
+    }
+  }
+
+  assert {
+    condition     = jsondecode(aws_iam_role.workload["receiver"].assume_role_policy).Statement[0].Condition.StringEquals["oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLE:sub"] == "system:serviceaccount:jiralake:receiver"
+    error_message = "the receiver role trusts only the receiver's service account"
+  }
+
+  assert {
+    condition     = jsondecode(aws_iam_role.workload["consumer"].assume_role_policy).Statement[0].Principal.Service == ["ecs-tasks.amazonaws.com"]
+    error_message = "a role missing from the map keeps the shared trust policy"
+  }
+}
