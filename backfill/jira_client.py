@@ -386,17 +386,18 @@ class JiraClient:
 
     async def count(self, jql: str) -> int | None:
         """How many issues match: Cloud's approximate count, Data Center's exact total.
-        None when Jira will not say (an older Cloud without the endpoint): progress runs without it."""
+        None when Jira will not say (an older Cloud without the endpoint): progress runs without it.
+        A 200 that is no count (a login page, a proxy's JSON) is a :class:`JiraError`, as for search."""
         if self.settings.deployment == "cloud":
+            path = self._api("search/approximate-count")
             reply = await self._request(
-                "POST",
-                self._api("search/approximate-count"),
-                json_body={"jql": split_order_by(jql)[0]},
-                allow_status={400, 404, 405},
+                "POST", path, json_body={"jql": split_order_by(jql)[0]}, allow_status={400, 404, 405}
             )
             body = reply.body
-            if reply.status != 200 or not isinstance(body, dict) or not isinstance(body.get("count"), int):
+            if reply.status != 200:
                 return None
+            if not isinstance(body, dict) or not isinstance(body.get("count"), int):
+                raise _not_jira(reply, path, "a count")
             count: int = body["count"]
             return count
         page = await self.search_page(jql, None, fields="id", page_size=0)

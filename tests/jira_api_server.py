@@ -152,10 +152,10 @@ class JiraApiServer:
     # Data Center page index -> a change to ``issues`` made (once) right after that page was
     # answered: an issue deleted or edited while the backfill runs.
     change_after_page: dict[int, Callable[[list[dict[str, Any]]], None]] = field(default_factory=dict)
-    # Endpoints ("search", "myself", "webhook/failed") that answer 302 to an HTML SSO login page,
+    # Endpoints ("search", "count", "myself", "webhook/failed") that answer 302 to an HTML SSO login page,
     # which answers 200 (an identity provider in front of Jira, with the credentials not accepted).
     login_redirect: set[str] = field(default_factory=set)
-    # Endpoint ("search", "myself", "webhook/failed") -> JSON answered with 200 instead of Jira's
+    # Endpoint ("search", "count", "myself", "webhook/failed") -> JSON answered with 200 instead of Jira's
     # (a proxy's page).
     foreign_json: dict[str, Any] = field(default_factory=dict)
     # Data Center page size, per ``fields``, learned from the first page-one search (startAt 0): a
@@ -330,6 +330,9 @@ class JiraApiServer:
 
     async def _approximate_count(self, request: web.Request) -> web.Response:
         self.count_requests += 1
+        impostor = self._impostor("count", request)
+        if impostor is not None:
+            return impostor
         payload = await request.json()
         return web.json_response({"count": len(self._matching(payload.get("jql", "")))})
 

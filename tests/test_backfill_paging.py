@@ -227,6 +227,41 @@ async def test_a_login_page_instead_of_search_results_ends_the_run_without_a_wat
     assert await state.load_watermark(pg, url, "") is None
 
 
+@pytest.mark.parametrize(
+    ("impostor", "answer"),
+    [
+        ("login", f"text/html that is not a count (starts {SSO_HEAD})"),
+        ("json", 'application/json that is not a count (starts \'{"status": "ok"}\')'),
+    ],
+)
+async def test_a_cloud_count_that_is_not_jira_s_ends_the_run_before_any_page(
+    impostor: str,
+    answer: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN Jira Cloud whose approximate count answers a login page, or a proxy's JSON, with 200
+    server, url = jira
+    server.issues = fixture_issues(5)
+    if impostor == "login":
+        server.login_redirect = {"count"}
+    else:
+        server.foreign_json = {"count": {"status": "ok"}}
+    settings = backfill_settings(url, queues, db_settings, aws_settings, deployment="cloud")
+    # WHEN the backfill runs
+    with pytest.raises(JiraError) as caught:
+        await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN that is an error naming what came back (not a run without a total), before any page
+    assert str(caught.value) == (
+        f"Jira answered HTTP 200 to /rest/api/3/search/approximate-count with {answer}: {HINT}"
+    )
+    assert server.jqls == []
+    assert await state.load_watermark(pg, url, "") is None
+
+
 async def test_json_without_issues_is_not_an_empty_last_page(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
