@@ -1,8 +1,8 @@
 """The receiver's aiohttp application: ``POST /webhooks/jira``, ``GET /healthz``, ``GET /readyz``.
 
-``build_app(settings, sqs)`` makes the whole app around an SQS client the caller owns; the app
-starts its micro-batcher on startup and flushes it on cleanup, so tests run it with aiohttp's
-``TestServer`` and ``main()`` with an ``AppRunner``.
+``build_app(settings, sqs)`` makes the whole app around an SQS client the caller owns; on startup the
+app learns how large a message the queue takes and starts its micro-batcher, and on cleanup it flushes
+the batcher, so tests run it with aiohttp's ``TestServer`` and ``main()`` with an ``AppRunner``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
-from receiver.intake import IntakeRules, admit, error_text
+from receiver.intake import IntakeRules, admit, check_headers, fault_text
+from receiver.message_size import MessageLimits, queue_message_limit
 from receiver.outcomes import Answer, Outcome, Rejected
 from receiver.readiness import QueueReadiness
 from receiver.settings import LINGER_S, MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ReceiverSettings
@@ -48,6 +50,7 @@ WEBHOOK_PATH = "/webhooks/jira"
 LOG_WEBHOOK = "webhook"
 LOG_QUEUED = "webhook_queued"
 LOG_NOT_ROUTED = "request_not_routed"
+LOG_MESSAGE_LIMITS = "receiver_message_limits"
 # The event type shared.jira_event gives Jira's user_deleted webhook (the bare {accountId, username}
 # body included): a Jira account was deleted, so an erasure (`jiralake forget-user`) may be due.
 USER_DELETED = "user_deleted"
@@ -59,9 +62,10 @@ def _wall_clock_ms() -> int:
 
 @dataclass
 class Receiver:
-    """What the handlers share: settings, the batcher and the readiness check."""
+    """What the handlers share: settings, the SQS client, the batcher and the readiness check."""
 
     settings: ReceiverSettings
+    sqs: SQSClient
     rules: IntakeRules
     batcher: SqsBatcher
     readiness: QueueReadiness
@@ -100,8 +104,10 @@ def build_app(
     )
     receiver = Receiver(
         settings=settings,
+        sqs=sqs,
+        # The queue's own limit replaces SQS's largest at startup (_lifetime).
         rules=IntakeRules(
-            max_body_bytes=settings.max_body_bytes,
+            limits=MessageLimits(max_body_bytes=settings.max_body_bytes),
             secrets=settings.secrets,
             accepted_event_prefixes=settings.accepted_event_prefixes,
             body_timeout_s=settings.body_timeout_s,
@@ -113,11 +119,11 @@ def build_app(
     # Bodies are read in handle_webhook with their own limit; this only guards request.read().
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[RECEIVER] = receiver
-    app.router.add_post(WEBHOOK_PATH, handle_webhook)
+    app.router.add_post(WEBHOOK_PATH, handle_webhook, expect_handler=expect_webhook)
     add_health_routes(app, readiness)
     # Last, so it only sees what no route above takes: a wrong URL or method registered in Jira.
     app.router.add_route("*", "/{tail:.*}", handle_unrouted)
-    app.cleanup_ctx.append(_batcher_lifetime)
+    app.cleanup_ctx.append(_lifetime)
     app.on_shutdown.append(_stop_accepting)
     return app
 
@@ -147,16 +153,17 @@ _CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
 class ClientFaultsAsWarnings(logging.Filter):
     """aiohttp answers some requests itself, before or without the handler (400 for a request it
     cannot parse), and logs each of them at ERROR with a traceback, as it logs a server's crash. Those
-    are the client's doing: they become one WARNING line naming the error, without the traceback; a
-    client that merely went away becomes DEBUG (the handler already logged its request, if any).
-    Records of any other exception stay as they are."""
+    are the client's doing: they become one WARNING line naming the error (never the request bytes
+    aiohttp's text quotes: :func:`receiver.intake.fault_text`), without the traceback; a client that
+    merely went away becomes DEBUG (the handler already logged its request, if any). Records of any
+    other exception stay as they are."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.ERROR or not isinstance(exc, _CLIENT_FAULTS):
             return True
         level = logging.DEBUG if isinstance(exc, ConnectionError) else logging.WARNING
-        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {error_text(exc)}"
+        record.msg = f"{record.getMessage()}: {fault_text(exc)}"
         record.args = None
         record.levelno, record.levelname = level, logging.getLevelName(level)
         record.exc_info, record.exc_text = None, None
@@ -170,8 +177,20 @@ HTTP_SERVER_LOG = logging.getLogger("aiohttp.server.receiver")
 HTTP_SERVER_LOG.addFilter(ClientFaultsAsWarnings())
 
 
-async def _batcher_lifetime(app: web.Application) -> AsyncIterator[None]:
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     receiver = app[RECEIVER]
+    settings = receiver.settings
+    queue_limit = await queue_message_limit(
+        receiver.sqs, settings.queue_url, timeout_s=settings.sqs_timeout_s
+    )
+    limits = MessageLimits(max_body_bytes=settings.max_body_bytes, queue_max_message_bytes=queue_limit)
+    receiver.rules = replace(receiver.rules, limits=limits)
+    log.info(
+        LOG_MESSAGE_LIMITS,
+        queue_max_message_bytes=limits.queue_max_message_bytes,
+        max_message_bytes=limits.max_entry_bytes,
+        max_body_bytes=limits.body_limit_bytes,
+    )
     receiver.batcher.start()
     yield
     # Runs after aiohttp let in-flight requests finish: send whatever still waits, then stop.
@@ -187,12 +206,38 @@ async def _stop_accepting(app: web.Application) -> None:
     log.info("receiver_stopping_accepting_webhooks")
 
 
+async def expect_webhook(request: web.Request) -> web.Response | None:
+    """A webhook sent with ``Expect: 100-continue`` waits for a go-ahead before sending its body: one
+    refused from its headers alone (a Content-Type that is not JSON, a declared length over the
+    limit) gets its 415/413 instead, and never sends the body. Any other gets aiohttp's own answer
+    (100 Continue; 417 for an Expect it does not know), and the handler runs as usual."""
+    started = time.perf_counter()
+    try:
+        check_headers(request, request.app[RECEIVER].rules)
+    except Rejected as rejected:
+        response = _answered(rejected.answer, started, {}).response()
+        response.force_close()  # the body was never asked for: the connection cannot be reused
+        return response
+    await _default_expect_handler(request)
+    return None
+
+
 async def handle_webhook(request: web.Request) -> web.Response:
     receiver = request.app[RECEIVER]
     started = time.perf_counter()
     received_at_ms = receiver.clock_ms()
     fields: dict[str, object] = {}
-    answer = await _answer(request, receiver, received_at_ms, fields)
+    answer = _answered(await _answer(request, receiver, received_at_ms, fields), started, fields)
+    response = answer.response()
+    if request.content.exception() is not None:
+        await _answer_and_close(request, response)
+    elif answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT) or not request.content.at_eof():
+        response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
+    return response
+
+
+def _answered(answer: Answer, started: float, fields: dict[str, object]) -> Answer:
+    """Count a webhook's answer and log its one line."""
     duration_s = time.perf_counter() - started
     RECEIVER_REQUESTS.labels(answer.outcome.value).inc()
     RECEIVER_REQUEST_SECONDS.observe(duration_s)
@@ -206,12 +251,7 @@ async def handle_webhook(request: web.Request) -> web.Response:
         duration_ms=round(duration_s * 1000, 1),
         **fields,
     )
-    response = answer.response()
-    if request.content.exception() is not None:
-        await _answer_and_close(request, response)
-    elif answer.outcome in (Outcome.TOO_LARGE, Outcome.TIMED_OUT) or not request.content.at_eof():
-        response.force_close()  # no keep-alive: the unread rest of the body is discarded, never stored
-    return response
+    return answer
 
 
 async def _answer_and_close(request: web.Request, response: web.Response) -> None:

@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# Dead-lettering adds four error attributes (at most ~1.4 KiB); every stored message keeps room for them.
-DEAD_LETTER_ROOM_BYTES = 2048
-MAX_ENTRY_BYTES = MAX_CALL_BYTES - DEAD_LETTER_ROOM_BYTES
-
 
 class BatcherUnavailable(Exception):
     """The batcher cannot take an entry now; the caller answers 503 and Jira retries."""

@@ -1,13 +1,14 @@
 """From an HTTP request to an :class:`Envelope` (or :class:`Ignored`), or a :class:`Rejected` saying why not.
 
-The checks run cheapest-first and never hold more than ``max_body_bytes`` (plus one read chunk) of a
-body in memory: the declared ``Content-Length`` is checked before reading, and a chunked body is read
-in chunks and abandoned as soon as it passes the limit. The signature is verified on the raw bytes
-before anything parses them.
+The checks run cheapest-first and never hold more than the body limit (plus one read chunk) of a
+body in memory: the declared ``Content-Length`` is checked before reading (:func:`check_headers`, run
+also before ``100 Continue`` is sent), and a chunked body is read in chunks and abandoned as soon as it
+passes the limit. The signature is verified on the raw bytes before anything parses them.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -18,7 +19,7 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from receiver.batcher import MAX_ENTRY_BYTES
+from receiver.message_size import MessageLimits
 from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
 from shared.envelope import Envelope, delivery_id_for
@@ -40,11 +41,20 @@ UNNAMED_EVENT = "unknown"
 _SQS_FORBIDDEN = ("\ufffe", "\uffff")
 # How aiohttp's HTTP errors begin their text ("400, message:\n  ...").
 _STATUS_PREFIX = re.compile(r"^[0-9]{3}, message:")
+# The bytes an aiohttp parser error quotes from the request (the repr of a bytes object, b'...' or
+# b"...", whole or cut short), and the line with a caret under it that points into them.
+_QUOTED_BYTES = re.compile(
+    r""" (?<![\w'"]) b (?: '(?:[^'\\]|\\.)*(?:'|\\?$) | "(?:[^"\\]|\\.)*(?:"|\\?$) ) """,
+    re.DOTALL | re.VERBOSE,
+)
+_CARET_LINE = re.compile(r"^[ \t]*\^[ \t]*$", re.MULTILINE)
+FAULT_TEXT_CHARS = 200
 
 
 @dataclass(frozen=True)
 class IntakeRules:
-    max_body_bytes: int
+    # How large a body and its message may be (JIRALAKE_MAX_BODY_BYTES and the queue's limit).
+    limits: MessageLimits
     # None only when unsigned webhooks are accepted (--insecure-no-signature).
     secrets: WebhookSecrets | None
     accepted_event_prefixes: tuple[str, ...]
@@ -67,20 +77,17 @@ class Admitted:
 
 async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int) -> Admitted:
     """Check a webhook request; raises :class:`Rejected` with the answer when it cannot be queued."""
-    _check_content_type(request)
-    declared = request.content_length
-    if declared is not None and declared > rules.max_body_bytes:
-        raise Rejected(Outcome.TOO_LARGE, _too_large(rules.max_body_bytes))
+    check_headers(request, rules)
     try:
         async with asyncio.timeout(rules.body_timeout_s):
-            body = await read_limited(request.content, rules.max_body_bytes)
+            body = await read_limited(request.content, rules.limits)
     except TimeoutError:
         reason = f"the body did not arrive within {rules.body_timeout_s:g}s"
         raise Rejected(Outcome.TIMED_OUT, reason) from None
     except (RequestPayloadError, HttpProcessingError) as exc:
         # Broken chunked framing, or a Content-Encoding that does not decode (aiohttp's pure-Python
         # parser fails a read with the framing error itself, its C parser with RequestPayloadError).
-        raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {error_text(exc)}") from None
+        raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {fault_text(exc)}") from None
     except (ConnectionError, RuntimeError) as exc:
         # The client closed the connection before the whole body arrived: aiohttp fails the read
         # with ConnectionResetError, or with RuntimeError("Connection closed.") when the connection
@@ -100,11 +107,9 @@ async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int
         return Admitted(result, signed_with)
     entry = result.send_entry("0")
     size = entry_bytes(entry)
-    if size > MAX_ENTRY_BYTES:
-        raise Rejected(
-            Outcome.TOO_LARGE,
-            f"the message would be {size} bytes with its attributes; SQS takes at most {MAX_ENTRY_BYTES}",
-        )
+    if size > rules.limits.max_entry_bytes:
+        # Never sent: SQS would refuse the whole batch it joined, failing the other webhooks in it too.
+        raise Rejected(Outcome.TOO_LARGE, rules.limits.message_too_large(size))
     return Admitted(result, signed_with, entry, size)
 
 
@@ -137,13 +142,14 @@ def _envelope(
     )
 
 
-async def read_limited(content: StreamReader, max_bytes: int) -> bytes:
-    """The whole body, or :class:`Rejected` (413) as soon as more than ``max_bytes`` arrived."""
+async def read_limited(content: StreamReader, limits: MessageLimits) -> bytes:
+    """The whole body, or :class:`Rejected` (413) as soon as more than the body limit arrived."""
+    max_bytes = limits.body_limit_bytes
     buffer = bytearray()
     async for chunk in content.iter_chunked(READ_CHUNK_BYTES):
         buffer += chunk
         if len(buffer) > max_bytes:
-            raise Rejected(Outcome.TOO_LARGE, _too_large(max_bytes))
+            raise Rejected(Outcome.TOO_LARGE, limits.body_too_large())
     return bytes(buffer)
 
 
@@ -155,25 +161,38 @@ def retry_count(header_value: str | None) -> int:
     return int(value) if _RETRY_COUNT.match(value) else 0
 
 
-def _check_content_type(request: web.Request) -> None:
+def check_headers(request: web.Request, rules: IntakeRules) -> None:
+    """What can be refused from the headers alone, before a byte of the body is read: a declared
+    Content-Type that is not JSON (415), a declared Content-Length over the body limit (413)."""
     # A missing Content-Type is accepted (some proxies drop it); a declared non-JSON one is not.
-    declared = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
-    if declared and request.content_type.lower() != JSON_TYPE:
+    declared_type = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
+    if declared_type and request.content_type.lower() != JSON_TYPE:
         raise Rejected(
             Outcome.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type must be {JSON_TYPE}, got {request.content_type[:100]!r}",
         )
+    declared_length = request.content_length
+    if declared_length is not None and declared_length > rules.limits.body_limit_bytes:
+        raise Rejected(Outcome.TOO_LARGE, rules.limits.body_too_large())
 
 
-def _too_large(max_bytes: int) -> str:
-    return f"body is larger than the limit of {max_bytes} bytes"
-
-
-def error_text(exc: BaseException) -> str:
-    """An error of aiohttp's about a request, as one short line: its text starts with "400, message:"
-    and a line break, and a framing error quotes the bytes it stumbled on."""
+def fault_text(exc: BaseException) -> str:
+    """An error of aiohttp's about a request, as one short line fit for a log or an answer: its class
+    and its message, without the bytes of the request it quotes. aiohttp's text starts with "400,
+    message:" and a line break, and a parser error quotes up to a line of the request (which can be
+    body bytes) as ``b'...'`` with a caret under it: those become ``b'<n bytes elided>'``."""
     text = _STATUS_PREFIX.sub("", str(exc), count=1)
-    return " ".join(text.split())[:200] or type(exc).__name__
+    text = _CARET_LINE.sub("", _QUOTED_BYTES.sub(_elide, text))
+    message = " ".join(text.split())
+    return f"{type(exc).__name__}: {message}"[:FAULT_TEXT_CHARS] if message else type(exc).__name__
+
+
+def _elide(quoted: re.Match[str]) -> str:
+    try:
+        size = len(ast.literal_eval(quoted.group()))
+    except (ValueError, SyntaxError):  # cut short: no closing quote
+        return "b'<bytes elided>'"
+    return f"b'<{size} bytes elided>'"
 
 
 def _decode(body: bytes) -> str:

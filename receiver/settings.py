@@ -71,6 +71,14 @@ class ReceiverSettings:
                 "JIRALAKE_WEBHOOK_SECRET_PREVIOUS is set but JIRALAKE_WEBHOOK_SECRET is not; the "
                 "previous secret is only accepted alongside the current one"
             )
+        # A request waits up to sqs_timeout_s for its entry, and that wait includes the batch's: an
+        # entry that waited as long as the timeout would be answered 503 before SQS was even asked.
+        if self.batch_max_wait_ms / 1000 > self.sqs_timeout_s / 2:
+            raise ConfigError(
+                f"JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS ({self.batch_max_wait_ms:g} ms) must be at most half "
+                f"of JIRALAKE_RECEIVER_SQS_TIMEOUT_S ({self.sqs_timeout_s:g} s), so that SQS has time to "
+                "confirm a batch before its requests stop waiting"
+            )
 
     @property
     def secrets(self) -> WebhookSecrets | None:

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 from consumer.event import parse_envelope
 from ops.local_aws import free_port
 from receiver.app import RECEIVER, build_app
-from receiver.batcher import MAX_ENTRY_BYTES, SqsBatcher
+from receiver.batcher import SqsBatcher
+from receiver.message_size import DEAD_LETTER_ROOM_BYTES
 from receiver.readiness import QueueReadiness
 from receiver.settings import ReceiverSettings
 from receiver.signature import sign
@@ -573,15 +574,19 @@ async def test_without_a_secret_unsigned_webhooks_are_accepted(
 async def test_a_message_that_would_not_fit_sqs_with_its_attributes_is_413(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
-    # GIVEN a body under the 1 MiB body limit whose message (body + attributes) exceeds what SQS takes
+    # GIVEN a queue that takes 1 MiB, and a body just within the body limit (1 MiB less the room kept
+    # for dead-letter attributes) whose message (body + attributes) exceeds that
+    max_entry_bytes = 1_048_576 - DEAD_LETTER_ROOM_BYTES
     body = json.dumps({"webhookEvent": "jira:issue_created", "issue": {"id": "1"}, "pad": ""}).encode()
-    body = body[:-2] + b"x" * (MAX_ENTRY_BYTES - len(body)) + b'"}'
+    body = body[:-2] + b"x" * (max_entry_bytes - len(body)) + b'"}'
     async with running(receiver_settings(aws_settings, queues.queue_url)) as client:
         status, answer, _ = await post(client, body)
     assert status == 413
     assert answer["reason"].startswith("the message would be ") and answer["reason"].endswith(
-        f"bytes with its attributes; SQS takes at most {MAX_ENTRY_BYTES}"
+        f"bytes with its attributes; at most {max_entry_bytes} fit (the queue's MaximumMessageSize of "
+        f"1048576 bytes, less {DEAD_LETTER_ROOM_BYTES} kept for dead-letter attributes)"
     )
+    assert await drain(aws_settings, queues.queue_url) == []
 
 
 # -- SQS failures and Jira's retries ----------------------------------------------------------

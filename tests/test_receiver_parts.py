@@ -125,6 +125,35 @@ def test_the_webhook_and_admin_ports_must_differ() -> None:
         ReceiverSettings.from_env(env).with_ports(port=9090)
 
 
+def batching_env(wait_ms: str, timeout_s: str) -> dict[str, str]:
+    return {
+        "JIRALAKE_QUEUE_URL": "http://q/1/jira.fifo",
+        "JIRALAKE_WEBHOOK_SECRET": "x",
+        "JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS": wait_ms,
+        "JIRALAKE_RECEIVER_SQS_TIMEOUT_S": timeout_s,
+    }
+
+
+@pytest.mark.parametrize(("wait_ms", "timeout_s"), [("6000", "5"), ("2501", "5"), ("51", "0.1")])
+def test_a_batch_wait_over_half_the_sqs_timeout_is_refused_naming_both_variables(
+    wait_ms: str, timeout_s: str
+) -> None:
+    # A batch that waits as long as the SQS timeout answers every webhook at low traffic 503 unstored.
+    with pytest.raises(ConfigError) as err:
+        ReceiverSettings.from_env(batching_env(wait_ms, timeout_s))
+    assert str(err.value) == (
+        f"JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS ({wait_ms} ms) must be at most half of "
+        f"JIRALAKE_RECEIVER_SQS_TIMEOUT_S ({timeout_s} s), so that SQS has time to confirm a "
+        "batch before its requests stop waiting"
+    )
+
+
+@pytest.mark.parametrize(("wait_ms", "timeout_s"), [("2500", "5"), ("50", "0.1"), ("0", "0.1")])
+def test_a_batch_wait_up_to_half_the_sqs_timeout_is_accepted(wait_ms: str, timeout_s: str) -> None:
+    settings = ReceiverSettings.from_env(batching_env(wait_ms, timeout_s))
+    assert (settings.batch_max_wait_ms, settings.sqs_timeout_s) == (float(wait_ms), float(timeout_s))
+
+
 def test_internal_events_are_not_accepted_from_webhooks_by_default() -> None:
     assert not any(p.startswith("jiralake:") for p in WEBHOOK_EVENT_PREFIXES)
 

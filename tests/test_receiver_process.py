@@ -27,8 +27,10 @@ from tests.conftest import drain
 
 SECRET = "process-test-secret"
 DEADLINE_S = 20.0
-# A day: longer than any test runs, so a batch that leaves did not wait for this to run out.
-BATCH_WAIT_MS = 86_400_000
+# An hour: longer than any test runs, so a batch that leaves did not wait for this to run out. The
+# SQS timeout must be at least twice as long (the receiver refuses to start otherwise).
+BATCH_WAIT_MS = 3_600_000
+SQS_TIMEOUT_S = 2 * BATCH_WAIT_MS // 1000
 
 
 class LogLines:
@@ -68,7 +70,7 @@ class LogLines:
 async def test_sigterm_flushes_the_pending_batch_answers_202_and_exits_0(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
-    # GIVEN `jiralake receiver` as a child process whose batches wait a day to fill: an entry leaves
+    # GIVEN `jiralake receiver` as a child process whose batches wait an hour to fill: an entry leaves
     # early only because of the shutdown, never because its wait ran out while the test runs
     port, admin_port = free_port(), free_port()
     env = dict(
@@ -77,7 +79,7 @@ async def test_sigterm_flushes_the_pending_batch_answers_202_and_exits_0(
         JIRALAKE_WEBHOOK_SECRET=SECRET,
         JIRALAKE_RECEIVER_ADMIN_PORT=str(admin_port),
         JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS=str(BATCH_WAIT_MS),
-        JIRALAKE_RECEIVER_SQS_TIMEOUT_S="30",
+        JIRALAKE_RECEIVER_SQS_TIMEOUT_S=str(SQS_TIMEOUT_S),
         # Well below DEADLINE_S, so that an entry left for the final flush (after aiohttp's grace
         # for in-flight requests) still gets there while the test waits, and shows in the logs.
         JIRALAKE_RECEIVER_SHUTDOWN_GRACE_S="5",
@@ -168,6 +170,29 @@ def test_starting_without_a_secret_is_refused_in_one_line() -> None:
     assert result.stderr.strip() == (
         "jiralake: configuration error: JIRALAKE_WEBHOOK_SECRET is not set; set it to the webhook's "
         "secret in Jira, or pass --insecure-no-signature to accept unsigned webhooks (local use only)"
+    )
+
+
+def test_starting_with_a_batch_wait_over_half_the_sqs_timeout_is_refused_in_one_line() -> None:
+    env = dict(
+        os.environ,
+        JIRALAKE_QUEUE_URL="http://127.0.0.1:1/000000000000/never-used.fifo",
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS="6000",
+        JIRALAKE_RECEIVER_SQS_TIMEOUT_S="5",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "jiralake", "receiver", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == (
+        "jiralake: configuration error: JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS (6000 ms) must be at most "
+        "half of JIRALAKE_RECEIVER_SQS_TIMEOUT_S (5 s), so that SQS has time to confirm a batch before "
+        "its requests stop waiting"
     )
 
 
