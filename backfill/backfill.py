@@ -122,9 +122,8 @@ async def run_backfill(
             )
             progress = Progress(total=None, done=run.issues_sent, stream=progress_stream, tty=progress_tty)
             try:
-                await _send_remaining_pages(
-                    settings, request, key, run, jira, sqs, conn, progress, summary, sleep
-                )
+                job = _Job(settings, request, key, jira, sqs, conn, progress, summary, sleep)
+                await _send_remaining_pages(job, run)
             except (JiraError, QueueUnavailable) as exc:
                 # Said only when there is something to resume: a failed first page has none.
                 saved = summary.pages
@@ -142,67 +141,60 @@ async def run_backfill(
         summary.duration_s = time.monotonic() - started_mono
 
 
-async def _send_remaining_pages(
-    settings: BackfillSettings,
-    request: BackfillRequest,
-    key: state.RunKey,
-    run: state.RunState,
-    jira: JiraClient,
-    sqs: SQSClient,
-    conn: asyncpg.Connection,
-    progress: Progress,
-    summary: BackfillSummary,
-    sleep: Sleep,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """What the page loop of one backfill command works with (the run's saved state apart)."""
+
+    settings: BackfillSettings
+    request: BackfillRequest
+    key: state.RunKey
+    jira: JiraClient
+    sqs: SQSClient
+    conn: asyncpg.Connection
+    progress: Progress
+    summary: BackfillSummary
+    sleep: Sleep
+
+
+async def _send_remaining_pages(job: _Job, run: state.RunState) -> None:
     """Every page after the saved cursor, then the run's end (cursor forgotten, watermark)."""
-    if settings.jira.deployment == "cloud":
-        summary.total = await jira.count(run.effective_jql)
-        progress.set_total(summary.total)
+    if job.settings.jira.deployment == "cloud":
+        job.summary.total = await job.jira.count(run.effective_jql)
+        job.progress.set_total(job.summary.total)
     try:
         if not run.fetched_all_pages:
             try:
-                await _pages_to_queue(settings, request, key, run, jira, sqs, conn, progress, summary, sleep)
+                await _pages_to_queue(job, run)
             except JiraRequestError as exc:
-                if not _saved_token_refused(settings, run, summary, exc):
+                if not _saved_token_refused(job.settings, run, job.summary, exc):
                     raise
                 # Cloud's nextPageToken expires after 7 days: start the same run again at
                 # page one (same JQL and start time); the pages re-sent are duplicates.
                 log.warning("backfill_token_expired", reason=exc.reason, pages_done=run.pages_done)
                 run = await state.start_run(
-                    conn,
-                    key,
+                    job.conn,
+                    job.key,
                     effective_jql=run.effective_jql,
                     covers_from=run.covers_from,
                     started_at=run.started_at,
                 )
-                summary.restarted_after_expired_token = True
-                summary.issues_sent_total = 0
-                summary.refused_before_resume = 0
-                await _pages_to_queue(settings, request, key, run, jira, sqs, conn, progress, summary, sleep)
+                job.summary.restarted_after_expired_token = True
+                job.summary.issues_sent_total = 0
+                job.summary.refused_before_resume = 0
+                await _pages_to_queue(job, run)
     finally:
-        progress.finish()  # ends the bar's line before an error message, too
-    await _finish(conn, key, run, summary)
+        job.progress.finish()  # ends the bar's line before an error message, too
+    await _finish(job.conn, job.key, run, job.summary)
 
 
-async def _pages_to_queue(
-    settings: BackfillSettings,
-    request: BackfillRequest,
-    key: state.RunKey,
-    run: state.RunState,
-    jira: JiraClient,
-    sqs: SQSClient,
-    conn: asyncpg.Connection,
-    progress: Progress,
-    summary: BackfillSummary,
-    sleep: Sleep,
-) -> None:
+async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
     pages: asyncio.Queue[SearchPage | BaseException | None] = asyncio.Queue(maxsize=PREFETCH_PAGES)
 
     async def fetch_pages() -> None:
         cursor = run.next_cursor
         try:
             while True:
-                page = await jira.search_page(run.effective_jql, cursor, expand=request.expand)
+                page = await job.jira.search_page(run.effective_jql, cursor, expand=job.request.expand)
                 await pages.put(page)
                 if page.next_cursor is None:
                     break
@@ -221,29 +213,33 @@ async def _pages_to_queue(
             if isinstance(item, BaseException):
                 raise item
             if item.total is not None:
-                summary.total = item.total
-                progress.set_total(item.total)
-            envelopes = _envelopes(item, summary)
+                job.summary.total = item.total
+                job.progress.set_total(item.total)
+            envelopes = _envelopes(item, job.summary)
             outcome = await send_envelopes(
-                sqs, settings.queue_url, envelopes, attempts=settings.sqs_attempts, sleep=sleep
+                job.sqs,
+                job.settings.queue_url,
+                envelopes,
+                attempts=job.settings.sqs_attempts,
+                sleep=job.sleep,
             )
-            summary.refused.extend(outcome.refused)
+            job.summary.refused.extend(outcome.refused)
             for refused in outcome.refused:
                 log.warning("snapshot_refused", issue_id=refused.issue_id, reason=refused.reason)
             pages_done += 1
-            summary.pages += 1
-            summary.fetched += len(item.issues)
-            summary.sent += outcome.sent
-            summary.issues_sent_total += outcome.sent
+            job.summary.pages += 1
+            job.summary.fetched += len(item.issues)
+            job.summary.sent += outcome.sent
+            job.summary.issues_sent_total += outcome.sent
             await state.save_page(
-                conn,
-                key,
+                job.conn,
+                job.key,
                 next_cursor=item.next_cursor,
                 pages_done=pages_done,
-                issues_sent=summary.issues_sent_total,
-                issues_refused=summary.refused_before_resume + len(summary.refused),
+                issues_sent=job.summary.issues_sent_total,
+                issues_refused=job.summary.refused_before_resume + len(job.summary.refused),
             )
-            progress.advance(len(item.issues))
+            job.progress.advance(len(item.issues))
     finally:
         fetcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
