@@ -247,6 +247,7 @@ class Consumer:
             ),
             name="visibility-extender",
         )
+        releasing = False
         try:
             parsed: list[tuple[Message, Envelope]] = []
             rejected: list[Rejected] = []
@@ -262,14 +263,16 @@ class Consumer:
                     # The extender first ends a renewal under way: landing after the release, it would
                     # undo the backoff (hidden for a whole timeout again, or visible too early).
                     extending.set()
+                    releasing = True
                     await self._shielded(self._release(outstanding, exc, after=extender))
                 raise
             await self._finish(parsed, result, rejected, outstanding)
         finally:
             extending.set()
-            extender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await extender
+            if not releasing:  # else the release owns the extender, a stop included: it waits for it
+                extender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await extender
             self.activity.in_flight -= 1
             self.activity.last_busy = time.monotonic()
             CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)

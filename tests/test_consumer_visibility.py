@@ -1,7 +1,7 @@
 """docs/consumer.md, "Visibility": the extender that keeps a running batch hidden. A renewal SQS
 refused is tried again soon, not a whole period later (when the timeout would already have run
 out); and a renewal under way when the batch ends is finished before the batch is released for
-retry, so it cannot undo the backoff.
+retry, so it cannot undo the backoff (the extender alone, then the consumer's worker).
 
 SQS is moto's server, reached through tests/s3_pause_proxy.py (a plain HTTP proxy: it holds or
 refuses chosen requests); the extender's waits are injected, so nothing sleeps a period.
@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 from structlog.testing import capture_logs
 
 from consumer import sqs as sqs_calls
+from consumer.apply import apply_envelopes
 from consumer.sqs import Message
 from consumer.visibility import RETRY_RENEWAL_S, keep_visible
+from consumer.worker import run_consumer
 from shared import aws
 from shared.provision import QueuePair
-from shared.settings import AwsSettings
+from shared.settings import AwsSettings, DatabaseSettings
 from tests.jira_fixtures import make_event
 from tests.s3_pause_proxy import S3PauseProxy
-from tests.test_consumer_helpers import enqueue, envelope_of
+from tests.test_consumer_helpers import (
+    consumer_settings,
+    consumer_waiting_on_lock,
+    enqueue,
+    envelope_of,
+    queue_counts,
+    wait_for,
+)
 
 CREATED = "mattermost-plugin-jira__webhook-issue-created.json"
+ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
 # botocore's attempts per request: the first and 3 retries (shared/aws.py).
 SQS_ATTEMPTS = 4
 TIMEOUT_S = 60
@@ -117,3 +129,47 @@ async def test_a_renewal_under_way_is_finished_before_the_extender_stops(
                 await asyncio.wait_for(extender, timeout=30)
     # ... and returns once SQS answered it, renewing nothing more
     assert [e["event"] for e in logs] == ["visibility_extended"]
+
+
+async def test_a_batch_released_for_retry_waits_for_its_renewal_under_way(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an issue whose row a session keeps locked, so a batch updating it times out on the lock
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=1, ts=1000))])
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        # AND SQS holding the batch's first visibility renewal (sent after 1 s; forwarded on release)
+        held = proxy.hold("renewal", renewal, then_forward=True)
+        settings = consumer_settings(
+            dataclasses.replace(aws_settings, endpoint_url=proxy.url),
+            queues,
+            db_settings,
+            visibility_timeout_s=2,
+            statement_timeout_s=3.0,
+            retry_in_place_s=0,
+            retry_base_s=0,  # a retried batch is visible again at once
+        )
+        stop = asyncio.Event()
+        async with pg.transaction():
+            await pg.execute("SELECT 1 FROM ap_jira_task WHERE issue_id = 1 FOR UPDATE")
+            await enqueue(
+                aws_settings, queues.queue_url, [envelope_of(make_event(ASSIGNED, issue_id=1, ts=2000))]
+            )
+            consumer = asyncio.create_task(run_consumer(settings, stop))
+            await asyncio.wait_for(held.reached.wait(), timeout=30)
+            # WHEN the statement times out while that renewal is under way, and the consumer is
+            # asked to stop (so nothing receives the batch again)
+            await wait_for(not_waiting_on_lock(pg), what="the batch's statement to time out")
+            stop.set()
+            proxy.release()
+            stats = await asyncio.wait_for(consumer, timeout=30)
+    # THEN the release came after the renewal, and is what holds: the message is visible now (a
+    # renewal landing after it would have hidden it for another 2 s)
+    assert stats.retried == 1
+    assert await queue_counts(aws_settings, queues.queue_url) == (1, 0)
+
+
+def not_waiting_on_lock(pg: asyncpg.Connection) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return not await consumer_waiting_on_lock(pg)
+
+    return check
