@@ -39,6 +39,7 @@ from shared.metrics import (
     sqs_label_sets,
     start_at_zero,
 )
+from shared.provision import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -183,7 +184,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     queue_limit = await queue_message_limit(
         receiver.sqs, settings.queue_url, timeout_s=settings.sqs_timeout_s
     )
-    limits = MessageLimits(max_body_bytes=settings.max_body_bytes, queue_max_message_bytes=queue_limit)
+    limits = MessageLimits(
+        max_body_bytes=settings.max_body_bytes,
+        queue_max_message_bytes=queue_limit or MAX_MESSAGE_BYTES,
+        queue_limit_read=queue_limit is not None,
+    )
+    limits.check_queue()
     receiver.rules = replace(receiver.rules, limits=limits)
     log.info(
         LOG_MESSAGE_LIMITS,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.errors import CommandError
 from shared.metrics import SQS_CALLS
 from shared.provision import MAX_MESSAGE_BYTES
 
@@ -31,6 +32,7 @@ QUEUE_LIMIT_ATTRIBUTE: Final = "MaximumMessageSize"
 # Dead-lettering adds four error attributes (at most ~1.4 KiB); every stored message keeps room for them.
 DEAD_LETTER_ROOM_BYTES = 2048
 LOG_QUEUE_LIMIT_UNKNOWN = "queue_message_limit_unknown"
+LOG_QUEUE_LIMIT_SMALL = "queue_message_limit_small"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class MessageLimits:
     max_body_bytes: int
     # The queue's MaximumMessageSize; SQS's largest (1 MiB) until it is known, or if it cannot be read.
     queue_max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Whether queue_max_message_bytes was read from the queue (else it is assumed).
+    queue_limit_read: bool = False
 
     @property
     def max_entry_bytes(self) -> int:
@@ -65,16 +69,36 @@ class MessageLimits:
         )
 
     def _queue_room(self) -> str:
-        return (
-            f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {self.queue_max_message_bytes} bytes, "
-            f"less {DEAD_LETTER_ROOM_BYTES} kept for dead-letter attributes"
+        limit = (
+            f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {self.queue_max_message_bytes} bytes"
+            if self.queue_limit_read
+            else f"SQS's largest message, {self.queue_max_message_bytes} bytes (the queue's "
+            f"{QUEUE_LIMIT_ATTRIBUTE} could not be read)"
         )
+        return f"{limit}, less {DEAD_LETTER_ROOM_BYTES} kept for dead-letter attributes"
+
+    def check_queue(self) -> None:
+        """Refuse to start on a queue whose messages leave no room for a webhook; warn when it takes
+        less than SQS's largest, as larger webhooks will be refused."""
+        if self.max_entry_bytes <= 0:
+            raise CommandError(
+                f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {self.queue_max_message_bytes} bytes leaves no "
+                f"room for a webhook ({DEAD_LETTER_ROOM_BYTES} bytes of every message are kept for "
+                f"dead-letter reasons); set it to {MAX_MESSAGE_BYTES}, SQS's largest"
+            )
+        if self.queue_max_message_bytes < MAX_MESSAGE_BYTES:
+            log.warning(
+                LOG_QUEUE_LIMIT_SMALL,
+                queue_max_message_bytes=self.queue_max_message_bytes,
+                detail=f"webhooks whose message is over {self.max_entry_bytes} bytes get 413; set the "
+                f"queue's {QUEUE_LIMIT_ATTRIBUTE} to {MAX_MESSAGE_BYTES}, SQS's largest",
+            )
 
 
-async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: float) -> int:
-    """The queue's ``MaximumMessageSize``. When it cannot be read, SQS's largest (1 MiB, the limit
-    the receiver assumed before it asked), with a warning: a smaller queue then refuses a whole
-    batch that holds a message over its limit."""
+async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: float) -> int | None:
+    """The queue's ``MaximumMessageSize``; None, with a warning, when it cannot be read: the caller
+    then assumes SQS's largest (1 MiB), and a smaller queue would refuse a whole batch that holds a
+    message over its limit."""
     try:
         async with asyncio.timeout(timeout_s):
             answer = await sqs.get_queue_attributes(
@@ -93,4 +117,4 @@ async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: floa
             return int(raw)
         error = f"SQS's answer holds no usable {QUEUE_LIMIT_ATTRIBUTE} ({raw[:40]!r})"
     log.warning(LOG_QUEUE_LIMIT_UNKNOWN, error=error, assumed_bytes=MAX_MESSAGE_BYTES)
-    return MAX_MESSAGE_BYTES
+    return None

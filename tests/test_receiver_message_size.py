@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from receiver.message_size import DEAD_LETTER_ROOM_BYTES, queue_message_limit
+from receiver.message_size import DEAD_LETTER_ROOM_BYTES, MessageLimits, queue_message_limit
 from shared import aws
 from shared.envelope import Envelope, error_attributes
+from shared.errors import CommandError
 from shared.settings import AwsSettings
 from shared.sqs_batch import entry_bytes
 from tests.conftest import drain
@@ -125,8 +126,8 @@ async def test_a_limit_that_cannot_be_read_is_taken_as_1_mib_with_a_warning(
         # WHEN the receiver asks for its limit
         with capture_logs() as logs:
             limit = await queue_message_limit(sqs, missing, timeout_s=5.0)
-    # THEN it goes on with SQS's largest, as it did before it asked, and says why in one warning
-    assert limit == ONE_MIB
+    # THEN it has none, and says why in one warning ...
+    assert limit is None
     [warning] = logs
     assert (warning["event"], warning["log_level"], warning["assumed_bytes"]) == (
         "queue_message_limit_unknown",
@@ -134,6 +135,47 @@ async def test_a_limit_that_cannot_be_read_is_taken_as_1_mib_with_a_warning(
         ONE_MIB,
     )
     assert "NonExistentQueue" in warning["error"]
+    # ... and the receiver goes on with SQS's largest, as it did before it asked, saying so in the
+    # reason of a refusal
+    assumed = MessageLimits(max_body_bytes=ONE_MIB)
+    room = (
+        f"SQS's largest message, {ONE_MIB} bytes (the queue's MaximumMessageSize could not be read), "
+        f"less {DEAD_LETTER_ROOM_BYTES} kept for dead-letter attributes"
+    )
+    fits = ONE_MIB - DEAD_LETTER_ROOM_BYTES
+    assert assumed.body_too_large() == f"body is larger than the limit of {fits} bytes ({room})"
+    assert assumed.message_too_large(ONE_MIB) == (
+        f"the message would be {ONE_MIB} bytes with its attributes; at most {fits} fit ({room})"
+    )
+
+
+async def test_a_queue_too_small_for_any_webhook_stops_the_start_and_a_small_one_is_warned_about(
+    aws_settings: AwsSettings, unique_name: str, small_queue: str
+) -> None:
+    async with aws.sqs_client(aws_settings) as sqs:
+        # GIVEN a queue of SQS's smallest messages, 1 KiB: less than the room kept for dead-letter reasons
+        tiny = await sqs.create_queue(
+            QueueName=f"{unique_name}-tiny.fifo",
+            Attributes={"FifoQueue": "true", "MaximumMessageSize": "1024"},
+        )
+        try:
+            # WHEN the receiver starts on it
+            with pytest.raises(CommandError) as refused:
+                async with running(receiver_settings(aws_settings, tiny["QueueUrl"])):
+                    pass
+        finally:
+            await sqs.delete_queue(QueueUrl=tiny["QueueUrl"])
+    # THEN it refuses, in one line saying what to set
+    assert str(refused.value) == (
+        "the queue's MaximumMessageSize of 1024 bytes leaves no room for a webhook (2048 bytes of every "
+        "message are kept for dead-letter reasons); set it to 1048576, SQS's largest"
+    )
+    # AND on a 256 KiB queue it starts, warning that larger webhooks will be refused
+    with capture_logs() as logs:
+        async with running(receiver_settings(aws_settings, small_queue)):
+            pass
+    warnings = [(e["event"], e["queue_max_message_bytes"]) for e in logs if e["log_level"] == "warning"]
+    assert warnings == [("queue_message_limit_small", SMALL_QUEUE_BYTES)]
 
 
 def test_the_room_kept_for_dead_letter_attributes_holds_the_largest_reasons() -> None:
