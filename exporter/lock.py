@@ -55,10 +55,20 @@ async def confirm_export_lock(conn: asyncpg.Connection, *, before: str) -> None:
     the step it guards, for the message."""
     try:
         held = await conn.fetchval(LOCK_HELD, EXPORT_LOCK_KEY, timeout=CONFIRM_TIMEOUT_S)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+    except (asyncpg.InterfaceError, OSError) as exc:  # the connection is closed or broken
         raise ExportLockLost(
             f"the export lock's PostgreSQL session ended ({type(exc).__name__}): another export may "
             f"be running; not {before}"
+        ) from exc
+    except (asyncpg.PostgresError, TimeoutError) as exc:
+        # The session may live on, and hold the lock: unknown is treated as lost, said as unknown.
+        why = (
+            f"no answer within {CONFIRM_TIMEOUT_S:g}s"
+            if isinstance(exc, TimeoutError)
+            else type(exc).__name__
+        )
+        raise ExportLockLost(
+            f"could not confirm that this export still holds its lock ({why}); not {before}"
         ) from exc
     if not held:
         raise ExportLockLost(
