@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 
 from backfill import state
-from backfill.enqueue import QueueUnavailable, Refused, send_envelopes
+from backfill.enqueue import QueueUnavailable, Refused, max_entry_bytes, send_envelopes
 from backfill.jira_client import JiraClient, JiraError, JiraRequestError, SearchPage, Sleep
 from backfill.jql import WATERMARK_OVERLAP, build_jql, jira_zone
 from backfill.progress import Progress
@@ -122,7 +122,8 @@ async def run_backfill(
             )
             progress = Progress(total=None, done=run.issues_sent, stream=progress_stream, tty=progress_tty)
             try:
-                job = _Job(settings, request, key, jira, sqs, conn, progress, summary, sleep)
+                limit = await max_entry_bytes(sqs, settings.queue_url)
+                job = _Job(settings, request, key, jira, sqs, conn, progress, summary, sleep, limit)
                 await _send_remaining_pages(job, run)
             except (JiraError, QueueUnavailable) as exc:
                 # Said only when there is something to resume: a failed first page has none.
@@ -154,6 +155,7 @@ class _Job:
     progress: Progress
     summary: BackfillSummary
     sleep: Sleep
+    max_entry_bytes: int  # what one message may count on this queue
 
 
 async def _send_remaining_pages(job: _Job, run: state.RunState) -> None:
@@ -222,6 +224,7 @@ async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
                 envelopes,
                 attempts=job.settings.sqs_attempts,
                 sleep=job.sleep,
+                max_bytes=job.max_entry_bytes,
             )
             job.summary.refused.extend(outcome.refused)
             for refused in outcome.refused:

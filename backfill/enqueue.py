@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from backfill.jira_client import Sleep
-from backfill.snapshot import MAX_BODY_BYTES, body_too_large
 from shared.envelope import Envelope
-from shared.sqs_batch import send_entries
+from shared.errors import CommandError
+from shared.provision import MAX_MESSAGE_BYTES
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, QUEUE_LIMIT_ATTRIBUTE, queue_message_limit
+from shared.sqs_batch import entry_bytes, send_entries
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -41,6 +43,26 @@ class SendOutcome:
     refused: list[Refused] = field(default_factory=list)
 
 
+# What a message may count (body and attributes) on a queue that takes SQS's largest, 1 MiB.
+DEFAULT_MAX_ENTRY_BYTES = MAX_MESSAGE_BYTES - DEAD_LETTER_ROOM_BYTES
+# How long the one GetQueueAttributes call that learns the queue's limit may take.
+LIMIT_TIMEOUT_S = 30.0
+
+
+async def max_entry_bytes(sqs: SQSClient, queue_url: str) -> int:
+    """What a message may count on this queue: its ``MaximumMessageSize`` (1 MiB when it cannot be
+    read, with a warning) less the room kept for dead-letter reasons. A message over it would make
+    SQS refuse the whole batch it joined, so :func:`send_envelopes` refuses it on its own."""
+    limit = await queue_message_limit(sqs, queue_url, timeout_s=LIMIT_TIMEOUT_S) or MAX_MESSAGE_BYTES
+    if limit - DEAD_LETTER_ROOM_BYTES <= 0:
+        raise CommandError(
+            f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {limit} bytes leaves no room for a message "
+            f"({DEAD_LETTER_ROOM_BYTES} bytes of each are kept for dead-letter reasons); set it to "
+            f"{MAX_MESSAGE_BYTES}, SQS's largest"
+        )
+    return limit - DEAD_LETTER_ROOM_BYTES
+
+
 async def send_envelopes(
     sqs: SQSClient,
     queue_url: str,
@@ -49,12 +71,17 @@ async def send_envelopes(
     attempts: int = 5,
     sleep: Sleep = asyncio.sleep,
     backoff_s: float = 0.5,
+    max_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
 ) -> SendOutcome:
+    """Send ``envelopes``; one whose message (body and attributes) is over ``max_bytes`` is refused
+    here, before it joins a batch (see :func:`max_entry_bytes`)."""
     outcome = SendOutcome()
     pending: list[Envelope] = []
     for env in envelopes:
-        if body_too_large(env):
-            outcome.refused.append(Refused(env.issue_id, f"body larger than {MAX_BODY_BYTES} bytes"))
+        size = entry_bytes(env.send_entry("0"))
+        if size > max_bytes:
+            reason = f"message of {size} bytes with its attributes; the queue takes at most {max_bytes}"
+            outcome.refused.append(Refused(env.issue_id, reason))
         else:
             pending.append(env)
     last_error = ""

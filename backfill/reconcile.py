@@ -32,7 +32,7 @@ import asyncpg
 import structlog
 
 from backfill import state
-from backfill.enqueue import send_envelopes
+from backfill.enqueue import max_entry_bytes, send_envelopes
 from backfill.jira_client import FailedWebhookPage, JiraClient, JiraRequestError, JiraUnavailable, Sleep
 from backfill.jql import build_jql
 from backfill.progress import Progress
@@ -248,6 +248,7 @@ async def _replay_failed_webhooks(
 ) -> FailedWebhookReport:
     after_ms = await state.load_failed_webhook_cursor(conn, settings.jira.url)
     report = FailedWebhookReport(available=True, cursor_ms=after_ms)
+    limit: int | None = None  # what a message may count on the queue, asked before the first send
     while True:
         page = await jira.failed_webhooks(after_ms)
         if not isinstance(page, FailedWebhookPage):
@@ -257,8 +258,15 @@ async def _replay_failed_webhooks(
             return report
         envelopes = _replayable(page, report)
         if envelopes and not request.dry_run:
+            if limit is None:
+                limit = await max_entry_bytes(sqs, settings.queue_url)
             outcome = await send_envelopes(
-                sqs, settings.queue_url, envelopes, attempts=settings.sqs_attempts, sleep=sleep
+                sqs,
+                settings.queue_url,
+                envelopes,
+                attempts=settings.sqs_attempts,
+                sleep=sleep,
+                max_bytes=limit,
             )
             report.replayed += outcome.sent
             report.invalid += [(r.issue_id, r.reason) for r in outcome.refused]

@@ -29,9 +29,6 @@ from shared.jira_event import (
     route,
 )
 
-# SQS's message limit (1 MiB) covers the body and the attributes; keep room for the attributes.
-MAX_BODY_BYTES = 1_048_576 - 4_096
-
 
 class InvalidSnapshot(ValueError):
     """Jira returned an issue that cannot become a snapshot (no numeric id, no ``updated`` time)."""
@@ -70,10 +67,6 @@ def reconciled_delete_envelope(
         received_at_ms=now_ms,
         delivery_id=f"reconcile:deleted:{routed_id}:{row_version}",
     )
-
-
-def body_too_large(envelope: Envelope) -> bool:
-    return len(envelope.body.encode("utf-8")) > MAX_BODY_BYTES
 
 
 def _routed_issue_id(body: str) -> str:

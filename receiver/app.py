@@ -22,7 +22,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
 from receiver.intake import IntakeRules, admit, check_headers, fault_text
-from receiver.message_size import MessageLimits, queue_message_limit
+from receiver.message_size import MessageLimits
 from receiver.outcomes import Answer, Outcome, Rejected
 from receiver.readiness import QueueReadiness
 from receiver.settings import LINGER_S, MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ReceiverSettings
@@ -40,6 +40,7 @@ from shared.metrics import (
     start_at_zero,
 )
 from shared.provision import MAX_MESSAGE_BYTES
+from shared.queue_limits import queue_message_limit
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -1,10 +1,8 @@
-"""How large a webhook may be: what the queue takes, learned once at startup.
+"""How large a webhook may be: what the queue takes (shared/queue_limits.py), learned once at startup.
 
-SQS refuses a whole ``SendMessageBatch`` call when one of its entries is over the queue's
-``MaximumMessageSize``, so one webhook too large for the queue would fail every other webhook of its
-batch with it (503 for all of them). Intake therefore refuses (413) any webhook whose message would
-not fit the queue, before it joins a batch. A queue made by hand or by an older Terraform may take
-256 KiB; jiralake's own setup makes queues that take SQS's largest, 1 MiB.
+One webhook too large for the queue would fail every other webhook of its batch with it (503 for all
+of them): intake refuses (413) any webhook whose message would not fit the queue, before it joins a
+batch.
 
 Every message also keeps room for the four error attributes a dead-letter adds, and its body is
 never more than ``JIRALAKE_MAX_BODY_BYTES``: the body limit is the smaller of the two.
@@ -12,26 +10,16 @@ never more than ``JIRALAKE_MAX_BODY_BYTES``: the body limit is the smaller of th
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import CommandError
-from shared.metrics import SQS_CALLS
 from shared.provision import MAX_MESSAGE_BYTES
-
-if TYPE_CHECKING:
-    from types_aiobotocore_sqs import SQSClient
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, QUEUE_LIMIT_ATTRIBUTE
 
 log = structlog.get_logger()
 
-QUEUE_LIMIT_ATTRIBUTE: Final = "MaximumMessageSize"
-# Dead-lettering adds four error attributes (at most ~1.4 KiB); every stored message keeps room for them.
-DEAD_LETTER_ROOM_BYTES = 2048
-LOG_QUEUE_LIMIT_UNKNOWN = "queue_message_limit_unknown"
 LOG_QUEUE_LIMIT_SMALL = "queue_message_limit_small"
 
 
@@ -93,28 +81,3 @@ class MessageLimits:
                 detail=f"webhooks whose message is over {self.max_entry_bytes} bytes get 413; set the "
                 f"queue's {QUEUE_LIMIT_ATTRIBUTE} to {MAX_MESSAGE_BYTES}, SQS's largest",
             )
-
-
-async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: float) -> int | None:
-    """The queue's ``MaximumMessageSize``; None, with a warning, when it cannot be read: the caller
-    then assumes SQS's largest (1 MiB), and a smaller queue would refuse a whole batch that holds a
-    message over its limit."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            answer = await sqs.get_queue_attributes(
-                QueueUrl=queue_url, AttributeNames=[QUEUE_LIMIT_ATTRIBUTE]
-            )
-    except TimeoutError:
-        SQS_CALLS.labels("GetQueueAttributes", "error").inc()
-        error = f"SQS did not answer within {timeout_s:g}s"
-    except (ClientError, BotoCoreError, OSError) as exc:
-        SQS_CALLS.labels("GetQueueAttributes", "error").inc()
-        error = f"{type(exc).__name__}: {exc}"
-    else:
-        SQS_CALLS.labels("GetQueueAttributes", "ok").inc()
-        raw = answer.get("Attributes", {}).get(QUEUE_LIMIT_ATTRIBUTE, "")
-        if raw.isascii() and raw.isdigit() and int(raw) > 0:
-            return int(raw)
-        error = f"SQS's answer holds no usable {QUEUE_LIMIT_ATTRIBUTE} ({raw[:40]!r})"
-    log.warning(LOG_QUEUE_LIMIT_UNKNOWN, error=error, assumed_bytes=MAX_MESSAGE_BYTES)
-    return None

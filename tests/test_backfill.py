@@ -18,6 +18,7 @@ from backfill.command import backfill_report
 from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
 from backfill.settings import JiraSettings
 from backfill.snapshot import snapshot_envelope
+from shared import aws
 from shared.envelope import Envelope
 from shared.jira_event import SNAPSHOT_EVENT, Routed, parse_jira_time_ms, route
 from shared.provision import QueuePair
@@ -380,9 +381,10 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     # THEN the other two were enqueued, the large one is named, and the watermark is stored all the
     # same: fetched again unchanged, the issue would be refused again
     assert summary.sent == 2
-    assert [(r.issue_id, r.reason) for r in summary.refused] == [
-        (server.issues[1]["id"], "body larger than 1044480 bytes")
-    ]
+    [(refused_id, reason)] = [(r.issue_id, r.reason) for r in summary.refused]
+    assert refused_id == server.issues[1]["id"]
+    assert reason.startswith("message of ")
+    assert reason.endswith(" bytes with its attributes; the queue takes at most 1046528")
     assert summary.watermark is not None
     assert queued_ids(await drain(aws_settings, queues.queue_url)) == sorted(
         [server.issues[0]["id"], server.issues[2]["id"]]
@@ -394,6 +396,39 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     # THEN last-run asks only for what changed since the watermark, and the issue goes out now
     assert (again.refused, again.watermark is not None) == ([], True)
     assert queued_ids(await drain(aws_settings, queues.queue_url)) == [server.issues[1]["id"]]
+
+
+async def test_on_a_queue_of_256_kib_an_issue_over_it_is_refused_alone_not_with_its_page(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+    unique_name: str,
+) -> None:
+    # GIVEN a queue made by hand with MaximumMessageSize 256 KiB, and three issues on one page, the
+    # second with a 300 KB description (SQS would refuse the whole SendMessageBatch holding it)
+    async with aws.sqs_client(aws_settings) as sqs:
+        small = await sqs.create_queue(
+            QueueName=f"{unique_name}-small.fifo",
+            Attributes={"FifoQueue": "true", "MaximumMessageSize": "262144"},
+        )
+        try:
+            server, url = jira
+            server.issues = fixture_issues(3)
+            server.issues[1]["fields"]["description"] = "x" * 300_000
+            settings = backfill_settings(
+                url, QueuePair(small["QueueUrl"], queues.dlq_url), db_settings, aws_settings
+            )
+            # WHEN the backfill runs
+            summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+            queued = queued_ids(await drain(aws_settings, small["QueueUrl"]))
+        finally:
+            await sqs.delete_queue(QueueUrl=small["QueueUrl"])
+    # THEN the large one is refused, naming what the queue takes, and the other two of its page went out
+    assert [r.issue_id for r in summary.refused] == [server.issues[1]["id"]]
+    assert summary.refused[0].reason.endswith(" bytes with its attributes; the queue takes at most 260096")
+    assert queued == sorted([server.issues[0]["id"], server.issues[2]["id"]])
 
 
 async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(

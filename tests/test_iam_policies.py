@@ -35,7 +35,7 @@ from botocore.exceptions import ClientError
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from backfill.enqueue import send_envelopes
+from backfill.enqueue import max_entry_bytes, send_envelopes
 from consumer.worker import run_consumer
 from exporter.errors import ExportError
 from exporter.progress import ProgressSnapshot
@@ -45,7 +45,8 @@ from ops.local_aws import LocalAws
 from shared import aws, provision
 from shared.envelope import Envelope, error_attributes
 from shared.metrics import QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
-from shared.provision import QueuePair
+from shared.provision import MAX_MESSAGE_BYTES, QueuePair
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
 from tests.jira_fixtures import make_event, raw
 from tests.test_consumer_helpers import consumer_settings, envelope_of, holds, wait_for
@@ -90,7 +91,7 @@ GRANTS: dict[str, set[tuple[str, str]]] = {
         ("sqs:DeleteMessage", DLQ),
         ("sqs:PurgeQueue", DLQ),
     },
-    "backfill": {("sqs:SendMessage", QUEUE)},
+    "backfill": {("sqs:SendMessage", QUEUE), ("sqs:GetQueueAttributes", QUEUE)},
 }
 
 # AWS authorizes each SQS batch call as its single-message action; moto checks the batch name.
@@ -632,10 +633,14 @@ async def test_backfill_enqueues_envelopes(world: World, as_role: Callable[[str]
     # GIVEN three snapshots and backfill's credentials
     envelopes = [envelope_of(make_event(CREATED, issue_id=issue, ts=5000)) for issue in (61, 62, 63)]
     as_role("backfill")
-    # WHEN backfill's enqueue sends them (the path of backfill and reconcile alike)
+    # WHEN backfill's enqueue learns what the queue takes and sends them (the path of backfill and
+    # reconcile alike)
     async with aws.sqs_client(world.aws) as sqs:
-        outcome = await send_envelopes(sqs, world.queues.queue_url, envelopes)
-    # THEN SQS stored all three
+        limit = await max_entry_bytes(sqs, world.queues.queue_url)
+        outcome = await send_envelopes(sqs, world.queues.queue_url, envelopes, max_bytes=limit)
+    # THEN it read the queue's limit (1 MiB, less the room kept for dead-letter reasons) and SQS
+    # stored all three
+    assert limit == MAX_MESSAGE_BYTES - DEAD_LETTER_ROOM_BYTES
     assert (outcome.sent, outcome.refused) == (3, [])
     stored = await drain_queue(world, world.queues.queue_url)
     assert sorted(m["Body"] for m in stored) == sorted(e.body for e in envelopes)
@@ -710,10 +715,10 @@ DENIED: list[tuple[str, str, str, str, Callable[[World], dict[str, Any]]]] = [
     ("backfill", "receive from the queue", "sqs:ReceiveMessage", "receive_message", on_queue()),
     (
         "backfill",
-        "read queue attributes",
+        "read the DLQ's attributes",
         "sqs:GetQueueAttributes",
         "get_queue_attributes",
-        on_queue(AttributeNames=["All"]),
+        on_dlq(AttributeNames=["All"]),
     ),
     ("backfill", "write an export", "s3:PutObject", "put_object", in_bucket(Key=LATEST_EXPORT, Body=b"x")),
 ]

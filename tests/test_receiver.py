@@ -20,7 +20,6 @@ from consumer.event import parse_envelope
 from ops.local_aws import free_port
 from receiver.app import RECEIVER, build_app
 from receiver.batcher import SqsBatcher
-from receiver.message_size import DEAD_LETTER_ROOM_BYTES
 from receiver.readiness import QueueReadiness
 from receiver.settings import ReceiverSettings
 from receiver.signature import sign
@@ -28,6 +27,7 @@ from shared import aws
 from shared.envelope import Envelope, body_sha256
 from shared.jira_event import Routed, route
 from shared.provision import QueuePair
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES
 from shared.settings import AwsSettings
 from tests import jira_fixtures
 from tests.conftest import drain

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from receiver.message_size import DEAD_LETTER_ROOM_BYTES, MessageLimits, queue_message_limit
+from receiver.message_size import MessageLimits
 from shared import aws
 from shared.envelope import Envelope, error_attributes
 from shared.errors import CommandError
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, queue_message_limit
 from shared.settings import AwsSettings
 from shared.sqs_batch import entry_bytes
 from tests.conftest import drain
