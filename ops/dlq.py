@@ -63,6 +63,12 @@ RECEIVE_WAIT_S = 1
 MAX_RECEIVE_REASON = "exceeded maxReceiveCount"
 NOT_ENVELOPE_REASON = "not a jiralake envelope"
 EARLIER_FAILED_REASON = "an earlier event of this issue failed to replay"
+# The consumer dead-letters an event that still cannot be applied under a new message id: met again,
+# it is left in the DLQ, or a replay whose fix did not work would send it round for ever.
+REPLAYED_AGAIN_REASON = (
+    "this event was already replayed in this run and is back in the DLQ (it failed again, or this is "
+    "a second copy); left in the DLQ"
+)
 
 T = TypeVar("T")
 
@@ -286,6 +292,7 @@ async def replay_dead_letters(
     summary = ReplaySummary(dry_run=dry_run)
     held: list[str] = []
     seen: set[str] = set()
+    sent_deliveries: set[str] = set()  # delivery ids sent back to the main queue in this run
     failed_groups: set[str | None] = set()
 
     def attempted() -> int:
@@ -321,10 +328,15 @@ async def replay_dead_letters(
                 elif letter.group_id in failed_groups:
                     summary.add(letter, "skipped", EARLIER_FAILED_REASON)
                     held.append(letter.receipt_handle)
+                elif letter.envelope.delivery_id in sent_deliveries:
+                    summary.add(letter, "failed", REPLAYED_AGAIN_REASON)
+                    failed_groups.add(letter.group_id)  # its issue's later events stay behind it
+                    held.append(letter.receipt_handle)
                 elif dry_run:
                     summary.add(letter, "would_replay")
                     held.append(letter.receipt_handle)
                 else:
+                    sent_deliveries.add(letter.envelope.delivery_id)
                     to_send.append(letter)
             if to_send:
                 await _complete(_send_then_delete(sqs, queues, to_send, summary, failed_groups, held))

@@ -49,7 +49,9 @@ def envelope(issue_id: str, ts_ms: int, *, name: str = UPDATED) -> Envelope:
     )
 
 
-async def dead_letter(sqs: Any, dlq_url: str, env: Envelope, *, error: str = "InvalidEvent") -> None:
+async def dead_letter(
+    sqs: Any, dlq_url: str, env: Envelope, *, error: str = "InvalidEvent", dedup_id: str | None = None
+) -> None:
     """Put an event on the DLQ the way the consumer does: envelope plus the 4 error attributes."""
     entry = env.send_entry("0")
     attributes = dict(entry["MessageAttributes"])
@@ -65,7 +67,7 @@ async def dead_letter(sqs: Any, dlq_url: str, env: Envelope, *, error: str = "In
         QueueUrl=dlq_url,
         MessageBody=entry["MessageBody"],
         MessageGroupId=entry["MessageGroupId"],
-        MessageDeduplicationId=entry["MessageDeduplicationId"],
+        MessageDeduplicationId=dedup_id or entry["MessageDeduplicationId"],
         MessageAttributes=attributes,
     )
 
@@ -428,6 +430,31 @@ async def test_replay_skips_messages_that_are_not_envelopes(
         assert (summary.replayed, summary.skipped, summary.failed) == (1, 1, 0)
         assert [r.reason for r in summary.results if r.outcome == "skipped"] == ["not a jiralake envelope"]
         assert await counts(sqs, queues.dlq_url) == (1, 0)
+
+
+async def test_an_event_back_in_the_dlq_is_not_replayed_twice_in_one_run(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN an event of issue A dead-lettered, and again under a new message id (as the consumer
+    # dead-letters a replayed event that still cannot be applied), then a later event of issue A,
+    # and one of issue B
+    failing = envelope(ISSUE_A, T0)
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter(sqs, queues.dlq_url, failing)
+        await dead_letter(sqs, queues.dlq_url, failing, dedup_id="dead-lettered-again")
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 1))
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_B, T0 + 2))
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+        # THEN the event went back once, and its copy stays in the DLQ as a failure (the command exits
+        # 1), with issue A's later event behind it; issue B goes on
+        assert (summary.replayed, summary.skipped, summary.failed) == (2, 1, 1)
+        assert [(r.issue_id, r.outcome, r.reason) for r in summary.results if r.outcome != "replayed"] == [
+            (ISSUE_A, "failed", dlq.REPLAYED_AGAIN_REASON),
+            (ISSUE_A, "skipped", dlq.EARLIER_FAILED_REASON),
+        ]
+        assert await counts(sqs, queues.dlq_url) == (2, 0)
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_A: [T0], ISSUE_B: [T0 + 2]}
 
 
 async def test_replay_that_cannot_send_keeps_everything_in_the_dlq(
