@@ -21,9 +21,12 @@ account; ``emailAddress``, ``avatarUrls`` (a Data Center avatar URL holds the us
 hash of the email), ``timeZone``, ``self`` (``...user?username=...``) and anything else go. The
 display-name columns (``assignee_display_name``, ``reporter_display_name``, ``actor_display_name``)
 become ``"Former user"`` too, not NULL: NULL means unassigned or unknown there, and a dashboard
-that shows NULL as "Unassigned" would move the person's issues into it. In changelog items whose
-``from``/``to`` (or Cloud's ``tmpFromAccountId``/``tmpToAccountId``) name the person,
-``fromString``/``toString`` become ``"Former user"``.
+that shows NULL as "Unassigned" would move the person's issues into it. In changelog items of a
+user field whose ``from``/``to`` (or Cloud's ``tmpFromAccountId``/``tmpToAccountId``) name the
+person, ``fromString``/``toString`` become ``"Former user"``. A user field is one Cloud marks with
+those ``tmp`` keys, Jira's own assignee/reporter/creator, or a custom field whose text side shows
+one of the person's display names (from their user objects): a status, sprint, version or select
+option carries a numeric id in ``from``/``to`` too, which a numeric username would otherwise match.
 
 **Ids, so that counts per person still add up.** A Cloud ``accountId`` stays: it is an opaque id,
 the one Atlassian's privacy guide has apps key and report personal data by, and Jira keeps sending

@@ -3,8 +3,9 @@
 
 A JSON object is the person's user object by its id fields only (:meth:`Person.owns`); it keeps
 ``accountId``, ``accountType`` and ``active``, its ``displayName`` becomes "Former user", and on
-Server/Data Center its ``name``/``key`` become the pseudonym. Changelog items whose ``from``/``to``
-name the person get "Former user" as ``fromString``/``toString``.
+Server/Data Center its ``name``/``key`` become the pseudonym. Changelog items of a user field whose
+``from``/``to`` name the person get "Former user" as ``fromString``/``toString``; items of other
+fields (a status whose id equals a numeric username) are left alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ USER_OBJECT_MARKERS = ("accountId", "displayName", "emailAddress")
 
 # A changelog item's two sides: (id, display text, Cloud's account id of that side).
 _CHANGE_SIDES = (("from", "fromString", "tmpFromAccountId"), ("to", "toString", "tmpToAccountId"))
+# Jira's own fields whose changelog items name a user (by username or key on Server/Data Center).
+USER_SYSTEM_FIELDS = frozenset({"assignee", "reporter", "creator"})
 
 
 @dataclass
@@ -38,6 +41,9 @@ class Person:
     pseudonym: str | None = None
     # Other ids of the person met in their user objects (lower-cased): see ops/forget_user.py, "Who".
     learned: set[str] = field(default_factory=set)
+    # Display names met in their user objects (lower-cased): only to tell a custom user picker's
+    # changelog item from another custom field's whose option id happens to equal the username.
+    display_names: set[str] = field(default_factory=set)
 
     @property
     def mode(self) -> str:
@@ -81,13 +87,17 @@ class Person:
         return self.is_id(value) or (isinstance(value, str) and value.lower() in self.learned)
 
     def learn_from(self, document: Any) -> None:
-        """Remember the other ids (``name``, ``key``) in the person's user objects in ``document``."""
+        """Remember the other ids (``name``, ``key``) and the display names in the person's user
+        objects in ``document``."""
         for obj in _objects(document):
             if self.owns(obj):
                 for id_field in ("name", "key"):
                     value = obj.get(id_field)
                     if isinstance(value, str) and value and not self.is_id(value):
                         self.learned.add(value.lower())
+                shown = obj.get("displayName")
+                if isinstance(shown, str) and shown and shown != FORMER_USER:
+                    self.display_names.add(shown.lower())
 
     def scrubbed_user(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         scrubbed = {name: obj[name] for name in KEPT_USER_FIELDS if name in obj}
@@ -130,7 +140,27 @@ def scrub_document(document: Any, person: Person) -> tuple[Any, bool]:
     return holder[0], changed
 
 
+def _names_a_user(item: Mapping[str, Any], person: Person) -> bool:
+    """Whether a changelog item is about a user field: a status, sprint, version or select option
+    carries a numeric id in ``from``/``to`` too, which a numeric username (an LDAP employee number)
+    would match."""
+    if "tmpFromAccountId" in item or "tmpToAccountId" in item:  # Cloud marks its user fields so
+        return True
+    if item.get("fieldtype") == "jira":
+        return str(item.get("fieldId") or item.get("field") or "").lower() in USER_SYSTEM_FIELDS
+    # A custom field on Server/Data Center: a user picker only if a side shows one of the person's
+    # display names (as their own user objects give it).
+    return any(
+        isinstance(item.get(text), str) and item[text].lower() in person.display_names
+        for text in ("fromString", "toString")
+    )
+
+
 def _scrub_change_item(item: dict[str, Any], person: Person) -> bool:
+    if not any(id_field in item and text_field in item for id_field, text_field, _ in _CHANGE_SIDES):
+        return False  # not a changelog item
+    if not _names_a_user(item, person):
+        return False
     changed = False
     for id_field, text_field, account_field in _CHANGE_SIDES:
         if id_field not in item or text_field not in item:

@@ -513,6 +513,30 @@ def test_a_data_center_key_unlike_the_username_is_matched_in_changelog_items() -
     assert body["issue"]["fields"]["project"]["name"] == DC_USERNAME
 
 
+def test_a_numeric_username_leaves_status_sprint_and_select_items_alone() -> None:
+    # GIVEN a Data Center user whose username is an employee number, 10001, assigned in one changelog
+    # item; and items of other fields whose option or status ids are 10001 too (another person's issue
+    # moving out of a status, a sprint, a custom select)
+    person = Person(username="10001", pseudonym="former-user-0123456789abcdef")
+    person.learn_from({"assignee": {"name": "10001", "key": "10001", "displayName": "Robin Diddams"}})
+    items: list[dict[str, Any]] = [
+        {"field": "assignee", "fieldtype": "jira", "from": None, "fromString": None, "to": "10001"},
+        {"field": "status", "fieldtype": "jira", "from": "10001", "fromString": "In Review", "to": "3"},
+        {"field": "Sprint", "fieldtype": "custom", "from": "10001", "fromString": "Sprint 12", "to": "7"},
+        {"field": "Reviewer", "fieldtype": "custom", "from": "10001", "fromString": "Robin Diddams"},
+    ]
+    items[0]["toString"], items[1]["toString"], items[2]["toString"] = "Robin Diddams", "Done", "Sprint 13"
+    untouched = copy.deepcopy(items[1:3])
+    # WHEN the history is scrubbed
+    _, changed = user_scrub.scrub_document(items, person)
+    # THEN the user fields name the pseudonym and "Former user" (the custom user picker known by the
+    # person's display name), and the status and sprint items are as they were
+    assert changed
+    assert (items[0]["to"], items[0]["toString"]) == ("former-user-0123456789abcdef", FORMER_USER)
+    assert (items[3]["from"], items[3]["fromString"]) == ("former-user-0123456789abcdef", FORMER_USER)
+    assert items[1:3] == untouched
+
+
 def test_a_namesake_is_never_matched_by_display_name() -> None:
     body = copy.deepcopy(jira_fixtures.load("pinpoint-jira__jira_issue_created.json"))
     someone_else = {"accountId": "5aaaaaaaaaaaaaaaaaaaaaaa", "displayName": CLOUD_NAME, "active": True}
