@@ -19,8 +19,10 @@ from shared import aws, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 
-# The sample webhooks live with the tests (tests/fixtures/jira-webhooks, with their SOURCES.md).
-DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "jira-webhooks"
+# The sample webhooks live with the tests (tests/fixtures/jira-webhooks, with their SOURCES.md): beside
+# the code in a checkout (an editable install), else in the checkout the command runs from.
+FIXTURES_IN_CHECKOUT = Path("tests") / "fixtures" / "jira-webhooks"
+DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / FIXTURES_IN_CHECKOUT
 DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
 
 # -- count_applied --
@@ -44,13 +46,15 @@ class Sent:
 
 
 def fixtures_dir(given: Path | None) -> Path:
-    path = given or DEFAULT_FIXTURES
-    if not path.is_dir() or not any(path.glob("*.json")):
-        raise CommandError(
-            f"no sample webhooks in {path}: run from a checkout of the repository or pass --fixtures DIR",
-            exit_code=2,
-        )
-    return path
+    candidates = [given] if given is not None else [DEFAULT_FIXTURES, Path.cwd() / FIXTURES_IN_CHECKOUT]
+    for path in candidates:
+        if path.is_dir() and any(path.glob("*.json")):
+            return path
+    where = " or ".join(str(path) for path in candidates)
+    raise CommandError(
+        f"no sample webhooks in {where}: run from a checkout of the repository or pass --fixtures DIR",
+        exit_code=2,
+    )
 
 
 async def wait_until_listening(host: str, port: int, *, timeout_s: float) -> None:

@@ -74,20 +74,29 @@ class LocalAws:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            # Its own session: a Ctrl-C at the terminal goes to the stack, which drains its services
+            # against a moto still running and then stops it, not to moto first.
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self._process.returncode}")
+                raise CommandError(
+                    f"moto's server exited with code {self._process.returncode}{self._see_log()}"
+                )
             try:
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
                 return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(
-            f"moto server did not listen on {self.endpoint_url} within {self.start_timeout_s}s"
+        raise CommandError(
+            f"moto's server did not listen on {self.endpoint_url} within {self.start_timeout_s:g}s"
+            f"{self._see_log()}"
         )
+
+    def _see_log(self) -> str:
+        return f"; see {self.log_path}" if self.log_path else ""
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:

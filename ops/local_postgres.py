@@ -41,11 +41,22 @@ class LocalPostgres:
 
     def stop(self) -> None:
         if self._started and self.bin_dir and self.data_dir:
-            subprocess.run(
-                [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+            # As the server user, as it was started: pg_ctl refuses to run as root, and a server left
+            # running keeps its lock file, so the next `jiralake up` could not start it.
+            stopped = subprocess.run(
+                as_server_user(
+                    [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+                ),
                 capture_output=True,
+                text=True,
                 check=False,
             )
+            if stopped.returncode != 0:
+                log.warning(
+                    "private_postgres_not_stopped",
+                    data_dir=str(self.data_dir),
+                    error=" ".join(stopped.stderr.split())[-300:],
+                )
             self._started = False
 
 
@@ -187,5 +198,9 @@ async def _start_private(scratch: Path, database: str) -> LocalPostgres:
     server = f"postgresql://{user}@127.0.0.1:{port}/postgres"
     log.info("private_postgres_started", port=port, data_dir=str(data_dir))
     pg = LocalPostgres(url=None, data_dir=data_dir, bin_dir=bin_dir, _started=True)
-    pg.url = await ensure_database(server, database)
+    try:
+        pg.url = await ensure_database(server, database)
+    except BaseException:  # the caller only stops what it got back
+        pg.stop()
+        raise
     return pg

@@ -15,6 +15,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from ops import demo
+from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
 from ops.local_stack import _redacted, _webhook_secret
 from shared.errors import CommandError
@@ -106,6 +108,7 @@ def test_up_stops_cleanly_on_ctrl_c(stack_database: str, tmp_path: Path) -> None
         text=True,
         env=_env(stack_database),
         cwd=ROOT,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
     )
     try:
         assert proc.stdout is not None
@@ -118,13 +121,32 @@ def test_up_stops_cleanly_on_ctrl_c(stack_database: str, tmp_path: Path) -> None
             line = proc.stderr.readline()
             assert line, f"the stack ended before starting its services (exit {proc.wait()})"
             waiting_for = {event for event in waiting_for if event not in line}
-        proc.send_signal(signal.SIGINT)
+        # to the whole process group, as a terminal's Ctrl-C does
+        os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert '"event": "consumer_stopped"' in err and '"event": "receiver_stopped"' in err
+    # AND the services drained against a moto still running (it is in a session of its own, stopped
+    # last), not one the Ctrl-C had already ended
+    assert "dependency_unavailable" not in err and "EndpointConnectionError" not in err, err[-2000:]
+
+
+def test_a_moto_server_that_cannot_start_is_one_line_naming_its_log(tmp_path: Path) -> None:
+    # GIVEN a port already bound (not listening, so nothing answers there), for moto's server to fail on
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        local = LocalAws(port=port, log_path=tmp_path / "moto.log", start_timeout_s=20)
+        # WHEN the local stack starts it
+        with pytest.raises(CommandError) as failed:
+            local.start()
+    # THEN the command's one line says so and where to look (not a crash with a traceback)
+    assert re.fullmatch(
+        rf"moto's server exited with code \d+; see {re.escape(str(tmp_path))}/moto.log", str(failed.value)
+    )
 
 
 def _up(tmp_path: Path, *args: str, database_url: str = UNREACHABLE) -> subprocess.CompletedProcess[str]:
@@ -259,3 +281,23 @@ async def test_without_a_server_a_private_postgres_is_started_from_the_binaries(
         await conn.close()
     finally:
         pg.stop()
+    # AND stopping it stops the server (as root too: pg_ctl must run as the server user), so the next
+    # `jiralake up` in the same folder starts it again instead of finding its lock file taken
+    with pytest.raises(OSError):
+        await asyncpg.connect(pg.url, timeout=3)
+    again = await module._start_private(tmp_path, "jiralake")
+    again.stop()
+
+
+def test_the_demo_finds_the_samples_of_the_checkout_it_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN jiralake installed as a plain package (no samples beside its code), run from a checkout
+    monkeypatch.setattr(demo, "DEFAULT_FIXTURES", tmp_path / "site-packages" / "tests" / "fixtures")
+    monkeypatch.chdir(ROOT)
+    # WHEN the demo looks for its samples, THEN it takes the checkout's
+    assert demo.fixtures_dir(None) == ROOT / "tests" / "fixtures" / "jira-webhooks"
+    # AND elsewhere it names both places it looked
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CommandError, match=r"^no sample webhooks in .*site-packages.* or .*: run from a"):
+        demo.fixtures_dir(None)
