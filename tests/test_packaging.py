@@ -147,6 +147,20 @@ def test_the_image_s_install_carries_no_moto_which_the_local_extra_brings(wheel:
 
 
 @pytest.mark.timeout(300)
+def test_time_zones_work_where_the_system_has_none(wheel: Path) -> None:
+    # GIVEN the image's install, which requires tzdata (python:3.11-slim may ship no zoneinfo files)
+    assert "tzdata" in _needed(_requirements(wheel), set())
+    # WHEN zoneinfo finds no system time zones at all, THEN the exporter's schedule zone still resolves
+    code = (
+        "import zoneinfo; zoneinfo.reset_tzpath(to=[]); "
+        "from exporter.settings import zone; zone('America/Sao_Paulo'); "
+        "print(zoneinfo.ZoneInfo('Europe/Berlin'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "Europe/Berlin"), done.stderr[-1000:]
+
+
+@pytest.mark.timeout(300)
 def test_make_installs_the_extras_the_readme_s_commands_need(wheel: Path) -> None:
     # `make demo` runs `jiralake up` (moto's server) and `make test` the test tools: both install
     # through the one stamp rule, so its extras must bring moto and pytest.
