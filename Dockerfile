@@ -6,7 +6,7 @@
 # bind-mounted, not copied, so they take no layer: this needs BuildKit (Docker's default builder).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY jiralake ./jiralake
 COPY receiver ./receiver
 COPY consumer ./consumer

@@ -194,6 +194,17 @@ def test_wheel_carries_the_sql_files(wheel: Path) -> None:
     assert sql_in_tree <= names
 
 
+@pytest.mark.timeout(300)
+def test_wheel_carries_the_license_its_metadata_names(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    (license_file,) = [n for n in archive.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+    assert archive.read(license_file) == (ROOT / "LICENSE").read_bytes()
+    assert b"Apache License" in archive.read(license_file)[:100]
+    # AND the image's build stage has it (setuptools reads it to build the wheel)
+    copies = [args for instr, args in dockerfile_stages()[0] if instr == "COPY"]
+    assert any("LICENSE" in args.split() for args in copies), copies
+
+
 # -- the image's final stage --
 
 BUILD_TOOLS = frozenset(
