@@ -190,7 +190,10 @@ KEY_SQL = "SELECT key FROM jiralake_pseudonym_key WHERE id = 1"
 
 
 def person_from_arguments(
-    account_id: str | None, username: str | None, pseudonym: str | None = None
+    account_id: str | None,
+    username: str | None,
+    pseudonym: str | None = None,
+    keys: Sequence[str] = (),
 ) -> Person:
     """The person named on the command line, or a one-line refusal (exit 2)."""
     if account_id is not None and username is not None:
@@ -208,6 +211,8 @@ def person_from_arguments(
             raise CommandError(
                 "--pseudonym goes with --username only: a Cloud account id stays as it is", USAGE_EXIT_CODE
             )
+        if keys:
+            raise CommandError("--key goes with --username only: a Data Center user key", USAGE_EXIT_CODE)
         if not account_id.strip():
             raise CommandError("--account-id must not be empty", USAGE_EXIT_CODE)
         if not ACCOUNT_ID.match(account_id):
@@ -224,7 +229,10 @@ def person_from_arguments(
         _check_username("--pseudonym", pseudonym)
         if pseudonym.lower() == username.lower():
             raise CommandError("--pseudonym must differ from the username", USAGE_EXIT_CODE)
-    return Person(username=username, pseudonym=pseudonym)
+    for key in keys:
+        _check_username("--key", key)
+    learned = {key.lower() for key in keys if key.lower() != username.lower()}
+    return Person(username=username, pseudonym=pseudonym, learned=learned)
 
 
 def _check_username(option: str, value: str) -> None:
@@ -421,7 +429,10 @@ def render(summary: ForgetSummary) -> str:
     if summary.stopped:
         return text + f"; stopped by {_stop_name(summary)} before the end"
     if not tasks and not events:
-        return text + "; nothing left names this person (already forgotten, or check the id)"
+        return text + (
+            "; nothing left names this person's ids (already forgotten, or check the id; a Data "
+            "Center user key: --key)"
+        )
     who = f"the username {summary.pseudonym}" if summary.pseudonym else "the same account id"
     return (
         f'{text}\nThe person now appears as "{FORMER_USER}", under {who}.\n'
@@ -438,8 +449,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "forget-user",
         help="erase one person's personal data from both tables (GDPR erasure)",
-        usage="jiralake forget-user (--account-id ID | --username NAME [--pseudonym NAME]) [--dry-run] "
-        "[--batch-size N]",
+        usage="jiralake forget-user (--account-id ID | --username NAME [--pseudonym NAME] [--key KEY ...]) "
+        "[--dry-run] [--batch-size N]",
         description="Scrubs one person from ap_jira_task and ap_jira_task_event: their user objects in "
         'raw and display names become "Former user", their email, avatar and time zone go; a Cloud '
         "account id stays, a Server/Data Center username becomes a stable pseudonym. In batches of "
@@ -458,6 +469,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "former-user- and a keyed hash of the username)",
     )
     parser.add_argument(
+        "--key",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="with --username, repeatable: the person's Data Center user key where it differs from "
+        "the username (JIRAUSER10500 for users created on Jira 8+). Changelog items name people by "
+        "key; the command learns it from the person's user objects in ap_jira_task, but not for "
+        "someone no current issue shows, nor on a rerun after the first erasure replaced it",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="count the rows it would change; change nothing"
     )
     parser.add_argument(
@@ -471,7 +492,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _forget_user_command(args: argparse.Namespace) -> int:
-    person = person_from_arguments(args.account_id, args.username, args.pseudonym)  # needs no database
+    person = person_from_arguments(args.account_id, args.username, args.pseudonym, args.key)  # no database
     summary = asyncio.run(
         run(DatabaseSettings.from_env(os.environ), person, batch_size=args.batch_size, dry_run=args.dry_run)
     )

@@ -197,7 +197,8 @@ async def test_forgetting_again_changes_nothing(pg: asyncpg.Connection) -> None:
     assert await tables(pg) == before
     assert forget_user.render(summary) == (
         "scrubbed 0 row(s) of ap_jira_task and 0 row(s) of ap_jira_task_event in 5 batch(es) of up to 3; "
-        "nothing left names this person (already forgotten, or check the id)"
+        "nothing left names this person's ids (already forgotten, or check the id; a Data Center user "
+        "key: --key)"
     )
 
 
@@ -257,6 +258,34 @@ async def test_a_data_center_user_gets_a_stable_pseudonym_and_their_email_and_av
     again = await forget_user.run(db_settings, Person(username=DC_USERNAME), batch_size=2, dry_run=False)
     assert (again.rows, again.pseudonym) == ({"ap_jira_task": 0, "ap_jira_task_event": 0}, pseudonym)
     assert await tables(pg) == after
+
+
+async def test_a_data_center_key_given_with_key_is_scrubbed_where_no_issue_shows_the_person(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN a history row on another person's issue that names a former assignee only by their Data
+    # Center key (no current issue shows them, so the command cannot learn the key)
+    changelog = [
+        {"field": "assignee", "fieldtype": "jira", "from": "JIRAUSER10500", "fromString": "Robin Diddams"}
+        | {"to": "craig", "toString": "Craig Vitter"}
+    ]
+    await pg.execute(
+        "INSERT INTO ap_jira_task_event (delivery_id, issue_id, event_type, event_at, event_version, "
+        "event_tiebreak, source, changelog, applied) "
+        "VALUES ('e7', 77, 'jira:issue_updated', now(), 1, '', 'webhook', $1, true)",
+        changelog,
+    )
+    # WHEN the person is forgotten by username alone, THEN nothing is found
+    plain = await forget_user.run(db_settings, Person(username="rdiddams"), batch_size=500, dry_run=False)
+    assert plain.rows == {"ap_jira_task": 0, "ap_jira_task_event": 0}
+    # WHEN their key is given too
+    person = person_from_arguments(None, "rdiddams", None, ["JIRAUSER10500"])
+    summary = await forget_user.run(db_settings, person, batch_size=500, dry_run=False)
+    # THEN the item names the pseudonym and "Former user"
+    assert summary.rows == {"ap_jira_task": 0, "ap_jira_task_event": 1}
+    [item] = await pg.fetchval("SELECT changelog FROM ap_jira_task_event WHERE delivery_id = 'e7'")
+    assert (item["from"], item["fromString"]) == (summary.pseudonym, FORMER_USER)
+    assert (item["to"], item["toString"]) == ("craig", "Craig Vitter")
 
 
 async def test_a_data_center_user_can_take_the_alias_jira_s_anonymization_gave_them(
