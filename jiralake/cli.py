@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:  # building the parser imports every command's modules: a Ctrl-C lands here first
+        parser = build_parser()
+    except KeyboardInterrupt:
+        return 130
     args = parser.parse_args(argv)
     try:
         jl_logging.configure(args.log_level or _log_level_from_env(os.environ), json=args.log_json)

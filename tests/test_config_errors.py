@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,21 @@ def test_bucket_names_outside_s3_rules_are_refused(bucket: str) -> None:
 @pytest.mark.parametrize("bucket", ["abc", "a" * 63, "my.lake-2024", "1lake9"])
 def test_bucket_names_within_s3_rules_are_accepted(bucket: str) -> None:
     assert ExporterSettings.from_env({"JIRALAKE_BUCKET": bucket}).bucket == bucket
+
+
+def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback() -> None:
+    # GIVEN a real SIGINT delivered while the command line is being built (it imports every command's
+    # modules: the first ~0.5 s of any command, where a Ctrl-C most often lands)
+    script = (
+        "import os, signal, sys\n"
+        "import jiralake.cli as cli\n"
+        "load = cli.importlib.import_module\n"
+        "def interrupted(name):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return load(name)\n"
+        "cli.importlib.import_module = interrupted\n"
+        "sys.exit(cli.main(['queue', 'stats']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # THEN it exits 130, as a Ctrl-C later does, and prints no traceback
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
