@@ -172,6 +172,24 @@ async def queues(aws_settings: AwsSettings, unique_name: str) -> AsyncIterator[p
             await sqs.delete_queue(QueueUrl=pair.dlq_url)
 
 
+SMALL_QUEUE_BYTES = 262_144
+
+
+@pytest.fixture
+async def small_queue(aws_settings: AwsSettings, unique_name: str) -> AsyncIterator[str]:
+    """A FIFO queue that takes messages of at most 256 KiB (older Terraform, or made by hand, has
+    such queues); yields its URL."""
+    async with aws.sqs_client(aws_settings) as sqs:
+        created = await sqs.create_queue(
+            QueueName=f"{unique_name}-small.fifo",
+            Attributes={"FifoQueue": "true", "MaximumMessageSize": str(SMALL_QUEUE_BYTES)},
+        )
+        try:
+            yield created["QueueUrl"]
+        finally:
+            await sqs.delete_queue(QueueUrl=created["QueueUrl"])
+
+
 @pytest.fixture
 async def bucket(aws_settings: AwsSettings, unique_name: str) -> AsyncIterator[str]:
     async with aws.s3_client(aws_settings) as s3:

@@ -18,7 +18,6 @@ from backfill.command import backfill_report
 from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
 from backfill.settings import JiraSettings
 from backfill.snapshot import snapshot_envelope
-from shared import aws
 from shared.envelope import Envelope
 from shared.jira_event import SNAPSHOT_EVENT, Routed, parse_jira_time_ms, route
 from shared.provision import QueuePair
@@ -401,34 +400,25 @@ async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
 async def test_on_a_queue_of_256_kib_an_issue_over_it_is_refused_alone_not_with_its_page(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
+    small_queue: str,
     db_settings: DatabaseSettings,
     aws_settings: AwsSettings,
     pg: asyncpg.Connection,
-    unique_name: str,
 ) -> None:
     # GIVEN a queue made by hand with MaximumMessageSize 256 KiB, and three issues on one page, the
     # second with a 300 KB description (SQS would refuse the whole SendMessageBatch holding it)
-    async with aws.sqs_client(aws_settings) as sqs:
-        small = await sqs.create_queue(
-            QueueName=f"{unique_name}-small.fifo",
-            Attributes={"FifoQueue": "true", "MaximumMessageSize": "262144"},
-        )
-        try:
-            server, url = jira
-            server.issues = fixture_issues(3)
-            server.issues[1]["fields"]["description"] = "x" * 300_000
-            settings = backfill_settings(
-                url, QueuePair(small["QueueUrl"], queues.dlq_url), db_settings, aws_settings
-            )
-            # WHEN the backfill runs
-            summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
-            queued = queued_ids(await drain(aws_settings, small["QueueUrl"]))
-        finally:
-            await sqs.delete_queue(QueueUrl=small["QueueUrl"])
+    server, url = jira
+    server.issues = fixture_issues(3)
+    server.issues[1]["fields"]["description"] = "x" * 300_000
+    settings = backfill_settings(url, QueuePair(small_queue, queues.dlq_url), db_settings, aws_settings)
+    # WHEN the backfill runs
+    summary = await run_backfill(settings, BackfillRequest(), progress_tty=False)
     # THEN the large one is refused, naming what the queue takes, and the other two of its page went out
     assert [r.issue_id for r in summary.refused] == [server.issues[1]["id"]]
     assert summary.refused[0].reason.endswith(" bytes with its attributes; the queue takes at most 260096")
-    assert queued == sorted([server.issues[0]["id"], server.issues[2]["id"]])
+    assert queued_ids(await drain(aws_settings, small_queue)) == sorted(
+        [server.issues[0]["id"], server.issues[2]["id"]]
+    )
 
 
 async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,30 +18,15 @@ from shared.errors import CommandError
 from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, queue_message_limit
 from shared.settings import AwsSettings
 from shared.sqs_batch import entry_bytes
-from tests.conftest import drain
+from tests.conftest import SMALL_QUEUE_BYTES, drain
 from tests.test_receiver import post, receiver_settings, running
 
-SMALL_QUEUE_BYTES = 262_144
 ONE_MIB = 1_048_576
 FITS_SMALL_QUEUE = SMALL_QUEUE_BYTES - DEAD_LETTER_ROOM_BYTES
 QUEUE_ROOM = (
     f"the queue's MaximumMessageSize of {SMALL_QUEUE_BYTES} bytes, less {DEAD_LETTER_ROOM_BYTES} kept "
     "for dead-letter attributes"
 )
-
-
-@pytest.fixture
-async def small_queue(aws_settings: AwsSettings, unique_name: str) -> AsyncIterator[str]:
-    """A FIFO queue that takes messages of at most 256 KiB; yields its URL."""
-    async with aws.sqs_client(aws_settings) as sqs:
-        created = await sqs.create_queue(
-            QueueName=f"{unique_name}.fifo",
-            Attributes={"FifoQueue": "true", "MaximumMessageSize": str(SMALL_QUEUE_BYTES)},
-        )
-        try:
-            yield created["QueueUrl"]
-        finally:
-            await sqs.delete_queue(QueueUrl=created["QueueUrl"])
 
 
 def issue_body(issue_id: int, *, size_bytes: int | None = None) -> bytes:
