@@ -58,7 +58,7 @@ async def max_entry_bytes(sqs: SQSClient, queue_url: str) -> int:
         raise CommandError(
             f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {limit} bytes leaves no room for a message "
             f"({DEAD_LETTER_ROOM_BYTES} bytes of each are kept for dead-letter reasons); set it to "
-            f"{MAX_MESSAGE_BYTES}, SQS's largest"
+            f"{MAX_MESSAGE_BYTES}, SQS's largest (jiralake setup sets it)"
         )
     return limit - DEAD_LETTER_ROOM_BYTES
 

@@ -72,12 +72,13 @@ class MessageLimits:
             raise CommandError(
                 f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {self.queue_max_message_bytes} bytes leaves no "
                 f"room for a webhook ({DEAD_LETTER_ROOM_BYTES} bytes of every message are kept for "
-                f"dead-letter reasons); set it to {MAX_MESSAGE_BYTES}, SQS's largest"
+                f"dead-letter reasons); set it to {MAX_MESSAGE_BYTES}, SQS's largest (jiralake setup sets it)"
             )
         if self.queue_max_message_bytes < MAX_MESSAGE_BYTES:
             log.warning(
                 LOG_QUEUE_LIMIT_SMALL,
                 queue_max_message_bytes=self.queue_max_message_bytes,
                 detail=f"webhooks whose message is over {self.max_entry_bytes} bytes get 413; set the "
-                f"queue's {QUEUE_LIMIT_ATTRIBUTE} to {MAX_MESSAGE_BYTES}, SQS's largest",
+                f"queue's {QUEUE_LIMIT_ATTRIBUTE} to {MAX_MESSAGE_BYTES}, SQS's largest "
+                "(jiralake setup sets it)",
             )
