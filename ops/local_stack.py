@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -126,7 +127,7 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
     with stop_on_signals(stop):
         try:
             if fixtures is not None:
-                code = await _demo(stack, fixtures, options, stop)
+                code = await _demo_beside(services, _demo(stack, fixtures, options, stop))
                 if options.keep_running and not stop.is_set():
                     print("\nThe stack keeps running; press Ctrl-C to stop it.", flush=True)
                 else:
@@ -144,6 +145,22 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
             log.error("service_failed", service=task.get_name(), error=f"{type(outcome).__name__}: {outcome}")
             code = code or 1
     return code
+
+
+async def _demo_beside(services: list[asyncio.Task[Any]], demo_run: Coroutine[Any, Any, int]) -> int:
+    """The demo's exit code; 1 at once if a service ends first (the receiver could not bind its port,
+    the consumer crashed): the demo would otherwise wait, or post to whatever holds the port, and
+    the service's failure would be logged only after it."""
+    demo_task = asyncio.create_task(demo_run, name="demo")
+    await asyncio.wait([demo_task, *services], return_when=asyncio.FIRST_COMPLETED)
+    if demo_task.done():
+        return demo_task.result()
+    demo_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await demo_task
+    ended = [task.get_name() for task in services if task.done()]
+    print(f"The demo stopped: {', '.join(ended)} ended before it finished (see the logs above).", flush=True)
+    return 1
 
 
 async def _demo(stack: Stack, fixtures: Path, options: StackOptions, stop: asyncio.Event) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import pytest
 from ops import demo
 from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
-from ops.local_stack import _redacted, _webhook_secret
+from ops.local_stack import _demo_beside, _redacted, _webhook_secret
 from shared.errors import CommandError
 from tests.conftest import _with_database, empty_database
 
@@ -301,3 +302,29 @@ def test_the_demo_finds_the_samples_of_the_checkout_it_runs_from(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CommandError, match=r"^no sample webhooks in .*site-packages.* or .*: run from a"):
         demo.fixtures_dir(None)
+
+
+async def test_the_demo_stops_at_once_when_a_service_ends_before_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a demo that would wait for ever (for events the stack will never apply), and a receiver
+    # that fails at start (its port taken after the pre-check)
+    async def receiver() -> None:
+        raise OSError(98, "error while attempting to bind on address ('127.0.0.1', 8080): address in use")
+
+    waiting = asyncio.Event()
+    services = [asyncio.create_task(receiver(), name="receiver")]
+    # WHEN the demo runs beside the services, THEN it ends with exit code 1 as soon as the receiver does
+    assert await asyncio.wait_for(_demo_beside(services, _wait_then(waiting, 0)), timeout=10) == 1
+    assert "The demo stopped: receiver ended before it finished" in capsys.readouterr().out
+    assert isinstance(services[0].exception(), OSError)
+    # AND a demo that finishes first gives its own exit code
+    idle = [asyncio.create_task(asyncio.Event().wait(), name="consumer")]
+    waiting.set()
+    assert await _demo_beside(idle, _wait_then(waiting, 0)) == 0
+    idle[0].cancel()
+
+
+async def _wait_then(event: asyncio.Event, code: int) -> int:
+    await event.wait()
+    return code
