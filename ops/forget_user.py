@@ -23,10 +23,12 @@ display-name columns (``assignee_display_name``, ``reporter_display_name``, ``ac
 become ``"Former user"`` too, not NULL: NULL means unassigned or unknown there, and a dashboard
 that shows NULL as "Unassigned" would move the person's issues into it. In changelog items of a
 user field whose ``from``/``to`` (or Cloud's ``tmpFromAccountId``/``tmpToAccountId``) name the
-person, ``fromString``/``toString`` become ``"Former user"``. A user field is one Cloud marks with
-those ``tmp`` keys, Jira's own assignee/reporter/creator, or a custom field whose text side shows
-one of the person's display names (from their user objects): a status, sprint, version or select
-option carries a numeric id in ``from``/``to`` too, which a numeric username would otherwise match.
+person, ``fromString``/``toString`` become ``"Former user"``. Only a numeric id is in doubt: a
+status, sprint, version or select option carries a numeric id there too, which a numeric username
+or key would match. Such an item is the person's only in a field Cloud marks as a user field, in
+Jira's own assignee/reporter/creator, or where its text shows one of the person's display names
+(from their user objects, their actor rows, or items already matched); Jira's own status-like
+fields never are.
 
 **Ids, so that counts per person still add up.** A Cloud ``accountId`` stays: it is an opaque id,
 the one Atlassian's privacy guide has apps key and report personal data by, and Jira keeps sending

@@ -3,9 +3,9 @@
 
 A JSON object is the person's user object by its id fields only (:meth:`Person.owns`); it keeps
 ``accountId``, ``accountType`` and ``active``, its ``displayName`` becomes "Former user", and on
-Server/Data Center its ``name``/``key`` become the pseudonym. Changelog items of a user field whose
-``from``/``to`` name the person get "Former user" as ``fromString``/``toString``; items of other
-fields (a status whose id equals a numeric username) are left alone.
+Server/Data Center its ``name``/``key`` become the pseudonym. Changelog items whose ``from``/``to``
+name the person get "Former user" as ``fromString``/``toString``, unless the id is numeric and the
+item is not about a user (:func:`_names_a_user`: a status whose id equals a numeric username).
 """
 
 from __future__ import annotations
@@ -27,8 +27,18 @@ USER_OBJECT_MARKERS = ("accountId", "displayName", "emailAddress")
 
 # A changelog item's two sides: (id, display text, Cloud's account id of that side).
 _CHANGE_SIDES = (("from", "fromString", "tmpFromAccountId"), ("to", "toString", "tmpToAccountId"))
-# Jira's own fields whose changelog items name a user (by username or key on Server/Data Center).
+# Jira's own fields whose changelog items name a user (by username or key on Server/Data Center),
+# and Jira's own fields whose items carry numeric ids of other things (a numeric username or key
+# matching one of those is never the person).
 USER_SYSTEM_FIELDS = frozenset({"assignee", "reporter", "creator"})
+NOT_USER_SYSTEM_FIELDS = frozenset(
+    {
+        "status", "resolution", "priority", "issuetype", "project", "workflow", "fix version",
+        "fixversions", "version", "versions", "component", "components", "sprint", "parent",
+        "epic link", "link", "worklogid", "timespent", "timeestimate", "timeoriginalestimate",
+        "security", "rank", "attachment", "key",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -140,36 +150,43 @@ def scrub_document(document: Any, person: Person) -> tuple[Any, bool]:
     return holder[0], changed
 
 
-def _names_a_user(item: Mapping[str, Any], person: Person) -> bool:
-    """Whether a changelog item is about a user field: a status, sprint, version or select option
-    carries a numeric id in ``from``/``to`` too, which a numeric username (an LDAP employee number)
-    would match."""
-    if "tmpFromAccountId" in item or "tmpToAccountId" in item:  # Cloud marks its user fields so
+def _names_a_user(item: Mapping[str, Any], side: tuple[str, str, str], person: Person) -> bool:
+    """Whether one side of a changelog item that names the person's id is about the person.
+
+    Only a numeric id is in doubt: a status, resolution, sprint, version or select option carries a
+    numeric id in ``from``/``to``, which a numeric username (an LDAP employee number) or key would
+    match. Any other id (a Cloud account id, a username with a letter, a JIRAUSER key) is the
+    person's wherever it stands, as before. A numeric one is theirs in a field Cloud marks as a user
+    field, in Jira's own assignee/reporter/creator, or where the side's text shows one of the
+    person's display names (seen in their user objects or in such items); never in Jira's own
+    status-like fields."""
+    id_field, text_field, account_field = side
+    value = item.get(id_field)
+    if account_field in item or not (isinstance(value, str) and value.isdigit()):
         return True
-    if item.get("fieldtype") == "jira":
-        return str(item.get("fieldId") or item.get("field") or "").lower() in USER_SYSTEM_FIELDS
-    # A custom field on Server/Data Center: a user picker only if a side shows one of the person's
-    # display names (as their own user objects give it).
-    return any(
-        isinstance(item.get(text), str) and item[text].lower() in person.display_names
-        for text in ("fromString", "toString")
-    )
+    name = str(item.get("fieldId") or item.get("field") or "").lower()
+    if item.get("fieldtype") == "jira" and name in USER_SYSTEM_FIELDS:
+        return True
+    if item.get("fieldtype") == "jira" and name in NOT_USER_SYSTEM_FIELDS:
+        return False
+    text = item.get(text_field)
+    return isinstance(text, str) and text.lower() in person.display_names
 
 
 def _scrub_change_item(item: dict[str, Any], person: Person) -> bool:
-    if not any(id_field in item and text_field in item for id_field, text_field, _ in _CHANGE_SIDES):
-        return False  # not a changelog item
-    if not _names_a_user(item, person):
-        return False
     changed = False
-    for id_field, text_field, account_field in _CHANGE_SIDES:
+    for side in _CHANGE_SIDES:
+        id_field, text_field, account_field = side
         if id_field not in item or text_field not in item:
             continue  # not a changelog item, or not this side of one
         value = item[id_field]
         by_account = person.account_id is not None and item.get(account_field) == person.account_id
-        if not (person.is_change_id(value) or by_account):
+        if not (person.is_change_id(value) or by_account) or not _names_a_user(item, side, person):
             continue
-        if item[text_field] is not None and item[text_field] != FORMER_USER:
+        text = item[text_field]
+        if isinstance(text, str) and text != FORMER_USER:
+            person.display_names.add(text.lower())  # their name here: the same name elsewhere is theirs
+        if text is not None and text != FORMER_USER:
             item[text_field] = FORMER_USER
             changed = True
         if isinstance(value, str) and value != person.replacement:
@@ -219,6 +236,8 @@ def scrub_event_row(row: Mapping[str, Any], person: Person) -> tuple[Any, ...] |
     actor_id, actor_name = row["actor_account_id"], row["actor_display_name"]
     actor_changed = False
     if person.is_id(actor_id):
+        if isinstance(actor_name, str) and actor_name != FORMER_USER:
+            person.display_names.add(actor_name.lower())
         actor_changed = (person.replacement, FORMER_USER) != (actor_id, actor_name)
         actor_id, actor_name = person.replacement, FORMER_USER
     changelog, changelog_changed = scrub_document(row["changelog"], person)

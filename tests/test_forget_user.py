@@ -544,8 +544,8 @@ def test_a_data_center_key_unlike_the_username_is_matched_in_changelog_items() -
 
 def test_a_numeric_username_leaves_status_sprint_and_select_items_alone() -> None:
     # GIVEN a Data Center user whose username is an employee number, 10001, assigned in one changelog
-    # item; and items of other fields whose option or status ids are 10001 too (another person's issue
-    # moving out of a status, a sprint, a custom select)
+    # item; and items of other fields whose status or option ids are 10001 too (another person's issue
+    # moving out of a status, a sprint, a custom select); and a custom user picker showing their name
     person = Person(username="10001", pseudonym="former-user-0123456789abcdef")
     person.learn_from({"assignee": {"name": "10001", "key": "10001", "displayName": "Robin Diddams"}})
     items: list[dict[str, Any]] = [
@@ -564,6 +564,40 @@ def test_a_numeric_username_leaves_status_sprint_and_select_items_alone() -> Non
     assert (items[0]["to"], items[0]["toString"]) == ("former-user-0123456789abcdef", FORMER_USER)
     assert (items[3]["from"], items[3]["fromString"]) == ("former-user-0123456789abcdef", FORMER_USER)
     assert items[1:3] == untouched
+
+
+@pytest.mark.parametrize(
+    ("person", "item"),
+    [
+        # a Data Center custom user picker naming the username, with no display name ever learned
+        (
+            Person(username="jsmith", pseudonym="former-user-0123456789abcdef"),
+            {"field": "Reviewer", "fieldtype": "custom", "from": "jsmith", "fromString": "John Smith"},
+        ),
+        # the same naming a key given with --key
+        (
+            Person(username="jsmith", pseudonym="former-user-0123456789abcdef", learned={"jirauser10500"}),
+            {"field": "Reviewer", "fieldtype": "custom", "from": "JIRAUSER10500", "fromString": "J. Smith"},
+        ),
+        # a Cloud custom user picker without Cloud's tmp keys
+        (
+            Person(account_id=CLOUD_ID),
+            {"field": "Reviewer", "fieldtype": "custom", "from": CLOUD_ID, "fromString": "Mia Krystof"},
+        ),
+        # an assignee item with no fieldtype, and a renamed person's older name
+        (
+            Person(username="jsmith", pseudonym="former-user-0123456789abcdef"),
+            {"field": "assignee", "from": "jsmith", "fromString": "Johnny Smith (old name)"},
+        ),
+    ],
+    ids=["dc-picker", "dc-picker-by-key", "cloud-picker", "no-fieldtype"],
+)
+def test_a_user_field_naming_a_non_numeric_id_is_scrubbed_without_any_display_name(
+    person: Person, item: dict[str, Any]
+) -> None:
+    # WHEN a history item names the person's (non-numeric) id, THEN it is scrubbed, whatever its field
+    _, changed = user_scrub.scrub_document([item], person)
+    assert changed and (item["from"], item["fromString"]) == (person.replacement, FORMER_USER)
 
 
 def test_a_namesake_is_never_matched_by_display_name() -> None:
