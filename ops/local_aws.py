@@ -7,6 +7,7 @@ the ``local`` extra, not a base dependency: the production image installs none, 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,15 +70,20 @@ class LocalAws:
             self.port = free_port(self.host)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ, **(self.extra_env or {}))
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # Its own session: a Ctrl-C at the terminal goes to the stack, which drains its services
-            # against a moto still running and then stops it, not to moto first.
-            start_new_session=True,
-        )
+        # SIGINT blocked in moto's server (a child inherits the signal mask): a Ctrl-C at the terminal,
+        # sent to the whole process group, goes to the stack, which drains its services against a
+        # moto still running and then stops it (SIGTERM). It stays in the stack's process group, so
+        # whatever else ends the group (a closed terminal's SIGHUP, a kill of the group) ends it too.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

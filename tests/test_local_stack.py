@@ -328,3 +328,19 @@ async def test_the_demo_stops_at_once_when_a_service_ends_before_it(
 async def _wait_then(event: asyncio.Event, code: int) -> int:
     await event.wait()
     return code
+
+
+def test_moto_ignores_a_terminal_s_ctrl_c_but_shares_the_stack_s_process_group(tmp_path: Path) -> None:
+    # GIVEN the local stack's moto server, started
+    with LocalAws(log_path=tmp_path / "moto.log") as local:
+        assert local._process is not None
+        pid = local._process.pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.MULTILINE)[1], 16)  # type: ignore[index]
+        # THEN SIGINT is blocked there (a terminal's Ctrl-C reaches the stack, which stops moto last) ...
+        assert blocked & (1 << (signal.SIGINT - 1))
+        # ... while it stays in this process's group, so a kill of the group or a closed terminal's
+        # SIGHUP ends it too (in a session of its own it outlived a killed stack)
+        assert os.getpgid(pid) == os.getpgid(0)
+        # AND this process's own signal mask is as it was
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
