@@ -333,6 +333,7 @@ async def replay_dead_letters(
                     failed_groups.add(letter.group_id)  # its issue's later events stay behind it
                     held.append(letter.receipt_handle)
                 elif dry_run:
+                    sent_deliveries.add(letter.envelope.delivery_id)  # as the replay would
                     summary.add(letter, "would_replay")
                     held.append(letter.receipt_handle)
                 else:

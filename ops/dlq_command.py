@@ -208,9 +208,9 @@ def render_replay(summary: dlq.ReplaySummary, *, dlq_total: int | None = None) -
     seen = len(summary.results) + summary.other_issues
     if dlq_total is not None and dlq_total > seen:
         lines.append(
-            f"the dead-letter queue holds about {dlq_total}: a dry run sees at most {dlq.RECEIVE_BATCH} "
-            "events of each issue (SQS hands out no more of an issue while its first ones are held), so "
-            "the replay itself may move more"
+            f"the dead-letter queue holds about {dlq_total}: a dry run may see only the first events of "
+            "an issue (SQS hands out no more of an issue while its first ones are held), so the replay "
+            "itself may move more"
         )
     if summary.stopped:
         lines.append(f"stopped early: {summary.stopped}")

@@ -457,6 +457,25 @@ async def test_an_event_back_in_the_dlq_is_not_replayed_twice_in_one_run(
     assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_A: [T0], ISSUE_B: [T0 + 2]}
 
 
+async def test_a_dry_run_reports_a_second_copy_as_the_replay_would(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a DLQ holding one event of issue A twice, then a later one of issue A
+    failing = envelope(ISSUE_A, T0)
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter(sqs, queues.dlq_url, failing)
+        await dead_letter(sqs, queues.dlq_url, failing, dedup_id="dead-lettered-again")
+        await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + 1))
+        # WHEN dry-run
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), dry_run=True, wait_s=NO_WAIT)
+    # THEN it says what the replay would do: one replayed, the copy failed, the later one held back
+    assert [(r.outcome, r.reason) for r in summary.results] == [
+        ("would_replay", None),
+        ("failed", dlq.REPLAYED_AGAIN_REASON),
+        ("skipped", dlq.EARLIER_FAILED_REASON),
+    ]
+
+
 async def test_replay_that_cannot_send_keeps_everything_in_the_dlq(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -681,8 +700,8 @@ def test_a_dry_run_says_when_it_could_not_see_everything(
     # THEN it counts the 10 it saw and says the DLQ holds more, and why
     assert capsys.readouterr().out.splitlines()[-2:] == [
         "dry run, nothing changed: would replay 10, skipped 0",
-        "the dead-letter queue holds about 12: a dry run sees at most 10 events of each issue (SQS hands "
-        "out no more of an issue while its first ones are held), so the replay itself may move more",
+        "the dead-letter queue holds about 12: a dry run may see only the first events of an issue (SQS "
+        "hands out no more of an issue while its first ones are held), so the replay itself may move more",
     ]
     # AND the replay itself moves all 12
     assert cli.main(["dlq", "replay"]) == 0
