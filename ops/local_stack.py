@@ -127,7 +127,7 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
     with stop_on_signals(stop):
         try:
             if fixtures is not None:
-                code = await _demo_beside(services, _demo(stack, fixtures, options, stop))
+                code = await _demo_beside(services, _demo(stack, fixtures, options, stop), stop)
                 if options.keep_running and not stop.is_set():
                     print("\nThe stack keeps running; press Ctrl-C to stop it.", flush=True)
                 else:
@@ -147,7 +147,9 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
     return code
 
 
-async def _demo_beside(services: list[asyncio.Task[Any]], demo_run: Coroutine[Any, Any, int]) -> int:
+async def _demo_beside(
+    services: list[asyncio.Task[Any]], demo_run: Coroutine[Any, Any, int], stop: asyncio.Event
+) -> int:
     """The demo's exit code; 1 at once if a service ends first (the receiver could not bind its port,
     the consumer crashed): the demo would otherwise wait, or post to whatever holds the port, and
     the service's failure would be logged only after it."""
@@ -158,6 +160,9 @@ async def _demo_beside(services: list[asyncio.Task[Any]], demo_run: Coroutine[An
     demo_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await demo_task
+    if stop.is_set():  # Ctrl-C or SIGTERM: the services end because they were asked to
+        print("The demo was stopped before it finished.", flush=True)
+        return 1
     ended = [task.get_name() for task in services if task.done()]
     print(f"The demo stopped: {', '.join(ended)} ended before it finished (see the logs above).", flush=True)
     return 1

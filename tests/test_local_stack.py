@@ -315,14 +315,20 @@ async def test_the_demo_stops_at_once_when_a_service_ends_before_it(
     waiting = asyncio.Event()
     services = [asyncio.create_task(receiver(), name="receiver")]
     # WHEN the demo runs beside the services, THEN it ends with exit code 1 as soon as the receiver does
-    assert await asyncio.wait_for(_demo_beside(services, _wait_then(waiting, 0)), timeout=10) == 1
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(_demo_beside(services, _wait_then(waiting, 0), stop), timeout=10) == 1
     assert "The demo stopped: receiver ended before it finished" in capsys.readouterr().out
     assert isinstance(services[0].exception(), OSError)
     # AND a demo that finishes first gives its own exit code
     idle = [asyncio.create_task(asyncio.Event().wait(), name="consumer")]
     waiting.set()
-    assert await _demo_beside(idle, _wait_then(waiting, 0)) == 0
+    assert await _demo_beside(idle, _wait_then(waiting, 0), stop) == 0
     idle[0].cancel()
+    # AND a stop request (Ctrl-C) that ends the services is named as such, not as a service failing
+    stop.set()
+    stopping = [asyncio.create_task(stop.wait(), name="receiver")]
+    assert await _demo_beside(stopping, _wait_then(asyncio.Event(), 0), stop) == 1
+    assert capsys.readouterr().out.strip().endswith("The demo was stopped before it finished.")
 
 
 async def _wait_then(event: asyncio.Event, code: int) -> int:
