@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from exporter.run import ExportResult
 from exporter.settings import ExporterSettings
 from receiver.signature import SIGNATURE_HEADER, sign
 from shared import aws, db
 from shared.errors import CommandError
+from shared.jira_event import InvalidEvent, Routed, route
 from shared.settings import DatabaseSettings
 
 # The sample webhooks live with the tests (tests/fixtures/jira-webhooks, with their SOURCES.md): beside
@@ -24,6 +26,11 @@ from shared.settings import DatabaseSettings
 FIXTURES_IN_CHECKOUT = Path("tests") / "fixtures" / "jira-webhooks"
 DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / FIXTURES_IN_CHECKOUT
 DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
+
+# -- table_exists --
+_TABLE_EXISTS = "SELECT to_regclass('ap_jira_task') IS NOT NULL"
+# -- issues_not_in_the_samples --
+_OTHER_ISSUES = "SELECT count(*) FROM ap_jira_task WHERE issue_id <> ALL($1::bigint[])"
 
 # -- count_applied --
 _COUNT_APPLIED = "SELECT count(*) FROM ap_jira_task_event WHERE delivery_id = ANY($1::text[])"
@@ -55,6 +62,38 @@ def fixtures_dir(given: Path | None) -> Path:
         f"no sample webhooks in {where}: run from a checkout of the repository or pass --fixtures DIR",
         exit_code=2,
     )
+
+
+def sample_issue_ids(folder: Path) -> list[int]:
+    """The ids of the issues the sample webhooks are about."""
+    ids: set[int] = set()
+    for _, body in _read_bodies(folder):
+        try:
+            routed = route(json.loads(body))
+        except (ValueError, InvalidEvent):
+            continue
+        if isinstance(routed, Routed):
+            ids.add(int(routed.issue_id))
+    return sorted(ids)
+
+
+async def refuse_a_table_of_real_issues(database_url: str | None, folder: Path) -> None:
+    """The demo adds its sample issues to ``ap_jira_task`` (and to the exports): only where that table
+    holds nothing else, so a DATABASE_URL left pointing at a real jiralake database is refused before
+    anything (migrations included) touches it."""
+    conn = await asyncpg.connect(dsn=database_url)
+    try:
+        exists = await conn.fetchval(_TABLE_EXISTS)
+        others = await conn.fetchval(_OTHER_ISSUES, sample_issue_ids(folder)) if exists else 0
+    finally:
+        await conn.close()
+    if others:
+        raise CommandError(
+            f"the database holds {others} issue(s) that are not the demo's samples (DATABASE_URL pointing "
+            "at a real jiralake database?): the demo would add its sample issues to that table and its "
+            "exports; unset DATABASE_URL or point it at an empty database",
+            exit_code=2,
+        )
 
 
 async def wait_until_listening(host: str, port: int, *, timeout_s: float) -> None:

@@ -71,6 +71,8 @@ async def run_stack(options: StackOptions, env: Mapping[str, str]) -> int:
     fixtures = demo.fixtures_dir(options.fixtures_dir) if options.demo else None
     pg = await local_postgres(env.get("DATABASE_URL") or None, options.scratch_dir)
     try:
+        if fixtures is not None:
+            await demo.refuse_a_table_of_real_issues(pg.url, fixtures)
         with _local_credentials(), LocalAws(log_path=options.scratch_dir / "moto.log") as local_aws:
             stack = await _prepare(options, env, pg, local_aws)
             _print_banner(stack, options, local_aws, pg)

@@ -16,12 +16,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from consumer.apply import apply_envelopes
 from ops import demo
 from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
 from ops.local_stack import _demo_beside, _redacted, _webhook_secret
+from shared import migrate
 from shared.errors import CommandError
 from tests.conftest import _with_database, empty_database
+from tests.jira_fixtures import make_event
+from tests.test_consumer_helpers import envelope_of
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
@@ -350,3 +354,27 @@ def test_moto_ignores_a_terminal_s_ctrl_c_but_shares_the_stack_s_process_group(t
         assert os.getpgid(pid) == os.getpgid(0)
         # AND this process's own signal mask is as it was
         assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+@pytest.mark.timeout(120)
+async def test_the_demo_refuses_a_database_that_holds_real_issues(
+    stack_database: str, tmp_path: Path
+) -> None:
+    # GIVEN DATABASE_URL left pointing at a jiralake database that holds a real issue
+    conn = await asyncpg.connect(stack_database)
+    try:
+        await migrate.apply(conn)
+        event = make_event("mattermost-plugin-jira__webhook-issue-created.json", issue_id=999001, ts=1000)
+        assert (await apply_envelopes(conn, [envelope_of(event)])).counts() == {"applied": 1}
+        # WHEN a newcomer runs the demo
+        result = await asyncio.to_thread(_up, tmp_path, "--demo", "--port", "0", database_url=stack_database)
+        # THEN it refuses in one line before touching the table: no sample issue was added
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            "jiralake: the database holds 1 issue(s) that are not the demo's samples (DATABASE_URL "
+            "pointing at a real jiralake database?): the demo would add its sample issues to that table "
+            "and its exports; unset DATABASE_URL or point it at an empty database"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM ap_jira_task") == 1
+    finally:
+        await conn.close()
