@@ -16,9 +16,8 @@ import structlog
 
 from backfill.jira_client import Sleep
 from shared.envelope import Envelope
-from shared.errors import CommandError
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, QUEUE_LIMIT_ATTRIBUTE, queue_message_limit
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, entry_room, queue_message_limit
 from shared.sqs_batch import entry_bytes, send_entries
 
 if TYPE_CHECKING:
@@ -53,14 +52,8 @@ async def max_entry_bytes(sqs: SQSClient, queue_url: str) -> int:
     """What a message may count on this queue: its ``MaximumMessageSize`` (1 MiB when it cannot be
     read, with a warning) less the room kept for dead-letter reasons. A message over it would make
     SQS refuse the whole batch it joined, so :func:`send_envelopes` refuses it on its own."""
-    limit = await queue_message_limit(sqs, queue_url, timeout_s=LIMIT_TIMEOUT_S) or MAX_MESSAGE_BYTES
-    if limit - DEAD_LETTER_ROOM_BYTES <= 0:
-        raise CommandError(
-            f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {limit} bytes leaves no room for a message "
-            f"({DEAD_LETTER_ROOM_BYTES} bytes of each are kept for dead-letter reasons); set it to "
-            f"{MAX_MESSAGE_BYTES}, SQS's largest (jiralake setup sets it)"
-        )
-    return limit - DEAD_LETTER_ROOM_BYTES
+    limit = await queue_message_limit(sqs, queue_url, timeout_s=LIMIT_TIMEOUT_S)
+    return entry_room(limit or MAX_MESSAGE_BYTES)
 
 
 async def send_envelopes(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from shared.errors import CommandError
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, QUEUE_LIMIT_ATTRIBUTE
+from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, QUEUE_LIMIT_ATTRIBUTE, entry_room
 
 log = structlog.get_logger()
 
@@ -68,12 +67,7 @@ class MessageLimits:
     def check_queue(self) -> None:
         """Refuse to start on a queue whose messages leave no room for a webhook; warn when it takes
         less than SQS's largest, as larger webhooks will be refused."""
-        if self.max_entry_bytes <= 0:
-            raise CommandError(
-                f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {self.queue_max_message_bytes} bytes leaves no "
-                f"room for a webhook ({DEAD_LETTER_ROOM_BYTES} bytes of every message are kept for "
-                f"dead-letter reasons); set it to {MAX_MESSAGE_BYTES}, SQS's largest (jiralake setup sets it)"
-            )
+        entry_room(self.queue_max_message_bytes)
         if self.queue_max_message_bytes < MAX_MESSAGE_BYTES:
             log.warning(
                 LOG_QUEUE_LIMIT_SMALL,

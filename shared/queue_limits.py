@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.errors import CommandError
 from shared.metrics import SQS_CALLS
 from shared.provision import MAX_MESSAGE_BYTES
 
@@ -52,3 +53,17 @@ async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: floa
         error = f"SQS's answer holds no usable {QUEUE_LIMIT_ATTRIBUTE} ({raw[:40]!r})"
     log.warning(LOG_QUEUE_LIMIT_UNKNOWN, error=error, assumed_bytes=MAX_MESSAGE_BYTES)
     return None
+
+
+def entry_room(queue_limit: int) -> int:
+    """What one message may count (body and attributes) on a queue of ``queue_limit``
+    (``MaximumMessageSize``): that less the dead-letter room. A :class:`CommandError` when nothing
+    fits, as SQS allows queues down to 1 KiB."""
+    room = queue_limit - DEAD_LETTER_ROOM_BYTES
+    if room <= 0:
+        raise CommandError(
+            f"the queue's {QUEUE_LIMIT_ATTRIBUTE} of {queue_limit} bytes leaves no room for a message "
+            f"({DEAD_LETTER_ROOM_BYTES} bytes of each are kept for dead-letter reasons); set it to "
+            f"{MAX_MESSAGE_BYTES}, SQS's largest (jiralake setup sets it)"
+        )
+    return room

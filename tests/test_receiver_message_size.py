@@ -152,9 +152,8 @@ async def test_a_queue_too_small_for_any_webhook_stops_the_start_and_a_small_one
             await sqs.delete_queue(QueueUrl=tiny["QueueUrl"])
     # THEN it refuses, in one line saying what to set
     assert str(refused.value) == (
-        "the queue's MaximumMessageSize of 1024 bytes leaves no room for a webhook (2048 bytes of every "
-        "message are kept for dead-letter reasons); set it to 1048576, SQS's largest (jiralake setup sets "
-        "it)"
+        "the queue's MaximumMessageSize of 1024 bytes leaves no room for a message (2048 bytes of each "
+        "are kept for dead-letter reasons); set it to 1048576, SQS's largest (jiralake setup sets it)"
     )
     # AND on a 256 KiB queue it starts, warning that larger webhooks will be refused
     with capture_logs() as logs:
