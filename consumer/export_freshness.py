@@ -16,6 +16,7 @@ import contextlib
 import asyncpg
 import structlog
 
+from shared import db
 from shared.metrics import EXPORT_LAST_SUCCESS
 
 log = structlog.get_logger()
@@ -48,7 +49,9 @@ async def poll_last_export(pool: asyncpg.Pool, interval_s: float, stop: asyncio.
     while not stop.is_set():
         try:
             await publish_last_export(pool)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            if isinstance(exc, asyncpg.InternalClientError) and not db.session_ended(exc):
+                raise
             log.warning("export_freshness_unavailable", error=f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval_s)

@@ -22,6 +22,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from shared import db
 from shared.envelope import InvalidEnvelope
 from shared.jira_event import InvalidEvent
 
@@ -47,14 +48,6 @@ _PG_TRANSIENT: tuple[type[BaseException], ...] = (
 # Postgres errors caused by the values a message carries: class 22 (data exception, also what asyncpg
 # raises when it cannot encode an argument) and class 54 (a value past a program limit).
 _PG_INVALID: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
-# asyncpg errors that mean the server ended the session (found by tests/test_fault_injection.py):
-# - InterfaceError "connection is closed";
-# - InterfaceError "... connection has been released back to the pool": the server ended the session
-#   of a pooled connection a poller holds (a restart, pg_terminate_backend) and asyncpg detached it;
-# - InternalClientError "cannot switch to state N; another operation (2) is in progress": a query
-#   started after the server's FATAL message on an idle connection arrived but before the socket
-#   closed (state 2 is the protocol consuming that error).
-_PG_LOST_CONNECTION = ("closed", "released back to the pool", "another operation (2) is in progress")
 
 _BOTO_TRANSIENT: tuple[type[BaseException], ...] = (
     EndpointConnectionError,
@@ -83,9 +76,7 @@ def classify(exc: BaseException) -> Outcome:
     # OSError covers refused, reset and unreachable connections and TimeoutError.
     if isinstance(exc, (*_PG_TRANSIENT, *_BOTO_TRANSIENT, OSError)):
         return Outcome.RETRY
-    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)) and any(
-        text in str(exc) for text in _PG_LOST_CONNECTION
-    ):
+    if db.session_ended(exc):
         return Outcome.RETRY  # the pool replaces the connection on release
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})

@@ -13,6 +13,8 @@ import asyncio
 import asyncpg
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared import db
+
 
 class ExportError(Exception):
     """An export cannot go on; the message is one line saying why."""
@@ -43,7 +45,7 @@ def failure_reason(exc: BaseException) -> str | None:
         return f"S3 unreachable: {one_line(str(exc))}"
     if isinstance(exc, asyncpg.PostgresError):
         return f"PostgreSQL error: {type(exc).__name__}: {one_line(str(exc))}"
-    if isinstance(exc, asyncpg.InterfaceError):
+    if isinstance(exc, asyncpg.InterfaceError) or db.session_ended(exc):
         return f"PostgreSQL connection failed: {type(exc).__name__}: {one_line(str(exc))}"
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
         return f"{type(exc).__name__}: {one_line(str(exc)) or 'timed out'}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncpg
 
 from exporter.errors import ExportLocked, ExportLockLost
+from shared import db
 
 # "jlex": distinct from the migrator's "jlmi" (shared/migrate.py).
 EXPORT_LOCK_KEY = 0x6A6C_6578
@@ -37,6 +38,14 @@ SELECT EXISTS (
 # A check is one tiny query on an idle connection; a PostgreSQL that does not answer in this long is
 # as good as gone for deciding whether to publish.
 CONFIRM_TIMEOUT_S = 30.0
+# What the check can raise when the session is gone: closed, lost, or ended by the server (its
+# FATAL answer to the check: pg_terminate_backend, a shutdown).
+_SESSION_ENDED = (
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
 
 
 async def acquire_export_lock(conn: asyncpg.Connection) -> None:
@@ -55,22 +64,33 @@ async def confirm_export_lock(conn: asyncpg.Connection, *, before: str) -> None:
     the step it guards, for the message."""
     try:
         held = await conn.fetchval(LOCK_HELD, EXPORT_LOCK_KEY, timeout=CONFIRM_TIMEOUT_S)
-    except (asyncpg.InterfaceError, OSError) as exc:  # the connection is closed or broken
+    except Exception as exc:
+        lost = _lock_lost(exc, before)
+        if lost is None:
+            raise  # says nothing about the session: a bug
+        raise lost from exc
+    if not held:
         raise ExportLockLost(
+            f"the export lock is no longer held: another export may be running; not {before}"
+        )
+
+
+def _lock_lost(exc: Exception, before: str) -> ExportLockLost | None:
+    """What a lock check that failed with ``exc`` means for the run, if it is about the session."""
+    # A TimeoutError is an OSError, but the session may live on (and hold the lock).
+    broken = isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+    if broken or isinstance(exc, _SESSION_ENDED) or db.session_ended(exc):
+        return ExportLockLost(
             f"the export lock's PostgreSQL session ended ({type(exc).__name__}): another export may "
             f"be running; not {before}"
-        ) from exc
-    except (asyncpg.PostgresError, TimeoutError) as exc:
-        # The session may live on, and hold the lock: unknown is treated as lost, said as unknown.
+        )
+    if isinstance(exc, (asyncpg.PostgresError, TimeoutError)):  # unknown is lost, said as unknown
         why = (
             f"no answer within {CONFIRM_TIMEOUT_S:g}s"
             if isinstance(exc, TimeoutError)
             else type(exc).__name__
         )
-        raise ExportLockLost(
+        return ExportLockLost(
             f"could not confirm that this export still holds its lock ({why}); not {before}"
-        ) from exc
-    if not held:
-        raise ExportLockLost(
-            f"the export lock is no longer held: another export may be running; not {before}"
         )
+    return None

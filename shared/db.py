@@ -18,6 +18,24 @@ CONNECT_TIMEOUT_S = 10.0
 POOL_COMMAND_TIMEOUT_S = 60.0
 
 
+# asyncpg errors that mean the server ended the session (found by tests/test_fault_injection.py and
+# tests/test_reliability_export_publish.py):
+# - InterfaceError "connection is closed";
+# - InterfaceError "... connection has been released back to the pool": the server ended the session
+#   of a pooled connection a caller holds (a restart, pg_terminate_backend) and asyncpg detached it;
+# - InternalClientError "cannot switch to state N; another operation (2) is in progress": a query
+#   started after the server's FATAL message on an idle connection arrived but before the socket
+#   closed (state 2 is the protocol consuming that error).
+_SESSION_ENDED = ("closed", "released back to the pool", "another operation (2) is in progress")
+
+
+def session_ended(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncpg saying the connection's server session is gone."""
+    return isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)) and any(
+        text in str(exc) for text in _SESSION_ENDED
+    )
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; asyncpg leaves them as text otherwise.
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

@@ -2,22 +2,30 @@
 
 While cut, every live connection is aborted (both sides) and new connections are accepted and closed
 at once (counted in ``rejected``), which a client sees as the server going away.
+
+With ``linger=True`` a connection the server closes stays open towards the client (until ``cut`` or
+``close``): the client has read the server's last bytes but not yet seen the socket close, the
+moment between PostgreSQL's FATAL message and the end of the TCP connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_host: str, target_port: int, host: str = "127.0.0.1", *, linger: bool = False
+    ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.host = host
         self.port = 0
         self.cut_now = False
         self.rejected = 0
+        self.linger = linger
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
@@ -58,19 +66,40 @@ class TcpProxy:
             client_writer.transport.abort()
             return
         self._links.update({client_writer, upstream_writer})
-        for reader, writer in ((client_reader, upstream_writer), (upstream_reader, client_writer)):
-            pipe = asyncio.create_task(self._pipe(reader, writer), name="tcp-proxy-pipe")
+        for reader, writer, linger in (
+            (client_reader, upstream_writer, False),
+            (upstream_reader, client_writer, self.linger),
+        ):
+            pipe = asyncio.create_task(self._pipe(reader, writer, linger=linger), name="tcp-proxy-pipe")
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: bool
+    ) -> None:
         try:
             while chunk := await reader.read(65536):
                 writer.write(chunk)
                 await writer.drain()
+            if linger:
+                await asyncio.Event().wait()  # until cut or close cancels or aborts it
         except (ConnectionError, OSError):
             pass
         finally:
             self._links.discard(writer)
             with contextlib.suppress(Exception):
                 writer.transport.abort()
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    """``url`` (a PostgreSQL URL naming ``proxy``'s target) with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    user, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}{at}{proxy.host}:{proxy.port}"))
+
+
+async def postgres_proxy(url: str, *, linger: bool = False) -> TcpProxy:
+    """A started proxy in front of the PostgreSQL server ``url`` names (libpq's default host and port
+    where it names none); :func:`through` gives the URL that reaches the server through it."""
+    parts = urlsplit(url)
+    return await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432, linger=linger).start()

@@ -137,6 +137,11 @@ async def wait_for(
         await asyncio.sleep(0.05)
 
 
+async def backend_gone(pg: asyncpg.Connection, pid: int) -> bool:
+    """Whether PostgreSQL backend ``pid`` has exited (for :func:`wait_for`)."""
+    return not await pg.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+
 def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     """A plain condition as something :func:`wait_for` can poll."""
 

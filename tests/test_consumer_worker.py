@@ -9,7 +9,6 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -25,7 +24,7 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import drain, empty_database
 from tests.jira_fixtures import make_event
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import postgres_proxy, through
 from tests.test_consumer_helpers import (
     consumer_settings,
     consumer_waiting_on_lock,
@@ -166,10 +165,8 @@ async def test_postgres_going_away_mid_batch_loses_nothing_and_applies_nothing_t
 ) -> None:
     # GIVEN a consumer that reaches Postgres through a proxy the test can cut
     assert db_settings.url is not None
-    parts = urlsplit(db_settings.url)
-    proxy = await TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
-    netloc = parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{proxy.port}"
-    proxied = replace(settings, database=DatabaseSettings(url=urlunsplit(parts._replace(netloc=netloc))))
+    proxy = await postgres_proxy(db_settings.url)
+    proxied = replace(settings, database=DatabaseSettings(url=through(proxy, db_settings.url)))
     first = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in range(1, 5)]
     second = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=2000)) for i in range(1, 5)]
     retried_before = counter(CONSUMER_EVENTS, "retried")

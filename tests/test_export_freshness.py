@@ -18,7 +18,8 @@ from shared import db
 from shared.metrics import EXPORT_LAST_SUCCESS, EXPORT_MODES
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
-from tests.test_consumer_helpers import consumer_settings, holds, wait_for
+from tests.tcp_proxy import postgres_proxy, through
+from tests.test_consumer_helpers import backend_gone, consumer_settings, holds, wait_for
 
 INSERT_RUN = """
 INSERT INTO jiralake_export_run (mode, format, status, started_at, finished_at, destination)
@@ -109,6 +110,35 @@ async def test_a_postgres_failure_keeps_the_last_values(pg: asyncpg.Connection, 
     # THEN the gauges keep what they showed
     assert freshness("full") == FULL_OK_AT.timestamp()
     assert freshness("changes") == 0
+
+
+async def test_a_session_the_server_has_just_ended_keeps_the_last_values(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN gauges published from a full run by a pooled connection, whose session the server ends
+    # (a restart, pg_terminate_backend): its FATAL message has reached the client, the close not yet
+    await run(pg, "full", "succeeded", FULL_OK_AT)
+    assert db_settings.url is not None
+    proxy = await postgres_proxy(db_settings.url, linger=True)
+    pool = await db.create_pool(DatabaseSettings(url=through(proxy, db_settings.url)), max_size=1)
+    try:
+        await publish_last_export(pool)
+        async with pool.acquire() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+        await wait_for(lambda: backend_gone(pg, pid), what="the backend to exit")
+        await asyncio.sleep(0.5)  # its last bytes, through the proxy
+        # WHEN the poller runs
+        stop = asyncio.Event()
+        task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
+        await asyncio.sleep(0.1)
+        stop.set()
+        # THEN it goes on (it does not end the consumer) and the gauges keep what they showed
+        await asyncio.wait_for(task, timeout=5)
+        assert freshness("full") == FULL_OK_AT.timestamp()
+    finally:
+        pool.terminate()
+        await proxy.close()
 
 
 async def test_the_consumer_publishes_it_with_the_queue_gauges_turned_off(

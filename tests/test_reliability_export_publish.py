@@ -21,13 +21,15 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from exporter.errors import ExportLockLost
-from exporter.lock import EXPORT_LOCK_KEY, confirm_export_lock
+from exporter.lock import EXPORT_LOCK_KEY, _lock_lost, confirm_export_lock
 from exporter.run import export_once
 from exporter.settings import ExporterSettings
 from exporter.shutdown import run_unless_stopped
-from shared import aws
-from shared.settings import AwsSettings
+from shared import aws, db
+from shared.settings import AwsSettings, DatabaseSettings
 from tests.s3_pause_proxy import S3PauseProxy, copy_object, upload_part
+from tests.tcp_proxy import postgres_proxy, through
+from tests.test_consumer_helpers import backend_gone, wait_for
 from tests.test_export_support import (
     csv_rows,
     exported_columns,
@@ -260,3 +262,56 @@ async def test_the_lock_check_refuses_a_session_that_does_not_hold_the_lock(pg: 
         await confirm_export_lock(pg, before="publishing")
     finally:
         await pg.execute("SELECT pg_advisory_unlock($1)", EXPORT_LOCK_KEY)
+
+
+async def test_the_lock_check_of_a_session_the_server_has_just_ended_says_it_ended(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an export's connection that holds the lock, and the server ending its session: the
+    # server's FATAL message has reached the client, the socket's close not yet
+    assert db_settings.url is not None
+    proxy = await postgres_proxy(db_settings.url, linger=True)
+    try:
+        conn = await db.connect(DatabaseSettings(url=through(proxy, db_settings.url)))
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", EXPORT_LOCK_KEY)
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            assert await pg.fetchval(TERMINATE_LOCK_HOLDER, EXPORT_LOCK_KEY) is True
+            await wait_for(lambda: backend_gone(pg, pid), what="the backend to exit")
+            await asyncio.sleep(0.5)  # its last bytes, through the proxy
+            # WHEN the run checks the lock; THEN it is told the session ended
+            with pytest.raises(ExportLockLost) as lost:
+                await confirm_export_lock(conn, before="publishing")
+            assert str(lost.value) == (
+                "the export lock's PostgreSQL session ended (InternalClientError): another export "
+                "may be running; not publishing"
+            )
+        finally:
+            conn.terminate()
+    finally:
+        await proxy.close()
+
+
+UNCONFIRMED = "could not confirm that this export still holds its lock"
+ENDED = "the export lock's PostgreSQL session ended"
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        (TimeoutError(), f"{UNCONFIRMED} (no answer within 30s)"),
+        (asyncpg.QueryCanceledError("canceling statement"), f"{UNCONFIRMED} (QueryCanceledError)"),
+        (asyncpg.AdminShutdownError("terminating connection"), f"{ENDED} (AdminShutdownError)"),
+        (asyncpg.ConnectionDoesNotExistError("closed"), f"{ENDED} (ConnectionDoesNotExistError)"),
+        (ConnectionResetError(104, "reset"), f"{ENDED} (ConnectionResetError)"),
+    ],
+)
+def test_a_failed_lock_check_says_whether_the_session_ended_or_is_unknown(exc: Exception, said: str) -> None:
+    # A timeout is an OSError: it must not read as a broken connection (the session may hold the lock).
+    lost = _lock_lost(exc, "publishing")
+    why = "" if said.startswith(UNCONFIRMED) else ": another export may be running"
+    assert lost is not None and str(lost) == f"{said}{why}; not publishing"
+
+
+def test_a_lock_check_failing_for_another_reason_is_a_bug() -> None:
+    assert _lock_lost(KeyError("x"), "publishing") is None
