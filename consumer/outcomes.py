@@ -17,6 +17,7 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     HTTPClientError,
     ReadTimeoutError,
@@ -50,6 +51,10 @@ _PG_TRANSIENT: tuple[type[BaseException], ...] = (
 _PG_INVALID: tuple[type[BaseException], ...] = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
 
 _BOTO_TRANSIENT: tuple[type[BaseException], ...] = (
+    # The role's temporary credentials could not be refreshed (the ECS/EKS credentials endpoint did
+    # not answer in time, or answered an error): the next call asks again. Credentials that are not
+    # configured at all (NoCredentialsError) stay a crash.
+    CredentialRetrievalError,
     EndpointConnectionError,
     ConnectionClosedError,
     ConnectTimeoutError,

@@ -7,14 +7,17 @@ import os
 import signal
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
 import structlog.testing
+from aiohttp import web
 
 from consumer.settings import ConsumerSettings
 from consumer.worker import run_consumer
 from ops.local_aws import free_port
+from shared.envelope import Envelope
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import drain
@@ -102,6 +105,88 @@ async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigter
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+class CredentialsEndpoint:
+    """The ECS/EKS container credentials endpoint (AWS_CONTAINER_CREDENTIALS_FULL_URI), answering
+    credentials that expire in 5 minutes, inside botocore's 10-minute mandatory refresh window: every
+    AWS call asks it again. While ``failing`` it answers 500, as an endpoint having a bad moment."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.refused = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _credentials(self, _: web.Request) -> web.Response:
+        if self.failing:
+            self.refused += 1
+            return web.Response(status=500, text="credentials endpoint unavailable")
+        expires = datetime.now(UTC) + timedelta(minutes=5)
+        return web.json_response(
+            {
+                "AccessKeyId": "testing",
+                "SecretAccessKey": "testing",
+                "Token": "testing-session-token",
+                "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+
+    async def __aenter__(self) -> CredentialsEndpoint:
+        app = web.Application()
+        app.router.add_get("/credentials", self._credentials)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/credentials"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+async def test_credentials_that_cannot_be_refreshed_for_a_while_are_waited_out(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, queues: QueuePair, database_url: str
+) -> None:
+    # GIVEN `jiralake consumer` taking its credentials from a container credentials endpoint (a task
+    # or pod role), with one event applied
+    async with CredentialsEndpoint() as credentials:
+        env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        env.update(
+            AWS_CONTAINER_CREDENTIALS_FULL_URI=credentials.url,
+            DATABASE_URL=database_url,
+            JIRALAKE_QUEUE_URL=queues.queue_url,
+            JIRALAKE_DLQ_URL=queues.dlq_url,
+            JIRALAKE_CONSUMER_WAIT_S="1",
+            JIRALAKE_CONSUMER_UNAVAILABLE_BACKOFF_S="0.5",
+        )
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "--log-json", "consumer", "--pollers", "1",
+            "--admin-port", str(free_port()), env=env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await enqueue(aws_settings, queues.queue_url, [_created(1)])
+            await wait_for(lambda: _history_is(pg, 1), timeout_s=30, what="the first event applied")
+            # WHEN the endpoint fails for a while, and an event arrives meanwhile
+            credentials.failing = True
+            await wait_for(holds(lambda: credentials.refused >= 3), timeout_s=30, what="refused refreshes")
+            await enqueue(aws_settings, queues.queue_url, [_created(2)])
+            credentials.failing = False
+            # THEN the consumer waited (it did not exit) and applies the event once it can
+            await wait_for(lambda: _history_is(pg, 2), timeout_s=30, what="the second event applied")
+            assert child.returncode is None
+            child.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(child.wait(), timeout=20) == 0
+            assert child.stderr is not None
+            log = (await child.stderr.read()).decode()
+            assert '"event": "dependency_unavailable"' in log
+            assert '"error_class": "CredentialRetrievalError"' in log
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+
+
 async def test_while_postgres_is_down_it_is_not_ready_and_receives_nothing(
     aws_settings: AwsSettings, queues: QueuePair, db_settings: DatabaseSettings
 ) -> None:
@@ -130,6 +215,10 @@ async def test_while_postgres_is_down_it_is_not_ready_and_receives_nothing(
     # AND the event was never received (its receive count is untouched, nothing burnt toward the DLQ)
     (message,) = await drain(aws_settings, queues.queue_url)
     assert message["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+def _created(issue_id: int) -> Envelope:
+    return envelope_of(make_event(CREATED, issue_id=issue_id, ts=1))
 
 
 async def _history_is(pg: asyncpg.Connection, n: int) -> bool:

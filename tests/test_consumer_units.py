@@ -10,7 +10,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    ClientError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter_entry
@@ -244,6 +249,8 @@ def _client_error(code: str, status: int) -> ClientError:
         (ConnectionRefusedError(111, "refused"), Outcome.RETRY),
         (TimeoutError(), Outcome.RETRY),
         (EndpointConnectionError(endpoint_url="http://x"), Outcome.RETRY),
+        (CredentialRetrievalError(provider="container-role", error_msg="timed out"), Outcome.RETRY),
+        (NoCredentialsError(), Outcome.CRASH),
         (_client_error("ThrottlingException", 400), Outcome.RETRY),
         (_client_error("InternalError", 500), Outcome.RETRY),
         (_client_error("AccessDenied", 403), Outcome.CRASH),
