@@ -387,11 +387,12 @@ class JiraClient:
     async def count(self, jql: str) -> int | None:
         """How many issues match: Cloud's approximate count, Data Center's exact total.
         None when Jira will not say (an older Cloud without the endpoint): progress runs without it.
-        A 200 that is no count (a login page, a proxy's JSON) is a :class:`JiraError`, as for search."""
+        A 200 that is no count (a login page, a proxy's JSON) is a :class:`JiraError`, as for search;
+        a 400 is Jira refusing the JQL (a misspelt field), which a dry run is there to tell."""
         if self.settings.deployment == "cloud":
             path = self._api("search/approximate-count")
             reply = await self._request(
-                "POST", path, json_body={"jql": split_order_by(jql)[0]}, allow_status={400, 404, 405}
+                "POST", path, json_body={"jql": split_order_by(jql)[0]}, allow_status={404, 405}
             )
             body = reply.body
             if reply.status != 200:

@@ -39,7 +39,7 @@ from backfill.progress import Progress
 from backfill.settings import BackfillSettings
 from backfill.snapshot import reconciled_delete_envelope
 from shared import aws, db
-from shared.envelope import Envelope, delivery_id_for
+from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
 from shared.jira_event import ISSUE_EVENT_PREFIXES, InvalidEvent, Routed, route
 
 if TYPE_CHECKING:
@@ -300,6 +300,7 @@ def _replayable(page: FailedWebhookPage, report: FailedWebhookReport) -> list[En
         if not isinstance(routed, Routed):
             report.ignored += 1
             continue
+        body = sqs_safe_json(body)
         envelopes.append(
             Envelope(
                 body=body,

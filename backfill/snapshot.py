@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from shared.envelope import Envelope
+from shared.envelope import Envelope, sqs_safe_json
 from shared.jira_event import (
     RECONCILED_DELETE_EVENT,
     SNAPSHOT_EVENT,
@@ -80,4 +80,6 @@ def _routed_issue_id(body: str) -> str:
 
 
 def _dumps(payload: Mapping[str, Any]) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    # Jira's `"\ud83d"` (half an emoji) decodes to a lone surrogate, which neither UTF-8 nor SQS
+    # takes: written back as that escape, as the webhook carries it.
+    return sqs_safe_json(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))

@@ -35,7 +35,8 @@ class RunState:
     pages_done: int
     issues_sent: int
     started_at: datetime
-    # Snapshots of this run not enqueued so far (migration 0006): a resumed run stores no watermark.
+    # Snapshots of this run not enqueued so far (migration 0006): a resumed run still exits 1 for
+    # them (the watermark is stored all the same: see backfill.py's _finish).
     issues_refused: int = 0
 
     @property

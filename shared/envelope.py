@@ -47,6 +47,16 @@ _DEDUP_ID = re.compile(r"^[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128
 _SQS_REFUSED = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+def sqs_safe_json(text: str) -> str:
+    """JSON text that SQS takes as a message body: each character it refuses written as its
+    ``\\uXXXX`` escape. Valid JSON holds such characters (U+FFFE, U+FFFF, and in a Python string a
+    lone surrogate decoded from an escape like ``"\\ud83d"``) only inside strings, where the escape
+    stands for the same character: the JSON value does not change."""
+    if text.isascii():
+        return text
+    return _SQS_REFUSED.sub(lambda char: f"\\u{ord(char.group()):04x}", text)
+
+
 class InvalidEnvelope(ValueError):
     """A queued message lacks the attributes jiralake puts on every message."""
 

@@ -149,6 +149,8 @@ class JiraApiServer:
     failed_webhook_afters: list[str | None] = field(default_factory=list)
     issue_lookups: list[str] = field(default_factory=list)
     count_requests: int = 0
+    # Text in a JQL -> the error Jira's search and count answer it with (400): a misspelt field.
+    refused_jql: dict[str, str] = field(default_factory=dict)
     # Data Center page index -> a change to ``issues`` made (once) right after that page was
     # answered: an issue deleted or edited while the backfill runs.
     change_after_page: dict[int, Callable[[list[dict[str, Any]]], None]] = field(default_factory=dict)
@@ -222,6 +224,12 @@ class JiraApiServer:
             found = [i for i in found if (parse_jira_time(i["fields"]["updated"]) or since) >= since]
         return found
 
+    def _jql_refused(self, jql: str) -> web.Response | None:
+        for text, message in self.refused_jql.items():
+            if text in jql:
+                return web.json_response({"errorMessages": [message], "errors": {}}, status=400)
+        return None
+
     def _rate_limited(self) -> web.Response:
         return web.json_response(
             {"errorMessages": ["Rate limit exceeded."]},
@@ -283,6 +291,9 @@ class JiraApiServer:
         jql = request.query.get("jql", "")
         self.jqls.append(jql)
         self.search_paths.append(request.path)
+        refused = self._jql_refused(jql)
+        if refused is not None:
+            return refused
         if _UNBOUNDED.match(jql):
             return web.json_response(
                 {
@@ -334,6 +345,9 @@ class JiraApiServer:
         if impostor is not None:
             return impostor
         payload = await request.json()
+        refused = self._jql_refused(payload.get("jql", ""))
+        if refused is not None:
+            return refused
         return web.json_response({"count": len(self._matching(payload.get("jql", "")))})
 
     async def _dc_search(self, request: web.Request) -> web.Response:
@@ -342,6 +356,9 @@ class JiraApiServer:
             return impostor
         jql = request.query.get("jql", "")
         self.jqls.append(jql)
+        refused = self._jql_refused(jql)
+        if refused is not None:
+            return refused
         fields = request.query.get("fields", "*navigable")
         limit = min(int(request.query.get("maxResults", "50")), 1000)
         start_at = int(request.query.get("startAt", "0"))

@@ -363,6 +363,53 @@ async def test_a_dry_run_counts_and_enqueues_nothing(
     assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
 
 
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_a_dry_run_of_a_jql_jira_refuses_says_why(
+    deployment: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+) -> None:
+    # GIVEN a JQL with a misspelt field, which Jira refuses
+    server, url = jira
+    server.issues = fixture_issues(5)
+    server.refused_jql = {"projct": "Field 'projct' does not exist or you do not have permission to view it."}
+    settings = backfill_settings(url, queues, db_settings, aws_settings, deployment=deployment)
+    # WHEN the dry run the runbook has one try first runs; THEN it fails with Jira's reason
+    with pytest.raises(JiraRequestError, match="^Jira answered HTTP 400 to .*: Field 'projct' does not"):
+        await run_backfill(settings, BackfillRequest(jql="projct = BF", dry_run=True), progress_tty=False)
+
+
+@pytest.mark.parametrize(
+    ("summary", "escape"),
+    [("deploy \ud83d fix", r"\ud83d"), ("odd \uffff end", r"\uffff")],
+    ids=["lone-surrogate", "uffff"],
+)
+async def test_an_issue_with_characters_sqs_refuses_goes_out_escaped_as_jira_sent_them(
+    summary: str,
+    escape: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+) -> None:
+    # GIVEN an issue whose summary Jira sends with the JSON escape of half an emoji, or of U+FFFF:
+    # characters that UTF-8 (a lone surrogate) or SQS (U+FFFF) do not take raw
+    server, url = jira
+    server.issues = fixture_issues(3)
+    server.issues[1]["fields"]["summary"] = summary
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
+    # WHEN the backfill runs
+    result = await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN every issue went out, that one with the escape in its body: the same JSON value
+    assert (result.sent, result.refused) == (3, [])
+    messages = await drain(aws_settings, queues.queue_url)
+    body = next(e.body for e in map(Envelope.from_message, messages) if e.issue_id == server.issues[1]["id"])
+    assert escape in body
+    assert json.loads(body)["issue"]["fields"]["summary"] == summary
+
+
 async def test_an_issue_too_large_for_sqs_is_reported_and_the_rest_go_out(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,

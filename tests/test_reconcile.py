@@ -264,6 +264,29 @@ async def test_failed_webhooks_are_replayed_through_the_queue_and_the_place_is_r
     assert await drain(aws_settings, queues.queue_url) == []
 
 
+async def test_a_failed_webhook_holding_characters_sqs_refuses_is_replayed_with_their_escapes(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+) -> None:
+    # GIVEN a failed delivery whose body holds U+FFFF raw (valid JSON, refused in an SQS body)
+    server, url = jira
+    event = make_event("mattermost-plugin-jira__webhook-issue-updated-labels.json", issue_id=30001, ts=1)
+    event["issue"]["fields"]["summary"] = "odd \uffff end"
+    server.failed_webhooks = [
+        failed_webhook("1661274651203", 1_700_000_000_000, body=json.dumps(event, ensure_ascii=False))
+    ]
+    # WHEN reconcile runs
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
+    summary = await run_reconcile(settings, ReconcileRequest())
+    # THEN it is replayed, the character as its JSON escape: the same event
+    assert summary.failed_webhooks is not None and summary.failed_webhooks.replayed == 1
+    [message] = await drain(aws_settings, queues.queue_url)
+    assert "odd \\uffff end" in message["Body"]
+    assert json.loads(message["Body"]) == event
+
+
 async def test_a_login_page_for_the_failed_webhook_list_is_not_an_empty_list(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
