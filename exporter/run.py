@@ -278,6 +278,13 @@ async def _export(
             await source.execute(BEGIN_SNAPSHOT)
             snapshot = await source.fetchrow(EXPORT_SNAPSHOT)
             assert snapshot is not None
+            if since is not None and since > snapshot["xmax8"]:
+                # Ahead of every transaction id this server has given out: the database was restored
+                # or moved to another cluster (pg_dump/pg_restore, logical replication), where ids
+                # start lower. What changed since the last run cannot be told: every row goes out, as
+                # on a first run. Read as is, no row would have, and the watermark would go back.
+                log.warning("export_watermark_ahead", since_xid8=since, xmax8=snapshot["xmax8"])
+                since = None
             where, args = ("", ()) if since is None else (CHANGED_SINCE, (since, snapshot["xmax8"]))
             if settings.format.is_csv:
                 rows = await _stream_csv(settings, source, columns, where, args, upload, progress)

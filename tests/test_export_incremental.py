@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
+from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from exporter.run import export_once
@@ -189,6 +190,34 @@ async def test_each_destination_keeps_its_own_incremental_watermark(
     assert [r["destination"] for r in destinations] == [f"s3://{bucket}/prod", f"s3://{bucket}/test"] + [
         f"s3://{bucket}/prod"
     ]
+
+
+async def test_after_a_move_to_a_cluster_with_lower_transaction_ids_every_row_goes_out_once(
+    pg: asyncpg.Connection, settings_factory: Callable[..., ExporterSettings]
+) -> None:
+    # GIVEN 10 rows exported incrementally, then the database restored on another cluster (pg_dump,
+    # pg_restore) whose transaction ids are far below the stored watermark
+    settings = settings_factory()
+    await insert_awkward_rows(pg, 10)
+    first = await export_once(settings, changed_since_last=True, clock=at(10, 6))
+    await pg.execute(
+        "UPDATE jiralake_export_run SET watermark_xid8 = watermark_xid8 + 1000000000 WHERE run_id = $1",
+        first.run_id,
+    )
+    await pg.execute("UPDATE ap_jira_task SET version = version + 1 WHERE issue_id = 3")
+    # WHEN the next incremental run goes
+    with capture_logs() as logs:
+        moved = await export_once(settings, changed_since_last=True, clock=at(10, 7))
+    # THEN it cannot tell what changed, so every row goes out (none would have), and says why
+    assert (moved.since_xid8, moved.rows) == (None, 10)
+    assert [e["since_xid8"] for e in logs if e["event"] == "export_watermark_ahead"] == [
+        first.watermark_xid8 + 1000000000
+    ]
+    # AND the watermark is this server's again: the run after it exports only what changed
+    assert moved.watermark_xid8 < first.watermark_xid8 + 1000000000
+    await pg.execute("UPDATE ap_jira_task SET version = version + 1 WHERE issue_id = 4")
+    after = await export_once(settings, changed_since_last=True, clock=at(10, 8))
+    assert (after.since_xid8, after.rows) == (moved.watermark_xid8, 1)
 
 
 async def test_rows_committed_while_an_incremental_run_reads_are_in_the_next_one(
