@@ -144,7 +144,7 @@ async def _export_under_lock(
     source = await open_source(settings)
     try:
         await acquire_export_lock(source)
-        control = await db.connect(settings.database)
+        control = await _connect(settings)
         try:
             with structlog.contextvars.bound_contextvars(
                 export_mode=mode, export_format=settings.format.value
@@ -167,7 +167,19 @@ SOURCE_SERVER_SETTINGS = {"max_parallel_workers_per_gather": "0"}
 
 async def open_source(settings: ExporterSettings) -> asyncpg.Connection:
     """The connection that holds the export lock and reads the rows (one backend, no parallel workers)."""
-    return await db.connect(settings.database, server_settings=SOURCE_SERVER_SETTINGS)
+    return await _connect(settings, server_settings=SOURCE_SERVER_SETTINGS)
+
+
+async def _connect(settings: ExporterSettings, **kwargs: Any) -> asyncpg.Connection:
+    """A connection of the run. Each sits idle for long stretches while the other works (the run's
+    bookkeeping connection through the whole read, the reading one through the completion and the
+    copy to latest/), so a server-side idle_session_timeout (PostgreSQL 14+, set for the role or
+    database) is turned off for the session: it would end the run's session mid-run, and with the
+    reading one the export lock."""
+    conn = await db.connect(settings.database, **kwargs)
+    if conn.get_server_version() >= (14,):
+        await conn.execute("SET idle_session_timeout = 0")
+    return conn
 
 
 async def _locked_export(

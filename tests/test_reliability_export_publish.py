@@ -252,6 +252,40 @@ async def test_an_export_whose_lock_session_ended_publishes_nothing_more(
     assert await open_multipart_uploads(aws_settings, bucket) == []
 
 
+async def test_a_server_idle_session_timeout_ends_neither_of_the_run_s_sessions(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    db_settings: DatabaseSettings,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a role whose sessions end after 1 s idle (PostgreSQL 14's idle_session_timeout, set here
+    # through the connection URL as a role or database setting would), and an upload slower than that
+    if pg.get_server_version() < (14,):
+        pytest.skip("idle_session_timeout is PostgreSQL 14+")
+    await insert_awkward_rows(pg, 10)
+    assert db_settings.url is not None
+    separator = "&" if "?" in db_settings.url else "?"
+    strict = DatabaseSettings(url=f"{db_settings.url}{separator}idle_session_timeout=1000")
+    async with S3PauseProxy(aws_settings.endpoint_url or "") as proxy:
+        settings = settings_factory(
+            database=strict, aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url)
+        )
+        hold = proxy.hold("slow part", upload_part(1), then_forward=True)
+        run = asyncio.create_task(export_once(settings, clock=lambda: EVENING))
+        await asyncio.wait_for(hold.reached.wait(), timeout=60)
+        # WHEN the bookkeeping session sits idle for longer than that while the part is on its way
+        await asyncio.sleep(2.5)
+        proxy.release()
+        result = await asyncio.wait_for(run, timeout=60)
+    # THEN the run publishes and records its success (the reading session, idle in its turn through
+    # the completion and the copy, kept the lock)
+    assert result.rows == 10
+    status = await pg.fetchval("SELECT status FROM jiralake_export_run WHERE run_id = $1", result.run_id)
+    assert status == "succeeded"
+    assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 10
+
+
 async def test_the_lock_check_refuses_a_session_that_does_not_hold_the_lock(pg: asyncpg.Connection) -> None:
     # GIVEN a live session that does not hold the export lock; WHEN a run checks it; THEN it is refused
     with pytest.raises(ExportLockLost, match="^the export lock is no longer held: .*; not publishing$"):
