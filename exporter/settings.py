@@ -147,6 +147,12 @@ class ExporterSettings:
         )
 
 
+# croniter's random field (``R``, ``R(0-29)``) draws a new value at every next time asked for: after a
+# 03:18 run of "R 3 * * *" the next one may come at 03:25 the same day. Month and day names (MAR,
+# THU) hold the letter but never alone.
+_RANDOM_FIELD = re.compile(r"(?<![A-Za-z])R(?![A-Za-z])", re.IGNORECASE)
+
+
 def check_schedule(schedule: str, tz: ZoneInfo) -> None:
     """ConfigError unless ``schedule`` is a cron expression that fires: "0 0 31 2 *" is valid cron but
     never comes, and the scheduler loop would crash computing its next time. Only the five standard
@@ -154,7 +160,7 @@ def check_schedule(schedule: str, tz: ZoneInfo) -> None:
     running loop would crash the same way. Nicknames (``@hourly``, ``@daily``...) are five fields too."""
     fields = schedule.split()
     standard = len(fields) == 5 or (len(fields) == 1 and fields[0].startswith("@"))
-    if not standard or not croniter.is_valid(schedule):
+    if not standard or _RANDOM_FIELD.search(schedule) or not croniter.is_valid(schedule):
         raise ConfigError(
             f"schedule {schedule!r} is not a valid cron expression (5 fields: minute hour day month weekday)"
         )
