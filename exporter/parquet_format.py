@@ -102,10 +102,18 @@ class ParquetStream:
 
     def __init__(self, columns: list[ExportColumn], *, compression: str = "snappy") -> None:
         self.schema = arrow_schema(columns)
+        self._text_columns = [
+            i for i, c in enumerate(columns) if c.kind in (ColumnKind.TEXT, ColumnKind.JSON)
+        ]
         self._sink = _DrainableSink()
         self._writer = pq.ParquetWriter(
             self._sink, self.schema, compression=compression, version="2.6", write_statistics=True
         )
+
+    def text_bytes(self, rows: Sequence[Sequence[Any]]) -> int:
+        """About how much the rows' text and JSON values hold (characters, not UTF-8 bytes): what
+        makes a row group big."""
+        return sum(len(row[i]) for row in rows for i in self._text_columns if row[i] is not None)
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> bytes:
         if rows:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
+from exporter import run
 from exporter.columns import ORDER_KEY, TABLE, ColumnKind, read_columns, select_columns
 from exporter.csv_format import csv_query
 from exporter.run import export_once, open_source
@@ -120,9 +121,35 @@ async def test_parquet_export_round_trips_with_types_and_raw(
     assert types["labels"] == pa.list_(pa.string())
     assert types["raw"] == pa.string()
     assert rows == await table_rows(pg, columns)
-    # AND one row group per cursor fetch
+    # AND row groups of 4,000 rows (small rows: their text stays under the group's byte budget)
     assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == -(-ROWS // 4_000)
     assert result.latest_key == "lake/ap_jira_task_parquet/latest/ap_jira_task.parquet"
+
+
+async def test_a_parquet_row_group_of_large_rows_ends_at_its_byte_budget(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 300 rows with about 2,000 characters of text each, a budget of 100,000 characters per row
+    # group read 20 rows at a time (the product's: 16 MiB, 500 rows), and groups of up to 4,000 rows
+    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    monkeypatch.setattr(run, "PARQUET_FETCH_ROWS", 20)
+    await insert_awkward_rows(pg, 300, pad=2_000)
+    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
+    # WHEN exported as Parquet
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN each group ended once its text reached the budget (a 4,000-row group of 15 KB issues took
+    # 1.3 GiB to encode), and the file still equals the table
+    data = await get_object(aws_settings, bucket, result.data_key)
+    metadata = pq.ParquetFile(io.BytesIO(data)).metadata
+    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    assert sum(sizes) == 300 and len(sizes) >= 5
+    assert all(size <= 60 for size in sizes), sizes
+    columns = await exported_columns(pg, include_raw=True)
+    assert parquet_rows(data)[1] == await table_rows(pg, columns)
 
 
 async def test_what_athena_reads_from_the_csv_decodes_to_the_table_values(
