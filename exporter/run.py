@@ -162,7 +162,17 @@ async def _export_under_lock(
 # The rows are read in key order, so a parallel plan is a Gather Merge that still funnels every row
 # through one backend, which formats and sends it: measured on the bench table, the parallel workers
 # added 20-40% to PostgreSQL's CPU and ~10% to the export's time, for a COPY no faster alone.
-SOURCE_SERVER_SETTINGS = {"max_parallel_workers_per_gather": "0"}
+#
+# The export lock goes with this session, so the server should notice soon when the exporter's host
+# is gone (a lost instance sends no FIN): TCP keepalives after 60 s idle, every 10 s, 6 unanswered
+# end the session in about 2 minutes; the server's defaults (the OS's, often 2 hours) kept the lock,
+# and every export was skipped as "another export is running", that long.
+SOURCE_SERVER_SETTINGS = {
+    "max_parallel_workers_per_gather": "0",
+    "tcp_keepalives_idle": "60",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "6",
+}
 
 
 async def open_source(settings: ExporterSettings) -> asyncpg.Connection:

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from exporter.errors import ExportLockLost
 from exporter.lock import EXPORT_LOCK_KEY, _lock_lost, confirm_export_lock
-from exporter.run import export_once
+from exporter.run import export_once, open_source
 from exporter.settings import ExporterSettings
 from exporter.shutdown import run_unless_stopped
 from shared import aws, db
@@ -284,6 +284,27 @@ async def test_a_server_idle_session_timeout_ends_neither_of_the_run_s_sessions(
     status = await pg.fetchval("SELECT status FROM jiralake_export_run WHERE run_id = $1", result.run_id)
     assert status == "succeeded"
     assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 10
+
+
+async def test_the_lock_session_asks_the_server_to_notice_a_lost_exporter_host_within_minutes(
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN the exporter's reading session (the one whose end releases the export lock), over TCP
+    source = await open_source(settings_factory())
+    try:
+        if await source.fetchval("SELECT inet_client_addr()") is None:
+            pytest.skip("a Unix-socket session has no TCP keepalives")
+        # THEN the server probes it after a minute idle, every 10 s, and gives up after 6 silences
+        settings = await source.fetch(
+            "SELECT name, setting FROM pg_settings WHERE name LIKE 'tcp_keepalives_%' ORDER BY name"
+        )
+    finally:
+        await source.close()
+    assert [tuple(r) for r in settings] == [
+        ("tcp_keepalives_count", "6"),
+        ("tcp_keepalives_idle", "60"),
+        ("tcp_keepalives_interval", "10"),
+    ]
 
 
 async def test_the_lock_check_refuses_a_session_that_does_not_hold_the_lock(pg: asyncpg.Connection) -> None:
