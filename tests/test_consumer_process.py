@@ -61,19 +61,7 @@ async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigter
         JIRALAKE_CONSUMER_WAIT_S="1",
         JIRALAKE_CONSUMER_QUEUE_STATS_S="1",
     )
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jiralake",
-        "--log-json",
-        "consumer",
-        "--pollers",
-        "1",
-        "--admin-port",
-        str(admin_port),
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    child = await _consumer_child(env, admin_port)
     try:
         base = f"http://127.0.0.1:{admin_port}"
         # WHEN it runs
@@ -160,10 +148,7 @@ async def test_credentials_that_cannot_be_refreshed_for_a_while_are_waited_out(
             JIRALAKE_CONSUMER_WAIT_S="1",
             JIRALAKE_CONSUMER_UNAVAILABLE_BACKOFF_S="0.5",
         )
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jiralake", "--log-json", "consumer", "--pollers", "1",
-            "--admin-port", str(free_port()), env=env, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        child = await _consumer_child(env, free_port())
         try:
             await enqueue(aws_settings, queues.queue_url, [_created(1)])
             await wait_for(lambda: _history_is(pg, 1), timeout_s=30, what="the first event applied")
@@ -215,6 +200,14 @@ async def test_while_postgres_is_down_it_is_not_ready_and_receives_nothing(
     # AND the event was never received (its receive count is untouched, nothing burnt toward the DLQ)
     (message,) = await drain(aws_settings, queues.queue_url)
     assert message["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+async def _consumer_child(env: dict[str, str], admin_port: int) -> asyncio.subprocess.Process:
+    """`jiralake consumer` with one poller as a child process, its JSON log on its stderr pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "--log-json", "consumer", "--pollers", "1",
+        "--admin-port", str(admin_port), env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
 
 
 def _created(issue_id: int) -> Envelope:
