@@ -419,14 +419,18 @@ async def test_the_circuit_breaker_stops_receiving_when_most_events_are_dead_let
         breaker_max_dead_letter_ratio=0.5,
         breaker_cooldown_s=60,
     )
-    # WHEN the consumer runs
-    async with running(breaker):
-        await wait_for(holds(lambda: CONSUMER_CIRCUIT_OPEN._value.get() == 1), what="the breaker to open")
-        dead_now = (await queue_counts(aws_settings, queues.dlq_url))[0]
-        await asyncio.sleep(1.5)  # a receive would take at most wait_time_s (1 s)
-        # THEN it stops receiving: the rest stays on the queue instead of moving to the DLQ
-        assert (await queue_counts(aws_settings, queues.dlq_url))[0] == dead_now < 14
-        assert (await queue_counts(aws_settings, queues.queue_url))[0] == 14 - dead_now
+    # WHEN the consumer runs (the gauge is process-wide and may still say 1 from an earlier test: the
+    # log line says this consumer's breaker opened)
+    with capture_logs() as logs:
+        async with running(breaker):
+            opened = holds(lambda: any(e["event"] == "circuit_opened" for e in logs))
+            await wait_for(opened, what="the breaker to open")
+            assert CONSUMER_CIRCUIT_OPEN._value.get() == 1
+            dead_now = (await queue_counts(aws_settings, queues.dlq_url))[0]
+            await asyncio.sleep(1.5)  # a receive would take at most wait_time_s (1 s)
+            # THEN it stops receiving: the rest stays on the queue instead of moving to the DLQ
+            assert (await queue_counts(aws_settings, queues.dlq_url))[0] == dead_now < 14
+            assert (await queue_counts(aws_settings, queues.queue_url))[0] == 14 - dead_now
     assert CONSUMER_CIRCUIT_OPEN._value.get() == 1
 
 

@@ -5,12 +5,14 @@ cannot hide a full export that fails."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from consumer.export_freshness import poll_last_export, publish_last_export
 from consumer.worker import run_consumer
@@ -96,6 +98,11 @@ async def test_incremental_successes_do_not_hide_a_failing_full_export(
     assert freshness("changes") == changes_ok_at.timestamp()
 
 
+def failed_polls(logs: list[MutableMapping[str, Any]], n: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the poller has logged ``n`` failed polls."""
+    return holds(lambda: sum(e["event"] == "export_freshness_unavailable" for e in logs) >= n)
+
+
 async def test_a_postgres_failure_keeps_the_last_values(pg: asyncpg.Connection, pool: asyncpg.Pool) -> None:
     # GIVEN gauges published from a full run
     await run(pg, "full", "succeeded", FULL_OK_AT)
@@ -103,10 +110,11 @@ async def test_a_postgres_failure_keeps_the_last_values(pg: asyncpg.Connection, 
     # WHEN the poller runs against a pool that is closed (Postgres gone)
     await pool.close()
     stop = asyncio.Event()
-    task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
-    await asyncio.sleep(0.05)
-    stop.set()
-    await asyncio.wait_for(task, timeout=5)
+    with capture_logs() as logs:
+        task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
+        await wait_for(failed_polls(logs, 2), what="two failed polls (it goes on after one)")
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
     # THEN the gauges keep what they showed
     assert freshness("full") == FULL_OK_AT.timestamp()
     assert freshness("changes") == 0
@@ -130,8 +138,9 @@ async def test_a_session_the_server_has_just_ended_keeps_the_last_values(
         await asyncio.sleep(0.5)  # its last bytes, through the proxy
         # WHEN the poller runs
         stop = asyncio.Event()
-        task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
-        await asyncio.sleep(0.1)
+        with capture_logs() as logs:
+            task = asyncio.create_task(poll_last_export(pool, 0.01, stop), name="export-freshness-poller")
+            await wait_for(failed_polls(logs, 1), what="the failed poll")
         stop.set()
         # THEN it goes on (it does not end the consumer) and the gauges keep what they showed
         await asyncio.wait_for(task, timeout=5)

@@ -106,7 +106,8 @@ def receiver_settings(aws_settings: AwsSettings, queue_url: str, **overrides: An
 async def harness(
     aws_settings: AwsSettings, queues: QueuePair, request: pytest.FixtureRequest
 ) -> AsyncIterator[Harness]:
-    settings = receiver_settings(aws_settings, queues.queue_url)
+    # A test may override settings: @pytest.mark.parametrize("harness", [{...}], indirect=True).
+    settings = receiver_settings(aws_settings, queues.queue_url, **getattr(request, "param", {}))
     async with aws.sqs_client(aws_settings) as sqs:
         server = TestServer(build_app(settings, sqs))
         # Started here: TestServer drops keywords given to its constructor.
@@ -428,12 +429,16 @@ async def closed_by_server(reader: asyncio.StreamReader) -> None:
         pass
 
 
+# A body timeout of 5 s, not 1: the other client's webhook must be answered within it, and its answer
+# waits for moto, which a loaded machine can stall for a second.
+@pytest.mark.parametrize("harness", [{"body_timeout_s": 5.0}], indirect=True)
 async def test_slow_and_idle_clients_are_cut_off_while_others_are_served(harness: Harness) -> None:
     host, port = harness.client.host, harness.client.port
     body = jira_fixtures.raw(ISSUE_FIXTURE)
+    assert len(body) * 0.05 > 60  # the trickle takes more than a minute
     # GIVEN 100 idle connections, one that trickles its headers, and one that sends its headers but
     # trickles its body a byte at a time and never stops while its connection is open: the whole body
-    # would take minutes (body_timeout_s=1, idle_timeout_s=1.5, a byte every 0.05 s)
+    # would take minutes (body_timeout_s=5, idle_timeout_s=1.5, a byte every 0.05 s)
     idle = [await asyncio.open_connection(host, port) for _ in range(100)]
     slow_headers = await asyncio.open_connection(host, port)
     slow_headers[1].write(b"POST /webhooks/jira HTTP/1.1\r\nHost: x\r\n")
@@ -492,10 +497,12 @@ async def test_slow_and_idle_clients_are_cut_off_while_others_are_served(harness
 
 
 @asynccontextmanager
-async def served_as_in_production(aws_settings: AwsSettings, queue_url: str) -> AsyncIterator[int]:
+async def served_as_in_production(
+    aws_settings: AwsSettings, queue_url: str, **overrides: Any
+) -> AsyncIterator[int]:
     """The receiver on an AppRunner as receiver.main serves it; yields its port. aiohttp's TestServer
     cancels a handler whose client went away, which a production server does not."""
-    settings = receiver_settings(aws_settings, queue_url)
+    settings = receiver_settings(aws_settings, queue_url, **overrides)
     async with aws.sqs_client(aws_settings) as sqs:
         runner = web.AppRunner(build_app(settings, sqs), access_log=None, **server_options(settings))
         await runner.setup()
@@ -523,7 +530,9 @@ async def test_a_client_that_hangs_up_mid_body_is_logged_once_without_a_tracebac
 ) -> None:
     caplog.set_level(logging.WARNING)
     before = requests_counted("client_closed")
-    async with served_as_in_production(aws_settings, queues.queue_url) as port:
+    # A body timeout far longer than the hang-up's 0.3 s: a stalled test process must not turn it into
+    # a 408 (what is under test is the hang-up).
+    async with served_as_in_production(aws_settings, queues.queue_url, body_timeout_s=30.0) as port:
         with capture_logs() as logs:
             # GIVEN a client that declares 500 bytes, sends 5, and hangs up (a FIN, at once or while
             # the body is being read, or a reset)
