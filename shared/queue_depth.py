@@ -97,6 +97,11 @@ def queue_urls(settings: QueueSettings) -> dict[str, str]:
     return {MAIN_QUEUE: settings.queue_url, DEAD_LETTER_QUEUE: settings.dlq_url}
 
 
+def _access_denied(exc: BaseException) -> bool:
+    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+    return code in ("AccessDenied", "AccessDeniedException")
+
+
 async def _counted(operation: str, call: Awaitable[T]) -> T:
     try:
         result = await call
@@ -242,12 +247,16 @@ class _Peeked:
 class OldestAgeTracker:
     """Oldest-message age for the poller with as few peeks as possible: arrivals cannot change which
     message is oldest, so it peeks again only when the count dropped (something left) or the last
-    peek is older than ``repeek_every_s``. Between peeks the age grows with the clock."""
+    peek is older than ``repeek_every_s``. Between peeks the age grows with the clock. A queue whose
+    peek the role may not make (AccessDenied: deploy/iam/README.md lets the consumer drop that
+    grant) is not peeked again: every refusal would count as a failed SQS call, and enough of them
+    would trip the SQS error alert."""
 
     def __init__(self, *, repeek_every_s: float = REPEEK_EVERY_S, now_s: Callable[[], float] = time.time):
         self._repeek_every_s = repeek_every_s
         self._now_s = now_s
         self._peeked: dict[str, _Peeked] = {}
+        self._denied: set[str] = set()
 
     async def depth(self, sqs: SQSClient, queue: str, url: str, *, peek: bool) -> QueueDepth:
         counts = await read_counts(sqs, url)
@@ -255,7 +264,7 @@ class OldestAgeTracker:
         if counts.total == 0:
             self._peeked.pop(queue, None)
             return _depth(queue, url, counts, 0.0)
-        if not peek or counts.has_redrive_policy:
+        if not peek or counts.has_redrive_policy or queue in self._denied:
             return _depth(queue, url, counts, None)
         last = self._peeked.get(queue)
         stale = last is None or counts.total < last.total or now - last.peeked_at_s >= self._repeek_every_s
@@ -265,7 +274,12 @@ class OldestAgeTracker:
             except SQS_ERRORS as exc:
                 # The counts are read: publish them (the DLQ alert needs them) with the age unknown,
                 # rather than nothing at all while the peek keeps failing (e.g. no sqs:ReceiveMessage).
-                log.warning("queue_oldest_age_unavailable", queue=queue, error=_reason(exc))
+                denied = _access_denied(exc)
+                if denied:
+                    self._denied.add(queue)
+                log.warning(
+                    "queue_oldest_age_unavailable", queue=queue, error=_reason(exc), asked_again=not denied
+                )
                 self._peeked.pop(queue, None)
                 return _depth(queue, url, counts, None)
             if sent_ms is not None:

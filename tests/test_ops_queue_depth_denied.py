@@ -70,8 +70,8 @@ async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
                 poll_queue_depths(denied, urls, interval_s=0.05, stop=stop), name="queue-depth-poller"
             )
             deadline = time.monotonic() + 10
-            while proxy.counts.requests["ReceiveMessage"] < 2:
-                assert time.monotonic() < deadline, "the poller did not peek in time"
+            while proxy.counts.requests["GetQueueAttributes"] < 8:  # 4 rounds of 2 queues
+                assert time.monotonic() < deadline, "the poller did not poll in time"
                 await asyncio.sleep(0.02)
             stop.set()
             await asyncio.wait_for(task, timeout=10)
@@ -80,8 +80,11 @@ async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
     assert gauge("jiralake_queue_messages", queue=DEAD_LETTER_QUEUE, state="visible") == 2
     assert gauge("jiralake_queue_oldest_message_age_seconds", queue=DEAD_LETTER_QUEUE) is None
     refused = [e for e in logs if e["event"] == "queue_oldest_age_unavailable"]
-    assert refused and refused[0]["queue"] == DEAD_LETTER_QUEUE
+    assert [(e["queue"], e["asked_again"]) for e in refused] == [(DEAD_LETTER_QUEUE, False)]
     assert "AccessDenied" in refused[0]["error"]
+    # AND the refused peek is not asked again round after round (each would count as a failed SQS
+    # call toward JiralakeSqsErrors)
+    assert proxy.counts.requests["ReceiveMessage"] == 1
 
 
 async def test_queue_stats_still_checks_the_thresholds_when_the_peek_is_refused(

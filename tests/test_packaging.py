@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,12 @@ def test_compose_runs_moto_from_its_own_image_not_from_jiralake_s() -> None:
     # service runs `up` (the only command that starts moto's server).
     services = _compose()["services"]
     assert services["aws"]["image"].startswith("motoserver/moto:")
+    # At least 5.2, the first moto that takes the 1 MiB messages `jiralake setup` configures (5.1
+    # refused the queues, and every service waited on setup), as the `local` extra asks.
+    tag = services["aws"]["image"].removeprefix("motoserver/moto:")
+    assert tuple(int(n) for n in tag.split(".")[:2]) >= (5, 2), tag
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["local"] == ["moto[server]>=5.2"]
     jiralake_services = {n: s for n, s in services.items() if s.get("image", "").startswith("jiralake")}
     assert jiralake_services
     for name, service in jiralake_services.items():

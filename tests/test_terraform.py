@@ -104,6 +104,17 @@ def default(name: str) -> Any:
     return variables()[name]["default"]
 
 
+def test_a_name_is_short_enough_for_every_role_name_built_from_it() -> None:
+    # IAM role names stop at 64 characters; each role is named <name>-<role> (iam.tf).
+    [rule] = variables()["name"]["validation"]
+    pattern = re.search(r'regex\("(.+?)", var\.name\)', rule["condition"])
+    assert pattern is not None
+    longest_suffix = max(len(f"-{role}") for role in iam_roles_in_config())
+    longest_name = "n" * (64 - longest_suffix)
+    assert re.fullmatch(pattern[1], longest_name)
+    assert not re.fullmatch(pattern[1], longest_name + "n")
+
+
 def iam_roles_in_config() -> set[str]:
     """The role names iam.tf builds (each names its policy file deploy/iam/<name>.json)."""
     names = set()

@@ -28,6 +28,8 @@ changes_expiration_days                = 90
 # ECS by default; for EKS Pod Identity: ["pods.eks.amazonaws.com"].
 trusted_service_principals = ["ecs-tasks.amazonaws.com"]
 
-operator_principal_arns = ["arn:aws:iam::111122223333:role/oncall"]
+# The on-call people's role or users (they must exist: IAM refuses a trust policy naming a principal
+# that does not). Uncomment with yours to create the operator role.
+# operator_principal_arns = ["arn:aws:iam::111122223333:role/oncall"]
 
 alarm_sns_topic_arns = ["arn:aws:sns:eu-west-1:111122223333:jiralake-alerts"]

@@ -12,9 +12,10 @@ variable "name" {
   default     = "jiralake"
 
   validation {
-    # A queue name is at most 80 characters, and "-dlq.fifo" takes 9 of them.
-    condition     = can(regex("^[A-Za-z0-9_-]{1,64}$", var.name))
-    error_message = "name must be 1-64 letters, digits, '-' or '_' (it becomes SQS queue and IAM role names)."
+    # An IAM role name is at most 64 characters, and "-receiver" (or "-consumer", "-exporter",
+    # "-backfill", "-operator") takes 9 of them; a queue name's 80 leave more room.
+    condition     = can(regex("^[A-Za-z0-9_-]{1,55}$", var.name))
+    error_message = "name must be 1-55 letters, digits, '-' or '_' (it becomes SQS queue and IAM role names such as <name>-receiver)."
   }
 }
 
@@ -134,7 +135,7 @@ variable "noncurrent_version_expiration_days" {
 }
 
 variable "history_expiration_days" {
-  description = "Days after which the daily snapshots under <prefix>/<table folder>/history/ expire. null keeps them forever. The Athena DDL projects dt over the last 3 years."
+  description = "Days after which the daily snapshots under <prefix>/<table folder>/history/ expire. null keeps them forever. The bucket is versioned: an expired object stays as a noncurrent version for noncurrent_version_expiration_days more. The Athena DDL projects dt over the last 3 years."
   type        = number
   default     = null
 
