@@ -300,10 +300,9 @@ def _replayable(page: FailedWebhookPage, report: FailedWebhookReport) -> list[En
         if not isinstance(routed, Routed):
             report.ignored += 1
             continue
-        body = sqs_safe_json(body)
         envelopes.append(
             Envelope(
-                body=body,
+                body=sqs_safe_json(body),
                 event_type=routed.event_type,
                 issue_id=routed.issue_id,
                 event_ts_ms=routed.event_ts_ms or _failure_ms(entry) or now_ms,

@@ -1,6 +1,7 @@
-"""Parquet written as the rows stream: each cursor fetch becomes one row group, written into a small
-in-memory sink that the caller drains into the multipart upload after every group. Memory: one row
-group, never the table.
+"""Parquet written as the rows stream: the caller gathers cursor fetches into row groups (by rows and
+by the size of their text, exporter/run.py) and each is written into a small in-memory sink that
+the caller drains into the multipart upload after every group. Memory: one row group, never the
+table.
 
 Types (Athena reads all of them): integers, booleans and floats as themselves; timestamps as
 TIMESTAMP(MILLIS) in UTC (Athena has long read milliseconds; microsecond timestamps need engine v3);

@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from receiver.message_size import MessageLimits
 from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
-from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
+from shared.envelope import Envelope, delivery_id_for
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
 from shared.sqs_batch import entry_bytes
 
@@ -205,7 +205,10 @@ def _decode(body: bytes) -> str:
         ) from None
     # Plain substring tests: much cheaper than a regex scan of a non-ASCII body; ASCII skips both.
     if not text.isascii() and any(char in text for char in _SQS_FORBIDDEN):
-        return sqs_safe_json(text)
+        # Only these two: anything else SQS refuses (a raw control character) is no valid JSON, and
+        # the parser must still see it to refuse the body.
+        for char in _SQS_FORBIDDEN:
+            text = text.replace(char, f"\\u{ord(char):04x}")
     return text
 
 

@@ -1,7 +1,8 @@
 """The message contract between the receiver (and backfill) that enqueue and the consumer (and the
 dead-letter tools) that read: one Jira event per SQS FIFO message.
 
-- Body: the webhook body exactly as Jira sent it (UTF-8 JSON text).
+- Body: the webhook body as Jira sent it (UTF-8 JSON text), except that the characters SQS refuses
+  in a body travel as their JSON escapes (:func:`sqs_safe_json`): the same JSON value.
 - ``MessageGroupId``: the Jira issue id, so events for one issue stay in order.
 - ``MessageDeduplicationId``: Jira's delivery identifier (stable across its retries), else the
   SHA-256 of the body.

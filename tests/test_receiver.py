@@ -322,6 +322,9 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
          "jira:issue_updated event has a non-numeric issue id 'PROJ-1'"),
         (b'{"webhookEvent": "jira:issue_updated x", "issue": {"id": "1"}}', {}, 400, "bad_request",
          "webhookEvent is not a valid event type name"),
+        # A raw control character is no JSON, also beside U+FFFF (which alone would be escaped and queued)
+        ('{"webhookEvent": "jira:issue_updated", "issue": {"id": "1"}, "x": "a\x01b\uffff"}'.encode(), {},
+         400, "bad_request", "body is not JSON: Invalid control character at: line 1 column 69 (char 68)"),
         (ISSUE_BODY, {"delivery": "two words"}, 400, "bad_request",
          "X-Atlassian-Webhook-Identifier must be 1-512 printable ASCII characters"),
         (ISSUE_BODY, {"content_type": "text/plain"}, 415, "unsupported_media_type",
@@ -333,7 +336,8 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
     ],
     ids=[
         "missing-signature", "wrong-signature", "not-json", "not-an-object", "not-utf8", "nan", "too-deep",
-        "no-issue-id", "non-numeric-issue-id", "odd-event-type", "bad-delivery-header",
+        "no-issue-id", "non-numeric-issue-id", "odd-event-type", "control-char-and-uffff",
+        "bad-delivery-header",
         "text-plain", "form", "oversized-content-length",
     ],
 )  # fmt: skip

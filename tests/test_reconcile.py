@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from backfill.reconcile import ReconcileRequest, run_reconcile
-from shared.envelope import Envelope
+from shared.envelope import Envelope, body_sha256
 from shared.jira_event import RECONCILED_DELETE_EVENT
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
@@ -274,9 +274,8 @@ async def test_a_failed_webhook_holding_characters_sqs_refuses_is_replayed_with_
     server, url = jira
     event = make_event("mattermost-plugin-jira__webhook-issue-updated-labels.json", issue_id=30001, ts=1)
     event["issue"]["fields"]["summary"] = "odd \uffff end"
-    server.failed_webhooks = [
-        failed_webhook("1661274651203", 1_700_000_000_000, body=json.dumps(event, ensure_ascii=False))
-    ]
+    body = json.dumps(event, ensure_ascii=False)
+    server.failed_webhooks = [failed_webhook("", 1_700_000_000_000, body=body)]
     # WHEN reconcile runs
     settings = backfill_settings(url, queues, db_settings, aws_settings)
     summary = await run_reconcile(settings, ReconcileRequest())
@@ -285,6 +284,8 @@ async def test_a_failed_webhook_holding_characters_sqs_refuses_is_replayed_with_
     [message] = await drain(aws_settings, queues.queue_url)
     assert "odd \\uffff end" in message["Body"]
     assert json.loads(message["Body"]) == event
+    # AND, Jira listing no id for it, its delivery id is the one the receiver gives those bytes
+    assert Envelope.from_message(message).delivery_id == "sha256:" + body_sha256(body.encode())
 
 
 async def test_a_login_page_for_the_failed_webhook_list_is_not_an_empty_list(
