@@ -463,11 +463,23 @@ async def _stream_csv(
 
 
 # A Parquet row group ends at JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP rows or once its text values
-# reach PARQUET_GROUP_BYTES, whichever comes first: encoding a group takes several times the size of
-# its values, and 10,000 rows of 15 KB issues (raw is always in Parquet) took 1.3 GiB. The cursor is
-# read PARQUET_FETCH_ROWS at a time, so a group never overshoots the budget by much.
+# reach PARQUET_GROUP_BYTES (counted in characters), whichever comes first: encoding a group takes
+# several times the size of its values, and 10,000 rows of 15 KB issues (raw is always in Parquet)
+# took 1.3 GiB. Each fetch is held whole, so it is sized from the text per row seen so far to fit
+# what is left of the budget (at most PARQUET_FETCH_ROWS; the first, PARQUET_FIRST_FETCH_ROWS, to
+# learn): a group overshoots the budget by about one row, whether issues are 4 KB or 1 MiB.
 PARQUET_GROUP_BYTES = 16 * 1024 * 1024
 PARQUET_FETCH_ROWS = 500
+PARQUET_FIRST_FETCH_ROWS = 20
+
+
+def _parquet_fetch_rows(*, room_rows: int, room_bytes: int, seen_rows: int, seen_bytes: int) -> int:
+    """How many rows to fetch next: at most ``room_rows``, and what ``room_bytes`` holds at the
+    text per row seen so far; at least one."""
+    if not seen_rows:
+        return min(PARQUET_FIRST_FETCH_ROWS, room_rows)
+    per_row = max(1, seen_bytes // seen_rows)
+    return max(1, min(PARQUET_FETCH_ROWS, room_rows, room_bytes // per_row))
 
 
 async def _stream_parquet(
@@ -488,11 +500,19 @@ async def _stream_parquet(
     rows = 0
     group: list[asyncpg.Record] = []
     group_bytes = 0
+    seen_bytes = 0
     while True:
-        wanted = min(PARQUET_FETCH_ROWS, settings.parquet_rows_per_group - len(group))
+        wanted = _parquet_fetch_rows(
+            room_rows=settings.parquet_rows_per_group - len(group),
+            room_bytes=PARQUET_GROUP_BYTES - group_bytes,
+            seen_rows=rows + len(group),
+            seen_bytes=seen_bytes,
+        )
         batch = await cursor.fetch(wanted)
+        batch_bytes = stream.text_bytes(batch)
         group += batch
-        group_bytes += stream.text_bytes(batch)
+        group_bytes += batch_bytes
+        seen_bytes += batch_bytes
         full = len(group) >= settings.parquet_rows_per_group or group_bytes >= PARQUET_GROUP_BYTES
         if group and (full or len(batch) < wanted):
             data = stream.write_rows(group)

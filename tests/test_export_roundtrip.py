@@ -133,10 +133,10 @@ async def test_a_parquet_row_group_of_large_rows_ends_at_its_byte_budget(
     settings_factory: Callable[..., ExporterSettings],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # GIVEN 300 rows with about 2,000 characters of text each, a budget of 100,000 characters per row
-    # group read 20 rows at a time (the product's: 16 MiB, 500 rows), and groups of up to 4,000 rows
+    # GIVEN 300 rows with about 1,700 characters of text each, a budget of 100,000 characters per row
+    # group (the product's: 16 MiB), fetches of up to 500 rows (a whole table's worth here), and
+    # groups of up to 4,000 rows
     monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
-    monkeypatch.setattr(run, "PARQUET_FETCH_ROWS", 20)
     await insert_awkward_rows(pg, 300, pad=2_000)
     settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
     # WHEN exported as Parquet
