@@ -176,8 +176,12 @@ SOURCE_SERVER_SETTINGS = {
 
 
 async def open_source(settings: ExporterSettings) -> asyncpg.Connection:
-    """The connection that holds the export lock and reads the rows (one backend, no parallel workers)."""
-    return await _connect(settings, server_settings=SOURCE_SERVER_SETTINGS)
+    """The connection that holds the export lock and reads the rows (one backend, no parallel workers).
+    A Parquet read is idle in its transaction while parts upload, so a server-side
+    idle_in_transaction_session_timeout would end it mid-export: turned off for this session."""
+    conn = await _connect(settings, server_settings=SOURCE_SERVER_SETTINGS)
+    await conn.execute("SET idle_in_transaction_session_timeout = 0")
+    return conn
 
 
 async def _connect(settings: ExporterSettings, **kwargs: Any) -> asyncpg.Connection:

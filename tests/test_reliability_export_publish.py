@@ -286,25 +286,37 @@ async def test_a_server_idle_session_timeout_ends_neither_of_the_run_s_sessions(
     assert json.loads(await get_object(aws_settings, bucket, HISTORY_MANIFEST))["rows"] == 10
 
 
-async def test_the_lock_session_asks_the_server_to_notice_a_lost_exporter_host_within_minutes(
-    settings_factory: Callable[..., ExporterSettings],
+async def test_the_reading_session_outlives_idle_timeouts_and_not_its_host(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings, settings_factory: Callable[..., ExporterSettings]
 ) -> None:
-    # GIVEN the exporter's reading session (the one whose end releases the export lock), over TCP
-    source = await open_source(settings_factory())
+    # GIVEN a role whose sessions end after 1 s idle, also in a transaction (set here through the
+    # URL, as a role or database setting would), and the exporter's reading session (the one whose end
+    # releases the export lock, and whose Parquet cursor waits in its transaction while parts upload)
+    if pg.get_server_version() < (14,):
+        pytest.skip("idle_session_timeout is PostgreSQL 14+")
+    assert db_settings.url is not None
+    separator = "&" if "?" in db_settings.url else "?"
+    timeouts = "idle_session_timeout=1000&idle_in_transaction_session_timeout=1000"
+    strict = DatabaseSettings(url=f"{db_settings.url}{separator}{timeouts}")
+    source = await open_source(settings_factory(database=strict))
     try:
-        if await source.fetchval("SELECT inet_client_addr()") is None:
-            pytest.skip("a Unix-socket session has no TCP keepalives")
-        # THEN the server probes it after a minute idle, every 10 s, and gives up after 6 silences
+        names = (
+            "idle_in_transaction_session_timeout", "idle_session_timeout",
+            "tcp_keepalives_count", "tcp_keepalives_idle", "tcp_keepalives_interval",
+        )  # fmt: skip
         settings = await source.fetch(
-            "SELECT name, setting FROM pg_settings WHERE name LIKE 'tcp_keepalives_%' ORDER BY name"
+            "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[]) ORDER BY name", names
         )
+        over_tcp = await source.fetchval("SELECT inet_client_addr()") is not None
     finally:
         await source.close()
-    assert [tuple(r) for r in settings] == [
-        ("tcp_keepalives_count", "6"),
-        ("tcp_keepalives_idle", "60"),
-        ("tcp_keepalives_interval", "10"),
-    ]
+    # THEN neither idle timeout applies to it, and (over TCP) the server probes it after a minute
+    # idle, every 10 s, and gives up after 6 silences
+    got = dict(tuple(r) for r in settings)
+    assert (got["idle_in_transaction_session_timeout"], got["idle_session_timeout"]) == ("0", "0")
+    if over_tcp:  # a Unix-socket session has no TCP keepalives
+        keepalives = (got["tcp_keepalives_count"], got["tcp_keepalives_idle"], got["tcp_keepalives_interval"])
+        assert keepalives == ("6", "60", "10")
 
 
 async def test_the_lock_check_refuses_a_session_that_does_not_hold_the_lock(pg: asyncpg.Connection) -> None:
