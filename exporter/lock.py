@@ -38,10 +38,10 @@ SELECT EXISTS (
 # A check is one tiny query on an idle connection; a PostgreSQL that does not answer in this long is
 # as good as gone for deciding whether to publish.
 CONFIRM_TIMEOUT_S = 30.0
-# What the check can raise when the session is gone: closed, lost, or ended by the server (its
-# FATAL answer to the check: pg_terminate_backend, a shutdown).
-_SESSION_ENDED = (
-    asyncpg.InterfaceError,
+# Errors of the server's that say the session is gone: lost, or ended by the server (its FATAL
+# answer to the check: pg_terminate_backend, a shutdown). asyncpg's own errors say so by their text
+# (shared.db.session_ended); any other InterfaceError is a misuse of the connection, a bug.
+_SERVER_ENDED_SESSION = (
     asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
@@ -79,7 +79,7 @@ def _lock_lost(exc: Exception, before: str) -> ExportLockLost | None:
     """What a lock check that failed with ``exc`` means for the run, if it is about the session."""
     # A TimeoutError is an OSError, but the session may live on (and hold the lock).
     broken = isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
-    if broken or isinstance(exc, _SESSION_ENDED) or db.session_ended(exc):
+    if broken or isinstance(exc, _SERVER_ENDED_SESSION) or db.session_ended(exc):
         return ExportLockLost(
             f"the export lock's PostgreSQL session ended ({type(exc).__name__}): another export may "
             f"be running; not {before}"

@@ -371,6 +371,7 @@ ENDED = "the export lock's PostgreSQL session ended"
         (asyncpg.AdminShutdownError("terminating connection"), f"{ENDED} (AdminShutdownError)"),
         (asyncpg.ConnectionDoesNotExistError("closed"), f"{ENDED} (ConnectionDoesNotExistError)"),
         (ConnectionResetError(104, "reset"), f"{ENDED} (ConnectionResetError)"),
+        (asyncpg.InterfaceError("connection is closed"), f"{ENDED} (InterfaceError)"),
     ],
 )
 def test_a_failed_lock_check_says_whether_the_session_ended_or_is_unknown(exc: Exception, said: str) -> None:
@@ -380,5 +381,14 @@ def test_a_failed_lock_check_says_whether_the_session_ended_or_is_unknown(exc: E
     assert lost is not None and str(lost) == f"{said}{why}; not publishing"
 
 
-def test_a_lock_check_failing_for_another_reason_is_a_bug() -> None:
-    assert _lock_lost(KeyError("x"), "publishing") is None
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KeyError("x"),
+        asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+        asyncpg.InterfaceError("the server expects 1 argument for this query, 0 were passed"),
+    ],
+)
+def test_a_lock_check_failing_for_another_reason_is_a_bug(exc: Exception) -> None:
+    # Not "the session ended": a misuse of the connection is raised as it is
+    assert _lock_lost(exc, "publishing") is None
