@@ -48,6 +48,10 @@ PEEK_HOLD_S = 30
 PEEK_WAIT_S = 1
 # The poller re-peeks the dead-letter queue when a message left it, else at least this often.
 REPEEK_EVERY_S = 300.0
+# A peek the role may not make (AccessDenied) is asked again this much later: often enough to notice
+# a grant restored (IAM changes take a while to apply everywhere), seldom enough that the refusals do
+# not count toward the SQS error alert.
+DENIED_REPEEK_S = 3600.0
 
 SQS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
@@ -249,14 +253,14 @@ class OldestAgeTracker:
     message is oldest, so it peeks again only when the count dropped (something left) or the last
     peek is older than ``repeek_every_s``. Between peeks the age grows with the clock. A queue whose
     peek the role may not make (AccessDenied: deploy/iam/README.md lets the consumer drop that
-    grant) is not peeked again: every refusal would count as a failed SQS call, and enough of them
-    would trip the SQS error alert."""
+    grant) is peeked again only after ``DENIED_REPEEK_S``: every refusal counts as a failed SQS
+    call, and one every poll would trip the SQS error alert."""
 
     def __init__(self, *, repeek_every_s: float = REPEEK_EVERY_S, now_s: Callable[[], float] = time.time):
         self._repeek_every_s = repeek_every_s
         self._now_s = now_s
         self._peeked: dict[str, _Peeked] = {}
-        self._denied: set[str] = set()
+        self._denied_at: dict[str, float] = {}
 
     async def depth(self, sqs: SQSClient, queue: str, url: str, *, peek: bool) -> QueueDepth:
         counts = await read_counts(sqs, url)
@@ -264,7 +268,9 @@ class OldestAgeTracker:
         if counts.total == 0:
             self._peeked.pop(queue, None)
             return _depth(queue, url, counts, 0.0)
-        if not peek or counts.has_redrive_policy or queue in self._denied:
+        denied_at = self._denied_at.get(queue)
+        recently_denied = denied_at is not None and now - denied_at < DENIED_REPEEK_S
+        if not peek or counts.has_redrive_policy or recently_denied:
             return _depth(queue, url, counts, None)
         last = self._peeked.get(queue)
         stale = last is None or counts.total < last.total or now - last.peeked_at_s >= self._repeek_every_s
@@ -276,12 +282,16 @@ class OldestAgeTracker:
                 # rather than nothing at all while the peek keeps failing (e.g. no sqs:ReceiveMessage).
                 denied = _access_denied(exc)
                 if denied:
-                    self._denied.add(queue)
+                    self._denied_at[queue] = now
                 log.warning(
-                    "queue_oldest_age_unavailable", queue=queue, error=_reason(exc), asked_again=not denied
+                    "queue_oldest_age_unavailable",
+                    queue=queue,
+                    error=_reason(exc),
+                    asked_again_in_s=DENIED_REPEEK_S if denied else None,
                 )
                 self._peeked.pop(queue, None)
                 return _depth(queue, url, counts, None)
+            self._denied_at.pop(queue, None)
             if sent_ms is not None:
                 last = self._peeked[queue] = _Peeked(counts.total, sent_ms, now)
         elif last is not None and counts.total > last.total:

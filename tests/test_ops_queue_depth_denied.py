@@ -18,7 +18,13 @@ from ops.queue_stats import Thresholds, exceeded, read_stats
 from shared import aws
 from shared.metrics import QUEUE_MESSAGES
 from shared.provision import QueuePair
-from shared.queue_depth import DEAD_LETTER_QUEUE, poll_queue_depths, queue_urls
+from shared.queue_depth import (
+    DEAD_LETTER_QUEUE,
+    DENIED_REPEEK_S,
+    OldestAgeTracker,
+    poll_queue_depths,
+    queue_urls,
+)
 from shared.settings import AwsSettings, QueueSettings
 from tests.fault_proxy import SqsFaultProxy
 
@@ -80,11 +86,35 @@ async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
     assert gauge("jiralake_queue_messages", queue=DEAD_LETTER_QUEUE, state="visible") == 2
     assert gauge("jiralake_queue_oldest_message_age_seconds", queue=DEAD_LETTER_QUEUE) is None
     refused = [e for e in logs if e["event"] == "queue_oldest_age_unavailable"]
-    assert [(e["queue"], e["asked_again"]) for e in refused] == [(DEAD_LETTER_QUEUE, False)]
+    assert [(e["queue"], e["asked_again_in_s"]) for e in refused] == [(DEAD_LETTER_QUEUE, DENIED_REPEEK_S)]
     assert "AccessDenied" in refused[0]["error"]
     # AND the refused peek is not asked again round after round (each would count as a failed SQS
     # call toward JiralakeSqsErrors)
     assert proxy.counts.requests["ReceiveMessage"] == 1
+
+
+async def test_a_refused_peek_is_asked_again_an_hour_later(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN an event on the DLQ, and a tracker whose peek SQS refused (a grant being restored: IAM
+    # changes take a while to apply everywhere)
+    await dead_letter(aws_settings, queues, 1)
+    clock = [1_000_000.0]
+    tracker = OldestAgeTracker(now_s=lambda: clock[0])
+    async with DenyReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+        denied = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        async with aws.sqs_client(denied) as sqs:
+            first = await tracker.depth(sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek=True)
+            assert (first.visible, first.oldest_age_s) == (1, None)
+            # WHEN it polls again within the hour, and then after it, the grant restored
+            clock[0] += DENIED_REPEEK_S - 1
+            await tracker.depth(sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek=True)
+            assert proxy.counts.requests["ReceiveMessage"] == 1
+    clock[0] += 1
+    async with aws.sqs_client(aws_settings) as sqs:
+        depth = await tracker.depth(sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek=True)
+    # THEN the age is back
+    assert depth.oldest_age_s is not None
 
 
 async def test_queue_stats_still_checks_the_thresholds_when_the_peek_is_refused(
