@@ -167,8 +167,12 @@ async def _export_under_lock(
 # is gone (a lost instance sends no FIN): TCP keepalives after 60 s idle, every 10 s, 6 unanswered
 # end the session in about 2 minutes; the server's defaults (the OS's, often 2 hours) kept the lock,
 # and every export was skipped as "another export is running", that long.
+#
+# A Parquet read is idle in its transaction while parts upload, so a server-side (role or database)
+# idle_in_transaction_session_timeout would end it mid-export: off for this session.
 SOURCE_SERVER_SETTINGS = {
     "max_parallel_workers_per_gather": "0",
+    "idle_in_transaction_session_timeout": "0",
     "tcp_keepalives_idle": "60",
     "tcp_keepalives_interval": "10",
     "tcp_keepalives_count": "6",
@@ -176,12 +180,8 @@ SOURCE_SERVER_SETTINGS = {
 
 
 async def open_source(settings: ExporterSettings) -> asyncpg.Connection:
-    """The connection that holds the export lock and reads the rows (one backend, no parallel workers).
-    A Parquet read is idle in its transaction while parts upload, so a server-side
-    idle_in_transaction_session_timeout would end it mid-export: turned off for this session."""
-    conn = await _connect(settings, server_settings=SOURCE_SERVER_SETTINGS)
-    await conn.execute("SET idle_in_transaction_session_timeout = 0")
-    return conn
+    """The connection that holds the export lock and reads the rows (one backend, no parallel workers)."""
+    return await _connect(settings, server_settings=SOURCE_SERVER_SETTINGS)
 
 
 async def _connect(settings: ExporterSettings, **kwargs: Any) -> asyncpg.Connection:

@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from receiver.message_size import MessageLimits
 from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
-from shared.envelope import Envelope, delivery_id_for
+from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
 from shared.sqs_batch import entry_bytes
 
@@ -37,8 +37,8 @@ _DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,512}$")
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}$")
 # What an ignored event whose webhookEvent is no plain name is reported (and logged) as.
 UNNAMED_EVENT = "unknown"
-# The only characters valid UTF-8 JSON text can hold raw that SQS refuses in a message body: queued
-# as their escapes (\uffff), which stand for the same characters.
+# The only characters valid UTF-8 JSON text can hold raw that SQS refuses in a message body (UTF-8
+# holds no surrogates): queued as their JSON escapes (shared.envelope.sqs_safe_json).
 _SQS_FORBIDDEN = ("\ufffe", "\uffff")
 # How aiohttp's HTTP errors begin their text ("400, message:\n  ...").
 _STATUS_PREFIX = re.compile(r"^[0-9]{3}, message:")
@@ -205,10 +205,7 @@ def _decode(body: bytes) -> str:
         ) from None
     # Plain substring tests: much cheaper than a regex scan of a non-ASCII body; ASCII skips both.
     if not text.isascii() and any(char in text for char in _SQS_FORBIDDEN):
-        # Only these two: anything else SQS refuses (a raw control character) is no valid JSON, and
-        # the parser must still see it to refuse the body.
-        for char in _SQS_FORBIDDEN:
-            text = text.replace(char, f"\\u{ord(char):04x}")
+        return sqs_safe_json(text)
     return text
 
 

@@ -46,16 +46,19 @@ _DEDUP_ID = re.compile(r"^[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128
 # Characters SQS refuses in a message attribute value (it takes #x9, #xA, #xD, #x20-#xD7FF,
 # #xE000-#xFFFD and #x10000-#x10FFFF): other control characters, surrogates, U+FFFE and U+FFFF.
 _SQS_REFUSED = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Of those, the ones valid JSON text may hold raw (inside strings): surrogates, U+FFFE and U+FFFF.
+_JSON_RAW_SQS_REFUSED = re.compile("[\ud800-\udfff\ufffe\uffff]")
 
 
 def sqs_safe_json(text: str) -> str:
-    """JSON text that SQS takes as a message body: each character it refuses written as its
-    ``\\uXXXX`` escape. Valid JSON holds such characters (U+FFFE, U+FFFF, and in a Python string a
-    lone surrogate decoded from an escape like ``"\\ud83d"``) only inside strings, where the escape
-    stands for the same character: the JSON value does not change."""
+    """JSON text that SQS takes as a message body: each character that valid JSON may hold raw but
+    SQS refuses (U+FFFE, U+FFFF, and in a Python string a lone surrogate decoded from an escape such
+    as ``"\\ud83d"``) written as its JSON escape. They stand only inside strings, where the escape
+    means the same character: the JSON value does not change. Anything else SQS refuses (a raw
+    control character) is no valid JSON, and is left for the parser to refuse."""
     if text.isascii():
         return text
-    return _SQS_REFUSED.sub(lambda char: f"\\u{ord(char.group()):04x}", text)
+    return _JSON_RAW_SQS_REFUSED.sub(lambda char: f"\\u{ord(char.group()):04x}", text)
 
 
 class InvalidEnvelope(ValueError):
