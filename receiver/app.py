@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -75,6 +75,12 @@ class Receiver:
     stopping: bool = False
     # Requests reading their bodies now (bounded by settings.max_bodies_reading).
     reading: int = 0
+    # Webhook requests being handled now, and set whenever there are none: shutdown waits for them.
+    handling: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def problem(self) -> str | None:
         """Why the receiver should not get traffic now (checked before asking SQS), or None."""
@@ -208,9 +214,25 @@ async def _stop_accepting(app: web.Application) -> None:
     # Shutdown began: new webhooks get 503 (Jira retries them elsewhere or later); those in flight
     # have their entries sent at once rather than after the batch wait.
     receiver = app[RECEIVER]
+    if receiver.stopping:
+        return  # finish_in_flight did this already; aiohttp's on_shutdown comes after it
     receiver.stopping = True
     receiver.batcher.drain()
     log.info("receiver_stopping_accepting_webhooks")
+
+
+async def finish_in_flight(app: web.Application, timeout_s: float) -> None:
+    """Shutdown's first step after the listening socket closes, before aiohttp's own shutdown: refuse
+    new webhooks (503), send waiting entries at once, and wait up to ``timeout_s`` for the webhooks
+    being handled to be answered. aiohttp's shutdown stops reading every connection at once, so a
+    body still arriving then would be cut off and its request never answered, logged or counted."""
+    receiver = app[RECEIVER]
+    await _stop_accepting(app)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await receiver.idle.wait()
+    except TimeoutError:
+        log.warning("receiver_requests_still_running", requests=receiver.handling, grace_s=timeout_s)
 
 
 async def expect_webhook(request: web.Request) -> web.Response | None:
@@ -231,6 +253,20 @@ async def expect_webhook(request: web.Request) -> web.Response | None:
 
 async def handle_webhook(request: web.Request) -> web.Response:
     receiver = request.app[RECEIVER]
+    receiver.handling += 1
+    receiver.idle.clear()
+    try:
+        response = await _handle_webhook(request, receiver)
+    finally:
+        receiver.handling -= 1
+        if receiver.handling == 0:
+            receiver.idle.set()
+    if receiver.stopping:
+        response.force_close()  # shutting down: no next request on this connection
+    return response
+
+
+async def _handle_webhook(request: web.Request, receiver: Receiver) -> web.Response:
     started = time.perf_counter()
     received_at_ms = receiver.clock_ms()
     fields: dict[str, object] = {}

@@ -1,8 +1,9 @@
 """Run the receiver until SIGTERM/SIGINT, then shut down gracefully.
 
-Shutdown order: stop listening and mark /readyz unavailable; let requests in flight finish (they
-wait for their SQS batch); send whatever entries still wait; close the SQS client; exit. Each step
-is bounded by ``shutdown_grace_s``. The signal handlers in place before are restored afterwards.
+Shutdown order: stop listening and mark /readyz unavailable; let requests in flight finish (their
+bodies may still be arriving; then they wait for their SQS batch); close the connections; send
+whatever entries still wait; close the SQS client; exit. Each wait is bounded by
+``shutdown_grace_s``. The signal handlers in place before are restored afterwards.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import aiobotocore
 import structlog
 from aiohttp import web
 
-from receiver.app import RECEIVER, WEBHOOK_PATH, build_app, server_options
+from receiver.app import RECEIVER, WEBHOOK_PATH, build_app, finish_in_flight, server_options
 from receiver.batcher import SqsBatcher
 from receiver.settings import ReceiverSettings
 from shared import aws
@@ -27,6 +28,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The User-Agent of the receiver's SQS calls (botocore appends "botocore/<version>"); it also tells
 # the receiver's calls apart in CloudTrail.
 SQS_USER_AGENT = f"jiralake-receiver aiobotocore/{aiobotocore.__version__}"
+# aiohttp's own wait for requests at shutdown, after finish_in_flight has waited the grace period:
+# what is still running then only gets this long before it is cancelled.
+CLOSE_WAIT_S = 1.0
 
 
 async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -55,12 +59,15 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
         async with client as sqs:
             app = build_app(settings, sqs)
             runner = web.AppRunner(
-                app, access_log=None, shutdown_timeout=settings.shutdown_grace_s, **server_options(settings)
+                app, access_log=None, shutdown_timeout=CLOSE_WAIT_S, **server_options(settings)
             )
             await runner.setup()
+            site: web.TCPSite | None = None
             admin: web.AppRunner | None = None
             try:
-                await web.TCPSite(runner, settings.host, settings.port).start()
+                listening = web.TCPSite(runner, settings.host, settings.port)
+                await listening.start()
+                site = listening
                 admin = await start_admin_server(
                     admin_app(app[RECEIVER].readiness), settings.admin_host, settings.admin_port
                 )
@@ -78,7 +85,10 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                 await until_stopped(stop, app[RECEIVER].batcher)
                 log.info("receiver_shutdown_started")
             finally:
-                # Stops listening, lets in-flight requests finish, then flushes the batcher.
+                if site is not None:
+                    await site.stop()  # stop listening; open connections still read their requests
+                    await finish_in_flight(app, settings.shutdown_grace_s)
+                # Closes the connections, then flushes the batcher.
                 await runner.cleanup()
                 if admin is not None:
                     await admin.cleanup()
