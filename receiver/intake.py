@@ -34,7 +34,7 @@ READ_CHUNK_BYTES = 64 * 1024
 _RETRY_COUNT = re.compile(r"^[0-9]{1,9}$")
 # Printable ASCII without spaces: what Jira sends, and safe as an SQS attribute value.
 _DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,512}$")
-_EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}$")
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9:_.\-]{1,128}\Z")  # \Z: `$` also matches before a final newline
 # What an ignored event whose webhookEvent is no plain name is reported (and logged) as.
 UNNAMED_EVENT = "unknown"
 # The only characters valid UTF-8 JSON text can hold raw that SQS refuses in a message body (UTF-8

@@ -322,6 +322,9 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
          "jira:issue_updated event has a non-numeric issue id 'PROJ-1'"),
         (b'{"webhookEvent": "jira:issue_updated x", "issue": {"id": "1"}}', {}, 400, "bad_request",
          "webhookEvent is not a valid event type name"),
+        # Python's `$` also matches before a final newline: the name must end where the string ends
+        (b'{"webhookEvent": "jira:issue_deleted\\n", "issue": {"id": "1"}}', {}, 400, "bad_request",
+         "webhookEvent is not a valid event type name"),
         # A raw control character is no JSON, also beside U+FFFF (which alone would be escaped and queued)
         ('{"webhookEvent": "jira:issue_updated", "issue": {"id": "1"}, "x": "a\x01b\uffff"}'.encode(), {},
          400, "bad_request", "body is not JSON: Invalid control character at: line 1 column 69 (char 68)"),
@@ -336,7 +339,8 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
     ],
     ids=[
         "missing-signature", "wrong-signature", "not-json", "not-an-object", "not-utf8", "nan", "too-deep",
-        "no-issue-id", "non-numeric-issue-id", "odd-event-type", "control-char-and-uffff",
+        "no-issue-id", "non-numeric-issue-id", "odd-event-type", "event-type-with-final-newline",
+        "control-char-and-uffff",
         "bad-delivery-header",
         "text-plain", "form", "oversized-content-length",
     ],
