@@ -73,6 +73,15 @@ def _id_text(value: Any) -> Any:
 IdText = Annotated[str, BeforeValidator(_id_text)]
 
 
+def _no_flag(value: Any) -> Any:
+    # JSON true/false is no timestamp (it does not count, like any other non-number); pydantic's lax
+    # int would read true as 1 ms.
+    return None if isinstance(value, bool) else value
+
+
+Timestamp = Annotated[int | str | None, BeforeValidator(_no_flag)]
+
+
 class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -106,7 +115,7 @@ class ChangelogRef(_Tolerant):
 
 class JiraWebhook(_Tolerant):
     webhookEvent: str | None = None
-    timestamp: int | str | None = None
+    timestamp: Timestamp = None
     issue_event_type_name: str | None = None
     issue: IssueRef | None = None
     comment: CommentRef | None = None
@@ -294,7 +303,7 @@ class _SlimChangelog(_Slim):
 
 class _SlimWebhook(_Slim):
     webhookEvent: str | None = None
-    timestamp: int | str | None = None
+    timestamp: Timestamp = None
     issue_event_type_name: str | None = None
     issue: _SlimIssue | None = None
     comment: _SlimComment | None = None

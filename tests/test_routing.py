@@ -119,10 +119,12 @@ def test_events_the_consumer_could_never_store_are_refused(payload: object, reas
         # A timestamp that is no time falls back to the updated time; one that is a time wins.
         (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=-5),
          1594082228707),
+        (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=True),
+         1594082228707),
         (_issue_event({"id": "1", "fields": {"updated": "0001-01-01T00:00:00.000+1400"}}, timestamp=7), 7),
     ],
     ids=["largest-id-and-time", "zero-padded-ts", "updated-last-ms", "updated-first-ms", "ts-negative",
-         "ts-wins"],
+         "ts-true", "ts-wins"],
 )  # fmt: skip
 def test_the_bounds_themselves_are_accepted(payload: object, event_ts_ms: int) -> None:
     routed = route(payload)

@@ -72,6 +72,7 @@ times = st.one_of(
     jira_times,
     st.text(max_size=12),
     st.floats(),
+    st.booleans(),
 )
 events = st.sampled_from(
     [
