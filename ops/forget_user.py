@@ -11,7 +11,8 @@ is the person's user object when its id fields say so (for ``--username`` it mus
 not one); display names are never matched, so a namesake is never touched. The ``key`` of the
 person's user objects (Data Center keys such as ``JIRAUSER10100``, which changelog items carry in
 ``from``/``to``) and, on Cloud, the ``name``/``key`` old payloads carried beside the ``accountId`` are
-learned from ``ap_jira_task`` first and matched in changelog items of both tables.
+learned from ``ap_jira_task`` first and matched in changelog items of both tables (a pass over
+``ap_jira_task`` that learned an id is followed by another, for the rows searched before it).
 
 **What changes.** Each of the person's user objects anywhere in ``raw`` (assignee, reporter,
 creator, comment and worklog authors, user-picker custom fields, changelog authors: the JSON is
@@ -108,6 +109,7 @@ EVENT_TABLE = "ap_jira_task_event"
 LOG_STARTED = "forget_user_started"
 LOG_BATCH = "forget_user_batch"
 LOG_PROGRESS = "forget_user_progress"
+LOG_NEW_IDS = "forget_user_searching_again_for_new_ids"
 LOG_FINISHED = "forget_user_finished"
 LOG_STOPPED = "forget_user_stopped"
 
@@ -335,40 +337,71 @@ async def forget(
     ``stop`` is set (checked between batches). A username needs ``person.pseudonym`` set."""
     started = clock()
     summary = ForgetSummary(person.mode, dry_run, batch_size, pseudonym=person.pseudonym)
-    last_logged = started
+    progress = _Progress(clock, started)
     for table in TABLES:
-        after = table.start
+        changed: set[Any] = set()  # a row changed in two passes counts once
         while True:
-            if stop is not None and stop.is_set():
-                summary.stopped = True
+            known = set(person.learned)
+            await _pass(conn, table, person, batch_size, dry_run, stop, summary, changed, progress)
+            # ap_jira_task teaches the person's other ids (keys) as it goes: the rows before the one
+            # that taught a key were searched without it, so the table is searched again with it.
+            if summary.stopped or person.learned == known:
                 break
-            found = await table.find(conn, after, person, batch_size)
-            if not found:
-                break
-            after = found[-1][table.key]
-            # What needs a change, judged on the unlocked read; only those rows are locked and read again.
-            needed = [row[table.key] for row in found if table.scrub(row, person) is not None]
-            changes: list[tuple[Any, ...]] = []
-            if dry_run:
-                changes = [(key,) for key in needed]
-            elif needed:
-                async with conn.transaction():
-                    locked = await table.lock(conn, needed)
-                    changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
-                    if changes:
-                        await table.write(conn, changes)
-            summary.rows[table.name] += len(changes)
-            summary.batches += 1
-            log.debug(LOG_BATCH, table=table.name, found=len(found), changed=len(changes), dry_run=dry_run)
-            if clock() - last_logged >= PROGRESS_LOG_INTERVAL_S:
-                last_logged = clock()
-                log.info(LOG_PROGRESS, table=table.name, rows=dict(summary.rows), batches=summary.batches)
-            if len(found) < batch_size:
-                break
+            log.debug(LOG_NEW_IDS, table=table.name, ids=len(person.learned) - len(known))
         if summary.stopped:
             break
     summary.duration_s = clock() - started
     return summary
+
+
+@dataclass
+class _Progress:
+    clock: Callable[[], float]
+    last_logged: float
+
+
+async def _pass(
+    conn: asyncpg.Connection,
+    table: _Table,
+    person: Person,
+    batch_size: int,
+    dry_run: bool,
+    stop: asyncio.Event | None,
+    summary: ForgetSummary,
+    changed: set[Any],
+    progress: _Progress,
+) -> None:
+    """One pass over ``table`` in key order, batch by batch; the keys of the rows changed (or, with
+    ``dry_run``, that would be) go into ``changed``."""
+    after = table.start
+    while True:
+        if stop is not None and stop.is_set():
+            summary.stopped = True
+            return
+        found = await table.find(conn, after, person, batch_size)
+        if not found:
+            return
+        after = found[-1][table.key]
+        # What needs a change, judged on the unlocked read; only those rows are locked and read again.
+        needed = [row[table.key] for row in found if table.scrub(row, person) is not None]
+        changes: list[tuple[Any, ...]] = []
+        if dry_run:
+            changes = [(key,) for key in needed]
+        elif needed:
+            async with conn.transaction():
+                locked = await table.lock(conn, needed)
+                changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
+                if changes:
+                    await table.write(conn, changes)
+        changed.update(change[0] for change in changes)
+        summary.rows[table.name] = len(changed)
+        summary.batches += 1
+        log.debug(LOG_BATCH, table=table.name, found=len(found), changed=len(changes), dry_run=dry_run)
+        if progress.clock() - progress.last_logged >= PROGRESS_LOG_INTERVAL_S:
+            progress.last_logged = progress.clock()
+            log.info(LOG_PROGRESS, table=table.name, rows=dict(summary.rows), batches=summary.batches)
+        if len(found) < batch_size:
+            return
 
 
 async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None:

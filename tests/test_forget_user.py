@@ -288,6 +288,50 @@ async def test_a_data_center_key_given_with_key_is_scrubbed_where_no_issue_shows
     assert (item["to"], item["toString"]) == ("craig", "Craig Vitter")
 
 
+async def test_a_key_learned_from_a_later_issue_is_scrubbed_from_the_issues_before_it(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an issue (lower id, so searched first) whose raw changelog, as backfill --changelog stores
+    # it, names a former assignee only by their Data Center key; and a later issue assigned to them,
+    # whose user object is the only place that tells the key
+    earlier = {
+        "id": "1", "key": "A-1",
+        "fields": {"assignee": {"name": "craig", "key": "craig", "displayName": "Craig Vitter"}},
+        "changelog": {"histories": [{
+            "author": {"name": "craig", "key": "craig", "displayName": "Craig Vitter"},
+            "items": [{"field": "assignee", "fieldtype": "jira", "from": "JIRAUSER10500",
+                       "fromString": "Lev Brouk", "to": "craig", "toString": "Craig Vitter"}],
+        }]},
+    }  # fmt: skip
+    later = {
+        "id": "2", "key": "A-2",
+        "fields": {"assignee": {"name": "levbrouk", "key": "JIRAUSER10500", "displayName": "Lev Brouk",
+                                "emailAddress": "lev@example.com"}},
+    }  # fmt: skip
+    rows: list[tuple[int, str, str, str, dict[str, Any]]] = [
+        (1, "A-1", "craig", "Craig Vitter", earlier),
+        (2, "A-2", "levbrouk", "Lev Brouk", later),
+    ]
+    await pg.executemany(
+        "INSERT INTO ap_jira_task (issue_id, issue_key, assignee_account_id, assignee_display_name, raw) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        rows,
+    )
+    # WHEN the person is counted, then forgotten, by username alone
+    counted = await forget_user.run(db_settings, Person(username="levbrouk"), batch_size=1, dry_run=True)
+    summary = await forget_user.run(db_settings, Person(username="levbrouk"), batch_size=1, dry_run=False)
+    # THEN both issues were scrubbed, each counted once, and nothing names them any more
+    assert counted.rows == summary.rows == {"ap_jira_task": 2, "ap_jira_task_event": 0}
+    assert await rows_mentioning(pg, "Lev Brouk") == await rows_mentioning(pg, "JIRAUSER10500") == ([], [])
+    [history] = await pg.fetchval(
+        "SELECT raw -> 'changelog' -> 'histories' FROM ap_jira_task WHERE issue_id = 1"
+    )
+    assert history["items"] == [
+        {"field": "assignee", "fieldtype": "jira", "from": summary.pseudonym, "fromString": FORMER_USER}
+        | {"to": "craig", "toString": "Craig Vitter"}
+    ]
+
+
 async def test_a_data_center_user_can_take_the_alias_jira_s_anonymization_gave_them(
     pg: asyncpg.Connection, db_settings: DatabaseSettings
 ) -> None:
