@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import enum
+import re
 
 import asyncpg
 from botocore.exceptions import (
@@ -75,6 +76,10 @@ _SQS_RETRYABLE_CODES = frozenset(
 )
 
 
+# How asyncpg words an argument it could not encode: "invalid input for query argument $45: <value> (<why>)".
+_BAD_ARGUMENT = re.compile(r"^invalid input for query argument \$[0-9]+:")
+
+
 def classify(exc: BaseException) -> Outcome:
     if isinstance(exc, (InvalidMessage, InvalidEnvelope, InvalidEvent, *_PG_INVALID)):
         return Outcome.INVALID
@@ -94,4 +99,9 @@ def classify(exc: BaseException) -> Outcome:
 def describe(exc: BaseException) -> tuple[str, str]:
     """``(error_class, error_message)`` for a dead-letter's attributes and the log."""
     message = " ".join(str(exc).split()) or repr(exc)
+    argument = _BAD_ARGUMENT.match(message)
+    if isinstance(exc, asyncpg.DataError) and argument and exc.__cause__ is not None:
+        # asyncpg quotes the start of the argument (for the batch's arrays, other events' values:
+        # display names, summaries); the reason alone, from its cause, quotes at most one character.
+        message = f"{argument[0]} {' '.join(str(exc.__cause__).split())}"
     return type(exc).__name__, message

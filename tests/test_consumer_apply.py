@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from backfill.snapshot import reconciled_delete_envelope
 from consumer.apply import apply_envelopes
@@ -435,6 +436,32 @@ async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     assert result.results[0].error_message == (
         "issue object cannot be stored as JSON: str is not valid UTF-8: surrogates not allowed"
     )
+
+
+async def test_text_that_cannot_be_encoded_is_reported_without_quoting_anyone_s_values(
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a batch of two updates whose actors are two people, one display name holding a lone
+    # surrogate (valid JSON, no Unicode text), which fails asyncpg's encoding of the whole array
+    good = make_event(ASSIGNED, issue_id=1, ts=2000)
+    good["user"]["displayName"] = "Alice Bystander"
+    bad_event = make_event(ASSIGNED, issue_id=2, ts=2000)
+    bad_event["user"]["displayName"] = "SURROGATE Mallory"
+    bad = json.dumps(bad_event).replace("SURROGATE", "\\ud800", 1)  # the JSON escape of a lone surrogate
+    assert "Mallory" in bad
+    with structlog.testing.capture_logs() as logs:
+        result = await apply_envelopes(pg, [envelope_of(good), envelope_of(bad)])
+    # THEN the bad one alone is invalid, with asyncpg's reason but neither person's name
+    assert [r.outcome for r in result.results] == ["applied", "invalid"]
+    message = result.results[1].error_message or ""
+    assert re.fullmatch(
+        r"invalid input for query argument \$[0-9]+: 'utf-8' codec can't encode character '\\ud800' in "
+        r"position 0: surrogates not allowed",
+        message,
+    ), message
+    [isolating] = [e for e in logs if e["event"] == "batch_rejected_isolating"]
+    assert "Alice" not in isolating["error_message"] and "Mallory" not in isolating["error_message"]
+    assert isolating["error_message"] == message
 
 
 @pytest.mark.parametrize("depth", [300, 1000])
