@@ -78,8 +78,9 @@ EXIT_CODES_HELP = (
 )
 
 # -- cutoff --
-# Postgres's clock, the one ingested_at comes from.
-CUTOFF_SQL = "SELECT now() - make_interval(days => $1)"
+# Postgres's clock, the one ingested_at comes from. Days of 24 hours: SQS counts its retention in
+# seconds, and a calendar day in a session time zone with daylight saving may be 23 hours.
+CUTOFF_SQL = "SELECT now() - make_interval(hours => 24 * $1)"
 
 # -- oldest_recorded --
 OLDEST_SQL = "SELECT min(ingested_at) FROM ap_jira_task_event"

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import date, timedelta
 from typing import Any
 
 import asyncpg
@@ -125,6 +126,21 @@ async def test_deletes_exactly_the_rows_recorded_before_the_cutoff_in_batches(pg
     assert (third.rows, third.batches) == (0, 0)
     assert await remaining(pg) == sorted(d13 + today)
     assert not set(d40) & set(await remaining(pg))
+
+
+async def test_the_cutoff_is_whole_24_hour_days_back_even_across_a_daylight_saving_change(
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a session time zone whose clocks moved an hour forward a week ago (a made-up POSIX zone,
+    # so the change is inside the window whatever today's date): a calendar day there can be 23 hours
+    starts, ends = (date.today() - timedelta(days=days) for days in (7, -150))
+    days = [day.timetuple().tm_yday - 1 for day in (starts, ends)]  # POSIX "n": 0-based day of the year
+    await pg.execute(f"SET TimeZone = 'XST0XDT,{days[0]}/2,{days[1]}/2'")
+    async with pg.transaction():  # one now() for the whole test
+        assert await pg.fetchval("SELECT now() - interval '14 days' <> now() - interval '336 hours'")
+        # WHEN the cutoff for --older-than 14 is taken, THEN it is 336 hours back, as SQS counts
+        cutoff = await cutoff_for(pg, 14)
+        assert await pg.fetchval("SELECT now() - $1::timestamptz", cutoff) == timedelta(hours=336)
 
 
 async def test_an_empty_history_is_nothing_to_do(pg: asyncpg.Connection) -> None:
