@@ -21,6 +21,7 @@ is impossible.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -172,6 +173,9 @@ async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> lis
         WaitTimeSeconds=wait_s,
         MessageAttributeNames=["All"],
         MessageSystemAttributeNames=["All"],
+        # FIFO: botocore's retry of a receive whose answer was lost reuses the id and gets the same
+        # messages back, instead of finding them hidden for hold_s and reading that as an empty queue.
+        ReceiveRequestAttemptId=uuid.uuid4().hex,
     )
     return [dict(m) for m in resp.get("Messages", [])]
 

@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from ops import dlq
 from ops.text_table import format_table
@@ -18,9 +20,14 @@ from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.jira_event import is_issue_id
-from shared.queue_depth import QueueCounts, read_counts
+from shared.queue_depth import SQS_ERRORS, QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 from shared.shutdown import signal_exit_code, stop_on_signals
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+
+log = structlog.get_logger()
 
 DEFAULT_LIST_LIMIT = 100
 
@@ -165,10 +172,10 @@ def _field(value: Any) -> str:
 
 def _replay_command(args: argparse.Namespace) -> int:
     aws, queues = _settings()
-    summary, dlq_total, stopped_by = asyncio.run(
+    summary, counts, stopped_by = asyncio.run(
         _replay(aws, queues, limit=args.limit, issue_id=args.issue, dry_run=args.dry_run)
     )
-    print(render_replay(summary, dlq_total=dlq_total))
+    print(render_replay(summary, counts))
     if stopped_by is not None:
         raise CommandError(
             f"dlq replay stopped by {stopped_by.name} after {summary.replayed + summary.failed} "
@@ -180,37 +187,55 @@ def _replay_command(args: argparse.Namespace) -> int:
 
 async def _replay(
     aws: AwsSettings, queues: QueueSettings, *, limit: int | None, issue_id: str | None, dry_run: bool
-) -> tuple[dlq.ReplaySummary, int | None, signal.Signals | None]:
-    """The summary; for a dry run also what the DLQ holds (a dry run cannot see all of it); and the
+) -> tuple[dlq.ReplaySummary, QueueCounts | None, signal.Signals | None]:
+    """The summary; the DLQ's counts (before a dry run, which cannot see all of it; after a replay,
+    which shows what someone else held meanwhile), or None where SQS did not give them; and the
     signal that stopped the replay between batches, if one did."""
     async with sqs_client(aws) as sqs:
         with stop_on_signals() as stop:
-            dlq_total = (await read_counts(sqs, queues.dlq_url)).total if dry_run else None
+            counts = await _counts(sqs, queues.dlq_url) if dry_run else None
             summary = await dlq.replay_dead_letters(
                 sqs, queues, limit=limit, issue_id=issue_id, dry_run=dry_run, stop=stop.event
             )
-        return summary, dlq_total, stop.signal
+            if not dry_run and not summary.stopped and stop.signal is None:
+                counts = await _counts(sqs, queues.dlq_url)
+        return summary, counts, stop.signal
 
 
-def render_replay(summary: dlq.ReplaySummary, *, dlq_total: int | None = None) -> str:
+async def _counts(sqs: SQSClient, dlq_url: str) -> QueueCounts | None:
+    try:
+        return await read_counts(sqs, dlq_url)
+    except SQS_ERRORS as exc:
+        log.warning("dlq_counts_unavailable", error_class=type(exc).__name__, error=str(exc))
+        return None
+
+
+def render_replay(summary: dlq.ReplaySummary, counts: QueueCounts | None = None) -> str:
     lines = [
         f"{r.outcome.replace('_', ' ')}: issue {r.issue_id or '-'} {r.event_type or '-'} "
         f"(message {r.message_id})" + (f": {r.reason}" if r.reason else "")
         for r in summary.results
         if r.outcome in ("failed", "skipped") or summary.dry_run
     ]
-    counts = f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
+    outcome = f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
     if summary.dry_run:
-        counts = f"dry run, nothing changed: would replay {summary.replayed}, skipped {summary.skipped}"
+        outcome = f"dry run, nothing changed: would replay {summary.replayed}, skipped {summary.skipped}"
     if summary.other_issues:
-        counts += f"; {summary.other_issues} message(s) of other issues left in place"
-    lines.append(counts)
+        outcome += f"; {summary.other_issues} message(s) of other issues left in place"
+    lines.append(outcome)
     seen = len(summary.results) + summary.other_issues
-    if dlq_total is not None and dlq_total > seen:
+    if summary.dry_run and counts is not None and counts.total > seen:
         lines.append(
-            f"the dead-letter queue holds about {dlq_total}: a dry run may see only the first events of "
-            "an issue (SQS hands out no more of an issue while its first ones are held), so the replay "
-            "itself may move more"
+            f"the dead-letter queue holds about {counts.total}: a dry run may see only the first events "
+            "of an issue (SQS hands out no more of an issue while its first ones are held), so the "
+            "replay itself may move more"
+        )
+    if not summary.dry_run and counts is not None and counts.in_flight:
+        lines.append(
+            f"the dead-letter queue still holds about {counts.in_flight} message(s) in flight, which "
+            "this replay could not see: another reader holds them (a dlq list, another replay) or SQS's "
+            f"answer to a receive was lost; they are visible again within {dlq.REPLAY_HOLD_S // 60} "
+            "minutes: run the same command again then"
         )
     if summary.stopped:
         lines.append(f"stopped early: {summary.stopped}")

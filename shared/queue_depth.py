@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -182,6 +183,8 @@ async def peek_oldest_sent_ms(sqs: SQSClient, url: str) -> int | None:
             VisibilityTimeout=PEEK_HOLD_S,
             WaitTimeSeconds=PEEK_WAIT_S,
             MessageSystemAttributeNames=["SentTimestamp"],
+            # A retry after a lost answer gets the same messages back, not the younger ones behind them.
+            ReceiveRequestAttemptId=uuid.uuid4().hex,
         ),
     )
     messages = resp.get("Messages", [])

@@ -21,6 +21,7 @@ import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -68,7 +69,7 @@ class SqsFaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __aenter__(self) -> SqsFaultProxy:
+    async def __aenter__(self) -> Self:
         self._http = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)

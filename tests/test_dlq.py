@@ -19,7 +19,7 @@ from aiobotocore.config import AioConfig
 from aiohttp import web
 
 from jiralake import cli
-from ops import dlq
+from ops import dlq, dlq_command
 from shared import aws
 from shared.envelope import ENVELOPE_ATTRIBUTES, Envelope, error_attributes
 from shared.provision import QueuePair
@@ -416,6 +416,50 @@ async def test_a_failed_call_holds_back_the_issues_later_events(
     assert (summary.results[0].reason or "").startswith("not sent: ")
     assert await drain(aws_settings, queues.queue_url) == []
     assert by_group(await drain(aws_settings, queues.dlq_url)) == {ISSUE_A: [T0, T0 + 1]}
+
+
+class LoseFirstReceiveProxy(SqsFaultProxy):
+    """Forwards the first ReceiveMessage and answers it 500 anyway, as if SQS's answer were lost on
+    the way (the messages it received stay hidden); records every ReceiveMessage's attempt id."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(target_url)
+        self.attempt_ids: list[str | None] = []
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".ReceiveMessage"):
+            body = await request.read()
+            self.attempt_ids.append(json.loads(body).get("ReceiveRequestAttemptId"))
+            if len(self.attempt_ids) == 1:
+                await self._forward(request, body)
+                return self._error()
+        return await super()._handle(request)
+
+
+async def test_a_receive_whose_answer_was_lost_is_asked_again_as_itself_and_what_it_hid_is_reported(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN three events in the DLQ, and an SQS that receives them but whose answer is lost
+    async with aws.sqs_client(aws_settings) as sqs:
+        for i in range(3):
+            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+    async with LoseFirstReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+        lossy = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        # WHEN they are replayed
+        summary, dlq_counts, _ = await dlq_command._replay(
+            lossy, settings(queues), limit=None, issue_id=None, dry_run=False
+        )
+    # THEN botocore's retry asked for the same receive attempt, which real SQS answers with the same
+    # messages (moto ignores the attempt id, so here they stay hidden)
+    first, retry = proxy.attempt_ids[:2]
+    assert first and retry == first
+    # AND what stayed hidden is reported, not taken for an empty dead-letter queue
+    assert dlq_command.render_replay(summary, dlq_counts).splitlines() == [
+        "replayed 0, skipped 0, failed 0",
+        "the dead-letter queue still holds about 3 message(s) in flight, which this replay could not see: "
+        "another reader holds them (a dlq list, another replay) or SQS's answer to a receive was lost; "
+        "they are visible again within 5 minutes: run the same command again then",
+    ]
 
 
 async def test_replay_skips_messages_that_are_not_envelopes(
