@@ -1,5 +1,9 @@
 """Finds a PostgreSQL for the local stack: ``DATABASE_URL`` or libpq's defaults when reachable, else a
 private server started from the machine's PostgreSQL binaries (initdb + pg_ctl) in a scratch folder.
+
+The private server trusts every connection it gets (no password to keep), so it takes them only on
+its Unix socket, in a new temporary folder only the server's user can enter (mode 700; short, as a
+socket's path must be): no TCP port, and no other local user can connect, let alone as superuser.
 """
 
 from __future__ import annotations
@@ -10,19 +14,22 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import asyncpg
 import structlog
 
-from ops.local_aws import free_port
 from shared.errors import CommandError
 from shared.settings import check_database_url
 
 log = structlog.get_logger()
 
 _SERVER_USER = "postgres"
+# The private server's "port" only names its socket file (.s.PGSQL.5432) in its own folder: no TCP.
+SOCKET_PORT = 5432
 
 INSTALL_HINT = (
     "no PostgreSQL reachable and no PostgreSQL binaries found: set DATABASE_URL to a server, or install "
@@ -37,10 +44,12 @@ class LocalPostgres:
     url: str | None
     data_dir: Path | None = None
     bin_dir: Path | None = None
-    _started: bool = field(default=False, repr=False)
+    socket_dir: Path | None = None
+    # True while the private server runs (stop() stops it).
+    running: bool = field(default=False, repr=False)
 
     def stop(self) -> None:
-        if self._started and self.bin_dir and self.data_dir:
+        if self.running and self.bin_dir and self.data_dir:
             # As the server user, as it was started: pg_ctl refuses to run as root, and a server left
             # running keeps its lock file, so the next `jiralake up` could not start it.
             stopped = subprocess.run(
@@ -57,7 +66,10 @@ class LocalPostgres:
                     data_dir=str(self.data_dir),
                     error=" ".join(stopped.stderr.split())[-300:],
                 )
-            self._started = False
+            self.running = False
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
 
 
 async def reachable(url: str | None) -> bool:
@@ -111,10 +123,15 @@ async def ensure_database(server_url: str | None, name: str) -> str | None:
         addr = conn._addr  # noqa: SLF001
     finally:
         await conn.close()
-    host, port = (addr[0], addr[1]) if isinstance(addr, tuple) else (os.path.dirname(addr), None)
-    if port is None:
-        return f"postgresql://{params.user}@/{name}?host={host}"
-    return f"postgresql://{params.user}@{host}:{port}/{name}"
+    if isinstance(addr, tuple):
+        return f"postgresql://{params.user}@{addr[0]}:{addr[1]}/{name}"
+    return socket_url(params.user, name, Path(addr))
+
+
+def socket_url(user: str, database: str, socket: Path) -> str:
+    """The URL of a server's Unix socket (``<folder>/.s.PGSQL.<port>``): its folder and port."""
+    query = urlencode({"host": str(socket.parent), "port": socket.name.rpartition(".")[2]}, safe="/")
+    return f"postgresql://{user}@/{database}?{query}"
 
 
 async def local_postgres(
@@ -171,15 +188,29 @@ async def _start_private(scratch: Path, database: str) -> LocalPostgres:
     data_dir = scratch / "pgdata"
     user = "jiralake"
     prepare_dir(data_dir)
-    prepare_dir(scratch / "pgsocket")
+    pg = LocalPostgres(url=None, data_dir=data_dir, bin_dir=bin_dir)
+    try:
+        server_url = await _start_server(pg, bin_dir, data_dir, user)
+        pg.url = await ensure_database(server_url, database)
+    except BaseException:  # the caller only stops what it got back
+        pg.stop()
+        raise
+    return pg
+
+
+async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: str) -> str:
+    """Start the server for ``pg`` (initialised first if new); returns the URL of its database
+    ``postgres``."""
+    # mkdtemp's folder is mode 700: the server trusts whoever reaches its socket, so only its user may.
+    socket_dir = pg.socket_dir = Path(tempfile.mkdtemp(prefix="jiralake-pg-"))
+    prepare_dir(socket_dir)  # as root, the server's user owns it
     if not (data_dir / "PG_VERSION").exists():
         init = await _run(
             [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", user, "--auth=trust", "-E", "UTF8"]
         )
         if init.returncode != 0:
             raise CommandError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}", exit_code=2)
-    port = free_port()
-    socket_dir = scratch / "pgsocket"
+    port = SOCKET_PORT
     start = await _run(
         [
             str(bin_dir / "pg_ctl"),
@@ -189,18 +220,12 @@ async def _start_private(scratch: Path, database: str) -> LocalPostgres:
             str(data_dir / "postgres.log"),
             "-w",
             "-o",
-            f"-p {port} -c listen_addresses=127.0.0.1 -k {socket_dir}",
+            f"-p {port} -c listen_addresses='' -k {socket_dir}",
             "start",
         ]
     )
     if start.returncode != 0:
         raise CommandError(f"could not start PostgreSQL (see {data_dir / 'postgres.log'})", exit_code=2)
-    server = f"postgresql://{user}@127.0.0.1:{port}/postgres"
-    log.info("private_postgres_started", port=port, data_dir=str(data_dir))
-    pg = LocalPostgres(url=None, data_dir=data_dir, bin_dir=bin_dir, _started=True)
-    try:
-        pg.url = await ensure_database(server, database)
-    except BaseException:  # the caller only stops what it got back
-        pg.stop()
-        raise
-    return pg
+    pg.running = True
+    log.info("private_postgres_started", socket_dir=str(socket_dir), port=port, data_dir=str(data_dir))
+    return socket_url(user, "postgres", socket_dir / f".s.PGSQL.{port}")

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -280,12 +281,19 @@ async def test_without_a_server_a_private_postgres_is_started_from_the_binaries(
     from ops import local_postgres as module
 
     pg = await module._start_private(tmp_path, "jiralake")
+    socket_dir = pg.socket_dir
     try:
         conn = await asyncpg.connect(pg.url)
         assert await conn.fetchval("SELECT current_database()") == "jiralake"
+        # AND it trusts connections only on its socket, in a folder nobody but its own user may enter
+        assert await conn.fetchval("SHOW listen_addresses") == ""
         await conn.close()
+        assert socket_dir is not None and (socket_dir / ".s.PGSQL.5432").is_socket()
+        assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+        assert pg.url == f"postgresql://jiralake@/jiralake?host={socket_dir}&port=5432"
     finally:
         pg.stop()
+    assert not socket_dir.exists()
     # AND stopping it stops the server (as root too: pg_ctl must run as the server user), so the next
     # `jiralake up` in the same folder starts it again instead of finding its lock file taken
     with pytest.raises(OSError):
