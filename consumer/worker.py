@@ -58,6 +58,11 @@ EVENT_OUTCOMES = (
 # After an empty short poll (wait_time_s 0), pause this long before the next one.
 _EMPTY_POLL_PAUSE_S = 0.2
 _FIRST_BACKOFF_S = 0.5
+# After the pollers stopped (shutdown_grace_s): how long the gauge pollers may take to notice the stop,
+# and how long PostgreSQL may take to answer the pool's goodbyes, before each is cut short.
+GAUGE_STOP_S = 2.0
+POOL_CLOSE_S = 5.0
+LOG_CONNECTIONS_TERMINATED = "database_connections_terminated"
 # What _finish gets for acknowledgements that follow no apply (rejections alone, or nothing left).
 _NOTHING_APPLIED = apply.ApplyResult(results=[], duration_s=0.0)
 
@@ -140,6 +145,13 @@ class Consumer:
             for task in pending:
                 log.warning("poller_cancelled", task=task.get_name(), grace_s=self.settings.shutdown_grace_s)
                 task.cancel()
+            if pending:
+                # A query cancelled on a server that does not answer holds its poller while asyncpg
+                # waits, up to the statement timeout, for the server to confirm the cancellation.
+                _, stuck = await asyncio.wait(pending, timeout=POOL_CLOSE_S)
+                if stuck:
+                    log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
+                    self.pool.terminate()
             await asyncio.gather(*pending, *watchers, return_exceptions=True)
             if self._acks:
                 await asyncio.wait(self._acks)
@@ -527,14 +539,40 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
             await consumer.run(stop)
         finally:
             depth_stop.set()
-            for task in (depth, freshness):
-                if task is not None:
-                    await task
+            await _stop_gauge_pollers([t for t in (depth, freshness) if t is not None])
             if runner is not None:
                 await runner.cleanup()
-            await pool.close()
+            await _close_pool(pool)
     log.info("consumer_stopped", **_stats_fields(consumer.stats))
     return consumer.stats
+
+
+async def _stop_gauge_pollers(tasks: list[asyncio.Task[None]]) -> None:
+    """The gauge pollers end at their next check of the stop event; one still waiting on SQS or
+    PostgreSQL after GAUGE_STOP_S is cancelled (it only publishes gauges). One that had crashed is
+    re-raised (see stop_when_crashed)."""
+    if not tasks:
+        return
+    _, waiting = await asyncio.wait(tasks, timeout=GAUGE_STOP_S)
+    for task in waiting:
+        log.warning("gauge_poller_cancelled", task=task.get_name(), after_s=GAUGE_STOP_S)
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    for task in tasks:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close the connections politely; a server that does not answer within POOL_CLOSE_S (frozen, or
+    a network that drops packets) gets its connections closed from this side."""
+    try:
+        async with asyncio.timeout(POOL_CLOSE_S):
+            await pool.close()
+    except TimeoutError:
+        log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
+        pool.terminate()
 
 
 def stop_when_crashed(stop: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:

@@ -3,6 +3,9 @@
 While cut, every live connection is aborted (both sides) and new connections are accepted and closed
 at once (counted in ``rejected``), which a client sees as the server going away.
 
+``freeze`` stops forwarding in both directions without closing anything (until ``restore``): a server
+that stopped answering, or a network that drops its packets.
+
 With ``linger=True`` a connection the server closes stays open towards the client (until ``cut`` or
 ``close``): the client has read the server's last bytes but not yet seen the socket close, the
 moment between PostgreSQL's FATAL message and the end of the TCP connection.
@@ -25,8 +28,11 @@ class TcpProxy:
         self.port = 0
         self.cut_now = False
         self.rejected = 0
+        self.held = 0  # chunks read while frozen, not (yet) forwarded
         self.linger = linger
         self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._links: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -41,8 +47,12 @@ class TcpProxy:
             writer.transport.abort()
         self._links.clear()
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         self.cut_now = False
+        self._flowing.set()
 
     async def close(self) -> None:
         self.cut()
@@ -79,6 +89,9 @@ class TcpProxy:
     ) -> None:
         try:
             while chunk := await reader.read(65536):
+                if not self._flowing.is_set():
+                    self.held += 1
+                    await self._flowing.wait()
                 writer.write(chunk)
                 await writer.drain()
             if linger:

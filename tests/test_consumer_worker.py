@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from consumer.settings import ConsumerSettings
-from consumer.worker import consume_until_idle, run_consumer, stop_when_crashed
+from consumer.worker import GAUGE_STOP_S, POOL_CLOSE_S, consume_until_idle, run_consumer, stop_when_crashed
 from shared import aws
 from shared.envelope import ERROR_ATTRIBUTES, Envelope
 from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
@@ -195,6 +195,77 @@ async def test_postgres_going_away_mid_batch_loses_nothing_and_applies_nothing_t
     rows = await pg.fetch("SELECT issue_id, version, assignee_display_name FROM ap_jira_task ORDER BY 1")
     assert [tuple(r) for r in rows] == [(i, 2000, "Test User") for i in range(1, 5)]
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
+
+
+async def test_a_postgres_that_stops_answering_holds_shutdown_for_seconds_not_minutes(
+    pg: asyncpg.Connection, settings: ConsumerSettings, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN a running consumer that reaches Postgres through a proxy, with a 1 s grace period
+    assert db_settings.url is not None
+    proxy = await postgres_proxy(db_settings.url)
+    proxied = replace(
+        settings, database=DatabaseSettings(url=through(proxy, db_settings.url)), shutdown_grace_s=1.0
+    )
+    polls_before = counter(SQS_CALLS, "ReceiveMessage", "ok")
+    stop = asyncio.Event()
+    try:
+        with capture_logs() as logs:
+            task = asyncio.create_task(run_consumer(proxied, stop))
+            # (a receive comes after the poller's check of its connection)
+            await wait_for(
+                holds(lambda: counter(SQS_CALLS, "ReceiveMessage", "ok") > polls_before), what="a first poll"
+            )
+            # WHEN Postgres stops answering (nothing is closed: its packets are dropped) while the
+            # poller's next check waits on it, and the consumer is told to stop
+            proxy.freeze()
+            await wait_for(holds(lambda: proxy.held > 0), what="the poller's next check, held")
+            stop.set()
+            # THEN it stops within the grace period and POOL_CLOSE_S (asyncpg alone waited for the
+            # cancelled check up to the statement timeout, then for its goodbyes, a minute and more),
+            # closing its connections from this side
+            await asyncio.wait_for(task, timeout=proxied.shutdown_grace_s + POOL_CLOSE_S + 10)
+    finally:
+        await proxy.close()
+    assert [e["after_s"] for e in logs if e["event"] == "database_connections_terminated"] == [POOL_CLOSE_S]
+
+
+async def test_an_sqs_that_stops_answering_holds_shutdown_for_seconds_not_minutes(
+    pg: asyncpg.Connection, settings: ConsumerSettings
+) -> None:
+    # GIVEN an SQS endpoint that takes requests and never answers, and a consumer with its queue-depth
+    # poller on, every 0.2 s, and a 1 s grace period
+    requests: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(writer)
+        await reader.read()  # until the client gives up
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    silent = replace(
+        settings,
+        aws=replace(settings.aws, endpoint_url=f"http://127.0.0.1:{port}"),
+        queue_stats_interval_s=0.2,
+        shutdown_grace_s=1.0,
+    )
+    stop = asyncio.Event()
+    try:
+        with capture_logs() as logs:
+            task = asyncio.create_task(run_consumer(silent, stop))
+            # WHEN the poller and the gauge poller wait on it, and the consumer is told to stop
+            await wait_for(
+                holds(lambda: len(requests) >= 2), what="a receive and a queue-depth call, waiting"
+            )
+            stop.set()
+            # THEN it stops within the grace period and GAUGE_STOP_S (the gauge poller's calls ran to
+            # botocore's read timeouts and retries: minutes), cancelling the gauge poller by name
+            await asyncio.wait_for(task, timeout=silent.shutdown_grace_s + GAUGE_STOP_S + 10)
+    finally:
+        server.close()
+        for writer in requests:
+            writer.close()
+    cancelled = [e["task"] for e in logs if e["event"] == "gauge_poller_cancelled"]
+    assert cancelled == ["queue-depth-poller"]
 
 
 @pytest.mark.parametrize("retry_in_place_s", [300.0, 0.0])
