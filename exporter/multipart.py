@@ -40,7 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from exporter.errors import ExportError, failure_reason, one_line
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
-from exporter.shutdown import finish_cleanup
+from exporter.shutdown import finish_cleanup, finish_then_stop
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -91,13 +91,25 @@ async def start_upload(
     ref = await recorder.opening(bucket, key) if recorder is not None else None
     extra: Any = {"ChecksumAlgorithm": checksum_algorithm} if checksum_algorithm else {}
     try:
-        created = await s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type, **extra)
+        # To its end even when a stop comes meanwhile: cancelled while S3 answers, the call would
+        # leave an upload S3 created and nobody knows the id of.
+        created, stopped = await finish_then_stop(
+            s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type, **extra),
+            name="multipart-create",
+        )
     except ClientError:
         # S3 answered: no upload was created.
         if recorder is not None and ref is not None:
             await recorder.closed(ref)
         raise
     upload_id = created["UploadId"]
+    if stopped:
+        await finish_cleanup(
+            abort_upload(s3, recorder, ref, bucket=bucket, key=key, upload_id=upload_id),
+            after=None,
+            name="multipart-abort",
+        )
+        raise asyncio.CancelledError
     if recorder is not None and ref is not None:
         try:
             await recorder.opened(ref, upload_id)

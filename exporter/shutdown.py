@@ -81,6 +81,16 @@ async def finish_before_stopping(work: Coroutine[Any, Any, T], *, name: str) -> 
     return task.result()
 
 
+async def finish_then_stop(work: Coroutine[Any, Any, T], *, name: str) -> tuple[T, bool]:
+    """Run ``work`` to its end in a task of its own, even if the caller is cancelled meanwhile; returns
+    its result and whether the caller was (its failure is raised as is). For a call whose result must
+    not be lost: S3 creating an upload that a stop must then abort. A caller told it was cancelled
+    undoes the work and raises :class:`asyncio.CancelledError`."""
+    task = asyncio.create_task(work, name=name)
+    cancellations = await _wait_to_the_end(task, deferred=f"{name} is done")
+    return task.result(), cancellations > 0
+
+
 async def finish_cleanup(cleanup: Coroutine[Any, Any, T], *, after: BaseException | None, name: str) -> T:
     """Run ``cleanup`` (aborting an upload, recording a failure) to its end in a task of its own, even if
     the caller is cancelled meanwhile, and return its result.

@@ -52,6 +52,11 @@ class Hold:
     s3_status: int | None = None
 
 
+def create_upload() -> RequestMatch:
+    """CreateMultipartUpload."""
+    return lambda r: r.method == "POST" and "uploads" in r.query
+
+
 def upload_part(number: int) -> RequestMatch:
     """UploadPart of part ``number`` (not UploadPartCopy)."""
     return lambda r: (

@@ -34,10 +34,17 @@ from exporter.errors import ExportError
 from exporter.multipart import MultipartUpload, copy_object
 from exporter.run import export_once
 from exporter.settings import MIB, ExporterSettings
-from exporter.shutdown import finish_before_stopping, run_unless_stopped
+from exporter.shutdown import Stopped, finish_before_stopping, run_unless_stopped
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
-from tests.s3_pause_proxy import Hold, RequestMatch, S3PauseProxy, upload_part, upload_part_copy
+from tests.s3_pause_proxy import (
+    Hold,
+    RequestMatch,
+    S3PauseProxy,
+    create_upload,
+    upload_part,
+    upload_part_copy,
+)
 from tests.test_export_failures import cli_env
 from tests.test_export_support import (
     get_object,
@@ -319,6 +326,39 @@ async def test_a_stop_while_a_failed_upload_aborts_waits_for_the_abort_and_keeps
     failed = await pg.fetchrow("SELECT status, error FROM jiralake_export_run ORDER BY run_id DESC LIMIT 1")
     assert failed is not None and dict(failed) == {"status": "failed", "error": expected}
     # AND the upload was aborted: nothing is left open, in S3 or in the exporter's records
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
+    assert await list_keys(aws_settings, bucket) == []
+
+
+async def test_a_stop_while_s3_creates_the_upload_aborts_the_upload_it_created(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    await insert_awkward_rows(pg, 10)
+    assert aws_settings.endpoint_url is not None
+    async with S3PauseProxy(aws_settings.endpoint_url) as proxy:
+        # GIVEN an export whose CreateMultipartUpload is on its way to S3 (held, then let through)
+        create = proxy.hold("create", create_upload(), then_forward=True)
+        settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
+        stop = asyncio.Event()
+        with logged("export_stop_deferred") as deferred:
+            run = asyncio.create_task(
+                run_unless_stopped(export_once(settings, clock=lambda: DAY), stop, name="export")
+            )
+            await first_of(create.reached.wait(), run)
+            assert create.reached.is_set(), f"the export never created its upload: {run}"
+            # WHEN a stop request (SIGTERM) arrives, and S3 creates the upload after that
+            stop.set()
+            await first_of(deferred.wait(), run)
+            assert deferred.is_set(), f"the run did not wait for its create call: {run}"
+            proxy.release()
+            [outcome] = await asyncio.gather(run, return_exceptions=True)
+    # THEN the run is stopped, and the upload S3 created was aborted: nothing is left open, in S3 or
+    # in the exporter's records
+    assert isinstance(outcome, Stopped), repr(outcome)
     assert await open_multipart_uploads(aws_settings, bucket) == []
     assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
     assert await list_keys(aws_settings, bucket) == []
