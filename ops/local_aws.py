@@ -84,18 +84,23 @@ class LocalAws:
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        try:
+            self._wait_until_listening(self._process)
+        except BaseException:  # a second Ctrl-C lands here too: `with` never gets to stop it
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_listening(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise CommandError(
-                    f"moto's server exited with code {self._process.returncode}{self._see_log()}"
-                )
+            if process.poll() is not None:
+                raise CommandError(f"moto's server exited with code {process.returncode}{self._see_log()}")
             try:
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return self
+                return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise CommandError(
             f"moto's server did not listen on {self.endpoint_url} within {self.start_timeout_s:g}s"
             f"{self._see_log()}"

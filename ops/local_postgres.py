@@ -128,6 +128,18 @@ async def ensure_database(server_url: str | None, name: str) -> str | None:
     return socket_url(params.user, name, Path(addr))
 
 
+async def _stop_leftover(bin_dir: Path, data_dir: Path) -> None:
+    """A server an earlier `jiralake up` left running in this folder (it was killed: SIGKILL, a crash)
+    holds its lock file, and no new one could start: stop it first."""
+    if not (data_dir / "postmaster.pid").exists():
+        return
+    status = await _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "status"])
+    if status.returncode != 0:  # a stale lock file: pg_ctl start handles that itself
+        return
+    log.warning("private_postgres_leftover_stopped", data_dir=str(data_dir))
+    await _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"])
+
+
 def socket_url(user: str, database: str, socket: Path) -> str:
     """The URL of a server's Unix socket (``<folder>/.s.PGSQL.<port>``): its folder and port."""
     query = urlencode({"host": str(socket.parent), "port": socket.name.rpartition(".")[2]}, safe="/")
@@ -211,19 +223,29 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
         if init.returncode != 0:
             raise CommandError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}", exit_code=2)
     port = SOCKET_PORT
-    start = await _run(
-        [
-            str(bin_dir / "pg_ctl"),
-            "-D",
-            str(data_dir),
-            "-l",
-            str(data_dir / "postgres.log"),
-            "-w",
-            "-o",
-            f"-p {port} -c listen_addresses='' -k {socket_dir}",
-            "start",
-        ]
+    await _stop_leftover(bin_dir, data_dir)
+    starting = asyncio.ensure_future(
+        _run(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data_dir),
+                "-l",
+                str(data_dir / "postgres.log"),
+                "-w",
+                "-o",
+                f"-p {port} -c listen_addresses='' -k {socket_dir}",
+                "start",
+            ]
+        )
     )
+    try:
+        start = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # Stopped while the server starts (pg_ctl runs on in its thread): once it has, the caller stops it.
+        start = await starting
+        pg.running = start.returncode == 0
+        raise
     if start.returncode != 0:
         raise CommandError(f"could not start PostgreSQL (see {data_dir / 'postgres.log'})", exit_code=2)
     pg.running = True

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,10 @@ from ops.local_postgres import LocalPostgres, local_postgres
 from ops.setup import SetupSettings, run_setup
 from receiver.main import serve as serve_receiver
 from receiver.settings import ReceiverSettings
+from shared.errors import CommandError
 from shared.logging import redact_text
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings, env_str
-from shared.shutdown import stop_on_signals
+from shared.shutdown import StopRequest, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -66,7 +68,56 @@ class Stack:
     secret_file: Path
 
 
+class _Signals:
+    """SIGTERM and SIGHUP (a closed terminal) for the whole of ``up``. While the stack starts, before
+    its services take SIGTERM and SIGINT: they cancel the start, so what has started (moto, a private
+    PostgreSQL) is stopped on the way out, as a Ctrl-C does (asyncio's own SIGINT handling). Once the
+    services run (:meth:`serving`), SIGHUP stops them like SIGTERM does."""
+
+    HANDLED = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._task = asyncio.current_task()
+        self._stop: StopRequest | None = None
+
+    def serving(self, stop: StopRequest) -> None:
+        self._stop = stop
+
+    def _handle(self, sig: signal.Signals) -> None:
+        if self._stop is not None:
+            self._stop.request(sig)
+        elif self.received is None and self._task is not None:
+            log.info("signal_received", signal=sig.name, detail="stopping what has started")
+            self.received = sig
+            self._task.cancel()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        loop = asyncio.get_running_loop()
+        for sig in self.HANDLED:
+            loop.add_signal_handler(sig, self._handle, sig)
+        try:
+            yield self
+        finally:
+            for sig in self.HANDLED:
+                loop.remove_signal_handler(sig)
+
+
 async def run_stack(options: StackOptions, env: Mapping[str, str]) -> int:
+    with _Signals().installed() as signals:
+        try:
+            return await _start_and_run(options, env, signals)
+        except asyncio.CancelledError:
+            if signals.received is None:
+                raise
+            raise CommandError(
+                f"up stopped by {signals.received.name} while starting; what it had started is stopped",
+                exit_code=signal_exit_code(signals.received),
+            ) from None
+
+
+async def _start_and_run(options: StackOptions, env: Mapping[str, str], signals: _Signals) -> int:
     options.scratch_dir.mkdir(parents=True, exist_ok=True)
     fixtures = demo.fixtures_dir(options.fixtures_dir) if options.demo else None
     pg = await local_postgres(env.get("DATABASE_URL") or None, options.scratch_dir)
@@ -76,7 +127,7 @@ async def run_stack(options: StackOptions, env: Mapping[str, str]) -> int:
         with _local_credentials(), LocalAws(log_path=options.scratch_dir / "moto.log") as local_aws:
             stack = await _prepare(options, env, pg, local_aws)
             _print_banner(stack, options, local_aws, pg)
-            return await _run(stack, options, fixtures)
+            return await _run(stack, options, fixtures, signals)
     finally:
         await asyncio.to_thread(pg.stop)
 
@@ -118,7 +169,7 @@ async def _prepare(
     return Stack(receiver, consumer, exporter, f"http://{options.host}:{port}/webhooks/jira", secret_file)
 
 
-async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> int:
+async def _run(stack: Stack, options: StackOptions, fixtures: Path | None, signals: _Signals) -> int:
     stop = asyncio.Event()
     services = [
         asyncio.create_task(serve_receiver(stack.receiver, stop=stop), name="receiver"),
@@ -126,7 +177,8 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None) -> in
         asyncio.create_task(run_on_schedule(stack.exporter, stop), name="exporter-schedule"),
     ]
     code = 0
-    with stop_on_signals(stop):
+    with stop_on_signals(stop) as request:
+        signals.serving(request)
         try:
             if fixtures is not None:
                 code = await _demo_beside(services, _demo(stack, fixtures, options, stop), stop)

@@ -29,6 +29,7 @@ class TcpProxy:
         self.cut_now = False
         self.rejected = 0
         self.held = 0  # chunks read while frozen, not (yet) forwarded
+        self.accepted = 0  # connections forwarded
         self.linger = linger
         self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
@@ -46,6 +47,10 @@ class TcpProxy:
         for writer in list(self._links):
             writer.transport.abort()
         self._links.clear()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._links) // 2
 
     def freeze(self) -> None:
         self._flowing.clear()
@@ -75,6 +80,7 @@ class TcpProxy:
         except OSError:
             client_writer.transport.abort()
             return
+        self.accepted += 1
         self._links.update({client_writer, upstream_writer})
         for reader, writer, linger in (
             (client_reader, upstream_writer, False),

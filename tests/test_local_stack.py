@@ -13,9 +13,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from ops import demo
@@ -26,7 +28,8 @@ from shared import migrate
 from shared.errors import CommandError
 from tests.conftest import _with_database, empty_database
 from tests.jira_fixtures import make_event
-from tests.test_consumer_helpers import envelope_of
+from tests.tcp_proxy import postgres_proxy, through
+from tests.test_consumer_helpers import envelope_of, holds, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/none"
@@ -138,6 +141,67 @@ def test_up_stops_cleanly_on_ctrl_c(stack_database: str, tmp_path: Path) -> None
     # AND the services drained against a moto still running (it is in a session of its own, stopped
     # last), not one the Ctrl-C had already ended
     assert "dependency_unavailable" not in err and "EndpointConnectionError" not in err, err[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+async def test_a_signal_while_up_starts_stops_what_it_had_started(
+    stack_database: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    # GIVEN `jiralake up` starting: its database answered the first check, then froze (setup waits on
+    # it), and moto's server has started
+    proxy = await postgres_proxy(stack_database)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "up", "--port", "0", "--state-dir", str(tmp_path / "state"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(through(proxy, stack_database)),
+        cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    moto: int | None = None
+    try:
+        await wait_for(holds(lambda: proxy.accepted > 0 and proxy.open_connections == 0), what="the check")
+        proxy.freeze()
+        await wait_for(holds(lambda: _child_of(proc.pid, "moto.server") is not None), what="moto's server")
+        moto = _child_of(proc.pid, "moto.server")
+        # WHEN the signal arrives (SIGHUP: the terminal was closed)
+        proc.send_signal(sig)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await proxy.close()
+        left = moto is not None and _alive(moto)
+        if left:
+            os.kill(moto, signal.SIGKILL)  # type: ignore[arg-type]
+    # THEN it exits with the signal's code and one line, and moto's server did not outlive it
+    assert proc.returncode == 128 + sig, err.decode()[-2000:]
+    assert err.decode().splitlines()[-1] == (
+        f"jiralake: up stopped by {sig.name} while starting; what it had started is stopped"
+    )
+    assert not left
+
+
+def _child_of(parent: int, marker: str) -> int | None:
+    """The pid of a child process of ``parent`` whose command line holds ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and marker in command:
+            return int(entry.name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_a_moto_server_that_cannot_start_is_one_line_naming_its_log(tmp_path: Path) -> None:
@@ -302,6 +366,31 @@ async def test_without_a_server_a_private_postgres_is_started_from_the_binaries(
     again.stop()
 
 
+async def test_a_private_postgres_an_earlier_up_left_running_is_stopped_and_started_again(
+    tmp_path: Path,
+) -> None:
+    if find_bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries on this machine")
+    from ops import local_postgres as module
+
+    # GIVEN the private server of an `up` that was killed (SIGKILL): it runs on, holding its lock file
+    killed = await module._start_private(tmp_path, "jiralake")
+    try:
+        # WHEN the next `up` starts in the same folder
+        with capture_logs() as logs:
+            pg = await module._start_private(tmp_path, "jiralake")
+        try:
+            # THEN it stopped the leftover and runs its own
+            conn = await asyncpg.connect(pg.url)
+            assert await conn.fetchval("SELECT current_database()") == "jiralake"
+            await conn.close()
+        finally:
+            pg.stop()
+    finally:
+        killed.stop()  # its socket folder (and, if the test failed, its server)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["private_postgres_leftover_stopped"]
+
+
 def test_the_demo_finds_the_samples_of_the_checkout_it_runs_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,6 +451,36 @@ def test_moto_ignores_a_terminal_s_ctrl_c_but_shares_the_stack_s_process_group(t
         assert os.getpgid(pid) == os.getpgid(0)
         # AND this process's own signal mask is as it was
         assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_a_second_ctrl_c_while_moto_starts_stops_moto_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN moto's server starting, and a second Ctrl-C (asyncio raises KeyboardInterrupt at once)
+    # landing while the stack waits for it to listen
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("subprocess.Popen", recording_popen)
+    monkeypatch.setattr("socket.create_connection", interrupted)
+    # WHEN it is started, THEN the interrupt goes on, and moto's server is stopped, not orphaned
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LocalAws(log_path=tmp_path / "moto.log").start()
+        [process] = started
+        assert process.poll() is not None
+    finally:
+        for leftover in started:
+            if leftover.poll() is None:
+                leftover.kill()
+                leftover.wait()
 
 
 @pytest.mark.timeout(120)
