@@ -12,6 +12,10 @@
 -- `winner` reads ap_jira_task as it was when the statement started (every part of one statement sees
 -- the same snapshot, not the upsert's writes), which tells which winner actually changed its row.
 -- `applied` is a hashed lookup in `won`, the set of winning deliveries: linear in the batch size.
+-- ingested_at is the time of the write, not now() (the transaction's start): a batch that waited on
+-- another issue's lock would stamp its write earlier than a batch that wrote this row before it, and
+-- readers of changes/ keep the row with the greatest ingested_at. Writes of one row are serialized by
+-- its lock, so this one is later than every earlier write's commit.
 WITH change AS (
     SELECT *
     FROM unnest(
@@ -91,7 +95,7 @@ upserted AS (
         last_event_type = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_type ELSE t.last_event_type END,
         last_event_at = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_at ELSE t.last_event_at END,
         last_event_tiebreak = CASE WHEN jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak) THEN excluded.last_event_tiebreak ELSE t.last_event_tiebreak END,
-        ingested_at = now()
+        ingested_at = clock_timestamp()
     WHERE jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak)
        OR jiralake_is_newer(excluded.deleted_version, '', t.deleted_version, '')
        OR jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak)

@@ -153,7 +153,7 @@ FOR UPDATE
 SCRUB_TASK_SQL = """
 UPDATE ap_jira_task
 SET assignee_account_id = $2, assignee_display_name = $3, reporter_account_id = $4,
-    reporter_display_name = $5, raw = $6, ingested_at = now()
+    reporter_display_name = $5, raw = $6, ingested_at = clock_timestamp()
 WHERE issue_id = $1
 """
 

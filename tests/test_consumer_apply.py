@@ -3,6 +3,7 @@ duplicates, deletes, moves, history-only events, unicode, poison data isolation,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import random
@@ -17,11 +18,21 @@ import structlog.testing
 
 from backfill.snapshot import reconciled_delete_envelope
 from consumer.apply import apply_envelopes
+from shared import db
 from shared.envelope import Envelope
 from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT
+from shared.settings import DatabaseSettings
 from tests import jira_fixtures
 from tests.jira_fixtures import make_event
-from tests.test_consumer_helpers import clear_tables, envelope_of, fixture_envelopes, snapshot
+from tests.test_consumer_helpers import (
+    CONSUMER_APP,
+    clear_tables,
+    consumer_waiting_on_lock,
+    envelope_of,
+    fixture_envelopes,
+    snapshot,
+    wait_for,
+)
 
 CREATED = "mattermost-plugin-jira__webhook-issue-created.json"
 ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
@@ -436,6 +447,36 @@ async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     assert result.results[0].error_message == (
         "issue object cannot be stored as JSON: str is not valid UTF-8: surrogates not allowed"
     )
+
+
+async def test_a_batch_that_waited_on_a_lock_stamps_its_write_after_the_write_before_it(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN issues 1 and 2, and a batch of newer events for both that starts, then waits on a lock
+    # another session holds on issue 1 (rows are written in issue id order)
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2)])
+    holder = await db.connect(db_settings)
+    waiter = await db.connect(db_settings, server_settings={"application_name": CONSUMER_APP})
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM ap_jira_task WHERE issue_id = 1 FOR UPDATE")
+            newer = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=3000)) for i in (1, 2)]
+            waiting = asyncio.create_task(apply_envelopes(waiter, newer))
+            await wait_for(lambda: consumer_waiting_on_lock(pg), what="the batch waiting on the lock")
+            # WHEN meanwhile another batch writes issue 2 (an older event) and commits
+            await apply_envelopes(pg, [envelope_of(make_event(ASSIGNED, issue_id=2, ts=2000))])
+            written_before = await pg.fetchval("SELECT ingested_at FROM ap_jira_task WHERE issue_id = 2")
+        await asyncio.wait_for(waiting, timeout=30)
+    finally:
+        await holder.close()
+        await waiter.close()
+    # THEN the newest write of issue 2 is stamped after that one: readers of changes/ keep the row with
+    # the greatest ingested_at, which is the newest row
+    version, ingested_at = await pg.fetchrow(
+        "SELECT version, ingested_at FROM ap_jira_task WHERE issue_id = 2"
+    )
+    assert version == 3000
+    assert ingested_at > written_before
 
 
 async def test_text_that_cannot_be_encoded_is_reported_without_quoting_anyone_s_values(
