@@ -73,7 +73,7 @@ def manifest_document(
             "quote": '"',
             "null": "empty unquoted field (every non-NULL value is quoted)",
             "timestamps": "UTC, YYYY-MM-DD HH:MM:SS.mmm",
-            "arrays": "JSON arrays",
+            "arrays": "JSON arrays, with the text escapes: decode, then parse",
             "text_escapes_in_file": {"\\": "\\\\\\\\", "LF": "\\\\n", "CR": "\\\\r"},
             "athena_decode": ATHENA_DECODE.format(value="col"),
         }
