@@ -32,7 +32,7 @@ from structlog.types import EventDict, WrappedLogger
 from exporter import run_log
 from exporter.errors import ExportError
 from exporter.multipart import MultipartUpload, copy_object
-from exporter.run import export_once
+from exporter.run import ExportResult, export_once
 from exporter.settings import MIB, ExporterSettings
 from exporter.shutdown import Stopped, finish_before_stopping, run_unless_stopped
 from shared import aws
@@ -90,6 +90,22 @@ def logged(event: str) -> Iterator[asyncio.Event]:
 
     with capture_logs(processors=[spot]):
         yield seen
+
+
+def start_export(settings: ExporterSettings, stop: asyncio.Event) -> asyncio.Task[ExportResult]:
+    """One export of DAY as a task, cancelled (its upload aborted) when ``stop`` is set."""
+    return asyncio.create_task(
+        run_unless_stopped(export_once(settings, clock=lambda: DAY), stop, name="export")
+    )
+
+
+async def assert_nothing_written_or_left_open(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, bucket: str
+) -> None:
+    """No object in the bucket, and no multipart upload open in S3 or in the exporter's records."""
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
+    assert await list_keys(aws_settings, bucket) == []
 
 
 def abort_upload() -> Callable[[web.Request], bool]:
@@ -308,9 +324,7 @@ async def test_a_stop_while_a_failed_upload_aborts_waits_for_the_abort_and_keeps
         settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=front.url))
         stop = asyncio.Event()
         with logged("export_stop_deferred") as deferred:
-            run = asyncio.create_task(
-                run_unless_stopped(export_once(settings, clock=lambda: DAY), stop, name="export")
-            )
+            run = start_export(settings, stop)
             await first_of(abort.reached.wait(), run)
             assert abort.reached.is_set(), f"the export never aborted its upload: {run}"
             # WHEN a stop request (SIGTERM) arrives while the upload is being aborted
@@ -326,9 +340,7 @@ async def test_a_stop_while_a_failed_upload_aborts_waits_for_the_abort_and_keeps
     failed = await pg.fetchrow("SELECT status, error FROM jiralake_export_run ORDER BY run_id DESC LIMIT 1")
     assert failed is not None and dict(failed) == {"status": "failed", "error": expected}
     # AND the upload was aborted: nothing is left open, in S3 or in the exporter's records
-    assert await open_multipart_uploads(aws_settings, bucket) == []
-    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
-    assert await list_keys(aws_settings, bucket) == []
+    await assert_nothing_written_or_left_open(pg, aws_settings, bucket)
 
 
 async def test_a_stop_while_s3_creates_the_upload_aborts_the_upload_it_created(
@@ -345,9 +357,7 @@ async def test_a_stop_while_s3_creates_the_upload_aborts_the_upload_it_created(
         settings = settings_factory(aws=dataclasses.replace(aws_settings, endpoint_url=proxy.url))
         stop = asyncio.Event()
         with logged("export_stop_deferred") as deferred:
-            run = asyncio.create_task(
-                run_unless_stopped(export_once(settings, clock=lambda: DAY), stop, name="export")
-            )
+            run = start_export(settings, stop)
             await first_of(create.reached.wait(), run)
             assert create.reached.is_set(), f"the export never created its upload: {run}"
             # WHEN a stop request (SIGTERM) arrives, and S3 creates the upload after that
@@ -359,9 +369,7 @@ async def test_a_stop_while_s3_creates_the_upload_aborts_the_upload_it_created(
     # THEN the run is stopped, and the upload S3 created was aborted: nothing is left open, in S3 or
     # in the exporter's records
     assert isinstance(outcome, Stopped), repr(outcome)
-    assert await open_multipart_uploads(aws_settings, bucket) == []
-    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
-    assert await list_keys(aws_settings, bucket) == []
+    await assert_nothing_written_or_left_open(pg, aws_settings, bucket)
 
 
 async def test_a_cancelled_part_by_part_copy_aborts_to_the_end_and_raises_its_failure(

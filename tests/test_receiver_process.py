@@ -5,12 +5,14 @@ arriving when shutdown begins."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -239,33 +241,23 @@ async def _until(condition: Callable[[], bool], task: asyncio.Task[None]) -> Non
 async def test_a_body_still_arriving_at_shutdown_is_read_answered_and_queued(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
-    # GIVEN a receiver serving in-process, with a grace period longer than the test waits for the answer
+    # GIVEN a receiver serving in-process, with a grace period longer than the test waits for the answer,
+    # AND a webhook whose handler runs (the go-ahead came) and whose body has partly arrived
     settings = _settings_with_grace(aws_settings, queues, grace_s=2 * DEADLINE_S)
-    body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json")
-    stop = asyncio.Event()
-    with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(serve(settings, stop=stop))
-        await _until(lambda: any(e["event"] == "receiver_started" for e in logs), task)
-        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
-        try:
-            # AND a webhook whose handler runs (the go-ahead came) and whose body has partly arrived
-            await _start_webhook(reader, writer, body, "mid-body", first_bytes=1000)
-            # WHEN the receiver is told to stop, and the rest of the body arrives after that
-            stop.set()
-            await _until(
-                lambda: any(e["event"] == "receiver_stopping_accepting_webhooks" for e in logs), task
-            )
-            writer.write(body[1000:])
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), DEADLINE_S)  # until the receiver closes
-        finally:
-            writer.close()
-        await asyncio.wait_for(task, DEADLINE_S)
+    async with _half_sent_webhook(settings, "mid-body") as sent:
+        # WHEN the receiver is told to stop, and the rest of the body arrives after that
+        sent.stop.set()
+        await _until(
+            lambda: any(e["event"] == "receiver_stopping_accepting_webhooks" for e in sent.logs), sent.serving
+        )
+        sent.writer.write(sent.body[_FIRST_BYTES:])
+        await sent.writer.drain()
+        answer = await asyncio.wait_for(sent.reader.read(), DEADLINE_S)  # until the receiver closes
     # THEN the request got its real answer, on a connection closed after it, and the event is queued
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 202 Accepted", answer
     assert b"Connection: close" in rest.split(b"\r\n\r\n")[0]
-    assert [(e["outcome"], e["delivery_id"]) for e in logs if e["event"] == "webhook"] == [
+    assert [(e["outcome"], e["delivery_id"]) for e in sent.logs if e["event"] == "webhook"] == [
         ("accepted", "mid-body")
     ]
     [message] = await drain(aws_settings, queues.queue_url)
@@ -277,26 +269,58 @@ async def test_a_body_that_never_finishes_holds_shutdown_for_the_grace_period_on
 ) -> None:
     # GIVEN a receiver with a 1 s grace period and a webhook whose body stops arriving halfway
     settings = _settings_with_grace(aws_settings, queues, grace_s=1.0)
+    async with _half_sent_webhook(settings, "never-finished") as sent:
+        # WHEN the receiver is told to stop
+        sent.stop.set()
+        answer = await asyncio.wait_for(sent.reader.read(), DEADLINE_S)
+    # THEN it stopped after the grace period, named what it left, and closed the connection unanswered
+    assert answer == b""
+    [still] = [e for e in sent.logs if e["event"] == "receiver_requests_still_running"]
+    assert (still["requests"], still["grace_s"], still["log_level"]) == (1, 1.0, "warning")
+    assert sent.logs[-1]["event"] == "receiver_stopped"
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+_FIRST_BYTES = 1000
+
+
+@dataclass
+class _HalfSent:
+    body: bytes
+    stop: asyncio.Event
+    serving: asyncio.Task[None]
+    logs: list[MutableMapping[str, Any]]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@contextlib.asynccontextmanager
+async def _half_sent_webhook(settings: ReceiverSettings, delivery_id: str) -> AsyncIterator[_HalfSent]:
+    """serve() running in-process, and one connection whose signed webhook's handler runs (it sent the
+    headers with ``Expect: 100-continue`` and got the go-ahead) with the first bytes of its body sent.
+    On exit, serve() is waited for (the test stops it)."""
     body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json")
     stop = asyncio.Event()
     with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(serve(settings, stop=stop))
-        await _until(lambda: any(e["event"] == "receiver_started" for e in logs), task)
+        serving = asyncio.create_task(serve(settings, stop=stop))
+        await _until(lambda: any(e["event"] == "receiver_started" for e in logs), serving)
         reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
         try:
-            await _start_webhook(reader, writer, body, "never-finished", first_bytes=1000)
-            # WHEN the receiver is told to stop
-            stop.set()
-            await asyncio.wait_for(task, DEADLINE_S)
-            answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+            writer.write(
+                (
+                    "POST /webhooks/jira HTTP/1.1\r\nHost: receiver\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nX-Hub-Signature: {sign(SECRET, body)}\r\n"
+                    f"X-Atlassian-Webhook-Identifier: {delivery_id}\r\nExpect: 100-continue\r\n\r\n"
+                ).encode()
+            )
+            go_ahead = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+            assert go_ahead == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body[:_FIRST_BYTES])
+            await writer.drain()
+            yield _HalfSent(body, stop, serving, logs, reader, writer)
         finally:
             writer.close()
-    # THEN it stopped after the grace period, named what it left, and closed the connection unanswered
-    assert answer == b""
-    [still] = [e for e in logs if e["event"] == "receiver_requests_still_running"]
-    assert (still["requests"], still["grace_s"], still["log_level"]) == (1, 1.0, "warning")
-    assert logs[-1]["event"] == "receiver_stopped"
-    assert await drain(aws_settings, queues.queue_url) == []
+        await asyncio.wait_for(serving, DEADLINE_S)
 
 
 def _settings_with_grace(aws_settings: AwsSettings, queues: QueuePair, *, grace_s: float) -> ReceiverSettings:
@@ -309,26 +333,3 @@ def _settings_with_grace(aws_settings: AwsSettings, queues: QueuePair, *, grace_
         "AWS_REGION": aws_settings.region,
     }
     return ReceiverSettings.from_env(env).with_ports(host="127.0.0.1", port=free_port())
-
-
-async def _start_webhook(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    body: bytes,
-    delivery_id: str,
-    *,
-    first_bytes: int,
-) -> None:
-    """Send a signed webhook's headers with ``Expect: 100-continue`` and, once the receiver's go-ahead
-    shows its handler runs, the first bytes of the body."""
-    writer.write(
-        (
-            "POST /webhooks/jira HTTP/1.1\r\nHost: receiver\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nX-Hub-Signature: {sign(SECRET, body)}\r\n"
-            f"X-Atlassian-Webhook-Identifier: {delivery_id}\r\nExpect: 100-continue\r\n\r\n"
-        ).encode()
-    )
-    go_ahead = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
-    assert go_ahead == b"HTTP/1.1 100 Continue\r\n\r\n"
-    writer.write(body[:first_bytes])
-    await writer.drain()
