@@ -9,6 +9,7 @@ socket's path must be): no TCP port, and no other local user can connect, let al
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import pwd
@@ -242,9 +243,12 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
     try:
         start = await asyncio.shield(starting)
     except asyncio.CancelledError:
-        # Stopped while the server starts (pg_ctl runs on in its thread): once it has, the caller stops it.
-        start = await starting
-        pg.running = start.returncode == 0
+        # Stopped while the server starts (pg_ctl runs on in its thread): once it has, however often
+        # asked to stop meanwhile, the caller stops it.
+        while not starting.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(starting)
+        pg.running = starting.result().returncode == 0
         raise
     if start.returncode != 0:
         raise CommandError(f"could not start PostgreSQL (see {data_dir / 'postgres.log'})", exit_code=2)

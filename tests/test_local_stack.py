@@ -391,6 +391,30 @@ async def test_a_private_postgres_an_earlier_up_left_running_is_stopped_and_star
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["private_postgres_leftover_stopped"]
 
 
+async def test_a_stop_while_the_private_postgres_starts_stops_it_once_it_has(tmp_path: Path) -> None:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries on this machine")
+    from ops import local_postgres as module
+
+    # GIVEN the private server starting (pg_ctl start has begun writing its log)
+    starting = asyncio.create_task(module._start_private(tmp_path, "jiralake"))
+    log = tmp_path / "pgdata" / "postgres.log"
+    await wait_for(holds(lambda: log.exists() or starting.done()), what="pg_ctl start", timeout_s=60)
+    # WHEN Ctrl-C comes, twice
+    starting.cancel()
+    await asyncio.sleep(0)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    # THEN no server is left running in the folder (the next `up` could not start one)
+    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(tmp_path / "pgdata")]
+    status = await module._run([*pg_ctl, "status"])
+    if status.returncode == 0:
+        await module._run([*pg_ctl, "-m", "immediate", "-w", "stop"])
+    assert status.returncode == 3, status.stdout  # 3: no server running
+
+
 def test_the_demo_finds_the_samples_of_the_checkout_it_runs_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
