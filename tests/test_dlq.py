@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -72,6 +72,16 @@ async def dead_letter(
     )
 
 
+async def dead_letter_all(sqs: Any, dlq_url: str, envs: Iterable[Envelope]) -> None:
+    for env in envs:
+        await dead_letter(sqs, dlq_url, env)
+
+
+def events_of(issue_id: str, n: int) -> list[Envelope]:
+    """``n`` events of one issue, 1 ms apart from T0."""
+    return [envelope(issue_id, T0 + i) for i in range(n)]
+
+
 async def exceed_max_receive_count(sqs: Any, queue_url: str, env: Envelope) -> None:
     """Send to the main queue and receive it until SQS itself moves it to the DLQ (maxReceiveCount 5)."""
     entry = env.send_entry("0")
@@ -116,16 +126,21 @@ def restore_logging() -> Iterator[None]:
 # -- list --
 
 
-def given_dead_lettered(
-    aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch, env: Envelope
-) -> None:
-    """``env`` on the DLQ as the consumer leaves it, and both queues in the environment for ``cli.main``."""
+def put_in_dlq(aws_settings: AwsSettings, queues: QueuePair, envs: Iterable[Envelope]) -> None:
+    """``envs`` on the DLQ as the consumer leaves them, from a test that runs ``cli.main`` (no loop)."""
 
-    async def given() -> None:
+    async def put() -> None:
         async with aws.sqs_client(aws_settings) as sqs:
-            await dead_letter(sqs, queues.dlq_url, env)
+            await dead_letter_all(sqs, queues.dlq_url, envs)
 
-    asyncio.run(given())
+    asyncio.run(put())
+
+
+def given_dead_lettered(
+    aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch, *envs: Envelope
+) -> None:
+    """``envs`` on the DLQ, and both queues in the environment for ``cli.main``."""
+    put_in_dlq(aws_settings, queues, envs)
     monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
     monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
 
@@ -175,8 +190,7 @@ async def test_list_shows_what_is_there_and_leaves_it(aws_settings: AwsSettings,
 
 async def test_list_respects_the_limit(aws_settings: AwsSettings, queues: QueuePair) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(3):
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 3))
         listed = await dlq.list_dead_letters(sqs, queues.dlq_url, limit=2, wait_s=NO_WAIT)
         assert [d.event_ts_ms for d in listed] == [T0, T0 + 1]
         assert await counts(sqs, queues.dlq_url) == (3, 0)
@@ -263,13 +277,16 @@ async def test_replay_restores_events_in_order_per_issue_and_empties_the_dlq(
 ) -> None:
     # GIVEN three events of issue A and two of issue B dead-lettered, interleaved, one of them moved by SQS
     async with aws.sqs_client(aws_settings) as sqs:
-        for env in [
-            envelope(ISSUE_A, T0 + 1),
-            envelope(ISSUE_B, T0 + 2),
-            envelope(ISSUE_A, T0 + 3),
-            envelope(ISSUE_B, T0 + 4),
-        ]:
-            await dead_letter(sqs, queues.dlq_url, env)
+        await dead_letter_all(
+            sqs,
+            queues.dlq_url,
+            [
+                envelope(ISSUE_A, T0 + 1),
+                envelope(ISSUE_B, T0 + 2),
+                envelope(ISSUE_A, T0 + 3),
+                envelope(ISSUE_B, T0 + 4),
+            ],
+        )
         await exceed_max_receive_count(sqs, queues.queue_url, envelope(ISSUE_A, T0 + 5))
         originals = {m["MessageId"]: m for m in await _peek_all(sqs, queues.dlq_url)}
 
@@ -310,8 +327,11 @@ async def test_replay_is_not_swallowed_by_the_original_deduplication_id(
 
 async def test_replay_one_issue_leaves_the_others(aws_settings: AwsSettings, queues: QueuePair) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
-        for env in [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_B, T0 + 2), envelope(ISSUE_A, T0 + 3)]:
-            await dead_letter(sqs, queues.dlq_url, env)
+        await dead_letter_all(
+            sqs,
+            queues.dlq_url,
+            [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_B, T0 + 2), envelope(ISSUE_A, T0 + 3)],
+        )
         summary = await dlq.replay_dead_letters(sqs, settings(queues), issue_id=ISSUE_B, wait_s=NO_WAIT)
         assert (summary.replayed, summary.failed, summary.other_issues) == (1, 0, 2)
         # The other issue's events are visible in the DLQ again, in order.
@@ -323,8 +343,11 @@ async def test_replay_one_issue_leaves_the_others(aws_settings: AwsSettings, que
 
 async def test_replay_dry_run_changes_nothing(aws_settings: AwsSettings, queues: QueuePair) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
-        for env in [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_A, T0 + 2), envelope(ISSUE_B, T0 + 3)]:
-            await dead_letter(sqs, queues.dlq_url, env)
+        await dead_letter_all(
+            sqs,
+            queues.dlq_url,
+            [envelope(ISSUE_A, T0 + 1), envelope(ISSUE_A, T0 + 2), envelope(ISSUE_B, T0 + 3)],
+        )
         before = [
             d.message_id for d in await dlq.list_dead_letters(sqs, queues.dlq_url, limit=10, wait_s=NO_WAIT)
         ]
@@ -343,8 +366,7 @@ async def test_replay_dry_run_changes_nothing(aws_settings: AwsSettings, queues:
 
 async def test_replay_limit_keeps_order_across_runs(aws_settings: AwsSettings, queues: QueuePair) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(3):
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 3))
         first = await dlq.replay_dead_letters(sqs, settings(queues), limit=2, wait_s=NO_WAIT)
         assert first.replayed == 2
         assert await counts(sqs, queues.dlq_url) == (1, 0)
@@ -441,8 +463,7 @@ async def test_a_receive_whose_answer_was_lost_is_asked_again_as_itself_and_what
 ) -> None:
     # GIVEN three events in the DLQ, and an SQS that receives them but whose answer is lost
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(3):
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 3))
     async with LoseFirstReceiveProxy(aws_settings.endpoint_url or "") as proxy:
         lossy = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
         # WHEN they are replayed
@@ -512,8 +533,7 @@ async def test_replay_that_cannot_send_keeps_everything_in_the_dlq(
     # GIVEN a main queue URL that does not exist (a typo in JIRALAKE_QUEUE_URL)
     broken = QueueSettings(queue_url=queues.queue_url.replace(".fifo", "-gone.fifo"), dlq_url=queues.dlq_url)
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(2):
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 2))
         # WHEN replayed
         summary = await dlq.replay_dead_letters(sqs, broken, wait_s=NO_WAIT)
         # THEN both failed, nothing was deleted, and they are visible in the DLQ again
@@ -528,8 +548,7 @@ async def test_connection_lost_between_send_and_delete_duplicates_instead_of_los
     # GIVEN two events of one issue in the DLQ, and the replay's connection to SQS running through a
     # proxy that is cut right after SQS accepted the SendMessageBatch
     async with aws.sqs_client(aws_settings) as sqs:
-        for i in range(2):
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 2))
 
     assert aws_settings.endpoint_url
     host, port = aws_settings.endpoint_url.removeprefix("http://").split(":")
@@ -660,18 +679,11 @@ def test_replay_and_purge_commands(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    async def put(n: int) -> None:
-        async with aws.sqs_client(aws_settings) as sqs:
-            for i in range(n):
-                await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
-
     async def dlq_counts() -> tuple[int, int]:
         async with aws.sqs_client(aws_settings) as sqs:
             return await counts(sqs, queues.dlq_url)
 
-    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
-    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
-    asyncio.run(put(2))
+    given_dead_lettered(aws_settings, queues, monkeypatch, *events_of(ISSUE_A, 2))
 
     # dry run: a line per event and the summary, nothing moved
     assert cli.main(["dlq", "replay", "--dry-run"]) == 0
@@ -704,7 +716,7 @@ def test_replay_and_purge_commands(
     assert asyncio.run(dlq_counts()) == (0, 0)
 
     # replay of the rest, for real
-    asyncio.run(put(1))
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 1))
     assert cli.main(["dlq", "replay"]) == 0
     assert capsys.readouterr().out.strip() == "replayed 1, skipped 0, failed 0"
 
@@ -717,14 +729,7 @@ def test_a_dry_run_says_when_it_could_not_see_everything(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # GIVEN 12 events of one issue in the DLQ: SQS hands out the first 10, then none while they are held
-    async def put() -> None:
-        async with aws.sqs_client(aws_settings) as sqs:
-            for i in range(12):
-                await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0 + i))
-
-    asyncio.run(put())
-    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
-    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    given_dead_lettered(aws_settings, queues, monkeypatch, *events_of(ISSUE_A, 12))
     # WHEN dry-run
     assert cli.main(["dlq", "replay", "--dry-run"]) == 0
     # THEN it counts the 10 it saw and says the DLQ holds more, and why
@@ -748,18 +753,11 @@ def test_replay_refuses_an_issue_that_is_not_a_numeric_id(
     issue: str,
 ) -> None:
     # GIVEN two issues' events in the DLQ
-    async def put() -> None:
-        async with aws.sqs_client(aws_settings) as sqs:
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_A, T0))
-            await dead_letter(sqs, queues.dlq_url, envelope(ISSUE_B, T0 + 1))
-
     async def queue_counts() -> tuple[tuple[int, int], tuple[int, int]]:
         async with aws.sqs_client(aws_settings) as sqs:
             return await counts(sqs, queues.queue_url), await counts(sqs, queues.dlq_url)
 
-    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
-    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
-    asyncio.run(put())
+    given_dead_lettered(aws_settings, queues, monkeypatch, envelope(ISSUE_A, T0), envelope(ISSUE_B, T0 + 1))
     # WHEN replay is given an --issue that is empty (an unset shell variable) or a key
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["dlq", "replay", "--issue", issue])
