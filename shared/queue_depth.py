@@ -102,9 +102,17 @@ def queue_urls(settings: QueueSettings) -> dict[str, str]:
     return {MAIN_QUEUE: settings.queue_url, DEAD_LETTER_QUEUE: settings.dlq_url}
 
 
+# What SQS answers a receive the role may not make: the IAM refusal, and the refusal of the queue's
+# KMS key (a dead-letter queue encrypted with a key whose policy leaves the role out), which botocore
+# reads from SQS's query-compatible error header or, without it, from the JSON error's type.
+_DENIED_CODES = frozenset(
+    ("AccessDenied", "AccessDeniedException", "KMS.AccessDeniedException", "KmsAccessDenied")
+)
+
+
 def _access_denied(exc: BaseException) -> bool:
     code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-    return code in ("AccessDenied", "AccessDeniedException")
+    return code in _DENIED_CODES
 
 
 async def _counted(operation: str, call: Awaitable[T]) -> T:

@@ -1,8 +1,8 @@
 """The queue-depth poller and ``queue stats`` when SQS refuses the dead-letter queue's peek (a role
-without ``sqs:ReceiveMessage`` on the DLQ, or a throttled receive): the counts it did read are still
-published, so ``JiralakeDeadLetterQueueNotEmpty`` still sees the dead-lettered events; only the age
-is unknown. moto does not enforce IAM, so a proxy in front of it answers ``ReceiveMessage`` the way
-SQS answers a role without that permission."""
+without ``sqs:ReceiveMessage`` on the DLQ or left out of its KMS key's policy, or a throttled receive):
+the counts it did read are still published, so ``JiralakeDeadLetterQueueNotEmpty`` still sees the
+dead-lettered events; only the age is unknown. moto does not enforce IAM, so a proxy in front of it
+answers ``ReceiveMessage`` the way SQS answers a role without that permission."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 
+import pytest
 import structlog
 from aiohttp import web
 from prometheus_client import REGISTRY
@@ -32,17 +33,35 @@ from tests.fault_proxy import SqsFaultProxy
 class DenyReceiveProxy(SqsFaultProxy):
     """Forwards every SQS call to moto except ``ReceiveMessage``, refused with ``AccessDenied``."""
 
+    # The JSON error type, and SQS's query-compatible code header (None: not sent).
+    error_type = "com.amazon.coral.service#AccessDeniedException"
+    query_error: str | None = None
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("X-Amz-Target", "").endswith(".ReceiveMessage"):
             await request.read()
             self.counts.requests["ReceiveMessage"] += 1
+            headers = {"x-amzn-RequestId": str(uuid.uuid4())}
+            if self.query_error is not None:
+                headers["x-amzn-query-error"] = self.query_error
             return web.json_response(
-                {"__type": "com.amazon.coral.service#AccessDeniedException", "message": "not authorized"},
+                {"__type": self.error_type, "message": "not authorized"},
                 status=400,
                 content_type="application/x-amz-json-1.0",
-                headers={"x-amzn-RequestId": str(uuid.uuid4())},
+                headers=headers,
             )
         return await super()._handle(request)
+
+
+class DenyKeyProxy(DenyReceiveProxy):
+    """``ReceiveMessage`` refused by the queue's KMS key (its policy leaves the role out), as SQS says it."""
+
+    error_type = "com.amazonaws.sqs#KmsAccessDenied"
+    query_error = "KMS.AccessDeniedException;Sender"
+
+
+class DenyKeyNoHeaderProxy(DenyKeyProxy):
+    query_error = None
 
 
 def gauge(name: str, **labels: str) -> float | None:
@@ -60,14 +79,22 @@ async def dead_letter(aws_settings: AwsSettings, queues: QueuePair, count: int) 
             )
 
 
+@pytest.mark.parametrize(
+    ("deny", "code"),
+    [
+        (DenyReceiveProxy, "AccessDenied"),
+        (DenyKeyProxy, "KMS.AccessDeniedException"),
+        (DenyKeyNoHeaderProxy, "KmsAccessDenied"),
+    ],
+)
 async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
-    aws_settings: AwsSettings, queues: QueuePair
+    aws_settings: AwsSettings, queues: QueuePair, deny: type[DenyReceiveProxy], code: str
 ) -> None:
-    # GIVEN 2 events on the DLQ, and an SQS that refuses every ReceiveMessage
+    # GIVEN 2 events on the DLQ, and an SQS that refuses every ReceiveMessage (IAM, or the queue's key)
     await dead_letter(aws_settings, queues, 2)
     QUEUE_MESSAGES.labels(DEAD_LETTER_QUEUE, "visible").set(-1)  # whatever earlier tests left
     stop = asyncio.Event()
-    async with DenyReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+    async with deny(aws_settings.endpoint_url or "") as proxy:
         denied = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
         urls = queue_urls(QueueSettings(queue_url=queues.queue_url, dlq_url=queues.dlq_url))
         with structlog.testing.capture_logs() as logs:
@@ -87,7 +114,7 @@ async def test_a_refused_peek_still_publishes_the_dead_letter_counts(
     assert gauge("jiralake_queue_oldest_message_age_seconds", queue=DEAD_LETTER_QUEUE) is None
     refused = [e for e in logs if e["event"] == "queue_oldest_age_unavailable"]
     assert [(e["queue"], e["asked_again_in_s"]) for e in refused] == [(DEAD_LETTER_QUEUE, DENIED_REPEEK_S)]
-    assert "AccessDenied" in refused[0]["error"]
+    assert code in refused[0]["error"]
     # AND the refused peek is not asked again round after round (each would count as a failed SQS
     # call toward JiralakeSqsErrors)
     assert proxy.counts.requests["ReceiveMessage"] == 1
