@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import structlog
+from botocore.exceptions import ClientError
 
 from shared.envelope import (
     ATTR_DELIVERY_ID,
@@ -414,12 +415,30 @@ async def _delete(sqs: SQSClient, dlq_url: str, letters: Sequence[DeadLetter]) -
     return {letters[int(i)].message_id: reason for i, reason in failed.items()}
 
 
-async def purge_dead_letters(sqs: SQSClient, dlq_url: str) -> int:
-    """Delete everything in the DLQ for good; returns the approximate count it held."""
+# SQS's refusal of a purge within 60 s of the last one, by its query-compatible code and its JSON type.
+_PURGE_IN_PROGRESS = frozenset(("AWS.SimpleQueueService.PurgeQueueInProgress", "PurgeQueueInProgress"))
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    approximate_messages: int  # what the DLQ held just before
+    # SQS refused the purge as one already under way (it takes one per queue per 60 s): a purge run
+    # a moment ago, or this one's own request, retried by botocore after SQS's answer was lost.
+    already_under_way: bool = False
+
+
+async def purge_dead_letters(sqs: SQSClient, dlq_url: str) -> PurgeResult:
+    """Delete everything in the DLQ for good."""
     counts = await read_counts(sqs, dlq_url)
-    await sqs.purge_queue(QueueUrl=dlq_url)
+    try:
+        await sqs.purge_queue(QueueUrl=dlq_url)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in _PURGE_IN_PROGRESS:
+            raise
+        log.warning("dlq_purge_already_under_way", dlq_url=dlq_url, approximate_messages=counts.total)
+        return PurgeResult(counts.total, already_under_way=True)
     log.warning("dlq_purged", dlq_url=dlq_url, approximate_messages=counts.total)
-    return counts.total
+    return PurgeResult(counts.total)
 
 
 def _original_group(message: Mapping[str, Any]) -> str | None:

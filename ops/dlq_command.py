@@ -252,11 +252,20 @@ def _purge_command(args: argparse.Namespace) -> int:
             exit_code=2,
         )
     aws, queues = _settings()
-    count = asyncio.run(_purge(aws, queues.dlq_url))
-    print(f"purged {queues.dlq_url} (it held about {count} message(s))", file=sys.stdout)
+    print(render_purge(queues.dlq_url, asyncio.run(_purge(aws, queues.dlq_url))), file=sys.stdout)
     return 0
 
 
-async def _purge(aws: AwsSettings, dlq_url: str) -> int:
+async def _purge(aws: AwsSettings, dlq_url: str) -> dlq.PurgeResult:
     async with sqs_client(aws) as sqs:
         return await dlq.purge_dead_letters(sqs, dlq_url)
+
+
+def render_purge(dlq_url: str, result: dlq.PurgeResult) -> str:
+    held = f"it held about {result.approximate_messages} message(s)"
+    if not result.already_under_way:
+        return f"purged {dlq_url} ({held})"
+    return (
+        f"a purge of {dlq_url} is already under way ({held}; SQS runs one per queue per minute): what "
+        "was dead-lettered after it began may remain; check with dlq list in a minute"
+    )

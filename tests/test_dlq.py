@@ -440,19 +440,20 @@ async def test_a_failed_call_holds_back_the_issues_later_events(
     assert by_group(await drain(aws_settings, queues.dlq_url)) == {ISSUE_A: [T0, T0 + 1]}
 
 
-class LoseFirstReceiveProxy(SqsFaultProxy):
-    """Forwards the first ReceiveMessage and answers it 500 anyway, as if SQS's answer were lost on
-    the way (the messages it received stay hidden); records every ReceiveMessage's attempt id."""
+class LoseFirstAnswerProxy(SqsFaultProxy):
+    """Forwards the first call of ``operation`` and answers it 500 anyway, as if SQS's answer were lost
+    on the way (what SQS did stays done); records the request of every call of ``operation``."""
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, operation: str) -> None:
         super().__init__(target_url)
-        self.attempt_ids: list[str | None] = []
+        self.operation = operation
+        self.calls: list[dict[str, Any]] = []
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("X-Amz-Target", "").endswith(".ReceiveMessage"):
+        if request.headers.get("X-Amz-Target", "").endswith(f".{self.operation}"):
             body = await request.read()
-            self.attempt_ids.append(json.loads(body).get("ReceiveRequestAttemptId"))
-            if len(self.attempt_ids) == 1:
+            self.calls.append(json.loads(body))
+            if len(self.calls) == 1:
                 await self._forward(request, body)
                 return self._error()
         return await super()._handle(request)
@@ -464,7 +465,7 @@ async def test_a_receive_whose_answer_was_lost_is_asked_again_as_itself_and_what
     # GIVEN three events in the DLQ, and an SQS that receives them but whose answer is lost
     async with aws.sqs_client(aws_settings) as sqs:
         await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 3))
-    async with LoseFirstReceiveProxy(aws_settings.endpoint_url or "") as proxy:
+    async with LoseFirstAnswerProxy(aws_settings.endpoint_url or "", "ReceiveMessage") as proxy:
         lossy = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
         # WHEN they are replayed
         summary, dlq_counts, _ = await dlq_command._replay(
@@ -472,7 +473,7 @@ async def test_a_receive_whose_answer_was_lost_is_asked_again_as_itself_and_what
         )
     # THEN botocore's retry asked for the same receive attempt, which real SQS answers with the same
     # messages (moto ignores the attempt id, so here they stay hidden)
-    first, retry = proxy.attempt_ids[:2]
+    first, retry = [call.get("ReceiveRequestAttemptId") for call in proxy.calls[:2]]
     assert first and retry == first
     # AND what stayed hidden is reported, not taken for an empty dead-letter queue
     assert dlq_command.render_replay(summary, dlq_counts).splitlines() == [
@@ -672,6 +673,26 @@ async def test_sigterm_stops_the_replay_between_batches(aws_settings: AwsSetting
         assert await counts(sqs, queues.dlq_url) == (12 - len(sent[ISSUE_A]), 0)
 
 
+async def test_a_purge_whose_answer_was_lost_is_reported_as_done(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN two events in the DLQ, and an SQS that purges it but whose answer is lost on the way
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 2))
+    async with LoseFirstAnswerProxy(aws_settings.endpoint_url or "", "PurgeQueue") as proxy:
+        lossy = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        # WHEN purged (botocore retries the call, which SQS refuses: a purge is under way)
+        result = await dlq_command._purge(lossy, queues.dlq_url)
+        assert len(proxy.calls) == 2
+    # THEN the purge is reported as under way, not failed, and the DLQ is empty
+    assert result == dlq.PurgeResult(approximate_messages=2, already_under_way=True)
+    assert dlq_command.render_purge(queues.dlq_url, result).startswith(
+        f"a purge of {queues.dlq_url} is already under way (it held about 2 message(s); "
+    )
+    async with aws.sqs_client(aws_settings) as sqs:
+        assert await counts(sqs, queues.dlq_url) == (0, 0)
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_replay_and_purge_commands(
     aws_settings: AwsSettings,
@@ -714,6 +735,13 @@ def test_replay_and_purge_commands(
     assert cli.main(["dlq", "purge", "--yes"]) == 0
     assert capsys.readouterr().out.strip() == f"purged {queues.dlq_url} (it held about 2 message(s))"
     assert asyncio.run(dlq_counts()) == (0, 0)
+
+    # a second purge within the minute: SQS refuses it as one under way, which is said, not an error
+    assert cli.main(["dlq", "purge", "--yes"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"a purge of {queues.dlq_url} is already under way (it held about 0 message(s); SQS runs one per "
+        "queue per minute): what was dead-lettered after it began may remain; check with dlq list in a minute"
+    )
 
     # replay of the rest, for real
     put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 1))
