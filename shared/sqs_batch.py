@@ -43,8 +43,14 @@ def entry_bytes(entry: Mapping[str, Any]) -> int:
     """What SQS counts against its size limits for one ``SendMessageBatch`` entry."""
     size = _utf8_len(entry["MessageBody"])
     for name, attr in entry.get("MessageAttributes", {}).items():
-        size += _utf8_len(name) + _utf8_len(attr["DataType"]) + _utf8_len(attr["StringValue"])
+        size += _utf8_len(name) + _utf8_len(attr["DataType"]) + _value_len(attr)
     return size
+
+
+def _value_len(attr: Mapping[str, Any]) -> int:
+    if "BinaryValue" in attr:  # another producer's Binary attribute, kept on a dead-letter
+        return len(attr["BinaryValue"])
+    return _utf8_len(attr["StringValue"])
 
 
 def _utf8_len(text: str) -> int:

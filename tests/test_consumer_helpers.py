@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -105,12 +105,23 @@ async def enqueue(aws_settings: AwsSettings, queue_url: str, envelopes: Sequence
 
 
 async def enqueue_raw(
-    aws_settings: AwsSettings, queue_url: str, body: str, *, group_id: str, dedup_id: str
+    aws_settings: AwsSettings,
+    queue_url: str,
+    body: str,
+    *,
+    group_id: str,
+    dedup_id: str,
+    attributes: Mapping[str, Any] | None = None,
 ) -> None:
-    """A message that is not an envelope at all (no attributes), as a misbehaving producer sends it."""
+    """A message that is not an envelope (no attributes, or only ``attributes``), as a misbehaving
+    producer sends it."""
     async with aws.sqs_client(aws_settings) as sqs:
         await sqs.send_message(
-            QueueUrl=queue_url, MessageBody=body, MessageGroupId=group_id, MessageDeduplicationId=dedup_id
+            QueueUrl=queue_url,
+            MessageBody=body,
+            MessageGroupId=group_id,
+            MessageDeduplicationId=dedup_id,
+            MessageAttributes=dict(attributes or {}),
         )
 
 

@@ -132,6 +132,31 @@ async def test_poison_messages_are_dead_lettered_with_their_reason_and_the_rest_
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+async def test_a_binary_attribute_of_a_dead_lettered_message_goes_with_it(
+    settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a message that is no envelope, from a producer that adds a Binary attribute (a trace id)
+    trace = {"DataType": "Binary", "BinaryValue": b"\x01\x02trace"}
+    await enqueue_raw(
+        aws_settings,
+        queues.queue_url,
+        "not an envelope",
+        group_id="stray",
+        dedup_id="stray-binary",
+        attributes={"trace": trace, "issue_id": {"DataType": "Binary", "BinaryValue": b"39001"}},
+    )
+    # WHEN the consumer runs until idle
+    stats = await consume_until_idle(settings, idle_s=1.0, timeout_s=60)
+    # THEN it is dead-lettered with its reason and both Binary attributes, not a crash
+    assert (stats.received, stats.dead_lettered) == (1, 1)
+    (dead,) = await drain(aws_settings, queues.dlq_url)
+    attrs = dead["MessageAttributes"]
+    assert attrs["trace"] == trace
+    assert attrs["issue_id"]["BinaryValue"] == b"39001"
+    assert attrs["error_class"]["StringValue"] == "InvalidEnvelope"
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
 async def test_large_invalid_messages_received_together_are_all_dead_lettered(
     pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
