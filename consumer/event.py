@@ -84,6 +84,13 @@ def parse_envelope(envelope: Envelope) -> ConsumerEvent:
         raise InvalidMessage(f"body concerns issue {routed.issue_id}, attributes say {envelope.issue_id}")
     if routed.event_type != envelope.event_type:
         raise InvalidMessage(f"body is a {routed.event_type!r} event, attributes say {envelope.event_type!r}")
+    # The attribute orders the event (its version). Every jiralake producer sets it to the body's own
+    # time when the body has one (else to when it was received or found), so a disagreement is another
+    # producer's error, which would otherwise win or lose against newer state by a time Jira never sent.
+    if routed.event_ts_ms is not None and routed.event_ts_ms != envelope.event_ts_ms:
+        raise InvalidMessage(
+            f"body's time is {routed.event_ts_ms} ms since the epoch, attributes say {envelope.event_ts_ms}"
+        )
     issue = payload.get("issue")
     deletes = routed.event_type in DELETE_EVENTS
     full = is_full_delete(issue) if deletes else is_full(issue)

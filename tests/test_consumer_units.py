@@ -207,6 +207,7 @@ def test_snapshot_and_reconciled_delete_sources() -> None:
         ({"issue_id": "x1"}, "is not a Jira issue id"),
         ({"issue_id": "99999999999999999999"}, "is not a Jira issue id"),
         ({"event_ts_ms": 0}, "is not a time in ms"),
+        ({"event_ts_ms": 253_402_300_799_999}, "body's time is [0-9]+ ms .*, attributes say 253402300799999"),
         ({"body": '{"webhookEvent": "sprint_started", "sprint": {}}'}, "concerns no issue"),
     ],
 )
