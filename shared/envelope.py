@@ -131,13 +131,14 @@ class Envelope:
                 body=message["Body"],
                 event_type=_read(attrs, ATTR_EVENT_TYPE),
                 issue_id=_read(attrs, ATTR_ISSUE_ID),
-                event_ts_ms=int(_read(attrs, ATTR_EVENT_TS)),
-                received_at_ms=int(_read(attrs, ATTR_RECEIVED_AT)),
+                event_ts_ms=_read_int(attrs, ATTR_EVENT_TS),
+                received_at_ms=_read_int(attrs, ATTR_RECEIVED_AT),
                 delivery_id=_read(attrs, ATTR_DELIVERY_ID),
-                retry_count=int(_read(attrs, ATTR_RETRY_COUNT)),
+                retry_count=_read_int(attrs, ATTR_RETRY_COUNT),
             )
         except (KeyError, ValueError) as exc:
-            raise InvalidEnvelope(f"message is not a jiralake envelope: {exc}") from None
+            reason = exc.args[0] if exc.args else type(exc).__name__  # str(KeyError) adds quotes
+            raise InvalidEnvelope(f"message is not a jiralake envelope: {reason}") from None
 
 
 # Bytes, not characters: SQS counts a message's size in bytes, and the room a producer keeps free for
@@ -182,6 +183,14 @@ def _read(attrs: Mapping[str, Any], name: str) -> str:
     if not entry or "StringValue" not in entry:
         raise KeyError(f"missing attribute {name}")
     return str(entry["StringValue"])
+
+
+def _read_int(attrs: Mapping[str, Any], name: str) -> int:
+    text = _read(attrs, name)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"attribute {name} is not an integer: {text[:40]!r}") from None
 
 
 def _string(value: str) -> dict[str, str]:

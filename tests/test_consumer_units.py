@@ -25,7 +25,14 @@ from consumer.ordering import NO_CHANGELOG_ID, tiebreak_for, version_time
 from consumer.outcomes import InvalidMessage, Outcome, classify
 from consumer.settings import ConsumerSettings
 from consumer.visibility import retry_delay_s
-from shared.envelope import body_sha256
+from shared.envelope import (
+    ATTR_EVENT_TS,
+    ATTR_RECEIVED_AT,
+    ATTR_RETRY_COUNT,
+    Envelope,
+    InvalidEnvelope,
+    body_sha256,
+)
 from shared.jira_event import InvalidEvent
 from shared.metrics import CONSUMER_CIRCUIT_OPEN
 from shared.settings import ConfigError
@@ -217,6 +224,28 @@ def test_envelopes_that_can_never_apply_are_invalid(change: dict[str, Any], reas
     )
     with pytest.raises(InvalidMessage, match=reason):
         parse_envelope(envelope)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (ATTR_RETRY_COUNT, "abc", "attribute retry_count is not an integer: 'abc'"),
+        (ATTR_RECEIVED_AT, "1.5", "attribute received_at_ms is not an integer: '1.5'"),
+        (ATTR_EVENT_TS, None, "missing attribute event_ts_ms"),
+    ],
+)
+def test_an_ill_typed_attribute_is_named(name: str, value: str | None, reason: str) -> None:
+    # GIVEN a message whose attribute is missing or not the integer it must be
+    envelope = envelope_of(jira_fixtures.raw("mattermost-plugin-jira__webhook-issue-created.json"))
+    attributes: dict[str, Any] = envelope.attributes()
+    if value is None:
+        del attributes[name]
+    else:
+        attributes[name] = {"DataType": "Number", "StringValue": value}
+    # WHEN read THEN the reason names the attribute
+    with pytest.raises(InvalidEnvelope) as refused:
+        Envelope.from_message({"Body": envelope.body, "MessageAttributes": attributes})
+    assert str(refused.value) == f"message is not a jiralake envelope: {reason}"
 
 
 def test_an_unroutable_body_is_invalid() -> None:
