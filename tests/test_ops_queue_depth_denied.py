@@ -57,7 +57,7 @@ class DenyKeyProxy(DenyReceiveProxy):
     """``ReceiveMessage`` refused by the queue's KMS key (its policy leaves the role out), as SQS says it."""
 
     error_type = "com.amazonaws.sqs#KmsAccessDenied"
-    query_error = "KMS.AccessDeniedException;Sender"
+    query_error: str | None = "KMS.AccessDeniedException;Sender"
 
 
 class DenyKeyNoHeaderProxy(DenyKeyProxy):
