@@ -363,7 +363,8 @@ async def test_a_session_postgres_ends_while_a_poller_holds_it_is_retried(
                     break
                 await asyncio.sleep(0.05)
             body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json").decode()
-            envelope = Envelope(body, "jira:issue_created", "20942", 1, 1, "released-1")
+            ts_ms = json.loads(body)["timestamp"]
+            envelope = Envelope(body, "jira:issue_created", "20942", ts_ms, ts_ms, "released-1")
             with pytest.raises(asyncpg.InterfaceError) as caught:
                 await apply.apply_envelopes(conn, [envelope])
         # THEN the error means "retry later", not a crash
