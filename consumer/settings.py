@@ -12,9 +12,9 @@ from shared.settings import (
     DatabaseSettings,
     QueueSettings,
     env_float,
+    env_host,
     env_int,
     env_port,
-    env_str,
 )
 
 MAX_RECEIVE_MESSAGES = 10  # SQS's limit per ReceiveMessage
@@ -107,7 +107,7 @@ class ConsumerSettings:
                 env, "JIRALAKE_CONSUMER_BREAKER_RATIO", 0.5, minimum=0.01
             ),
             breaker_cooldown_s=env_float(env, "JIRALAKE_CONSUMER_BREAKER_COOLDOWN_S", 60.0, minimum=0),
-            admin_host=env_str(env, "JIRALAKE_CONSUMER_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
+            admin_host=env_host(env, "JIRALAKE_CONSUMER_ADMIN_HOST", "127.0.0.1"),
             admin_port=admin_port or None,
             queue_stats_interval_s=env_float(env, "JIRALAKE_CONSUMER_QUEUE_STATS_S", 30.0, minimum=0),
             export_freshness_interval_s=env_float(

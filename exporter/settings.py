@@ -17,6 +17,7 @@ from shared.settings import (
     ConfigError,
     DatabaseSettings,
     env_bool,
+    env_host,
     env_int,
     env_port,
     env_str,
@@ -143,7 +144,7 @@ class ExporterSettings:
             schedule=env_str(env, "JIRALAKE_EXPORT_SCHEDULE"),
             timezone=env_str(env, "JIRALAKE_EXPORT_TIMEZONE", "UTC") or "UTC",
             admin_port=admin_port or None,
-            admin_host=env_str(env, "JIRALAKE_EXPORT_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
+            admin_host=env_host(env, "JIRALAKE_EXPORT_ADMIN_HOST", "127.0.0.1"),
         )
 
 

@@ -7,7 +7,17 @@ from dataclasses import dataclass, field, replace
 
 from receiver.signature import WebhookSecrets
 from shared.jira_event import ISSUE_EVENT_PREFIXES
-from shared.settings import AwsSettings, ConfigError, env_float, env_int, env_port, env_str, require
+from shared.settings import (
+    AwsSettings,
+    ConfigError,
+    check_host_name,
+    env_float,
+    env_host,
+    env_int,
+    env_port,
+    env_str,
+    require,
+)
 
 # Events jiralake itself enqueues (backfill snapshots, reconciled deletes) never come from Jira: a
 # webhook claiming to be one is ignored, whatever JIRALAKE_ACCEPTED_EVENTS says.
@@ -101,9 +111,9 @@ class ReceiverSettings:
             queue_url=require(env, "JIRALAKE_QUEUE_URL"),
             webhook_secret=secret,
             webhook_secret_previous=previous,
-            host=env_str(env, "JIRALAKE_RECEIVER_HOST", "0.0.0.0") or "0.0.0.0",
+            host=env_host(env, "JIRALAKE_RECEIVER_HOST", "0.0.0.0"),
             port=env_port(env, "JIRALAKE_RECEIVER_PORT", 8080),
-            admin_host=env_str(env, "JIRALAKE_RECEIVER_ADMIN_HOST", "127.0.0.1") or "127.0.0.1",
+            admin_host=env_host(env, "JIRALAKE_RECEIVER_ADMIN_HOST", "127.0.0.1"),
             admin_port=env_port(env, "JIRALAKE_RECEIVER_ADMIN_PORT", 9090),
             max_body_bytes=env_int(env, "JIRALAKE_MAX_BODY_BYTES", ONE_MIB, minimum=1024),
             accepted_event_prefixes=parse_accepted_events(env_str(env, "JIRALAKE_ACCEPTED_EVENTS")),
@@ -120,6 +130,8 @@ class ReceiverSettings:
 
     def with_ports(self, *, host: str | None = None, port: int | None = None) -> ReceiverSettings:
         """These settings with the command line's ``--host``/``--port`` applied, checked for clashes."""
+        if host is not None:
+            check_host_name("--host", host)
         updated = replace(
             self, host=host if host is not None else self.host, port=port if port is not None else self.port
         )

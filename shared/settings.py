@@ -50,6 +50,28 @@ def env_port(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def env_host(env: Mapping[str, str], name: str, default: str) -> str:
+    """A host name or IP address to listen on or connect to (see :func:`check_host_name`)."""
+    host = env_str(env, name, default) or default
+    check_host_name(name, host)
+    return host
+
+
+def check_host_name(name: str, host: str) -> None:
+    """A ConfigError naming ``name`` when ``host`` is a name the resolver cannot take: an empty label
+    (``a..b``), or a label over 63 characters. Python's IDNA codec refuses them with a UnicodeError
+    when the name is looked up or bound, which would surface as a traceback."""
+    if ":" in host:  # an IPv6 address
+        return
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        # Not repeated: in a DATABASE_URL with a raw @ in the password, the "host" is part of it.
+        raise ConfigError(
+            f"{name} has a host name with an empty label (a..b) or a label over 63 characters"
+        ) from None
+
+
 def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
     raw = env_str(env, name)
     if raw is None:
@@ -131,7 +153,15 @@ class DatabaseSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
-        return cls(url=env_str(env, "DATABASE_URL"))
+        url = env_str(env, "DATABASE_URL")
+        if url is None:  # asyncpg reads PGHOST and PGPORT itself: checked here as DATABASE_URL is
+            for host in (env_str(env, "PGHOST") or "").split(","):
+                if host and not host.startswith("/"):
+                    check_host_name("PGHOST", host)
+            for port in (env_str(env, "PGPORT") or "").split(","):
+                if port:
+                    _check_port(port, "PGPORT")
+        return cls(url=url)
 
 
 def check_database_url(url: str) -> None:
@@ -175,13 +205,16 @@ def _check_host(host: str, *, quoted: bool) -> None:
     if host.startswith("["):  # an IPv6 address is bracketed: [::1]:5432
         port = host.partition("]")[2].partition(":")[2]
     else:  # asyncpg's reading: all after the first ":", so "h:5432:5433" has the port "5432:5433"
-        port = host.partition(":")[2]
+        name, _, port = host.partition(":")
+        check_host_name("DATABASE_URL", unquote(name) if quoted else name)
     if port:
         _check_port(unquote(port) if quoted else port)
 
 
-def _check_port(port: str) -> None:
+def _check_port(port: str, name: str = "DATABASE_URL") -> None:
     if not (port.isascii() and port.isdigit() and 0 < int(port) <= MAX_PORT):
+        if name != "DATABASE_URL":
+            raise ConfigError(f"{name} is not a port number 1..{MAX_PORT}, got {port[:20]!r}")
         # Not repeated: a raw #, ? or / in a password ends the user-info early, and the "port" is
         # then the password's first characters.
         raise ConfigError(
@@ -205,6 +238,7 @@ def http_url(name: str, url: str, example: str) -> SplitResult:
         port = 0
     if port == 0:
         raise ConfigError(f"{name} has a port that is not a number 1..{MAX_PORT}")
+    check_host_name(name, parts.hostname)
     return parts
 
 

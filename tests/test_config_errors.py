@@ -24,6 +24,7 @@ QUEUES = {
     "JIRALAKE_DLQ_URL": "http://127.0.0.1:1/1/dlq.fifo",
     "JIRALAKE_WEBHOOK_SECRET": "s",
 }
+HOST_LABELS = "has a host name with an empty label (a..b) or a label over 63 characters"
 BUCKET_RULES = (
     "is not a valid S3 bucket name: 3-63 lowercase letters, digits, dots and hyphens, beginning and "
     "ending with a letter or digit"
@@ -58,6 +59,8 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         # a raw @ in the password: asyncpg reads the hosts after the first @, "ret:12@127.0.0.1:5432"
         ("postgresql://postgres:S3c@ret:12@127.0.0.1:5432/db", DB_PORT),
         ("postgresql://postgres:S3cretPW@h1,/db", "DATABASE_URL has an empty host in its host list"),
+        ("postgresql://postgres:S3cretPW@db..example.com/db", f"DATABASE_URL {HOST_LABELS}"),
+        (f"postgresql://postgres:S3cretPW@/db?host={'h' * 64}.example.com", f"DATABASE_URL {HOST_LABELS}"),
         (
             "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode",
             "DATABASE_URL has a query that is not name=value pairs joined by & (percent-encode any #, ? "
@@ -71,6 +74,26 @@ def test_a_malformed_database_url_is_one_line_without_the_password(url: str, mes
     # THEN one line names the problem, exit 2, and no part of the password is repeated
     assert one_line(result) == message
     assert "S3c" not in result.stderr and "ret:12" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PGHOST": "db..example.com"}, f"PGHOST {HOST_LABELS}"),
+        (
+            {"PGHOST": "/var/run/postgresql,h1", "PGPORT": "5432,abc"},
+            "PGPORT is not a port number 1..65535, got 'abc'",
+        ),
+        ({"PGPORT": "70000"}, "PGPORT is not a port number 1..65535, got '70000'"),
+    ],
+)
+def test_libpq_variables_asyncpg_reads_are_checked_like_database_url(
+    env: dict[str, str], message: str
+) -> None:
+    # WHEN a command that needs the database starts without DATABASE_URL, on PGHOST/PGPORT asyncpg
+    # would fail on with a bare ValueError or UnicodeError THEN one line names the variable
+    result = _jiralake("history", "prune", "--older-than", "30", **env)
+    assert one_line(result) == message
 
 
 def test_database_urls_asyncpg_reads_are_still_accepted() -> None:
@@ -151,6 +174,7 @@ def test_local_and_real_aws_endpoints_are_accepted() -> None:
     ("url", "message"),
     [
         ("http://[::1", "JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net"),
+        ("https://acme..atlassian.net", f"JIRALAKE_JIRA_URL {HOST_LABELS}"),
         ("https://jira.example.com:443x", "JIRALAKE_JIRA_URL has a port that is not a number 1..65535"),
     ],
 )
@@ -283,3 +307,37 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     # THEN it exits 130, as a Ctrl-C later does, and prints no traceback
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+
+
+# -- hosts to listen on --
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("receiver", "--host", "bad..host"), {}, f"--host {HOST_LABELS}"),
+        (("receiver",), {"JIRALAKE_RECEIVER_HOST": "bad..host"}, f"JIRALAKE_RECEIVER_HOST {HOST_LABELS}"),
+        (
+            ("receiver",),
+            {"JIRALAKE_RECEIVER_ADMIN_HOST": "x" * 64},
+            f"JIRALAKE_RECEIVER_ADMIN_HOST {HOST_LABELS}",
+        ),
+        (
+            ("consumer",),
+            {"JIRALAKE_CONSUMER_ADMIN_HOST": ".lan"},
+            f"JIRALAKE_CONSUMER_ADMIN_HOST {HOST_LABELS}",
+        ),
+        (
+            ("export", "--bucket", "lake-bucket"),
+            {"JIRALAKE_EXPORT_ADMIN_HOST": "a..b"},
+            f"JIRALAKE_EXPORT_ADMIN_HOST {HOST_LABELS}",
+        ),
+    ],
+)
+def test_a_host_name_the_resolver_refuses_is_one_line(
+    args: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    # WHEN a service starts with a host to listen on that has an empty or too long label (a typo)
+    result = _jiralake(*args, **env, **QUEUES)
+    # THEN it stops at once with one line naming the setting, not a UnicodeError traceback
+    assert one_line(result) == message
