@@ -9,15 +9,28 @@ from typing import TYPE_CHECKING
 
 import aioboto3
 from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError
 
-from shared.settings import AwsSettings
+from shared.settings import AwsSettings, ConfigError
 
 if TYPE_CHECKING:
     from aiobotocore.session import ClientCreatorContext
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
-_SESSION = aioboto3.Session()
+# Made on first use, not at import: building it reads AWS_PROFILE and the AWS config files, and a
+# profile that does not exist would fail every command, --help included, before any error handling.
+_SESSION: aioboto3.Session | None = None
+
+
+def _session() -> aioboto3.Session:
+    global _SESSION
+    if _SESSION is None:
+        try:
+            _SESSION = aioboto3.Session()
+        except BotoCoreError as exc:  # ProfileNotFound, ConfigParseError, ...
+            raise ConfigError(f"the AWS configuration cannot be used: {exc}") from None
+    return _SESSION
 
 
 def _config(
@@ -53,13 +66,13 @@ def sqs_client(
       header changes: retries, credential refresh and error parsing are untouched.
     """
     config = _config(timeout_s, max_pool, parameter_validation=parameter_validation, user_agent=user_agent)
-    return _SESSION.client("sqs", region_name=aws.region, endpoint_url=aws.endpoint_url, config=config)
+    return _session().client("sqs", region_name=aws.region, endpoint_url=aws.endpoint_url, config=config)
 
 
 def s3_client(
     aws: AwsSettings, *, timeout_s: float = 60.0, max_pool: int = 20
 ) -> ClientCreatorContext[S3Client]:
     """An async context manager yielding an S3 client (``async with s3_client(s) as s3``)."""
-    return _SESSION.client(
+    return _session().client(
         "s3", region_name=aws.region, endpoint_url=aws.endpoint_url, config=_config(timeout_s, max_pool)
     )

@@ -341,3 +341,25 @@ def test_a_host_name_the_resolver_refuses_is_one_line(
     result = _jiralake(*args, **env, **QUEUES)
     # THEN it stops at once with one line naming the setting, not a UnicodeError traceback
     assert one_line(result) == message
+
+
+# -- the AWS configuration --
+
+
+def test_a_missing_aws_profile_fails_only_the_commands_that_use_aws() -> None:
+    # GIVEN a profile that does not exist (a typo in AWS_PROFILE)
+    # WHEN the help is asked for THEN it is printed: the profile is read only when AWS is used
+    help_text = _jiralake("--help", AWS_PROFILE="typo-profile")
+    assert (help_text.returncode, help_text.stderr) == (0, "")
+    # AND a command that uses AWS stops in one line naming the problem, not a traceback
+    result = _jiralake("queue", "stats", AWS_PROFILE="typo-profile", **QUEUES)
+    assert one_line(result) == (
+        "the AWS configuration cannot be used: The config profile (typo-profile) could not be found"
+    )
+
+
+def test_an_aws_config_file_that_does_not_parse_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("[profile broken\nregion = us-east-1\n")
+    result = _jiralake("dlq", "list", AWS_CONFIG_FILE=str(config), **QUEUES)
+    assert one_line(result) == f"the AWS configuration cannot be used: Unable to parse config file: {config}"
