@@ -155,11 +155,16 @@ class Consumer:
             await asyncio.gather(*pending, *watchers, return_exceptions=True)
             if self._acks:
                 await asyncio.wait(self._acks)
+        # Every poller's error is read (and logged), not just the first: one never read would end the
+        # process with asyncio's "Task exception was never retrieved" and its traceback.
+        errors: list[BaseException] = []
         for task in pollers:
             error = None if task.cancelled() else task.exception()
             if error is not None:
                 log.error("consumer_crashed", task=task.get_name(), error=f"{type(error).__name__}: {error}")
-                raise error
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     async def readiness(self) -> str | None:
         try:

@@ -93,6 +93,31 @@ async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigter
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+async def test_a_queue_that_does_not_exist_ends_every_poller_in_one_line(
+    aws_settings: AwsSettings, queues: QueuePair, database_url: str
+) -> None:
+    # GIVEN a queue URL with a typo, and three pollers that each fail on their first receive
+    env = dict(
+        os.environ,  # AWS_ENDPOINT_URL and test credentials from the moto_server fixture
+        DATABASE_URL=database_url,
+        JIRALAKE_QUEUE_URL=queues.queue_url.replace(".fifo", "-typo.fifo"),
+        JIRALAKE_DLQ_URL=queues.dlq_url,
+        JIRALAKE_CONSUMER_QUEUE_STATS_S="0",
+    )
+    # WHEN the consumer starts
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "--log-json", "consumer", "--pollers", "3", "--admin-port", "0",
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    # THEN it exits 1 with one line of its own after its log, and no traceback from the other pollers
+    log = err.decode()
+    assert child.returncode == 1, log
+    assert "Traceback" not in log and "never retrieved" not in log, log
+    assert log.splitlines()[-1].startswith("jiralake: QueueDoesNotExist: "), log
+    assert log.count('"event": "consumer_crashed"') == 3, log
+
+
 class CredentialsEndpoint:
     """The ECS/EKS container credentials endpoint (AWS_CONTAINER_CREDENTIALS_FULL_URI), answering
     credentials that expire in 5 minutes, inside botocore's 10-minute mandatory refresh window: every
