@@ -19,6 +19,10 @@ from shared.settings import (
 
 MAX_RECEIVE_MESSAGES = 10  # SQS's limit per ReceiveMessage
 MAX_WAIT_TIME_S = 20  # SQS's limit on long polling
+# Each poller holds a PostgreSQL connection (the pool is pollers + 1) and mostly waits on SQS: more
+# throughput beyond this comes from more consumer processes, not from using up the server's
+# max_connections (100 by default) from one. A mistyped huge value also started that many tasks.
+MAX_POLLERS = 32
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ class ConsumerSettings:
     export_freshness_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.pollers < 1:
-            raise ConfigError(f"pollers (JIRALAKE_CONSUMER_POLLERS) must be >= 1, got {self.pollers}")
+        if not 1 <= self.pollers <= MAX_POLLERS:
+            raise ConfigError(
+                f"pollers (JIRALAKE_CONSUMER_POLLERS) must be between 1 and {MAX_POLLERS}, got {self.pollers}"
+            )
         if not 0 <= self.wait_time_s <= MAX_WAIT_TIME_S:
             raise ConfigError(
                 f"wait_time_s (JIRALAKE_CONSUMER_WAIT_S) must be between 0 and {MAX_WAIT_TIME_S}, "

@@ -41,6 +41,9 @@ _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 # 8 MiB, as the AWS CLI: (4 + 2) x 8 MiB of part buffers at most, and objects of up to 78 GiB.
 DEFAULT_PART_SIZE_BYTES = 8 * MIB
+# Each part in flight holds a buffer of part_size_bytes and an HTTP connection; one upload gains
+# nothing past what the network takes, and a mistyped huge value started that many uploaders.
+MAX_PARTS_IN_FLIGHT = 32
 
 
 class ExportFormat(enum.StrEnum):
@@ -99,8 +102,10 @@ class ExporterSettings:
                 "part size must be between 5 MiB and 5 GiB (S3's multipart limits), "
                 f"got {self.part_size_bytes} bytes"
             )
-        if self.parts_in_flight < 1:
-            raise ConfigError(f"parts in flight must be >= 1, got {self.parts_in_flight}")
+        if not 1 <= self.parts_in_flight <= MAX_PARTS_IN_FLIGHT:
+            raise ConfigError(
+                f"parts in flight must be between 1 and {MAX_PARTS_IN_FLIGHT}, got {self.parts_in_flight}"
+            )
         if not 0 <= self.gzip_level <= 9:
             raise ConfigError(f"gzip level must be 0..9, got {self.gzip_level}")
         if self.parquet_rows_per_group < 1:

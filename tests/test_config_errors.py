@@ -363,3 +363,23 @@ def test_an_aws_config_file_that_does_not_parse_is_one_line(tmp_path: Path) -> N
     config.write_text("[profile broken\nregion = us-east-1\n")
     result = _jiralake("dlq", "list", AWS_CONFIG_FILE=str(config), **QUEUES)
     assert one_line(result) == f"the AWS configuration cannot be used: Unable to parse config file: {config}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("consumer", "--pollers", "100000000"),
+            "pollers (JIRALAKE_CONSUMER_POLLERS) must be between 1 and 32",
+        ),
+        (
+            ("export", "--once", "--bucket", "lake-bucket", "--parts-in-flight", "1000000"),
+            "parts in flight must be between 1 and 32",
+        ),
+    ],
+)
+def test_a_concurrency_past_its_ceiling_is_refused_at_start(args: tuple[str, ...], message: str) -> None:
+    # WHEN a mistyped huge concurrency is asked for (it started that many tasks and connections, and
+    # ignored Ctrl-C while it did) THEN it is refused in one line
+    result = _jiralake(*args, **QUEUES)
+    assert one_line(result) == f"{message}, got {args[-1]}"

@@ -339,6 +339,9 @@ def test_settings_from_env_and_validation() -> None:
         ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_WAIT_S": "21"})
     with pytest.raises(ConfigError, match="JIRALAKE_CONSUMER_POLLERS must be >= 1"):
         ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_POLLERS": "0"})
+    with pytest.raises(ConfigError, match=r"JIRALAKE_CONSUMER_POLLERS\) must be between 1 and 32, got 33"):
+        ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_POLLERS": "33"})
+    assert ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_POLLERS": "32"}).pollers == 32
     # A DLQ that is the main queue would hand every dead-lettered message back, forever.
     with pytest.raises(ConfigError, match="JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue"):
         ConsumerSettings.from_env({**env, "JIRALAKE_DLQ_URL": env["JIRALAKE_QUEUE_URL"]})
