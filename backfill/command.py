@@ -18,6 +18,7 @@ from backfill.jira_client import JiraError
 from backfill.jql import parse_since
 from backfill.reconcile import DEFAULT_MAX_DELETES, Finding, ReconcileRequest, ReconcileSummary, run_reconcile
 from backfill.settings import BackfillSettings
+from shared import argtypes
 from shared.errors import CommandError
 
 _ENV_HELP = (
@@ -35,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "event; the consumer applies it unless the table already holds a newer version. "
         "A restarted run with the same arguments continues from its last saved page. " + _ENV_HELP,
     )
-    backfill.add_argument("--jql", help="issues to fetch (default: every issue the account can browse)")
+    backfill.add_argument(
+        "--jql", type=argtypes.non_blank, help="issues to fetch (default: every issue the account can browse)"
+    )
     backfill.add_argument(
         "--updated-since",
         metavar="DATE|last-run",
@@ -60,7 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "each missing one, and enqueue a delete event only when Jira answers 404. " + _ENV_HELP,
     )
     reconcile.add_argument(
-        "--jql", help="issues Jira should have (default: every issue the account can browse)"
+        "--jql",
+        type=argtypes.non_blank,
+        help="issues Jira should have (default: every issue the account can browse)",
     )
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change; enqueue nothing")
     reconcile.add_argument(

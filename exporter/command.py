@@ -52,7 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="run one export and exit (default unless JIRALAKE_EXPORT_SCHEDULE)",
     )
-    when.add_argument("--schedule", metavar="CRON", help='keep running; export at each time of "0 3 * * *"')
+    when.add_argument(
+        "--schedule",
+        type=argtypes.non_blank,
+        metavar="CRON",
+        help='keep running; export at each time of "0 3 * * *"',
+    )
     when.add_argument(
         "--athena-ddl",
         action="store_true",
@@ -60,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--timezone",
+        type=argtypes.non_blank,
         metavar="TZ",
         help="IANA time zone of --schedule (default JIRALAKE_EXPORT_TIMEZONE or UTC)",
     )
@@ -68,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=[f.value for f in ExportFormat],
         help="csv, csv.gz, parquet (default JIRALAKE_EXPORT_FORMAT or csv)",
     )
-    parser.add_argument("--bucket", help="S3 bucket (default JIRALAKE_BUCKET)")
+    parser.add_argument("--bucket", type=argtypes.non_blank, help="S3 bucket (default JIRALAKE_BUCKET)")
     parser.add_argument(
         "--prefix", help="key prefix in the bucket (default JIRALAKE_EXPORT_PREFIX or jiralake)"
     )

@@ -188,7 +188,7 @@ def bucket_name(name: str) -> str:
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder of zones, such as America
         raise ConfigError(
             f"unknown time zone {name!r} (use an IANA name such as America/Sao_Paulo)"
         ) from None

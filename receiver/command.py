@@ -23,7 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "/metrics, /healthz, /readyz on the admin port (JIRALAKE_RECEIVER_ADMIN_PORT). Requires "
         "JIRALAKE_QUEUE_URL and JIRALAKE_WEBHOOK_SECRET. Stops gracefully on SIGTERM.",
     )
-    parser.add_argument("--host", help="interface to listen on (default JIRALAKE_RECEIVER_HOST or 0.0.0.0)")
+    parser.add_argument(
+        "--host",
+        type=argtypes.non_blank,
+        help="interface to listen on (default JIRALAKE_RECEIVER_HOST or 0.0.0.0)",
+    )
     parser.add_argument(
         "--port", type=argtypes.port, help="port for webhooks (default JIRALAKE_RECEIVER_PORT or 8080)"
     )

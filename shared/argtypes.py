@@ -32,6 +32,14 @@ def positive_number(raw: str) -> float:
     return value
 
 
+def non_blank(raw: str) -> str:
+    """A value that must say something: an empty one (an unset shell variable, ``--jql "$JQL"``) would
+    otherwise read as "not given" and fall back to the default or the environment without a word."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return raw
+
+
 port = integer(0, 65535)
 positive_int = integer(1)
 non_negative_int = integer(0)

@@ -383,3 +383,32 @@ def test_a_concurrency_past_its_ceiling_is_refused_at_start(args: tuple[str, ...
     # ignored Ctrl-C while it did) THEN it is refused in one line
     result = _jiralake(*args, **QUEUES)
     assert one_line(result) == f"{message}, got {args[-1]}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("export", "--schedule", ""),
+        ("export", "--once", "--timezone", " "),
+        ("export", "--once", "--bucket", ""),
+        ("receiver", "--host", ""),
+        ("backfill", "--dry-run", "--jql", ""),
+        ("reconcile", "--dry-run", "--jql", ""),
+    ],
+)
+def test_an_empty_option_is_refused_not_taken_for_unset(args: tuple[str, ...]) -> None:
+    # WHEN an option is given an empty value (an unset shell variable: --jql "$JQL") THEN it is refused,
+    # rather than read as not given: a single export instead of a schedule, UTC, every interface, or
+    # every issue in Jira
+    result = _jiralake(*args, **QUEUES)
+    assert result.returncode == 2
+    option = next(a for a in args if a.startswith("--") and a != "--dry-run" and a != "--once")
+    assert (
+        result.stderr.splitlines()[-1] == f"jiralake {args[0]}: error: argument {option}: must not be empty"
+    )
+
+
+@pytest.mark.parametrize("name", ["America", "Etc", "../zoneinfo/UTC"])
+def test_a_time_zone_that_is_a_folder_or_a_path_is_one_line(name: str) -> None:
+    result = _jiralake("export", "--schedule", "0 3 * * *", "--timezone", name, "--bucket", "lake-bucket")
+    assert one_line(result) == f"unknown time zone {name!r} (use an IANA name such as America/Sao_Paulo)"
