@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
+from botocore.exceptions import ClientError
+
 from ops.text_table import format_age, format_table
 from shared import argtypes
 from shared.aws import sqs_client
@@ -41,7 +43,7 @@ EXIT_CODES_HELP = (
     f"Exit codes: {OK_EXIT_CODE} within the thresholds (or no thresholds); {THRESHOLD_EXIT_CODE} a "
     f"threshold exceeded; {USAGE_EXIT_CODE} bad arguments or configuration (e.g. JIRALAKE_QUEUE_URL "
     f"unset); {UNAVAILABLE_EXIT_CODE} the queues could not be read (SQS unreachable or refusing). "
-    "--watch exits 0 on Ctrl-C."
+    f"--watch exits 0 on Ctrl-C, {UNAVAILABLE_EXIT_CODE} when a queue does not exist."
 )
 UNKNOWN_AGE_NOTE = (
     "the main queue's oldest age is not peeked (a receive there counts toward maxReceiveCount); "
@@ -49,6 +51,8 @@ UNKNOWN_AGE_NOTE = (
 )
 _LABELS = {MAIN_QUEUE: "main queue", DEAD_LETTER_QUEUE: "dead-letter queue"}
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
+# SQS's code for a queue URL that names no queue, by its query-compatible code and its JSON type.
+_NO_SUCH_QUEUE = frozenset(("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"))
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,8 @@ async def watch(
 ) -> None:
     """Print the stats every ``interval_s`` (``rounds`` times, or until cancelled). Thresholds are
     reported on each round, not by the exit code: a watch is for people, the check is for cron. A
-    round SQS fails is reported as such and the watch goes on: it is watched during incidents."""
+    round SQS fails is reported as such and the watch goes on: it is watched during incidents. A queue
+    that does not exist (a typo in its URL) ends the watch: no later round can read it."""
     stream = out or sys.stdout
     done = 0
     while rounds is None or done < rounds:
@@ -208,6 +213,10 @@ async def watch(
             depths = await read_stats(aws, queues)
         except SQS_ERRORS as exc:
             problem = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NO_SUCH_QUEUE:
+                raise CommandError(
+                    f"cannot read the queues: {problem}", exit_code=UNAVAILABLE_EXIT_CODE
+                ) from None
             if style == "json":
                 text = json.dumps({"time": stamp, "error": problem})
             else:

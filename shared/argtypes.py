@@ -4,6 +4,7 @@ its usual usage line and exit code 2, naming the option and what it takes."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -29,6 +30,8 @@ def positive_number(raw: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {raw}")
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw}")
     return value
 
 

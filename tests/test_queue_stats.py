@@ -22,6 +22,7 @@ from jiralake import cli
 from ops.local_aws import free_port
 from ops.queue_stats import Thresholds, exceeded, read_stats, render_lines, render_table, watch
 from shared import aws
+from shared.errors import CommandError
 from shared.metrics import QUEUE_MESSAGES
 from shared.provision import QueuePair
 from shared.queue_depth import (
@@ -217,6 +218,10 @@ def test_exit_codes_tell_a_deep_queue_from_a_check_that_could_not_run(
         2,
         "jiralake queue stats: error: argument --max-visible: must be at least 0, got -1",
     )
+    assert check("--watch", "inf") == (
+        2,
+        "jiralake queue stats: error: argument --watch: must be a finite number, got inf",
+    )
     assert check("--max-visible", "1", environ=no_queue_url) == (
         2,
         "jiralake: configuration error: JIRALAKE_QUEUE_URL is not set "
@@ -253,6 +258,18 @@ async def test_watch_goes_on_through_an_sqs_outage(aws_settings: AwsSettings, qu
     rounds = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(rounds) == 2
     assert all(r["error"].startswith("EndpointConnectionError") for r in rounds), rounds
+
+
+async def test_watch_ends_when_a_queue_does_not_exist(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    # GIVEN a main queue URL with a typo: no later round could read it
+    typo = QueueSettings(queue_url=queues.queue_url.replace(".fifo", "-typo.fifo"), dlq_url=queues.dlq_url)
+    out = io.StringIO()
+    # WHEN watched THEN the watch ends at once with the reason (exit 1), rather than retry forever
+    with pytest.raises(CommandError) as ended:
+        await watch(aws_settings, typo, Thresholds(), interval_s=0.01, style="json", rounds=3, out=out)
+    assert ended.value.exit_code == 1
+    assert str(ended.value).startswith("cannot read the queues: QueueDoesNotExist: ")
+    assert out.getvalue() == ""
 
 
 def gauge(name: str, **labels: str) -> float | None:
