@@ -14,6 +14,7 @@ import asyncpg
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared import db
+from shared.errors import one_line
 
 
 class ExportError(Exception):
@@ -50,7 +51,3 @@ def failure_reason(exc: BaseException) -> str | None:
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
         return f"{type(exc).__name__}: {one_line(str(exc)) or 'timed out'}"
     return None
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())

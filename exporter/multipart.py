@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from exporter.errors import ExportError, failure_reason, one_line
+from exporter.errors import ExportError, failure_reason
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
 from exporter.shutdown import finish_cleanup, finish_then_stop
+from shared.errors import one_line
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from shared import logging as jl_logging
-from shared.errors import CommandError
+from shared.errors import CommandError, one_line
 from shared.settings import ConfigError, env_str
 
 # Modules that each define ``add_parser(subparsers)``; their parsers set ``func(args) -> int``.
@@ -67,19 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ConfigError as exc:
-        print(f"jiralake: configuration error: {exc}", file=sys.stderr)
+        print(f"jiralake: configuration error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except CommandError as exc:
-        print(f"jiralake: {exc}", file=sys.stderr)
+        print(f"jiralake: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except _ONE_LINE_ERRORS as exc:
-        print(f"jiralake: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"jiralake: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except Exception as exc:
         if _is_infrastructure_error(exc):
-            print(f"jiralake: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"jiralake: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
             return 1
         structlog.get_logger().exception("command_crashed", command=args.command)
         return 70

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace, line breaks included, made one space: an error text can
+    quote what a server answered (an HTML error page from a wrong endpoint path, a multi-line SQL
+    error), and the user sees one line."""
+    return " ".join(text.split())
+
+
 class CommandError(Exception):
     """A command cannot do what was asked; the message says why. Exit code 1 unless given."""
 

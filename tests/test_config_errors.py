@@ -412,3 +412,18 @@ def test_an_empty_option_is_refused_not_taken_for_unset(args: tuple[str, ...]) -
 def test_a_time_zone_that_is_a_folder_or_a_path_is_one_line(name: str) -> None:
     result = _jiralake("export", "--schedule", "0 3 * * *", "--timezone", name, "--bucket", "lake-bucket")
     assert one_line(result) == f"unknown time zone {name!r} (use an IANA name such as America/Sao_Paulo)"
+
+
+@pytest.mark.parametrize("command", [("queue", "stats"), ("dlq", "list")])
+def test_an_error_page_quoted_in_an_error_is_one_line(
+    aws_settings: AwsSettings, command: tuple[str, ...]
+) -> None:
+    # GIVEN an endpoint with a path, where the server answers an HTML error page of several lines
+    endpoint = f"{aws_settings.endpoint_url}/some/path"
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    # WHEN a command calls SQS there
+    result = _jiralake(*command, AWS_ENDPOINT_URL=endpoint, **credentials, **QUEUES)
+    # THEN the page is quoted on the command's one line, not printed as it came
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "<title>404 Not Found</title> <h1>Not Found</h1>" in result.stderr
