@@ -45,7 +45,7 @@ def failure_reason(exc: BaseException) -> str | None:
     if isinstance(exc, BotoCoreError):
         return f"S3 unreachable: {one_line(str(exc))}"
     if isinstance(exc, asyncpg.PostgresError):
-        return f"PostgreSQL error: {type(exc).__name__}: {one_line(str(exc))}"
+        return f"PostgreSQL error: {type(exc).__name__}: {one_line(str(exc))}{db.schema_hint(exc)}"
     if isinstance(exc, asyncpg.InterfaceError) or db.session_ended(exc):
         return f"PostgreSQL connection failed: {type(exc).__name__}: {one_line(str(exc))}"
     if isinstance(exc, (OSError, asyncio.TimeoutError)):

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from shared import logging as jl_logging
+from shared.db import schema_hint
 from shared.errors import CommandError, one_line
 from shared.settings import ConfigError, env_str
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:
         if _is_infrastructure_error(exc):
-            print(f"jiralake: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
+            print(f"jiralake: {type(exc).__name__}: {one_line(str(exc))}{schema_hint(exc)}", file=sys.stderr)
             return 1
         structlog.get_logger().exception("command_crashed", command=args.command)
         return 70

@@ -36,6 +36,17 @@ def session_ended(exc: BaseException) -> bool:
     )
 
 
+# PostgreSQL's answers when jiralake's schema is not there or older than the code: a database never
+# set up, or an upgrade deployed before `jiralake setup` applied its migrations.
+_SCHEMA_ERRORS = (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError)
+SCHEMA_HINT = "the database lacks jiralake's tables or a newer migration: run `jiralake setup` first"
+
+
+def schema_hint(exc: BaseException) -> str:
+    """``"; " + SCHEMA_HINT`` to add to an error that means the schema is missing or older, else ""."""
+    return f"; {SCHEMA_HINT}" if isinstance(exc, _SCHEMA_ERRORS) else ""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python objects; asyncpg leaves them as text otherwise.
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

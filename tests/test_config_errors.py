@@ -3,6 +3,7 @@ traceback, never the password of a ``DATABASE_URL``."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from backfill.settings import JiraSettings
 from exporter.settings import ExporterSettings
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings
+from tests.conftest import empty_database
 from tests.test_cli_log_level import _jiralake
 
 CONFIG_ERROR = "jiralake: configuration error: "
@@ -427,3 +429,24 @@ def test_an_error_page_quoted_in_an_error_is_one_line(
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "<title>404 Not Found</title> <h1>Not Found</h1>" in result.stderr
+
+
+# -- a database without the schema --
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("history", "prune", "--older-than", "30"), ("export", "--once", "--bucket", "lake-bucket")],
+)
+async def test_a_database_never_set_up_says_to_run_setup(pg_server_dsn: str, args: tuple[str, ...]) -> None:
+    # GIVEN a database jiralake setup never ran on (or an upgrade deployed before its migrations)
+    async with empty_database(pg_server_dsn, "unmigrated") as url:
+        # WHEN a command that reads the tables runs on it
+        result = await asyncio.to_thread(_jiralake, *args, DATABASE_URL=url, **QUEUES)
+    # THEN its one line says what to do, after PostgreSQL's own words
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert "UndefinedTableError: relation " in line
+    assert line.endswith(
+        "; the database lacks jiralake's tables or a newer migration: run `jiralake setup` first"
+    )
