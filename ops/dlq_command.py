@@ -182,7 +182,16 @@ def _replay_command(args: argparse.Namespace) -> int:
             "message(s); the rest stay in the dead-letter queue; run the same command again to go on",
             exit_code=signal_exit_code(stopped_by),
         )
-    return 1 if summary.failed or summary.stopped else 0
+    # The summary above is the command's output; why it did not finish goes to stderr, as every
+    # command's error does (cron mails it, a script sees it apart from the output).
+    if summary.stopped:
+        raise CommandError(f"dlq replay stopped early: {summary.stopped}")
+    if summary.failed:
+        raise CommandError(
+            f"dlq replay could not replay {summary.failed} message(s); they stay in the dead-letter queue "
+            "(reasons above); run the same command again once the cause is fixed"
+        )
+    return 0
 
 
 async def _replay(

@@ -750,6 +750,26 @@ def test_replay_and_purge_commands(
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_a_replay_that_cannot_read_the_dlq_says_why_on_stderr(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN a dead-letter queue URL with a typo
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url.replace(".fifo", "-typo.fifo"))
+    # WHEN replayed
+    assert cli.main(["dlq", "replay"]) == 1
+    # THEN the summary is the output, and the reason is the one line on stderr
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == "replayed 0, skipped 0, failed 0"
+    assert captured.err.splitlines()[-1].startswith(
+        "jiralake: dlq replay stopped early: cannot receive from the dead-letter queue: QueueDoesNotExist: "
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_a_dry_run_says_when_it_could_not_see_everything(
     aws_settings: AwsSettings,
     queues: QueuePair,
