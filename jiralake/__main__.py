@@ -1,3 +1,3 @@
-from jiralake.cli import main
+from jiralake.entry import main
 
 raise SystemExit(main())

@@ -311,6 +311,25 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
 
 
+def test_ctrl_c_while_python_imports_the_command_line_exits_130_without_a_traceback() -> None:
+    # GIVEN a real SIGINT delivered while the command line's own imports run (structlog, asyncpg, ...),
+    # before its main() and its error handling exist
+    script = (
+        "import os, signal, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'structlog':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from jiralake.entry import main\n"
+        "sys.exit(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # THEN it exits 130 and prints nothing
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+
+
 # -- hosts to listen on --
 
 
