@@ -108,7 +108,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--projection-start",
         type=projection_start,
-        default=DEFAULT_PROJECTION_START,
         metavar="START",
         help="with --athena-ddl: first dt of the partition projection, YYYY-MM-DD or NOW-<n><unit> "
         f"(default {DEFAULT_PROJECTION_START})",
@@ -146,10 +145,15 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Exp
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.projection_start is not None and not args.athena_ddl:
+        # Said, not ignored: it shapes only the printed DDL, never what an export writes.
+        raise CommandError("--projection-start goes with --athena-ddl", exit_code=2)
     settings = settings_from_args(args, dict(os.environ))
     if args.athena_ddl:
         try:
-            ddl = asyncio.run(render_ddl(settings, projection_start=args.projection_start))
+            ddl = asyncio.run(
+                render_ddl(settings, projection_start=args.projection_start or DEFAULT_PROJECTION_START)
+            )
         except ExportError as exc:
             raise CommandError(f"cannot print the Athena DDL: {exc}") from None
         sys.stdout.write(ddl)

@@ -469,3 +469,11 @@ async def test_a_database_never_set_up_says_to_run_setup(pg_server_dsn: str, arg
     assert line.endswith(
         "; the database lacks jiralake's tables or a newer migration: run `jiralake setup` first"
     )
+
+
+def test_projection_start_without_athena_ddl_is_refused_not_ignored() -> None:
+    # WHEN --projection-start is given to an export (it only shapes the printed DDL)
+    result = _jiralake("export", "--once", "--bucket", "lake-bucket", "--projection-start", "2024-01-01")
+    # THEN the command says so rather than export as if it had not been given
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == "jiralake: --projection-start goes with --athena-ddl"
