@@ -306,9 +306,8 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback() -> None:
         "cli.importlib.import_module = interrupted\n"
         "sys.exit(cli.main(['queue', 'stats']))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     # THEN it exits 130, as a Ctrl-C later does, and prints no traceback
-    assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
+    assert_exits_130_silently(script)
 
 
 def test_ctrl_c_while_python_imports_the_command_line_exits_130_without_a_traceback() -> None:
@@ -325,8 +324,12 @@ def test_ctrl_c_while_python_imports_the_command_line_exits_130_without_a_traceb
         "from jiralake.entry import main\n"
         "sys.exit(main())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     # THEN it exits 130 and prints nothing
+    assert_exits_130_silently(script)
+
+
+def assert_exits_130_silently(script: str) -> None:
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "")
 
 
