@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exporter.columns import ColumnKind, ExportColumn, finite_value, quote_ident
+from exporter.errors import ExportError
+from shared.errors import one_line
 
 # What the server-side cursor selects for each kind of column: values pyarrow takes directly.
 _PARQUET_VALUE: dict[ColumnKind, str] = {
@@ -119,12 +121,35 @@ class ParquetStream:
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> bytes:
         if rows:
             arrays = [
-                pa.array(list(values), type=field.type)
+                self._array(list(values), field, rows)
                 for values, field in zip(zip(*rows, strict=True), self.schema, strict=True)
             ]
             batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
             self._writer.write_batch(batch, row_group_size=len(rows))
         return self._sink.drain()
+
+    def _array(self, values: list[Any], field: pa.Field, rows: Sequence[Sequence[Any]]) -> pa.Array:
+        """The column's values as Arrow's type; an :class:`ExportError` naming the column and the row
+        for a value that type cannot hold (one that only SQL written by hand can store, such as a
+        multi-dimensional labels array), rather than a crash."""
+        try:
+            return pa.array(values, type=field.type)
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+            bad = next((i for i, value in enumerate(values) if not self._fits(value, field)), 0)
+            names = self.schema.names
+            row = f"issue_id {rows[bad][names.index('issue_id')]}" if "issue_id" in names else f"row {bad}"
+            raise ExportError(
+                f"{field.name} of {row} cannot be written to Parquet as {field.type} "
+                f"({one_line(str(exc))}); correct the row, or export it as CSV"
+            ) from None
+
+    @staticmethod
+    def _fits(value: Any, field: pa.Field) -> bool:
+        try:
+            pa.array([value], type=field.type)
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            return False
+        return True
 
     def finish(self) -> bytes:
         self._writer.close()

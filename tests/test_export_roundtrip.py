@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from exporter import run
 from exporter.columns import ORDER_KEY, TABLE, ColumnKind, read_columns, select_columns
 from exporter.csv_format import csv_query
+from exporter.errors import ExportError
 from exporter.run import export_once, open_source
 from exporter.settings import ExporterSettings, ExportFormat
 from shared.settings import AwsSettings, DatabaseSettings
@@ -273,6 +274,28 @@ async def test_infinite_dates_and_times_are_written_as_the_last_and_first_values
         2: (date(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)),
         3: (None, None),
     }
+
+
+async def test_a_value_parquet_cannot_hold_fails_the_export_with_the_row_named(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a row whose labels SQL written by hand made two-dimensional (the consumer writes lists)
+    await pg.execute(
+        "INSERT INTO ap_jira_task (issue_id, issue_key, version, labels) VALUES "
+        "(1, 'A-1', 1, '{x}'), (2, 'A-2', 1, '{{a,b},{c,d}}')"
+    )
+    # WHEN exported as Parquet
+    with pytest.raises(ExportError) as failed:
+        await export_once(settings_factory(format=ExportFormat.PARQUET), clock=fixed_clock)
+    # THEN the export fails with a reason naming the column and the row, not a crash, and leaves no
+    # object and no upload behind
+    assert str(failed.value).startswith("labels of issue_id 2 cannot be written to Parquet as list<")
+    assert str(failed.value).endswith("; correct the row, or export it as CSV")
+    assert await list_keys(aws_settings, bucket) == []
+    assert await open_multipart_uploads(aws_settings, bucket) == []
 
 
 @pytest.mark.parametrize("export_format", [ExportFormat.CSV, ExportFormat.PARQUET])
