@@ -7,6 +7,7 @@ them directly. Nothing below ``main()`` reads the environment.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
@@ -195,6 +196,20 @@ def check_database_url(url: str) -> None:
     for value in query.get("port", []):
         for port in value.split(","):
             _check_port(port)
+    for value in query.get("target_session_attrs", []):
+        if value not in _SESSION_ATTRS:
+            allowed = ", ".join(_SESSION_ATTRS)
+            raise ConfigError(f"DATABASE_URL's target_session_attrs must be one of {allowed}, got {value!r}")
+    for name in _SSL_FILES:
+        for path in query.get(name, []):
+            if not os.path.isfile(path):  # asyncpg's error would be a bare FileNotFoundError, no path
+                raise ConfigError(f"DATABASE_URL's {name} is not a file this process can see: {path!r}")
+
+
+# What asyncpg takes (libpq's values); any other is a ValueError that prints its enum's repr.
+_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+# Query parameters naming files (the CA bundle of an RDS instance, a client certificate).
+_SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
 def _check_host(host: str, *, quoted: bool) -> None:

@@ -62,6 +62,15 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         ("postgresql://postgres:S3c@ret:12@127.0.0.1:5432/db", DB_PORT),
         ("postgresql://postgres:S3cretPW@h1,/db", "DATABASE_URL has an empty host in its host list"),
         ("postgresql://postgres:S3cretPW@db..example.com/db", f"DATABASE_URL {HOST_LABELS}"),
+        (
+            "postgresql://postgres:S3cretPW@127.0.0.1/db?target_session_attrs=master",
+            "DATABASE_URL's target_session_attrs must be one of any, primary, standby, prefer-standby, "
+            "read-write, read-only, got 'master'",
+        ),
+        (
+            "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode=verify-full&sslrootcert=/etc/rds/missing.pem",
+            "DATABASE_URL's sslrootcert is not a file this process can see: '/etc/rds/missing.pem'",
+        ),
         (f"postgresql://postgres:S3cretPW@/db?host={'h' * 64}.example.com", f"DATABASE_URL {HOST_LABELS}"),
         (
             "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode",
