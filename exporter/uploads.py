@@ -100,7 +100,7 @@ async def _abort(s3: S3Client, row: asyncpg.Record) -> bool:
     try:
         await s3.abort_multipart_upload(Bucket=row["bucket"], Key=row["key"], UploadId=row["upload_id"])
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in GONE_CODES:
+        if aws.error_code(exc) in GONE_CODES:
             log.info("leftover_upload_gone", run_id=row["run_id"], key=row["key"], upload_id=row["upload_id"])
             return True
         _not_aborted(row, exc)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import structlog
 from botocore.exceptions import ClientError
 
+from shared.aws import error_code
 from shared.envelope import (
     ATTR_DELIVERY_ID,
     ATTR_ERROR_CLASS,
@@ -433,7 +434,7 @@ async def purge_dead_letters(sqs: SQSClient, dlq_url: str) -> PurgeResult:
     try:
         await sqs.purge_queue(QueueUrl=dlq_url)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in _PURGE_IN_PROGRESS:
+        if error_code(exc) not in _PURGE_IN_PROGRESS:
             raise
         log.warning("dlq_purge_already_under_way", dlq_url=dlq_url, approximate_messages=counts.total)
         return PurgeResult(counts.total, already_under_way=True)

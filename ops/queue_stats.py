@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
-from botocore.exceptions import ClientError
-
 from ops.text_table import format_age, format_table
 from shared import argtypes
-from shared.aws import sqs_client
+from shared.aws import error_code, sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, SQS_ERRORS, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
@@ -213,7 +211,7 @@ async def watch(
             depths = await read_stats(aws, queues)
         except SQS_ERRORS as exc:
             problem = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _NO_SUCH_QUEUE:
+            if error_code(exc) in _NO_SUCH_QUEUE:
                 raise CommandError(
                     f"cannot read the queues: {problem}", exit_code=UNAVAILABLE_EXIT_CODE
                 ) from None

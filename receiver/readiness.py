@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.aws import error_code
 from shared.metrics import SQS_CALLS
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ class QueueReadiness:
             SQS_CALLS.labels("GetQueueAttributes", "error").inc()
             log.warning("readiness_sqs_failed", error=f"{type(exc).__name__}: {exc}")
             # The main port is public: name the failure, keep the details in the log.
-            code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
-            return f"SQS queue not reachable ({code or type(exc).__name__})"
+            return f"SQS queue not reachable ({error_code(exc) or type(exc).__name__})"
         SQS_CALLS.labels("GetQueueAttributes", "ok").inc()
         return None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import aioboto3
 from aiobotocore.config import AioConfig
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.settings import AwsSettings, ConfigError
 
@@ -31,6 +31,12 @@ def _session() -> aioboto3.Session:
         except BotoCoreError as exc:  # ProfileNotFound, ConfigParseError, ...
             raise ConfigError(f"the AWS configuration cannot be used: {exc}") from None
     return _SESSION
+
+
+def error_code(exc: BaseException) -> str:
+    """An AWS error's code (botocore reads SQS's query-compatible header when it is there, else the
+    JSON error's type, so a caller may need to know both spellings); "" for any other exception."""
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
 
 
 def _config(

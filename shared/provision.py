@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import structlog
 from botocore.exceptions import ClientError
 
+from shared.aws import error_code
 from shared.settings import ConfigError
 
 log = structlog.get_logger()
@@ -70,7 +71,7 @@ async def _create(sqs: Any, name: str, attributes: dict[str, str]) -> str:
     try:
         url: str = (await sqs.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"QueueAlreadyExists", "QueueNameExists"}:
+        if error_code(exc) not in {"QueueAlreadyExists", "QueueNameExists"}:
             raise
         # It exists with other attributes: adopt it and bring its attributes to what we want.
         url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
@@ -84,7 +85,7 @@ async def ensure_bucket(s3: Any, bucket: str, region: str) -> None:
         await s3.head_bucket(Bucket=bucket)
         return
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+        if error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
             raise
     kwargs: dict[str, Any] = {"Bucket": bucket}
     if region != "us-east-1":

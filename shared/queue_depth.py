@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shared.aws import sqs_client
+from shared.aws import error_code, sqs_client
 from shared.metrics import QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS, SQS_CALLS
 from shared.settings import AwsSettings, QueueSettings
 
@@ -111,8 +111,7 @@ _DENIED_CODES = frozenset(
 
 
 def _access_denied(exc: BaseException) -> bool:
-    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
-    return code in _DENIED_CODES
+    return error_code(exc) in _DENIED_CODES
 
 
 async def _counted(operation: str, call: Awaitable[T]) -> T:

@@ -160,8 +160,8 @@ class DatabaseSettings:
                 if host and not host.startswith("/"):
                     check_host_name("PGHOST", host)
             for port in (env_str(env, "PGPORT") or "").split(","):
-                if port:
-                    _check_port(port, "PGPORT")
+                if port and not _is_port(port):
+                    raise ConfigError(f"PGPORT is not a port number 1..{MAX_PORT}, got {port[:20]!r}")
         return cls(url=url)
 
 
@@ -226,10 +226,12 @@ def _check_host(host: str, *, quoted: bool) -> None:
         _check_port(unquote(port) if quoted else port)
 
 
-def _check_port(port: str, name: str = "DATABASE_URL") -> None:
-    if not (port.isascii() and port.isdigit() and 0 < int(port) <= MAX_PORT):
-        if name != "DATABASE_URL":
-            raise ConfigError(f"{name} is not a port number 1..{MAX_PORT}, got {port[:20]!r}")
+def _is_port(port: str) -> bool:
+    return port.isascii() and port.isdigit() and 0 < int(port) <= MAX_PORT
+
+
+def _check_port(port: str) -> None:
+    if not _is_port(port):
         # Not repeated: a raw #, ? or / in a password ends the user-info early, and the "port" is
         # then the password's first characters.
         raise ConfigError(
