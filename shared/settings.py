@@ -162,6 +162,10 @@ class DatabaseSettings:
             for port in (env_str(env, "PGPORT") or "").split(","):
                 if port and not _is_port(port):
                     raise ConfigError(f"PGPORT is not a port number 1..{MAX_PORT}, got {port[:20]!r}")
+        for variable, name in _CHOICE_VARIABLES.items():  # read even beside a DATABASE_URL without them
+            value = env_str(env, variable)
+            if value is not None:
+                _check_choice(variable, name, value)
         return cls(url=url)
 
 
@@ -196,18 +200,38 @@ def check_database_url(url: str) -> None:
     for value in query.get("port", []):
         for port in value.split(","):
             _check_port(port)
-    for value in query.get("target_session_attrs", []):
-        if value not in _SESSION_ATTRS:
-            allowed = ", ".join(_SESSION_ATTRS)
-            raise ConfigError(f"DATABASE_URL's target_session_attrs must be one of {allowed}, got {value!r}")
+    for name in _CHOICES:
+        for value in query.get(name, []):
+            _check_choice(f"DATABASE_URL's {name}", name, value)
     for name in _SSL_FILES:
         for path in query.get(name, []):
             if not os.path.isfile(path):  # asyncpg's error would be a bare FileNotFoundError, no path
                 raise ConfigError(f"DATABASE_URL's {name} is not a file this process can see: {path!r}")
 
 
-# What asyncpg takes (libpq's values); any other is a ValueError that prints its enum's repr.
-_SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+# The parameters asyncpg takes only from a list (libpq's values), and the environment variables it
+# reads them from when the URL has none: any other value is a ValueError that prints its enum's repr,
+# or a ClientConfigurationError (exit 1, as if the database had refused) at the first connection.
+_CHOICES = {
+    "target_session_attrs": ("any", "primary", "standby", "prefer-standby", "read-write", "read-only"),
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "sslnegotiation": ("postgres", "direct"),
+}
+_CHOICE_VARIABLES = {
+    "PGTARGETSESSIONATTRS": "target_session_attrs",
+    "PGSSLMODE": "sslmode",
+    "PGSSLNEGOTIATION": "sslnegotiation",
+}
+
+
+# asyncpg also takes these, the names of its sslmode enum.
+_SSLMODE_ALIASES = ("verify_ca", "verify_full")
+
+
+def _check_choice(what: str, name: str, value: str) -> None:
+    allowed = _CHOICES[name]
+    if value not in allowed and not (name == "sslmode" and value in _SSLMODE_ALIASES):
+        raise ConfigError(f"{what} must be one of {', '.join(allowed)}, got {value[:40]!r}")
 # Query parameters naming files (the CA bundle of an RDS instance, a client certificate).
 _SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 

@@ -68,6 +68,15 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             "read-write, read-only, got 'master'",
         ),
         (
+            "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode=verify_fulll",
+            "DATABASE_URL's sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full, "
+            "got 'verify_fulll'",
+        ),
+        (
+            "postgresql://postgres:S3cretPW@127.0.0.1/db?sslnegotiation=tls",
+            "DATABASE_URL's sslnegotiation must be one of postgres, direct, got 'tls'",
+        ),
+        (
             "postgresql://postgres:S3cretPW@127.0.0.1/db?sslmode=verify-full&sslrootcert=/etc/rds/missing.pem",
             "DATABASE_URL's sslrootcert is not a file this process can see: '/etc/rds/missing.pem'",
         ),
@@ -96,6 +105,16 @@ def test_a_malformed_database_url_is_one_line_without_the_password(url: str, mes
             "PGPORT is not a port number 1..65535, got 'abc'",
         ),
         ({"PGPORT": "70000"}, "PGPORT is not a port number 1..65535, got '70000'"),
+        (
+            {"PGSSLMODE": "on"},
+            "PGSSLMODE must be one of disable, allow, prefer, require, verify-ca, verify-full, got 'on'",
+        ),
+        ({"PGSSLNEGOTIATION": "tls"}, "PGSSLNEGOTIATION must be one of postgres, direct, got 'tls'"),
+        (
+            {"PGTARGETSESSIONATTRS": "read_write"},
+            "PGTARGETSESSIONATTRS must be one of any, primary, standby, prefer-standby, read-write, "
+            "read-only, got 'read_write'",
+        ),
     ],
 )
 def test_libpq_variables_asyncpg_reads_are_checked_like_database_url(
@@ -115,6 +134,7 @@ def test_database_urls_asyncpg_reads_are_still_accepted() -> None:
         "postgresql:///db?host=h1,h2&port=5432,5433",
         "postgres:///db?host=/var/run/postgresql",
         "postgresql://u:p@h/db?sslmode=require&application_name=jiralake",
+        "postgresql://u:p@h/db?sslmode=verify_ca&sslnegotiation=postgres&target_session_attrs=read-write",
     ):
         assert DatabaseSettings(url=url).url == url
 
