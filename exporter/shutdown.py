@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 
 import structlog
 
+from shared import shutdown
+from shared.shutdown import Stopped
+
+__all__ = ["Stopped", "finish_before_stopping", "finish_cleanup", "finish_then_stop", "run_unless_stopped"]
+
 log = structlog.get_logger()
 
 T = TypeVar("T")
-
-
-class Stopped(Exception):
-    """The stop event was set while the awaited work ran; the work was cancelled."""
 
 
 @dataclass
@@ -46,22 +47,13 @@ async def run_unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event, 
     run = _Run()
     context = contextvars.copy_context()
     context.run(_current_run.set, run)
-    task = asyncio.create_task(work, name=name, context=context)
-    watcher = asyncio.create_task(stop.wait(), name=f"{name}-stop-watch")
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
+
+    def publishing() -> bool:
         if run.publishing:
             log.warning("export_stop_deferred", until=f"{name} is done")
-            await asyncio.wait({task})
-        else:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            raise Stopped(name)
-    return task.result()
+        return run.publishing
+
+    return await shutdown.run_unless_stopped(work, stop, name=name, context=context, keep_running=publishing)
 
 
 async def finish_before_stopping(work: Coroutine[Any, Any, T], *, name: str) -> T:

@@ -11,8 +11,12 @@ is the person's user object when its id fields say so (for ``--username`` it mus
 not one); display names are never matched, so a namesake is never touched. The ``key`` of the
 person's user objects (Data Center keys such as ``JIRAUSER10100``, which changelog items carry in
 ``from``/``to``) and, on Cloud, the ``name``/``key`` old payloads carried beside the ``accountId`` are
-learned from ``ap_jira_task`` first and matched in changelog items of both tables (a pass over
-``ap_jira_task`` that learned an id is followed by another, for the rows searched before it).
+learned from ``ap_jira_task`` before anything is scrubbed (username mode: a pass that reads and
+changes nothing; Cloud: a pass over ``ap_jira_task`` that learned an id is followed by another, for
+the rows searched before it) and matched in changelog items of both tables. In username mode, once a
+key of the person's is known, a changelog item naming the username is theirs only if the username is
+one of their keys: a renamed user keeps their old username as their key, and that username may since
+have gone to the person being forgotten.
 
 **What changes.** Each of the person's user objects anywhere in ``raw`` (assignee, reporter,
 creator, comment and worklog authors, user-picker custom fields, changelog authors: the JSON is
@@ -54,7 +58,8 @@ what it locked, and writes only the rows that changed. The consumer waits at mos
 ``version`` is never touched, so a newer event still applies. ``ap_jira_task.ingested_at`` is set
 (the row changed, and ``changes/`` exports pick it up); the history's ``ingested_at`` is not (it
 is when the consumer recorded the row, which history prune reads). Running it again finds nothing
-more to change: it is idempotent, and a stop between batches loses nothing.
+more to change: it is idempotent. A stop cancels the batch in progress (rolled back, also while it
+waits for a row another session holds) and loses nothing.
 
 **The consumer does not undo it** for events it already recorded: a redelivery of the same
 delivery is a duplicate (the history row is kept as is) and changes no row (not newer). An event
@@ -64,7 +69,7 @@ the runbook runs this command again once those have drained.
 
 Exit codes: 0 done (also a dry run, and nothing to change); 2 bad arguments or configuration; 1
 PostgreSQL unreachable or refusing, a row locked by someone else for too long, or migration 0009
-missing; 130/143 stopped by SIGINT/SIGTERM between batches (run it again to finish); 70 a bug.
+missing; 130/143 stopped by SIGINT/SIGTERM (run it again to finish); 70 a bug.
 """
 
 from __future__ import annotations
@@ -77,9 +82,9 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -88,12 +93,14 @@ from ops.user_scrub import FORMER_USER, Person, pseudonym_for, scrub_event_row, 
 from shared import argtypes, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
-from shared.shutdown import signal_exit_code, stop_on_signals
+from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
+T = TypeVar("T")
+
 # Jira Cloud account ids: 24 hex digits, or "557058:<uuid>", "qm:<uuid>:<uuid>", ... at most 128.
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9:_-]{1,128}")  # whole value: fullmatch (a "$" lets a final newline by)
 MAX_USERNAME_CHARS = 255
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 10_000
@@ -116,7 +123,8 @@ LOG_STOPPED = "forget_user_stopped"
 EXIT_CODES_HELP = (
     "Exit codes: 0 done (also with --dry-run, and when nothing names the person); 2 bad arguments or "
     "configuration; 1 PostgreSQL unreachable or refusing, or rows locked too long; 130/143 stopped by "
-    "SIGINT/SIGTERM between batches (what was scrubbed stays scrubbed: run it again to finish)."
+    "SIGINT/SIGTERM, the batch in progress rolled back (what was scrubbed stays scrubbed: run it again to "
+    "finish)."
 )
 
 # -- find_tasks --
@@ -219,7 +227,7 @@ def person_from_arguments(
             raise CommandError("--key goes with --username only: a Data Center user key", USAGE_EXIT_CODE)
         if not account_id.strip():
             raise CommandError("--account-id must not be empty", USAGE_EXIT_CODE)
-        if not ACCOUNT_ID.match(account_id):
+        if not ACCOUNT_ID.fullmatch(account_id):
             # The value itself is not repeated: it may be a person's name pasted by mistake.
             raise CommandError(
                 "--account-id must be a Jira Cloud account id (letters, digits, ':', '_', '-'; at most "
@@ -236,7 +244,7 @@ def person_from_arguments(
     for key in keys:
         _check_username("--key", key)
     learned = {key.lower() for key in keys if key.lower() != username.lower()}
-    return Person(username=username, pseudonym=pseudonym, learned=learned)
+    return Person(username=username, pseudonym=pseudonym, learned=learned, keys={key.lower() for key in keys})
 
 
 def _check_username(option: str, value: str) -> None:
@@ -317,11 +325,10 @@ def _json_texts(terms: Sequence[str]) -> list[str]:
     return [json.dumps(term, ensure_ascii=False)[1:-1] for term in terms]
 
 
+TASKS = _Table(TASK_TABLE, "issue_id", -1, _find_tasks, _lock_tasks, _write_tasks, scrub_task_row)
+EVENTS = _Table(EVENT_TABLE, "delivery_id", "", _find_events, _lock_events, _write_events, scrub_event_row)
 # ap_jira_task first: it teaches the person's other ids (keys) that the history's changelog items use.
-TABLES = (
-    _Table(TASK_TABLE, "issue_id", -1, _find_tasks, _lock_tasks, _write_tasks, scrub_task_row),
-    _Table(EVENT_TABLE, "delivery_id", "", _find_events, _lock_events, _write_events, scrub_event_row),
-)
+TABLES = (TASKS, EVENTS)
 
 
 async def forget(
@@ -334,11 +341,16 @@ async def forget(
     clock: Callable[[], float] = time.monotonic,
 ) -> ForgetSummary:
     """Scrub (or, with ``dry_run``, count) every row naming ``person``, batch by batch, until done or
-    ``stop`` is set (checked between batches). A username needs ``person.pseudonym`` set."""
+    ``stop`` is set (the batch in progress is then cancelled). A username needs ``person.pseudonym``
+    set."""
     started = clock()
     summary = ForgetSummary(person.mode, dry_run, batch_size, pseudonym=person.pseudonym)
     progress = _Progress(clock, started)
+    if person.username is not None:
+        await _learn_keys(conn, person, batch_size, stop, summary)
     for table in TABLES:
+        if summary.stopped:
+            break
         changed: set[Any] = set()  # a row changed in two passes counts once
         while True:
             known = set(person.learned)
@@ -348,10 +360,47 @@ async def forget(
             if summary.stopped or person.learned == known:
                 break
             log.debug(LOG_NEW_IDS, table=table.name, ids=len(person.learned) - len(known))
-        if summary.stopped:
-            break
     summary.duration_s = clock() - started
     return summary
+
+
+async def _learn_keys(
+    conn: asyncpg.Connection,
+    person: Person,
+    batch_size: int,
+    stop: asyncio.Event | None,
+    summary: ForgetSummary,
+) -> None:
+    """Username mode: read the person's user objects in ``ap_jira_task`` for their user keys before
+    anything is scrubbed (unlocked, nothing written). Whether the username in a changelog item names
+    the person depends on whether it is one of their keys (``Person.is_change_id``), so no item may be
+    judged before every key is known."""
+    while True:
+        known = (set(person.learned), set(person.keys))
+        after = TASKS.start
+        while True:
+            try:
+                found = await _unless_stopped(
+                    _find_tasks(conn, after, person, batch_size), stop, "learn-keys"
+                )
+            except Stopped:
+                summary.stopped = True
+                return
+            for row in found:
+                person.learn_from(row["raw"])
+            if len(found) < batch_size:
+                break
+            after = found[-1]["issue_id"]
+        if (person.learned, person.keys) == known:  # a new key finds more rows: search again with it
+            return
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event | None, name: str) -> T:
+    """``work`` (one batch), cancelled when a stop comes meanwhile: a batch waiting up to LOCK_TIMEOUT
+    for a row another session holds is rolled back at once rather than after the wait."""
+    if stop is None:
+        return await work
+    return await run_unless_stopped(work, stop, name=f"forget-user-{name}")
 
 
 @dataclass
@@ -378,21 +427,16 @@ async def _pass(
         if stop is not None and stop.is_set():
             summary.stopped = True
             return
-        found = await table.find(conn, after, person, batch_size)
+        try:
+            found, changes = await _unless_stopped(
+                _batch(conn, table, after, person, batch_size, dry_run), stop, table.name
+            )
+        except Stopped:
+            summary.stopped = True
+            return
         if not found:
             return
         after = found[-1][table.key]
-        # What needs a change, judged on the unlocked read; only those rows are locked and read again.
-        needed = [row[table.key] for row in found if table.scrub(row, person) is not None]
-        changes: list[tuple[Any, ...]] = []
-        if dry_run:
-            changes = [(key,) for key in needed]
-        elif needed:
-            async with conn.transaction():
-                locked = await table.lock(conn, needed)
-                changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
-                if changes:
-                    await table.write(conn, changes)
         changed.update(change[0] for change in changes)
         summary.rows[table.name] = len(changed)
         summary.batches += 1
@@ -402,6 +446,26 @@ async def _pass(
             log.info(LOG_PROGRESS, table=table.name, rows=dict(summary.rows), batches=summary.batches)
         if len(found) < batch_size:
             return
+
+
+async def _batch(
+    conn: asyncpg.Connection, table: _Table, after: Any, person: Person, batch_size: int, dry_run: bool
+) -> tuple[list[asyncpg.Record], list[tuple[Any, ...]]]:
+    """The next rows after ``after`` that may name the person, and the changes made (with
+    ``dry_run``: the keys of the rows that would change)."""
+    found = await table.find(conn, after, person, batch_size)
+    # What needs a change, judged on the unlocked read; only those rows are locked and read again.
+    needed = [row[table.key] for row in found if table.scrub(row, person) is not None]
+    if dry_run:
+        return found, [(key,) for key in needed]
+    changes: list[tuple[Any, ...]] = []
+    if needed:
+        async with conn.transaction():
+            locked = await table.lock(conn, needed)
+            changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
+            if changes:
+                await table.write(conn, changes)
+    return found, changes
 
 
 async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None:
@@ -458,6 +522,9 @@ async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dr
 def render(summary: ForgetSummary) -> str:
     tasks, events = summary.rows[TASK_TABLE], summary.rows[EVENT_TABLE]
     counts = f"{tasks} row(s) of {TASK_TABLE} and {events} row(s) of {EVENT_TABLE}"
+    if summary.dry_run and summary.stopped:
+        stopped = f"stopped by {_stop_name(summary)} before the end"
+        return f"dry run, nothing changed; {stopped}, so far it would scrub {counts}"
     if summary.dry_run:
         return f"dry run, nothing changed: would scrub {counts}"
     text = f"scrubbed {counts} in {summary.batches} batch(es) of up to {summary.batch_size}"
@@ -489,7 +556,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Scrubs one person from ap_jira_task and ap_jira_task_event: their user objects in "
         'raw and display names become "Former user", their email, avatar and time zone go; a Cloud '
         "account id stays, a Server/Data Center username becomes a stable pseudonym. In batches of "
-        "short transactions, safe while the consumer runs; SIGINT/SIGTERM stop it between batches. "
+        "short transactions, safe while the consumer runs; SIGINT/SIGTERM stop it at once. "
         "Never automatic; S3 files already written are not changed (see docs/runbook.md, Erasing a "
         "person). Settings: DATABASE_URL (else libpq's PG* variables).",
         epilog=EXIT_CODES_HELP,
@@ -533,9 +600,13 @@ def _forget_user_command(args: argparse.Namespace) -> int:
     )
     print(render(summary))
     if summary.stopped:
+        done = (
+            "nothing was changed and the counts are partial"
+            if summary.dry_run
+            else "what was scrubbed stays scrubbed; run the same command again to finish"
+        )
         raise CommandError(
-            f"forget-user stopped by {_stop_name(summary)} after {summary.batches} batch(es); what was "
-            "scrubbed stays scrubbed; run the same command again to finish",
+            f"forget-user stopped by {_stop_name(summary)} after {summary.batches} batch(es); {done}",
             exit_code=signal_exit_code(summary.stop_signal),
         )
     return 0

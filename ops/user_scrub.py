@@ -51,6 +51,9 @@ class Person:
     pseudonym: str | None = None
     # Other ids of the person met in their user objects (lower-cased): see ops/forget_user.py, "Who".
     learned: set[str] = field(default_factory=set)
+    # Username mode: the person's Data Center user keys (lower-cased), from --key and their user
+    # objects, the username among them where it is the key. Changelog items name people by key.
+    keys: set[str] = field(default_factory=set)
     # Display names met in their user objects (lower-cased): only to tell a custom user picker's
     # changelog item from another custom field's whose option id happens to equal the username.
     display_names: set[str] = field(default_factory=set)
@@ -93,8 +96,19 @@ class Person:
         return value.lower() == str(self.username).lower()
 
     def is_change_id(self, value: Any) -> bool:
-        """True when a changelog item's ``from``/``to`` is the person's."""
-        return self.is_id(value) or (isinstance(value, str) and value.lower() in self.learned)
+        """True when a changelog item's ``from``/``to`` is the person's.
+
+        On Data Center these carry the user key. The username stands for it until a key of the
+        person's is known; from then on only where it is one of their keys: a renamed user keeps their
+        old username as their key, and that username may since have gone to this person, whose key
+        is then another (JIRAUSER10600), so the username in an item names the renamed user."""
+        if not isinstance(value, str):
+            return False
+        if value.lower() in self.learned:
+            return True
+        if self.username is not None and self.keys and self.username.lower() not in self.keys:
+            return False
+        return self.is_id(value)
 
     def learn_from(self, document: Any) -> None:
         """Remember the other ids (``name``, ``key``) and the display names in the person's user
@@ -105,6 +119,9 @@ class Person:
                     value = obj.get(id_field)
                     if isinstance(value, str) and value and not self.is_id(value):
                         self.learned.add(value.lower())
+                key = obj.get("key")
+                if self.username is not None and isinstance(key, str) and key:
+                    self.keys.add(key.lower())
                 shown = obj.get("displayName")
                 if isinstance(shown, str) and shown and shown != FORMER_USER:
                     self.display_names.add(shown.lower())

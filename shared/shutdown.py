@@ -4,15 +4,23 @@ the previous handlers come back when the service is done."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger()
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """The stop event was set while the awaited work ran; the work was cancelled."""
 
 
 class StopRequest:
@@ -52,3 +60,32 @@ def signal_exit_code(sig: signal.Signals | None) -> int:
     """The exit code of a command a stop signal ended early: 128 + the signal's number, as a shell
     reports a process killed by it (143 for SIGTERM, 130 for SIGINT; SIGTERM when none is known)."""
     return 128 + int(sig or signal.SIGTERM)
+
+
+async def run_unless_stopped(
+    work: Coroutine[Any, Any, T],
+    stop: asyncio.Event,
+    *,
+    name: str,
+    context: contextvars.Context | None = None,
+    keep_running: Callable[[], bool] = lambda: False,
+) -> T:
+    """Await ``work`` as a named task; if ``stop`` is set first, cancel it and wait for it to unwind
+    (an asyncpg statement is cancelled on the server, and its transaction rolled back), then raise
+    :class:`Stopped`. When ``keep_running()`` says so at the stop, ``work`` is not cancelled: it runs to
+    its end, and its result (or failure) is returned (or raised) as usual."""
+    task = asyncio.create_task(work, name=name, context=context)
+    watcher = asyncio.create_task(stop.wait(), name=f"{name}-stop-watch")
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        if keep_running():
+            await asyncio.wait({task})
+        else:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise Stopped(name)
+    return task.result()
