@@ -19,13 +19,15 @@ FIFO dead-letter queue keeps it 14 days from when it moved there, and ``dlq repl
 
 **Batches.** Each batch is one statement, its own short transaction: the oldest ``batch_size`` rows
 below the cutoff, found through the ``ingested_at`` index (migration 0008) from where the previous
-batch ended, deleted by ctid. It locks only rows recorded before the cutoff, which the consumer never
-writes: neither waits for the other (except a redelivery of a row in the batch being deleted, for
-that batch's milliseconds), so they run at the same time. SIGINT/SIGTERM stop it between batches.
+batch ended, deleted by primary key. It locks only rows recorded before the cutoff, which the consumer
+never writes: neither waits for the other (except a redelivery of a row in the batch being deleted, for
+that batch's milliseconds), so they run at the same time. forget-user does write them: a row it
+updates while a batch waits for it is deleted once it commits. SIGINT/SIGTERM stop it at once: the
+batch in progress (or waiting for a lock) is rolled back.
 
 Exit codes: 0 done (also a dry run); 2 bad arguments or configuration, a retention under 14 days
 included; 1 Postgres unreachable, refusing, or the table locked by someone else; 130/143 stopped by
-SIGINT/SIGTERM between batches (what was deleted stays deleted: run it again to go on); 70 a bug.
+SIGINT/SIGTERM (what was deleted stays deleted: run it again to go on); 70 a bug.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import structlog
 from shared import argtypes, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
-from shared.shutdown import signal_exit_code, stop_on_signals
+from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -73,8 +75,8 @@ RETENTION_HELP = (
 )
 EXIT_CODES_HELP = (
     "Exit codes: 0 done (also with --dry-run); 2 bad arguments or configuration; 1 PostgreSQL "
-    "unreachable or refusing; 130/143 stopped by SIGINT/SIGTERM between batches (what was deleted "
-    "stays deleted: run it again to go on)."
+    "unreachable or refusing; 130/143 stopped by SIGINT/SIGTERM, the batch in progress rolled back "
+    "(what was deleted stays deleted: run it again to go on)."
 )
 
 # -- cutoff --
@@ -91,11 +93,13 @@ COUNT_SQL = "SELECT count(*) FROM ap_jira_task_event WHERE ingested_at < $1"
 # -- delete_batch --
 # $1: where the previous batch ended (its newest ingested_at; rows of that same time may remain), so
 # the index scan starts past the entries earlier batches deleted. $2: the cutoff. $3: the batch size.
+# Deleted by primary key, not ctid: a row another session updates while the batch waits for it
+# (forget-user scrubbing it) gets a new ctid, and PostgreSQL's recheck would skip it.
 DELETE_BATCH_SQL = """
 WITH deleted AS (
     DELETE FROM ap_jira_task_event
-    WHERE ctid = ANY (ARRAY(
-        SELECT ctid FROM ap_jira_task_event
+    WHERE delivery_id = ANY (ARRAY(
+        SELECT delivery_id FROM ap_jira_task_event
         WHERE ingested_at >= $1 AND ingested_at < $2
         ORDER BY ingested_at
         LIMIT $3
@@ -126,7 +130,7 @@ class PruneSummary:
     batches: int = 0
     # The oldest row left, when the prune ran to its end; None when the history is empty.
     oldest_left: datetime | None = None
-    # True when a stop request ended it between batches, and the signal that made it, if one did.
+    # True when a stop request ended it, and the signal that made it, if one did.
     stopped: bool = False
     stop_signal: signal.Signals | None = None
     duration_s: float = 0.0
@@ -182,7 +186,7 @@ async def prune_history(
     clock: Callable[[], float] = time.monotonic,
 ) -> PruneSummary:
     """Delete every history row recorded before ``cutoff``, ``batch_size`` at a time, until done or
-    ``stop`` is set (checked between batches)."""
+    ``stop`` is set (the batch in progress is then cancelled)."""
     started = clock()
     summary = PruneSummary(cutoff, older_than_days, batch_size, dry_run=False)
     last_logged = started
@@ -191,7 +195,14 @@ async def prune_history(
         if stop is not None and stop.is_set():
             summary.stopped = True
             break
-        deleted, newest = await delete_batch(conn, start=start, cutoff=cutoff, limit=batch_size)
+        batch = delete_batch(conn, start=start, cutoff=cutoff, limit=batch_size)
+        try:
+            deleted, newest = await (
+                batch if stop is None else run_unless_stopped(batch, stop, name="prune-batch")
+            )
+        except Stopped:
+            summary.stopped = True
+            break
         if deleted == 0:
             break  # nothing is left before the cutoff, and nothing new can be recorded there
         summary.rows += deleted
@@ -232,7 +243,7 @@ async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary
             )
         else:
             with stop_on_signals() as stop:
-                _log_started(cutoff, options)  # from here a signal stops it between batches
+                _log_started(cutoff, options)  # from here a signal stops it
                 try:
                     summary = await prune_history(
                         conn,
@@ -312,7 +323,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="delete history rows recorded more than DAYS days ago, in small batches",
         description="Deletes the ap_jira_task_event rows the consumer recorded (ingested_at) more than "
         "DAYS days ago, oldest first, in batches that are each their own short transaction; safe while "
-        "the consumer runs; SIGINT/SIGTERM stop it between batches. Never automatic. The history is "
+        "the consumer runs; SIGINT/SIGTERM stop it at once. Never automatic. The history is "
         "what status-time and cycle-time queries read: they see nothing before the cutoff afterwards, "
         "and only ap_jira_task is exported to S3. Settings: DATABASE_URL (else libpq's PG* variables).",
         epilog=EXIT_CODES_HELP,
