@@ -46,6 +46,7 @@ import structlog
 
 from backfill.jql import split_order_by
 from backfill.settings import JiraSettings
+from shared import strict_json
 
 log = structlog.get_logger()
 
@@ -151,6 +152,8 @@ class Reply:
 class FailedWebhookPage:
     values: list[dict[str, Any]]
     max_results: int
+    # Entries of the list that are not JSON objects: reported as invalid, not dropped unseen.
+    not_objects: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,10 +335,7 @@ class JiraClient:
                 params["nextPageToken"] = cursor
             reply = await self._request("GET", SEARCH_PATH_CLOUD, params=params)
             body = _search_result(reply, SEARCH_PATH_CLOUD, cloud=True)
-            token = body.get("nextPageToken")
-            is_last = bool(body.get("isLast", token is None))
-            next_cursor = token if isinstance(token, str) and token and not is_last else None
-            return SearchPage(issues=_issues(body), next_cursor=next_cursor)
+            return SearchPage(issues=_issues(body), next_cursor=_next_token(body, cursor))
         return await self._offset_page(params, OffsetCursor.decode(cursor), size)
 
     async def _offset_page(self, params: dict[str, str], at: OffsetCursor, size: int) -> SearchPage:
@@ -357,12 +357,13 @@ class JiraClient:
             body = _search_result(reply, path, cloud=False)
             issues = _issues(body)
             total = body.get("total") if isinstance(body.get("total"), int) else None
+            _check_offset_page(body, path, start_at, size, len(issues), total)
             if size == 0 or start_at == 0 or not known:
                 break  # page one, a count, or a cursor saved before pages overlapped: nothing to match
             if issues and _issue_id(issues[0]) in known:
                 break
-            if not issues and (total is None or start_at < total):
-                break  # Jira says there is more but gives nothing: the end, as before
+            if not issues and total is None:
+                break  # no total to tell a shift from the end: the end, as before
             log.warning("jira_page_shifted", start_at=start_at, expected_at=at.start_at, total=total)
             back *= 2
         end = start_at + len(issues)
@@ -431,11 +432,12 @@ class JiraClient:
             return Unavailable(
                 status, str(_not_jira(reply, self._api("webhook/failed"), "a failed-webhook list"))
             )
-        values = body["values"]
+        values = [v for v in body["values"] if isinstance(v, dict)]
         size = body.get("maxResults")
         return FailedWebhookPage(
-            values=[v for v in values if isinstance(v, dict)],
+            values=values,
             max_results=size if isinstance(size, int) and size > 0 else max_results,
+            not_objects=len(body["values"]) - len(values),
         )
 
     # -- transport --
@@ -506,10 +508,12 @@ def _seconds_from(requested: RequestedWait | None, header: str) -> float | None:
 
 
 def _decode(raw: bytes) -> Any:
+    """The answer's JSON, or the start of its text when it is not JSON (NaN and nesting too deep
+    included: what the consumer would dead-letter is no answer of Jira's)."""
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        return strict_json.loads(raw)
     except ValueError:
         return raw[:500].decode("utf-8", errors="replace")
 
@@ -542,6 +546,45 @@ def _search_result(reply: Reply, path: str, *, cloud: bool) -> dict[str, Any]:
     raise _not_jira(reply, path, "a search result")
 
 
+def _next_token(body: dict[str, Any], asked: str | None) -> str | None:
+    """Cloud: the next page's ``nextPageToken``, None on the last page. An answer that says there is
+    more but gives no new token to ask for it with would end the run early (the rest never fetched,
+    a watermark stored) or page forever: a :class:`JiraError`."""
+    token = body.get("nextPageToken")
+    is_last = body.get("isLast", token is None)
+    if not isinstance(is_last, bool):
+        raise JiraError(f"Jira's search answer at /{SEARCH_PATH_CLOUD} has an isLast neither true nor false")
+    if is_last:
+        return None
+    if not isinstance(token, str) or not token:
+        raise JiraError(
+            f"Jira's search answer at /{SEARCH_PATH_CLOUD} says more pages follow (isLast false) but "
+            "gives no nextPageToken to ask for them"
+        )
+    if token == asked:
+        raise JiraError(
+            f"Jira's search answer at /{SEARCH_PATH_CLOUD} gives the nextPageToken it was asked with: "
+            "paging would never end"
+        )
+    return token
+
+
+def _check_offset_page(
+    body: dict[str, Any], path: str, start_at: int, size: int, count: int, total: int | None
+) -> None:
+    """Data Center: an answer for another ``startAt`` (a proxy or plugin ignoring it would page
+    forever or skip issues), or one with no issues although its own ``total`` says there are some
+    from ``startAt`` on (the run would end early, the rest never fetched), is a :class:`JiraError`."""
+    answered = body.get("startAt")
+    if isinstance(answered, int) and not isinstance(answered, bool) and answered != start_at:
+        raise JiraError(f"Jira answered startAt={answered} to a search at /{path} for startAt={start_at}")
+    if size > 0 and count == 0 and total is not None and start_at < total:
+        raise JiraError(
+            f"Jira's search at /{path} returned no issues from startAt={start_at} although its total is "
+            f"{total}"
+        )
+
+
 def _not_jira(reply: Reply, path: str, wanted: str) -> JiraError:
     """A 2xx that is not Jira's answer, in one line: content type and first bytes, nothing else."""
     head = " ".join(reply.head.decode("utf-8", errors="replace").split())
@@ -555,7 +598,11 @@ def _not_jira(reply: Reply, path: str, wanted: str) -> JiraError:
 
 def _issues(body: dict[str, Any]) -> list[dict[str, Any]]:
     issues = body.get("issues")
-    return [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
+    if not isinstance(issues, list):
+        return []
+    if not all(isinstance(issue, dict) for issue in issues):  # dropped, it would be lost unseen
+        raise JiraError("Jira's search answer lists an issue that is not a JSON object")
+    return issues
 
 
 def _issue_id(issue: dict[str, Any]) -> str | None:

@@ -22,7 +22,6 @@ outage window repairs those updates; reconcile repairs their deletes.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +32,19 @@ import structlog
 
 from backfill import state
 from backfill.enqueue import max_entry_bytes, send_envelopes
-from backfill.jira_client import FailedWebhookPage, JiraClient, JiraRequestError, JiraUnavailable, Sleep
+from backfill.jira_client import (
+    FailedWebhookPage,
+    JiraClient,
+    JiraError,
+    JiraRequestError,
+    JiraUnavailable,
+    Sleep,
+)
 from backfill.jql import build_jql
 from backfill.progress import Progress
 from backfill.settings import BackfillSettings
 from backfill.snapshot import reconciled_delete_envelope
-from shared import aws, db
+from shared import aws, db, strict_json
 from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
 from shared.jira_event import ISSUE_EVENT_PREFIXES, InvalidEvent, Routed, route
 
@@ -164,7 +170,7 @@ async def _jira_ids(jira: JiraClient, jql: str, progress: Progress) -> set[int]:
             progress.set_total(page.total)
         for issue in page.issues:
             issue_id = str(issue.get("id", "")).strip()
-            if issue_id.isdigit():
+            if issue_id.isascii() and issue_id.isdigit():  # not "²", which isdigit() takes
                 ids.add(int(issue_id))
         progress.advance(len(page.issues))
         if page.next_cursor is None:
@@ -273,6 +279,11 @@ async def _replay_failed_webhooks(
         elif request.dry_run:
             report.replayed += len(envelopes)
         times = [t for t in (_failure_ms(v) for v in page.values) if t is not None]
+        if times and after_ms is not None and max(times) <= after_ms and len(page.values) >= page.max_results:
+            raise JiraError(
+                f"Jira's failed-webhook list, asked for failures after {after_ms}, answered a full page "
+                "of none later: the list cannot be paged (it would be read forever)"
+            )
         if times:
             after_ms = max(times)
             report.cursor_ms = after_ms
@@ -285,6 +296,8 @@ async def _replay_failed_webhooks(
 def _replayable(page: FailedWebhookPage, report: FailedWebhookReport) -> list[Envelope]:
     now_ms = int(time.time() * 1000)
     envelopes: list[Envelope] = []
+    report.listed += page.not_objects
+    report.invalid += [("?", "an entry of the list that is not a JSON object")] * page.not_objects
     for entry in page.values:
         report.listed += 1
         webhook_id = str(entry.get("id") or "").strip()
@@ -293,8 +306,8 @@ def _replayable(page: FailedWebhookPage, report: FailedWebhookReport) -> list[En
             report.without_body.append(webhook_id or "?")
             continue
         try:
-            routed = route(json.loads(body), WEBHOOK_EVENT_PREFIXES)
-        except (ValueError, InvalidEvent) as exc:
+            routed = route(strict_json.loads(body), WEBHOOK_EVENT_PREFIXES)
+        except (ValueError, RecursionError, InvalidEvent) as exc:
             report.invalid.append((webhook_id or "?", str(exc)[:200]))
             continue
         if not isinstance(routed, Routed):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from receiver.message_size import MessageLimits
 from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
+from shared import strict_json
 from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
 from shared.sqs_batch import entry_bytes
@@ -209,16 +209,10 @@ def _decode(body: bytes) -> str:
     return text
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise Rejected(Outcome.BAD_REQUEST, "body is not JSON: nested too deeply") from None
-    except ValueError as exc:
+        return strict_json.loads(text)
+    except ValueError as exc:  # "nested too deeply" included
         raise Rejected(Outcome.BAD_REQUEST, f"body is not JSON: {exc}") from None
 
 

@@ -232,6 +232,8 @@ def _check_choice(what: str, name: str, value: str) -> None:
     allowed = _CHOICES[name]
     if value not in allowed and not (name == "sslmode" and value in _SSLMODE_ALIASES):
         raise ConfigError(f"{what} must be one of {', '.join(allowed)}, got {value[:40]!r}")
+
+
 # Query parameters naming files (the CA bundle of an RDS instance, a client certificate).
 _SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 

@@ -160,6 +160,9 @@ class JiraApiServer:
     # Endpoint ("search", "count", "myself", "webhook/failed") -> JSON answered with 200 instead of Jira's
     # (a proxy's page).
     foreign_json: dict[str, Any] = field(default_factory=dict)
+    # Endpoint ("search", "webhook/failed") -> a change made to each of its 200 answers before it goes
+    # out, given the request: a Jira (or a proxy) answering against its own contract.
+    tamper: dict[str, Callable[[web.Request, dict[str, Any]], None]] = field(default_factory=dict)
     # Data Center page size, per ``fields``, learned from the first page-one search (startAt 0): a
     # search's page index is the first page boundary at or after its startAt, so a search that
     # overlaps the page before (startAt a few issues early) counts as the page it goes on to.
@@ -337,7 +340,7 @@ class JiraApiServer:
         }
         if end < len(matching):
             body["nextPageToken"] = _token(end, jql, self.token_generation)
-        return web.json_response(body)
+        return self._answer("search", request, body)
 
     async def _approximate_count(self, request: web.Request) -> web.Response:
         self.count_requests += 1
@@ -373,7 +376,9 @@ class JiraApiServer:
                 return fault
         matching = self._matching(jql)
         chunk = matching[start_at : start_at + limit]
-        response = web.json_response(
+        response = self._answer(
+            "search",
+            request,
             {
                 "expand": "schema,names",
                 "startAt": start_at,
@@ -382,7 +387,7 @@ class JiraApiServer:
                 "issues": [
                     self._shape(i, fields, request.query.get("expand", ""), cloud=False) for i in chunk
                 ],
-            }
+            },
         )
         change = self.change_after_page.pop(page, None) if limit > 0 else None
         if change is not None:
@@ -448,7 +453,12 @@ class JiraApiServer:
             body["next"] = (
                 f"{request.url.origin()}/rest/api/3/webhook/failed?after={values[-1]['failureTime']}"
             )
-        return web.json_response(body)
+        return self._answer("webhook/failed", request, body)
+
+    def _answer(self, endpoint: str, request: web.Request, body: dict[str, Any]) -> web.Response:
+        if endpoint in self.tamper:
+            self.tamper[endpoint](request, body)
+        return web.json_response(body)  # json.dumps: a float("nan") put there goes out as NaN
 
 
 def _jql_hash(jql: str, generation: int) -> str:

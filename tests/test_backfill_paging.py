@@ -334,3 +334,121 @@ async def test_the_command_behind_an_sso_login_page_exits_1_with_one_line(
         f"(starts {SSO_HEAD}): {HINT}\n",
     )
     assert await state.load_watermark(pg, url, "") is None
+
+
+# -- answers against Jira's own paging contract --
+
+
+def _cloud_no_token(request: Any, body: dict[str, Any]) -> None:
+    body.pop("nextPageToken", None)  # isLast stays false on the first page
+
+
+def _cloud_is_last_text(request: Any, body: dict[str, Any]) -> None:
+    body["isLast"] = str(body["isLast"]).lower()
+
+
+def _cloud_same_token(request: Any, body: dict[str, Any]) -> None:
+    if "nextPageToken" in request.query:
+        body["nextPageToken"] = request.query["nextPageToken"]
+        body["isLast"] = False
+
+
+def _cloud_issue_not_an_object(request: Any, body: dict[str, Any]) -> None:
+    body["issues"].append("30099")
+
+
+def _dc_start_at_ignored(request: Any, body: dict[str, Any]) -> None:
+    body["startAt"] = 0
+
+
+def _dc_nothing_of_the_total(request: Any, body: dict[str, Any]) -> None:
+    if request.query["startAt"] != "0":
+        body["issues"] = []
+
+
+def _nan_in_an_issue(request: Any, body: dict[str, Any]) -> None:
+    body["issues"][0]["fields"]["customfield_10016"] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("deployment", "tamper", "message"),
+    [
+        (
+            "cloud",
+            _cloud_no_token,
+            "Jira's search answer at /rest/api/2/search/jql says more pages follow (isLast false) but "
+            "gives no nextPageToken to ask for them",
+        ),
+        (
+            "cloud",
+            _cloud_is_last_text,
+            "Jira's search answer at /rest/api/2/search/jql has an isLast neither true nor false",
+        ),
+        (
+            "cloud",
+            _cloud_same_token,
+            "Jira's search answer at /rest/api/2/search/jql gives the nextPageToken it was asked with: "
+            "paging would never end",
+        ),
+        (
+            "cloud",
+            _cloud_issue_not_an_object,
+            "Jira's search answer lists an issue that is not a JSON object",
+        ),
+        (
+            "datacenter",
+            _dc_start_at_ignored,
+            "Jira answered startAt=0 to a search at /rest/api/2/search for startAt=5",
+        ),
+        (
+            "datacenter",
+            _dc_nothing_of_the_total,
+            "Jira's search at /rest/api/2/search returned no issues from startAt=5 although its total is 25",
+        ),
+    ],
+)
+async def test_an_answer_against_the_paging_contract_ends_the_run_without_a_watermark(
+    deployment: str,
+    tamper: Any,
+    message: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN 25 issues in pages of 10, and a Jira (or a proxy) whose search answers contradict its own
+    # paging: more pages but no way to ask for them, the same token again, another startAt, nothing
+    # of a total
+    server, url = jira
+    server.issues = fixture_issues(25)
+    server.tamper = {"search": tamper}
+    settings = backfill_settings(url, queues, db_settings, aws_settings, deployment=deployment, page_size=10)
+    # WHEN the backfill runs
+    with pytest.raises(JiraError) as caught:
+        await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    # THEN it ends with one line saying what was wrong, not a complete run (or an endless one), and
+    # stores no watermark
+    assert str(caught.value) == message
+    assert await state.load_watermark(pg, url, "") is None
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_a_search_answer_with_nan_is_no_search_result(
+    deployment: str,
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a search answer holding NaN, which is no JSON (the consumer would dead-letter the snapshot)
+    server, url = jira
+    server.issues = fixture_issues(3)
+    server.tamper = {"search": _nan_in_an_issue}
+    settings = backfill_settings(url, queues, db_settings, aws_settings, deployment=deployment)
+    # WHEN the backfill runs, THEN it is an error naming what came back, and nothing was enqueued
+    with pytest.raises(JiraError, match="that is not a search result"):
+        await run_backfill(settings, BackfillRequest(), progress_tty=False)
+    assert await queued_ids(aws_settings, queues) == []
+    assert await state.load_watermark(pg, url, "") is None

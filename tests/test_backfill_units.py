@@ -140,6 +140,8 @@ def test_order_by_inside_a_quoted_string_is_not_an_order_clause() -> None:
 def test_an_unknown_zone_moves_the_bound_fourteen_hours_earlier() -> None:
     assert jira_zone("Mars/Olympus_Mons") is None
     assert jira_zone(None) is None
+    assert jira_zone("Europe") is None  # a folder of zones
+    assert jira_zone("A" * 300) is None  # longer than a file name may be
     assert jql_time(datetime(2024, 5, 1, 20, 0, tzinfo=UTC), None) == "2024-05-01 06:00"
 
 

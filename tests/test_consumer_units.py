@@ -25,6 +25,7 @@ from consumer.ordering import NO_CHANGELOG_ID, tiebreak_for, version_time
 from consumer.outcomes import InvalidMessage, Outcome, classify
 from consumer.settings import ConsumerSettings
 from consumer.visibility import retry_delay_s
+from shared import strict_json
 from shared.envelope import (
     ATTR_EVENT_TS,
     ATTR_RECEIVED_AT,
@@ -160,8 +161,17 @@ def test_decode_json_rejects_what_is_not_json(text: str) -> None:
 
 
 def test_decode_json_refuses_nesting_too_deep_for_either_parser() -> None:
-    with pytest.raises((ValueError, RecursionError)):  # parse_envelope makes either an invalid message
+    with pytest.raises(ValueError, match="nested too deeply"):
         decode_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_strict_json_reads_bytes_as_json_loads_does_but_no_nan() -> None:
+    assert strict_json.loads('{"a": "é"}'.encode("utf-16")) == {"a": "é"}
+    assert strict_json.loads(b"[123456789012345678901234567890]") == [123456789012345678901234567890]
+    with pytest.raises(ValueError, match="NaN is not a JSON value"):
+        strict_json.loads(b"[NaN]")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        strict_json.loads(b"[" * 100_000)
 
 
 def test_parse_envelope_classifies_events() -> None:

@@ -314,7 +314,7 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
         (b'{"webhookEvent": "jira:issue_created", "x": "\xff"}', {}, 400, "bad_request",
          "body is not UTF-8 (invalid byte at offset 45)"),
         (b'{"webhookEvent": "jira:issue_created", "x": NaN}', {}, 400, "bad_request",
-         "body is not JSON: NaN is not valid JSON"),
+         "body is not JSON: NaN is not a JSON value"),
         (b"[" * 20_000 + b"]" * 20_000, {}, 400, "bad_request", "body is not JSON: nested too deeply"),
         (b'{"webhookEvent": "jira:issue_updated", "issue": {"key": "PROJ-1"}}', {}, 400, "bad_request",
          "jira:issue_updated event carries no issue id"),

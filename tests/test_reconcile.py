@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from backfill.jira_client import JiraError
 from backfill.reconcile import ReconcileRequest, run_reconcile
 from shared.envelope import Envelope, body_sha256
 from shared.jira_event import RECONCILED_DELETE_EVENT
@@ -312,3 +313,91 @@ async def test_a_login_page_for_the_failed_webhook_list_is_not_an_empty_list(
         "is JIRALAKE_JIRA_URL Jira itself, not a login page or proxy in front of it?"
     )
     assert await pg.fetchval("SELECT count(*) FROM jiralake_failed_webhook_cursor") == 0
+
+
+async def test_a_failed_webhook_list_that_ignores_after_ends_with_one_line_not_an_endless_read(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN four failed deliveries, two per page, from a list that answers every request with its first
+    # page whatever `after` asks
+    server, url = jira
+    server.failed_webhooks_page_size = 2
+    server.failed_webhooks = [failed_webhook(str(n), 1_700_000_000_000 + n, issue_id=30001) for n in range(4)]
+    first_page = server.failed_webhooks[:2]
+
+    def ignore_after(request: Any, body: dict[str, Any]) -> None:
+        body["values"] = first_page
+
+    server.tamper = {"webhook/failed": ignore_after}
+    # WHEN reconcile runs, THEN the second request, which brings nothing later, ends it in one line
+    with pytest.raises(JiraError) as caught:
+        await run_reconcile(backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest())
+    assert str(caught.value) == (
+        "Jira's failed-webhook list, asked for failures after 1700000000001, answered a full page of none "
+        "later: the list cannot be paged (it would be read forever)"
+    )
+    assert server.failed_webhook_afters == [None, "1700000000001"]
+
+
+async def test_failed_webhook_entries_that_are_no_object_or_hold_nan_are_reported_invalid(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a failed-webhook list with an entry that is no JSON object and a body holding NaN
+    server, url = jira
+    nan_body = json.dumps(
+        make_event("mattermost-plugin-jira__webhook-issue-updated-labels.json", issue_id=30001)
+    )
+    server.failed_webhooks = [
+        failed_webhook("7", 1_700_000_000_000, body=nan_body.replace('"id"', '"x": NaN, "id"', 1))
+    ]
+
+    def add_a_string(request: Any, body: dict[str, Any]) -> None:
+        body["values"].append("not an entry")
+
+    server.tamper = {"webhook/failed": add_a_string}
+    # WHEN reconcile runs
+    summary = await run_reconcile(
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest()
+    )
+    # THEN both are listed and reported invalid, and nothing was replayed
+    report = summary.failed_webhooks
+    assert report is not None
+    assert (report.listed, report.replayed) == (2, 0)
+    assert report.invalid == [
+        ("?", "an entry of the list that is not a JSON object"),
+        ("7", "NaN is not a JSON value"),
+    ]
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+async def test_an_issue_id_of_non_ascii_digits_from_the_search_is_no_id(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN a Data Center search answering "²" (a digit to str.isdigit, not to int) for one id
+    server, url = jira
+    server.issues = fixture_issues(3)
+    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+
+    def superscript(request: Any, body: dict[str, Any]) -> None:
+        if body["issues"]:
+            body["issues"][0]["id"] = "²"
+
+    server.tamper = {"search": superscript}
+    settings = backfill_settings(url, queues, db_settings, aws_settings, deployment="datacenter")
+    # WHEN reconcile runs, THEN it is no id of Jira's: the row it stood for is looked up (it exists)
+    summary = await run_reconcile(settings, ReconcileRequest())
+    assert summary.jira_ids == 2
+    assert findings(summary.still_exist) == [(server.issues[0]["id"], server.issues[0]["key"], 200)]
+    assert summary.deleted == []
