@@ -153,6 +153,8 @@ class Consumer:
                     log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
                     self.pool.terminate()
             await asyncio.gather(*pending, *watchers, return_exceptions=True)
+            if pending:
+                _read_release_errors()
             if self._acks:
                 await asyncio.wait(self._acks)
         # Every poller's error is read (and logged), not just the first: one never read would end the
@@ -578,6 +580,28 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
     except TimeoutError:
         log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
         pool.terminate()
+
+
+# asyncpg's coroutine returning a connection to its pool (Pool.release runs it under asyncio.shield).
+_POOL_RELEASE = "PoolConnectionHolder.release"
+
+
+def _read_release_errors() -> None:
+    """Have the errors of the connection returns cancelled pollers left behind read when they end.
+
+    asyncpg returns a connection to its pool in a task of its own, under ``asyncio.shield``, which
+    goes on after the poller that held the connection is cancelled, and nothing awaits it. On a
+    server that does not answer it fails once the pool is terminated (ConnectionDoesNotExistError),
+    and an error never read is logged by asyncio at ERROR with a traceback ("Task exception was
+    never retrieved"): for connections closed on purpose, logged as ``database_connections_terminated``."""
+    for task in asyncio.all_tasks():
+        if getattr(task.get_coro(), "__qualname__", "") == _POOL_RELEASE:
+            task.add_done_callback(_read_error)  # at once when it is done already
+
+
+def _read_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def stop_when_crashed(stop: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:

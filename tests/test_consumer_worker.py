@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -233,6 +234,9 @@ async def test_a_postgres_that_stops_answering_holds_shutdown_for_seconds_not_mi
     )
     polls_before = counter(SQS_CALLS, "ReceiveMessage", "ok")
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []  # what asyncio would log as ERROR, with a traceback
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
     try:
         with capture_logs() as logs:
             task = asyncio.create_task(run_consumer(proxied, stop))
@@ -249,9 +253,14 @@ async def test_a_postgres_that_stops_answering_holds_shutdown_for_seconds_not_mi
             # cancelled check up to the statement timeout, then for its goodbyes, a minute and more),
             # closing its connections from this side
             await asyncio.wait_for(task, timeout=proxied.shutdown_grace_s + POOL_CLOSE_S + 10)
+            await asyncio.sleep(0.1)
+            gc.collect()  # a task whose error nobody read is reported when it is collected
     finally:
+        loop.set_exception_handler(None)
         await proxy.close()
     assert [e["after_s"] for e in logs if e["event"] == "database_connections_terminated"] == [POOL_CLOSE_S]
+    # AND no task it leaves behind (asyncpg returning the connections to the pool) fails unseen
+    assert [c["message"] for c in unhandled] == []
 
 
 async def test_an_sqs_that_stops_answering_holds_shutdown_for_seconds_not_minutes(
