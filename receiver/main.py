@@ -68,9 +68,10 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                 listening = web.TCPSite(runner, settings.host, settings.port)
                 await listening.start()
                 site = listening
-                admin = await start_admin_server(
-                    admin_app(app[RECEIVER].readiness), settings.admin_host, settings.admin_port
-                )
+                if settings.admin_port is not None:
+                    admin = await start_admin_server(
+                        admin_app(app[RECEIVER].readiness), settings.admin_host, settings.admin_port
+                    )
                 log.info(
                     "receiver_started",
                     host=settings.host,

@@ -49,7 +49,8 @@ class ReceiverSettings:
     port: int = 8080
     # /metrics stays on the loopback interface unless opened (containers: 0.0.0.0).
     admin_host: str = "127.0.0.1"
-    admin_port: int = 9090
+    # None: no admin port (JIRALAKE_RECEIVER_ADMIN_PORT=0, as for the consumer and the exporter).
+    admin_port: int | None = 9090
     max_body_bytes: int = ONE_MIB
     accepted_event_prefixes: tuple[str, ...] = WEBHOOK_EVENT_PREFIXES
     # Micro-batching: a batch leaves when 10 entries wait or this long after the first arrived.
@@ -114,7 +115,7 @@ class ReceiverSettings:
             host=env_host(env, "JIRALAKE_RECEIVER_HOST", "0.0.0.0"),
             port=env_port(env, "JIRALAKE_RECEIVER_PORT", 8080),
             admin_host=env_host(env, "JIRALAKE_RECEIVER_ADMIN_HOST", "127.0.0.1"),
-            admin_port=env_port(env, "JIRALAKE_RECEIVER_ADMIN_PORT", 9090),
+            admin_port=env_port(env, "JIRALAKE_RECEIVER_ADMIN_PORT", 9090) or None,
             max_body_bytes=env_int(env, "JIRALAKE_MAX_BODY_BYTES", ONE_MIB, minimum=1024),
             accepted_event_prefixes=parse_accepted_events(env_str(env, "JIRALAKE_ACCEPTED_EVENTS")),
             batch_max_wait_ms=env_float(env, "JIRALAKE_RECEIVER_BATCH_MAX_WAIT_MS", 5.0, minimum=0.0),

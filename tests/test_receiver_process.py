@@ -70,6 +70,53 @@ class LogLines:
         return [str(line.get("event")) for line in self.lines]
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on: its socket inodes, looked up in /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_admin_port_0_disables_the_admin_port(aws_settings: AwsSettings, queues: QueuePair) -> None:
+    # GIVEN JIRALAKE_RECEIVER_ADMIN_PORT=0, as the consumer and the exporter take it
+    port = free_port()
+    env = dict(
+        os.environ,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_ADMIN_PORT="0",
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "receiver", "--host", "127.0.0.1", "--port", str(port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stderr is not None
+    logs = LogLines(child.stderr)
+    try:
+        # WHEN it has started
+        started = await logs.wait_for("receiver_started")
+        # THEN it listens on the webhook port only (not on some random admin port), and says so
+        assert started["admin_port"] is None
+        assert listening_ports(child.pid) == {port}
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.wait(), DEADLINE_S) == 0, logs.raw
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
 async def test_sigterm_flushes_the_pending_batch_answers_202_and_exits_0(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
