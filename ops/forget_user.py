@@ -82,9 +82,9 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import structlog
@@ -96,8 +96,6 @@ from shared.settings import DatabaseSettings
 from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
-
-T = TypeVar("T")
 
 # Jira Cloud account ids: 24 hex digits, or "557058:<uuid>", "qm:<uuid>:<uuid>", ... at most 128.
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9:_-]{1,128}")  # whole value: fullmatch (a "$" lets a final newline by)
@@ -380,8 +378,8 @@ async def _learn_keys(
         after = TASKS.start
         while True:
             try:
-                found = await _unless_stopped(
-                    _find_tasks(conn, after, person, batch_size), stop, "learn-keys"
+                found = await run_unless_stopped(
+                    _find_tasks(conn, after, person, batch_size), stop, name="forget-user-learn-keys"
                 )
             except Stopped:
                 summary.stopped = True
@@ -393,14 +391,6 @@ async def _learn_keys(
             after = found[-1]["issue_id"]
         if (person.learned, person.keys) == known:  # a new key finds more rows: search again with it
             return
-
-
-async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event | None, name: str) -> T:
-    """``work`` (one batch), cancelled when a stop comes meanwhile: a batch waiting up to LOCK_TIMEOUT
-    for a row another session holds is rolled back at once rather than after the wait."""
-    if stop is None:
-        return await work
-    return await run_unless_stopped(work, stop, name=f"forget-user-{name}")
 
 
 @dataclass
@@ -427,9 +417,11 @@ async def _pass(
         if stop is not None and stop.is_set():
             summary.stopped = True
             return
-        try:
-            found, changes = await _unless_stopped(
-                _batch(conn, table, after, person, batch_size, dry_run), stop, table.name
+        try:  # a batch waiting up to LOCK_TIMEOUT for a row is rolled back at once on a stop
+            found, changes = await run_unless_stopped(
+                _batch(conn, table, after, person, batch_size, dry_run),
+                stop,
+                name=f"forget-user-{table.name}",
             )
         except Stopped:
             summary.stopped = True

@@ -196,10 +196,8 @@ async def prune_history(
             summary.stopped = True
             break
         batch = delete_batch(conn, start=start, cutoff=cutoff, limit=batch_size)
-        try:
-            deleted, newest = await (
-                batch if stop is None else run_unless_stopped(batch, stop, name="prune-batch")
-            )
+        try:  # a batch waiting up to LOCK_TIMEOUT for a lock is rolled back at once on a stop
+            deleted, newest = await run_unless_stopped(batch, stop, name="history-prune-batch")
         except Stopped:
             summary.stopped = True
             break

@@ -64,7 +64,7 @@ def signal_exit_code(sig: signal.Signals | None) -> int:
 
 async def run_unless_stopped(
     work: Coroutine[Any, Any, T],
-    stop: asyncio.Event,
+    stop: asyncio.Event | None,
     *,
     name: str,
     context: contextvars.Context | None = None,
@@ -73,7 +73,10 @@ async def run_unless_stopped(
     """Await ``work`` as a named task; if ``stop`` is set first, cancel it and wait for it to unwind
     (an asyncpg statement is cancelled on the server, and its transaction rolled back), then raise
     :class:`Stopped`. When ``keep_running()`` says so at the stop, ``work`` is not cancelled: it runs to
-    its end, and its result (or failure) is returned (or raised) as usual."""
+    its end, and its result (or failure) is returned (or raised) as usual. No ``stop``: ``work`` is
+    awaited as it is."""
+    if stop is None:
+        return await work
     task = asyncio.create_task(work, name=name, context=context)
     watcher = asyncio.create_task(stop.wait(), name=f"{name}-stop-watch")
     try:
