@@ -37,6 +37,8 @@ OK_EXIT_CODE = 0
 UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors
 USAGE_EXIT_CODE = 2  # argparse, and cli.py for ConfigError: never raised here
 THRESHOLD_EXIT_CODE = 3
+# The shortest --watch interval: SQS's approximate counts move about once a minute.
+WATCH_MIN_S = 1.0
 EXIT_CODES_HELP = (
     f"Exit codes: {OK_EXIT_CODE} within the thresholds (or no thresholds); {THRESHOLD_EXIT_CODE} a "
     f"threshold exceeded; {USAGE_EXIT_CODE} bad arguments or configuration (e.g. JIRALAKE_QUEUE_URL "
@@ -75,9 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     stats.add_argument("--json", action="store_true", help="print JSON (one object per round with --watch)")
     stats.add_argument(
         "--watch",
-        type=argtypes.positive_number,
+        type=argtypes.seconds_at_least(WATCH_MIN_S),
         metavar="SECONDS",
-        help="print again every SECONDS until Ctrl-C",
+        help=f"print again every SECONDS (at least {WATCH_MIN_S:g}) until Ctrl-C",
     )
     stats.add_argument(
         "--max-visible",

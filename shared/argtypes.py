@@ -35,6 +35,18 @@ def positive_number(raw: str) -> float:
     return value
 
 
+def seconds_at_least(minimum: float) -> Callable[[str], float]:
+    """A finite number of seconds, ``minimum`` or more."""
+
+    def convert(raw: str) -> float:
+        value = positive_number(raw)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g} (seconds), got {raw}")
+        return value
+
+    return convert
+
+
 def non_blank(raw: str) -> str:
     """A value that must say something: an empty one (an unset shell variable, ``--jql "$JQL"``) would
     otherwise read as "not given" and fall back to the default or the environment without a word."""

@@ -222,6 +222,10 @@ def test_exit_codes_tell_a_deep_queue_from_a_check_that_could_not_run(
         2,
         "jiralake queue stats: error: argument --watch: must be a finite number, got inf",
     )
+    assert check("--watch", "1e-300") == (
+        2,
+        "jiralake queue stats: error: argument --watch: must be at least 1 (seconds), got 1e-300",
+    )
     assert check("--max-visible", "1", environ=no_queue_url) == (
         2,
         "jiralake: configuration error: JIRALAKE_QUEUE_URL is not set "
