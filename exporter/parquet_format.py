@@ -108,15 +108,20 @@ class ParquetStream:
         self._text_columns = [
             i for i, c in enumerate(columns) if c.kind in (ColumnKind.TEXT, ColumnKind.JSON)
         ]
+        self._array_columns = [i for i, c in enumerate(columns) if c.kind is ColumnKind.TEXT_ARRAY]
         self._sink = _DrainableSink()
         self._writer = pq.ParquetWriter(
             self._sink, self.schema, compression=compression, version="2.6", write_statistics=True
         )
 
-    def text_bytes(self, rows: Sequence[Sequence[Any]]) -> int:
-        """About how much the rows' text and JSON values hold (characters, not UTF-8 bytes): what
-        makes a row group big."""
-        return sum(len(row[i]) for row in rows for i in self._text_columns if row[i] is not None)
+    def text_bytes(self, row: Sequence[Any]) -> int:
+        """About how much a row's text, JSON and text-array values hold (characters, not UTF-8
+        bytes): what makes a row group big."""
+        size = sum(len(row[i]) for i in self._text_columns if row[i] is not None)
+        for i in self._array_columns:
+            if row[i] is not None:  # a list of text, or of lists for a value only SQL can store
+                size += sum(len(item) if isinstance(item, str) else len(str(item)) for item in row[i])
+        return size
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> bytes:
         if rows:

@@ -467,23 +467,24 @@ async def _stream_csv(
 
 
 # A Parquet row group ends at JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP rows or once its text values
-# reach PARQUET_GROUP_BYTES (counted in characters), whichever comes first: encoding a group takes
-# several times the size of its values, and 10,000 rows of 15 KB issues (raw is always in Parquet)
-# took 1.3 GiB. Each fetch is held whole, so it is sized from the text per row seen so far to fit
-# what is left of the budget (at most PARQUET_FETCH_ROWS; the first, PARQUET_FIRST_FETCH_ROWS, to
-# learn): a group overshoots the budget by about one row, whether issues are 4 KB or 1 MiB.
+# (text arrays included) reach PARQUET_GROUP_BYTES (counted in characters), whichever comes first:
+# encoding a group takes several times the size of its values, and 10,000 rows of 15 KB issues (raw
+# is always in Parquet) took 1.3 GiB. A group is cut at the row that reaches the budget, also inside
+# a fetch (the rest starts the next group), so it overshoots by at most one row. A fetch is held
+# whole: it is sized to fit what is left of the budget at the larger of the text per row seen so far
+# and in the last fetch (so small rows before large ones do not make the first fetch of large ones
+# huge), and it is at most PARQUET_FETCH_ROWS (the first, PARQUET_FIRST_FETCH_ROWS, to learn).
 PARQUET_GROUP_BYTES = 16 * 1024 * 1024
-PARQUET_FETCH_ROWS = 500
+PARQUET_FETCH_ROWS = 100
 PARQUET_FIRST_FETCH_ROWS = 20
 
 
-def _parquet_fetch_rows(*, room_rows: int, room_bytes: int, seen_rows: int, seen_bytes: int) -> int:
-    """How many rows to fetch next: at most ``room_rows``, and what ``room_bytes`` holds at the
-    text per row seen so far; at least one."""
-    if not seen_rows:
+def _parquet_fetch_rows(*, room_rows: int, room_bytes: int, per_row: float | None) -> int:
+    """How many rows to fetch next: at most ``room_rows``, and what ``room_bytes`` holds at
+    ``per_row`` characters a row (None: nothing seen yet); at least one."""
+    if per_row is None:
         return min(PARQUET_FIRST_FETCH_ROWS, room_rows)
-    per_row = max(1, seen_bytes // seen_rows)
-    return max(1, min(PARQUET_FETCH_ROWS, room_rows, room_bytes // per_row))
+    return max(1, min(PARQUET_FETCH_ROWS, room_rows, int(room_bytes // max(1.0, per_row))))
 
 
 async def _stream_parquet(
@@ -504,28 +505,40 @@ async def _stream_parquet(
     rows = 0
     group: list[asyncpg.Record] = []
     group_bytes = 0
-    seen_bytes = 0
+    seen_rows = seen_bytes = 0
+    per_row: float | None = None
+
+    async def write_group() -> None:
+        nonlocal rows, group, group_bytes
+        data = stream.write_rows(group)
+        rows += len(group)
+        progress.read(rows=len(group), source_bytes=len(data))
+        await upload.write(data)
+        group, group_bytes = [], 0
+
     while True:
         wanted = _parquet_fetch_rows(
             room_rows=settings.parquet_rows_per_group - len(group),
             room_bytes=PARQUET_GROUP_BYTES - group_bytes,
-            seen_rows=rows + len(group),
-            seen_bytes=seen_bytes,
+            per_row=per_row,
         )
         batch = await cursor.fetch(wanted)
-        batch_bytes = stream.text_bytes(batch)
-        group += batch
-        group_bytes += batch_bytes
-        seen_bytes += batch_bytes
-        full = len(group) >= settings.parquet_rows_per_group or group_bytes >= PARQUET_GROUP_BYTES
-        if group and (full or len(batch) < wanted):
-            data = stream.write_rows(group)
-            rows += len(group)
-            progress.read(rows=len(group), source_bytes=len(data))
-            await upload.write(data)
-            group, group_bytes = [], 0
+        batch_bytes = 0
+        for record in batch:
+            size = stream.text_bytes(record)
+            batch_bytes += size
+            group.append(record)
+            group_bytes += size
+            if len(group) >= settings.parquet_rows_per_group or group_bytes >= PARQUET_GROUP_BYTES:
+                await write_group()
+        if batch:
+            seen_rows += len(batch)
+            seen_bytes += batch_bytes
+            per_row = max(seen_bytes / seen_rows, batch_bytes / len(batch))
         if len(batch) < wanted:
             break
+    if group:
+        await write_group()
     await upload.write(stream.finish())
     return rows
 

@@ -153,6 +153,62 @@ async def test_a_parquet_row_group_of_large_rows_ends_at_its_byte_budget(
     assert parquet_rows(data)[1] == await table_rows(pg, columns)
 
 
+def group_sizes(data: bytes) -> list[int]:
+    metadata = pq.ParquetFile(io.BytesIO(data)).metadata
+    return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+
+async def test_text_arrays_count_toward_a_parquet_row_group_s_budget(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 200 rows whose labels hold 10,000 characters each, and a budget of 100,000 per group
+    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    await insert_awkward_rows(pg, 200)
+    await pg.execute("UPDATE ap_jira_task SET labels = array_fill(repeat('l', 500), ARRAY[20])")
+    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
+    # WHEN exported as Parquet
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN the labels counted: no group holds more than the budget's worth of them, and one row more
+    data = await get_object(aws_settings, bucket, result.data_key)
+    sizes = group_sizes(data)
+    assert sum(sizes) == 200 and max(sizes) <= 100_000 // 10_000 + 1, sizes
+    columns = await exported_columns(pg, include_raw=True)
+    assert parquet_rows(data)[1] == await table_rows(pg, columns)
+
+
+async def test_large_rows_after_many_small_ones_do_not_swell_a_parquet_row_group(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 300 small rows, then (in key order, as newer issues follow older ones) 100 rows with 5,000
+    # characters more text each, and a budget of 100,000 characters per group
+    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    await insert_awkward_rows(pg, 300)
+    await insert_awkward_rows(pg, 100, pad=5_000, first_id=301)
+    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
+    # WHEN exported as Parquet
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN no group took in more large rows than its budget holds, and one more: the first fetch of
+    # large rows, sized on the small ones, was cut where the budget was reached
+    data = await get_object(aws_settings, bucket, result.data_key)
+    sizes = group_sizes(data)
+    first_row = 0
+    for size in sizes:
+        large = len(range(max(first_row, 300), first_row + size))
+        assert large <= 100_000 // 5_000 + 1, sizes
+        first_row += size
+    assert first_row == 400
+    columns = await exported_columns(pg, include_raw=True)
+    assert parquet_rows(data)[1] == await table_rows(pg, columns)
+
+
 async def test_what_athena_reads_from_the_csv_decodes_to_the_table_values(
     pg: asyncpg.Connection,
     aws_settings: AwsSettings,
