@@ -14,27 +14,39 @@ import structlog
 from exporter.settings import bucket_name
 from shared import argtypes, aws, db, migrate, provision
 from shared.provision import MAX_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_S
-from shared.settings import AwsSettings, DatabaseSettings, env_int, env_str, require
+from shared.settings import AwsSettings, ConfigError, DatabaseSettings, env_int, env_str, require
 
 log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
 class SetupSettings:
-    aws: AwsSettings
     database: DatabaseSettings
-    queue_name: str
-    dlq_name: str
-    bucket: str | None
+    # The queues' part: None with --skip-queues, which needs only the database's settings.
+    aws: AwsSettings | None = None
+    queue_name: str | None = None
+    dlq_name: str | None = None
+    bucket: str | None = None
     max_receive_count: int = 5
     visibility_timeout_s: int = 60
 
+    def __post_init__(self) -> None:
+        if self.queue_name is not None and self.queue_name == self.dlq_name:
+            # One queue would be its own dead-letter queue (as the consumer refuses the same URLs).
+            raise ConfigError(
+                f"JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue ({self.queue_name})"
+            )
+
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SetupSettings:
+    def from_env(cls, env: Mapping[str, str], *, queues: bool = True) -> SetupSettings:
+        """The settings ``setup`` reads; without ``queues`` (``--skip-queues``) only the database's."""
+        database = DatabaseSettings.from_env(env)
+        if not queues:
+            return cls(database=database)
         bucket = env_str(env, "JIRALAKE_BUCKET")
         return cls(
             aws=AwsSettings.from_env(env),
-            database=DatabaseSettings.from_env(env),
+            database=database,
             queue_name=provision.queue_name_from_url(require(env, "JIRALAKE_QUEUE_URL")),
             dlq_name=provision.queue_name_from_url(require(env, "JIRALAKE_DLQ_URL")),
             bucket=bucket_name(bucket) if bucket else None,
@@ -62,6 +74,8 @@ async def run_setup(settings: SetupSettings, *, queues: bool = True, database: b
     pair = None
     bucket = None
     if queues:
+        if settings.aws is None or settings.queue_name is None or settings.dlq_name is None:
+            raise ValueError("setting up the queues needs their settings: SetupSettings.from_env(env)")
         async with aws.sqs_client(settings.aws) as sqs:
             pair = await provision.ensure_queues(
                 sqs,
@@ -101,10 +115,7 @@ def _command(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.max_receive_count is not None:
         env["JIRALAKE_MAX_RECEIVE_COUNT"] = str(args.max_receive_count)
-    if args.skip_queues:
-        env.setdefault("JIRALAKE_QUEUE_URL", "unused.fifo")
-        env.setdefault("JIRALAKE_DLQ_URL", "unused.fifo")
-    settings = SetupSettings.from_env(env)
+    settings = SetupSettings.from_env(env, queues=not args.skip_queues)
     result = asyncio.run(run_setup(settings, queues=not args.skip_queues, database=not args.skip_db))
     if result.queues:
         print(f"queue: {result.queues.queue_url}")

@@ -509,3 +509,40 @@ def test_projection_start_without_athena_ddl_is_refused_not_ignored() -> None:
     # THEN the command says so rather than export as if it had not been given
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.strip() == "jiralake: --projection-start goes with --athena-ddl"
+
+
+# -- setup --
+
+
+@pytest.mark.parametrize(
+    "dlq_url",
+    [
+        "http://127.0.0.1:1/1/events.fifo",  # the queue's own URL
+        "http://127.0.0.1:1/2/events.fifo",  # another URL, but setup creates queues by name
+    ],
+)
+def test_setup_refuses_a_dead_letter_queue_that_is_the_queue_itself(dlq_url: str) -> None:
+    # WHEN setup would create one queue as its own dead-letter queue (the consumer refuses these too)
+    result = _jiralake(
+        "setup", "--skip-db", JIRALAKE_QUEUE_URL="http://127.0.0.1:1/1/events.fifo", JIRALAKE_DLQ_URL=dlq_url
+    )
+    # THEN one line says so, before any AWS call
+    assert one_line(result) == "JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue (events.fifo)"
+
+
+async def test_setup_skip_queues_needs_only_the_database(pg_server_dsn: str) -> None:
+    # GIVEN queue and bucket settings setup --skip-queues does not use: empty, not FIFO, not a bucket
+    async with empty_database(pg_server_dsn, "skipqueues") as url:
+        # WHEN it applies the migrations
+        result = await asyncio.to_thread(
+            _jiralake,
+            "setup",
+            "--skip-queues",
+            DATABASE_URL=url,
+            JIRALAKE_QUEUE_URL="",
+            JIRALAKE_DLQ_URL="http://127.0.0.1:1/1/events",
+            JIRALAKE_BUCKET="Not_A_Bucket",
+        )
+    # THEN none of them is read: it applies them and exits 0
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("migrations applied: 0001_issue_tables, "), result.stdout
