@@ -55,18 +55,44 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
         for migration in available():
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await _execute_logging_warnings(conn, migration)
-                await conn.execute(
-                    "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            await _apply_one(conn, migration)
             log.info("migration_applied", version=migration.version, name=migration.name)
             applied_now.append(migration)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    except BaseException:
+        await _quietly(conn, "SELECT pg_advisory_unlock($1)", _LOCK_KEY)  # the failure says what went wrong
+        raise
+    await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def _apply_one(conn: asyncpg.Connection, migration: Migration) -> None:
+    """One migration and its record, in one transaction. ``BEGIN``/``ROLLBACK`` by hand, not asyncpg's
+    ``async with conn.transaction()``: on a connection the server ended (a failover, an operator's
+    pg_terminate_backend), its exit raised "the underlying connection is closed" over the server's
+    own reason."""
+    await conn.execute("BEGIN")
+    try:
+        await _execute_logging_warnings(conn, migration)
+        await conn.execute(
+            "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, $2)",
+            migration.version,
+            migration.name,
+        )
+    except BaseException:
+        await _quietly(conn, "ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+async def _quietly(conn: asyncpg.Connection, statement: str, *args: object) -> None:
+    """``statement``, after a failure that is already on its way up: on a closed or broken connection
+    it cannot run, and what ends the session ends its transaction and its advisory lock too."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute(statement, *args)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        pass
 
 
 async def _execute_logging_warnings(conn: asyncpg.Connection, migration: Migration) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import uuid
 
 import asyncpg
 import pytest
@@ -283,4 +285,108 @@ async def test_due_dates_stored_as_infinity_become_the_dates_jira_sent(pg_server
                 (4, None),
             ]
         finally:
+            await conn.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_lz4_migration_run_by_a_role_that_does_not_own_the_tables_says_so(
+    pg_server_dsn: str,
+) -> None:
+    async with empty_database(pg_server_dsn, "lz4owner") as url:
+        conn = await asyncpg.connect(url)
+        role = f"jiralake_grantee_{uuid.uuid4().hex[:8]}"
+        try:
+            if not await lz4_supported(conn):
+                pytest.skip("this PostgreSQL has no LZ4: migration 0010 changes nothing here")
+            try:
+                await conn.execute(f"CREATE ROLE {role} LOGIN")
+            except asyncpg.InsufficientPrivilegeError:
+                pytest.skip("the test server's role may not create roles")
+            # GIVEN a schema one migration behind (0010 undone), and a role granted every right on the
+            # tables, which it does not own
+            await migrate.apply(conn)
+            await conn.execute(
+                "ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION default;"
+                "ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION default;"
+                f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
+                f"GRANT USAGE, CREATE ON SCHEMA public TO {role}"
+            )
+            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+            grantee = await asyncpg.connect(url, user=role)
+            try:
+                # WHEN setup migrates as that role
+                with capture_logs() as logs:
+                    applied = await migrate.apply(grantee)
+            finally:
+                await grantee.close()
+            # THEN the optimisation is skipped with a warning, and setup goes on
+            assert [m.version for m in applied] == [LZ4_MIGRATION]
+            assert [e["message"] for e in logs if e["event"] == "migration_warning"] == [
+                "jiralake: only the tables' owner may change their compression; raw and changelog keep "
+                "pglz (see migration 0010)"
+            ]
+        finally:
+            if await conn.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = $1", role):
+                await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+            await conn.close()
+
+
+async def test_an_index_of_0008_s_name_on_another_column_stops_setup_with_a_message(
+    pg_server_dsn: str,
+) -> None:
+    async with empty_database(pg_server_dsn, "idx0008") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            # GIVEN a schema one migration behind 0008 and an index of its name built on another column
+            await migrate.apply(conn)
+            await conn.execute(
+                "DROP INDEX ap_jira_task_event_ingested_at_idx;"
+                "CREATE INDEX ap_jira_task_event_ingested_at_idx ON ap_jira_task_event (received_at)"
+            )
+            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version >= 8")
+            # WHEN setup migrates, THEN it stops there and says what to do, rather than record 0008
+            with pytest.raises(asyncpg.RaiseError, match="exists but is not on ap_jira_task_event"):
+                await migrate.apply(conn)
+            assert await conn.fetchval("SELECT max(version) FROM jiralake_schema_migrations") == 7
+        finally:
+            await conn.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_ended_during_a_migration_fails_with_the_server_s_reason(
+    pg_server_dsn: str,
+) -> None:
+    async with empty_database(pg_server_dsn, "terminated") as url:
+        conn = await asyncpg.connect(url)
+        admin = await asyncpg.connect(url)
+        try:
+            # GIVEN a schema one migration behind (0010 undone) whose table another session holds, so
+            # the migration waits on it
+            await migrate.apply(conn)
+            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+            await admin.execute("BEGIN; LOCK TABLE ap_jira_task IN ACCESS SHARE MODE")
+            migrating = asyncio.create_task(migrate.apply(conn))
+            pid = conn.get_server_pid()
+
+            async def waiting() -> bool:
+                return bool(
+                    await admin.fetchval(
+                        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                    )
+                )
+
+            for _ in range(200):
+                if await waiting():
+                    break
+                await asyncio.sleep(0.02)
+            # WHEN the server ends that connection (an operator, a failover)
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            # THEN the error is the server's own reason, not "the connection is closed" raised over it
+            with pytest.raises(
+                asyncpg.ConnectionDoesNotExistError,
+                match="terminating connection due to administrator command",
+            ):
+                await migrating
+        finally:
+            await admin.close()
             await conn.close()

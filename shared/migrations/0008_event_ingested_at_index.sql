@@ -12,7 +12,8 @@
 --   CREATE INDEX CONCURRENTLY IF NOT EXISTS ap_jira_task_event_ingested_at_idx
 --       ON ap_jira_task_event (ingested_at);
 -- and this migration finds it. A concurrent build that failed leaves an INVALID index of that name,
--- which the planner never uses: it is dropped here and built again.
+-- which the planner never uses: it is dropped here and built again. A valid index of that name on
+-- anything else than ap_jira_task_event (ingested_at) stops setup with a message: it is not ours to drop.
 DO $$
 BEGIN
     IF EXISTS (
@@ -20,6 +21,20 @@ BEGIN
         WHERE indexrelid = to_regclass('ap_jira_task_event_ingested_at_idx') AND NOT indisvalid
     ) THEN
         DROP INDEX ap_jira_task_event_ingested_at_idx;
+    END IF;
+    IF EXISTS (
+        SELECT 1 FROM pg_index i
+        WHERE i.indexrelid = to_regclass('ap_jira_task_event_ingested_at_idx')
+          AND NOT (
+              i.indrelid = 'ap_jira_task_event'::regclass
+              AND i.indkey::int2[] = ARRAY[(
+                  SELECT attnum FROM pg_attribute
+                  WHERE attrelid = 'ap_jira_task_event'::regclass AND attname = 'ingested_at'
+              )]
+              AND i.indexprs IS NULL AND i.indpred IS NULL
+          )
+    ) THEN
+        RAISE EXCEPTION 'jiralake: an index named ap_jira_task_event_ingested_at_idx exists but is not on ap_jira_task_event (ingested_at); drop it (history prune needs that one) and run setup again';
     END IF;
 END
 $$;

@@ -8,7 +8,8 @@
 -- This is only an optimisation, so it never stops setup. It changes nothing on a server built without
 -- LZ4 support (PostgreSQL 14 or newer is also needed). Changing a column's compression takes an
 -- ACCESS EXCLUSIVE lock, held for a moment but queued behind a running export's COPY. It waits at
--- most 5 s and then leaves pglz; to apply it later, run the two ALTER TABLE statements below by hand.
+-- most 5 s and then leaves pglz; to apply it later, run the two ALTER TABLE statements below by hand
+-- (as the tables' owner: a role that does not own them leaves pglz too).
 DO $$
 BEGIN
     IF current_setting('server_version_num')::integer < 140000 THEN
@@ -24,6 +25,8 @@ BEGIN
             RAISE WARNING 'jiralake: this PostgreSQL has no LZ4 support; raw and changelog keep pglz';
         WHEN lock_not_available THEN
             RAISE WARNING 'jiralake: ap_jira_task was busy; raw and changelog keep pglz (see migration 0010)';
+        WHEN insufficient_privilege THEN  -- a role granted the tables' rights that does not own them
+            RAISE WARNING 'jiralake: only the tables'' owner may change their compression; raw and changelog keep pglz (see migration 0010)';
     END;
 END
 $$;
