@@ -132,13 +132,38 @@ async def ensure_database(server_url: str | None, name: str) -> str | None:
 async def _stop_leftover(bin_dir: Path, data_dir: Path) -> None:
     """A server an earlier `jiralake up` left running in this folder (it was killed: SIGKILL, a crash)
     holds its lock file, and no new one could start: stop it first."""
-    if not (data_dir / "postmaster.pid").exists():
+    lock_file = data_dir / "postmaster.pid"
+    if not lock_file.exists():
+        return
+    owner = _postmaster_of(data_dir)
+    if owner is False:
+        # Its process id is no server in this folder (dead, or reused since a reboot, maybe by
+        # the machine's own PostgreSQL, which `pg_ctl stop` would have stopped): a stale file.
+        log.warning("private_postgres_stale_lock_file_removed", data_dir=str(data_dir))
+        lock_file.unlink(missing_ok=True)
         return
     status = await _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "status"])
     if status.returncode != 0:  # a stale lock file: pg_ctl start handles that itself
         return
     log.warning("private_postgres_leftover_stopped", data_dir=str(data_dir))
     await _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"])
+
+
+def _postmaster_of(data_dir: Path) -> bool | None:
+    """Whether the process in ``data_dir``'s lock file is a server of that folder (a server's working
+    folder is its data folder); None when this process may not look (another user's, not as root)."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.resolve()
+    except PermissionError:
+        return None
+    except (OSError, ValueError):  # no such process, an unreadable or truncated lock file
+        return False
+
+
+def _replace_empty_dir(target: Path, complete: Path) -> None:
+    target.rmdir()  # empty: prepare_dir made it for initdb
+    complete.rename(target)
 
 
 def socket_url(user: str, database: str, socket: Path) -> str:
@@ -161,9 +186,17 @@ async def local_postgres(
     return await _start_private(scratch, database)
 
 
-async def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+async def _run(cmd: list[str], *, own_session: bool = False) -> subprocess.CompletedProcess[str]:
+    """``cmd`` as the server's user. ``own_session``: out of the terminal's process group, so a signal
+    to the whole group (a closed terminal's SIGHUP, a kill of the group) does not end it half-way:
+    `up` waits for it and then stops what it started."""
     return await asyncio.to_thread(
-        subprocess.run, as_server_user(cmd), capture_output=True, text=True, check=False
+        subprocess.run,
+        as_server_user(cmd),
+        capture_output=True,
+        text=True,
+        check=False,
+        start_new_session=own_session,
     )
 
 
@@ -218,11 +251,18 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
     socket_dir = pg.socket_dir = Path(tempfile.mkdtemp(prefix="jiralake-pg-"))
     prepare_dir(socket_dir)  # as root, the server's user owns it
     if not (data_dir / "PG_VERSION").exists():
+        # Into a folder of its own, renamed when complete: an initdb killed half-way (a crash, an OOM
+        # kill) leaves a PG_VERSION in a folder no server can run on, and every later `up` failed.
+        building = data_dir.with_name(data_dir.name + ".initdb")
+        shutil.rmtree(building, ignore_errors=True)
+        prepare_dir(building)
         init = await _run(
-            [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", user, "--auth=trust", "-E", "UTF8"]
+            [str(bin_dir / "initdb"), "-D", str(building), "-U", user, "--auth=trust", "-E", "UTF8"],
+            own_session=True,
         )
         if init.returncode != 0:
             raise CommandError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}", exit_code=2)
+        await asyncio.to_thread(_replace_empty_dir, data_dir, building)
     port = SOCKET_PORT
     await _stop_leftover(bin_dir, data_dir)
     starting = asyncio.ensure_future(
@@ -237,7 +277,8 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
                 "-o",
                 f"-p {port} -c listen_addresses='' -k {socket_dir}",
                 "start",
-            ]
+            ],
+            own_session=True,
         )
     )
     try:
@@ -248,7 +289,7 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
         while not starting.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(starting)
-        pg.running = starting.result().returncode == 0
+        pg.running = starting.result().returncode == 0 or _postmaster_of(data_dir) is not False
         raise
     if start.returncode != 0:
         raise CommandError(f"could not start PostgreSQL (see {data_dir / 'postgres.log'})", exit_code=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import signal
@@ -119,6 +120,31 @@ async def run_stack(options: StackOptions, env: Mapping[str, str]) -> int:
 
 async def _start_and_run(options: StackOptions, env: Mapping[str, str], signals: _Signals) -> int:
     options.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with _only_up_in(options.scratch_dir):
+        return await _start_and_run_alone(options, env, signals)
+
+
+@contextlib.contextmanager
+def _only_up_in(scratch: Path) -> Iterator[None]:
+    """One `up` per state folder, for as long as it runs (the lock goes with the process, also when it
+    is killed): a second one would take the first one's private PostgreSQL for a leftover of a killed
+    `up` and stop it, and share its webhook secret file."""
+    fd = os.open(scratch / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CommandError(
+                f"another `jiralake up` is running with the state folder {scratch}: stop it, or give this "
+                "one another --state-dir",
+                exit_code=2,
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _start_and_run_alone(options: StackOptions, env: Mapping[str, str], signals: _Signals) -> int:
     fixtures = demo.fixtures_dir(options.fixtures_dir) if options.demo else None
     pg = await local_postgres(env.get("DATABASE_URL") or None, options.scratch_dir)
     try:
@@ -181,7 +207,8 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None, signa
         signals.serving(request)
         try:
             if fixtures is not None:
-                code = await _demo_beside(services, _demo(stack, fixtures, options, stop), stop)
+                demo_code = await _demo_beside(services, _demo(stack, fixtures, options, stop), stop)
+                code = signal_exit_code(request.signal) if demo_code is None else demo_code
                 if options.keep_running and not stop.is_set():
                     print("\nThe stack keeps running; press Ctrl-C to stop it.", flush=True)
                 else:
@@ -203,10 +230,10 @@ async def _run(stack: Stack, options: StackOptions, fixtures: Path | None, signa
 
 async def _demo_beside(
     services: list[asyncio.Task[Any]], demo_run: Coroutine[Any, Any, int], stop: asyncio.Event
-) -> int:
+) -> int | None:
     """The demo's exit code; 1 at once if a service ends first (the receiver could not bind its port,
     the consumer crashed): the demo would otherwise wait, or post to whatever holds the port, and
-    the service's failure would be logged only after it."""
+    the service's failure would be logged only after it. None when a stop request ended it."""
     demo_task = asyncio.create_task(demo_run, name="demo")
     await asyncio.wait([demo_task, *services], return_when=asyncio.FIRST_COMPLETED)
     if demo_task.done():
@@ -216,7 +243,7 @@ async def _demo_beside(
         await demo_task
     if stop.is_set():  # Ctrl-C or SIGTERM: the services end because they were asked to
         print("The demo was stopped before it finished.", flush=True)
-        return 1
+        return None
     ended = [task.get_name() for task in services if task.done()]
     print(f"The demo stopped: {', '.join(ended)} ended before it finished (see the logs above).", flush=True)
     return 1
@@ -252,7 +279,15 @@ def _webhook_secret(env: Mapping[str, str], scratch: Path) -> tuple[str, Path]:
         return configured, path
     # An empty file (a run interrupted between creating and writing it) must not become an empty
     # secret: anyone can sign with the empty key.
-    if not path.exists() or not path.read_text().strip():
+    try:
+        existing = path.read_text() if path.exists() else ""
+    except UnicodeDecodeError:
+        raise CommandError(
+            f"the webhook secret file {path} is not UTF-8 text: delete it (up makes a new one; then "
+            "paste that into Jira) or set JIRALAKE_WEBHOOK_SECRET",
+            exit_code=2,
+        ) from None
+    if not existing.strip():
         # os.open's mode applies only to a new file, so an existing one (left empty) is chmod-ed too.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -285,12 +320,21 @@ def _redacted(url: str | None) -> str:
     return "(libpq defaults)" if url is None else redact_text(url)
 
 
+# Both spellings: tools read one or the other.
+_NO_PROXY = ("NO_PROXY", "no_proxy")
+
+
 @contextlib.contextmanager
 def _local_credentials() -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in (*_LOCAL_CREDENTIALS, "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    """moto's placeholder credentials instead of the environment's, and moto's address (127.0.0.1)
+    past any HTTP(S)_PROXY: the SDK would send the local stack's requests through the proxy."""
+    names = (*_LOCAL_CREDENTIALS, "AWS_SESSION_TOKEN", "AWS_PROFILE", *_NO_PROXY)
+    saved = {key: os.environ.get(key) for key in names}
     for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
         os.environ.pop(key, None)
     os.environ.update(_LOCAL_CREDENTIALS)
+    for key in _NO_PROXY:
+        os.environ[key] = ",".join(filter(None, (saved[key], LocalAws.host)))
     try:
         yield
     finally:

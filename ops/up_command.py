@@ -27,12 +27,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--keep-running", action="store_true", help="with --demo: leave the stack up")
     parser.add_argument(
         "--host",
+        type=argtypes.non_blank,  # "" would listen on every interface
         default="127.0.0.1",
         help="IPv4 address the receiver and the admin ports listen on (default 127.0.0.1)",
     )
     parser.add_argument("--port", type=argtypes.port, default=8080, help="receiver port (0 = any free port)")
     parser.add_argument("--fixtures", type=Path, help="folder of sample webhooks for --demo")
-    parser.add_argument("--state-dir", type=Path, default=Path(".jiralake"), help="scratch folder")
+    parser.add_argument(
+        "--state-dir",
+        type=lambda raw: Path(argtypes.non_blank(raw)),  # "" would be the current folder
+        default=Path(".jiralake"),
+        help="scratch folder (one `up` at a time per folder)",
+    )
     parser.add_argument(
         "--export-schedule",
         type=_cron,

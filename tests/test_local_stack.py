@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import signal
@@ -17,13 +18,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from botocore.utils import should_bypass_proxies
 from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from ops import demo
+from ops import local_postgres as local_postgres_module
 from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
-from ops.local_stack import _demo_beside, _redacted, _webhook_secret
+from ops.local_stack import _demo_beside, _local_credentials, _redacted, _webhook_secret
 from shared import migrate
 from shared.errors import CommandError
 from tests.conftest import _with_database, empty_database
@@ -452,7 +455,7 @@ async def test_the_demo_stops_at_once_when_a_service_ends_before_it(
     # AND a stop request (Ctrl-C) that ends the services is named as such, not as a service failing
     stop.set()
     stopping = [asyncio.create_task(stop.wait(), name="receiver")]
-    assert await _demo_beside(stopping, _wait_then(asyncio.Event(), 0), stop) == 1
+    assert await _demo_beside(stopping, _wait_then(asyncio.Event(), 0), stop) is None
     assert capsys.readouterr().out.strip().endswith("The demo was stopped before it finished.")
 
 
@@ -529,3 +532,124 @@ async def test_the_demo_refuses_a_database_that_holds_real_issues(
         assert await conn.fetchval("SELECT count(*) FROM ap_jira_task") == 1
     finally:
         await conn.close()
+
+
+def test_a_second_up_on_the_same_state_folder_is_refused(tmp_path: Path) -> None:
+    # GIVEN an `up` running with a state folder (its lock held)
+    fd = os.open(tmp_path / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # WHEN another starts on it, THEN it refuses before starting anything: it would have stopped
+        # the first one's private PostgreSQL as a leftover
+        result = _up(tmp_path, "--port", "0")
+    finally:
+        os.close(fd)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"jiralake: another `jiralake up` is running with the state folder {tmp_path}: stop it, or give this "
+        "one another --state-dir"
+    )
+
+
+@pytest.mark.parametrize("option", ["--host", "--state-dir"])
+def test_up_refuses_an_empty_host_or_state_folder(tmp_path: Path, option: str) -> None:
+    # WHEN `--host ""` (every interface) or `--state-dir ""` (the current folder) is given
+    result = _up(tmp_path, option, "")
+    # THEN argparse refuses it in one line
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"jiralake up: error: argument {option}: must not be empty"
+    )
+
+
+def test_a_secret_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "webhook-secret").write_bytes(b"caf\xe9secret")
+    with pytest.raises(CommandError) as refused:
+        _webhook_secret({}, tmp_path)
+    assert refused.value.exit_code == 2
+    assert str(refused.value).startswith(
+        f"the webhook secret file {tmp_path / 'webhook-secret'} is not UTF-8"
+    )
+
+
+async def test_a_lock_file_naming_another_process_is_removed_and_that_process_left_alone(
+    tmp_path: Path,
+) -> None:
+    # GIVEN a private server's folder whose lock file names a process id that now belongs to another
+    # process (ids are reused after a reboot): here one running in another folder
+    data_dir = tmp_path / "pgdata"
+    data_dir.mkdir()
+    other = await asyncio.create_subprocess_exec("sleep", "30", cwd=tmp_path)
+    try:
+        (data_dir / "postmaster.pid").write_text(f"{other.pid}\n{data_dir}\n")
+        # WHEN the next `up` looks for a leftover server there
+        with capture_logs() as logs:
+            await local_postgres_module._stop_leftover(tmp_path / "no-bin", data_dir)
+        # THEN the lock file is taken for stale and removed, and the other process is not signalled
+        assert not (data_dir / "postmaster.pid").exists()
+        assert other.returncode is None
+        assert [e["event"] for e in logs] == ["private_postgres_stale_lock_file_removed"]
+    finally:
+        other.kill()
+        await other.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_a_signal_to_the_whole_group_while_the_private_postgres_starts_leaves_it_stopped(
+    tmp_path: Path,
+) -> None:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries on this machine")
+    # GIVEN `jiralake up` in a terminal's process group, starting a private server (no server answers
+    # where libpq's variables point)
+    env = {k: v for k, v in _env(UNREACHABLE).items() if k != "DATABASE_URL"}
+    env |= {"PGHOST": str(tmp_path / "no-server"), "PGPORT": "5432"}
+    state = tmp_path / "state"
+    lock_file = state / "pgdata" / "postmaster.pid"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "up", "--port", "0", "--state-dir", str(state),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        log_file = lock_file.parent / "postgres.log"
+        for _ in range(30_000):  # the moment the server is ready, before pg_ctl (polling) notices
+            if log_file.exists() and "ready to accept connections" in log_file.read_text():
+                break
+            await asyncio.sleep(0.002)
+        # WHEN the whole group gets SIGHUP (the terminal was closed) while pg_ctl waits for the server
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        leaked = lock_file.exists()
+        if leaked:
+            stopping = await asyncio.create_subprocess_exec(
+                *local_postgres_module.as_server_user(
+                    [str(bin_dir / "pg_ctl"), "-D", str(lock_file.parent), "-m", "immediate", "stop"]
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            await stopping.wait()
+    # THEN it exits with SIGHUP's code, and the server it was starting is stopped (pg_ctl, out of the
+    # group, ran to its end; a killed pg_ctl left the server running, unreachable)
+    assert proc.returncode == 128 + signal.SIGHUP, err.decode()[-2000:]
+    assert not leaked
+
+
+def test_the_local_stack_s_aws_requests_go_past_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a machine whose environment sends HTTP through a proxy, for other hosts than its own list
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    monkeypatch.delenv("no_proxy", raising=False)
+    moto = "http://127.0.0.1:5000/"
+    assert not should_bypass_proxies(moto)
+    # WHEN the local stack runs, THEN the SDK goes to moto directly, and the list is kept
+    with _local_credentials():
+        assert should_bypass_proxies(moto)
+        assert os.environ["NO_PROXY"] == "internal.example,127.0.0.1"
+    # AND afterwards the environment is as it was
+    assert os.environ["NO_PROXY"] == "internal.example" and "no_proxy" not in os.environ
