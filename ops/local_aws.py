@@ -6,6 +6,7 @@ the ``local`` extra, not a base dependency: the production image installs none, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,11 +18,31 @@ from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
 
+import structlog
+
 from shared.errors import CommandError
+
+log = structlog.get_logger()
 
 INSTALL_LOCAL_EXTRA = "pip install 'jiralake[local]'"
 # What `python -m moto.server` imports: moto, and the two its `server` extra adds for the HTTP app.
 _SERVER_MODULES = ("moto", "flask", "flask_cors")
+
+
+def _stop_leftover(pid_file: Path) -> None:
+    """Stop the moto server a killed owner left running, if ``pid_file`` names one (a process whose
+    command line runs moto.server: a process id is reused once its process is gone)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if b"moto.server" in command:
+        log.warning("local_aws_leftover_stopped", pid=pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    pid_file.unlink(missing_ok=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,6 +79,9 @@ class LocalAws:
     log_path: Path | None = None
     start_timeout_s: float = 30.0
     extra_env: dict[str, str] | None = None
+    # Where the server's process id is kept while it runs: a server left running by a killed owner
+    # (SIGKILL, a crash) is stopped by the next start with the same file.
+    pid_file: Path | None = None
     _process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +90,8 @@ class LocalAws:
 
     def start(self) -> LocalAws:
         require_moto_server()
+        if self.pid_file is not None:
+            _stop_leftover(self.pid_file)
         if not self.port:
             self.port = free_port(self.host)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -84,6 +110,8 @@ class LocalAws:
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self.pid_file is not None:
+            self.pid_file.write_text(f"{self._process.pid}\n")
         try:
             self._wait_until_listening(self._process)
         except BaseException:  # a second Ctrl-C lands here too: `with` never gets to stop it
@@ -118,6 +146,8 @@ class LocalAws:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalAws:
         return self.start()

@@ -150,7 +150,12 @@ async def _start_and_run_alone(options: StackOptions, env: Mapping[str, str], si
     try:
         if fixtures is not None:
             await demo.refuse_a_table_of_real_issues(pg.url, fixtures)
-        with _local_credentials(), LocalAws(log_path=options.scratch_dir / "moto.log") as local_aws:
+        with (
+            _local_credentials(),
+            LocalAws(
+                log_path=options.scratch_dir / "moto.log", pid_file=options.scratch_dir / "moto.pid"
+            ) as local_aws,
+        ):
             stack = await _prepare(options, env, pg, local_aws)
             _print_banner(stack, options, local_aws, pg)
             return await _run(stack, options, fixtures, signals)

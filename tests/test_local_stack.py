@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from ops import demo
+from ops import local_aws as local_aws_module
 from ops import local_postgres as local_postgres_module
 from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
@@ -653,3 +654,29 @@ def test_the_local_stack_s_aws_requests_go_past_a_proxy(monkeypatch: pytest.Monk
         assert os.environ["NO_PROXY"] == "internal.example,127.0.0.1"
     # AND afterwards the environment is as it was
     assert os.environ["NO_PROXY"] == "internal.example" and "no_proxy" not in os.environ
+
+
+async def test_a_moto_server_a_killed_up_left_running_is_stopped_by_the_next_one(tmp_path: Path) -> None:
+    # GIVEN the pid file of a killed `up`'s moto server, still running, and one naming a process id
+    # since reused by something else
+    left = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", "moto.server"
+    )
+    other = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        (tmp_path / "moto.pid").write_text(f"{left.pid}\n")
+        (tmp_path / "other.pid").write_text(f"{other.pid}\n")
+        # WHEN the next start looks at them
+        with capture_logs() as logs:
+            local_aws_module._stop_leftover(tmp_path / "moto.pid")
+            local_aws_module._stop_leftover(tmp_path / "other.pid")
+        # THEN the moto server is stopped, the other process is left alone, and both files are gone
+        assert await asyncio.wait_for(left.wait(), 10) == -signal.SIGTERM
+        assert other.returncode is None
+        assert not (tmp_path / "moto.pid").exists() and not (tmp_path / "other.pid").exists()
+        assert [e["event"] for e in logs] == ["local_aws_leftover_stopped"]
+    finally:
+        for process in (left, other):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
