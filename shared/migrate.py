@@ -7,6 +7,7 @@ Idempotent: applied versions are recorded in ``jiralake_schema_migrations``; an 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -59,7 +60,8 @@ async def apply(conn: asyncpg.Connection) -> list[Migration]:
             log.info("migration_applied", version=migration.version, name=migration.name)
             applied_now.append(migration)
     except BaseException:
-        await _quietly(conn, "SELECT pg_advisory_unlock($1)", _LOCK_KEY)  # the failure says what went wrong
+        # The failure says what went wrong: an unlock that fails too must not replace it.
+        await _quietly(conn, lambda: conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY))
         raise
     await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
@@ -79,18 +81,18 @@ async def _apply_one(conn: asyncpg.Connection, migration: Migration) -> None:
             migration.name,
         )
     except BaseException:
-        await _quietly(conn, "ROLLBACK")
+        await _quietly(conn, lambda: conn.execute("ROLLBACK"))
         raise
     await conn.execute("COMMIT")
 
 
-async def _quietly(conn: asyncpg.Connection, statement: str, *args: object) -> None:
-    """``statement``, after a failure that is already on its way up: on a closed or broken connection
-    it cannot run, and what ends the session ends its transaction and its advisory lock too."""
+async def _quietly(conn: asyncpg.Connection, statement: Callable[[], Awaitable[object]]) -> None:
+    """Run ``statement`` after a failure that is already on its way up: on a closed or broken
+    connection it cannot run, and what ends the session ends its transaction and its lock too."""
     if conn.is_closed():
         return
     try:
-        await conn.execute(statement, *args)
+        await statement()
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         pass
 
