@@ -73,13 +73,16 @@ def _id_text(value: Any) -> Any:
 IdText = Annotated[str, BeforeValidator(_id_text)]
 
 
-def _no_flag(value: Any) -> Any:
-    # JSON true/false is no timestamp (it does not count, like any other non-number); pydantic's lax
-    # int would read true as 1 ms.
-    return None if isinstance(value, bool) else value
+def _no_time_unless_whole(value: Any) -> Any:
+    """What is no whole number nor text is no timestamp: it does not count (the event falls back to
+    ``fields.updated``), rather than fail the event. pydantic's lax int would read true as 1 ms and
+    refuse 1.5, an object or a list, which made the receiver answer 400 and Jira drop the event."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else None
 
 
-Timestamp = Annotated[int | str | None, BeforeValidator(_no_flag)]
+Timestamp = Annotated[int | str | None, BeforeValidator(_no_time_unless_whole)]
 
 
 class _Tolerant(BaseModel):

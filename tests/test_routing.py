@@ -122,14 +122,25 @@ def test_events_the_consumer_could_never_store_are_refused(payload: object, reas
         (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=True),
          1594082228707),
         (_issue_event({"id": "1", "fields": {"updated": "0001-01-01T00:00:00.000+1400"}}, timestamp=7), 7),
+        # Nor is a fraction, an object or a list: the event is kept, at its updated time.
+        (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=1.5),
+         1594082228707),
+        (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp={"ms": 1}),
+         1594082228707),
+        (_issue_event({"id": "1", "fields": {"updated": "2020-07-07T00:37:08.707Z"}}, timestamp=[1]),
+         1594082228707),
+        (_issue_event({"id": "1"}, timestamp=1594082228707.0), 1594082228707),
     ],
     ids=["largest-id-and-time", "zero-padded-ts", "updated-last-ms", "updated-first-ms", "ts-negative",
-         "ts-true", "ts-wins"],
+         "ts-true", "ts-wins", "ts-fraction", "ts-object", "ts-list", "ts-whole-float"],
 )  # fmt: skip
 def test_the_bounds_themselves_are_accepted(payload: object, event_ts_ms: int) -> None:
     routed = route(payload)
     assert isinstance(routed, Routed)
     assert routed.event_ts_ms == event_ts_ms
+    # AND the receiver's one-parse path agrees, or leaves the body to the full path
+    key = route_json(json.dumps(payload))
+    assert key is None or (isinstance(key, RouteKey) and key.event_ts_ms == event_ts_ms)
 
 
 def test_an_issue_id_padded_with_zeros_routes_as_the_same_issue() -> None:
