@@ -5,8 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def one_line_text(text: str) -> str:
+    """``text`` as one printable line: line breaks and tabs become spaces, and every other control
+    or unprintable character (a terminal's escape sequences) its ``\\xNN`` / ``\\uNNNN`` escape.
+    Table cells come from messages anyone with access to a queue may have sent."""
+    if text.isprintable():
+        return text
+    return "".join(
+        " " if char in "\r\n\t" else char if char.isprintable() else repr(char)[1:-1] for char in text
+    )
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the last column is not padded (it may be long)."""
+    """Columns padded to their widest cell; the last column is not padded (it may be long). Each cell
+    is shown as one printable line (:func:`one_line_text`)."""
+    rows = [[one_line_text(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):

@@ -133,7 +133,10 @@ class QueueSettings:
     dlq_url: str
 
     def __post_init__(self) -> None:
-        if self.queue_url == self.dlq_url:
+        # Compared by path (account and name): http://localhost:4566/1/q.fifo and
+        # http://127.0.0.1:4566/1/q.fifo are one queue, and a dead-letter queue must be in its
+        # source queue's account and region anyway.
+        if _queue_path(self.queue_url) == _queue_path(self.dlq_url):
             # The consumer would dead-letter into its own queue and a replay would read back what it
             # sends, both forever.
             raise ConfigError("JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue")
@@ -141,6 +144,13 @@ class QueueSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> QueueSettings:
         return cls(queue_url=require(env, "JIRALAKE_QUEUE_URL"), dlq_url=require(env, "JIRALAKE_DLQ_URL"))
+
+
+def _queue_path(url: str) -> str:
+    try:
+        return urlsplit(url).path.rstrip("/") or url
+    except ValueError:  # not a URL at all: compared as it is
+        return url
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from shared.envelope import (
 )
 from shared.jira_event import InvalidEvent
 from shared.metrics import CONSUMER_CIRCUIT_OPEN
-from shared.settings import ConfigError
+from shared.settings import ConfigError, QueueSettings
 from tests import jira_fixtures
 from tests.test_consumer_helpers import envelope_of
 
@@ -355,6 +355,16 @@ def test_settings_from_env_and_validation() -> None:
     # A DLQ that is the main queue would hand every dead-lettered message back, forever.
     with pytest.raises(ConfigError, match="JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue"):
         ConsumerSettings.from_env({**env, "JIRALAKE_DLQ_URL": env["JIRALAKE_QUEUE_URL"]})
+    # ... also when the two URLs spell the endpoint differently
+    for main, dead in [
+        ("http://127.0.0.1:4566/1/q.fifo", "http://localhost:4566/1/q.fifo"),
+        ("https://sqs.us-east-1.amazonaws.com/1/q.fifo", "https://queue.amazonaws.com/1/q.fifo/"),
+    ]:
+        with pytest.raises(ConfigError, match="name the same queue"):
+            QueueSettings(queue_url=main, dlq_url=dead)
+    assert QueueSettings(queue_url="http://h/1/q.fifo", dlq_url="http://h/1/q-dlq.fifo").dlq_url.endswith(
+        "dlq.fifo"
+    )
 
 
 def test_dead_letter_entry_keeps_the_envelope_and_adds_the_reason() -> None:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from jiralake import cli
 from ops import dlq, dlq_command
+from ops.text_table import format_table
 from shared import aws
 from shared.envelope import ENVELOPE_ATTRIBUTES, Envelope, error_attributes
 from shared.provision import QueuePair
@@ -858,3 +859,20 @@ async def _peek_all(sqs: Any, url: str) -> list[dict[str, Any]]:
             QueueUrl=url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=0
         )
     return messages
+
+
+def test_a_listed_reason_is_one_printable_line_whatever_a_sender_put_in_it() -> None:
+    # GIVEN a dead-letter row whose reason (from a sender other than the consumer) holds line breaks
+    # and a terminal's control sequences
+    rows = [
+        ["100", "jira:issue_created", "fake row: line1\r\nline2 \x9b31m red \x1b[0m é"],
+        ["101", "-", "ok"],
+    ]
+    # WHEN it is listed as a table
+    table = format_table(["ISSUE", "EVENT", "REASON"], rows).splitlines()
+    # THEN each message is one line, with the control characters shown as escapes, not sent raw
+    assert table == [
+        "ISSUE  EVENT               REASON",
+        "100    jira:issue_created  fake row: line1  line2 \\x9b31m red \\x1b[0m é",
+        "101    -                   ok",
+    ]
