@@ -210,6 +210,17 @@ async def test_raw_and_changelog_are_written_with_lz4_where_the_server_has_it(pg
     )
 
 
+async def one_migration_before_lz4(conn: asyncpg.Connection) -> None:
+    """A new database migrated to the latest schema, then taken back to before migration 0010: both
+    JSON columns on the server's default compression, 0010 not recorded."""
+    await migrate.apply(conn)
+    await conn.execute(
+        "ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION default;"
+        "ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION default"
+    )
+    await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+
+
 @pytest.mark.timeout(60)
 async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server_dsn: str) -> None:
     async with empty_database(pg_server_dsn, "lz4") as url:
@@ -219,12 +230,7 @@ async def test_the_lz4_migration_gives_way_to_a_busy_table_and_says_so(pg_server
             if not await lz4_supported(conn):
                 pytest.skip("this PostgreSQL has no LZ4: migration 0010 changes nothing here")
             # GIVEN a schema one migration behind (0010 undone), and an export's COPY holding the table
-            await migrate.apply(conn)
-            await conn.execute(
-                "ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION default;"
-                "ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION default"
-            )
-            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+            await one_migration_before_lz4(conn)
             await holder.execute("BEGIN; LOCK TABLE ap_jira_task IN ACCESS SHARE MODE")
             # WHEN setup migrates
             with capture_logs() as logs:
@@ -304,14 +310,11 @@ async def test_the_lz4_migration_run_by_a_role_that_does_not_own_the_tables_says
                 pytest.skip("the test server's role may not create roles")
             # GIVEN a schema one migration behind (0010 undone), and a role granted every right on the
             # tables, which it does not own
-            await migrate.apply(conn)
+            await one_migration_before_lz4(conn)
             await conn.execute(
-                "ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION default;"
-                "ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION default;"
                 f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
                 f"GRANT USAGE, CREATE ON SCHEMA public TO {role}"
             )
-            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
             grantee = await asyncpg.connect(url, user=role)
             try:
                 # WHEN setup migrates as that role
@@ -362,8 +365,7 @@ async def test_a_connection_ended_during_a_migration_fails_with_the_server_s_rea
         try:
             # GIVEN a schema one migration behind (0010 undone) whose table another session holds, so
             # the migration waits on it
-            await migrate.apply(conn)
-            await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version = $1", LZ4_MIGRATION)
+            await one_migration_before_lz4(conn)
             await admin.execute("BEGIN; LOCK TABLE ap_jira_task IN ACCESS SHARE MODE")
             migrating = asyncio.create_task(migrate.apply(conn))
             pid = conn.get_server_pid()
