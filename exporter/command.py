@@ -27,11 +27,11 @@ from exporter.progress import LogProgress, ProgressListener, TerminalProgress
 from exporter.run import ExportResult, export_once
 from exporter.schedule import run_on_schedule
 from exporter.settings import ExporterSettings, ExportFormat
-from exporter.shutdown import Stopped, run_unless_stopped
+from exporter.shutdown import run_unless_stopped
 from shared import argtypes, db
 from shared.admin_server import admin_app, start_admin_server
 from shared.errors import CommandError
-from shared.shutdown import signal_exit_code, stop_on_signals
+from shared.shutdown import Stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 

@@ -20,7 +20,8 @@ from exporter.errors import ExportLocked, failure_reason
 from exporter.progress import ProgressListener
 from exporter.run import Clock, export_once, utc_now
 from exporter.settings import ExporterSettings
-from exporter.shutdown import Stopped, run_unless_stopped
+from exporter.shutdown import run_unless_stopped
+from shared.shutdown import Stopped
 
 log = structlog.get_logger()
 

@@ -19,9 +19,6 @@ from typing import Any, TypeVar
 import structlog
 
 from shared import shutdown
-from shared.shutdown import Stopped
-
-__all__ = ["Stopped", "finish_before_stopping", "finish_cleanup", "finish_then_stop", "run_unless_stopped"]
 
 log = structlog.get_logger()
 
@@ -40,10 +37,10 @@ _current_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("expo
 
 
 async def run_unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event, *, name: str) -> T:
-    """Await ``work`` as a named task; if ``stop`` is set first, cancel it and wait for it to unwind (its
-    cleanup aborts uploads). Raises :class:`Stopped` when it was cancelled. A run that has started to
-    publish (:func:`finish_before_stopping`) when the stop comes is not cancelled: it runs to its end,
-    and its result (or failure) is returned (or raised) as usual."""
+    """:func:`shared.shutdown.run_unless_stopped` for an export: if ``stop`` is set first, the run is
+    cancelled (its cleanup aborts uploads) and :class:`shared.shutdown.Stopped` raised, unless it has
+    started to publish (:func:`finish_before_stopping`): then it runs to its end, and its result (or
+    failure) is returned (or raised) as usual."""
     run = _Run()
     context = contextvars.copy_context()
     context.run(_current_run.set, run)

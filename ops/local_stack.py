@@ -151,7 +151,7 @@ async def _start_and_run_alone(options: StackOptions, env: Mapping[str, str], si
         if fixtures is not None:
             await demo.refuse_a_table_of_real_issues(pg.url, fixtures)
         with (
-            _local_credentials(),
+            _local_aws_environment(),
             LocalAws(
                 log_path=options.scratch_dir / "moto.log", pid_file=options.scratch_dir / "moto.pid"
             ) as local_aws,
@@ -330,7 +330,7 @@ _NO_PROXY = ("NO_PROXY", "no_proxy")
 
 
 @contextlib.contextmanager
-def _local_credentials() -> Iterator[None]:
+def _local_aws_environment() -> Iterator[None]:
     """moto's placeholder credentials instead of the environment's, and moto's address (127.0.0.1)
     past any HTTP(S)_PROXY: the SDK would send the local stack's requests through the proxy."""
     names = (*_LOCAL_CREDENTIALS, "AWS_SESSION_TOKEN", "AWS_PROFILE", *_NO_PROXY)

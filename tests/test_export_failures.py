@@ -22,10 +22,11 @@ from exporter.lock import EXPORT_LOCK_KEY
 from exporter.progress import ProgressSnapshot
 from exporter.run import export_once
 from exporter.settings import ExporterSettings
-from exporter.shutdown import Stopped, run_unless_stopped
+from exporter.shutdown import run_unless_stopped
 from ops.local_aws import free_port
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
+from shared.shutdown import Stopped
 from tests.conftest import empty_database
 from tests.s3_pause_proxy import S3PauseProxy, upload_part
 from tests.test_export_support import (

@@ -34,9 +34,10 @@ from exporter.errors import ExportError
 from exporter.multipart import MultipartUpload, copy_object
 from exporter.run import ExportResult, export_once
 from exporter.settings import MIB, ExporterSettings
-from exporter.shutdown import Stopped, finish_before_stopping, run_unless_stopped
+from exporter.shutdown import finish_before_stopping, run_unless_stopped
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
+from shared.shutdown import Stopped
 from tests.s3_pause_proxy import (
     Hold,
     RequestMatch,

@@ -27,7 +27,7 @@ from ops import local_aws as local_aws_module
 from ops import local_postgres as local_postgres_module
 from ops.local_aws import LocalAws
 from ops.local_postgres import find_bin_dir, local_postgres
-from ops.local_stack import _demo_beside, _local_credentials, _redacted, _webhook_secret
+from ops.local_stack import _demo_beside, _local_aws_environment, _redacted, _webhook_secret
 from shared import migrate
 from shared.errors import CommandError
 from tests.conftest import _with_database, empty_database
@@ -649,7 +649,7 @@ def test_the_local_stack_s_aws_requests_go_past_a_proxy(monkeypatch: pytest.Monk
     moto = "http://127.0.0.1:5000/"
     assert not should_bypass_proxies(moto)
     # WHEN the local stack runs, THEN the SDK goes to moto directly, and the list is kept
-    with _local_credentials():
+    with _local_aws_environment():
         assert should_bypass_proxies(moto)
         assert os.environ["NO_PROXY"] == "internal.example,127.0.0.1"
     # AND afterwards the environment is as it was
