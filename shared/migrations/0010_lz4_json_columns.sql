@@ -11,6 +11,8 @@
 -- most 5 s and then leaves pglz; to apply it later, run the two ALTER TABLE statements below by hand
 -- (as the tables' owner: a role that does not own them leaves pglz too).
 DO $$
+DECLARE
+    altering text;  -- the table being altered, which a lock timeout names (the variable outlives the rollback)
 BEGIN
     IF current_setting('server_version_num')::integer < 140000 THEN
         RAISE WARNING 'jiralake: PostgreSQL 13 or older has no LZ4 column compression; raw and changelog keep pglz';
@@ -18,13 +20,15 @@ BEGIN
     END IF;
     SET LOCAL lock_timeout = '5s';
     BEGIN
+        altering := 'ap_jira_task';
         EXECUTE 'ALTER TABLE ap_jira_task ALTER COLUMN raw SET COMPRESSION lz4';
+        altering := 'ap_jira_task_event';
         EXECUTE 'ALTER TABLE ap_jira_task_event ALTER COLUMN changelog SET COMPRESSION lz4';
     EXCEPTION
         WHEN feature_not_supported THEN
             RAISE WARNING 'jiralake: this PostgreSQL has no LZ4 support; raw and changelog keep pglz';
         WHEN lock_not_available THEN
-            RAISE WARNING 'jiralake: ap_jira_task was busy; raw and changelog keep pglz (see migration 0010)';
+            RAISE WARNING 'jiralake: % was busy; raw and changelog keep pglz (see migration 0010)', altering;
         WHEN insufficient_privilege THEN  -- a role granted the tables' rights that does not own them
             RAISE WARNING 'jiralake: only the tables'' owner may change their compression; raw and changelog keep pglz (see migration 0010)';
     END;
