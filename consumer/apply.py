@@ -2,9 +2,10 @@
 
 The whole batch is one statement (``apply_batch`` in queries.sql), so one round trip and atomic. When
 Postgres rejects the batch because of a message's data (a NUL character, an out-of-range value), the
-batch is applied again one message at a time in queue order, each under a savepoint inside one
-transaction: the bad message is reported invalid and every other message still applies. Transient and
-unexpected errors propagate (consumer/outcomes.py decides what they mean to the caller).
+batch is applied again one message at a time (by issue id, in queue order within an issue), each under
+a savepoint inside one transaction: the bad message is reported invalid and every other message still
+applies. Transient and unexpected errors propagate (consumer/outcomes.py decides what they mean to the
+caller).
 """
 
 from __future__ import annotations
@@ -98,17 +99,20 @@ async def _apply_batch(conn: asyncpg.Connection, events: list[ConsumerEvent]) ->
 
 
 async def _apply_one_by_one(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
-    outcomes: list[EventResult] = []
+    results: dict[int, EventResult] = {}
+    # Issue id order, queue order within an issue (a stable sort): the row locks of this one
+    # transaction are then taken in the order the batch statement and forget-user take them.
+    order = sorted(range(len(events)), key=lambda i: events[i].issue_id)
     async with conn.transaction():
-        for event in events:
+        for i in order:
             try:
                 async with conn.transaction():  # savepoint per message
-                    outcomes.extend(await _run(conn, [event]))
+                    (results[i],) = await _run(conn, [events[i]])
             except Exception as exc:
                 if classify(exc) is not Outcome.INVALID:
                     raise
-                outcomes.append(_invalid(exc))
-    return outcomes
+                results[i] = _invalid(exc)
+    return [results[i] for i in range(len(events))]
 
 
 async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
@@ -124,10 +128,10 @@ async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[Ev
         was_recorded, applied = recorded[event.delivery_id]
         if event.delivery_id in seen:
             outcomes.append(EventResult(DUPLICATE))
-        elif applied:
-            outcomes.append(EventResult(APPLIED))
         elif not was_recorded:
             outcomes.append(EventResult(DUPLICATE))
+        elif applied:
+            outcomes.append(EventResult(APPLIED))
         elif not event.touches_row:
             outcomes.append(EventResult(HISTORY_ONLY))
         else:

@@ -10,7 +10,11 @@
 -- due_date arrives as ISO text: asyncpg's binary codec turns date.max and date.min (a Jira due date of
 -- 9999-12-31 or 0001-01-01) into infinity and -infinity, which are no dates to an analyst or Parquet.
 -- `winner` reads ap_jira_task as it was when the statement started (every part of one statement sees
--- the same snapshot, not the upsert's writes), which tells which winner actually changed its row.
+-- the same snapshot, not the upsert's writes), which tells which winner actually changed its row. A
+-- transaction that commits the same row between that snapshot and the upsert's row lock makes the
+-- snapshot older than the row the upsert compared with, so a part counts as changed only where the
+-- row as written (RETURNING) also holds this change's value for it: the newer state that the other
+-- transaction wrote keeps its own, and this delivery is recorded and reported as stale.
 -- `applied` is a hashed lookup in `won`, the set of winning deliveries: linear in the batch size.
 -- ingested_at is the time of the write, not now() (the transaction's start): a batch that waited on
 -- another issue's lock would stamp its write earlier than a batch that wrote this row before it, and
@@ -99,16 +103,22 @@ upserted AS (
     WHERE jiralake_is_newer(excluded.version, excluded.version_tiebreak, t.version, t.version_tiebreak)
        OR jiralake_is_newer(excluded.deleted_version, '', t.deleted_version, '')
        OR jiralake_is_newer(excluded.last_event_at, excluded.last_event_tiebreak, t.last_event_at, t.last_event_tiebreak)
-    RETURNING t.issue_id
+    RETURNING t.issue_id, t.version AS written_version, t.version_tiebreak AS written_version_tiebreak,
+              t.deleted_version AS written_deleted_version, t.last_event_at AS written_last_event_at,
+              t.last_event_tiebreak AS written_last_event_tiebreak
 ),
 winner AS (
-    -- The deliveries that changed their row: each part's winner, where that part was newer.
+    -- The deliveries that changed their row: each part's winner, where that part was newer than the
+    -- row before and is what the upsert wrote (see above).
     SELECT c.issue_id,
            CASE WHEN jiralake_is_newer(c.version, c.version_tiebreak, b.version, b.version_tiebreak)
+                 AND (u.written_version, u.written_version_tiebreak) = (c.version, c.version_tiebreak)
                 THEN c.fields_delivery END AS fields_delivery,
            CASE WHEN jiralake_is_newer(c.deleted_version, '', b.deleted_version, '')
+                 AND u.written_deleted_version = c.deleted_version
                 THEN c.delete_delivery END AS delete_delivery,
            CASE WHEN jiralake_is_newer(c.last_event_at, c.last_event_tiebreak, b.last_event_at, b.last_event_tiebreak)
+                 AND (u.written_last_event_at, u.written_last_event_tiebreak) = (c.last_event_at, c.last_event_tiebreak)
                 THEN c.last_delivery END AS last_delivery
     FROM change c
     JOIN upserted u ON u.issue_id = c.issue_id

@@ -18,6 +18,8 @@ import structlog.testing
 
 from backfill.snapshot import reconciled_delete_envelope
 from consumer.apply import apply_envelopes
+from ops.forget_user import forget
+from ops.user_scrub import FORMER_USER, Person
 from shared import db
 from shared.envelope import Envelope
 from shared.jira_event import RECONCILED_DELETE_EVENT, SNAPSHOT_EVENT
@@ -30,6 +32,7 @@ from tests.test_consumer_helpers import (
     consumer_waiting_on_lock,
     envelope_of,
     fixture_envelopes,
+    lock_waiters,
     snapshot,
     wait_for,
 )
@@ -40,6 +43,7 @@ RESOLVED = "mattermost-plugin-jira__webhook-issue-updated-resolved.json"
 DELETED = "mattermost-plugin-jira__webhook-issue-deleted.json"
 MOVED = "pinpoint-jira__jira_issue_updated.project.json"
 COMMENT = "mattermost-plugin-jira__webhook-cloud-comment-created.json"
+ASSIGNEE = "5c5f880629be9642ba529340"  # the assignee in ASSIGNED
 
 
 async def apply_in_batches(conn: asyncpg.Connection, envelopes: list[Envelope], size: int) -> list[str]:
@@ -477,6 +481,137 @@ async def test_a_batch_that_waited_on_a_lock_stamps_its_write_after_the_write_be
     )
     assert version == 3000
     assert ingested_at > written_before
+
+
+def reconciled_delete(issue_id: int, ts: int) -> Envelope:
+    return envelope_of(
+        {"webhookEvent": RECONCILED_DELETE_EVENT, "timestamp": ts, "issue": {"id": str(issue_id)}}
+    )
+
+
+async def history_applied(pg: asyncpg.Connection) -> dict[str, bool]:
+    return {
+        r["delivery_id"]: r["applied"]
+        for r in await pg.fetch("SELECT delivery_id, applied FROM ap_jira_task_event")
+    }
+
+
+@pytest.mark.parametrize("row_before", [True, False], ids=["existing-row", "new-row"])
+async def test_an_event_beaten_by_a_commit_made_while_its_batch_waited_is_stale_as_in_any_serial_order(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings, row_before: bool
+) -> None:
+    # GIVEN issue 777 (at an old state, or not yet in the table), and a transaction that has written a
+    # newer update of it and not committed
+    first = envelope_of(make_event(CREATED, issue_id=777, ts=1000))
+    if row_before:
+        await apply_envelopes(pg, [first])
+    newer = envelope_of(make_event(ASSIGNED, issue_id=777, ts=10_000))
+    older, gone = envelope_of(make_event(CREATED, issue_id=777, ts=5000)), reconciled_delete(777, 6000)
+    writer = await db.connect(db_settings)
+    waiter = await db.connect(db_settings, server_settings={"application_name": CONSUMER_APP})
+    try:
+        transaction = writer.transaction()
+        await transaction.start()
+        await apply_envelopes(writer, [newer])
+        # WHEN a batch of an older update and a delete of the issue starts (its statement's snapshot
+        # predates the newer update) and waits for the row, and the newer update then commits
+        waiting = asyncio.create_task(apply_envelopes(waiter, [older, gone]))
+        await wait_for(lambda: consumer_waiting_on_lock(pg), what="the batch waiting on the row")
+        await transaction.commit()
+        result = await asyncio.wait_for(waiting, timeout=30)
+    finally:
+        await writer.close()
+        await waiter.close()
+    # THEN as in the serial order: the older update lost to the newer one, in its outcome and in the
+    # history; the delete (newer than any delete before) changed the row
+    assert [r.outcome for r in result.results] == ["skipped_stale", "applied"]
+    assert await history_applied(pg) == {
+        **({first.delivery_id: True} if row_before else {}),
+        newer.delivery_id: True,
+        older.delivery_id: False,
+        gone.delivery_id: True,
+    }
+    assert tuple(await pg.fetchrow("SELECT version, deleted_version, is_deleted FROM ap_jira_task")) == (
+        10_000,
+        6000,
+        False,
+    )
+
+
+async def test_a_redelivery_committed_by_another_session_while_its_batch_waited_is_a_duplicate(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN issue 777, and a session holding its row (as a session the consumer lost touch with can)
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, issue_id=777, ts=1000))])
+    update, gone = envelope_of(make_event(ASSIGNED, issue_id=777, ts=5000)), reconciled_delete(777, 6000)
+    holder = await db.connect(db_settings)
+    connections = [
+        await db.connect(db_settings, server_settings={"application_name": CONSUMER_APP}) for _ in range(2)
+    ]
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM ap_jira_task WHERE issue_id = 777 FOR UPDATE")
+            # WHEN a batch of an update waits for the row, and the same update, received again in a
+            # batch with a delete, waits behind it
+            first = asyncio.create_task(apply_envelopes(connections[0], [update]))
+            await wait_for(lambda: has_lock_waiters(pg, 1), what="the first batch waiting")
+            again = asyncio.create_task(apply_envelopes(connections[1], [update, gone]))
+            await wait_for(lambda: has_lock_waiters(pg, 2), what="the second batch waiting")
+        results = await asyncio.wait_for(asyncio.gather(first, again), timeout=30)
+    finally:
+        for conn in (holder, *connections):
+            await conn.close()
+    # THEN the update was applied once: the second batch reports it a duplicate, as a redelivery
+    assert [[r.outcome for r in result.results] for result in results] == [
+        ["applied"],
+        ["duplicate", "applied"],
+    ]
+    assert (await history_applied(pg))[update.delivery_id] is True
+
+
+async def has_lock_waiters(pg: asyncpg.Connection, count: int) -> bool:
+    return await lock_waiters(pg) == count
+
+
+FORGET_APP = "jiralake-test-forget-user"
+
+
+async def test_isolating_a_bad_message_locks_rows_in_forget_user_s_order_so_neither_deadlocks(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN issues 100 and 900 assigned to one person, and a session holding row 900 for a moment
+    person = Person(account_id=ASSIGNEE)
+    await apply_envelopes(pg, [envelope_of(make_event(ASSIGNED, issue_id=i, ts=1000)) for i in (100, 900)])
+    poison = make_event(ASSIGNED, issue_id=500, ts=2000)
+    poison["issue"]["fields"]["summary"] = "a NUL \u0000 here"
+    batch = [envelope_of(make_event(ASSIGNED, issue_id=i, ts=2000)) for i in (900, 100)] + [
+        envelope_of(poison)
+    ]
+    holder = await db.connect(db_settings)
+    consumer = await db.connect(db_settings, server_settings={"application_name": CONSUMER_APP})
+    forgetter = await db.connect(db_settings, server_settings={"application_name": FORGET_APP})
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM ap_jira_task WHERE issue_id = 900 FOR UPDATE")
+            # WHEN a consumer batch (900, 100, then a message PostgreSQL rejects, so the batch is applied
+            # one message at a time) waits for row 900, and forget-user for the person starts
+            applying = asyncio.create_task(apply_envelopes(consumer, batch))
+            await wait_for(lambda: consumer_waiting_on_lock(pg), what="the batch waiting on row 900")
+            forgetting = asyncio.create_task(forget(forgetter, person))
+            await wait_for(lambda: forget_user_waiting(pg), what="forget-user waiting")
+        result, _ = await asyncio.wait_for(asyncio.gather(applying, forgetting), timeout=30)
+    finally:
+        for conn in (holder, consumer, forgetter):
+            await conn.close()
+    # THEN both finish (no deadlock, which would abort one of them): the batch applies both updates and
+    # isolates the bad message, and forget-user, having waited for the batch, scrubs what it wrote
+    assert [r.outcome for r in result.results] == ["applied", "applied", "invalid"]
+    names = await pg.fetch("SELECT issue_id, version, assignee_display_name FROM ap_jira_task ORDER BY 1")
+    assert [tuple(r) for r in names] == [(100, 2000, FORMER_USER), (900, 2000, FORMER_USER)]
+
+
+async def forget_user_waiting(pg: asyncpg.Connection) -> bool:
+    return await lock_waiters(pg, FORGET_APP) > 0
 
 
 async def test_text_that_cannot_be_encoded_is_reported_without_quoting_anyone_s_values(

@@ -164,14 +164,19 @@ def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 async def consumer_waiting_on_lock(conn: asyncpg.Connection) -> bool:
     """True while a consumer connection is blocked on a lock the test holds."""
+    return await lock_waiters(conn) > 0
+
+
+async def lock_waiters(conn: asyncpg.Connection, application_name: str = CONSUMER_APP) -> int:
+    """How many connections named ``application_name`` are blocked on a lock."""
     # pg_stat_activity is a snapshot kept for the whole transaction unless cleared.
     await conn.execute("SELECT pg_stat_clear_snapshot()")
-    count = await conn.fetchval(
+    count: int = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = $1 AND wait_event_type = 'Lock'",
-        CONSUMER_APP,
+        application_name,
     )
-    return bool(count)
+    return count
 
 
 async def history_count(conn: asyncpg.Connection) -> int:
