@@ -314,14 +314,19 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> Non
 async def handle_unrouted(request: web.Request) -> web.Response:
     """Any other path or method on the main port. aiohttp's own 404/405 are plain text and leave no
     trace, so a webhook registered in Jira with a wrong URL (a trailing slash, a missing path) would
-    fail unseen: answer in JSON naming the endpoint, and log the method and path (never the query)."""
-    if request.path == WEBHOOK_PATH:
+    fail unseen: answer in JSON naming the endpoint, and log the method and path (never the query).
+
+    The path is compared and logged as sent (``raw_path``), as the router matched it: a POST to
+    ``/webhooks%2Fjira`` (a proxy that encoded the slash) is another path, 404, not a 405 that says
+    to use POST."""
+    path = request.rel_url.raw_path
+    if path == WEBHOOK_PATH and request.method != "POST":
         status, label, reason = 405, "method_not_allowed", f"{WEBHOOK_PATH} takes POST only"
         headers: dict[str, str] | None = {"Allow": "POST"}
     else:
         status, label, reason = 404, "not_found", f"no such endpoint; Jira webhooks go to POST {WEBHOOK_PATH}"
         headers = None
-    log.warning(LOG_NOT_ROUTED, method=request.method[:16], path=request.path[:200], status=status)
+    log.warning(LOG_NOT_ROUTED, method=request.method[:16], path=path[:200], status=status)
     return web.json_response({"status": label, "reason": reason}, status=status, headers=headers)
 
 

@@ -436,8 +436,9 @@ NOT_ALLOWED = {"status": "method_not_allowed", "reason": "/webhooks/jira takes P
         ("POST", "/", 404, NOT_FOUND, None),
         ("GET", "/webhooks/jira", 405, NOT_ALLOWED, "POST"),
         ("PUT", "/webhooks/jira", 405, NOT_ALLOWED, "POST"),
+        ("POST", "/webhooks%2Fjira", 404, NOT_FOUND, None),
     ],
-    ids=["trailing-slash", "root", "get", "put"],
+    ids=["trailing-slash", "root", "get", "put", "encoded-slash"],
 )  # fmt: skip
 async def test_a_wrong_url_or_method_gets_a_json_reason_and_a_log_line(
     aws_settings: AwsSettings,
