@@ -3,7 +3,8 @@
 The checks run cheapest-first and never hold more than the body limit (plus one read chunk) of a
 body in memory: the declared ``Content-Length`` is checked before reading (:func:`check_headers`, run
 also before ``100 Continue`` is sent), and a chunked body is read in chunks and abandoned as soon as it
-passes the limit. The signature is verified on the raw bytes before anything parses them.
+passes the limit. The signature is verified on the body's bytes (after aiohttp decoded a gzip or deflate
+Content-Encoding, which Jira does not use) before anything parses them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from shared.sqs_batch import entry_bytes
 DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
 RETRY_HEADER = "X-Atlassian-Webhook-Retry"
 JSON_TYPE = "application/json"
+# What aiohttp decodes before the handler reads the body (it refuses br and zstd itself, without their
+# libraries); any other value it would pass on undecoded, as if it were identity.
+CONTENT_ENCODINGS = ("", "identity", "gzip", "deflate")
 READ_CHUNK_BYTES = 64 * 1024
 
 _RETRY_COUNT = re.compile(r"^[0-9]{1,9}$")
@@ -164,13 +168,20 @@ def retry_count(header_value: str | None) -> int:
 
 def check_headers(request: web.Request, rules: IntakeRules) -> None:
     """What can be refused from the headers alone, before a byte of the body is read: a declared
-    Content-Type that is not JSON (415), a declared Content-Length over the body limit (413)."""
+    Content-Type that is not JSON or a Content-Encoding aiohttp does not decode (415), a declared
+    Content-Length over the body limit (413)."""
     # A missing Content-Type is accepted (some proxies drop it); a declared non-JSON one is not.
     declared_type = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
     if declared_type and request.content_type.lower() != JSON_TYPE:
         raise Rejected(
             Outcome.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Type must be {JSON_TYPE}, got {request.content_type[:100]!r}",
+        )
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise Rejected(
+            Outcome.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding must be gzip, deflate or identity, got {encoding[:40]!r}",
         )
     declared_length = request.content_length
     if declared_length is not None and declared_length > rules.limits.body_limit_bytes:

@@ -66,8 +66,11 @@ def headers_for(
     delivery: str | None = None,
     retry: str | None = None,
     content_type: str | None = JSON_TYPE,
+    content_encoding: str | None = None,
 ) -> dict[str, str]:
     headers: dict[str, str] = {}
+    if content_encoding is not None:
+        headers["Content-Encoding"] = content_encoding
     if secret is not None:
         headers["X-Hub-Signature"] = sign(secret, body)
     if delivery is not None:
@@ -336,13 +339,18 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
          "Content-Type must be application/json, got 'application/x-www-form-urlencoded'"),
         (b'{"pad": "' + b"x" * 70_000 + b'"}', {}, 413, "too_large",
          "body is larger than the limit of 65536 bytes"),
+        # aiohttp decodes gzip and deflate; it would pass any other encoding on as if it were none
+        (ISSUE_BODY, {"content_encoding": "compress"}, 415, "unsupported_media_type",
+         "Content-Encoding must be gzip, deflate or identity, got 'compress'"),
+        (ISSUE_BODY, {"content_encoding": "x-gzip"}, 415, "unsupported_media_type",
+         "Content-Encoding must be gzip, deflate or identity, got 'x-gzip'"),
     ],
     ids=[
         "missing-signature", "wrong-signature", "not-json", "not-an-object", "not-utf8", "nan", "too-deep",
         "no-issue-id", "non-numeric-issue-id", "odd-event-type", "event-type-with-final-newline",
         "control-char-and-uffff",
         "bad-delivery-header",
-        "text-plain", "form", "oversized-content-length",
+        "text-plain", "form", "oversized-content-length", "compress-encoding", "x-gzip-encoding",
     ],
 )  # fmt: skip
 async def test_bad_requests_get_the_right_4xx_with_a_json_reason_and_nothing_is_queued(
