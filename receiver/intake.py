@@ -91,7 +91,9 @@ async def admit(request: web.Request, rules: IntakeRules, *, received_at_ms: int
         raise Rejected(Outcome.TIMED_OUT, reason) from None
     except (RequestPayloadError, HttpProcessingError) as exc:
         # Broken chunked framing, or a Content-Encoding that does not decode (aiohttp's pure-Python
-        # parser fails a read with the framing error itself, its C parser with RequestPayloadError).
+        # parser fails a read with the framing error itself, its C parser with RequestPayloadError;
+        # framing its C parser finds broken in a later packet never fails the read: that body times
+        # out, 408, docs/receiver.md).
         raise Rejected(Outcome.BAD_REQUEST, f"the body could not be read: {fault_text(exc)}") from None
     except (ConnectionError, RuntimeError) as exc:
         # The client closed the connection before the whole body arrived: aiohttp fails the read
