@@ -8,7 +8,6 @@ the batcher, so tests run it with aiohttp's ``TestServer`` and ``main()`` with a
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -16,17 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from receiver.batcher import BatcherClosed, BatcherUnavailable, SqsBatcher
-from receiver.intake import IntakeRules, admit, check_headers, fault_text
+from receiver.intake import IntakeRules, admit, check_headers
 from receiver.message_size import MessageLimits
 from receiver.outcomes import Answer, Outcome, Rejected
 from receiver.readiness import QueueReadiness
-from receiver.settings import LINGER_S, MAX_FIELD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ReceiverSettings
+from receiver.settings import ReceiverSettings
 from receiver.signature import MATCHED_PREVIOUS
+from shared import http_server
 from shared.admin_server import add_health_routes
 from shared.envelope import Envelope
 from shared.jira_event import Ignored
@@ -137,52 +135,12 @@ def build_app(
 
 
 def server_options(settings: ReceiverSettings) -> dict[str, Any]:
-    """aiohttp's connection-level limits for the webhook port (``AppRunner``/``TestServer`` keywords):
-    explicit header size limits (beyond them: 400, or 414 for the request line), the idle timeout
-    that also closes a connection whose headers never finish arriving, a short lingering time
-    (aiohttp's default of 10 s would let a refused body keep trickling in that long), and the logger
-    aiohttp reports its own refusals through (:class:`ClientFaultsAsWarnings`)."""
-    return {
-        "max_line_size": MAX_LINE_BYTES,
-        "max_field_size": MAX_FIELD_BYTES,
-        "max_headers": MAX_HEADERS,
-        "keepalive_timeout": settings.idle_timeout_s,
-        "lingering_time": LINGER_S,
-        "logger": HTTP_SERVER_LOG,
-    }
+    """aiohttp's connection-level limits for the webhook port (shared.http_server.server_options)."""
+    return http_server.server_options(idle_timeout_s=settings.idle_timeout_s, logger=HTTP_SERVER_LOG)
 
 
-# What a client alone can cause inside aiohttp: a request it cannot parse (a request line or header
-# beyond the limits, broken chunked framing, a Content-Encoding that does not decode), a body that
-# fails while aiohttp reads what is left of it after the answer, a connection the client dropped.
-_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError)
-
-
-class ClientFaultsAsWarnings(logging.Filter):
-    """aiohttp answers some requests itself, before or without the handler (400 for a request it
-    cannot parse), and logs each of them at ERROR with a traceback, as it logs a server's crash. Those
-    are the client's doing: they become one WARNING line naming the error (never the request bytes
-    aiohttp's text quotes: :func:`receiver.intake.fault_text`), without the traceback; a client that
-    merely went away becomes DEBUG (the handler already logged its request, if any). Records of any
-    other exception stay as they are."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if record.levelno < logging.ERROR or not isinstance(exc, _CLIENT_FAULTS):
-            return True
-        level = logging.DEBUG if isinstance(exc, ConnectionError) else logging.WARNING
-        record.msg = f"{record.getMessage()}: {fault_text(exc)}"
-        record.args = None
-        record.levelno, record.levelname = level, logging.getLevelName(level)
-        record.exc_info, record.exc_text = None, None
-        # The level was checked for ERROR; a record made quieter is kept only if its new level is on.
-        return logging.getLogger(record.name).isEnabledFor(level)
-
-
-# aiohttp's request handler for the webhook port logs here (server_options): a child of aiohttp's
-# own "aiohttp.server", so its records go wherever that logger's go.
-HTTP_SERVER_LOG = logging.getLogger("aiohttp.server.receiver")
-HTTP_SERVER_LOG.addFilter(ClientFaultsAsWarnings())
+# aiohttp's request handler for the webhook port logs here.
+HTTP_SERVER_LOG = http_server.server_logger("receiver")
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:

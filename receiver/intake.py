@@ -9,7 +9,6 @@ Content-Encoding, which Jira does not use) before anything parses them.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from receiver.outcomes import Outcome, Rejected
 from receiver.signature import SIGNATURE_HEADER, BadSignature, WebhookSecrets, verify
 from shared import strict_json
 from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
+from shared.http_server import fault_text
 from shared.jira_event import Ignored, InvalidEvent, Routed, route, route_json
 from shared.sqs_batch import entry_bytes
 
@@ -44,16 +44,6 @@ UNNAMED_EVENT = "unknown"
 # The only characters valid UTF-8 JSON text can hold raw that SQS refuses in a message body (UTF-8
 # holds no surrogates): queued as their JSON escapes (shared.envelope.sqs_safe_json).
 _SQS_FORBIDDEN = ("\ufffe", "\uffff")
-# How aiohttp's HTTP errors begin their text ("400, message:\n  ...").
-_STATUS_PREFIX = re.compile(r"^[0-9]{3}, message:")
-# The bytes an aiohttp parser error quotes from the request (the repr of a bytes object, b'...' or
-# b"...", whole or cut short), and the line with a caret under it that points into them.
-_QUOTED_BYTES = re.compile(
-    r""" (?<![\w'"]) b (?: '(?:[^'\\]|\\.)*(?:'|\\?$) | "(?:[^"\\]|\\.)*(?:"|\\?$) ) """,
-    re.DOTALL | re.VERBOSE,
-)
-_CARET_LINE = re.compile(r"^[ \t]*\^[ \t]*$", re.MULTILINE)
-FAULT_TEXT_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -188,25 +178,6 @@ def check_headers(request: web.Request, rules: IntakeRules) -> None:
     declared_length = request.content_length
     if declared_length is not None and declared_length > rules.limits.body_limit_bytes:
         raise Rejected(Outcome.TOO_LARGE, rules.limits.body_too_large())
-
-
-def fault_text(exc: BaseException) -> str:
-    """An error of aiohttp's about a request, as one short line fit for a log or an answer: its class
-    and its message, without the bytes of the request it quotes. aiohttp's text starts with "400,
-    message:" and a line break, and a parser error quotes up to a line of the request (which can be
-    body bytes) as ``b'...'`` with a caret under it: those become ``b'<n bytes elided>'``."""
-    text = _STATUS_PREFIX.sub("", str(exc), count=1)
-    text = _CARET_LINE.sub("", _QUOTED_BYTES.sub(_elide, text))
-    message = " ".join(text.split())
-    return f"{type(exc).__name__}: {message}"[:FAULT_TEXT_CHARS] if message else type(exc).__name__
-
-
-def _elide(quoted: re.Match[str]) -> str:
-    try:
-        size = len(ast.literal_eval(quoted.group()))
-    except (ValueError, SyntaxError):  # cut short: no closing quote
-        return "b'<bytes elided>'"
-    return f"b'<{size} bytes elided>'"
 
 
 def _decode(body: bytes) -> str:

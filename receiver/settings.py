@@ -27,14 +27,6 @@ WEBHOOK_EVENT_PREFIXES: tuple[str, ...] = tuple(
 )
 
 ONE_MIB = 1_048_576
-# aiohttp's limits on the request line and on one header line, set explicitly: a longer one gets
-# 400 (request line: 414) before any handler runs. Jira's longest header is far below either.
-MAX_LINE_BYTES = 8190
-MAX_FIELD_BYTES = 8190
-MAX_HEADERS = 100
-# After answering a request whose body was not read to the end (413, 408), how long aiohttp goes on
-# reading and discarding it so the client sees the answer, before it closes the connection.
-LINGER_S = 2.0
 
 
 @dataclass(frozen=True)

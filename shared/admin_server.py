@@ -9,6 +9,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared import http_server
+
 log = structlog.get_logger()
 
 # Returns None when ready, else a short reason.
@@ -47,8 +49,18 @@ def admin_app(readiness: ReadinessCheck) -> web.Application:
     return app
 
 
+# How long an idle admin connection stays open (aiohttp's default: about an hour). Prometheus scrapes
+# every 15-60 s on one kept-alive connection, which this outlasts.
+ADMIN_IDLE_TIMEOUT_S = 75.0
+# aiohttp's request handler for an admin port logs here (shared.http_server).
+ADMIN_SERVER_LOG = http_server.server_logger("admin")
+
+
 async def start_admin_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+    """Serve ``app`` on ``host:port`` with the same connection limits and logging of client faults as
+    the webhook port (shared.http_server), whichever service runs it."""
+    options = http_server.server_options(idle_timeout_s=ADMIN_IDLE_TIMEOUT_S, logger=ADMIN_SERVER_LOG)
+    runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -11,8 +11,10 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from structlog.testing import capture_logs
 
-from receiver.intake import fault_text
+from ops.local_aws import free_port
 from receiver.signature import sign
+from shared.admin_server import admin_app, start_admin_server
+from shared.http_server import fault_text
 from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from tests.conftest import drain
@@ -150,6 +152,35 @@ async def test_a_request_aiohttp_refuses_is_logged_without_the_bytes_its_error_q
     logged = [r.getMessage() for r in caplog.records] + [repr(entry) for entry in logs]
     assert [text for text in logged if "webhookEvent" in text] == []
     assert tracebacks_and_errors(caplog) == []
+
+
+async def ready() -> None:
+    return None
+
+
+async def test_an_admin_port_refuses_what_aiohttp_cannot_parse_as_the_main_port_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    runner = await start_admin_server(admin_app(ready), "127.0.0.1", port)
+    try:
+        # GIVEN a scrape with a header name aiohttp cannot parse (a space in it)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX Secret-Token: s3cr3t\r\n\r\n")
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+    finally:
+        await runner.cleanup()
+    # THEN it gets 400, logged as one WARNING line of the admin port's logger with the quoted bytes
+    # elided: no ERROR, no traceback, not the header's value
+    assert answer.split(b"\r\n")[0] == b"HTTP/1.0 400 Bad Request", answer[:100]
+    [refusal] = [r for r in caplog.records if r.name == "aiohttp.server.admin"]
+    assert refusal.levelno == logging.WARNING
+    assert refusal.getMessage().startswith("Error handling request from 127.0.0.1: BadHttpMessage: ")
+    assert tracebacks_and_errors(caplog) == []
+    assert [r for r in caplog.records if "s3cr3t" in r.getMessage()] == []
 
 
 @pytest.mark.parametrize(
