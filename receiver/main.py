@@ -17,6 +17,7 @@ from aiohttp import web
 
 from receiver.app import RECEIVER, WEBHOOK_PATH, build_app, finish_in_flight, server_options
 from receiver.batcher import SqsBatcher
+from receiver.file_descriptors import accept_errors_as_warnings, raise_open_files_limit
 from receiver.settings import ReceiverSettings
 from shared import aws
 from shared.admin_server import admin_app, start_admin_server
@@ -36,7 +37,8 @@ CLOSE_WAIT_S = 1.0
 async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None) -> None:
     """Serve webhooks (and the admin port) until ``stop`` is set or a stop signal arrives."""
     stop = stop or asyncio.Event()
-    with stop_on_signals(stop):
+    open_files_limit = raise_open_files_limit()
+    with stop_on_signals(stop), accept_errors_as_warnings():
         if settings.webhook_secret is None:
             log.warning(
                 "webhook_signatures_disabled",
@@ -82,6 +84,7 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                     queue_url=settings.queue_url,
                     unsigned_webhooks_accepted=settings.webhook_secret is None,
                     rotation_in_progress=settings.webhook_secret_previous is not None,
+                    open_files_limit=open_files_limit,
                 )
                 await until_stopped(stop, app[RECEIVER].batcher)
                 log.info("receiver_shutdown_started")

@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -380,3 +382,85 @@ def _settings_with_grace(aws_settings: AwsSettings, queues: QueuePair, *, grace_
         "AWS_REGION": aws_settings.region,
     }
     return ReceiverSettings.from_env(env).with_ports(host="127.0.0.1", port=free_port())
+
+
+def max_open_files(pid: int) -> tuple[int, int]:
+    """Process ``pid``'s soft and hard limits on open files, from /proc."""
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    [line] = [line for line in limits if line.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def open_files_limit(soft: int, hard: int) -> Callable[[], None]:
+    """A preexec_fn that starts the child with these limits on open files."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def start_receiver(queue_url: str, port: int, limits: Callable[[], None]) -> tuple[Any, LogLines]:
+    env = dict(
+        os.environ,
+        JIRALAKE_QUEUE_URL=queue_url,
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_ADMIN_PORT="0",
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "receiver", "--host", "127.0.0.1", "--port", str(port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limits,
+    )  # fmt: skip
+    assert child.stderr is not None
+    return child, LogLines(child.stderr)
+
+
+async def stop(child: Any, logs: LogLines) -> None:
+    if child.returncode is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            assert await asyncio.wait_for(child.wait(), DEADLINE_S) == 0, logs.raw
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+
+
+async def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one(queues: QueuePair) -> None:
+    # GIVEN a container runtime's usual start: a soft limit of 256 open files under a hard one of 4096
+    child, logs = await start_receiver(queues.queue_url, free_port(), open_files_limit(256, 4096))
+    try:
+        # WHEN the receiver starts
+        started = await logs.wait_for("receiver_started")
+        # THEN it runs with the hard limit, and says so
+        assert max_open_files(child.pid) == (4096, 4096)
+        assert started["open_files_limit"] == 4096
+    finally:
+        await stop(child, logs)
+
+
+async def test_running_out_of_file_descriptors_is_one_warning_then_it_serves_again(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a receiver that may open 64 files, no more
+    port = free_port()
+    child, logs = await start_receiver(queues.queue_url, port, open_files_limit(64, 64))
+    try:
+        await logs.wait_for("receiver_started")
+        # WHEN 120 clients connect and stay idle, so accept() fails for lack of descriptors for a while
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(120)]
+        warning = await logs.wait_for("receiver_cannot_accept_connections")
+        await asyncio.sleep(3)  # asyncio retries accept() every second
+        # THEN that is one WARNING line (per 10 s) naming the error, not an ERROR with a traceback per try
+        assert (warning["level"], warning["error"]) == ("warning", "OSError: Too many open files")
+        assert logs.events().count("receiver_cannot_accept_connections") == 1
+        assert [line for line in logs.lines if line.get("level") in ("error", "critical")] == []
+        assert not any("Traceback" in line for line in logs.raw)
+        # AND once the idle clients go, a webhook is accepted again
+        for _, writer in idle:
+            writer.close()
+        body = jira_fixtures.raw("zulip__issue_created_with_unicode.json")
+        headers = {"Content-Type": "application/json", "X-Hub-Signature": sign(SECRET, body)}
+        async with aiohttp.ClientSession() as http:
+            status, _ = await _post(http, f"http://127.0.0.1:{port}/webhooks/jira", body, headers)
+        assert status == 202
+    finally:
+        await stop(child, logs)
+    assert len(await drain(aws_settings, queues.queue_url)) == 1
