@@ -296,7 +296,7 @@ async def replay_dead_letters(
     finishes). Everything not moved is made visible again at the end.
     """
     summary = ReplaySummary(dry_run=dry_run)
-    held: list[str] = []
+    held: dict[str, str] = {}  # message id -> its latest receipt handle
     seen: set[str] = set()
     sent_deliveries: set[str] = set()  # delivery ids sent back to the main queue in this run
     failed_groups: set[str | None] = set()
@@ -316,41 +316,40 @@ async def replay_dead_letters(
             if not batch:
                 break
             to_send: list[DeadLetter] = []
-            wrapped = False
             for letter in batch:
                 if letter.message_id in seen:
-                    wrapped = True  # the hold ran out during a long replay: we came round
-                    held.append(letter.receipt_handle)
+                    # Held before, and the hold ran out during a long replay: SQS hands such a message
+                    # out again before the ones not yet read. This receive holds it again; go on, to
+                    # the receive that finds nothing left (stopping here would leave the rest unread).
+                    held[letter.message_id] = letter.receipt_handle
                     continue
                 seen.add(letter.message_id)
                 if issue_id is not None and not letter.matches_issue(issue_id):
                     summary.other_issues += 1
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 elif limit is not None and attempted() + len(to_send) >= limit:
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 elif letter.envelope is None:
                     summary.add(letter, "skipped", NOT_ENVELOPE_REASON)
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 elif letter.group_id in failed_groups:
                     summary.add(letter, "skipped", EARLIER_FAILED_REASON)
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 elif letter.envelope.delivery_id in sent_deliveries:
                     summary.add(letter, "failed", REPLAYED_AGAIN_REASON)
                     failed_groups.add(letter.group_id)  # its issue's later events stay behind it
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 elif dry_run:
                     sent_deliveries.add(letter.envelope.delivery_id)  # as the replay would
                     summary.add(letter, "would_replay")
-                    held.append(letter.receipt_handle)
+                    held[letter.message_id] = letter.receipt_handle
                 else:
                     sent_deliveries.add(letter.envelope.delivery_id)
                     to_send.append(letter)
             if to_send:
                 await _complete(_send_then_delete(sqs, queues, to_send, summary, failed_groups, held))
-            if wrapped:
-                break
     finally:
-        await _complete(make_visible(sqs, queues.dlq_url, held))
+        await _complete(make_visible(sqs, queues.dlq_url, list(held.values())))
     return summary
 
 
@@ -364,7 +363,7 @@ async def _send_then_delete(
     letters: Sequence[DeadLetter],
     summary: ReplaySummary,
     failed_groups: set[str | None],
-    held: list[str],
+    held: dict[str, str],
 ) -> None:
     """One batch: send, then delete what SQS stored. When the batch takes several calls (over 1 MiB)
     and one fails, the issue's later events are held back (send_entries), so order holds. Within one
@@ -379,18 +378,18 @@ async def _send_then_delete(
         if result.ok:
             sent.append(letter)
         elif result.held_back:
-            held.append(letter.receipt_handle)
+            held[letter.message_id] = letter.receipt_handle
             summary.add(letter, "skipped", EARLIER_FAILED_REASON)
         else:
             failed_groups.add(letter.group_id)
-            held.append(letter.receipt_handle)
+            held[letter.message_id] = letter.receipt_handle
             summary.add(letter, "failed", f"not sent: {result.error}")
     if not sent:
         return
     not_deleted = await _delete(sqs, queues.dlq_url, sent)
     for letter in sent:
         if letter.message_id in not_deleted:
-            held.append(letter.receipt_handle)
+            held[letter.message_id] = letter.receipt_handle
             summary.add(
                 letter,
                 "failed",

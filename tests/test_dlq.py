@@ -499,6 +499,42 @@ async def test_replay_skips_messages_that_are_not_envelopes(
         assert await counts(sqs, queues.dlq_url) == (1, 0)
 
 
+class SlowSendProxy(SqsFaultProxy):
+    """Forwards every call; a SendMessageBatch only after ``delay_s`` (an SQS far away, or a big DLQ)."""
+
+    def __init__(self, target_url: str, delay_s: float) -> None:
+        super().__init__(target_url)
+        self.delay_s = delay_s
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch"):
+            await asyncio.sleep(self.delay_s)
+        return await super()._handle(request)
+
+
+@pytest.mark.timeout(60)
+async def test_a_replay_that_outlasts_its_hold_goes_on_to_the_end(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a DLQ whose first message is no envelope (held, never sent), then 40 issues' events
+    events = [envelope(str(20_000 + i), T0 + i) for i in range(40)]
+    async with aws.sqs_client(aws_settings) as sqs:
+        await sqs.send_message(
+            QueueUrl=queues.dlq_url, MessageBody="{}", MessageGroupId="g", MessageDeduplicationId="g"
+        )
+        await dead_letter_all(sqs, queues.dlq_url, events)
+    # WHEN it is replayed with a hold of 1 s over an SQS that takes 0.4 s per send (4 batches), so
+    # the held message comes back while the replay still has events to send
+    async with SlowSendProxy(aws_settings.endpoint_url or "", delay_s=0.4) as proxy:
+        slow = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        async with aws.sqs_client(slow) as sqs:
+            summary = await dlq.replay_dead_letters(sqs, settings(queues), hold_s=1, wait_s=NO_WAIT)
+    # THEN every event was replayed, the odd message counted once and left in the DLQ
+    assert (summary.replayed, summary.skipped, summary.failed, summary.stopped) == (40, 1, 0, None)
+    assert len(await drain(aws_settings, queues.queue_url)) == 40
+    assert [m["Body"] for m in await drain(aws_settings, queues.dlq_url)] == ["{}"]
+
+
 async def test_an_event_back_in_the_dlq_is_not_replayed_twice_in_one_run(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
