@@ -129,17 +129,39 @@ async def export_once(
     counts in ``jiralake_export_failures_total``, also one before the run could be recorded (PostgreSQL
     unreachable, no schema): the export-failure alert must not depend on where a run failed."""
     mode = "changes" if changed_since_last else "full"
+    attempt = _Attempt()
     try:
-        return await _export_under_lock(settings, mode=mode, clock=clock, on_progress=on_progress)
+        return await _export_under_lock(
+            settings, mode=mode, clock=clock, on_progress=on_progress, attempt=attempt
+        )
     except ExportLocked:
         raise  # another export is running: a skipped run, not a failed one
-    except BaseException:
+    except BaseException as exc:
         EXPORT_FAILURES.inc()
+        if not attempt.failure_logged:  # it failed before its run row existed: no other line says so
+            log.error("export_failed", **_failure_fields(exc), run_recorded=False)
         raise
 
 
+@dataclass
+class _Attempt:
+    # Whether the run logged its own export_failed line (with its run_id), after recording the failure.
+    failure_logged: bool = False
+
+
+def _failure_fields(exc: BaseException) -> dict[str, Any]:
+    interrupted = isinstance(exc, asyncio.CancelledError)
+    reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)
+    return {"reason": reason, "interrupted": interrupted}
+
+
 async def _export_under_lock(
-    settings: ExporterSettings, *, mode: str, clock: Clock, on_progress: ProgressListener | None
+    settings: ExporterSettings,
+    *,
+    mode: str,
+    clock: Clock,
+    on_progress: ProgressListener | None,
+    attempt: _Attempt,
 ) -> ExportResult:
     source = await open_source(settings)
     try:
@@ -150,7 +172,7 @@ async def _export_under_lock(
                 export_mode=mode, export_format=settings.format.value
             ):
                 return await _locked_export(
-                    settings, source, control, mode=mode, clock=clock, listener=on_progress
+                    settings, source, control, mode=mode, clock=clock, listener=on_progress, attempt=attempt
                 )
         finally:
             await _close(control)
@@ -204,6 +226,7 @@ async def _locked_export(
     mode: str,
     clock: Clock,
     listener: ProgressListener | None,
+    attempt: _Attempt,
 ) -> ExportResult:
     started_at = clock().astimezone(UTC)
     started_monotonic = time.monotonic()
@@ -241,15 +264,15 @@ async def _locked_export(
             )  # fmt: skip
         except BaseException as exc:
             EXPORT_SECONDS.observe(time.monotonic() - started_monotonic)
-            interrupted = isinstance(exc, asyncio.CancelledError)
-            reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)
+            fields = _failure_fields(exc)
             # To its end even if a stop arrives meanwhile; the failure that came first is what is raised.
             await finish_cleanup(
-                _record_failure(control, run_id, clock().astimezone(UTC), reason),
+                _record_failure(control, run_id, clock().astimezone(UTC), fields["reason"]),
                 after=exc,
                 name="export-record-failure",
             )
-            log.error("export_failed", reason=reason, interrupted=interrupted)
+            log.error("export_failed", **fields, run_recorded=True)
+            attempt.failure_logged = True
             raise
     EXPORT_ROWS.inc(result.rows)
     EXPORT_BYTES.inc(result.bytes)

@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from exporter.errors import ExportError, ExportLocked
 from exporter.lock import EXPORT_LOCK_KEY
@@ -215,10 +216,14 @@ async def test_a_failure_before_the_run_is_recorded_still_counts(
         settings = settings_factory(database=DatabaseSettings(url=url))
         before = failures()
         # WHEN an export runs (a scheduled one logs it and waits for its next time)
-        with pytest.raises(asyncpg.UndefinedTableError):
+        with capture_logs() as logs, pytest.raises(asyncpg.UndefinedTableError):
             await export_once(settings)
     # THEN it counts as a failure, though no run row could record it: the failure alert sees it
     assert failures() == before + 1
+    # AND it logs the export_failed line the runbook sends on-call to, saying no run row holds it
+    [failed] = [line for line in logs if line["event"] == "export_failed"]
+    assert (failed["log_level"], failed["run_recorded"], failed["interrupted"]) == ("error", False, False)
+    assert failed["reason"].startswith("PostgreSQL error: UndefinedTableError: relation ")
 
 
 def cli_env(aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str) -> dict[str, str]:
