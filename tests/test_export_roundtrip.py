@@ -180,6 +180,30 @@ async def test_text_arrays_count_toward_a_parquet_row_group_s_budget(
     assert parquet_rows(data)[1] == await table_rows(pg, columns)
 
 
+async def test_many_small_labels_count_at_what_they_cost_in_memory_toward_a_row_group(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 50 rows of 2,000 one-character labels each (2,000 characters, but 2,000 Python strings),
+    # and a budget of 100,000 per group
+    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    await insert_awkward_rows(pg, 50)
+    await pg.execute("UPDATE ap_jira_task SET labels = array_fill('l'::text, ARRAY[2000])")
+    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
+    # WHEN exported as Parquet
+    result = await export_once(settings, clock=fixed_clock)
+    # THEN each element counted at about what it holds in memory (ARRAY_ITEM_CHARS), not one character:
+    # a group holds one such row, where counting characters let 50 in
+    data = await get_object(aws_settings, bucket, result.data_key)
+    sizes = group_sizes(data)
+    assert sum(sizes) == 50 and max(sizes) == 1, sizes
+    columns = await exported_columns(pg, include_raw=True)
+    assert parquet_rows(data)[1] == await table_rows(pg, columns)
+
+
 async def test_large_rows_after_many_small_ones_do_not_swell_a_parquet_row_group(
     pg: asyncpg.Connection,
     aws_settings: AwsSettings,
