@@ -10,6 +10,7 @@ caller).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -32,6 +33,8 @@ log = structlog.get_logger()
 # JSON escapes json.loads accepts and jsonb may refuse: NUL, and UTF-16 surrogates (D800-DFFF; jsonb
 # refuses the unpaired ones, this takes all of them).
 _JSONB_REJECTS = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+# orjson's refusal of a value nested deeper than 254 levels.
+_ORJSON_TOO_DEEP = "Recursion limit reached"
 
 APPLIED = "applied"
 SKIPPED_STALE = "skipped_stale"
@@ -145,16 +148,23 @@ def _json(value: Any, what: str) -> str | None:
 
     Raises :class:`InvalidMessage` for a value that can never be stored, which isolates its message
     (:func:`_apply_one_by_one`): text that is not Unicode (a lone surrogate, which jsonb refuses too)
-    and nesting deeper than orjson writes (254 levels; the decoders take up to 1024, and ``json.dumps``
-    hit Python's recursion limit near there, a crash rather than an invalid event). Jira's changelogs
-    and issue objects nest a few tens of levels at most.
+    and nesting deeper than Python can encode. orjson stops at 254 levels, while the receiver and the
+    decoders take bodies nested up to Python's recursion limit (about 1,000), which the PostgreSQL path
+    stores whole: so deeper values are encoded by the standard library instead, and a body's unrelated
+    ``\u0000`` (which sends its issue object this way) never makes a deep issue invalid. Jira's
+    changelogs and issue objects nest a few tens of levels at most.
     """
     if value is None:
         return None
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError as exc:
-        raise InvalidMessage(f"{what} cannot be stored as JSON: {exc}") from None
+        if _ORJSON_TOO_DEEP not in str(exc):
+            raise InvalidMessage(f"{what} cannot be stored as JSON: {exc}") from None
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise InvalidMessage(f"{what} cannot be stored as JSON: nested too deeply") from None
 
 
 def _invalid(exc: BaseException) -> EventResult:

@@ -453,6 +453,33 @@ async def test_unencodable_text_is_invalid(pg: asyncpg.Connection) -> None:
     )
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """An Atlassian document ``depth`` lists deep (a description of nested bullet lists)."""
+    node: dict[str, Any] = {"type": "text", "text": "deepest"}
+    for _ in range(depth):
+        node = {"type": "bulletList", "content": [node]}
+    return {"type": "doc", "version": 1, "content": [node]}
+
+
+@pytest.mark.parametrize("escape_elsewhere", [False, True], ids=["plain", "nul-outside-the-issue"])
+async def test_an_issue_nested_deeper_than_orjson_writes_is_stored(
+    pg: asyncpg.Connection, escape_elsewhere: bool
+) -> None:
+    # GIVEN an issue whose description nests 300 lists deep (orjson writes 254 levels at most), and
+    # maybe a NUL escape outside the issue object, which sends the issue object through Python
+    body = make_event(CREATED, issue_id=10041, ts=1000)
+    body["issue"]["fields"]["description"] = nested(300)
+    if escape_elsewhere:
+        body["user"]["timeZone"] = "Europe/\x00Berlin"  # JSON text: the escape \u0000
+    text = json.dumps(body)
+    assert ("\\u0000" in text) is escape_elsewhere
+    # WHEN it is applied
+    result = await apply_envelopes(pg, [envelope_of(text)])
+    # THEN it is stored whole either way: the NUL elsewhere in the body does not make it invalid
+    assert [r.outcome for r in result.results] == ["applied"], result.results
+    assert (await row(pg, 10041))["raw"]["fields"]["description"] == nested(300)
+
+
 async def test_a_batch_that_waited_on_a_lock_stamps_its_write_after_the_write_before_it(
     pg: asyncpg.Connection, db_settings: DatabaseSettings
 ) -> None:
@@ -640,12 +667,12 @@ async def test_text_that_cannot_be_encoded_is_reported_without_quoting_anyone_s_
     assert isolating["error_message"] == message
 
 
-@pytest.mark.parametrize("depth", [300, 1000])
-async def test_a_changelog_nested_too_deeply_is_invalid_not_a_crash(
-    pg: asyncpg.Connection, depth: int
+@pytest.mark.parametrize(("depth", "stored"), [(300, True), (1000, False)])
+async def test_a_changelog_nested_deeper_than_python_encodes_is_invalid_not_a_crash(
+    pg: asyncpg.Connection, depth: int, stored: bool
 ) -> None:
-    # GIVEN an update whose changelog nests deeper than can be stored (1000: json.dumps hit Python's
-    # recursion limit there, which crashed the consumer), between two good events of its batch
+    # GIVEN an update whose changelog nests 300 levels (deeper than orjson writes) or 1000 (deeper than
+    # Python's recursion limit, which once crashed the consumer), between two good events of its batch
     deep = make_event(ASSIGNED, issue_id=2, ts=2000)
     deep["changelog"]["items"][0]["to"] = "NESTED"
     shallow = envelope_of(deep)  # the same attributes: the receiver's own parser stops near 1000 levels
@@ -657,13 +684,15 @@ async def test_a_changelog_nested_too_deeply_is_invalid_not_a_crash(
     ]
     # WHEN the batch is applied
     result = await apply_envelopes(pg, batch)
-    # THEN that event alone is invalid, with the reason, and the others apply
+    # THEN 300 levels are stored (the standard library encodes what orjson will not), and 1000 make
+    # that event alone invalid, with the reason, while the others apply
+    if stored:
+        assert [r.outcome for r in result.results] == ["applied", "applied", "applied"]
+        return
     assert result.isolated
     assert [r.outcome for r in result.results] == ["applied", "invalid", "applied"]
     assert result.results[1].error_class == "InvalidMessage"
-    assert (
-        result.results[1].error_message == "changelog items cannot be stored as JSON: Recursion limit reached"
-    )
+    assert result.results[1].error_message == "changelog items cannot be stored as JSON: nested too deeply"
 
 
 def _readme_queries() -> dict[str, str]:
