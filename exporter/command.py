@@ -149,6 +149,13 @@ def _command(args: argparse.Namespace) -> int:
         # Said, not ignored: it shapes only the printed DDL, never what an export writes.
         raise CommandError("--projection-start goes with --athena-ddl", exit_code=2)
     settings = settings_from_args(args, dict(os.environ))
+    if args.timezone is not None and settings.schedule is None:
+        # Said, not ignored: it is the schedule's zone; history/ is dated by the UTC day either way.
+        raise CommandError(
+            "--timezone goes with --schedule (or JIRALAKE_EXPORT_SCHEDULE): it is the schedule's time "
+            "zone; history/ is dated by the UTC day whatever it is",
+            exit_code=2,
+        )
     if args.athena_ddl:
         try:
             ddl = asyncio.run(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -27,6 +27,14 @@ log = structlog.get_logger()
 
 # Waits up to the given seconds; returns True when the stop event was set.
 Wait = Callable[[asyncio.Event, float], Awaitable[bool]]
+
+# The longest single wait before the wall clock is read again: asyncio times a wait on the monotonic
+# clock, which sees neither the wall clock stepped forward (NTP, a restored VM) nor, on Linux, the
+# time a host spent suspended, so a run starts at most this late after either.
+MAX_WAIT_S = 60.0
+# A schedule that runs more often than this in its first week is not checked for UTC days it leaves
+# out (a twice-daily schedule cannot leave one out).
+_DAILY_CHECK_MAX_RUNS = 8
 
 
 def next_run(expression: str, tz: ZoneInfo, after: datetime) -> datetime:
@@ -59,11 +67,39 @@ def _second_occurrence(moment: datetime, tz: ZoneInfo) -> bool:
     return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
 
 
+def utc_days_left_out(expression: str, tz: ZoneInfo, start: datetime) -> list[date]:
+    """The UTC days of the year after ``start`` on which a daily schedule writes no ``history/dt=``.
+
+    history/ is dated by the UTC day a run starts. A daily time in a zone with daylight saving time
+    that is closer to midnight UTC than the shift (00:00 in London, 01:00 in Berlin, 19:30 in New York)
+    falls on the next or the previous UTC day when the clocks change: one UTC day gets no run in
+    autumn, and in spring one gets two, the second replacing the first. Empty for a schedule that
+    stays on its UTC days all year, runs more than daily, or less than daily (weekly: no day is due).
+    """
+    week_end = start + timedelta(days=7)
+    fires: list[datetime] = []
+    moment = next_run(expression, tz, start)
+    while moment < week_end and len(fires) <= _DAILY_CHECK_MAX_RUNS:
+        fires.append(moment)
+        moment = next_run(expression, tz, moment)
+    if not 6 <= len(fires) <= _DAILY_CHECK_MAX_RUNS:
+        return []  # not once a day (a week around a clock change may hold 6 or 8 runs of a daily one)
+    days: set[date] = set()
+    moment, year_end = fires[0], start + timedelta(days=366)
+    while moment < year_end:
+        days.add(moment.date())
+        moment = next_run(expression, tz, moment)
+    first, span = min(days), (max(days) - min(days)).days
+    return [day for day in (first + timedelta(days=n) for n in range(span)) if day not in days]
+
+
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` (at most :data:`MAX_WAIT_S`: the caller reads the clock again and
+    waits on); True when ``stop`` was set."""
     if seconds <= 0:
         return stop.is_set()
     try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        await asyncio.wait_for(stop.wait(), timeout=min(seconds, MAX_WAIT_S))
     except TimeoutError:
         return False
     return True
@@ -81,9 +117,24 @@ async def run_on_schedule(
     """Export at each scheduled time until ``stop`` is set; returns the number of successful runs."""
     if settings.schedule is None:
         raise ValueError("settings.schedule is not set")
+    left_out = utc_days_left_out(settings.schedule, settings.tzinfo, clock())
+    if left_out:
+        log.warning(
+            "export_schedule_leaves_out_utc_days",
+            schedule=settings.schedule,
+            timezone=settings.timezone,
+            days=[day.isoformat() for day in left_out],
+            detail="history/ is dated by the UTC day a run starts, and this local time moves to another "
+            "UTC day when daylight saving time changes (the day before a day left out, or after, gets "
+            "two runs, the second replacing the first): schedule at a local time that stays on one UTC "
+            "day all year (such as 03:00), or in UTC",
+        )
     succeeded = 0
+    last_due: datetime | None = None
     while not stop.is_set():
-        due = next_run(settings.schedule, settings.tzinfo, clock())
+        due = next_due(settings.schedule, settings.tzinfo, clock(), last_due)
+        if last_due is not None:
+            _log_missed(settings, last_due, due)
         log.info(
             "export_scheduled",
             next_run_at=due.isoformat(),
@@ -97,6 +148,7 @@ async def run_on_schedule(
                 return succeeded
         if stop.is_set():
             break
+        last_due = due
         work = export_once(
             settings, changed_since_last=changed_since_last, clock=clock, on_progress=on_progress
         )
@@ -116,3 +168,36 @@ async def run_on_schedule(
             continue
         succeeded += 1
     return succeeded
+
+
+def next_due(expression: str, tz: ZoneInfo, now: datetime, last_due: datetime | None) -> datetime:
+    """The next time to run: after ``now``, and never again the time last run (``last_due``), even if
+    the wall clock was stepped back past it (NTP, a restored VM), which cron does not do either."""
+    return next_run(expression, tz, now if last_due is None else max(now, last_due))
+
+
+def missed_runs(expression: str, tz: ZoneInfo, last_due: datetime, due: datetime) -> list[datetime]:
+    """The scheduled times after ``last_due`` and before ``due`` (at most 10,000): those that passed
+    while the run of ``last_due`` was still running."""
+    missed: list[datetime] = []
+    moment = next_run(expression, tz, last_due)
+    while moment < due and len(missed) < 10_000:
+        missed.append(moment)
+        moment = next_run(expression, tz, moment)
+    return missed
+
+
+def _log_missed(settings: ExporterSettings, last_due: datetime, due: datetime) -> None:
+    """One line when scheduled times passed while the last run ran (an export longer than the
+    interval): they are not run late, the next one is awaited, as cron does."""
+    assert settings.schedule is not None
+    missed = missed_runs(settings.schedule, settings.tzinfo, last_due, due)
+    if missed:
+        log.warning(
+            "export_runs_missed",
+            count=len(missed),
+            first=missed[0].isoformat(),
+            last=missed[-1].isoformat(),
+            running_since=last_due.isoformat(),
+            detail="the previous run lasted past these scheduled times; they are not run late",
+        )

@@ -511,6 +511,17 @@ def test_projection_start_without_athena_ddl_is_refused_not_ignored() -> None:
     assert result.stderr.strip() == "jiralake: --projection-start goes with --athena-ddl"
 
 
+def test_timezone_without_a_schedule_is_refused_not_ignored() -> None:
+    # WHEN --timezone is given to a single export (it is the schedule's zone)
+    result = _jiralake("export", "--once", "--bucket", "lake-bucket", "--timezone", "Europe/Berlin")
+    # THEN the command says so, rather than export as if history/ were dated in that zone
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip() == (
+        "jiralake: --timezone goes with --schedule (or JIRALAKE_EXPORT_SCHEDULE): it is the schedule's "
+        "time zone; history/ is dated by the UTC day whatever it is"
+    )
+
+
 # -- setup --
 
 

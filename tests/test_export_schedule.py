@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
+from exporter import schedule
 from exporter.lock import EXPORT_LOCK_KEY
-from exporter.schedule import next_run, run_on_schedule, wait_or_stop
+from exporter.schedule import (
+    missed_runs,
+    next_due,
+    next_run,
+    run_on_schedule,
+    utc_days_left_out,
+    wait_or_stop,
+)
 from exporter.settings import ExporterSettings
 from shared.settings import AwsSettings
 from tests.test_export_support import insert_awkward_rows, list_keys, settings_factory
@@ -147,3 +156,70 @@ async def test_wait_or_stop_returns_at_once_when_stopped() -> None:
     assert await wait_or_stop(stop, 0) is False
     stop.set()
     assert await asyncio.wait_for(wait_or_stop(stop, 3600), timeout=1) is True
+
+
+LONDON = ZoneInfo("Europe/London")
+
+
+@pytest.mark.parametrize(
+    ("expression", "tz", "left_out"),
+    [
+        # midnight in London is 23:00 UTC the day before in summer: 27 October gets no run
+        ("@daily", LONDON, [date(2024, 10, 27)]),
+        ("0 1 * * *", BERLIN, [date(2024, 10, 27)]),
+        ("0 0 * * *", ZoneInfo("UTC"), []),
+        ("0 3 * * *", LONDON, []),  # 02:00 or 03:00 UTC: the same UTC day all year
+        ("0 3 * * 1", LONDON, []),  # weekly: no day is due
+        ("0 0,12 * * *", LONDON, []),  # twice a day: every UTC day gets a run
+    ],
+    ids=["london-midnight", "berlin-1am", "utc-midnight", "london-3am", "weekly", "twice-daily"],
+)
+def test_a_daily_time_that_moves_to_another_utc_day_with_dst_is_found(
+    expression: str, tz: ZoneInfo, left_out: list[date]
+) -> None:
+    assert utc_days_left_out(expression, tz, utc(2024, 1, 5, 12)) == left_out
+
+
+async def test_the_loop_warns_at_start_of_a_schedule_that_leaves_out_utc_days(
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a daily export at midnight in London, started in January
+    settings = settings_factory(schedule="@daily", timezone="Europe/London")
+    stop = asyncio.Event()
+    fake = FakeTime(utc(2024, 1, 5, 12), stop, stop_after_waits=0)
+    # WHEN the scheduled exporter starts
+    with capture_logs() as logs:
+        await run_on_schedule(settings, stop, clock=fake.clock, wait=fake.wait)
+    # THEN it warns, naming the day history/ will lack and what to do
+    [warning] = [line for line in logs if line["event"] == "export_schedule_leaves_out_utc_days"]
+    assert (warning["log_level"], warning["days"]) == ("warning", ["2024-10-27"])
+    assert "such as 03:00" in warning["detail"]
+
+
+def test_a_time_just_run_is_not_run_again_when_the_clock_steps_back() -> None:
+    # GIVEN the 03:00 run just ran, and the wall clock stepped back 2 minutes (NTP)
+    ran, now = utc(2024, 5, 10, 3, 0), utc(2024, 5, 10, 2, 58)
+    # WHEN the next time is chosen THEN it is tomorrow's, not 03:00 again
+    assert next_due("0 3 * * *", ZoneInfo("UTC"), now, ran) == utc(2024, 5, 11, 3, 0)
+    assert next_due("0 3 * * *", ZoneInfo("UTC"), now, None) == utc(2024, 5, 10, 3, 0)
+
+
+def test_times_that_pass_during_a_long_run_are_named() -> None:
+    # GIVEN a run every 5 minutes whose 03:00 export lasted 12 minutes
+    ran, due = utc(2024, 5, 10, 3, 0), next_due("*/5 * * * *", ZoneInfo("UTC"), utc(2024, 5, 10, 3, 12), None)
+    # THEN 03:05 and 03:10 passed unrun, and 03:15 is next
+    assert due == utc(2024, 5, 10, 3, 15)
+    assert missed_runs("*/5 * * * *", ZoneInfo("UTC"), ran, due) == [
+        utc(2024, 5, 10, 3, 5),
+        utc(2024, 5, 10, 3, 10),
+    ]
+
+
+async def test_a_long_wait_reads_the_wall_clock_again_every_minute_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN waits capped at 50 ms (the product's: MAX_WAIT_S, a minute)
+    monkeypatch.setattr(schedule, "MAX_WAIT_S", 0.05)
+    # WHEN a day is waited for THEN the wait ends at the cap, not stopped, for the loop to read the
+    # wall clock again (a clock stepped forward, or a host that slept, would otherwise start it late)
+    assert await asyncio.wait_for(wait_or_stop(asyncio.Event(), 86_400), timeout=5) is False
