@@ -13,8 +13,10 @@ import structlog
 
 from exporter.settings import bucket_name
 from shared import argtypes, aws, db, migrate, provision
+from shared.errors import CommandError
 from shared.provision import MAX_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_S
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings, env_int, env_str, require
+from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -93,10 +95,31 @@ async def run_setup(settings: SetupSettings, *, queues: bool = True, database: b
     if database:
         conn = await db.connect(settings.database)
         try:
+            if conn.get_server_version() >= (14,):
+                # A setup killed outright (SIGKILL, OOM, a lost host) ends its migration within seconds
+                # instead of when the statement finishes: the server checks that the client is there.
+                await conn.execute("SET client_connection_check_interval = '5s'")
             applied = [f"{m.version:04d}_{m.name}" for m in await migrate.apply(conn)]
         finally:
             await conn.close()
     return SetupResult(queues=pair, migrations_applied=applied, bucket_created_or_found=bucket)
+
+
+async def _setup_unless_stopped(settings: SetupSettings, *, queues: bool, database: bool) -> SetupResult:
+    """:func:`run_setup` until SIGTERM or SIGINT (``docker stop``, Kubernetes, ECS send SIGTERM): then
+    the statement running on the server is cancelled and the migration in progress rolled back (and
+    its locks released) before the process exits, rather than left running on the server."""
+    with stop_on_signals() as request:
+        try:
+            return await run_unless_stopped(
+                run_setup(settings, queues=queues, database=database), request.event, name="setup"
+            )
+        except Stopped:
+            signame = request.signal.name if request.signal else "a stop request"
+            raise CommandError(
+                f"setup stopped by {signame}: the migration in progress was rolled back; run setup again",
+                exit_code=signal_exit_code(request.signal),
+            ) from None
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -116,7 +139,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.max_receive_count is not None:
         env["JIRALAKE_MAX_RECEIVE_COUNT"] = str(args.max_receive_count)
     settings = SetupSettings.from_env(env, queues=not args.skip_queues)
-    result = asyncio.run(run_setup(settings, queues=not args.skip_queues, database=not args.skip_db))
+    result = asyncio.run(
+        _setup_unless_stopped(settings, queues=not args.skip_queues, database=not args.skip_db)
+    )
     if result.queues:
         print(f"queue: {result.queues.queue_url}")
         print(f"dead-letter queue: {result.queues.dlq_url}")

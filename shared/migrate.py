@@ -17,7 +17,7 @@ import structlog
 log = structlog.get_logger()
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-_LOCK_KEY = 0x6A6C_6D69  # "jlmi": serialises concurrent migrators
+LOCK_KEY = 0x6A6C_6D69  # "jlmi": serialises concurrent migrators
 
 # -- create_migrations_table --
 _CREATE_TABLE = """
@@ -26,6 +26,15 @@ CREATE TABLE IF NOT EXISTS jiralake_schema_migrations (
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )
+"""
+
+
+# -- migration_lock_holder --
+# The backend holding the migrators' advisory lock (a 32-bit key: classid 0, objid the key).
+_LOCK_HOLDER = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND objsubid = 1 AND granted
+LIMIT 1
 """
 
 
@@ -49,21 +58,26 @@ def available() -> list[Migration]:
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
     """Apply every migration not yet recorded; returns the ones applied by this call."""
     applied_now: list[Migration] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+        # Another setup is migrating: say so (a long migration prints nothing until it is done), then wait.
+        holder = await conn.fetchval(_LOCK_HOLDER, LOCK_KEY)
+        log.info("waiting_for_migration_lock", holder_pid=holder)
+        await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
     try:
         await conn.execute(_CREATE_TABLE)
         done = {r["version"] for r in await conn.fetch("SELECT version FROM jiralake_schema_migrations")}
         for migration in available():
             if migration.version in done:
                 continue
+            log.info("migration_started", version=migration.version, name=migration.name)
             await _apply_one(conn, migration)
             log.info("migration_applied", version=migration.version, name=migration.name)
             applied_now.append(migration)
     except BaseException:
         # The failure says what went wrong: an unlock that fails too must not replace it.
-        await _quietly(conn, lambda: conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY))
+        await _quietly(conn, lambda: conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY))
         raise
-    await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     return applied_now
 
 

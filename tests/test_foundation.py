@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import MutableMapping
+from typing import Any
 
 import asyncpg
 import pytest
@@ -28,7 +32,7 @@ from shared.envelope import (
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings, QueueSettings, env_int
 from tests.conftest import empty_database
 from tests.jira_fixtures import make_event
-from tests.test_consumer_helpers import envelope_of
+from tests.test_consumer_helpers import envelope_of, wait_for
 
 
 def test_queue_settings_name_the_missing_variable() -> None:
@@ -398,3 +402,94 @@ async def test_a_connection_ended_during_a_migration_fails_with_the_server_s_rea
         finally:
             await admin.close()
             await conn.close()
+
+
+MIGRATION_LOCK_HELD = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND granted"
+)
+
+
+async def one_migration_before_0008(conn: asyncpg.Connection) -> None:
+    await migrate.apply(conn)
+    await conn.execute("DROP INDEX ap_jira_task_event_ingested_at_idx")
+    await conn.execute("DELETE FROM jiralake_schema_migrations WHERE version >= 8")
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_during_setup_rolls_the_migration_back_on_the_server_and_exits_143(
+    pg_server_dsn: str,
+) -> None:
+    async with empty_database(pg_server_dsn, "setupterm") as url:
+        conn = await asyncpg.connect(url)
+        writer = await asyncpg.connect(url)
+        try:
+            # GIVEN a schema one migration behind 0008 (an index build), and a consumer transaction
+            # writing the history, which the build waits for
+            await one_migration_before_0008(conn)
+            await writer.execute("BEGIN")
+            await writer.execute(
+                "INSERT INTO ap_jira_task_event (delivery_id, issue_id, event_type, event_at, event_version, "
+                "event_tiebreak, applied) VALUES ('d', 1, 'jira:issue_updated', now(), 1, '', true)"
+            )
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "jiralake", "--log-json", "setup", "--skip-queues",
+                env={**os.environ, "DATABASE_URL": url},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+
+            async def migrating() -> bool:
+                return bool(await conn.fetchval(MIGRATION_LOCK_HELD, migrate.LOCK_KEY))
+
+            await wait_for(migrating, what="setup holding the migration lock")
+            # WHEN setup gets SIGTERM (docker stop, a Kubernetes or ECS task stopped) while it waits
+            child.send_signal(signal.SIGTERM)
+            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout=30)
+            # THEN it exits 143 with one line, and nothing of it goes on on the server: the build was
+            # cancelled and rolled back, the migration lock released, while the writer still runs
+            assert child.returncode == 143, stderr
+            assert stderr.decode().splitlines()[-1] == (
+                "jiralake: setup stopped by SIGTERM: the migration in progress was rolled back; "
+                "run setup again"
+            )
+            await wait_for(
+                lambda: has_no_migrator(conn), timeout_s=5, what="the server-side migration to end"
+            )
+            assert await conn.fetchval("SELECT max(version) FROM jiralake_schema_migrations") == 7
+            assert await conn.fetchval("SELECT to_regclass('ap_jira_task_event_ingested_at_idx')") is None
+            lines = (stdout + stderr).decode().splitlines()
+            logged_lines = [json.loads(line) for line in lines if line.startswith("{")]
+            assert [line["version"] for line in logged_lines if line["event"] == "migration_started"] == [8]
+        finally:
+            await writer.close()
+            await conn.close()
+
+
+async def has_no_migrator(conn: asyncpg.Connection) -> bool:
+    return not await conn.fetchval(MIGRATION_LOCK_HELD, migrate.LOCK_KEY)
+
+
+async def test_a_second_setup_says_it_waits_for_the_first(pg_server_dsn: str) -> None:
+    async with empty_database(pg_server_dsn, "twosetups") as url:
+        conn = await asyncpg.connect(url)
+        other = await asyncpg.connect(url)
+        try:
+            # GIVEN another setup holding the migration lock
+            await other.execute("SELECT pg_advisory_lock($1)", migrate.LOCK_KEY)
+            # WHEN setup runs
+            with capture_logs() as logs:
+                migrating = asyncio.create_task(migrate.apply(conn))
+                await wait_for(lambda: logged(logs, "waiting_for_migration_lock"), what="the waiting line")
+                await other.execute("SELECT pg_advisory_unlock($1)", migrate.LOCK_KEY)
+                applied = await asyncio.wait_for(migrating, timeout=60)
+            # THEN it said it waits and for whom, then applied every migration, each announced first
+            [waiting] = [line for line in logs if line["event"] == "waiting_for_migration_lock"]
+            assert waiting["holder_pid"] == other.get_server_pid()
+            started = [line["version"] for line in logs if line["event"] == "migration_started"]
+            assert started == [m.version for m in applied] == [m.version for m in migrate.available()]
+        finally:
+            await other.close()
+            await conn.close()
+
+
+async def logged(logs: list[MutableMapping[str, Any]], event: str) -> bool:
+    return any(line["event"] == event for line in logs)

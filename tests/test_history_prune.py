@@ -457,3 +457,64 @@ async def test_the_migration_replaces_an_index_a_failed_concurrent_build_left(pg
     assert await pg.fetchval(f"SELECT pg_get_indexdef('{INDEX}'::regclass)") == (
         f"CREATE INDEX {INDEX} ON public.ap_jira_task_event USING btree (ingested_at)"
     )
+
+
+@pytest.mark.timeout(60)
+async def test_the_migration_gives_way_to_a_reader_of_the_history_rather_than_hold_up_the_consumer(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an INVALID index of that name (a failed concurrent build), and a long query over the history
+    (migration,) = [m for m in migrate.available() if m.version == 8]
+    await record(pg, "row", 1, age_days=0)
+    await pg.execute(f"DROP INDEX {INDEX}")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await pg.execute(
+            f"CREATE INDEX CONCURRENTLY {INDEX} ON ap_jira_task_event ((issue_id / (issue_id - issue_id)))"
+        )
+    reader = await db.connect(db_settings)
+    try:
+        await reader.execute("BEGIN; LOCK TABLE ap_jira_task_event IN ACCESS SHARE MODE")
+        # WHEN the migration runs THEN it waits 5 s at most for the drop's lock (queued, the drop would
+        # hold up every consumer insert behind it), and stops saying what to do
+        with pytest.raises(
+            asyncpg.RaiseError, match="could not be dropped within 5 s: .* DROP INDEX CONCURRENTLY"
+        ):
+            async with pg.transaction():
+                await pg.execute(migration.sql)
+    finally:
+        await reader.close()
+    assert await pg.fetchval(IS_VALID) is False  # nothing changed; the operator's drop comes next
+
+
+@pytest.mark.timeout(60)
+async def test_the_migration_stops_rather_than_drop_a_concurrent_build_still_running(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN an operator's CREATE INDEX CONCURRENTLY of that name, still waiting for a writer to finish
+    (migration,) = [m for m in migrate.available() if m.version == 8]
+    await pg.execute(f"DROP INDEX {INDEX}")
+    writer, builder = await db.connect(db_settings), await db.connect(db_settings)
+    try:
+        await writer.execute("BEGIN")
+        await record(writer, "open", 1, age_days=0)
+        building = asyncio.create_task(
+            builder.execute(f"CREATE INDEX CONCURRENTLY {INDEX} ON ap_jira_task_event (ingested_at)")
+        )
+
+        async def in_progress() -> bool:
+            await pg.execute("SELECT pg_stat_clear_snapshot()")
+            return bool(await pg.fetchval("SELECT count(*) FROM pg_stat_progress_create_index"))
+
+        await wait_for(in_progress, what="the concurrent build under way")
+        # WHEN the migration runs THEN it stops at once and says to wait for the build: dropping the
+        # build's index would queue behind it (and the consumer behind the drop)
+        with pytest.raises(asyncpg.RaiseError, match="is being built .* wait for it to finish"):
+            async with pg.transaction():
+                await pg.execute(migration.sql)
+        await writer.execute("COMMIT")
+        await asyncio.wait_for(building, timeout=30)
+    finally:
+        await writer.close()
+        await builder.close()
+    # AND the operator's build completes, valid, for the next setup to find
+    assert await pg.fetchval(IS_VALID) is True

@@ -11,16 +11,36 @@
 -- consumer's batches wait (and are retried in place). To avoid that, build it beforehand with
 --   CREATE INDEX CONCURRENTLY IF NOT EXISTS ap_jira_task_event_ingested_at_idx
 --       ON ap_jira_task_event (ingested_at);
--- and this migration finds it. A concurrent build that failed leaves an INVALID index of that name,
--- which the planner never uses: it is dropped here and built again. A valid index of that name on
--- anything else than ap_jira_task_event (ingested_at) stops setup with a message: it is not ours to drop.
+-- and this migration finds it. A concurrent build still running stops setup with a message (its index
+-- is not valid yet; dropping it would queue behind the build, the consumer behind the drop). A
+-- concurrent build that failed leaves an INVALID index of that name, which the planner never uses: it
+-- is dropped here and built again, waiting at most 5 s for its lock (queued behind a long query over
+-- the history, the drop would hold up the consumer as long), else setup stops with a message. A valid
+-- index of that name on anything else than ap_jira_task_event (ingested_at) stops setup with a
+-- message: it is not ours to drop.
 DO $$
+DECLARE
+    builder integer;
+    saved_lock_timeout text := current_setting('lock_timeout');
 BEGIN
+    IF current_setting('server_version_num')::integer >= 120000 THEN
+        EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = '
+                || 'to_regclass(''ap_jira_task_event_ingested_at_idx'') LIMIT 1' INTO builder;
+        IF builder IS NOT NULL THEN
+            RAISE EXCEPTION 'jiralake: ap_jira_task_event_ingested_at_idx is being built (CREATE INDEX CONCURRENTLY, PostgreSQL backend pid %); wait for it to finish, then run setup again', builder;
+        END IF;
+    END IF;
     IF EXISTS (
         SELECT 1 FROM pg_index
         WHERE indexrelid = to_regclass('ap_jira_task_event_ingested_at_idx') AND NOT indisvalid
     ) THEN
-        DROP INDEX ap_jira_task_event_ingested_at_idx;
+        PERFORM set_config('lock_timeout', '5s', true);
+        BEGIN
+            DROP INDEX ap_jira_task_event_ingested_at_idx;
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION 'jiralake: the invalid index ap_jira_task_event_ingested_at_idx (a failed concurrent build) could not be dropped within 5 s: ap_jira_task_event is in use; run DROP INDEX CONCURRENTLY ap_jira_task_event_ingested_at_idx, then setup again';
+        END;
+        PERFORM set_config('lock_timeout', saved_lock_timeout, true);
     END IF;
     IF EXISTS (
         SELECT 1 FROM pg_index i
