@@ -158,48 +158,43 @@ def group_sizes(data: bytes) -> list[int]:
     return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
 
+LABELS = {
+    # 20 labels of 500 characters: 10,000 characters a row
+    "long-labels": "UPDATE ap_jira_task SET labels = array_fill(repeat('l', 500), ARRAY[20])",
+    # 2,000 one-character labels: 2,000 characters, but 2,000 Python strings
+    "many-short-labels": "UPDATE ap_jira_task SET labels = array_fill('l'::text, ARRAY[2000])",
+}
+
+
+@pytest.mark.parametrize(
+    ("labels", "rows", "largest_group"),
+    [
+        ("long-labels", 200, 100_000 // 10_000 + 1),  # the budget's worth of them, and one row more
+        ("many-short-labels", 50, 1),  # counted by characters alone, 50 rows fitted in one group
+    ],
+)
 async def test_text_arrays_count_toward_a_parquet_row_group_s_budget(
     pg: asyncpg.Connection,
     aws_settings: AwsSettings,
     bucket: str,
     settings_factory: Callable[..., ExporterSettings],
     monkeypatch: pytest.MonkeyPatch,
+    labels: str,
+    rows: int,
+    largest_group: int,
 ) -> None:
-    # GIVEN 200 rows whose labels hold 10,000 characters each, and a budget of 100,000 per group
+    # GIVEN rows with labels, and a budget of 100,000 per group
     monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
-    await insert_awkward_rows(pg, 200)
-    await pg.execute("UPDATE ap_jira_task SET labels = array_fill(repeat('l', 500), ARRAY[20])")
+    await insert_awkward_rows(pg, rows)
+    await pg.execute(LABELS[labels])
     settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
     # WHEN exported as Parquet
     result = await export_once(settings, clock=fixed_clock)
-    # THEN the labels counted: no group holds more than the budget's worth of them, and one row more
+    # THEN the labels counted, each element at its characters plus about what it holds in memory
+    # beyond them (ARRAY_ITEM_CHARS): no group holds more than the budget's worth, and one row more
     data = await get_object(aws_settings, bucket, result.data_key)
     sizes = group_sizes(data)
-    assert sum(sizes) == 200 and max(sizes) <= 100_000 // 10_000 + 1, sizes
-    columns = await exported_columns(pg, include_raw=True)
-    assert parquet_rows(data)[1] == await table_rows(pg, columns)
-
-
-async def test_many_small_labels_count_at_what_they_cost_in_memory_toward_a_row_group(
-    pg: asyncpg.Connection,
-    aws_settings: AwsSettings,
-    bucket: str,
-    settings_factory: Callable[..., ExporterSettings],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # GIVEN 50 rows of 2,000 one-character labels each (2,000 characters, but 2,000 Python strings),
-    # and a budget of 100,000 per group
-    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
-    await insert_awkward_rows(pg, 50)
-    await pg.execute("UPDATE ap_jira_task SET labels = array_fill('l'::text, ARRAY[2000])")
-    settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
-    # WHEN exported as Parquet
-    result = await export_once(settings, clock=fixed_clock)
-    # THEN each element counted at about what it holds in memory (ARRAY_ITEM_CHARS), not one character:
-    # a group holds one such row, where counting characters let 50 in
-    data = await get_object(aws_settings, bucket, result.data_key)
-    sizes = group_sizes(data)
-    assert sum(sizes) == 50 and max(sizes) == 1, sizes
+    assert sum(sizes) == rows and max(sizes) <= largest_group, sizes
     columns = await exported_columns(pg, include_raw=True)
     assert parquet_rows(data)[1] == await table_rows(pg, columns)
 
