@@ -199,11 +199,17 @@ async def expect_webhook(request: web.Request) -> web.Response | None:
     limit) gets its 415/413 instead, and never sends the body. Any other gets aiohttp's own answer
     (100 Continue; 417 for an Expect it does not know), and the handler runs as usual."""
     started = time.perf_counter()
+    receiver = request.app[RECEIVER]
     try:
-        check_headers(request, request.app[RECEIVER].rules)
+        check_headers(request, receiver.rules)
     except Rejected as rejected:
         response = _answered(rejected.answer, started, {}).response()
         response.force_close()  # the body was never asked for: the connection cannot be reused
+        return response
+    refusal = _refusal_before_body(receiver)
+    if refusal is not None:  # answered before the client sends a body the handler would not read
+        response = _answered(refusal, started, {}).response()
+        response.force_close()
         return response
     await _default_expect_handler(request)
     return None
@@ -292,13 +298,9 @@ async def _answer(
     request: web.Request, receiver: Receiver, received_at_ms: int, fields: dict[str, object]
 ) -> Answer:
     """Everything a webhook request can lead to, mapped to one :class:`Answer`."""
-    if receiver.stopping:
-        return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later")
-    if receiver.reading >= receiver.settings.max_bodies_reading:
-        # Every body is buffered (up to max_body_bytes) before its signature can be checked: bound
-        # how many at once, so unsigned senders trickling large bodies cannot exhaust memory.
-        log.warning("receiver_overloaded", detail=f"{receiver.reading} request bodies being read")
-        return Answer(Outcome.UNAVAILABLE, "too many requests are sending their bodies; retry later")
+    refusal = _refusal_before_body(receiver)
+    if refusal is not None:
+        return refusal
     receiver.reading += 1
     try:
         admission = await admit(request, receiver.rules, received_at_ms=received_at_ms)
@@ -330,6 +332,18 @@ async def _answer(
         issue_id=admitted.issue_id, delivery_id=admitted.delivery_id
     ):
         return await _enqueue(receiver, admitted, admission.entry, admission.entry_bytes)
+
+
+def _refusal_before_body(receiver: Receiver) -> Answer | None:
+    """The 503 a webhook gets before its body is read (also before ``100 Continue``), or None."""
+    if receiver.stopping:
+        return Answer(Outcome.UNAVAILABLE, "the receiver is shutting down; retry later")
+    if receiver.reading >= receiver.settings.max_bodies_reading:
+        # Every body is buffered (up to max_body_bytes) before its signature can be checked: bound
+        # how many at once, so unsigned senders trickling large bodies cannot exhaust memory.
+        log.warning("receiver_overloaded", detail=f"{receiver.reading} request bodies being read")
+        return Answer(Outcome.UNAVAILABLE, "too many requests are sending their bodies; retry later")
+    return None
 
 
 async def _enqueue(receiver: Receiver, envelope: Envelope, entry: dict[str, Any], entry_bytes: int) -> Answer:

@@ -100,6 +100,31 @@ async def test_expect_100_continue_is_refused_from_the_headers_before_100_contin
     assert (line["log_level"], line["status"]) == ("warning", int(status.split()[1]))
 
 
+async def test_expect_100_continue_while_every_body_slot_is_taken_gets_503_before_100_continue(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    async with served_as_in_production(aws_settings, queues.queue_url, max_bodies_reading=1) as port:
+        # GIVEN a receiver reading as many bodies as it may (one here): a client that sent its headers
+        # and the first byte of its body, then stalled
+        _, stalled = await asyncio.open_connection("127.0.0.1", port)
+        stalled.write(webhook_head("application/json", 100) + b"{")
+        await stalled.drain()
+        await asyncio.sleep(0.2)  # the server runs on this loop: its handler is reading by now
+        # WHEN another client asks to go ahead before sending its body
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(webhook_head("application/json", len(ISSUE_BODY), "Expect: 100-continue"))
+        await writer.drain()
+        head, body = await read_response(reader)
+        writer.close()
+        stalled.close()
+    # THEN its first answer is the 503 (Jira retries), not 100 Continue and a body sent for nothing
+    assert status_line(head) == b"HTTP/1.1 503 Service Unavailable"
+    assert b"\r\nConnection: close\r\n" in head
+    assert body == (
+        b'{"status": "unavailable", "reason": "too many requests are sending their bodies; retry later"}'
+    )
+
+
 async def test_expect_100_continue_for_an_acceptable_webhook_gets_100_continue_then_202(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
