@@ -143,6 +143,8 @@ def _reconcile_command(args: argparse.Namespace) -> int:
             f"{unchecked} live row(s) could not be checked (lookup kept failing, or HTTP 401: "
             "credentials rejected); they were left alone; rerun when Jira answers"
         )
+    if summary.failed_webhooks_error is not None:
+        raise CommandError(f"replaying Jira's failed webhooks stopped: {summary.failed_webhooks_error}")
     return 0
 
 
@@ -214,6 +216,8 @@ def reconcile_report(summary: ReconcileSummary) -> list[str]:
         lines.append("  nothing was enqueued")
     elif not summary.deletes_withheld:
         lines.append(f"  {summary.deletes_enqueued} delete events enqueued")
+    if summary.failed_webhooks_error is not None:
+        lines.append(f"failed webhooks: stopped: {summary.failed_webhooks_error}")
     report = summary.failed_webhooks
     if report is None:
         return lines

@@ -31,7 +31,7 @@ import asyncpg
 import structlog
 
 from backfill import state
-from backfill.enqueue import max_entry_bytes, send_envelopes
+from backfill.enqueue import QueueUnavailable, max_entry_bytes, send_envelopes
 from backfill.jira_client import (
     FailedWebhookPage,
     JiraClient,
@@ -114,6 +114,9 @@ class ReconcileSummary:
     # Why, when withheld.
     withheld_because: str = ""
     failed_webhooks: FailedWebhookReport | None = None
+    # Why replaying the failed webhooks stopped (Jira's list unusable, SQS unavailable), after the
+    # deletes above were already decided and enqueued.
+    failed_webhooks_error: str | None = None
 
     @property
     def candidates(self) -> int:
@@ -152,9 +155,14 @@ async def run_reconcile(
             _classify(findings, summary)
             await _enqueue_deletes(settings, request, sqs, summary, sleep)
             if request.replay_failed_webhooks:
-                summary.failed_webhooks = await _replay_failed_webhooks(
-                    settings, request, jira, sqs, conn, sleep
-                )
+                try:
+                    summary.failed_webhooks = await _replay_failed_webhooks(
+                        settings, request, jira, sqs, conn, sleep
+                    )
+                except (JiraError, QueueUnavailable) as exc:
+                    # Reported with the rest (what the delete step did stands), not instead of it.
+                    summary.failed_webhooks_error = str(exc)
+                    log.warning("reconcile_failed_webhooks_stopped", error=str(exc))
     finally:
         await conn.close()
     return summary

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from typing import Any
 
 import asyncpg
 import pytest
@@ -14,6 +15,7 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from tests.conftest import drain
 from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues
+from tests.test_reconcile import failed_webhook
 
 FAILED_SEARCH = "Jira still failing after 1 attempts at /rest/api/2/search/jql: HTTP 500"
 
@@ -209,3 +211,36 @@ async def test_reconcile_exits_1_when_rows_could_not_be_checked_or_deletes_would
         "also answers 404 for issues the account may not browse; check its permissions, then rerun with "
         "a higher --max-deletes"
     )
+
+
+async def test_reconcile_reports_its_deletes_and_exits_1_when_replaying_failed_webhooks_stops(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    database_url: str,
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+) -> None:
+    # GIVEN a live row Jira no longer has (404), and a failed-webhook list that cannot be paged (it
+    # answers its first page whatever `after` asks)
+    server, url = jira
+    server.issues = fixture_issues(2)
+    await pg.execute("INSERT INTO ap_jira_task (issue_id, issue_key, version) VALUES (60001, 'OLD-1', 1)")
+    server.failed_webhooks_page_size = 2
+    server.failed_webhooks = [failed_webhook(str(n), 1_700_000_000_000 + n, issue_id=30001) for n in range(4)]
+    first_page = server.failed_webhooks[:2]
+
+    def ignore_after(request: Any, body: dict[str, Any]) -> None:
+        body["values"] = first_page
+
+    server.tamper = {"webhook/failed": ignore_after}
+    # WHEN reconcile runs
+    code, out, err = await jiralake("--log-json", "reconcile", env=cli_env(url, queues, database_url))
+    # THEN the delete it enqueued is reported, then why the failed-webhook step stopped, and it exits 1
+    assert code == 1, err
+    lines = out.splitlines()
+    assert "  1 delete events enqueued" in lines
+    assert lines[-1].startswith(
+        "failed webhooks: stopped: Jira's failed-webhook list, asked for failures after"
+    )
+    assert err.splitlines()[-1].startswith("jiralake: replaying Jira's failed webhooks stopped: Jira's ")
+    assert len(await drain(aws_settings, queues.queue_url)) >= 1  # the delete (and the first page's replays)

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from backfill.jira_client import JiraError
+from backfill.command import reconcile_report
 from backfill.reconcile import ReconcileRequest, run_reconcile
 from shared.envelope import Envelope, body_sha256
 from shared.jira_event import RECONCILED_DELETE_EVENT
@@ -333,14 +333,18 @@ async def test_a_failed_webhook_list_that_ignores_after_ends_with_one_line_not_a
         body["values"] = first_page
 
     server.tamper = {"webhook/failed": ignore_after}
-    # WHEN reconcile runs, THEN the second request, which brings nothing later, ends it in one line
-    with pytest.raises(JiraError) as caught:
-        await run_reconcile(backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest())
-    assert str(caught.value) == (
+    # WHEN reconcile runs, THEN the second request, which brings nothing later, ends that step with its
+    # reason, kept in the summary beside what the delete step did (the command prints both, exits 1)
+    summary = await run_reconcile(
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest()
+    )
+    assert summary.failed_webhooks is None
+    assert summary.failed_webhooks_error == (
         "Jira's failed-webhook list, asked for failures after 1700000000001, answered a full page of none "
         "later: the list cannot be paged (it would be read forever)"
     )
     assert server.failed_webhook_afters == [None, "1700000000001"]
+    assert reconcile_report(summary)[-1] == f"failed webhooks: stopped: {summary.failed_webhooks_error}"
 
 
 async def test_failed_webhook_entries_that_are_no_object_or_hold_nan_are_reported_invalid(
