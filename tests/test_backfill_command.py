@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
 
 import asyncpg
 import pytest
@@ -15,7 +14,7 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from tests.conftest import drain
 from tests.jira_api_server import API_TOKEN, EMAIL, JiraApiServer, fixture_issues
-from tests.test_reconcile import failed_webhook
+from tests.test_reconcile import serve_an_unpageable_failed_webhook_list
 
 FAILED_SEARCH = "Jira still failing after 1 attempts at /rest/api/2/search/jql: HTTP 500"
 
@@ -225,14 +224,7 @@ async def test_reconcile_reports_its_deletes_and_exits_1_when_replaying_failed_w
     server, url = jira
     server.issues = fixture_issues(2)
     await pg.execute("INSERT INTO ap_jira_task (issue_id, issue_key, version) VALUES (60001, 'OLD-1', 1)")
-    server.failed_webhooks_page_size = 2
-    server.failed_webhooks = [failed_webhook(str(n), 1_700_000_000_000 + n, issue_id=30001) for n in range(4)]
-    first_page = server.failed_webhooks[:2]
-
-    def ignore_after(request: Any, body: dict[str, Any]) -> None:
-        body["values"] = first_page
-
-    server.tamper = {"webhook/failed": ignore_after}
+    serve_an_unpageable_failed_webhook_list(server)
     # WHEN reconcile runs
     code, out, err = await jiralake("--log-json", "reconcile", env=cli_env(url, queues, database_url))
     # THEN the delete it enqueued is reported, then why the failed-webhook step stopped, and it exits 1

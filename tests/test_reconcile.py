@@ -315,6 +315,19 @@ async def test_a_login_page_for_the_failed_webhook_list_is_not_an_empty_list(
     assert await pg.fetchval("SELECT count(*) FROM jiralake_failed_webhook_cursor") == 0
 
 
+def serve_an_unpageable_failed_webhook_list(server: JiraApiServer) -> None:
+    """Four failed deliveries for issue 30001, two per page, from a list that answers every request with
+    its first page whatever `after` asks."""
+    server.failed_webhooks_page_size = 2
+    server.failed_webhooks = [failed_webhook(str(n), 1_700_000_000_000 + n, issue_id=30001) for n in range(4)]
+    first_page = server.failed_webhooks[:2]
+
+    def ignore_after(request: Any, body: dict[str, Any]) -> None:
+        body["values"] = first_page
+
+    server.tamper = {"webhook/failed": ignore_after}
+
+
 async def test_a_failed_webhook_list_that_ignores_after_ends_with_one_line_not_an_endless_read(
     jira: tuple[JiraApiServer, str],
     queues: QueuePair,
@@ -325,14 +338,7 @@ async def test_a_failed_webhook_list_that_ignores_after_ends_with_one_line_not_a
     # GIVEN four failed deliveries, two per page, from a list that answers every request with its first
     # page whatever `after` asks
     server, url = jira
-    server.failed_webhooks_page_size = 2
-    server.failed_webhooks = [failed_webhook(str(n), 1_700_000_000_000 + n, issue_id=30001) for n in range(4)]
-    first_page = server.failed_webhooks[:2]
-
-    def ignore_after(request: Any, body: dict[str, Any]) -> None:
-        body["values"] = first_page
-
-    server.tamper = {"webhook/failed": ignore_after}
+    serve_an_unpageable_failed_webhook_list(server)
     # WHEN reconcile runs, THEN the second request, which brings nothing later, ends that step with its
     # reason, kept in the summary beside what the delete step did (the command prints both, exits 1)
     summary = await run_reconcile(
