@@ -138,21 +138,30 @@ async def export_once(
         raise  # another export is running: a skipped run, not a failed one
     except BaseException as exc:
         EXPORT_FAILURES.inc()
-        if not attempt.failure_logged:  # it failed before its run row existed: no other line says so
-            log.error("export_failed", **_failure_fields(exc), run_recorded=False)
+        # One line for every failure, also one before the run row existed (PostgreSQL unreachable).
+        log.error(
+            "export_failed",
+            reason=_failure_text(exc),
+            interrupted=isinstance(exc, asyncio.CancelledError),
+            run_id=attempt.run_id,
+            run_recorded=attempt.run_id is not None,
+            export_mode=mode,
+            export_format=settings.format.value,
+        )
         raise
 
 
 @dataclass
 class _Attempt:
-    # Whether the run logged its own export_failed line (with its run_id), after recording the failure.
-    failure_logged: bool = False
+    # The run's row in jiralake_export_run, once it exists (its failure is recorded there too).
+    run_id: int | None = None
 
 
-def _failure_fields(exc: BaseException) -> dict[str, Any]:
-    interrupted = isinstance(exc, asyncio.CancelledError)
-    reason = "interrupted (stop requested)" if interrupted else failure_reason(exc) or repr(exc)
-    return {"reason": reason, "interrupted": interrupted}
+def _failure_text(exc: BaseException) -> str:
+    """A failed run's reason, as its row and its export_failed line give it."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "interrupted (stop requested)"
+    return failure_reason(exc) or repr(exc)
 
 
 async def _export_under_lock(
@@ -255,6 +264,7 @@ async def _locked_export(
         started_at=started_at,
         since_xid8=since,
     )
+    attempt.run_id = run_id
     with structlog.contextvars.bound_contextvars(run_id=run_id):
         log.info("export_started", bucket=settings.bucket, since_xid8=since, columns=len(columns))
         try:
@@ -264,15 +274,12 @@ async def _locked_export(
             )  # fmt: skip
         except BaseException as exc:
             EXPORT_SECONDS.observe(time.monotonic() - started_monotonic)
-            fields = _failure_fields(exc)
             # To its end even if a stop arrives meanwhile; the failure that came first is what is raised.
             await finish_cleanup(
-                _record_failure(control, run_id, clock().astimezone(UTC), fields["reason"]),
+                _record_failure(control, run_id, clock().astimezone(UTC), _failure_text(exc)),
                 after=exc,
                 name="export-record-failure",
             )
-            log.error("export_failed", **fields, run_recorded=True)
-            attempt.failure_logged = True
             raise
     EXPORT_ROWS.inc(result.rows)
     EXPORT_BYTES.inc(result.bytes)

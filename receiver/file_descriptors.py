@@ -4,7 +4,7 @@ At start the soft ``RLIMIT_NOFILE`` is raised to the hard limit (what Go's runti
 program): container runtimes often start processes with a soft limit of 1024, which a few hundred idle
 clients exhaust. When the process runs out anyway, asyncio's accept loop reports it through the event
 loop's exception handler at ERROR with a traceback, about once per second per listening socket; the
-handler here makes that one WARNING line per ``interval_s`` with a count, and leaves every other report
+handler here makes that one WARNING line per 10 s with a count, and leaves every other report
 to asyncio's default handler.
 """
 
@@ -14,7 +14,7 @@ import asyncio
 import errno
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,6 +23,7 @@ import structlog
 log = structlog.get_logger()
 
 LOG_OUT_OF_DESCRIPTORS = "receiver_cannot_accept_connections"
+LOG_INTERVAL_S = 10.0
 # Linux's default fs.nr_open: the highest soft limit asked for when the hard one is unlimited.
 _UNLIMITED_TARGET = 1_048_576
 # The errors asyncio's accept loop reports and retries after (asyncio/selector_events.py).
@@ -44,12 +45,10 @@ def raise_open_files_limit() -> int:
 
 class AcceptErrorsAsWarnings:
     """An event loop exception handler: accept() failing for lack of descriptors or memory becomes one
-    WARNING line per ``interval_s`` (with how many failures it stands for); anything else goes to the
-    loop's default handler."""
+    WARNING line per :data:`LOG_INTERVAL_S` (with how many failures it stands for); anything else goes
+    to the loop's default handler."""
 
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval_s = interval_s
-        self._clock = clock
+    def __init__(self) -> None:
         self._last_logged: float | None = None
         self._unlogged = 0
 
@@ -60,8 +59,8 @@ class AcceptErrorsAsWarnings:
             loop.default_exception_handler(context)
             return
         self._unlogged += 1
-        now = self._clock()
-        if self._last_logged is not None and now - self._last_logged < self._interval_s:
+        now = time.monotonic()
+        if self._last_logged is not None and now - self._last_logged < LOG_INTERVAL_S:
             return
         log.warning(
             LOG_OUT_OF_DESCRIPTORS,
