@@ -15,7 +15,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $@
 
-install: $(BIN)/.installed
+## promtool (Prometheus's rule checker) for the alert-rule tests in tests/test_deploy.py: the one on
+## the PATH if there is one, else taken out of Debian's prometheus package where apt-get can fetch it
+## (no root needed). Elsewhere those tests skip (docs/operations.md) and install goes on.
+$(BIN)/promtool: | $(BIN)/.installed
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then \
+	  tmp=$$(mktemp -d) && ( cd $$tmp && apt-get download -qq prometheus 2>/dev/null \
+	    && dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(abspath $@) ) \
+	    || echo "make: could not fetch Debian's prometheus package; the promtool tests will skip" >&2; \
+	  rm -rf $$tmp; \
+	else echo "make: no promtool and no apt-get; the promtool tests will skip" >&2; fi
+
+install: $(BIN)/.installed $(BIN)/promtool
 
 ## The whole test suite: lint, strict type check, then pytest (real Postgres, moto's HTTP server).
 test: lint typecheck pytest
