@@ -58,7 +58,6 @@ class BackfillSummary:
     total: int | None = None
     resumed_after_page: int | None = None
     pages: int = 0
-    fetched: int = 0
     sent: int = 0
     issues_sent_total: int = 0
     refused: list[Refused] = field(default_factory=list)
@@ -231,7 +230,6 @@ async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
                 log.warning("snapshot_refused", issue_id=refused.issue_id, reason=refused.reason)
             pages_done += 1
             job.summary.pages += 1
-            job.summary.fetched += len(item.issues)
             job.summary.sent += outcome.sent
             job.summary.issues_sent_total += outcome.sent
             await state.save_page(

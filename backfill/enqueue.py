@@ -17,7 +17,7 @@ import structlog
 from backfill.jira_client import Sleep
 from shared.envelope import Envelope
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.queue_limits import DEAD_LETTER_ROOM_BYTES, entry_room, queue_message_limit
+from shared.queue_limits import entry_room, queue_message_limit
 from shared.sqs_batch import entry_bytes, send_entries
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class SendOutcome:
 
 
 # What a message may count (body and attributes) on a queue that takes SQS's largest, 1 MiB.
-DEFAULT_MAX_ENTRY_BYTES = MAX_MESSAGE_BYTES - DEAD_LETTER_ROOM_BYTES
+DEFAULT_MAX_ENTRY_BYTES = entry_room(MAX_MESSAGE_BYTES)
 # How long the one GetQueueAttributes call that learns the queue's limit may take.
 LIMIT_TIMEOUT_S = 30.0
 

@@ -95,8 +95,6 @@ class FailedWebhookReport:
     ignored: int = 0
     without_body: list[str] = field(default_factory=list)
     invalid: list[tuple[str, str]] = field(default_factory=list)
-    # failureTime of the last entry handled: the next run asks for failures after it.
-    cursor_ms: int | None = None
 
 
 @dataclass
@@ -261,7 +259,7 @@ async def _replay_failed_webhooks(
     sleep: Sleep,
 ) -> FailedWebhookReport:
     after_ms = await state.load_failed_webhook_cursor(conn, settings.jira.url)
-    report = FailedWebhookReport(available=True, cursor_ms=after_ms)
+    report = FailedWebhookReport(available=True)
     limit: int | None = None  # what a message may count on the queue, asked before the first send
     while True:
         page = await jira.failed_webhooks(after_ms)
@@ -294,7 +292,6 @@ async def _replay_failed_webhooks(
             )
         if times:
             after_ms = max(times)
-            report.cursor_ms = after_ms
             if not request.dry_run:
                 await state.store_failed_webhook_cursor(conn, settings.jira.url, after_ms)
         if not page.values or len(page.values) < page.max_results or not times:

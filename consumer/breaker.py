@@ -70,7 +70,3 @@ class CircuitBreaker:
         CONSUMER_CIRCUIT_OPEN.set(0)
         log.warning("circuit_closed", hint="receiving again")
         return 0.0
-
-    @property
-    def is_open(self) -> bool:
-        return self.remaining_s() > 0

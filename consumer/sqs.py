@@ -7,26 +7,15 @@ Batch calls return the messages SQS did not act on, so callers can log them; a f
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from shared.metrics import SQS_CALLS
+from shared.sqs_requests import counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 Message = dict[str, Any]
-T = TypeVar("T")
-
-
-async def counted(operation: str, call: Awaitable[T]) -> T:
-    try:
-        result = await call
-    except Exception:
-        SQS_CALLS.labels(operation, "error").inc()
-        raise
-    SQS_CALLS.labels(operation, "ok").inc()
-    return result
 
 
 async def receive(

@@ -37,6 +37,7 @@ from shared import aws, db, queue_depth
 from shared.admin_server import admin_app, start_admin_server
 from shared.envelope import Envelope, InvalidEnvelope
 from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS, SQS_CALLS, sqs_label_sets, start_at_zero
+from shared.sqs_requests import counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -175,14 +176,12 @@ class Consumer:
         except Exception as exc:
             return f"postgres: {type(exc).__name__}: {exc}"
         try:
-            await asyncio.wait_for(
-                sqs_calls.counted(
-                    "GetQueueAttributes",
-                    self.sqs.get_queue_attributes(
-                        QueueUrl=self.settings.queue.queue_url, AttributeNames=["QueueArn"]
-                    ),
+            await counted(
+                "GetQueueAttributes",
+                self.sqs.get_queue_attributes(
+                    QueueUrl=self.settings.queue.queue_url, AttributeNames=["QueueArn"]
                 ),
-                timeout=5,
+                timeout_s=5,
             )
         except Exception as exc:
             return f"sqs: {type(exc).__name__}: {exc}"

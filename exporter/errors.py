@@ -29,10 +29,6 @@ class ExportLockLost(ExportError):
     """The session that held the advisory lock ended mid-run: the run must not publish."""
 
 
-class ExportInterrupted(ExportError):
-    """The process was asked to stop (SIGTERM, SIGINT) while an export was running."""
-
-
 def failure_reason(exc: BaseException) -> str | None:
     """One line for a failure a person can act on; None for anything else (a bug)."""
     if isinstance(exc, ExportError):

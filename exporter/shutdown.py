@@ -98,17 +98,10 @@ async def finish_cleanup(cleanup: Coroutine[Any, Any, T], *, after: BaseExceptio
 
 
 async def _wait_to_the_end(task: asyncio.Task[Any], *, deferred: str) -> int:
-    """Wait until ``task`` is done, however often the caller is cancelled meanwhile (even in the very
-    loop turn ``task`` ends); returns how many times it was."""
-    cancellations = 0
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            if not cancellations:
-                log.warning("export_stop_deferred", until=deferred)
-            cancellations += 1
-    return cancellations
+    """:func:`shared.shutdown.wait_to_the_end`, logging that the stop waits for ``deferred``."""
+    return await shutdown.wait_to_the_end(
+        task, on_first_cancel=lambda: log.warning("export_stop_deferred", until=deferred)
+    )
 
 
 def _withdraw(cancellations: int) -> None:

@@ -15,6 +15,7 @@ import asyncpg
 
 from exporter.run import ExportResult
 from exporter.settings import ExporterSettings
+from receiver.intake import DELIVERY_HEADER
 from receiver.signature import SIGNATURE_HEADER, sign
 from shared import aws, db
 from shared.errors import CommandError
@@ -25,7 +26,6 @@ from shared.settings import DatabaseSettings
 # the code in a checkout (an editable install), else in the checkout the command runs from.
 FIXTURES_IN_CHECKOUT = Path("tests") / "fixtures" / "jira-webhooks"
 DEFAULT_FIXTURES = Path(__file__).resolve().parent.parent / FIXTURES_IN_CHECKOUT
-DELIVERY_HEADER = "X-Atlassian-Webhook-Identifier"
 
 # -- table_exists --
 _TABLE_EXISTS = "SELECT to_regclass('ap_jira_task') IS NOT NULL"

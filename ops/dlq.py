@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from botocore.exceptions import ClientError
@@ -44,9 +44,11 @@ from shared.envelope import (
     InvalidEnvelope,
     read_attribute,
 )
-from shared.queue_depth import SQS_ERRORS, make_visible, read_counts
+from shared.queue_depth import make_visible, read_counts
 from shared.settings import QueueSettings
+from shared.shutdown import finish_then_cancel
 from shared.sqs_batch import send_entries
+from shared.sqs_requests import SQS_ERRORS
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -72,8 +74,6 @@ REPLAYED_AGAIN_REASON = (
     "this event was already replayed in this run and is back in the DLQ (it failed again, or this is "
     "a second copy); left in the DLQ"
 )
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -182,16 +182,6 @@ async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> lis
     return [dict(m) for m in resp.get("Messages", [])]
 
 
-async def _complete(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to the end even if the caller is cancelled (Ctrl-C, shutdown), then re-raise."""
-    task = asyncio.create_task(coro, name="dlq-complete-step")
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.shield(task)
-        raise
-
-
 async def list_dead_letters(
     sqs: SQSClient,
     dlq_url: str,
@@ -223,7 +213,7 @@ async def list_dead_letters(
             if wrapped:
                 break
     finally:
-        await _complete(make_visible(sqs, dlq_url, held))
+        await finish_then_cancel(make_visible(sqs, dlq_url, held), name="dlq-release")
     return list(listed.values())
 
 
@@ -347,9 +337,12 @@ async def replay_dead_letters(
                     sent_deliveries.add(letter.envelope.delivery_id)
                     to_send.append(letter)
             if to_send:
-                await _complete(_send_then_delete(sqs, queues, to_send, summary, failed_groups, held))
+                await finish_then_cancel(
+                    _send_then_delete(sqs, queues, to_send, summary, failed_groups, held),
+                    name="dlq-replay-step",
+                )
     finally:
-        await _complete(make_visible(sqs, queues.dlq_url, list(held.values())))
+        await finish_then_cancel(make_visible(sqs, queues.dlq_url, list(held.values())), name="dlq-release")
     return summary
 
 

@@ -20,9 +20,10 @@ from shared import argtypes
 from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.jira_event import is_issue_id
-from shared.queue_depth import SQS_ERRORS, QueueCounts, read_counts
+from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 from shared.shutdown import signal_exit_code, stop_on_signals
+from shared.sqs_requests import SQS_ERRORS
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -1,7 +1,8 @@
-"""``jiralake forget-user (--account-id ID | --username NAME [--pseudonym NAME]) [--dry-run]``: erase one
-person's personal data from ``ap_jira_task`` and ``ap_jira_task_event`` (a GDPR erasure request), in
-small batches beside the running consumer. Never automatic. Operators' guide: docs/runbook.md,
-"Erasing a person"; what is stored where: README.md, "Personal data".
+"""``jiralake forget-user (--account-id ID | --username NAME [--pseudonym NAME] [--key KEY ...])
+[--dry-run] [--batch-size N]``: erase one person's personal data from ``ap_jira_task`` and
+``ap_jira_task_event`` (a GDPR erasure request), in small batches beside the running consumer. Never
+automatic. Operators' guide: docs/runbook.md, "Erasing a person"; what is stored where: README.md,
+"Personal data".
 
 **Who.** Jira Cloud: ``--account-id``, the person's ``accountId``, matched exactly. Server/Data
 Center: ``--username``, matched without regard to case as Jira does, against ``name`` (and ``key``
@@ -93,7 +94,7 @@ from ops.user_scrub import FORMER_USER, Person, pseudonym_for, scrub_event_row, 
 from shared import argtypes, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
-from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
+from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_name, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -515,13 +516,13 @@ def render(summary: ForgetSummary) -> str:
     tasks, events = summary.rows[TASK_TABLE], summary.rows[EVENT_TABLE]
     counts = f"{tasks} row(s) of {TASK_TABLE} and {events} row(s) of {EVENT_TABLE}"
     if summary.dry_run and summary.stopped:
-        stopped = f"stopped by {_stop_name(summary)} before the end"
+        stopped = f"stopped by {stop_name(summary.stop_signal)} before the end"
         return f"dry run, nothing changed; {stopped}, so far it would scrub {counts}"
     if summary.dry_run:
         return f"dry run, nothing changed: would scrub {counts}"
     text = f"scrubbed {counts} in {summary.batches} batch(es) of up to {summary.batch_size}"
     if summary.stopped:
-        return text + f"; stopped by {_stop_name(summary)} before the end"
+        return text + f"; stopped by {stop_name(summary.stop_signal)} before the end"
     if not tasks and not events:
         return text + (
             "; nothing left names this person's ids (already forgotten, or check the id; a Data "
@@ -533,10 +534,6 @@ def render(summary: ForgetSummary) -> str:
         "Next: a full export (jiralake export --once, per format you export) so that S3 latest/ no longer "
         "holds the old data; older history/ and changes/ files keep it (docs/runbook.md, Erasing a person)."
     )
-
-
-def _stop_name(summary: ForgetSummary) -> str:
-    return summary.stop_signal.name if summary.stop_signal else "a stop request"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -598,7 +595,8 @@ def _forget_user_command(args: argparse.Namespace) -> int:
             else "what was scrubbed stays scrubbed; run the same command again to finish"
         )
         raise CommandError(
-            f"forget-user stopped by {_stop_name(summary)} after {summary.batches} batch(es); {done}",
+            f"forget-user stopped by {stop_name(summary.stop_signal)} after {summary.batches} batch(es); "
+            f"{done}",
             exit_code=signal_exit_code(summary.stop_signal),
         )
     return 0

@@ -48,7 +48,7 @@ import structlog
 from shared import argtypes, db
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
-from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
+from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_name, stop_on_signals
 
 log = structlog.get_logger()
 
@@ -293,14 +293,10 @@ def render(summary: PruneSummary) -> str:
         )
     text = f"deleted {summary.rows} {recorded} in {summary.batches} batch(es) of up to {summary.batch_size}"
     if summary.stopped:
-        return text + f"; stopped by {_stop_name(summary)} before the end"
+        return text + f"; stopped by {stop_name(summary.stop_signal)} before the end"
     if summary.oldest_left is None:
         return text + "; the history is now empty"
     return text + f"; the oldest row left was recorded at {_iso(summary.oldest_left)}"
-
-
-def _stop_name(summary: PruneSummary) -> str:
-    return summary.stop_signal.name if summary.stop_signal else "a stop request"
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -351,8 +347,8 @@ def _prune_command(args: argparse.Namespace) -> int:
     print(render(summary))
     if summary.stopped:
         raise CommandError(
-            f"history prune stopped by {_stop_name(summary)} after {summary.batches} batch(es); what "
-            "was deleted stays deleted; run the same command again to go on",
+            f"history prune stopped by {stop_name(summary.stop_signal)} after {summary.batches} "
+            "batch(es); what was deleted stays deleted; run the same command again to go on",
             exit_code=signal_exit_code(summary.stop_signal),
         )
     return 0

@@ -9,7 +9,6 @@ socket's path must be): no TCP port, and no other local user can connect, let al
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import os
 import pwd
@@ -25,6 +24,7 @@ import structlog
 
 from shared.errors import CommandError
 from shared.settings import check_database_url
+from shared.shutdown import wait_to_the_end
 
 log = structlog.get_logger()
 
@@ -286,9 +286,7 @@ async def _start_server(pg: LocalPostgres, bin_dir: Path, data_dir: Path, user: 
     except asyncio.CancelledError:
         # Stopped while the server starts (pg_ctl runs on in its thread): once it has, however often
         # asked to stop meanwhile, the caller stops it.
-        while not starting.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(starting)
+        await wait_to_the_end(starting)
         pg.running = starting.result().returncode == 0 or _postmaster_of(data_dir) is not False
         raise
     if start.returncode != 0:

@@ -30,8 +30,9 @@ from ops.text_table import format_age, format_table
 from shared import argtypes
 from shared.aws import error_code, sqs_client
 from shared.errors import CommandError
-from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, SQS_ERRORS, QueueDepth, read_depth
+from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
+from shared.sqs_requests import SQS_ERRORS
 
 OK_EXIT_CODE = 0
 UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors

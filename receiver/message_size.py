@@ -34,7 +34,7 @@ class MessageLimits:
     @property
     def max_entry_bytes(self) -> int:
         """The most a message may count (its body plus attributes, as SQS counts them)."""
-        return self.queue_max_message_bytes - DEAD_LETTER_ROOM_BYTES
+        return entry_room(self.queue_max_message_bytes)
 
     @property
     def body_limit_bytes(self) -> int:

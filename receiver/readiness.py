@@ -15,7 +15,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.aws import error_code
-from shared.metrics import SQS_CALLS
+from shared.sqs_requests import counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -58,15 +58,15 @@ class QueueReadiness:
 
     async def _ask_sqs(self) -> str | None:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=["QueueArn"])
+            await counted(
+                "GetQueueAttributes",
+                self._sqs.get_queue_attributes(QueueUrl=self._queue_url, AttributeNames=["QueueArn"]),
+                timeout_s=self._timeout_s,
+            )
         except TimeoutError:
-            SQS_CALLS.labels("GetQueueAttributes", "error").inc()
             return f"SQS did not answer within {self._timeout_s:g}s"
         except (ClientError, BotoCoreError, OSError) as exc:
-            SQS_CALLS.labels("GetQueueAttributes", "error").inc()
             log.warning("readiness_sqs_failed", error=f"{type(exc).__name__}: {exc}")
             # The main port is public: name the failure, keep the details in the log.
             return f"SQS queue not reachable ({error_code(exc) or type(exc).__name__})"
-        SQS_CALLS.labels("GetQueueAttributes", "ok").inc()
         return None

@@ -136,17 +136,6 @@ class Routed:
     issue_id: str
     # The event's own time in ms since the epoch, or None when the body carries none usable.
     event_ts_ms: int | None
-    webhook: JiraWebhook
-
-
-@dataclass(frozen=True)
-class RouteKey:
-    """What :func:`route_json` finds for a body that concerns one issue (a :class:`Routed` without
-    the model: the receiver forwards the raw body and needs only these three)."""
-
-    event_type: str
-    issue_id: str
-    event_ts_ms: int | None
 
 
 @dataclass(frozen=True)
@@ -183,7 +172,7 @@ def route(payload: Any, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXE
             )
         raise InvalidEvent(f"{event_type} event has a non-numeric issue id {issue_id[:40]!r}")
     # One spelling per issue: its FIFO group and row key (Jira never pads ids with zeros; others might).
-    return Routed(event_type, str(int(issue_id)), event_time_ms(hook), hook)
+    return Routed(event_type, str(int(issue_id)), event_time_ms(hook))
 
 
 def issue_id_of(hook: JiraWebhook) -> str | None:
@@ -326,7 +315,7 @@ _NON_JSON_TOKENS = ("NaN", "Infinity")
 
 def route_json(
     text: str, accepted_prefixes: tuple[str, ...] = ISSUE_EVENT_PREFIXES
-) -> RouteKey | Ignored | None:
+) -> Routed | Ignored | None:
     """``route(json.loads(text))`` in one parse that builds only what routing reads, for the bodies
     it accepts outright; None for every other body (not JSON, not an object, NaN, deeply nested, a
     field of the wrong type, an issue event without a usable id), for which the caller runs the full
@@ -353,4 +342,4 @@ def route_json(
         event_ts_ms = _event_time_ms(hook.timestamp, fields.updated if fields is not None else None)
     except InvalidEvent:
         return None
-    return RouteKey(event_type, str(int(issue_id)), event_ts_ms)
+    return Routed(event_type, str(int(issue_id)), event_ts_ms)

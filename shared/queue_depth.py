@@ -21,16 +21,16 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.aws import error_code, sqs_client
-from shared.metrics import QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS, SQS_CALLS
+from shared.metrics import QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
 from shared.settings import AwsSettings, QueueSettings
+from shared.sqs_requests import SQS_ERRORS, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -41,7 +41,7 @@ log = structlog.get_logger()
 # The ``queue`` label values of the gauges, and the ``state`` label values.
 MAIN_QUEUE = "main"
 DEAD_LETTER_QUEUE = "dlq"
-STATES = ("visible", "in_flight", "delayed")
+STATES = ("visible", "in_flight", "delayed")  # also QueueDepth's attribute names
 
 # Visibility of peeked messages between the receive and the reset to 0 (only matters if we crash).
 PEEK_HOLD_S = 30
@@ -54,7 +54,6 @@ REPEEK_EVERY_S = 300.0
 # not count toward the SQS error alert.
 DENIED_REPEEK_S = 3600.0
 
-SQS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
 T = TypeVar("T")
 
@@ -114,18 +113,8 @@ def _access_denied(exc: BaseException) -> bool:
     return error_code(exc) in _DENIED_CODES
 
 
-async def _counted(operation: str, call: Awaitable[T]) -> T:
-    try:
-        result = await call
-    except SQS_ERRORS:
-        SQS_CALLS.labels(operation, "error").inc()
-        raise
-    SQS_CALLS.labels(operation, "ok").inc()
-    return result
-
-
 async def read_counts(sqs: SQSClient, url: str) -> QueueCounts:
-    resp = await _counted(
+    resp = await counted(
         "GetQueueAttributes",
         sqs.get_queue_attributes(
             QueueUrl=url,
@@ -159,7 +148,7 @@ async def make_visible(sqs: SQSClient, url: str, receipt_handles: Sequence[str])
             {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)
         ]
         try:
-            resp = await _counted(
+            resp = await counted(
                 "ChangeMessageVisibilityBatch",
                 sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries),
             )
@@ -182,7 +171,7 @@ async def make_visible(sqs: SQSClient, url: str, receipt_handles: Sequence[str])
 async def peek_oldest_sent_ms(sqs: SQSClient, url: str) -> int | None:
     """The oldest ``SentTimestamp`` (ms) among the messages one receive returns, visibility reset at
     once. Never call this on a queue with a redrive policy (see the module docstring)."""
-    resp = await _counted(
+    resp = await counted(
         "ReceiveMessage",
         sqs.receive_message(
             QueueUrl=url,
@@ -241,9 +230,8 @@ def _depth(queue: str, url: str, counts: QueueCounts, oldest_age_s: float | None
 
 def publish(depth: QueueDepth) -> None:
     """Set the gauges for one queue; an unknown age removes the age series rather than leave it stale."""
-    QUEUE_MESSAGES.labels(depth.queue, "visible").set(depth.visible)
-    QUEUE_MESSAGES.labels(depth.queue, "in_flight").set(depth.in_flight)
-    QUEUE_MESSAGES.labels(depth.queue, "delayed").set(depth.delayed)
+    for state in STATES:
+        QUEUE_MESSAGES.labels(depth.queue, state).set(getattr(depth, state))
     if depth.oldest_age_s is None:
         with contextlib.suppress(KeyError):
             QUEUE_OLDEST_AGE_SECONDS.remove(depth.queue)

@@ -8,15 +8,14 @@ SQS's largest message (1 MiB); a queue made by hand or by an older Terraform may
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Final
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import CommandError
-from shared.metrics import SQS_CALLS
 from shared.provision import MAX_MESSAGE_BYTES
+from shared.sqs_requests import counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -35,18 +34,16 @@ async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: floa
     then assumes SQS's largest (1 MiB), and a smaller queue would refuse a whole batch that holds a
     message over its limit."""
     try:
-        async with asyncio.timeout(timeout_s):
-            answer = await sqs.get_queue_attributes(
-                QueueUrl=queue_url, AttributeNames=[QUEUE_LIMIT_ATTRIBUTE]
-            )
+        answer = await counted(
+            "GetQueueAttributes",
+            sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[QUEUE_LIMIT_ATTRIBUTE]),
+            timeout_s=timeout_s,
+        )
     except TimeoutError:
-        SQS_CALLS.labels("GetQueueAttributes", "error").inc()
         error = f"SQS did not answer within {timeout_s:g}s"
     except (ClientError, BotoCoreError, OSError) as exc:
-        SQS_CALLS.labels("GetQueueAttributes", "error").inc()
         error = f"{type(exc).__name__}: {exc}"
     else:
-        SQS_CALLS.labels("GetQueueAttributes", "ok").inc()
         raw = answer.get("Attributes", {}).get(QUEUE_LIMIT_ATTRIBUTE, "")
         if raw.isascii() and raw.isdigit() and int(raw) > 0:
             return int(raw)

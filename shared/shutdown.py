@@ -62,6 +62,39 @@ def signal_exit_code(sig: signal.Signals | None) -> int:
     return 128 + int(sig or signal.SIGTERM)
 
 
+def stop_name(sig: signal.Signals | None) -> str:
+    """How a command's summary names what stopped it: ``SIGTERM``, ``SIGINT``, or a stop request."""
+    return sig.name if sig else "a stop request"
+
+
+async def wait_to_the_end(
+    task: asyncio.Future[Any], *, on_first_cancel: Callable[[], None] | None = None
+) -> int:
+    """Wait until ``task`` is done, however often the caller is cancelled meanwhile (even in the very
+    loop turn ``task`` ends); returns how many times it was. ``on_first_cancel`` runs at the first."""
+    cancellations = 0
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            if not cancellations and on_first_cancel is not None:
+                on_first_cancel()
+            cancellations += 1
+    return cancellations
+
+
+async def finish_then_cancel(work: Coroutine[Any, Any, T], *, name: str) -> T:
+    """Run ``work`` to its end in a task of its own even if the caller is cancelled meanwhile, however
+    often (a send-then-delete pair that a Ctrl-C must not split); then raise the cancellation if there
+    was one, else return the result. A failure of ``work`` is raised as is."""
+    task = asyncio.create_task(work, name=name)
+    cancellations = await wait_to_the_end(task)
+    result = task.result()
+    if cancellations:
+        raise asyncio.CancelledError
+    return result
+
+
 async def run_unless_stopped(
     work: Coroutine[Any, Any, T],
     stop: asyncio.Event | None,

@@ -13,10 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from shared.metrics import SQS_CALLS
 from shared.provision import MAX_MESSAGE_BYTES
+from shared.sqs_requests import SQS_ERRORS, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -92,14 +90,15 @@ async def send_entries(
         if not chunk:
             continue
         try:
-            resp = await sqs.send_message_batch(QueueUrl=queue_url, Entries=chunk)  # type: ignore[arg-type]
-        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
-            SQS_CALLS.labels("SendMessageBatch", "error").inc()
+            resp = await counted(
+                "SendMessageBatch",
+                sqs.send_message_batch(QueueUrl=queue_url, Entries=chunk),  # type: ignore[arg-type]
+            )
+        except SQS_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             for entry in chunk:
                 results[entry["Id"]] = EntryResult(entry["Id"], False, reason, retryable=True)
         else:
-            SQS_CALLS.labels("SendMessageBatch", "ok").inc()
             for ok in resp.get("Successful", []):
                 results[ok["Id"]] = EntryResult(ok["Id"], True)
             for failed in resp.get("Failed", []):

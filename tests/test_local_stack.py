@@ -97,7 +97,7 @@ def _normalized(line: str) -> str:
 
 def _readme_demo_sample() -> list[str]:
     readme = (ROOT / "README.md").read_text()
-    found = re.search(r"`--keep-running` leaves the stack up\).*?```\n(.*?)```", readme, re.DOTALL)
+    found = re.search(r"`--keep-running` leaves the stack up.*?```\n(.*?)```", readme, re.DOTALL)
     assert found, "README.md no longer shows the demo's output"
     return found.group(1).rstrip("\n").splitlines()
 

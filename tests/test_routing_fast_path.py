@@ -16,21 +16,17 @@ from shared.jira_event import (
     Ignored,
     InvalidEvent,
     Routed,
-    RouteKey,
     route,
     route_json,
 )
 from tests import jira_fixtures
 
 
-def _full(text: str) -> RouteKey | Ignored | str:
+def _full(text: str) -> Routed | Ignored | str:
     try:
-        result = route(json.loads(text, parse_constant=_refuse))
+        return route(json.loads(text, parse_constant=_refuse))
     except (ValueError, InvalidEvent) as exc:
         return f"refused: {type(exc).__name__}"
-    if isinstance(result, Routed):
-        return RouteKey(result.event_type, result.issue_id, result.event_ts_ms)
-    return result
 
 
 def _refuse(token: str) -> Any:

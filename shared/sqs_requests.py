@@ -1,0 +1,30 @@
+"""Every SQS call jiralake makes is counted in ``jiralake_sqs_requests_total`` (operation, ok/error),
+here; and the errors an SQS call raises when SQS, the network or the credentials fail."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.metrics import SQS_CALLS
+
+# What an SQS call raises when SQS refuses it, the network fails, or it takes too long.
+SQS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
+
+T = TypeVar("T")
+
+
+async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None = None) -> T:
+    """Await one SQS call and count it as ``ok`` or ``error``; past ``timeout_s`` (None: no limit) it
+    is cancelled, counted as an error, and :class:`TimeoutError` raised."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await call
+    except Exception:
+        SQS_CALLS.labels(operation, "error").inc()
+        raise
+    SQS_CALLS.labels(operation, "ok").inc()
+    return result
