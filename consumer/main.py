@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+from consumer.service import run_consumer
 from consumer.settings import ConsumerSettings
-from consumer.worker import ConsumerStats, run_consumer
+from consumer.worker import ConsumerStats
 from shared.shutdown import stop_on_signals
 
 

@@ -1,4 +1,5 @@
-"""Pollers: receive a batch, apply it in one transaction, then acknowledge it; shutdown; run until idle.
+"""Pollers: receive a batch, apply it in one transaction, then acknowledge it; their shutdown; readiness.
+consumer/service.py runs them with the pool, the admin port and the gauges.
 
 Each poller loops: check Postgres (a pooled connection and ``SELECT 1``; while Postgres is down it
 does not receive, so an outage does not burn receive counts into the DLQ) -> ``ReceiveMessage`` (long
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -29,12 +29,9 @@ from consumer import apply, queries, visibility
 from consumer import sqs as sqs_calls
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter
-from consumer.export_freshness import poll_last_export
 from consumer.outcomes import Outcome, classify, describe
 from consumer.settings import MAX_RECEIVE_MESSAGES, ConsumerSettings
 from consumer.sqs import Message
-from shared import aws, db, queue_depth
-from shared.admin_server import admin_app, start_admin_server
 from shared.envelope import Envelope, InvalidEnvelope
 from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS, SQS_CALLS, sqs_label_sets, start_at_zero
 from shared.sqs_requests import counted
@@ -59,9 +56,8 @@ EVENT_OUTCOMES = (
 # After an empty short poll (wait_time_s 0), pause this long before the next one.
 _EMPTY_POLL_PAUSE_S = 0.2
 _FIRST_BACKOFF_S = 0.5
-# After the pollers stopped (shutdown_grace_s): how long the gauge pollers may take to notice the stop,
-# and how long PostgreSQL may take to answer the pool's goodbyes, before each is cut short.
-GAUGE_STOP_S = 2.0
+# After the pollers stopped (shutdown_grace_s): how long PostgreSQL may take to confirm cancelled
+# statements, and to answer the pool's goodbyes (consumer/service.py), before each is cut short.
 POOL_CLOSE_S = 5.0
 LOG_CONNECTIONS_TERMINATED = "database_connections_terminated"
 # What _finish gets for acknowledgements that follow no apply (rejections alone, or nothing left).
@@ -496,91 +492,6 @@ async def _wait(halt: asyncio.Event, delay_s: float) -> None:
         await asyncio.wait_for(halt.wait(), timeout=delay_s)
 
 
-async def _open_pool(settings: ConsumerSettings) -> asyncpg.Pool:
-    # min_size 0: no connection is opened here, so the consumer starts (and waits) while Postgres is down.
-    return await db.create_pool(
-        settings.database,
-        min_size=0,
-        max_size=settings.pollers + 1,
-        command_timeout=settings.statement_timeout_s,
-        timeout=settings.statement_timeout_s,
-        # Names the consumer's sessions in pg_stat_activity.
-        server_settings={"application_name": APPLICATION_NAME},
-    )
-
-
-async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> ConsumerStats:
-    """The service: pollers, the admin port, the queue-depth and export-freshness gauges, until
-    ``stop`` is set."""
-    log.info("consumer_starting", pollers=settings.pollers, queue_url=settings.queue.queue_url)
-    async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
-        pool = await _open_pool(settings)
-        consumer = Consumer(settings, pool, sqs)
-        runner = None
-        depth = None
-        freshness = None
-        depth_stop = asyncio.Event()
-        try:
-            if settings.admin_port is not None:
-                runner = await start_admin_server(
-                    admin_app(consumer.readiness), settings.admin_host, settings.admin_port
-                )
-            if settings.queue_stats_interval_s > 0:
-                depth = asyncio.create_task(
-                    queue_depth.poll_queue_depths(
-                        settings.aws,
-                        queue_depth.queue_urls(settings.queue),
-                        settings.queue_stats_interval_s,
-                        depth_stop,
-                    ),
-                    name="queue-depth-poller",
-                )
-                depth.add_done_callback(stop_when_crashed(stop))
-            if settings.export_freshness_interval_s > 0:
-                freshness = asyncio.create_task(
-                    poll_last_export(pool, settings.export_freshness_interval_s, depth_stop),
-                    name="export-freshness-poller",
-                )
-                freshness.add_done_callback(stop_when_crashed(stop))
-            await consumer.run(stop)
-        finally:
-            depth_stop.set()
-            await _stop_gauge_pollers([t for t in (depth, freshness) if t is not None])
-            if runner is not None:
-                await runner.cleanup()
-            await _close_pool(pool)
-    log.info("consumer_stopped", **_stats_fields(consumer.stats))
-    return consumer.stats
-
-
-async def _stop_gauge_pollers(tasks: list[asyncio.Task[None]]) -> None:
-    """The gauge pollers end at their next check of the stop event; one still waiting on SQS or
-    PostgreSQL after GAUGE_STOP_S is cancelled (it only publishes gauges). One that had crashed is
-    re-raised (see stop_when_crashed)."""
-    if not tasks:
-        return
-    _, waiting = await asyncio.wait(tasks, timeout=GAUGE_STOP_S)
-    for task in waiting:
-        log.warning("gauge_poller_cancelled", task=task.get_name(), after_s=GAUGE_STOP_S)
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
-    for task in tasks:
-        error = None if task.cancelled() else task.exception()
-        if error is not None:
-            raise error
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    """Close the connections politely; a server that does not answer within POOL_CLOSE_S (frozen, or
-    a network that drops packets) gets its connections closed from this side."""
-    try:
-        async with asyncio.timeout(POOL_CLOSE_S):
-            await pool.close()
-    except TimeoutError:
-        log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
-        pool.terminate()
-
-
 # asyncpg's coroutine returning a connection to its pool (Pool.release runs it under asyncio.shield).
 _POOL_RELEASE = "PoolConnectionHolder.release"
 
@@ -601,42 +512,3 @@ def _read_release_errors() -> None:
 def _read_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def stop_when_crashed(stop: asyncio.Event) -> Callable[[asyncio.Task[None]], None]:
-    """A done-callback for a gauge poller: the pollers handle SQS and PostgreSQL failures themselves,
-    so one that ends with an exception is a bug. It stops the consumer (which drains its batches, then
-    re-raises the exception from run_consumer: the process crashes loudly and its supervisor restarts
-    it) rather than serve frozen gauges, which would keep an alert firing or silent, unnoticed."""
-
-    def check(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background_task_crashed", task=task.get_name(), exc_info=task.exception())
-            stop.set()
-
-    return check
-
-
-async def consume_until_idle(
-    settings: ConsumerSettings, *, idle_s: float = 1.0, timeout_s: float = 60
-) -> ConsumerStats:
-    """Process until receives have found the queue empty for ``idle_s`` (messages backed off for a
-    retry are invisible, so they do not count), or until ``timeout_s`` (then ``timed_out`` is True).
-    No admin port. For the local demo, backfill and dead-letter replay tests."""
-    settings = replace(settings, wait_time_s=min(settings.wait_time_s, max(1, math.ceil(idle_s))))
-    stop = asyncio.Event()
-    async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
-        pool = await _open_pool(settings)
-        consumer = Consumer(settings, pool, sqs)
-        timer = asyncio.get_running_loop().call_later(timeout_s, stop.set)
-        try:
-            await consumer.run(stop, idle_s=idle_s)
-        finally:
-            timer.cancel()
-            await pool.close()
-    consumer.stats.timed_out = stop.is_set()
-    return consumer.stats
-
-
-def _stats_fields(stats: ConsumerStats) -> dict[str, int | bool]:
-    return {k: v for k, v in vars(stats).items() if not k.startswith("_")}

@@ -21,8 +21,8 @@ from typing import Any
 
 import structlog
 
+from consumer.service import run_consumer
 from consumer.settings import ConsumerSettings
-from consumer.worker import run_consumer
 from exporter.run import ExportResult, export_once
 from exporter.schedule import run_on_schedule
 from exporter.settings import ExporterSettings

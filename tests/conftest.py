@@ -19,8 +19,9 @@ import asyncpg
 import pytest
 from pytest_postgresql import factories
 
+from consumer.service import consume_until_idle
 from consumer.settings import ConsumerSettings
-from consumer.worker import ConsumerStats, consume_until_idle
+from consumer.worker import ConsumerStats
 from ops.local_aws import LocalAws
 from shared import aws, db, migrate, provision
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings

@@ -14,8 +14,8 @@ import asyncpg
 import structlog.testing
 from aiohttp import web
 
+from consumer.service import run_consumer
 from consumer.settings import ConsumerSettings
-from consumer.worker import run_consumer
 from ops.local_aws import free_port
 from shared.envelope import Envelope
 from shared.provision import QueuePair

@@ -19,9 +19,9 @@ from structlog.testing import capture_logs
 
 from consumer import sqs as sqs_calls
 from consumer.apply import apply_envelopes
+from consumer.service import run_consumer
 from consumer.sqs import Message
 from consumer.visibility import RETRY_RENEWAL_S, keep_visible
-from consumer.worker import run_consumer
 from shared import aws
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings

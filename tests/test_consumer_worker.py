@@ -16,8 +16,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
+from consumer.service import GAUGE_STOP_S, consume_until_idle, run_consumer, stop_when_crashed
 from consumer.settings import ConsumerSettings
-from consumer.worker import GAUGE_STOP_S, POOL_CLOSE_S, consume_until_idle, run_consumer, stop_when_crashed
+from consumer.worker import POOL_CLOSE_S
 from shared import aws
 from shared.envelope import ERROR_ATTRIBUTES, Envelope
 from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS

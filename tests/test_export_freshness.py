@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from consumer.export_freshness import poll_last_export, publish_last_export
-from consumer.worker import run_consumer
+from consumer.service import run_consumer
 from shared import db
 from shared.metrics import EXPORT_LAST_SUCCESS, EXPORT_MODES
 from shared.provision import QueuePair

@@ -36,7 +36,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from backfill.enqueue import max_entry_bytes, send_envelopes
-from consumer.worker import run_consumer
+from consumer.service import run_consumer
 from exporter.errors import ExportError
 from exporter.progress import ProgressSnapshot
 from exporter.run import export_once
