@@ -84,6 +84,13 @@ QUEUE_MESSAGES = Gauge(
     "Approximate messages in a queue by state (visible, in_flight, delayed).",
     ["queue", "state"],
 )
+# The queue gauges keep their last values while SQS cannot be read; this says how old they are, so an
+# alert can tell "empty" from "unknown" (a consumer cut off from SQS would otherwise show its last 0).
+QUEUE_DEPTH_READ = Gauge(
+    "jiralake_queue_depth_read_timestamp_seconds",
+    "Unix time of the last successful read of this queue's depth (the poller's start until one has).",
+    ["queue"],
+)
 QUEUE_OLDEST_AGE_SECONDS = Gauge(
     "jiralake_queue_oldest_message_age_seconds",
     "Age of the oldest message where it can be known without consuming it (the dead-letter queue).",

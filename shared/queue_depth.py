@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from shared.aws import error_code, sqs_client
-from shared.metrics import QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
+from shared.metrics import QUEUE_DEPTH_READ, QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
 from shared.settings import AwsSettings, QueueSettings
 from shared.sqs_requests import SQS_ERRORS, counted
 
@@ -310,12 +310,16 @@ async def poll_queue_depths(
 ) -> None:
     """Publish every queue's depth each ``interval_s`` until ``stop`` is set. ``queue_urls`` maps the
     ``queue`` label to the URL (see :func:`queue_urls`); only the queues named in ``peek`` are peeked
-    for their oldest age. An SQS failure is logged and the gauges keep their last values.
+    for their oldest age. An SQS failure is logged and the gauges keep their last values; each
+    queue's ``jiralake_queue_depth_read_timestamp_seconds`` (set to the start, then to every read that
+    succeeds) tells how old they are.
 
     Run it as a named task: ``create_task(poll_queue_depths(...), name="queue-depth-poller")``.
     """
     tracker = tracker or OldestAgeTracker()
     log.info("queue_depth_poller_started", queues=sorted(queue_urls), interval_s=interval_s)
+    for queue in queue_urls:
+        QUEUE_DEPTH_READ.labels(queue).set_to_current_time()
     async with sqs_client(aws, timeout_s=min(30.0, max(5.0, interval_s))) as sqs:
         while not stop.is_set():
             for queue, url in queue_urls.items():
@@ -325,6 +329,7 @@ async def poll_queue_depths(
                     log.warning("queue_depth_unavailable", queue=queue, error=_reason(exc))
                     continue
                 publish(depth)
+                QUEUE_DEPTH_READ.labels(queue).set_to_current_time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
     log.info("queue_depth_poller_stopped")

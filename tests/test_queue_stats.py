@@ -285,6 +285,7 @@ async def test_poller_publishes_depth_and_dlq_age(aws_settings: AwsSettings, que
     await enqueue(aws_settings, queues, main=3, dlq=2, receive=1)
     QUEUE_MESSAGES.labels(DEAD_LETTER_QUEUE, "visible").set(-1)  # whatever earlier tests left
     stop = asyncio.Event()
+    started = time.time()
 
     # WHEN the poller runs until the gauges show the DLQ
     task = asyncio.create_task(
@@ -314,6 +315,40 @@ async def test_poller_publishes_depth_and_dlq_age(aws_settings: AwsSettings, que
     assert gauge("jiralake_queue_oldest_message_age_seconds", queue=MAIN_QUEUE) is None
     age = gauge("jiralake_queue_oldest_message_age_seconds", queue=DEAD_LETTER_QUEUE)
     assert age is not None and 0 <= age < 60
+    # AND each queue's read time says the gauges are fresh
+    for queue in (MAIN_QUEUE, DEAD_LETTER_QUEUE):
+        read = gauge("jiralake_queue_depth_read_timestamp_seconds", queue=queue)
+        assert read is not None and started <= read <= time.time()
+
+
+async def test_a_poller_cut_off_from_sqs_keeps_the_gauges_but_not_their_read_time(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN gauges holding an empty main queue, and a poller whose SQS endpoint does not answer (the
+    # consumer's network path to SQS is cut)
+    QUEUE_MESSAGES.labels(MAIN_QUEUE, "visible").set(0)
+    cut_off = AwsSettings(region=aws_settings.region, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    urls = queue_urls(settings(queues))
+    stop = asyncio.Event()
+    started = time.time()
+    with structlog.testing.capture_logs() as logs:
+        # WHEN it tries for a few rounds, over more than a second
+        task = asyncio.create_task(
+            poll_queue_depths(cut_off, urls, interval_s=0.05, stop=stop), name="queue-depth-poller"
+        )
+        deadline = time.monotonic() + 30
+        while sum(e["event"] == "queue_depth_unavailable" for e in logs) < 4 or time.time() < started + 1.5:
+            assert time.monotonic() < deadline, "the poller did not try in time"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+    # THEN the gauges keep their last values (one failed read must not make an alert flap), and the
+    # read time stays at the poller's start, so JiralakeQueueDepthUnknown can tell stale from empty
+    assert gauge("jiralake_queue_messages", queue=MAIN_QUEUE, state="visible") == 0
+    for queue in (MAIN_QUEUE, DEAD_LETTER_QUEUE):
+        read = gauge("jiralake_queue_depth_read_timestamp_seconds", queue=queue)
+        assert read is not None and started <= read < started + 1.0
 
 
 async def test_age_tracker_peeks_only_when_a_message_left(
