@@ -11,7 +11,7 @@
   carries, or ``raw`` changes shape by source.
 - Throttling and transient failures (429, 500, 502, 503, 504, network errors) are retried: a
   ``Retry-After`` header is honoured; failing that, on a 429, Jira Cloud's ``X-RateLimit-Reset``;
-  otherwise exponential backoff with jitter (:func:`requested_wait`, :meth:`RetryPolicy.delay_s`).
+  otherwise exponential backoff with jitter (backfill/jira_retry.py).
 - Bounded concurrency: one semaphore caps requests in flight across the whole client; a request
   that waits out a ``Retry-After`` (or a reset) keeps its slot, so a throttled client slows down as
   a whole.
@@ -22,7 +22,8 @@
   empty result: an empty last page would complete the run and store a watermark.
 
 Credentials go only into the ``Authorization`` header; nothing here logs bodies, nor headers beyond
-the wait Jira asked for and a ``RateLimit-Reason`` that has the shape of one (:func:`loggable_reason`).
+the wait Jira asked for and a ``RateLimit-Reason`` that has the shape of one
+(:func:`backfill.jira_retry.loggable_reason`).
 """
 
 from __future__ import annotations
@@ -30,37 +31,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import math
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 import structlog
 
+from backfill.jira_retry import (
+    RATE_LIMIT_REASON,
+    RATE_LIMIT_RESET,
+    RETRY_AFTER,
+    RETRYABLE_STATUSES,
+    RequestedWait,
+    RetryPolicy,
+    loggable_reason,
+    requested_wait,
+)
 from backfill.jql import split_order_by
 from backfill.settings import JiraSettings
 from shared import strict_json
 
 log = structlog.get_logger()
 
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 USER_AGENT = "jiralake-backfill/0.1"
 # Enhanced search in REST v2 on Cloud: issue objects in the shape Cloud webhooks carry (module doc).
 SEARCH_PATH_CLOUD = "rest/api/2/search/jql"
-# Headers that set the wait before a retry (docs/backfill.md, "Rate limits and failures").
-RETRY_AFTER = "Retry-After"
-RATE_LIMIT_RESET = "X-RateLimit-Reset"
-RATE_LIMIT_REASON = "RateLimit-Reason"
-# Atlassian's RateLimit-Reason values are lowercase words joined by hyphens (``jira-burst-based``).
-# Only such a value is logged: a mixed-case or long one (a token a proxy echoed, say) is not.
-_REASON_SHAPE = re.compile(r"[a-z0-9][a-z0-9._:,-]{0,79}")
 # Data Center: each next page is asked from this many issues before where the last one ended (at
 # most half a page), so that a page starts with issues already read (docs/backfill.md, "Data Center
 # paging"). A shift larger than the overlap is found that way and stepped back over.
@@ -162,93 +161,6 @@ class Unavailable:
 
     status: int
     reason: str
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 8
-    base_s: float = 1.0
-    max_s: float = 60.0
-    max_retry_after_s: float = 600.0
-
-    def delay_s(self, attempt: int, requested_s: float | None, rng: random.Random) -> float:
-        """Wait before retry number ``attempt`` (0-based). When Jira asked for a wait
-        (:func:`requested_wait`: Retry-After, or the time to X-RateLimit-Reset), that wait, capped at
-        ``max_retry_after_s``, plus up to 10 % jitter (Jira answers early retries with a longer
-        wait); else backoff with equal jitter."""
-        if requested_s is not None:
-            wait = min(max(requested_s, 0.0), self.max_retry_after_s)
-            return wait + rng.uniform(0.0, 0.1 * wait)
-        ceiling = min(self.max_s, self.base_s * (2.0**attempt))
-        return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
-
-
-def parse_retry_after(value: str | None, *, now_s: float | None = None) -> float | None:
-    """``Retry-After`` as seconds: either delta-seconds or an HTTP date; None when absent or garbage."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        delta = float(text)
-    except ValueError:
-        pass
-    else:  # "nan" and "inf" parse as floats but are no wait
-        return max(delta, 0.0) if math.isfinite(delta) else None
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    seconds: float = when.timestamp() - (time.time() if now_s is None else now_s)
-    return max(seconds, 0.0)
-
-
-def parse_rate_limit_reset(value: str | None, *, now_s: float | None = None) -> float | None:
-    """Seconds until ``X-RateLimit-Reset``, an ISO 8601 time with a zone (``Z`` or an offset). None
-    when absent, garbage, without a zone, or not ahead of now: the caller backs off instead."""
-    if value is None or not value.strip():
-        return None
-    try:
-        when = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        return None
-    seconds = when.timestamp() - (time.time() if now_s is None else now_s)
-    return seconds if seconds > 0.0 else None
-
-
-@dataclass(frozen=True)
-class RequestedWait:
-    """The wait Jira asked for, in seconds, and the header that asked."""
-
-    seconds: float
-    header: str
-
-
-def requested_wait(
-    status: int, headers: Mapping[str, str], *, now_s: float | None = None
-) -> RequestedWait | None:
-    """Which wait Jira asked for: a usable ``Retry-After`` first; else, on a 429, the time until
-    ``X-RateLimit-Reset`` (Jira Cloud may throttle without Retry-After); else None (back off). The
-    reset is read only on a 429: on a 5xx it says when a quota renews, not when Jira recovers."""
-    retry_after = parse_retry_after(headers.get(RETRY_AFTER), now_s=now_s)
-    if retry_after is not None:
-        return RequestedWait(retry_after, RETRY_AFTER)
-    if status == 429:
-        reset_in = parse_rate_limit_reset(headers.get(RATE_LIMIT_RESET), now_s=now_s)
-        if reset_in is not None:
-            return RequestedWait(reset_in, RATE_LIMIT_RESET)
-    return None
-
-
-def loggable_reason(value: str | None) -> str | None:
-    """``RateLimit-Reason`` as it may be logged: Atlassian's shape of value, else "unrecognised"."""
-    if value is None:
-        return None
-    text = value.strip()
-    return text if _REASON_SHAPE.fullmatch(text) else "unrecognised"
 
 
 class JiraClient:

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from structlog.testing import capture_logs
 
-from backfill.jira_client import (
+from backfill.jira_retry import (
     RequestedWait,
     RetryPolicy,
     loggable_reason,
