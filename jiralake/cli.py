@@ -27,7 +27,7 @@ COMMAND_MODULES = (
     "ops.dlq_command",
     "ops.queue_stats",
     "ops.history_prune",
-    "ops.forget_user",
+    "ops.forget_user_command",
     "backfill.command",
     "ops.up_command",
 )

@@ -25,7 +25,8 @@ from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
 from ops import forget_user, user_scrub
-from ops.forget_user import forget, person_from_arguments
+from ops.forget_user import forget
+from ops.forget_user_command import person_from_arguments, render
 from ops.user_scrub import FORMER_USER, Person, pseudonym_for
 from shared import db
 from shared.envelope import Envelope
@@ -195,7 +196,7 @@ async def test_forgetting_again_changes_nothing(pg: asyncpg.Connection) -> None:
     # THEN it finds their rows (the account id is still there) but changes none of them
     assert summary.rows == {"ap_jira_task": 0, "ap_jira_task_event": 0}
     assert await tables(pg) == before
-    assert forget_user.render(summary) == (
+    assert render(summary) == (
         "scrubbed 0 row(s) of ap_jira_task and 0 row(s) of ap_jira_task_event in 5 batch(es) of up to 3; "
         "nothing left names this person's ids (already forgotten, or check the id; a Data Center user "
         "key: --key)"
@@ -225,7 +226,7 @@ async def test_a_data_center_user_gets_a_stable_pseudonym_and_their_email_and_av
     key = await pg.fetchval("SELECT key FROM jiralake_pseudonym_key")
     pseudonym = pseudonym_for(DC_USERNAME, key)
     assert summary.pseudonym == pseudonym == pseudonym_for("LEVBROUK", key)
-    assert forget_user.render(summary).splitlines()[:2] == [
+    assert render(summary).splitlines()[:2] == [
         "scrubbed 1 row(s) of ap_jira_task and 5 row(s) of ap_jira_task_event in 4 batch(es) of up to 2",
         f'The person now appears as "Former user", under the username {pseudonym}.',
     ]
@@ -441,7 +442,7 @@ async def test_a_dry_run_counts_and_changes_nothing(
     assert (dc.dry_run, dc.rows, dc.pseudonym) == (True, {"ap_jira_task": 1, "ap_jira_task_event": 5}, None)
     assert await tables(pg) == before
     assert await pg.fetchval("SELECT count(*) FROM jiralake_pseudonym_key") == 0
-    assert forget_user.render(cloud) == (
+    assert render(cloud) == (
         "dry run, nothing changed: would scrub 4 row(s) of ap_jira_task and 7 row(s) of ap_jira_task_event"
     )
 
@@ -450,7 +451,7 @@ def test_a_stopped_dry_run_says_its_counts_are_partial() -> None:
     summary = forget_user.ForgetSummary("account-id", dry_run=True, batch_size=5, batches=2, stopped=True)
     summary.rows = {"ap_jira_task": 10, "ap_jira_task_event": 0}
     summary.stop_signal = signal.SIGINT
-    assert forget_user.render(summary) == (
+    assert render(summary) == (
         "dry run, nothing changed; stopped by SIGINT before the end, so far it would scrub 10 row(s) of "
         "ap_jira_task and 0 row(s) of ap_jira_task_event"
     )
