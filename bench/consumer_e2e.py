@@ -337,7 +337,8 @@ def from_raw(raw: dict[str, Any]) -> StageResult:
         "consumer's rate divided by the bare loop's rate in the same round. SQS calls and CPU seconds "
         "cover the whole run, including "
         f"the idle tail (about {IDLE_S:g} s of empty receives before the run ends) and, for the "
-        "consumer, the Postgres `SELECT 1` check before each receive."
+        "consumer, the Postgres check before each receive (one round trip: `SELECT 1` until 2026-12-07, "
+        "since then the schema's last migration)."
     )
     result.bounds = (
         "moto bounds the drain rate of both (its FIFO ReceiveMessage scans the queue in Python on the "

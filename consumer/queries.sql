@@ -149,6 +149,3 @@ SELECT d.delivery_id, r.delivery_id IS NOT NULL AS recorded,
        d.delivery_id IN (SELECT delivery_id FROM won) AS applied
 FROM unnest($35::text[]) AS d (delivery_id)
 LEFT JOIN recorded r ON r.delivery_id = d.delivery_id;
-
--- check_connection --
-SELECT 1;

@@ -1,7 +1,7 @@
 """Pollers: receive a batch, apply it in one transaction, then acknowledge it; their shutdown; readiness.
 consumer/service.py runs them with the pool, the admin port and the gauges.
 
-Each poller loops: check Postgres (a pooled connection and ``SELECT 1``; while Postgres is down it
+Each poller loops: check Postgres (a pooled connection and its schema's version; while Postgres is down it
 does not receive, so an outage does not burn receive counts into the DLQ) -> ``ReceiveMessage`` (long
 polling, up to 10) -> apply (consumer/apply.py) while ``visibility-extender`` keeps the batch hidden
 -> after the commit, dead-letter the invalid messages (send, then delete) and delete the rest in one
@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
-from consumer import apply, queries, visibility
+from consumer import apply, visibility
 from consumer import sqs as sqs_calls
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter
 from consumer.outcomes import Outcome, classify, describe
 from consumer.settings import MAX_RECEIVE_MESSAGES, ConsumerSettings
 from consumer.sqs import Message
+from shared import migrate
 from shared.envelope import Envelope, InvalidEnvelope
 from shared.metrics import CONSUMER_BATCH_SECONDS, CONSUMER_EVENTS, SQS_CALLS, sqs_label_sets, start_at_zero
 from shared.sqs_requests import counted
@@ -168,7 +169,7 @@ class Consumer:
     async def readiness(self) -> str | None:
         try:
             async with self.pool.acquire(timeout=5) as conn:
-                await conn.fetchval(queries.query("check_connection"), timeout=5)
+                await migrate.check_schema(conn, timeout_s=5)
         except Exception as exc:
             return f"postgres: {type(exc).__name__}: {exc}"
         try:
@@ -195,7 +196,10 @@ class Consumer:
                 continue
             try:
                 async with self.pool.acquire() as conn:
-                    await conn.fetchval(queries.query("check_connection"))
+                    # Before any receive: a crash on a missing table at the first message would count a
+                    # receive at each restart, and SQS would move the message to the DLQ after
+                    # maxReceiveCount of them.
+                    await migrate.check_schema(conn)
                     if halt.is_set():
                         return
                     messages = await self._receive()
@@ -385,8 +389,8 @@ class Consumer:
         failed: BaseException | None = None,
     ) -> apply.ApplyResult:
         """``apply_envelopes``, retried in place while a transient failure leaves the connection usable
-        (a lock held past the statement timeout, a deadlock, disk full): Postgres answers ``SELECT 1``
-        then, so releasing the batch would only spend its receive counts toward the DLQ. The batch stays
+        (a lock held past the statement timeout, a deadlock, disk full): Postgres answers the check
+        before each receive then, so releasing the batch would only spend its receive counts toward the DLQ. The batch stays
         received and hidden (the visibility extender runs) for up to ``retry_in_place_s``; after that,
         on a stop, or on any other failure, this raises and the caller releases or crashes. ``failed``:
         the failure of an attempt already made, which counts as the first."""

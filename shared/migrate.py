@@ -14,6 +14,8 @@ from importlib import resources
 import asyncpg
 import structlog
 
+from shared.errors import CommandError
+
 log = structlog.get_logger()
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -53,6 +55,33 @@ def available() -> list[Migration]:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
     return found
+
+
+def latest_version() -> int:
+    """The last migration this version of jiralake knows."""
+    return available()[-1].version
+
+
+# -- schema_version --
+_SCHEMA_VERSION = "SELECT max(version) FROM jiralake_schema_migrations"
+
+
+async def check_schema(conn: asyncpg.Connection, *, timeout_s: float | None = None) -> None:
+    """Refuse (a one-line :class:`CommandError`, exit 1) a schema older than this code: code that needs
+    a table or column `setup` has not created yet would fail at its first statement, halfway through
+    its work. A newer schema is fine: migrations only add, so a rolled-back version runs on it."""
+    try:
+        version: int | None = await conn.fetchval(_SCHEMA_VERSION, timeout=timeout_s)
+    except asyncpg.UndefinedTableError:
+        version = None  # never set up
+    latest = latest_version()
+    if version is None or version < latest:
+        found = "no migration" if version is None else f"migrations up to {version:04d}"
+        raise CommandError(
+            f"the database's schema has {found}; this version of jiralake needs {latest:04d}: run "
+            "`jiralake setup` first",
+            exit_code=1,
+        )
 
 
 async def apply(conn: asyncpg.Connection) -> list[Migration]:

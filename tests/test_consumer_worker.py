@@ -19,8 +19,9 @@ from consumer.apply import apply_envelopes
 from consumer.service import GAUGE_STOP_S, consume_until_idle, run_consumer, stop_when_crashed
 from consumer.settings import ConsumerSettings
 from consumer.worker import POOL_CLOSE_S
-from shared import aws
+from shared import aws, migrate
 from shared.envelope import ERROR_ATTRIBUTES, Envelope
+from shared.errors import CommandError
 from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
@@ -427,14 +428,45 @@ async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_chang
 async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_queue(
     settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str
 ) -> None:
-    # GIVEN a database without jiralake's schema (a misconfiguration, not a bad message)
-    async with empty_database(pg_server_dsn, "empty") as empty:
+    # GIVEN a migrated database whose table someone renamed (a misconfiguration, not a bad message)
+    async with empty_database(pg_server_dsn, "renamed") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.apply(conn)
+            await conn.execute("ALTER TABLE ap_jira_task RENAME TO ap_jira_task_old")
+        finally:
+            await conn.close()
         await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
         # WHEN the consumer applies a batch THEN the error propagates: no retry loop, no dead-letter
         with pytest.raises(asyncpg.UndefinedTableError, match="ap_jira_task"):
-            await consume_until_idle(replace(settings, database=DatabaseSettings(url=empty)), timeout_s=20)
+            await consume_until_idle(replace(settings, database=DatabaseSettings(url=url)), timeout_s=20)
     # AND the message is still on the queue (in flight until its visibility timeout), not in the DLQ
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 1)
+    assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
+
+
+@pytest.mark.parametrize("applied", [0, 1], ids=["never set up", "one migration behind"])
+async def test_a_database_setup_has_not_migrated_stops_the_consumer_before_it_receives(
+    settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str, applied: int
+) -> None:
+    # GIVEN a database that `jiralake setup` has not (fully) migrated: a consumer deployed before setup
+    async with empty_database(pg_server_dsn, "unmigrated") as url:
+        if applied:
+            conn = await asyncpg.connect(url)
+            try:
+                await migrate.apply(conn)
+                await conn.execute(
+                    "DELETE FROM jiralake_schema_migrations WHERE version = $1", migrate.latest_version()
+                )
+            finally:
+                await conn.close()
+        await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+        # WHEN the consumer starts THEN it stops at once, saying to run setup
+        with pytest.raises(CommandError, match=r"needs \d{4}: run `jiralake setup` first"):
+            await consume_until_idle(replace(settings, database=DatabaseSettings(url=url)), timeout_s=20)
+    # AND it never received the message: no receive counted toward the DLQ's maxReceiveCount, however
+    # often its supervisor restarts it
+    assert await queue_counts(aws_settings, queues.queue_url) == (1, 0)
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
