@@ -390,10 +390,11 @@ class Consumer:
     ) -> apply.ApplyResult:
         """``apply_envelopes``, retried in place while a transient failure leaves the connection usable
         (a lock held past the statement timeout, a deadlock, disk full): Postgres answers the check
-        before each receive then, so releasing the batch would only spend its receive counts toward the DLQ. The batch stays
-        received and hidden (the visibility extender runs) for up to ``retry_in_place_s``; after that,
-        on a stop, or on any other failure, this raises and the caller releases or crashes. ``failed``:
-        the failure of an attempt already made, which counts as the first."""
+        before each receive then, so releasing the batch would only spend its receive counts toward the
+        DLQ. The batch stays received and hidden (the visibility extender runs) for up to
+        ``retry_in_place_s``; after that, on a stop, or on any other failure, this raises and the caller
+        releases or crashes. ``failed``: the failure of an attempt already made, which counts as the
+        first."""
         give_up_at = time.monotonic() + self.settings.retry_in_place_s
         delay_s = min(_FIRST_BACKOFF_S, self.settings.unavailable_backoff_max_s)
         while True:
