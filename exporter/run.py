@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -32,9 +32,7 @@ import asyncpg
 import structlog
 
 from exporter import run_log
-from exporter.columns import ORDER_KEY, TABLE, ExportColumn, read_columns, select_columns
-from exporter.copy_stream import copy_csv
-from exporter.csv_format import GzipStream, csv_query
+from exporter.columns import ExportColumn, read_columns, select_columns
 from exporter.errors import ExportLocked, failure_reason
 from exporter.layout import ExportLayout
 from exporter.lock import acquire_export_lock, confirm_export_lock
@@ -43,6 +41,7 @@ from exporter.multipart import MultipartUpload, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
 from exporter.shutdown import finish_before_stopping, finish_cleanup
+from exporter.streaming import stream_csv, stream_parquet
 from exporter.uploads import UploadLedger, abort_leftover_uploads
 from shared import aws, db
 from shared.metrics import EXPORT_BYTES, EXPORT_FAILURES, EXPORT_LAST_SUCCESS, EXPORT_ROWS, EXPORT_SECONDS
@@ -343,9 +342,9 @@ async def _export(
                 since = None
             where, args = ("", ()) if since is None else (CHANGED_SINCE, (since, snapshot["xmax8"]))
             if settings.format.is_csv:
-                rows = await _stream_csv(settings, source, columns, where, args, upload, progress)
+                rows = await stream_csv(settings, source, columns, where, args, upload, progress)
             else:
-                rows = await _stream_parquet(settings, source, columns, where, args, upload, progress)
+                rows = await stream_parquet(settings, source, columns, where, args, upload, progress)
             await source.execute("COMMIT")
             await upload.send_remaining()
             await confirm_export_lock(source, before=f"completing {layout.uri(data_key)}")
@@ -467,111 +466,6 @@ async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
         watermark_xid8=run.watermark_xid8,
         since_xid8=run.since,
     )
-
-
-async def _stream_csv(
-    settings: ExporterSettings,
-    source: asyncpg.Connection,
-    columns: list[ExportColumn],
-    where: str,
-    args: Sequence[Any],
-    upload: MultipartUpload,
-    progress: Progress,
-) -> int:
-    query = csv_query(columns, table=TABLE, order_key=ORDER_KEY, where=where)
-    gzip = GzipStream(settings.gzip_level) if settings.format is ExportFormat.CSV_GZ else None
-    header_pending = True
-
-    async def sink(chunk: bytes) -> None:
-        nonlocal header_pending
-        # Text is newline-safe, so every line feed ends a row (the first one ends the header).
-        lines = chunk.count(b"\n")
-        rows, header_pending = (lines - 1, False) if header_pending and lines else (lines, header_pending)
-        progress.read(rows=rows, source_bytes=len(chunk))
-        await upload.write(gzip.compress(chunk) if gzip else chunk)
-
-    rows = await copy_csv(source, query, args, sink)
-    if gzip:
-        await upload.write(gzip.finish())
-    return rows
-
-
-# A Parquet row group ends at JIRALAKE_EXPORT_PARQUET_ROWS_PER_GROUP rows or once its text values
-# (text arrays included) reach PARQUET_GROUP_BYTES (counted in characters), whichever comes first:
-# encoding a group takes several times the size of its values, and 10,000 rows of 15 KB issues (raw
-# is always in Parquet) took 1.3 GiB. A group is cut at the row that reaches the budget, also inside
-# a fetch (the rest starts the next group), so it overshoots by at most one row. A fetch is held
-# whole: it is sized to fit what is left of the budget at the larger of the text per row seen so far
-# and in the last fetch (so small rows before large ones do not make the first fetch of large ones
-# huge), and it is at most PARQUET_FETCH_ROWS. The first fetch is one row, to learn: a first fetch of
-# 20 rows of 1.7 MB issues held twice the group's budget before anything was known.
-PARQUET_GROUP_BYTES = 16 * 1024 * 1024
-PARQUET_FETCH_ROWS = 100
-PARQUET_FIRST_FETCH_ROWS = 1
-
-
-def _parquet_fetch_rows(*, room_rows: int, room_bytes: int, per_row: float | None) -> int:
-    """How many rows to fetch next: at most ``room_rows``, and what ``room_bytes`` holds at
-    ``per_row`` characters a row (None: nothing seen yet); at least one."""
-    if per_row is None:
-        return min(PARQUET_FIRST_FETCH_ROWS, room_rows)
-    return max(1, min(PARQUET_FETCH_ROWS, room_rows, int(room_bytes // max(1.0, per_row))))
-
-
-async def _stream_parquet(
-    settings: ExporterSettings,
-    source: asyncpg.Connection,
-    columns: list[ExportColumn],
-    where: str,
-    args: Sequence[Any],
-    upload: MultipartUpload,
-    progress: Progress,
-) -> int:
-    # Imported here: pyarrow costs ~40 MiB of memory, which CSV exports should not pay.
-    from exporter.parquet_format import ParquetStream, parquet_query
-
-    query = parquet_query(columns, table=TABLE, order_key=ORDER_KEY, where=where)
-    stream = ParquetStream(columns, compression=settings.parquet_compression)
-    cursor = await source.cursor(query, *args)
-    rows = 0
-    group: list[asyncpg.Record] = []
-    group_bytes = 0
-    seen_rows = seen_bytes = 0
-    per_row: float | None = None
-
-    async def write_group() -> None:
-        nonlocal rows, group, group_bytes
-        data = stream.write_rows(group)
-        rows += len(group)
-        progress.read(rows=len(group), source_bytes=len(data))
-        await upload.write(data)
-        group, group_bytes = [], 0
-
-    while True:
-        wanted = _parquet_fetch_rows(
-            room_rows=settings.parquet_rows_per_group - len(group),
-            room_bytes=PARQUET_GROUP_BYTES - group_bytes,
-            per_row=per_row,
-        )
-        batch = await cursor.fetch(wanted)
-        batch_bytes = 0
-        for record in batch:
-            size = stream.text_bytes(record)
-            batch_bytes += size
-            group.append(record)
-            group_bytes += size
-            if len(group) >= settings.parquet_rows_per_group or group_bytes >= PARQUET_GROUP_BYTES:
-                await write_group()
-        if batch:
-            seen_rows += len(batch)
-            seen_bytes += batch_bytes
-            per_row = max(seen_bytes / seen_rows, batch_bytes / len(batch))
-        if len(batch) < wanted:
-            break
-    if group:
-        await write_group()
-    await upload.write(stream.finish())
-    return rows
 
 
 async def _record_failure(control: asyncpg.Connection, run_id: int, now: datetime, reason: str) -> None:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import REGISTRY
 
-from exporter import run
+from exporter import streaming
 from exporter.columns import ORDER_KEY, TABLE, ColumnKind, read_columns, select_columns
 from exporter.csv_format import csv_query
 from exporter.errors import ExportError
@@ -137,7 +137,7 @@ async def test_a_parquet_row_group_of_large_rows_ends_at_its_byte_budget(
     # GIVEN 300 rows with about 1,700 characters of text each, a budget of 100,000 characters per row
     # group (the product's: 16 MiB), fetches of up to 500 rows (a whole table's worth here), and
     # groups of up to 4,000 rows
-    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    monkeypatch.setattr(streaming, "PARQUET_GROUP_BYTES", 100_000)
     await insert_awkward_rows(pg, 300, pad=2_000)
     settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
     # WHEN exported as Parquet
@@ -184,7 +184,7 @@ async def test_text_arrays_count_toward_a_parquet_row_group_s_budget(
     largest_group: int,
 ) -> None:
     # GIVEN rows with labels, and a budget of 100,000 per group
-    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    monkeypatch.setattr(streaming, "PARQUET_GROUP_BYTES", 100_000)
     await insert_awkward_rows(pg, rows)
     await pg.execute(LABELS[labels])
     settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)
@@ -208,7 +208,7 @@ async def test_large_rows_after_many_small_ones_do_not_swell_a_parquet_row_group
 ) -> None:
     # GIVEN 300 small rows, then (in key order, as newer issues follow older ones) 100 rows with 5,000
     # characters more text each, and a budget of 100,000 characters per group
-    monkeypatch.setattr(run, "PARQUET_GROUP_BYTES", 100_000)
+    monkeypatch.setattr(streaming, "PARQUET_GROUP_BYTES", 100_000)
     await insert_awkward_rows(pg, 300)
     await insert_awkward_rows(pg, 100, pad=5_000, first_id=301)
     settings = settings_factory(format=ExportFormat.PARQUET, parquet_rows_per_group=4_000)

@@ -71,11 +71,8 @@ SQL_METHODS = {
 }
 # (file, function) -> why its non-constant SQL is safe. Nothing here comes from a request or a message.
 SQL_ALLOWLIST = {
-    ("exporter/copy_stream.py", "copy_csv"): "runs the query csv_query() built (see exporter/run.py)",
-    (
-        "exporter/run.py",
-        "_stream_parquet",
-    ): "parquet_query(): catalog identifiers, quote_ident'ed",
+    ("exporter/copy_stream.py", "copy_csv"): "runs the query csv_query() built (see exporter/streaming.py)",
+    ("exporter/streaming.py", "stream_parquet"): "parquet_query(): catalog identifiers, quote_ident'ed",
     (
         "shared/migrate.py",
         "_execute_logging_warnings",
