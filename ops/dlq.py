@@ -12,6 +12,11 @@ groups are skipped by later receives) and what keeps each issue's order: while o
 is held, SQS hands out no later message of that group. The DLQ has no redrive policy, so receiving
 from it moves nothing; it only adds to ``ApproximateReceiveCount``.
 
+Replay reads each event's routing attributes (event type, issue id, event time) again from its body
+with this version's rules (:func:`rerouted`): another version's receiver may have read an edge-case
+body differently, and the consumer refuses attributes that disagree with the body, so copies of the
+old ones would come straight back. A body that no longer routes stays in the DLQ, with the reason.
+
 Replay sends first and deletes from the DLQ only after SQS stored the copy, the pair under
 :func:`asyncio.shield`. A crash or failure between the two leaves the event in both queues: the
 duplicate is harmless (the consumer's version guard makes the second application a no-op), a loss
@@ -23,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from botocore.exceptions import ClientError
 
+from shared import strict_json
 from shared.aws import error_code
 from shared.envelope import (
     ATTR_DELIVERY_ID,
@@ -44,6 +50,7 @@ from shared.envelope import (
     InvalidEnvelope,
     read_attribute,
 )
+from shared.jira_event import Ignored, InvalidEvent, route
 from shared.queue_depth import make_visible, read_counts
 from shared.settings import QueueSettings
 from shared.shutdown import finish_then_cancel
@@ -144,6 +151,26 @@ class DeadLetter:
         entry = self.envelope.send_entry(entry_id, dedup_id=f"replay-{self.message_id}")
         entry["MessageGroupId"] = self.group_id or self.envelope.group_id
         return entry
+
+    def rerouted(self) -> DeadLetter | str:
+        """This event with its routing attributes read again from its body (and its issue's group with
+        them when that moved), or why its body no longer routes. See the module's docstring."""
+        assert self.envelope is not None
+        try:
+            routed = route(strict_json.loads(self.envelope.body))
+        except (ValueError, InvalidEvent) as exc:
+            return f"its body no longer routes: {exc}"
+        if isinstance(routed, Ignored):
+            return f"its body is a {routed.event_type[:80]!r} event, which concerns no issue"
+        envelope = replace(
+            self.envelope,
+            event_type=routed.event_type,
+            issue_id=routed.issue_id,
+            # A body without a time of its own keeps the time its receiver gave it.
+            event_ts_ms=self.envelope.event_ts_ms if routed.event_ts_ms is None else routed.event_ts_ms,
+        )
+        group_id = routed.issue_id if self.group_id in (None, self.envelope.group_id) else self.group_id
+        return replace(self, envelope=envelope, group_id=group_id)
 
     def matches_issue(self, issue_id: str) -> bool:
         return (self.issue_id or self.group_id) == issue_id
@@ -322,12 +349,15 @@ async def replay_dead_letters(
                 elif letter.envelope is None:
                     summary.add(letter, "skipped", NOT_ENVELOPE_REASON)
                     held[letter.message_id] = letter.receipt_handle
-                elif letter.group_id in failed_groups:
+                elif isinstance(rerouted := letter.rerouted(), str):
+                    summary.add(letter, "skipped", rerouted)
+                    held[letter.message_id] = letter.receipt_handle
+                elif rerouted.group_id in failed_groups:
                     summary.add(letter, "skipped", EARLIER_FAILED_REASON)
                     held[letter.message_id] = letter.receipt_handle
                 elif letter.envelope.delivery_id in sent_deliveries:
                     summary.add(letter, "failed", REPLAYED_AGAIN_REASON)
-                    failed_groups.add(letter.group_id)  # its issue's later events stay behind it
+                    failed_groups.add(rerouted.group_id)  # its issue's later events stay behind it
                     held[letter.message_id] = letter.receipt_handle
                 elif dry_run:
                     sent_deliveries.add(letter.envelope.delivery_id)  # as the replay would
@@ -335,7 +365,7 @@ async def replay_dead_letters(
                     held[letter.message_id] = letter.receipt_handle
                 else:
                     sent_deliveries.add(letter.envelope.delivery_id)
-                    to_send.append(letter)
+                    to_send.append(rerouted)
             if to_send:
                 await finish_then_cancel(
                     _send_then_delete(sqs, queues, to_send, summary, failed_groups, held),

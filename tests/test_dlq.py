@@ -499,6 +499,41 @@ async def test_replay_skips_messages_that_are_not_envelopes(
         assert await counts(sqs, queues.dlq_url) == (1, 0)
 
 
+async def test_replay_reads_the_routing_attributes_again_from_the_body(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN events an older receiver routed differently from this version, which the consumer then
+    # dead-lettered for disagreeing with their bodies: an issue id with leading zeros (now the number
+    # itself), a body time it could not read (it gave the receive time); and a sprint event, which
+    # concerns no issue
+    padded = replace(envelope(ISSUE_A, T0), issue_id=f"00{ISSUE_A}")
+    untimed = replace(envelope(ISSUE_B, T0 + 5), event_ts_ms=1)
+    sprint = replace(
+        envelope(ISSUE_A, T0 + 9), body=json.dumps({"webhookEvent": "sprint_started", "timestamp": T0})
+    )
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter_all(sqs, queues.dlq_url, [padded, untimed, sprint])
+        # WHEN replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+    # THEN the two issue events go back with the attributes their bodies give, in their issue's group
+    assert (summary.replayed, summary.skipped, summary.failed) == (2, 1, 0)
+    replayed = await drain(aws_settings, queues.queue_url)
+    assert sorted(
+        (m["Attributes"]["MessageGroupId"], m["MessageAttributes"]["issue_id"]["StringValue"], ts)
+        for m in replayed
+        for ts in [int(m["MessageAttributes"]["event_ts_ms"]["StringValue"])]
+    ) == [(ISSUE_A, ISSUE_A, T0), (ISSUE_B, ISSUE_B, T0 + 5)]
+    assert {m["MessageAttributes"]["delivery_id"]["StringValue"] for m in replayed} == {
+        padded.delivery_id,
+        untimed.delivery_id,
+    }
+    # AND the event whose body concerns no issue stays in the DLQ, saying why
+    assert [r.reason for r in summary.results if r.outcome == "skipped"] == [
+        "its body is a 'sprint_started' event, which concerns no issue"
+    ]
+    assert len(await drain(aws_settings, queues.dlq_url)) == 1
+
+
 class SlowSendProxy(SqsFaultProxy):
     """Forwards every call; a SendMessageBatch only after ``delay_s`` (an SQS far away, or a big DLQ)."""
 
