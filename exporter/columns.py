@@ -138,7 +138,9 @@ async def read_columns(conn: asyncpg.Connection) -> list[ExportColumn]:
     """Every column of ``ap_jira_task`` in table order; an error if the table does not exist."""
     rows = await conn.fetch(EXPORTED_COLUMNS, TABLE)
     if not rows:
-        raise ExportError(f"table {TABLE} does not exist in this database; run `jiralake setup` first")
+        raise ExportError(
+            f"table {TABLE} does not exist in this database; run `jiralake setup --skip-queues` first"
+        )
     return [
         ExportColumn(
             name=r["name"], pg_type=r["pg_type"], kind=kind_of(r["base_type"]), not_null=r["not_null"]

@@ -39,7 +39,10 @@ def session_ended(exc: BaseException) -> bool:
 # PostgreSQL's answers when jiralake's schema is not there or older than the code: a database never
 # set up, or an upgrade deployed before `jiralake setup` applied its migrations.
 _SCHEMA_ERRORS = (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError)
-SCHEMA_HINT = "the database lacks jiralake's tables or a newer migration: run `jiralake setup` first"
+SCHEMA_HINT = (
+    "the database lacks jiralake's tables or a newer migration: run `jiralake setup --skip-queues` first "
+    "(the migrations only; plain `jiralake setup` also creates the queues)"
+)
 
 
 def schema_hint(exc: BaseException) -> str:

@@ -79,7 +79,7 @@ async def check_schema(conn: asyncpg.Connection, *, timeout_s: float | None = No
         found = "no migration" if version is None else f"migrations up to {version:04d}"
         raise CommandError(
             f"the database's schema has {found}; this version of jiralake needs {latest:04d}: run "
-            "`jiralake setup` first",
+            "`jiralake setup --skip-queues` first (the migrations only)",
             exit_code=1,
         )
 

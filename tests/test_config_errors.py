@@ -499,7 +499,8 @@ async def test_a_database_never_set_up_says_to_run_setup(pg_server_dsn: str, arg
     line = result.stderr.splitlines()[-1]
     assert "UndefinedTableError: relation " in line
     assert line.endswith(
-        "; the database lacks jiralake's tables or a newer migration: run `jiralake setup` first"
+        "; the database lacks jiralake's tables or a newer migration: run `jiralake setup --skip-queues` "
+        "first (the migrations only; plain `jiralake setup` also creates the queues)"
     )
 
 

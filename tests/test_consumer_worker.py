@@ -462,7 +462,7 @@ async def test_a_database_setup_has_not_migrated_stops_the_consumer_before_it_re
                 await conn.close()
         await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
         # WHEN the consumer starts THEN it stops at once, saying to run setup
-        with pytest.raises(CommandError, match=r"needs \d{4}: run `jiralake setup` first"):
+        with pytest.raises(CommandError, match=r"needs \d{4}: run `jiralake setup --skip-queues` first"):
             await consume_until_idle(replace(settings, database=DatabaseSettings(url=url)), timeout_s=20)
     # AND it never received the message: no receive counted toward the DLQ's maxReceiveCount, however
     # often its supervisor restarts it

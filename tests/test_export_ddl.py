@@ -194,5 +194,5 @@ async def test_cli_ddl_without_the_table_is_one_line_not_a_crash(
     assert (code, stdout) == (1, "")
     assert stderr == (
         "jiralake: cannot print the Athena DDL: table ap_jira_task does not exist in this database; "
-        "run `jiralake setup` first\n"
+        "run `jiralake setup --skip-queues` first\n"
     )
