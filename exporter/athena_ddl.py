@@ -141,7 +141,9 @@ def _csv_view(name: str, source: str, columns: list[ExportColumn], partitioned: 
         f"  {_VIEW_CAST[c.kind].format(col=_q(c.name), value=_q(c.name))} AS {_q(c.name)}" for c in columns
     ]
     if partitioned:
-        selects.append('  "dt"')
+        # The object each row comes from: its name ends with the run (-r42), which orders two copies of
+        # an issue in changes/ that carry the same ingested_at (README). A view has no "$path" of its own.
+        selects += ['  "dt"', '  "$path" AS "source_path"']
     return f"CREATE OR REPLACE VIEW {_q(name)} AS\nSELECT\n" + ",\n".join(selects) + f"\nFROM {_q(source)};"
 
 

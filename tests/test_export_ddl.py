@@ -95,11 +95,12 @@ def test_csv_ddl_declares_string_tables_and_typed_decoding_views() -> None:
     ddl = athena_ddl(COLUMNS, ExportLayout("bkt", "lake", ExportFormat.CSV))
     assert EXPECTED_CSV_LATEST in ddl
     assert EXPECTED_CSV_LATEST_VIEW in ddl
-    # history and changes: partitioned by dt, projected, and their views carry dt
+    # history and changes: partitioned by dt, projected, and their views carry dt and the object's path
     assert "CREATE EXTERNAL TABLE IF NOT EXISTS `ap_jira_task_history_text` (" in ddl
     assert "'storage.location.template' = 's3://bkt/lake/ap_jira_task/history/dt=${dt}/'" in ddl
     assert "'storage.location.template' = 's3://bkt/lake/ap_jira_task/changes/dt=${dt}/'" in ddl
-    assert '  "dt"\nFROM "ap_jira_task_history_text";' in ddl
+    assert '  "dt",\n  "$path" AS "source_path"\nFROM "ap_jira_task_history_text";' in ddl
+    assert '  "dt",\n  "$path" AS "source_path"\nFROM "ap_jira_task_changes_text";' in ddl
     assert ddl.count("'skip.header.line.count' = '1'") == 3
 
 
