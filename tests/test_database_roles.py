@@ -121,6 +121,13 @@ async def test_each_service_works_with_only_its_grants(
         dry_run=False,
     )
     assert forgotten.rows["ap_jira_task"] == 1
+    # (a Data Center username: the pseudonym key is created the first time, then read)
+    await forget_user.run(
+        DatabaseSettings(url=role_urls["forget_user"]),
+        Person(username="nobody"),
+        batch_size=10,
+        dry_run=False,
+    )
 
     owner = await asyncpg.connect(role_urls["owner"])
     try:  # the history row, a year old
