@@ -151,13 +151,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--dry-run", action="store_true", help="count the rows it would change; change nothing"
     )
-    parser.add_argument(
-        "--batch-size",
-        type=argtypes.integer(1, MAX_BATCH_SIZE),
-        default=DEFAULT_BATCH_SIZE,
-        metavar="N",
-        help=f"rows per batch, each its own transaction (default {DEFAULT_BATCH_SIZE})",
-    )
+    argtypes.add_batch_size(parser, default=DEFAULT_BATCH_SIZE, maximum=MAX_BATCH_SIZE)
     parser.set_defaults(func=_forget_user_command)
 
 

@@ -329,13 +329,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="DAYS",
         help=f"delete rows recorded more than DAYS days ago; {RETENTION_HELP}",
     )
-    prune.add_argument(
-        "--batch-size",
-        type=argtypes.integer(1, MAX_BATCH_SIZE),
-        default=DEFAULT_BATCH_SIZE,
-        metavar="N",
-        help=f"rows per batch, each its own transaction (default {DEFAULT_BATCH_SIZE})",
-    )
+    argtypes.add_batch_size(prune, default=DEFAULT_BATCH_SIZE, maximum=MAX_BATCH_SIZE)
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     prune.set_defaults(func=_prune_command)
 

@@ -58,3 +58,14 @@ def non_blank(raw: str) -> str:
 port = integer(0, 65535)
 positive_int = integer(1)
 non_negative_int = integer(0)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, *, default: int, maximum: int) -> None:
+    """``--batch-size N`` of the commands that change rows in batches (forget-user, history prune)."""
+    parser.add_argument(
+        "--batch-size",
+        type=integer(1, maximum),
+        default=default,
+        metavar="N",
+        help=f"rows per batch, each its own transaction (default {default})",
+    )
