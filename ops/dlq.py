@@ -173,7 +173,12 @@ class DeadLetter:
         return replace(self, envelope=envelope, group_id=group_id)
 
     def matches_issue(self, issue_id: str) -> bool:
-        return (self.issue_id or self.group_id) == issue_id
+        """Whether this event concerns ``issue_id`` (a numeric Jira id), by its issue id as stored or
+        its group, compared as numbers: an older receiver kept an id's leading zeros (``0010040``)."""
+        stored = self.issue_id or self.group_id
+        if stored is None or not (stored.isascii() and stored.isdigit()):
+            return stored == issue_id
+        return stored.lstrip("0") == issue_id.lstrip("0")
 
     def to_json(self) -> dict[str, Any]:
         return {

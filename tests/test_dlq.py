@@ -342,6 +342,20 @@ async def test_replay_one_issue_leaves_the_others(aws_settings: AwsSettings, que
     assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_B: [T0 + 2]}
 
 
+async def test_replay_one_issue_finds_its_events_an_older_receiver_stored_with_leading_zeros(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN an event of issue B whose attributes an older receiver wrote with leading zeros
+    padded = replace(envelope(ISSUE_B, T0 + 2), issue_id=f"00{ISSUE_B}")
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter_all(sqs, queues.dlq_url, [envelope(ISSUE_A, T0 + 1), padded])
+        # WHEN only issue B is replayed
+        summary = await dlq.replay_dead_letters(sqs, settings(queues), issue_id=ISSUE_B, wait_s=NO_WAIT)
+    # THEN that event is B's, and goes back as the body routes it
+    assert (summary.replayed, summary.failed, summary.other_issues) == (1, 0, 1)
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_B: [T0 + 2]}
+
+
 async def test_replay_dry_run_changes_nothing(aws_settings: AwsSettings, queues: QueuePair) -> None:
     async with aws.sqs_client(aws_settings) as sqs:
         await dead_letter_all(
