@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources
 
 import asyncpg
@@ -57,8 +58,10 @@ def available() -> list[Migration]:
     return found
 
 
+@cache
 def latest_version() -> int:
-    """The last migration this version of jiralake knows."""
+    """The last migration this version of jiralake knows (read once: the consumer asks before every
+    receive)."""
     return available()[-1].version
 
 
