@@ -24,7 +24,8 @@ from shared.errors import CommandError
 
 log = structlog.get_logger()
 
-INSTALL_LOCAL_EXTRA = "pip install 'jiralake[local]'"
+# jiralake is installed from its checkout (no package index carries it): the extra is installed there.
+INSTALL_LOCAL_EXTRA = "pip install '.[local]' in jiralake's checkout (`make install` does)"
 # What `python -m moto.server` imports: moto, and the two its `server` extra adds for the HTTP app.
 _SERVER_MODULES = ("moto", "flask", "flask_cors")
 
