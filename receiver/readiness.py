@@ -12,10 +12,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.aws import error_code
-from shared.sqs_requests import counted
+from shared.sqs_requests import SQS_ERRORS, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -65,7 +64,7 @@ class QueueReadiness:
             )
         except TimeoutError:
             return f"SQS did not answer within {self._timeout_s:g}s"
-        except (ClientError, BotoCoreError, OSError) as exc:
+        except SQS_ERRORS as exc:
             log.warning("readiness_sqs_failed", error=f"{type(exc).__name__}: {exc}")
             # The main port is public: name the failure, keep the details in the log.
             return f"SQS queue not reachable ({error_code(exc) or type(exc).__name__})"

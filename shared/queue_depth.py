@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -53,9 +53,6 @@ REPEEK_EVERY_S = 300.0
 # a grant restored (IAM changes take a while to apply everywhere), seldom enough that the refusals do
 # not count toward the SQS error alert.
 DENIED_REPEEK_S = 3600.0
-
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import CommandError
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.sqs_requests import counted
+from shared.sqs_requests import SQS_ERRORS, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -41,7 +40,7 @@ async def queue_message_limit(sqs: SQSClient, queue_url: str, *, timeout_s: floa
         )
     except TimeoutError:
         error = f"SQS did not answer within {timeout_s:g}s"
-    except (ClientError, BotoCoreError, OSError) as exc:
+    except SQS_ERRORS as exc:
         error = f"{type(exc).__name__}: {exc}"
     else:
         raw = answer.get("Attributes", {}).get(QUEUE_LIMIT_ATTRIBUTE, "")
