@@ -33,6 +33,12 @@ REGION = "us-east-1"
 TABLES = ("ap_jira_task", "ap_jira_task_event")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first: pytest-xdist hands tests out in this order, so a minutes-long test
+    starts while the others run beside it, rather than alone at the end (Makefile: PYTEST_WORKERS)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
+
+
 def _server_dsn() -> str:
     url = os.environ.get("DATABASE_URL")
     if url:

@@ -146,6 +146,7 @@ class Mismatches:
         return sum(len(v) for v in vars(self).values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(PROFILE.test_timeout_s)
 async def test_nothing_is_lost_regressed_or_resurrected_under_faults(
     moto_server: LocalAws,
