@@ -204,6 +204,10 @@ def test_receiver_and_consumer_e2e_figures_from_measurements() -> None:
         "receiver cpu: 2.00x bare aiohttp handler (0.20 vs 0.10 CPU-s per 1,000 events"
     )
     assert lines[1].endswith("[target <=2.5x] PASS")
+    # AND the method says with which SQS timeout the receiver ran: the default for a run saved without one
+    assert "JIRALAKE_RECEIVER_SQS_TIMEOUT_S" not in receiver.method
+    longer = receiver_load.from_raw({**receiver.raw, "sqs_timeout_s": 60.0})
+    assert "waits up to 60 s for SQS (`JIRALAKE_RECEIVER_SQS_TIMEOUT_S`, default 5)" in longer.method
 
     # GIVEN a consumer draining 500 events at 90% of the bare loop's rate
     def drain(seconds: float, calls: float) -> dict[str, float]:
