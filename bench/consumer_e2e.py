@@ -74,6 +74,7 @@ async def child_consumer(
         admin_port=None,
         queue_stats_interval_s=0,
         export_freshness_interval_s=0,
+        exit_when_idle_s=IDLE_S,
     )
     async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
         pool = await db.create_pool(
@@ -88,7 +89,7 @@ async def child_consumer(
             calls_before = _sqs_calls(SQS_CALLS)
             cpu_before = _cpu_s()
             started = time.monotonic()
-            await consumer.run(asyncio.Event(), idle_s=IDLE_S)
+            await consumer.run(asyncio.Event())
             cpu = _cpu_s() - cpu_before
             drain_s = consumer.activity.last_busy - started
             calls = _sqs_calls(SQS_CALLS) - calls_before

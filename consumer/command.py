@@ -1,4 +1,4 @@
-"""``jiralake consumer``: apply queued Jira events to Postgres until SIGTERM."""
+"""``jiralake consumer``: apply queued Jira events to Postgres until SIGTERM (or until the queue is idle)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=argtypes.port,
         help="port of /healthz, /readyz, /metrics; 0 disables (default JIRALAKE_CONSUMER_ADMIN_PORT or 9091)",
     )
+    parser.add_argument(
+        "--exit-when-idle",
+        type=argtypes.positive_number,
+        metavar="SECONDS",
+        help="stop and exit 0 once receives have found the queue empty for SECONDS (at least one long "
+        "poll), e.g. a scheduled catch-up run (JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S; default: until SIGTERM)",
+    )
     parser.set_defaults(func=_command)
 
 
@@ -34,5 +41,7 @@ def _command(args: argparse.Namespace) -> int:
         env["JIRALAKE_CONSUMER_POLLERS"] = str(args.pollers)
     if args.admin_port is not None:
         env["JIRALAKE_CONSUMER_ADMIN_PORT"] = str(args.admin_port)
+    if args.exit_when_idle is not None:
+        env["JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S"] = repr(args.exit_when_idle)
     main.main(env)
     return 0

@@ -1,4 +1,5 @@
-"""The consumer process: settings from the environment, signal handling, run until SIGTERM."""
+"""The consumer process: settings from the environment, signal handling, run until SIGTERM (or until
+the queue is idle, with ``exit_when_idle_s``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from shared.shutdown import stop_on_signals
 
 
 async def serve(settings: ConsumerSettings) -> ConsumerStats:
-    """Run until SIGTERM or SIGINT: then stop receiving, finish the batches in flight, and return."""
+    """Run until SIGTERM or SIGINT (or an idle queue, with ``exit_when_idle_s``): then stop receiving,
+    finish the batches in flight, and return."""
     with stop_on_signals() as stop:
         return await run_consumer(settings, stop.event)
 

@@ -1,12 +1,11 @@
 """The consumer service: its connection pool, the pollers (consumer/worker.py), the admin port and the
-queue-depth and export-freshness gauges, from start to a clean stop; and a run until the queue is idle."""
+queue-depth and export-freshness gauges, from start to a clean stop (on a signal, or once the queue has
+been empty for ``exit_when_idle_s``)."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
-from dataclasses import replace
 
 import asyncpg
 import structlog
@@ -45,8 +44,13 @@ async def open_pool(settings: ConsumerSettings) -> asyncpg.Pool:
 
 async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> ConsumerStats:
     """The service: pollers, the admin port, the queue-depth and export-freshness gauges, until
-    ``stop`` is set."""
-    log.info("consumer_starting", pollers=settings.pollers, queue_url=settings.queue.queue_url)
+    ``stop`` is set or, with ``exit_when_idle_s``, the queue has been empty that long."""
+    log.info(
+        "consumer_starting",
+        pollers=settings.pollers,
+        queue_url=settings.queue.queue_url,
+        exit_when_idle_s=settings.exit_when_idle_s,
+    )
     async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
         pool = await open_pool(settings)
         consumer = Consumer(settings, pool, sqs)
@@ -127,27 +131,6 @@ def stop_when_crashed(stop: asyncio.Event) -> Callable[[asyncio.Task[None]], Non
             stop.set()
 
     return check
-
-
-async def consume_until_idle(
-    settings: ConsumerSettings, *, idle_s: float = 1.0, timeout_s: float = 60
-) -> ConsumerStats:
-    """Process until receives have found the queue empty for ``idle_s`` (messages backed off for a
-    retry are invisible, so they do not count), or until ``timeout_s`` (then ``timed_out`` is True).
-    No admin port. Only the tests run it (the local demo waits for its rows instead: ops/demo.py)."""
-    settings = replace(settings, wait_time_s=min(settings.wait_time_s, max(1, math.ceil(idle_s))))
-    stop = asyncio.Event()
-    async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
-        pool = await open_pool(settings)
-        consumer = Consumer(settings, pool, sqs)
-        timer = asyncio.get_running_loop().call_later(timeout_s, stop.set)
-        try:
-            await consumer.run(stop, idle_s=idle_s)
-        finally:
-            timer.cancel()
-            await pool.close()
-    consumer.stats.timed_out = stop.is_set()
-    return consumer.stats
 
 
 def _stats_fields(stats: ConsumerStats) -> dict[str, int | bool]:

@@ -15,6 +15,7 @@ from shared.settings import (
     env_host,
     env_int,
     env_port,
+    env_str,
 )
 
 MAX_RECEIVE_MESSAGES = 10  # SQS's limit per ReceiveMessage
@@ -23,6 +24,8 @@ MAX_WAIT_TIME_S = 20  # SQS's limit on long polling
 # throughput beyond this comes from more consumer processes, not from using up the server's
 # max_connections (100 by default) from one. A mistyped huge value also started that many tasks.
 MAX_POLLERS = 32
+# A day: a longer wait for an idle queue is a consumer that runs until SIGTERM (leave the setting unset).
+MAX_EXIT_WHEN_IDLE_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class ConsumerSettings:
     queue_stats_interval_s: float = 30.0
     # jiralake_export_last_success_timestamp_seconds read from Postgres this often; 0 disables.
     export_freshness_interval_s: float = 60.0
+    # Stop (exit 0) once receives have found the queue empty for this long; None: run until SIGTERM.
+    exit_when_idle_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.pollers <= MAX_POLLERS:
@@ -84,6 +89,11 @@ class ConsumerSettings:
             )
         if not 0 < self.breaker_max_dead_letter_ratio <= 1:
             raise ConfigError("JIRALAKE_CONSUMER_BREAKER_RATIO must be in (0, 1]")
+        if self.exit_when_idle_s is not None and not 0 < self.exit_when_idle_s <= MAX_EXIT_WHEN_IDLE_S:
+            raise ConfigError(
+                "exit_when_idle_s (JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S, --exit-when-idle) must be more than 0 "
+                f"and at most {MAX_EXIT_WHEN_IDLE_S:g}, got {self.exit_when_idle_s:g}"
+            )
         if not 1 <= self.breaker_min_events <= self.breaker_window_events:
             raise ConfigError(
                 "JIRALAKE_CONSUMER_BREAKER_MIN_EVENTS must be between 1 and JIRALAKE_CONSUMER_BREAKER_WINDOW"
@@ -118,5 +128,10 @@ class ConsumerSettings:
             queue_stats_interval_s=env_float(env, "JIRALAKE_CONSUMER_QUEUE_STATS_S", 30.0, minimum=0),
             export_freshness_interval_s=env_float(
                 env, "JIRALAKE_CONSUMER_EXPORT_FRESHNESS_S", 60.0, minimum=0
+            ),
+            exit_when_idle_s=(
+                env_float(env, "JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S", 0.0)
+                if env_str(env, "JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S") is not None
+                else None
             ),
         )

@@ -61,6 +61,7 @@ _FIRST_BACKOFF_S = 0.5
 # statements, and to answer the pool's goodbyes (consumer/service.py), before each is cut short.
 POOL_CLOSE_S = 5.0
 LOG_CONNECTIONS_TERMINATED = "database_connections_terminated"
+LOG_QUEUE_IDLE = "consumer_queue_idle"
 # What _finish gets for acknowledgements that follow no apply (rejections alone, or nothing left).
 _NOTHING_APPLIED = apply.ApplyResult(results=[], duration_s=0.0)
 
@@ -77,8 +78,8 @@ class ConsumerStats:
     history_only: int = 0
     dead_lettered: int = 0
     retried: int = 0
-    # consume_until_idle only: True when timeout_s passed before the queue went idle.
-    timed_out: bool = False
+    # True when the run ended because the queue stayed empty (exit_when_idle_s), not on a stop.
+    went_idle: bool = False
 
     def count(self, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
@@ -87,7 +88,7 @@ class ConsumerStats:
 
 @dataclass
 class _Activity:
-    """For consume_until_idle: when pollers last had work, and when they last found none."""
+    """For exit_when_idle_s: when pollers last had work, and when they last found none."""
 
     in_flight: int = 0
     last_busy: float = field(default_factory=time.monotonic)
@@ -120,8 +121,10 @@ class Consumer:
             ),
         )
 
-    async def run(self, stop: asyncio.Event, *, idle_s: float | None = None) -> None:
-        """Run the pollers until ``stop`` is set (or, with ``idle_s``, until the queue is idle).
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the pollers until ``stop`` is set (or, with ``exit_when_idle_s``, until receives have found
+        the queue empty that long; messages waiting out a retry backoff are invisible, so they do not
+        count).
 
         Then pollers stop receiving and finish their batch, for up to ``shutdown_grace_s``; any still
         running are cancelled and named in the log. A poller that crashed is re-raised here."""
@@ -131,10 +134,14 @@ class Consumer:
             for i in range(self.settings.pollers)
         ]
         watchers: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="consumer-stop-watcher")]
+        idle_s = self.settings.exit_when_idle_s
         if idle_s is not None:
             watchers.append(asyncio.create_task(self._wait_idle(idle_s), name="consumer-idle-watcher"))
         try:
             await asyncio.wait([*pollers, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            self.stats.went_idle = idle_s is not None and watchers[-1].done() and not stop.is_set()
+            if self.stats.went_idle:
+                log.info(LOG_QUEUE_IDLE, idle_s=idle_s)
         finally:
             halt.set()
             for watcher in watchers:

@@ -8,10 +8,13 @@ throwaway one from the machine's PostgreSQL binaries.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import asyncpg
 import pytest
 from pytest_postgresql import factories
 
-from consumer.service import consume_until_idle
+from consumer.service import run_consumer
 from consumer.settings import ConsumerSettings
 from consumer.worker import ConsumerStats
 from ops.local_aws import LocalAws
@@ -250,8 +253,30 @@ async def consume_all(
         queue_stats_interval_s=0,
     )
     stats = await consume_until_idle(settings, idle_s=0.5, timeout_s=timeout_s)
-    assert not stats.timed_out
+    assert stats.went_idle, f"the queue was not idle within {timeout_s} s"
     return stats
+
+
+async def consume_until_idle(
+    settings: ConsumerSettings, *, idle_s: float = 1.0, timeout_s: float = 60
+) -> ConsumerStats:
+    """The consumer service (no admin port, no gauge pollers) until receives have found the queue
+    empty for ``idle_s`` (``went_idle``), or until ``timeout_s`` (then ``went_idle`` is False).
+    Receives wait at most ``idle_s`` (rounded up to a second), so an idle queue ends the run soon."""
+    settings = replace(
+        settings,
+        wait_time_s=min(settings.wait_time_s, max(1, math.ceil(idle_s))),
+        exit_when_idle_s=idle_s,
+        admin_port=None,
+        queue_stats_interval_s=0,
+        export_freshness_interval_s=0,
+    )
+    stop = asyncio.Event()
+    timer = asyncio.get_running_loop().call_later(timeout_s, stop.set)
+    try:
+        return await run_consumer(settings, stop)
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture

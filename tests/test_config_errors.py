@@ -439,6 +439,31 @@ def test_a_concurrency_past_its_ceiling_is_refused_at_start(args: tuple[str, ...
 
 
 @pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ("0", "must be more than 0 and at most 86400, got 0"),
+        ("90000", "must be more than 0 and at most 86400, got 90000"),
+        ("soon", None),
+    ],
+)
+def test_an_idle_exit_that_is_no_duration_is_refused_at_start(env: str, message: str | None) -> None:
+    # WHEN the consumer is told to exit after a wait for an idle queue that is no positive duration
+    result = _jiralake("consumer", JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S=env, **QUEUES)
+    # THEN it stops at once in one line naming the setting (never "exit at once" or "never")
+    if message is None:
+        assert one_line(result) == "JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S must be a number, got 'soon'"
+    else:
+        expected = "exit_when_idle_s (JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S, --exit-when-idle) " + message
+        assert one_line(result) == expected
+    # AND the option says so in argparse's words
+    option = _jiralake("consumer", "--exit-when-idle", "-5", **QUEUES)
+    assert option.returncode == 2
+    assert option.stderr.splitlines()[-1] == (
+        "jiralake consumer: error: argument --exit-when-idle: must be more than 0, got -5"
+    )
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("export", "--schedule", ""),

@@ -93,6 +93,43 @@ async def test_the_command_consumes_serves_admin_endpoints_and_exits_0_on_sigter
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+async def test_with_exit_when_idle_the_command_drains_the_queue_and_exits_0_by_itself(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, queues: QueuePair, database_url: str
+) -> None:
+    # GIVEN three events on the queue, and a fourth held back until the consumer has applied them
+    await enqueue(aws_settings, queues.queue_url, [_created(i) for i in (1, 2, 3)])
+    env = dict(
+        os.environ,
+        DATABASE_URL=database_url,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_DLQ_URL=queues.dlq_url,
+        JIRALAKE_CONSUMER_WAIT_S="1",
+    )
+    # WHEN `jiralake consumer --exit-when-idle 3` runs (no signal is ever sent to it)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "--log-json", "consumer", "--pollers", "1", "--admin-port", "0",
+        "--exit-when-idle", "3", env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_for(lambda: _history_is(pg, 3), timeout_s=30, what="the first three events applied")
+        # a message that arrives while it waits for the queue to stay empty is applied too
+        await enqueue(aws_settings, queues.queue_url, [_created(4)])
+        # THEN it exits 0 by itself once receives have found the queue empty for 3 s, every event applied
+        assert await asyncio.wait_for(child.wait(), timeout=40) == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.stderr is not None
+    log = (await child.stderr.read()).decode()
+    assert await history_count(pg) == 4
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+    # AND its log says why it stopped
+    assert '"event": "consumer_queue_idle"' in log and '"idle_s": 3.0' in log
+    assert '"went_idle": true' in log and '"applied": 4' in log
+    assert "signal_received" not in log
+
+
 async def test_a_queue_that_does_not_exist_ends_every_poller_in_one_line(
     aws_settings: AwsSettings, queues: QueuePair, database_url: str
 ) -> None:

@@ -110,6 +110,7 @@ READS = [
     Reads("JIRALAKE_CONSUMER_ADMIN_PORT", "consumer", "admin_port", "9191", 9191),
     Reads("JIRALAKE_CONSUMER_QUEUE_STATS_S", "consumer", "queue_stats_interval_s", "5", 5.0),
     Reads("JIRALAKE_CONSUMER_EXPORT_FRESHNESS_S", "consumer", "export_freshness_interval_s", "15", 15.0),
+    Reads("JIRALAKE_CONSUMER_EXIT_WHEN_IDLE_S", "consumer", "exit_when_idle_s", "45", 45.0),
     Reads("JIRALAKE_QUEUE_URL", "setup", "queue_name", OTHER_QUEUE, "other.fifo"),
     Reads("JIRALAKE_DLQ_URL", "setup", "dlq_name", OTHER_QUEUE, "other.fifo"),
     Reads("JIRALAKE_MAX_RECEIVE_COUNT", "setup", "max_receive_count", "3", 3),
