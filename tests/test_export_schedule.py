@@ -76,6 +76,15 @@ def test_a_wildcard_hour_runs_in_both_occurrences_of_a_repeated_hour() -> None:
     assert next_run("@hourly", BERLIN, utc(2024, 10, 27, 0, 0)) == utc(2024, 10, 27, 1, 0)
 
 
+def test_a_range_written_backwards_wraps_around_midnight() -> None:
+    # docs/exporter.md: `22-2` is 22, 23, 0, 1, 2 (croniter's reading), not refused and not empty
+    runs = [utc(2024, 5, 1, 2, 30)]
+    for _ in range(5):
+        runs.append(next_run("0 22-2 * * *", ZoneInfo("UTC"), runs[-1]))
+    assert [t.hour for t in runs[1:]] == [22, 23, 0, 1, 2]
+    assert runs[-1] == utc(2024, 5, 2, 2, 0)
+
+
 def test_next_run_needs_an_aware_time() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         next_run("0 3 * * *", SAO_PAULO, datetime(2024, 5, 10, 7, 0))
