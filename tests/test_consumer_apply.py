@@ -167,6 +167,53 @@ async def test_a_slim_delete_flags_the_row_and_keeps_its_fields(pg: asyncpg.Conn
     }
 
 
+def _slim_delete(ts: int) -> dict[str, Any]:
+    return {"webhookEvent": "jira:issue_deleted", "timestamp": ts, "issue": {"id": "10040", "key": "TES-41"}}
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batch", "one-by-one"])
+async def test_an_older_delete_after_a_newer_one_never_undoes_it(
+    pg: asyncpg.Connection, batched: bool
+) -> None:
+    # GIVEN an issue created at 1000 and deleted at 3000 (a slim delete: the fields stay at 1000)
+    await apply_envelopes(pg, [envelope_of(make_event(CREATED, ts=1000))])
+    await apply_envelopes(pg, [envelope_of(_slim_delete(3000))])
+    # WHEN late deliveries bring an update from 2500 (newer than the fields) and a delete from 2000
+    late = [envelope_of(make_event(ASSIGNED, ts=2500)), envelope_of(_slim_delete(2000))]
+    outcomes = await apply_in_batches(pg, late, 2 if batched else 1)
+    # THEN the update's fields are taken, but the row stays deleted as of 3000: the older delete is stale
+    assert outcomes == ["applied", "skipped_stale"]
+    after = await row(pg, 10040)
+    assert (after["is_deleted"], after["deleted_version"], after["version"]) == (True, 3000, 2500)
+    assert after["deleted_at"].isoformat() == "1970-01-01T00:00:03+00:00"
+    assert after["assignee_account_id"] == ASSIGNEE
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "column", "stored"),
+    [
+        ("duedate", "2024-01-01", "due_date", "2024-01-01"),
+        ("parent", {"id": "10001", "key": "TES-1"}, "parent_key", "TES-1"),
+    ],
+)
+async def test_a_newer_event_that_clears_a_field_clears_its_column_and_an_older_one_does_not_set_it(
+    pg: asyncpg.Connection, field: str, value: Any, column: str, stored: str
+) -> None:
+    # GIVEN an issue whose due date (parent) was set at 1000
+    def update(ts: int, field_value: Any) -> Envelope:
+        body = make_event(ASSIGNED, ts=ts)
+        body["issue"]["fields"][field] = field_value
+        return envelope_of(body)
+
+    await apply_envelopes(pg, [update(1000, value)])
+    assert await pg.fetchval(f"SELECT {column}::text FROM ap_jira_task WHERE issue_id = 10040") == stored
+    # WHEN an update from 2000 has it empty (cleared in Jira), then a stale one from 1500 has it set
+    await apply_envelopes(pg, [update(2000, None)])
+    await apply_envelopes(pg, [update(1500, value)])
+    # THEN the column is empty: the newest state wins, field by field, including a null
+    assert await pg.fetchval(f"SELECT {column} FROM ap_jira_task WHERE issue_id = 10040") is None
+
+
 async def test_a_trimmed_delete_that_still_looks_full_keeps_the_last_fields(pg: asyncpg.Connection) -> None:
     # GIVEN a resolved issue with a priority, a resolution and labels
     resolved = make_event(RESOLVED, ts=1000)

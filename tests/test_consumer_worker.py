@@ -470,6 +470,30 @@ async def test_a_database_setup_has_not_migrated_stops_the_consumer_before_it_re
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
+async def test_a_schema_a_newer_release_migrated_is_accepted_after_a_rollback(
+    settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str
+) -> None:
+    # GIVEN a database a newer release's `setup` migrated one step further, then that release was rolled
+    # back (docs/operations.md, Upgrading: the schema stays; migrations only add)
+    async with empty_database(pg_server_dsn, "newer") as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.apply(conn)
+            await conn.execute(
+                "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, 'from_a_newer_release')",
+                migrate.latest_version() + 1,
+            )
+            await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+            # WHEN this (older) version's consumer runs THEN it applies the event as usual
+            older = replace(settings, database=DatabaseSettings(url=url))
+            stats = await consume_until_idle(older, timeout_s=30)
+            assert (stats.went_idle, stats.applied) == (True, 1)
+            assert await conn.fetchval("SELECT count(*) FROM ap_jira_task") == 1
+        finally:
+            await conn.close()
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
+
+
 async def test_stop_finishes_the_batch_in_flight_and_receives_no_more(
     pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
