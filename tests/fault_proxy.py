@@ -138,3 +138,19 @@ def _reset(request: web.Request) -> web.Response:
         transport.abort()
     # aiohttp finds the transport gone and writes nothing; the client sees the connection reset.
     return web.Response(status=500)
+
+
+class RefuseSendingProxy(SqsFaultProxy):
+    """Answers 503 to every SendMessageBatch call that carries ``marker`` (without forwarding it)."""
+
+    def __init__(self, target_url: str, marker: str) -> None:
+        super().__init__(target_url)
+        self.marker = marker.encode()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch"):
+            body = await request.read()
+            if self.marker in body:
+                self.counts.requests["refused"] += 1
+                return self._error()
+        return await super()._handle(request)

@@ -26,6 +26,7 @@ from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import consume_until_idle, drain, empty_database
+from tests.fault_proxy import RefuseSendingProxy
 from tests.jira_fixtures import make_event
 from tests.tcp_proxy import postgres_proxy, through
 from tests.test_consumer_helpers import (
@@ -89,6 +90,28 @@ async def test_real_fixtures_flow_through_the_queue_into_the_tables(
     await pg.execute("DELETE FROM ap_jira_task; DELETE FROM ap_jira_task_event")
     await apply_envelopes(pg, envelopes)
     assert through_queue == await snapshot(pg)
+
+
+async def test_an_invalid_message_the_dlq_did_not_store_stays_on_the_queue(
+    pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a body that can never apply and a good event, and an SQS that refuses every SendMessageBatch
+    # carrying the bad body (the dead-letter send)
+    marker = "not json, never stored in the dlq"
+    await enqueue_raw(aws_settings, queues.queue_url, marker, group_id="stray", dedup_id="stray-1")
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, issue_id=3, ts=1000))])
+    async with RefuseSendingProxy(aws_settings.endpoint_url or "", marker) as proxy:
+        through = replace(settings, aws=AwsSettings(region=aws_settings.region, endpoint_url=proxy.url))
+        # WHEN the consumer runs until idle
+        stats = await consume_until_idle(through, idle_s=1.0, timeout_s=60)
+        assert proxy.counts.requests["refused"] >= 1
+    # THEN the good event is applied, and the bad message, which the DLQ did not store, is not deleted
+    # either: it is still on the main queue (in flight until its visibility timeout), to be dead-lettered
+    # on a later receive
+    assert (stats.applied, stats.dead_lettered) == (1, 0)
+    assert await history_count(pg) == 1
+    assert await queue_counts(aws_settings, queues.queue_url) == (0, 1)
+    assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
 async def test_poison_messages_are_dead_lettered_with_their_reason_and_the_rest_applies(

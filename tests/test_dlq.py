@@ -26,7 +26,7 @@ from shared.envelope import ENVELOPE_ATTRIBUTES, Envelope, error_attributes
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, QueueSettings
 from tests.conftest import drain
-from tests.fault_proxy import SqsFaultProxy
+from tests.fault_proxy import RefuseSendingProxy, SqsFaultProxy
 from tests.jira_fixtures import make_event
 from tests.tcp_proxy import TcpProxy
 
@@ -412,22 +412,6 @@ async def test_replay_sends_large_events_in_calls_sqs_accepts(
     assert await drain(aws_settings, queues.dlq_url) == []
 
 
-class RefuseSendingProxy(SqsFaultProxy):
-    """Answers 503 to every SendMessageBatch call that carries ``marker`` (without forwarding it)."""
-
-    def __init__(self, target_url: str, marker: str) -> None:
-        super().__init__(target_url)
-        self.marker = marker.encode()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch"):
-            body = await request.read()
-            if self.marker in body:
-                self.counts.requests["refused"] += 1
-                return self._error()
-        return await super()._handle(request)
-
-
 async def test_a_failed_call_holds_back_the_issues_later_events(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -453,6 +437,30 @@ async def test_a_failed_call_holds_back_the_issues_later_events(
     assert (summary.results[0].reason or "").startswith("not sent: ")
     assert await drain(aws_settings, queues.queue_url) == []
     assert by_group(await drain(aws_settings, queues.dlq_url)) == {ISSUE_A: [T0, T0 + 1]}
+
+
+async def test_a_step_where_one_call_fails_deletes_from_the_dlq_only_what_was_sent(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a 600 KB event of issue A and one of issue B in the DLQ (one step, two SendMessageBatch
+    # calls: over 1 MiB together), and an SQS that fails every call carrying A's event
+    a, b = envelope(ISSUE_A, T0), envelope(ISSUE_B, T0)
+    async with aws.sqs_client(aws_settings) as sqs:
+        for env in (a, b):
+            body = json.loads(env.body)
+            body["issue"]["fields"]["description"] = "x" * 600_000
+            await dead_letter(sqs, queues.dlq_url, replace(env, body=json.dumps(body)))
+    async with RefuseSendingProxy(aws_settings.endpoint_url or "", a.delivery_id) as proxy:
+        refusing = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
+        # WHEN replayed
+        async with aws.sqs_client(refusing) as sqs:
+            summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
+        assert proxy.counts.requests["refused"] >= 1
+    # THEN B is on the main queue and gone from the DLQ, and A, which was not sent, is still in the DLQ:
+    # the DLQ deletes cover the sent calls' entries only
+    assert sorted(r.outcome for r in summary.results) == ["failed", "replayed"]
+    assert by_group(await drain(aws_settings, queues.queue_url)) == {ISSUE_B: [T0]}
+    assert by_group(await drain(aws_settings, queues.dlq_url)) == {ISSUE_A: [T0]}
 
 
 class LoseFirstAnswerProxy(SqsFaultProxy):
