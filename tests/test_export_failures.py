@@ -111,6 +111,37 @@ async def test_postgres_dropping_the_copy_mid_upload_aborts_and_keeps_latest(
     assert REGISTRY.get_sample_value("jiralake_export_failures_total") == failures_before + 1
 
 
+async def test_an_upload_whose_id_cannot_be_recorded_is_aborted_before_the_error(
+    pg: asyncpg.Connection,
+    aws_settings: AwsSettings,
+    bucket: str,
+    settings_factory: Callable[..., ExporterSettings],
+) -> None:
+    # GIVEN a table to export, and an upload ledger that refuses to record an upload's id (PostgreSQL
+    # failing between CreateMultipartUpload and the first part)
+    await insert_awkward_rows(pg, 20)
+    await pg.execute(
+        """
+        CREATE FUNCTION test_refuse_upload_id() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the ledger refuses upload ids'; END $$;
+        CREATE TRIGGER refuse_upload_id BEFORE UPDATE OF upload_id ON jiralake_export_upload
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_upload_id();
+        """
+    )
+    try:
+        # WHEN an export runs THEN it fails with the ledger's error
+        with pytest.raises(asyncpg.RaiseError, match="the ledger refuses upload ids"):
+            await export_once(settings_factory(), clock=lambda: DAY_ONE)
+    finally:
+        await pg.execute(
+            "DROP TRIGGER refuse_upload_id ON jiralake_export_upload; DROP FUNCTION test_refuse_upload_id()"
+        )
+    # AND the upload S3 created is aborted (nothing records it, so nothing else would), nothing written
+    assert await open_multipart_uploads(aws_settings, bucket) == []
+    assert await list_keys(aws_settings, bucket) == []
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 0
+
+
 async def test_s3_losing_the_upload_mid_way_fails_cleanly_and_keeps_latest(
     pg: asyncpg.Connection,
     aws_settings: AwsSettings,
