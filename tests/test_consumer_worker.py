@@ -448,17 +448,26 @@ async def test_a_crash_between_commit_and_delete_redelivers_a_message_that_chang
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 
+@contextlib.asynccontextmanager
+async def migrated_then(pg_server_dsn: str, label: str, sql: str, *args: object) -> AsyncIterator[str]:
+    """A new database that setup migrated, then ``sql`` changed; yields its URL."""
+    async with empty_database(pg_server_dsn, label) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate.apply(conn)
+            await conn.execute(sql, *args)
+        finally:
+            await conn.close()
+        yield url
+
+
 async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_queue(
     settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str
 ) -> None:
     # GIVEN a migrated database whose table someone renamed (a misconfiguration, not a bad message)
-    async with empty_database(pg_server_dsn, "renamed") as url:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate.apply(conn)
-            await conn.execute("ALTER TABLE ap_jira_task RENAME TO ap_jira_task_old")
-        finally:
-            await conn.close()
+    async with migrated_then(
+        pg_server_dsn, "renamed", "ALTER TABLE ap_jira_task RENAME TO ap_jira_task_old"
+    ) as url:
         await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
         # WHEN the consumer applies a batch THEN the error propagates: no retry loop, no dead-letter
         with pytest.raises(asyncpg.UndefinedTableError, match="ap_jira_task"):
@@ -498,22 +507,12 @@ async def test_a_schema_a_newer_release_migrated_is_accepted_after_a_rollback(
 ) -> None:
     # GIVEN a database a newer release's `setup` migrated one step further, then that release was rolled
     # back (docs/operations.md, Upgrading: the schema stays; migrations only add)
-    async with empty_database(pg_server_dsn, "newer") as url:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate.apply(conn)
-            await conn.execute(
-                "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, 'from_a_newer_release')",
-                migrate.latest_version() + 1,
-            )
-            await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
-            # WHEN this (older) version's consumer runs THEN it applies the event as usual
-            older = replace(settings, database=DatabaseSettings(url=url))
-            stats = await consume_until_idle(older, timeout_s=30)
-            assert (stats.went_idle, stats.applied) == (True, 1)
-            assert await conn.fetchval("SELECT count(*) FROM ap_jira_task") == 1
-        finally:
-            await conn.close()
+    newer = "INSERT INTO jiralake_schema_migrations (version, name) VALUES ($1, 'from_a_newer_release')"
+    async with migrated_then(pg_server_dsn, "newer", newer, migrate.latest_version() + 1) as url:
+        await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, ts=1))])
+        # WHEN this (older) version's consumer runs THEN it applies the event as usual
+        stats = await consume_until_idle(replace(settings, database=DatabaseSettings(url=url)), timeout_s=30)
+        assert (stats.went_idle, stats.applied) == (True, 1)
     assert await queue_counts(aws_settings, queues.queue_url) == (0, 0)
 
 

@@ -412,23 +412,32 @@ async def test_replay_sends_large_events_in_calls_sqs_accepts(
     assert await drain(aws_settings, queues.dlq_url) == []
 
 
-async def test_a_failed_call_holds_back_the_issues_later_events(
-    aws_settings: AwsSettings, queues: QueuePair
-) -> None:
-    # GIVEN two 600 KB events of one issue in the DLQ (two SendMessageBatch calls: over 1 MiB in
-    # all), and an SQS that fails every call carrying the first one
-    first, second = envelope(ISSUE_A, T0), envelope(ISSUE_A, T0 + 1)
+async def replay_refusing(
+    aws_settings: AwsSettings, queues: QueuePair, letters: list[Envelope], refused: Envelope
+) -> dlq.ReplaySummary:
+    """Dead-letter ``letters`` as 600 KB events (two together are over 1 MiB: one SendMessageBatch call
+    each), then replay them through an SQS that fails every call carrying ``refused``."""
     async with aws.sqs_client(aws_settings) as sqs:
-        for env in (first, second):
+        for env in letters:
             body = json.loads(env.body)
             body["issue"]["fields"]["description"] = "x" * 600_000
             await dead_letter(sqs, queues.dlq_url, replace(env, body=json.dumps(body)))
-    async with RefuseSendingProxy(aws_settings.endpoint_url or "", first.delivery_id) as proxy:
+    async with RefuseSendingProxy(aws_settings.endpoint_url or "", refused.delivery_id) as proxy:
         refusing = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
-        # WHEN replayed
         async with aws.sqs_client(refusing) as sqs:
             summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
         assert proxy.counts.requests["refused"] >= 1
+    return summary
+
+
+async def test_a_failed_call_holds_back_the_issues_later_events(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN two 600 KB events of one issue in the DLQ, and an SQS that fails every call carrying the
+    # first one
+    first, second = envelope(ISSUE_A, T0), envelope(ISSUE_A, T0 + 1)
+    # WHEN replayed
+    summary = await replay_refusing(aws_settings, queues, [first, second], refused=first)
     # THEN the first failed and the second was never sent: both stay in the DLQ, in order
     assert [(r.outcome, r.reason) for r in summary.results] == [
         ("failed", summary.results[0].reason),
@@ -443,19 +452,10 @@ async def test_a_step_where_one_call_fails_deletes_from_the_dlq_only_what_was_se
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
     # GIVEN a 600 KB event of issue A and one of issue B in the DLQ (one step, two SendMessageBatch
-    # calls: over 1 MiB together), and an SQS that fails every call carrying A's event
+    # calls), and an SQS that fails every call carrying A's event
     a, b = envelope(ISSUE_A, T0), envelope(ISSUE_B, T0)
-    async with aws.sqs_client(aws_settings) as sqs:
-        for env in (a, b):
-            body = json.loads(env.body)
-            body["issue"]["fields"]["description"] = "x" * 600_000
-            await dead_letter(sqs, queues.dlq_url, replace(env, body=json.dumps(body)))
-    async with RefuseSendingProxy(aws_settings.endpoint_url or "", a.delivery_id) as proxy:
-        refusing = AwsSettings(region=aws_settings.region, endpoint_url=proxy.url)
-        # WHEN replayed
-        async with aws.sqs_client(refusing) as sqs:
-            summary = await dlq.replay_dead_letters(sqs, settings(queues), wait_s=NO_WAIT)
-        assert proxy.counts.requests["refused"] >= 1
+    # WHEN replayed
+    summary = await replay_refusing(aws_settings, queues, [a, b], refused=a)
     # THEN B is on the main queue and gone from the DLQ, and A, which was not sent, is still in the DLQ:
     # the DLQ deletes cover the sent calls' entries only
     assert sorted(r.outcome for r in summary.results) == ["failed", "replayed"]
