@@ -352,6 +352,19 @@ def test_settings_from_env_and_validation() -> None:
     with pytest.raises(ConfigError, match=r"JIRALAKE_CONSUMER_POLLERS\) must be between 1 and 32, got 33"):
         ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_POLLERS": "33"})
     assert ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_POLLERS": "32"}).pollers == 32
+    # A backoff past SQS's 12-hour visibility limit would be refused by SQS at every retry (the batch
+    # then comes back at once); a breaker ratio over 1 could never be exceeded (the breaker never opens)
+    assert ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_RETRY_MAX_S": "43200"}).retry_max_s == 43200
+    with pytest.raises(ConfigError, match="JIRALAKE_CONSUMER_RETRY_MAX_S <= 43200"):
+        ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_RETRY_MAX_S": "43201"})
+    assert (
+        ConsumerSettings.from_env(
+            {**env, "JIRALAKE_CONSUMER_BREAKER_RATIO": "1"}
+        ).breaker_max_dead_letter_ratio
+        == 1
+    )
+    with pytest.raises(ConfigError, match=r"JIRALAKE_CONSUMER_BREAKER_RATIO must be in \(0, 1\]"):
+        ConsumerSettings.from_env({**env, "JIRALAKE_CONSUMER_BREAKER_RATIO": "1.5"})
     # A DLQ that is the main queue would hand every dead-lettered message back, forever.
     with pytest.raises(ConfigError, match="JIRALAKE_QUEUE_URL and JIRALAKE_DLQ_URL name the same queue"):
         ConsumerSettings.from_env({**env, "JIRALAKE_DLQ_URL": env["JIRALAKE_QUEUE_URL"]})

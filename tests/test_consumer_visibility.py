@@ -21,7 +21,7 @@ from consumer import sqs as sqs_calls
 from consumer.apply import apply_envelopes
 from consumer.service import run_consumer
 from consumer.sqs import Message
-from consumer.visibility import RETRY_RENEWAL_S, keep_visible
+from consumer.visibility import RETRY_RENEWAL_S, keep_visible, retry_delay_s
 from shared import aws
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
@@ -173,3 +173,21 @@ def not_waiting_on_lock(pg: asyncpg.Connection) -> Callable[[], Awaitable[bool]]
         return not await consumer_waiting_on_lock(pg)
 
     return check
+
+
+async def test_a_receive_reads_the_receive_count_the_retry_backoff_grows_with(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN one message on the queue
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, issue_id=1, ts=1000))])
+    counts = []
+    # WHEN the consumer's receive gets it twice (visibility 0: back at once)
+    async with aws.sqs_client(aws_settings) as sqs:
+        for _ in range(2):
+            messages = await sqs_calls.receive(
+                sqs, queues.queue_url, max_messages=10, wait_time_s=1, visibility_timeout_s=0
+            )
+            counts.append([sqs_calls.receive_count(m) for m in messages])
+    # THEN each receipt carries SQS's count, from which a retry's backoff doubles (5 s, then 10 s)
+    assert counts == [[1], [2]]
+    assert retry_delay_s(counts[-1][0], base_s=5, max_s=60) == 10

@@ -411,3 +411,49 @@ async def test_an_issue_id_of_non_ascii_digits_from_the_search_is_no_id(
     assert summary.jira_ids == 2
     assert findings(summary.still_exist) == [(server.issues[0]["id"], server.issues[0]["key"], 200)]
     assert summary.deleted == []
+
+
+async def test_exactly_max_deletes_404s_are_not_withheld(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN three issues Jira lists and two live rows it answers 404 for
+    server, url = jira
+    server.issues = fixture_issues(3)
+    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+    await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2")])
+    # WHEN reconcile runs with --max-deletes 2 (held back only when there are more)
+    settings = backfill_settings(url, queues, db_settings, aws_settings)
+    summary = await run_reconcile(settings, ReconcileRequest(max_deletes=2))
+    # THEN both deletes are queued
+    assert (summary.deletes_withheld, summary.deletes_enqueued) == (False, 2)
+    assert len(await drain(aws_settings, queues.queue_url)) == 2
+
+
+async def test_rows_already_deleted_are_not_looked_up_or_deleted_again(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+) -> None:
+    # GIVEN three issues Jira lists, and a row the table already holds deleted (is_deleted is generated
+    # from deleted_version)
+    server, url = jira
+    server.issues = fixture_issues(3)
+    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+    await live_rows(pg, [(40001, "GONE-1")])
+    await pg.execute(
+        "UPDATE ap_jira_task SET deleted_version = version, deleted_at = now() WHERE issue_id = 40001"
+    )
+    # WHEN reconcile runs
+    summary = await run_reconcile(
+        backfill_settings(url, queues, db_settings, aws_settings), ReconcileRequest()
+    )
+    # THEN the deleted row is neither looked up in Jira nor deleted again: every run would otherwise
+    # count it against --max-deletes, and enough of them would hold back every real delete for good
+    assert (summary.live_rows, summary.candidates, summary.deletes_enqueued) == (3, 0, 0)
+    assert await drain(aws_settings, queues.queue_url) == []
