@@ -337,7 +337,9 @@ async def test_a_lock_held_past_the_statement_timeout_is_waited_out_without_spen
 ) -> None:
     # GIVEN a 0.5 s statement timeout, and maintenance holding the table until the batch's writes
     # timed out twice: Postgres answers SELECT 1 all along, but every write times out
-    patient = replace(settings, statement_timeout_s=0.5, retry_in_place_s=retry_in_place_s)
+    patient = replace(
+        settings, statement_timeout_s=0.5, retry_in_place_s=retry_in_place_s, unavailable_backoff_max_s=30
+    )
     events = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 2, 3)]
     retried_before = counter(CONSUMER_EVENTS, "retried")
     retry_event = "batch_retrying_in_place" if retry_in_place_s else "batch_retried"
@@ -365,6 +367,9 @@ async def test_a_lock_held_past_the_statement_timeout_is_waited_out_without_spen
         assert (stats.received, stats.batches, stats.retried) == (3, 1, 0)
         assert counter(CONSUMER_EVENTS, "retried") == retried_before
         assert not any(e["event"] == "batch_retried" for e in logs)
+        # AND each wait in place doubles, so a struggling PostgreSQL is not retried every half second
+        waits = [e["retry_in_s"] for e in logs if e["event"] == retry_event]
+        assert waits[:2] == [0.5, 1.0]
     else:  # the old way, still there when disabled: released, received again, each time counted
         assert stats.retried >= 6 and stats.received >= 9
         assert not any(e["event"] == "batch_retrying_in_place" for e in logs)
