@@ -30,6 +30,12 @@ async def live_rows(pg: asyncpg.Connection, rows: list[tuple[int, str]]) -> None
     )
 
 
+async def listed_and_held(server: JiraApiServer, pg: asyncpg.Connection, count: int) -> None:
+    """``count`` issues Jira lists, each a live row of the table."""
+    server.issues = fixture_issues(count)
+    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+
+
 async def jira_with_gaps(server: JiraApiServer, pg: asyncpg.Connection) -> None:
     """Five issues Jira lists and the table holds, plus four live rows Jira's search does not return:
     30010 deleted (404), 30011 no permission (403), 30012 outside the JQL (200), 30013 (401)."""
@@ -422,8 +428,7 @@ async def test_exactly_max_deletes_404s_are_not_withheld(
 ) -> None:
     # GIVEN three issues Jira lists and two live rows it answers 404 for
     server, url = jira
-    server.issues = fixture_issues(3)
-    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+    await listed_and_held(server, pg, 3)
     await live_rows(pg, [(40001, "GONE-1"), (40002, "GONE-2")])
     # WHEN reconcile runs with --max-deletes 2 (held back only when there are more)
     settings = backfill_settings(url, queues, db_settings, aws_settings)
@@ -443,8 +448,7 @@ async def test_rows_already_deleted_are_not_looked_up_or_deleted_again(
     # GIVEN three issues Jira lists, and a row the table already holds deleted (is_deleted is generated
     # from deleted_version)
     server, url = jira
-    server.issues = fixture_issues(3)
-    await live_rows(pg, [(int(i["id"]), i["key"]) for i in server.issues])
+    await listed_and_held(server, pg, 3)
     await live_rows(pg, [(40001, "GONE-1")])
     await pg.execute(
         "UPDATE ap_jira_task SET deleted_version = version, deleted_at = now() WHERE issue_id = 40001"
