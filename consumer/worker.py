@@ -135,11 +135,13 @@ class Consumer:
         ]
         watchers: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait(), name="consumer-stop-watcher")]
         idle_s = self.settings.exit_when_idle_s
+        idle = None
         if idle_s is not None:
-            watchers.append(asyncio.create_task(self._wait_idle(idle_s), name="consumer-idle-watcher"))
+            idle = asyncio.create_task(self._wait_idle(idle_s), name="consumer-idle-watcher")
+            watchers.append(idle)
         try:
             await asyncio.wait([*pollers, *watchers], return_when=asyncio.FIRST_COMPLETED)
-            self.stats.went_idle = idle_s is not None and watchers[-1].done() and not stop.is_set()
+            self.stats.went_idle = idle is not None and idle.done() and not stop.is_set()
             if self.stats.went_idle:
                 log.info(LOG_QUEUE_IDLE, idle_s=idle_s)
         finally:
