@@ -33,6 +33,7 @@ INDEX = "ap_jira_task_event_ingested_at_idx"
 TS = 1_700_000_000_000
 WAITING_ON_LOCK = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
 IS_VALID = f"SELECT indisvalid FROM pg_index WHERE indexrelid = '{INDEX}'::regclass"
+BUILDING = f"SELECT count(*) FROM pg_stat_progress_create_index WHERE index_relid = to_regclass('{INDEX}')"
 PRUNE_WAITING_ON_LOCK = (
     "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
 )
@@ -483,7 +484,49 @@ async def test_the_migration_gives_way_to_a_reader_of_the_history_rather_than_ho
                 await pg.execute(migration.sql)
     finally:
         await reader.close()
-    assert await pg.fetchval(IS_VALID) is False  # nothing changed; the operator's drop comes next
+    try:
+        assert await pg.fetchval(IS_VALID) is False  # nothing changed; the operator's drop comes next
+    finally:
+        # the next test on this database inserts history rows, which that index's expression refuses
+        await pg.execute(f"DROP INDEX {INDEX}; CREATE INDEX {INDEX} ON ap_jira_task_event (ingested_at)")
+
+
+async def test_the_migration_keeps_an_index_built_beforehand_concurrently(pg: asyncpg.Connection) -> None:
+    # GIVEN the index built beforehand as docs/ and the migration advise (CREATE INDEX CONCURRENTLY)
+    (migration,) = [m for m in migrate.available() if m.version == 8]
+    await record(pg, "row", 1, age_days=0)
+    await pg.execute(f"DROP INDEX {INDEX}")
+    await pg.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON ap_jira_task_event (ingested_at)")
+    built = await pg.fetchval(f"SELECT '{INDEX}'::regclass::oid")
+    # WHEN the migration runs THEN it finds that index and keeps it (no rebuild under a lock)
+    async with pg.transaction():
+        await pg.execute(migration.sql)
+    assert await pg.fetchval(f"SELECT '{INDEX}'::regclass::oid") == built
+    assert await pg.fetchval(IS_VALID) is True
+
+
+@pytest.mark.parametrize(
+    ("kind", "definition"),
+    [
+        ("INDEX", "USING hash (ingested_at)"),
+        ("UNIQUE INDEX", "(ingested_at)"),
+        ("INDEX", "(ingested_at, issue_id)"),
+        ("INDEX", "(ingested_at) WHERE applied"),
+        ("INDEX", "((ingested_at AT TIME ZONE 'UTC'))"),
+    ],
+)
+async def test_the_migration_refuses_an_index_of_its_name_the_prune_cannot_use_as_built(
+    pg: asyncpg.Connection, kind: str, definition: str
+) -> None:
+    # GIVEN an index of the migration's name on ingested_at but not the plain one it builds (a unique
+    # one would refuse two deliveries recorded in one statement)
+    (migration,) = [m for m in migrate.available() if m.version == 8]
+    await pg.execute(f"DROP INDEX {INDEX}")
+    await pg.execute(f"CREATE {kind} {INDEX} ON ap_jira_task_event {definition}")
+    # WHEN the migration runs THEN it stops and says what to do: that index is not its to drop
+    with pytest.raises(asyncpg.RaiseError, match="exists but is not a plain index on ap_jira_task_event"):
+        async with pg.transaction():
+            await pg.execute(migration.sql)
 
 
 @pytest.mark.timeout(60)
@@ -503,7 +546,8 @@ async def test_the_migration_stops_rather_than_drop_a_concurrent_build_still_run
 
         async def in_progress() -> bool:
             await pg.execute("SELECT pg_stat_clear_snapshot()")
-            return bool(await pg.fetchval("SELECT count(*) FROM pg_stat_progress_create_index"))
+            # this build, once its index is visible (other workers' databases build indexes too)
+            return bool(await pg.fetchval(BUILDING))
 
         await wait_for(in_progress, what="the concurrent build under way")
         # WHEN the migration runs THEN it stops at once and says to wait for the build: dropping the

@@ -16,24 +16,29 @@
 -- concurrent build that failed leaves an INVALID index of that name, which the planner never uses: it
 -- is dropped here and built again, waiting at most 5 s for its lock (queued behind a long query over
 -- the history, the drop would hold up the consumer as long), else setup stops with a message. A valid
--- index of that name on anything else than ap_jira_task_event (ingested_at) stops setup with a
--- message: it is not ours to drop.
+-- index of that name that is not a plain btree index on ap_jira_task_event (ingested_at) stops setup
+-- with a message: it is not ours to drop.
 DO $$
 DECLARE
+    found regclass := to_regclass('ap_jira_task_event_ingested_at_idx');
     builder integer;
     saved_lock_timeout text := current_setting('lock_timeout');
 BEGIN
-    IF current_setting('server_version_num')::integer >= 120000 THEN
-        EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = '
-                || 'to_regclass(''ap_jira_task_event_ingested_at_idx'') LIMIT 1' INTO builder;
-        IF builder IS NOT NULL THEN
-            RAISE EXCEPTION 'jiralake: ap_jira_task_event_ingested_at_idx is being built (CREATE INDEX CONCURRENTLY, PostgreSQL backend pid %); wait for it to finish, then run setup again', builder;
-        END IF;
+    IF found IS NULL THEN
+        RETURN;
     END IF;
-    IF EXISTS (
-        SELECT 1 FROM pg_index
-        WHERE indexrelid = to_regclass('ap_jira_task_event_ingested_at_idx') AND NOT indisvalid
-    ) THEN
+    IF EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = found AND NOT indisvalid) THEN
+        -- Invalid: being built, or left by a failed build. A build registers its index's oid in the
+        -- progress view before the index is visible here, so a build under way is found by it (on this
+        -- database: oids repeat across the databases the view lists).
+        IF current_setting('server_version_num')::integer >= 120000 THEN
+            EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = $1 AND datid = '
+                    || '(SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1'
+                INTO builder USING found;
+            IF builder IS NOT NULL THEN
+                RAISE EXCEPTION 'jiralake: ap_jira_task_event_ingested_at_idx is being built (CREATE INDEX CONCURRENTLY, PostgreSQL backend pid %); wait for it to finish, then run setup again', builder;
+            END IF;
+        END IF;
         PERFORM set_config('lock_timeout', '5s', true);
         BEGIN
             DROP INDEX ap_jira_task_event_ingested_at_idx;
@@ -41,20 +46,22 @@ BEGIN
             RAISE EXCEPTION 'jiralake: the invalid index ap_jira_task_event_ingested_at_idx (a failed concurrent build) could not be dropped within 5 s: ap_jira_task_event is in use; run DROP INDEX CONCURRENTLY ap_jira_task_event_ingested_at_idx, then setup again';
         END;
         PERFORM set_config('lock_timeout', saved_lock_timeout, true);
+        RETURN;
     END IF;
-    IF EXISTS (
-        SELECT 1 FROM pg_index i
-        WHERE i.indexrelid = to_regclass('ap_jira_task_event_ingested_at_idx')
-          AND NOT (
-              i.indrelid = 'ap_jira_task_event'::regclass
-              AND i.indkey::int2[] = ARRAY[(
-                  SELECT attnum FROM pg_attribute
-                  WHERE attrelid = 'ap_jira_task_event'::regclass AND attname = 'ingested_at'
-              )]
-              AND i.indexprs IS NULL AND i.indpred IS NULL
+    -- indkey is an int2vector, whose subscripts start at 0.
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+        WHERE i.indexrelid = found
+          AND i.indrelid = 'ap_jira_task_event'::regclass
+          AND am.amname = 'btree' AND NOT i.indisunique
+          AND i.indnatts = 1
+          AND i.indkey[0] = (
+              SELECT attnum FROM pg_attribute
+              WHERE attrelid = 'ap_jira_task_event'::regclass AND attname = 'ingested_at'
           )
+          AND i.indexprs IS NULL AND i.indpred IS NULL
     ) THEN
-        RAISE EXCEPTION 'jiralake: an index named ap_jira_task_event_ingested_at_idx exists but is not on ap_jira_task_event (ingested_at); drop it (history prune needs that one) and run setup again';
+        RAISE EXCEPTION 'jiralake: an index named ap_jira_task_event_ingested_at_idx exists but is not a plain index on ap_jira_task_event (ingested_at); drop it (history prune needs that one) and run setup again';
     END IF;
 END
 $$;
