@@ -33,10 +33,12 @@ CREATE TABLE IF NOT EXISTS jiralake_schema_migrations (
 
 
 # -- migration_lock_holder --
-# The backend holding the migrators' advisory lock (a 32-bit key: classid 0, objid the key).
+# The backend holding the migrators' advisory lock (a 32-bit key: classid 0, objid the key). Advisory
+# locks are per database, and pg_locks lists every database's.
 _LOCK_HOLDER = """
 SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND objsubid = 1 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 LIMIT 1
 """
 

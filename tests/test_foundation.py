@@ -405,7 +405,8 @@ async def test_a_connection_ended_during_a_migration_fails_with_the_server_s_rea
 
 
 MIGRATION_LOCK_HELD = (
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND granted"
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = $1 AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 
 
@@ -469,11 +470,17 @@ async def has_no_migrator(conn: asyncpg.Connection) -> bool:
 
 
 async def test_a_second_setup_says_it_waits_for_the_first(pg_server_dsn: str) -> None:
-    async with empty_database(pg_server_dsn, "twosetups") as url:
+    async with (
+        empty_database(pg_server_dsn, "twosetups") as url,
+        empty_database(pg_server_dsn, "neighbour") as neighbour_url,
+    ):
         conn = await asyncpg.connect(url)
         other = await asyncpg.connect(url)
+        neighbour = await asyncpg.connect(neighbour_url)
         try:
-            # GIVEN another setup holding the migration lock
+            # GIVEN a setup of another database on the same server holding its own migration lock
+            await neighbour.execute("SELECT pg_advisory_lock($1)", migrate.LOCK_KEY)
+            # AND another setup of this database holding this one's
             await other.execute("SELECT pg_advisory_lock($1)", migrate.LOCK_KEY)
             # WHEN setup runs
             with capture_logs() as logs:
@@ -487,6 +494,7 @@ async def test_a_second_setup_says_it_waits_for_the_first(pg_server_dsn: str) ->
             started = [line["version"] for line in logs if line["event"] == "migration_started"]
             assert started == [m.version for m in applied] == [m.version for m in migrate.available()]
         finally:
+            await neighbour.close()
             await other.close()
             await conn.close()
 
