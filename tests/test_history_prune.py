@@ -35,7 +35,8 @@ WAITING_ON_LOCK = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE p
 IS_VALID = f"SELECT indisvalid FROM pg_index WHERE indexrelid = '{INDEX}'::regclass"
 BUILDING = f"SELECT count(*) FROM pg_stat_progress_create_index WHERE index_relid = to_regclass('{INDEX}')"
 PRUNE_WAITING_ON_LOCK = (
-    "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'"
+    "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock' "
+    "AND datname = current_database()"
 )
 
 
