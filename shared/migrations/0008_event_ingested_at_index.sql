@@ -11,8 +11,9 @@
 -- consumer's batches wait (and are retried in place). To avoid that, build it beforehand with
 --   CREATE INDEX CONCURRENTLY IF NOT EXISTS ap_jira_task_event_ingested_at_idx
 --       ON ap_jira_task_event (ingested_at);
--- and this migration finds it. A concurrent build still running stops setup with a message (its index
--- is not valid yet; dropping it would queue behind the build, the consumer behind the drop). A
+-- and this migration finds it. Any index build on ap_jira_task_event still running, this index's or
+-- another's, stops setup with a message (building or dropping this index would queue behind it, the
+-- consumer behind that, and a concurrent build waits for this migration in turn). A
 -- concurrent build that failed leaves an INVALID index of that name, which the planner never uses: it
 -- is dropped here and built again, waiting at most 5 s for its lock (queued behind a long query over
 -- the history, the drop would hold up the consumer as long), else setup stops with a message. A valid
@@ -24,21 +25,22 @@ DECLARE
     builder integer;
     saved_lock_timeout text := current_setting('lock_timeout');
 BEGIN
+    -- Any index build on the history table under way in this database (its index visible here yet or
+    -- not): this migration's CREATE INDEX or DROP INDEX would queue behind it, the consumer behind
+    -- them, and a concurrent build waits for this transaction in turn (a deadlock).
+    IF current_setting('server_version_num')::integer >= 120000 THEN
+        EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE relid = $1 AND datid = '
+                || '(SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1'
+            INTO builder USING 'ap_jira_task_event'::regclass;
+        IF builder IS NOT NULL THEN
+            RAISE EXCEPTION 'jiralake: an index on ap_jira_task_event is being built (CREATE INDEX, PostgreSQL backend pid %); wait for it to finish, then run setup again', builder;
+        END IF;
+    END IF;
     IF found IS NULL THEN
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = found AND NOT indisvalid) THEN
-        -- Invalid: being built, or left by a failed build. A build registers its index's oid in the
-        -- progress view before the index is visible here, so a build under way is found by it (on this
-        -- database: oids repeat across the databases the view lists).
-        IF current_setting('server_version_num')::integer >= 120000 THEN
-            EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = $1 AND datid = '
-                    || '(SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1'
-                INTO builder USING found;
-            IF builder IS NOT NULL THEN
-                RAISE EXCEPTION 'jiralake: ap_jira_task_event_ingested_at_idx is being built (CREATE INDEX CONCURRENTLY, PostgreSQL backend pid %); wait for it to finish, then run setup again', builder;
-            END IF;
-        END IF;
+        -- Invalid and not being built (above): left by a failed concurrent build.
         PERFORM set_config('lock_timeout', '5s', true);
         BEGIN
             DROP INDEX ap_jira_task_event_ingested_at_idx;
