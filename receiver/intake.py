@@ -115,7 +115,9 @@ def _envelope(
 ) -> Envelope | Ignored:
     delivery_header = request.headers.get(DELIVERY_HEADER)
     if delivery_header and delivery_header.strip() and not _DELIVERY_ID.match(delivery_header.strip()):
-        raise Rejected(Outcome.BAD_REQUEST, f"{DELIVERY_HEADER} must be 1-512 printable ASCII characters")
+        raise Rejected(
+            Outcome.BAD_REQUEST, f"{DELIVERY_HEADER} must be 1-512 visible ASCII characters, no spaces"
+        )
     text = _decode(body)
     # One parse that reads only the routing fields; any body it does not accept outright goes the
     # full way (json.loads, then the tolerant model), which gives the exact reason for a refusal.

@@ -332,7 +332,7 @@ ISSUE_BODY = jira_fixtures.raw("pinpoint-jira__jira_issue_updated.description.js
         ('{"webhookEvent": "jira:issue_updated", "issue": {"id": "1"}, "x": "a\x01b\uffff"}'.encode(), {},
          400, "bad_request", "body is not JSON: Invalid control character at: line 1 column 69 (char 68)"),
         (ISSUE_BODY, {"delivery": "two words"}, 400, "bad_request",
-         "X-Atlassian-Webhook-Identifier must be 1-512 printable ASCII characters"),
+         "X-Atlassian-Webhook-Identifier must be 1-512 visible ASCII characters, no spaces"),
         (ISSUE_BODY, {"content_type": "text/plain"}, 415, "unsupported_media_type",
          "Content-Type must be application/json, got 'text/plain'"),
         (ISSUE_BODY, {"content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type",

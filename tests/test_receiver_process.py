@@ -99,18 +99,54 @@ async def test_admin_port_0_disables_the_admin_port(aws_settings: AwsSettings, q
         JIRALAKE_WEBHOOK_SECRET=SECRET,
         JIRALAKE_RECEIVER_ADMIN_PORT="0",
     )
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jiralake", "receiver", "--host", "127.0.0.1", "--port", str(port),
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert child.stderr is not None
-    logs = LogLines(child.stderr)
-    try:
+    async with receiver_child(env, "--port", str(port)) as (child, logs):
         # WHEN it has started
         started = await logs.wait_for("receiver_started")
         # THEN it listens on the webhook port only (not on some random admin port), and says so
         assert started["admin_port"] is None
         assert listening_ports(child.pid) == {port}
+
+
+async def test_the_insecure_flag_is_ignored_with_a_warning_when_the_secret_is_set(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN the receiver started with JIRALAKE_WEBHOOK_SECRET set and --insecure-no-signature (a local
+    # habit carried into a real deployment)
+    port = free_port()
+    env = dict(
+        os.environ,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_ADMIN_PORT="0",
+    )
+    async with receiver_child(env, "--port", str(port), "--insecure-no-signature") as (_, logs):
+        started = await logs.wait_for("receiver_started")
+        # WHEN an unsigned webhook arrives
+        body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json")
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/webhooks/jira"
+            status, answer = await _post(http, url, body, {"Content-Type": "application/json"})
+    # THEN signatures are still required: it is refused, and the start said the flag was ignored
+    assert (status, answer["status"]) == (401, "unauthorized")
+    assert started["unsigned_webhooks_accepted"] is False
+    [ignored] = [line for line in logs.lines if line.get("event") == "insecure_flag_ignored"]
+    assert ignored["level"] == "warning"
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+@contextlib.asynccontextmanager
+async def receiver_child(
+    env: dict[str, str], *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, LogLines]]:
+    """`jiralake receiver --host 127.0.0.1 *args` as a child process, stopped by SIGTERM (exit 0) on exit."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "receiver", "--host", "127.0.0.1", *args,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stderr is not None
+    logs = LogLines(child.stderr)
+    try:
+        yield child, logs
         child.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(child.wait(), DEADLINE_S) == 0, logs.raw
     finally:
