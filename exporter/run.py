@@ -250,8 +250,12 @@ async def _locked_export(
         include_raw=settings.include_raw or settings.format is ExportFormat.PARQUET,
     )
     destination = f"s3://{settings.bucket}/{settings.prefix}"
+    server_id = await run_log.server_id(control)
     since = (
-        await run_log.last_watermark(control, destination=destination, format=settings.format.value)
+        _watermark_to_start_from(
+            await run_log.last_watermark(control, destination=destination, format=settings.format.value),
+            server_id,
+        )
         if mode == "changes"
         else None
     )
@@ -262,6 +266,7 @@ async def _locked_export(
         destination=destination,
         started_at=started_at,
         since_xid8=since,
+        server_id=server_id,
     )
     attempt.run_id = run_id
     with structlog.contextvars.bound_contextvars(run_id=run_id):
@@ -295,6 +300,24 @@ async def _locked_export(
         latest=f"s3://{settings.bucket}/{result.latest_key}" if result.latest_key else None,
     )
     return result
+
+
+def _watermark_to_start_from(last: run_log.Watermark | None, server_id: str | None) -> int | None:
+    """The last run's watermark, unless it is another server's transaction id: the database moved
+    (pg_dump/pg_restore, logical replication), and what changed since cannot be told, so every row
+    goes out, as on a first run. Read against this server's ids, restored rows older than the
+    watermark would never be exported."""
+    if last is None:
+        return None
+    if last.server_id is not None and server_id is not None and last.server_id != server_id:
+        log.warning(
+            "export_watermark_from_another_server",
+            since_xid8=last.xid8,
+            watermark_server_id=last.server_id,
+            server_id=server_id,
+        )
+        return None
+    return last.xid8
 
 
 async def _export(

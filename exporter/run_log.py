@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -15,8 +16,8 @@ WHERE status = 'running'
 
 # -- start_run --
 START_RUN = """
-INSERT INTO jiralake_export_run (mode, format, status, started_at, since_xid8, destination)
-VALUES ($1, $2, 'running', $3, $4, $5)
+INSERT INTO jiralake_export_run (mode, format, status, started_at, since_xid8, destination, server_id)
+VALUES ($1, $2, 'running', $3, $4, $5, $6)
 RETURNING run_id
 """
 
@@ -39,11 +40,30 @@ WHERE run_id = $1 AND status = 'running'
 # -- last_watermark --
 # Per destination (migration 0007): another exporter's runs to another bucket or prefix don't count.
 LAST_WATERMARK = """
-SELECT watermark_xid8 FROM jiralake_export_run
+SELECT watermark_xid8, server_id FROM jiralake_export_run
 WHERE mode = 'changes' AND status = 'succeeded' AND destination = $1 AND format = $2
 ORDER BY run_id DESC
 LIMIT 1
 """
+
+# -- server_id --
+# The server's system identifier (migration 0012): another after the database moved to another server.
+SERVER_ID = "SELECT system_identifier::text FROM pg_control_system()"
+
+
+@dataclass(frozen=True)
+class Watermark:
+    xid8: int
+    server_id: str | None  # None: recorded before migration 0012, or by a server that did not say
+
+
+async def server_id(conn: asyncpg.Connection) -> str | None:
+    """This server's system identifier; None where a managed service does not let the role read it."""
+    try:
+        value: str = await conn.fetchval(SERVER_ID)
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.FeatureNotSupportedError):
+        return None
+    return value
 
 
 async def abandon_unfinished(conn: asyncpg.Connection, now: datetime) -> int:
@@ -59,8 +79,9 @@ async def start_run(
     destination: str,
     started_at: datetime,
     since_xid8: int | None,
+    server_id: str | None,
 ) -> int:
-    run_id: int = await conn.fetchval(START_RUN, mode, format, started_at, since_xid8, destination)
+    run_id: int = await conn.fetchval(START_RUN, mode, format, started_at, since_xid8, destination, server_id)
     return run_id
 
 
@@ -95,6 +116,6 @@ async def run_failed(conn: asyncpg.Connection, run_id: int, *, finished_at: date
     await conn.execute(RUN_FAILED, run_id, finished_at, error[:2000])
 
 
-async def last_watermark(conn: asyncpg.Connection, *, destination: str, format: str) -> int | None:
-    value: int | None = await conn.fetchval(LAST_WATERMARK, destination, format)
-    return value
+async def last_watermark(conn: asyncpg.Connection, *, destination: str, format: str) -> Watermark | None:
+    row = await conn.fetchrow(LAST_WATERMARK, destination, format)
+    return None if row is None else Watermark(row["watermark_xid8"], row["server_id"])

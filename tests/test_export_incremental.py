@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -14,10 +15,12 @@ import asyncpg
 from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
+from exporter import run_log
 from exporter.run import export_once
 from exporter.settings import ExporterSettings, ExportFormat
 from shared import db
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.conftest import empty_database
 from tests.jira_fixtures import make_event
 from tests.test_consumer_helpers import envelope_of
 from tests.test_export_failures import cli_env
@@ -218,6 +221,62 @@ async def test_after_a_move_to_a_cluster_with_lower_transaction_ids_every_row_go
     await pg.execute("UPDATE ap_jira_task SET version = version + 1 WHERE issue_id = 4")
     after = await export_once(settings, changed_since_last=True, clock=at(10, 8))
     assert (after.since_xid8, after.rows) == (moved.watermark_xid8, 1)
+
+
+async def test_after_a_move_to_a_server_whose_ids_passed_the_watermark_every_row_goes_out_once(
+    pg: asyncpg.Connection, settings_factory: Callable[..., ExporterSettings]
+) -> None:
+    # GIVEN 10 rows exported incrementally, each run recording the server's system identifier
+    settings = settings_factory()
+    await insert_awkward_rows(pg, 10)
+    first = await export_once(settings, changed_since_last=True, clock=at(10, 6))
+    server = await pg.fetchval("SELECT system_identifier::text FROM pg_control_system()")
+    assert await pg.fetchval("SELECT server_id FROM jiralake_export_run WHERE run_id = $1", first.run_id) == (
+        server
+    )
+    # AND that watermark recorded as another server's: as after a restore on a server whose ids had
+    # passed it (a busy cluster), every row has an id below the watermark, which is not ahead of this
+    # server's ids either, so only the identifier tells the ids apart
+    await pg.execute("UPDATE jiralake_export_run SET server_id = '42' WHERE run_id = $1", first.run_id)
+    # WHEN the next incremental run goes
+    with capture_logs() as logs:
+        moved = await export_once(settings, changed_since_last=True, clock=at(10, 7))
+    # THEN every row goes out (none would have: all were written before the watermark), and it says why
+    assert (moved.since_xid8, moved.rows) == (None, 10)
+    [warning] = [e for e in logs if e["event"] == "export_watermark_from_another_server"]
+    assert (warning["since_xid8"], warning["watermark_server_id"], warning["server_id"]) == (
+        first.watermark_xid8,
+        "42",
+        server,
+    )
+    assert "export_watermark_ahead" not in [e["event"] for e in logs]
+    # AND the next run goes on from this server's watermark
+    await pg.execute("UPDATE ap_jira_task SET version = version + 1 WHERE issue_id = 4")
+    after = await export_once(settings, changed_since_last=True, clock=at(10, 8))
+    assert (after.since_xid8, after.rows) == (moved.watermark_xid8, 1)
+
+
+async def test_a_server_that_does_not_let_the_role_read_its_identifier_records_none(
+    pg_server_dsn: str,
+) -> None:
+    # GIVEN a database whose owner revoked pg_control_system() from everyone, as a managed service may
+    role = f"jl_noctl_{uuid.uuid4().hex[:8]}"
+    async with empty_database(pg_server_dsn, "noctl") as url:
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute(
+                f"CREATE ROLE {role} LOGIN; REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC"
+            )
+            exporter = await asyncpg.connect(url, user=role)
+            try:
+                # WHEN the exporter asks for the server's identifier THEN it has none, and goes on
+                assert await run_log.server_id(exporter) is None
+            finally:
+                await exporter.close()
+            assert await run_log.server_id(admin) == await admin.fetchval(run_log.SERVER_ID)
+        finally:
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+            await admin.close()
 
 
 async def test_rows_committed_while_an_incremental_run_reads_are_in_the_next_one(

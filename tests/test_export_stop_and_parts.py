@@ -174,7 +174,13 @@ async def test_a_stop_while_a_published_run_closes_waits_for_it_and_returns_its_
 async def test_a_run_recorded_succeeded_is_never_recorded_failed_afterwards(pg: asyncpg.Connection) -> None:
     # GIVEN a run recorded 'succeeded'
     run_id = await run_log.start_run(
-        pg, mode="full", format="csv", destination="s3://b/lake", started_at=DAY, since_xid8=None
+        pg,
+        mode="full",
+        format="csv",
+        destination="s3://b/lake",
+        started_at=DAY,
+        since_xid8=None,
+        server_id=None,
     )
     await run_log.run_succeeded(
         pg, run_id, finished_at=DAY, watermark_xid8=7, rows=3, bytes_exported=30, sha256="ab",

@@ -1,0 +1,11 @@
+-- Exporter bookkeeping (exporter/run_log.py). Nothing here is issue data.
+--
+-- The PostgreSQL server each export run read from: its system identifier (pg_control_system(), the
+-- "Database system identifier" of pg_controldata), text. The incremental watermark is a transaction
+-- id of that server. After the database moves to another server (pg_dump/pg_restore, logical
+-- replication), the new server's ids mean nothing against it: when they are lower the exporter saw
+-- the watermark ahead of them (export_watermark_ahead), but once they had passed it, every restored
+-- row looked older than the watermark and no changes run exported it. A run whose server differs
+-- from the one the watermark came from exports every row instead. Runs from before this migration,
+-- and servers that refuse pg_control_system(), have no identifier: those keep the old check alone.
+ALTER TABLE jiralake_export_run ADD COLUMN server_id text;
