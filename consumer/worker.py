@@ -62,6 +62,8 @@ _FIRST_BACKOFF_S = 0.5
 POOL_CLOSE_S = 5.0
 LOG_CONNECTIONS_TERMINATED = "database_connections_terminated"
 LOG_QUEUE_IDLE = "consumer_queue_idle"
+LOG_ACK_CANCELLED = "acknowledgement_cancelled"
+LOG_ACK_FAILED = "acknowledgement_failed"
 # What _finish gets for acknowledgements that follow no apply (rejections alone, or nothing left).
 _NOTHING_APPLIED = apply.ApplyResult(results=[], duration_s=0.0)
 
@@ -152,18 +154,30 @@ class Consumer:
             for task in pending:
                 log.warning("poller_cancelled", task=task.get_name(), grace_s=self.settings.shutdown_grace_s)
                 task.cancel()
+            acks = list(self._acks)  # only a cancelled poller's can still run: a poller waits for its own
             if pending:
                 # A query cancelled on a server that does not answer holds its poller while asyncpg
-                # waits, up to the statement timeout, for the server to confirm the cancellation.
-                _, stuck = await asyncio.wait(pending, timeout=POOL_CLOSE_S)
-                if stuck:
+                # waits, up to the statement timeout, for the server to confirm the cancellation. An
+                # acknowledgement waiting on an SQS that does not answer would wait out botocore's
+                # timeouts and retries (minutes).
+                _, stuck = await asyncio.wait([*pending, *acks], timeout=POOL_CLOSE_S)
+                if stuck & pending:
                     log.warning(LOG_CONNECTIONS_TERMINATED, after_s=POOL_CLOSE_S)
                     self.pool.terminate()
-            await asyncio.gather(*pending, *watchers, return_exceptions=True)
+                for task in stuck - pending:
+                    # Its messages stay on the queue and come back after their visibility timeout: a
+                    # duplicate then, or (its dead-letter copy sent, the delete not) dead-lettered twice.
+                    log.warning(LOG_ACK_CANCELLED, task=task.get_name(), after_s=POOL_CLOSE_S)
+                    task.cancel()
+            await asyncio.gather(*pending, *watchers, *acks, return_exceptions=True)
             if pending:
                 _read_release_errors()
-            if self._acks:
-                await asyncio.wait(self._acks)
+            for task in acks:  # their pollers, which would have handled the errors, are gone
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    log.warning(
+                        LOG_ACK_FAILED, task=task.get_name(), error=f"{type(error).__name__}: {error}"
+                    )
         # Every poller's error is read (and logged), not just the first: one never read would end the
         # process with asyncio's "Task exception was never retrieved" and its traceback.
         errors: list[BaseException] = []
