@@ -119,17 +119,21 @@ async def _apply_one_by_one(conn: asyncpg.Connection, events: list[ConsumerEvent
 
 
 async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[EventResult]:
+    # A delivery twice in one batch counts once; the other is a duplicate. Redelivered, it is the same
+    # event, and the first one counts. Two events under one id (another producer reusing ids) keep the
+    # newer, as two batches would: which one the row takes must not depend on how they were batched.
     distinct: dict[str, ConsumerEvent] = {}
-    for event in events:  # a delivery twice in one batch: the first one counts, the second is a duplicate
-        distinct.setdefault(event.delivery_id, event)
+    for event in events:
+        kept = distinct.get(event.delivery_id)
+        if kept is None or event.order_key > kept.order_key:
+            distinct[event.delivery_id] = event
     unique = list(distinct.values())
     rows = await conn.fetch(queries.query("apply_batch"), *_arguments(coalesce(unique), unique))
     recorded = {row["delivery_id"]: (row["recorded"], row["applied"]) for row in rows}
     outcomes = []
-    seen: set[str] = set()
     for event in events:
         was_recorded, applied = recorded[event.delivery_id]
-        if event.delivery_id in seen:
+        if distinct[event.delivery_id] is not event:
             outcomes.append(EventResult(DUPLICATE))
         elif not was_recorded:
             outcomes.append(EventResult(DUPLICATE))
@@ -139,7 +143,6 @@ async def _run(conn: asyncpg.Connection, events: list[ConsumerEvent]) -> list[Ev
             outcomes.append(EventResult(HISTORY_ONLY))
         else:
             outcomes.append(EventResult(SKIPPED_STALE))
-        seen.add(event.delivery_id)
     return outcomes
 
 

@@ -1,6 +1,6 @@
 """Circuit breaker: stop receiving when most recent events are being dead-lettered.
 
-A bad deploy (a parsing bug, a missing column the code expects) makes every event look invalid; left
+A bad deploy (a parsing bug, a constraint every row breaks) makes every event look invalid; left
 alone the consumer would move the whole queue into the DLQ. After ``min_events`` events, when the share
 dead-lettered among the last ``window`` exceeds ``max_ratio``, the breaker opens: pollers stop
 receiving for ``cooldown_s``, the gauge ``jiralake_consumer_circuit_open`` is 1 and an ERROR line says

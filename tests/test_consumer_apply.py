@@ -118,6 +118,34 @@ async def test_a_duplicate_delivery_changes_nothing(pg: asyncpg.Connection) -> N
     assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 1
 
 
+@pytest.mark.parametrize(
+    ("batches", "expected"),
+    [
+        ([[0, 1]], ["duplicate", "applied"]),
+        ([[1, 0]], ["applied", "duplicate"]),
+        # the later batch's newer event moves the row, but its id is in the history already
+        ([[0], [1]], ["applied", "duplicate"]),
+        ([[1], [0]], ["applied", "duplicate"]),
+    ],
+    ids=str,
+)
+async def test_two_events_under_one_delivery_id_leave_the_newer_however_they_are_batched(
+    pg: asyncpg.Connection, batches: list[list[int]], expected: list[str]
+) -> None:
+    # GIVEN two different events of one issue sent under one delivery id (a producer reusing ids)
+    events = [envelope_of(make_event(CREATED, ts=ts), delivery_id="reused") for ts in (1000, 2000)]
+    # WHEN they are applied in one batch or two, in either order
+    outcomes = [
+        r.outcome
+        for batch in batches
+        for r in (await apply_envelopes(pg, [events[i] for i in batch])).results
+    ]
+    # THEN the row holds the newer one, as it would under two ids; the history keeps one row for the id
+    assert (await row(pg, 10040))["version"] == 2000
+    assert await pg.fetchval("SELECT count(*) FROM ap_jira_task_event") == 1
+    assert outcomes == expected
+
+
 async def test_same_content_under_another_delivery_id_is_recorded_but_changes_nothing(
     pg: asyncpg.Connection,
 ) -> None:
