@@ -242,21 +242,21 @@ async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary
         else:
             with stop_on_signals() as stop:
                 _log_started(cutoff, options)  # from here a signal stops it
-                try:
-                    summary = await prune_history(
-                        conn,
-                        cutoff,
-                        older_than_days=options.older_than_days,
-                        batch_size=options.batch_size,
-                        stop=stop.event,
-                    )
-                except asyncpg.LockNotAvailableError:
-                    raise CommandError(
-                        f"ap_jira_task_event stayed locked by another session for {LOCK_TIMEOUT} (a "
-                        "migration, VACUUM FULL?); the batch was not deleted; run it again later"
-                    ) from None
+                summary = await prune_history(
+                    conn,
+                    cutoff,
+                    older_than_days=options.older_than_days,
+                    batch_size=options.batch_size,
+                    stop=stop.event,
+                )
                 if summary.stopped:
                     summary.stop_signal = stop.signal
+    except asyncpg.LockNotAvailableError:
+        what = "nothing was counted" if options.dry_run else "the batch was not deleted"
+        raise CommandError(
+            f"ap_jira_task_event stayed locked by another session for {LOCK_TIMEOUT} (a "
+            f"migration, VACUUM FULL?); {what}; run it again later"
+        ) from None
     finally:
         await conn.close()
     event = LOG_STOPPED if summary.stopped else LOG_FINISHED

@@ -23,6 +23,7 @@ from ops import history_prune
 from ops.history_prune import PruneOptions, PruneSummary, cutoff_for, delete_batch, prune_history
 from shared import db, migrate
 from shared.envelope import Envelope
+from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 from tests.jira_fixtures import make_event
 from tests.test_consumer_helpers import envelope_of, wait_for
@@ -230,6 +231,35 @@ async def next_log_line(stream: asyncio.StreamReader, event: str) -> dict[str, A
         if entry["event"] == event:
             return entry
     raise AssertionError(f"the child's stderr ended before a {event!r} line")
+
+
+@pytest.mark.parametrize(
+    ("dry_run", "what"), [(False, "the batch was not deleted"), (True, "nothing was counted")]
+)
+async def test_a_history_locked_past_the_lock_timeout_fails_in_one_line(
+    pg: asyncpg.Connection,
+    other: asyncpg.Connection,
+    db_settings: DatabaseSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    dry_run: bool,
+    what: str,
+) -> None:
+    # GIVEN rows to prune and another session holding the whole history locked (a migration, VACUUM FULL)
+    await record(pg, "old", 3, age_days=31)
+    monkeypatch.setattr(history_prune, "LOCK_TIMEOUT", "1s")  # 10 s in the product
+    async with other.transaction():
+        await other.execute("LOCK TABLE ap_jira_task_event IN ACCESS EXCLUSIVE MODE")
+        # WHEN the command (or its dry run) waits past its lock timeout
+        # THEN it fails with one line saying what happened and what to do, not the driver's error
+        with pytest.raises(CommandError) as failed:
+            await history_prune.run(
+                db_settings, PruneOptions(older_than_days=14, batch_size=1000, dry_run=dry_run)
+            )
+    assert str(failed.value) == (
+        "ap_jira_task_event stayed locked by another session for 1s (a migration, VACUUM FULL?); "
+        f"{what}; run it again later"
+    )
+    assert await remaining(pg) == ["old-00000", "old-00001", "old-00002"]
 
 
 async def test_sigterm_stops_the_command_at_once_even_while_a_batch_waits_for_a_lock(
