@@ -86,7 +86,8 @@ async def abort_leftover_uploads(conn: asyncpg.Connection, aws_settings: AwsSett
                     run_id=row["run_id"],
                     bucket=row["bucket"],
                     key=row["key"],
-                    reason="the process ended around CreateMultipartUpload; the lifecycle rule removes it",
+                    reason="CreateMultipartUpload went unanswered, or the process ended around it: if S3 "
+                    "created an upload, the lifecycle rule removes it",
                 )
             elif not await _abort(s3, row):
                 continue
