@@ -72,7 +72,11 @@ async def keep_visible(
             delay_s = min(RETRY_RENEWAL_S, every_s / 2)
             log.warning("visibility_extend_failed", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay_s)
             continue
-        log.info("visibility_extended", messages=len(timeouts), timeout_s=visibility_timeout_s, failed=failed)
+        if failed:  # SQS refused some entries (an internal error, a receipt handle no longer valid)
+            delay_s = min(RETRY_RENEWAL_S, every_s / 2)
+            log.warning("visibility_extend_failed", messages=len(timeouts), failed=failed, retry_in_s=delay_s)
+            continue
+        log.info("visibility_extended", messages=len(timeouts), timeout_s=visibility_timeout_s)
 
 
 async def release_for_retry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -25,6 +26,7 @@ from consumer.visibility import RETRY_RENEWAL_S, keep_visible, retry_delay_s
 from shared import aws
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
+from tests.fault_proxy import SqsFaultProxy
 from tests.jira_fixtures import make_event
 from tests.s3_pause_proxy import S3PauseProxy
 from tests.test_consumer_helpers import (
@@ -95,7 +97,62 @@ async def test_a_refused_renewal_is_tried_again_soon_not_a_period_later(
     # next waits a half period again
     assert waits.delays == [TIMEOUT_S / 2, RETRY_RENEWAL_S, TIMEOUT_S / 2]
     events = [(e["event"], e.get("retry_in_s"), e.get("failed")) for e in logs]
-    assert events == [("visibility_extend_failed", RETRY_RENEWAL_S, None), ("visibility_extended", None, [])]
+    assert events == [
+        ("visibility_extend_failed", RETRY_RENEWAL_S, None),
+        ("visibility_extended", None, None),
+    ]
+
+
+class RefuseRenewalEntriesProxy(SqsFaultProxy):
+    """Answers the first ChangeMessageVisibilityBatch with every entry failed (SQS's per-entry
+    InternalError), without forwarding it; later calls pass through."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(target_url)
+        self.refused = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if renewal(request) and not self.refused:
+            self.refused += 1
+            entries = json.loads(await request.read())["Entries"]
+            failed = [
+                {"Id": e["Id"], "SenderFault": False, "Code": "InternalError", "Message": "injected"}
+                for e in entries
+            ]
+            return web.json_response(
+                {"Successful": [], "Failed": failed}, content_type="application/x-amz-json-1.0"
+            )
+        return await super()._handle(request)
+
+
+async def test_a_renewal_whose_entries_sqs_refused_is_tried_again_soon_and_said_loudly(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN a received message, and SQS answering the first renewal with its entry failed
+    messages = await received(aws_settings, queues)
+    assert len(messages) == 1
+    async with RefuseRenewalEntriesProxy(aws_settings.endpoint_url or "") as proxy:
+        waits = RecordedWaits(rounds=2)
+        via_proxy = dataclasses.replace(aws_settings, endpoint_url=proxy.url)
+        # WHEN the extender runs two rounds
+        async with aws.sqs_client(via_proxy) as sqs:
+            with capture_logs() as logs:
+                await keep_visible(
+                    sqs,
+                    queues.queue_url,
+                    messages,
+                    visibility_timeout_s=TIMEOUT_S,
+                    stop=asyncio.Event(),
+                    wait=waits,
+                )
+    # THEN the refusal is a warning naming SQS's reason, and the next round comes after RETRY_RENEWAL_S,
+    # as after a call that failed as a whole, and renews the message
+    assert waits.delays == [TIMEOUT_S / 2, RETRY_RENEWAL_S, TIMEOUT_S / 2]
+    events = [(e["event"], e["log_level"], e.get("failed")) for e in logs]
+    assert events == [
+        ("visibility_extend_failed", "warning", ["InternalError: injected"]),
+        ("visibility_extended", "info", None),
+    ]
 
 
 async def test_a_renewal_under_way_is_finished_before_the_extender_stops(

@@ -499,7 +499,6 @@ async def test_consumer_applies_extends_dead_letters_deletes_and_gauges(
     # THEN no SQS call failed: the extension, the dead-lettering and the deletes were all allowed
     assert sqs_error_counts() == errors_before
     assert {e["event"] for e in logs if e["log_level"] in ("warning", "error")} == {"message_dead_lettered"}
-    assert all(e["failed"] == [] for e in logs if e["event"] == "visibility_extended")
     # AND the good event is applied, the stray one is in the DLQ with its reason, the queue is empty
     assert [tuple(r) for r in await pg.fetch("SELECT issue_id, version FROM ap_jira_task")] == [(41, 1000)]
     [dead] = await drain_queue(world, world.queues.dlq_url)
