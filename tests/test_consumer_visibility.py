@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -70,6 +71,24 @@ async def received(aws_settings: AwsSettings, queues: QueuePair) -> list[Message
         )
 
 
+async def two_rounds(
+    aws_settings: AwsSettings, queues: QueuePair, messages: list[Message]
+) -> tuple[RecordedWaits, list[MutableMapping[str, Any]]]:
+    """The extender's waits and log lines over two rounds of renewals through ``aws_settings``."""
+    waits = RecordedWaits(rounds=2)
+    async with aws.sqs_client(aws_settings) as sqs:
+        with capture_logs() as logs:
+            await keep_visible(
+                sqs,
+                queues.queue_url,
+                messages,
+                visibility_timeout_s=TIMEOUT_S,
+                stop=asyncio.Event(),
+                wait=waits,
+            )
+    return waits, logs
+
+
 async def test_a_refused_renewal_is_tried_again_soon_not_a_period_later(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -80,19 +99,10 @@ async def test_a_refused_renewal_is_tried_again_soon_not_a_period_later(
         for attempt in range(SQS_ATTEMPTS):
             proxy.hold(f"renewal, attempt {attempt + 1}", renewal)
         proxy.release()
-        waits = RecordedWaits(rounds=2)
-        via_proxy = dataclasses.replace(aws_settings, endpoint_url=proxy.url)
         # WHEN the extender runs two rounds
-        async with aws.sqs_client(via_proxy) as sqs:
-            with capture_logs() as logs:
-                await keep_visible(
-                    sqs,
-                    queues.queue_url,
-                    messages,
-                    visibility_timeout_s=TIMEOUT_S,
-                    stop=asyncio.Event(),
-                    wait=waits,
-                )
+        waits, logs = await two_rounds(
+            dataclasses.replace(aws_settings, endpoint_url=proxy.url), queues, messages
+        )
     # THEN the round after the refused one came after RETRY_RENEWAL_S, and renewed the message; the
     # next waits a half period again
     assert waits.delays == [TIMEOUT_S / 2, RETRY_RENEWAL_S, TIMEOUT_S / 2]
@@ -132,19 +142,10 @@ async def test_a_renewal_whose_entries_sqs_refused_is_tried_again_soon_and_said_
     messages = await received(aws_settings, queues)
     assert len(messages) == 1
     async with RefuseRenewalEntriesProxy(aws_settings.endpoint_url or "") as proxy:
-        waits = RecordedWaits(rounds=2)
-        via_proxy = dataclasses.replace(aws_settings, endpoint_url=proxy.url)
         # WHEN the extender runs two rounds
-        async with aws.sqs_client(via_proxy) as sqs:
-            with capture_logs() as logs:
-                await keep_visible(
-                    sqs,
-                    queues.queue_url,
-                    messages,
-                    visibility_timeout_s=TIMEOUT_S,
-                    stop=asyncio.Event(),
-                    wait=waits,
-                )
+        waits, logs = await two_rounds(
+            dataclasses.replace(aws_settings, endpoint_url=proxy.url), queues, messages
+        )
     # THEN the refusal is a warning naming SQS's reason, and the next round comes after RETRY_RENEWAL_S,
     # as after a call that failed as a whole, and renews the message
     assert waits.delays == [TIMEOUT_S / 2, RETRY_RENEWAL_S, TIMEOUT_S / 2]

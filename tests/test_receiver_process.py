@@ -93,13 +93,7 @@ def listening_ports(pid: int) -> set[int]:
 async def test_admin_port_0_disables_the_admin_port(aws_settings: AwsSettings, queues: QueuePair) -> None:
     # GIVEN JIRALAKE_RECEIVER_ADMIN_PORT=0, as the consumer and the exporter take it
     port = free_port()
-    env = dict(
-        os.environ,
-        JIRALAKE_QUEUE_URL=queues.queue_url,
-        JIRALAKE_WEBHOOK_SECRET=SECRET,
-        JIRALAKE_RECEIVER_ADMIN_PORT="0",
-    )
-    async with receiver_child(env, "--port", str(port)) as (child, logs):
+    async with receiver_child(queues, "--port", str(port)) as (child, logs):
         # WHEN it has started
         started = await logs.wait_for("receiver_started")
         # THEN it listens on the webhook port only (not on some random admin port), and says so
@@ -113,13 +107,7 @@ async def test_the_insecure_flag_is_ignored_with_a_warning_when_the_secret_is_se
     # GIVEN the receiver started with JIRALAKE_WEBHOOK_SECRET set and --insecure-no-signature (a local
     # habit carried into a real deployment)
     port = free_port()
-    env = dict(
-        os.environ,
-        JIRALAKE_QUEUE_URL=queues.queue_url,
-        JIRALAKE_WEBHOOK_SECRET=SECRET,
-        JIRALAKE_RECEIVER_ADMIN_PORT="0",
-    )
-    async with receiver_child(env, "--port", str(port), "--insecure-no-signature") as (_, logs):
+    async with receiver_child(queues, "--port", str(port), "--insecure-no-signature") as (_, logs):
         started = await logs.wait_for("receiver_started")
         # WHEN an unsigned webhook arrives
         body = jira_fixtures.raw("pinpoint-jira__jira_issue_created.json")
@@ -136,9 +124,16 @@ async def test_the_insecure_flag_is_ignored_with_a_warning_when_the_secret_is_se
 
 @contextlib.asynccontextmanager
 async def receiver_child(
-    env: dict[str, str], *args: str
+    queues: QueuePair, *args: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, LogLines]]:
-    """`jiralake receiver --host 127.0.0.1 *args` as a child process, stopped by SIGTERM (exit 0) on exit."""
+    """`jiralake receiver --host 127.0.0.1 *args` as a child process with a secret, sending to ``queues``
+    and without an admin port, stopped by SIGTERM (exit 0) on exit."""
+    env = dict(
+        os.environ,
+        JIRALAKE_QUEUE_URL=queues.queue_url,
+        JIRALAKE_WEBHOOK_SECRET=SECRET,
+        JIRALAKE_RECEIVER_ADMIN_PORT="0",
+    )
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jiralake", "receiver", "--host", "127.0.0.1", *args,
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
