@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -455,6 +456,24 @@ async def test_unicode_round_trips(pg: asyncpg.Connection) -> None:
     assert m["summary"] == "Ship it 🌍🌎🌏 à la carte\r\nline two"
     assert m["raw"] == emoji["issue"]
     assert e["raw"] == epic["issue"]
+
+
+async def test_a_value_too_big_for_its_index_is_dead_lettered_alone(pg: asyncpg.Connection) -> None:
+    # GIVEN a batch whose second event carries a project key too big for a btree index entry even
+    # compressed (about 2.7 KB is the limit; hex digits compress to half): class 54, not retryable
+    huge = make_event(CREATED, issue_id=2, ts=1000)
+    huge["issue"]["fields"]["project"]["key"] = "".join(
+        hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)
+    )
+    batch = [envelope_of(make_event(CREATED, issue_id=i, ts=1000)) for i in (1, 3)]
+    batch.insert(1, envelope_of(huge))
+    # WHEN the batch is applied
+    result = await apply_envelopes(pg, batch)
+    # THEN only that event is invalid, with PostgreSQL's reason, and the others are applied
+    assert [r.outcome for r in result.results] == ["applied", "invalid", "applied"]
+    assert result.results[1].error_class == "ProgramLimitExceededError"
+    assert "index row" in (result.results[1].error_message or "")
+    assert [r["issue_id"] for r in await pg.fetch("SELECT issue_id FROM ap_jira_task ORDER BY 1")] == [1, 3]
 
 
 async def test_poison_data_is_isolated_and_the_rest_of_the_batch_applies(pg: asyncpg.Connection) -> None:
