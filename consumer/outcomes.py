@@ -39,6 +39,11 @@ class InvalidMessage(ValueError):
     """A queued message that can never be applied; the text says why."""
 
 
+class ServerReadOnly(Exception):
+    """PostgreSQL takes no writes (a standby, a failover in progress): nothing is received until it does,
+    so no message spends a receive on a write that cannot happen."""
+
+
 # Postgres errors that say nothing about the message: the server or the connection is in trouble.
 _PG_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # class 08: connection lost, refused, ...
@@ -46,6 +51,9 @@ _PG_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
     asyncpg.OperatorInterventionError,  # class 57: admin shutdown, statement timeout, cannot connect now
     asyncpg.LockNotAvailableError,  # 55P03
+    # 25006: a standby, or a primary demoted by a failover that a connection still reaches. The next
+    # receive waits until the server takes writes again (ServerReadOnly).
+    asyncpg.ReadOnlySQLTransactionError,
 )
 # Postgres errors caused by the values a message carries: class 22 (data exception, also what asyncpg
 # raises when it cannot encode an argument) and class 54 (a value past a program limit).
@@ -84,7 +92,7 @@ def classify(exc: BaseException) -> Outcome:
     if isinstance(exc, (InvalidMessage, InvalidEnvelope, InvalidEvent, *_PG_INVALID)):
         return Outcome.INVALID
     # OSError covers refused, reset and unreachable connections and TimeoutError.
-    if isinstance(exc, (*_PG_TRANSIENT, *_BOTO_TRANSIENT, OSError)):
+    if isinstance(exc, (*_PG_TRANSIENT, *_BOTO_TRANSIENT, OSError, ServerReadOnly)):
         return Outcome.RETRY
     if db.session_ended(exc):
         return Outcome.RETRY  # the pool replaces the connection on release

@@ -29,7 +29,7 @@ from consumer import apply, visibility
 from consumer import sqs as sqs_calls
 from consumer.breaker import CircuitBreaker
 from consumer.deadletter import Rejected, dead_letter
-from consumer.outcomes import Outcome, classify, describe
+from consumer.outcomes import Outcome, ServerReadOnly, classify, describe
 from consumer.settings import MAX_RECEIVE_MESSAGES, ConsumerSettings
 from consumer.sqs import Message
 from shared import migrate
@@ -192,7 +192,7 @@ class Consumer:
     async def readiness(self) -> str | None:
         try:
             async with self.pool.acquire(timeout=5) as conn:
-                await migrate.check_schema(conn, timeout_s=5)
+                await check_database(conn, timeout_s=5)
         except Exception as exc:
             return f"postgres: {type(exc).__name__}: {exc}"
         try:
@@ -221,8 +221,8 @@ class Consumer:
                 async with self.pool.acquire() as conn:
                     # Before any receive: a crash on a missing table at the first message would count a
                     # receive at each restart, and SQS would move the message to the DLQ after
-                    # maxReceiveCount of them.
-                    await migrate.check_schema(conn)
+                    # maxReceiveCount of them; so would a batch retried against a read-only server.
+                    await check_database(conn)
                     if halt.is_set():
                         return
                     messages = await self._receive()
@@ -506,13 +506,27 @@ def _by_group(parsed: list[tuple[Message, Envelope]]) -> list[list[tuple[Message
     return list(groups.values())
 
 
+# -- server_read_only --
+_READ_ONLY = "SELECT current_setting('transaction_read_only') = 'on'"
+
+
+async def check_database(conn: asyncpg.Connection, *, timeout_s: float | None = None) -> None:
+    """The check before each receive (and /readyz): the schema is this version's (else CommandError:
+    a crash, exit 1) and the server takes writes (else :class:`ServerReadOnly`, a retry)."""
+    await migrate.check_schema(conn, timeout_s=timeout_s)
+    if await conn.fetchval(_READ_ONLY, timeout=timeout_s):
+        raise ServerReadOnly("PostgreSQL is read-only (a standby, or a failover in progress); not receiving")
+
+
 def _connection_survives(exc: BaseException, conn: asyncpg.Connection) -> bool:
     """A transient failure of the statement, not of the connection: Postgres refused or timed out
     this write (classes 40, 53, 55P03, 57014, or the client-side statement timeout) and the
-    connection is still open."""
+    connection is still open. Not a read-only server: trying again on the same connection cannot
+    succeed, so the batch is released and the next receive waits for a writable server."""
     transient = classify(exc) is Outcome.RETRY
     statement_level = isinstance(exc, asyncpg.PostgresError | TimeoutError)
-    return transient and statement_level and not conn.is_closed()
+    read_only = isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
+    return transient and statement_level and not read_only and not conn.is_closed()
 
 
 async def _wait(halt: asyncio.Event, delay_s: float) -> None:

@@ -22,7 +22,7 @@ from consumer.deadletter import Rejected, dead_letter_entry
 from consumer.event import decode_json, parse_envelope
 from consumer.issue_row import is_full, issue_number, issue_row
 from consumer.ordering import NO_CHANGELOG_ID, tiebreak_for, version_time
-from consumer.outcomes import InvalidMessage, Outcome, classify
+from consumer.outcomes import InvalidMessage, Outcome, ServerReadOnly, classify
 from consumer.settings import ConsumerSettings
 from consumer.visibility import retry_delay_s
 from shared import strict_json
@@ -285,6 +285,8 @@ def _client_error(code: str, status: int) -> ClientError:
         (asyncpg.AdminShutdownError("terminating"), Outcome.RETRY),
         (asyncpg.QueryCanceledError("statement timeout"), Outcome.RETRY),
         (asyncpg.TooManyConnectionsError("too many"), Outcome.RETRY),
+        (asyncpg.ReadOnlySQLTransactionError("read-only transaction"), Outcome.RETRY),
+        (ServerReadOnly("read-only"), Outcome.RETRY),
         (asyncpg.InterfaceError("connection is closed"), Outcome.RETRY),
         (ConnectionRefusedError(111, "refused"), Outcome.RETRY),
         (TimeoutError(), Outcome.RETRY),

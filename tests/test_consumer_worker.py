@@ -537,6 +537,42 @@ async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
+async def test_a_read_only_server_is_waited_for_without_receiving(
+    pg: asyncpg.Connection,
+    settings: ConsumerSettings,
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+) -> None:
+    # GIVEN a consumer whose sessions are read-only (a standby, or a primary a failover demoted, which
+    # a connection still reaches), and an event on the queue
+    assert db_settings.url is not None
+    read_only = DatabaseSettings(url=f"{db_settings.url}?default_transaction_read_only=on")
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, issue_id=5, ts=1))])
+    receives_before = counter(SQS_CALLS, "ReceiveMessage", "ok")
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(run_consumer(replace(settings, database=read_only), stop))
+        # WHEN it polls
+        await wait_for(
+            holds(lambda: sum(e["event"] == "dependency_unavailable" for e in logs) >= 2),
+            what="two checks that found the server read-only",
+        )
+        stop.set()
+        stats = await asyncio.wait_for(task, timeout=30)
+    # THEN it waits (backing off, saying why) and receives nothing: no receive counts toward the
+    # DLQ's maxReceiveCount while the server takes no writes, and nothing crashes
+    waits = [e for e in logs if e["event"] == "dependency_unavailable"]
+    assert {(e["error_class"], e["error"]) for e in waits} == {
+        ("ServerReadOnly", "PostgreSQL is read-only (a standby, or a failover in progress); not receiving")
+    }
+    assert counter(SQS_CALLS, "ReceiveMessage", "ok") == receives_before
+    assert stats.received == 0
+    assert await queue_counts(aws_settings, queues.queue_url) == (1, 0)
+    # AND the same consumer applies it once the server takes writes
+    assert (await consume_until_idle(settings, timeout_s=30)).applied == 1
+
+
 @pytest.mark.parametrize("applied", [0, 1], ids=["never set up", "one migration behind"])
 async def test_a_database_setup_has_not_migrated_stops_the_consumer_before_it_receives(
     settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair, pg_server_dsn: str, applied: int
