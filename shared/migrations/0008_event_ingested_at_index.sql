@@ -27,7 +27,8 @@ DECLARE
 BEGIN
     -- Any index build on the history table under way in this database (its index visible here yet or
     -- not): this migration's CREATE INDEX or DROP INDEX would queue behind it, the consumer behind
-    -- them, and a concurrent build waits for this transaction in turn (a deadlock).
+    -- them, and a concurrent build waits for this transaction in turn (a deadlock). The view shows
+    -- the table of another role's build only to members of pg_read_all_stats (or that role).
     IF current_setting('server_version_num')::integer >= 120000 THEN
         EXECUTE 'SELECT pid FROM pg_stat_progress_create_index WHERE relid = $1 AND datid = '
                 || '(SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1'
