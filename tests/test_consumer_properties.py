@@ -4,6 +4,8 @@ delivery did when it arrived), and the row is the one the ordering rules define.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import asyncpg
@@ -124,6 +126,19 @@ async def test_any_delivery_order_converges_to_the_rule_defined_row(
     )
     newest = max(last, key=lambda p: p.order_key)
     assert (row["last_event_type"], row["last_event_tiebreak"]) == (newest.event_type, newest.tiebreak)
+
+
+def test_the_order_key_the_property_relies_on_is_the_documented_one() -> None:
+    # The property takes "newest" from the product's order_key; pinned here to consumer/ordering.py's
+    # rule, computed apart: (the event's time in ms, the Jira changelog id zero-padded to 20 digits or
+    # twenty zeros, ":", the SHA-256 hex of the body)
+    for kind in KINDS:
+        envelope = envelope_of(build_event(kind, BASE_MS + 7))
+        changelog = json.loads(envelope.body).get("changelog") or {}
+        digits = str(changelog.get("id", ""))
+        padded = digits.zfill(20) if digits.isdigit() else "0" * 20
+        expected = (BASE_MS + 7, f"{padded}:{hashlib.sha256(envelope.body.encode()).hexdigest()}")
+        assert parse_envelope(envelope).order_key == expected, kind
 
 
 def test_the_property_draws_from_every_kind_of_event() -> None:
