@@ -201,7 +201,8 @@ async def _once(
         except Stopped:
             sig = stop.signal or signal.SIGTERM
             raise CommandError(
-                f"export stopped by {sig.name}: the multipart upload was aborted, latest/ is unchanged",
+                f"export stopped by {sig.name} before publishing: latest/ is unchanged, the multipart "
+                "upload aborted (if S3 did not confirm it, the next export aborts it)",
                 exit_code=signal_exit_code(sig),
             ) from None
         except ExportLocked as exc:

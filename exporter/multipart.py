@@ -40,7 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from exporter.errors import ExportError, failure_reason
 from exporter.settings import S3_MAX_PARTS, S3_MIN_PART_BYTES
-from exporter.shutdown import finish_cleanup, finish_then_stop
+from exporter.shutdown import CLEANUP_CALL_TIMEOUT_S, finish_cleanup, finish_then_stop
 from shared.errors import one_line
 
 if TYPE_CHECKING:
@@ -129,18 +129,26 @@ async def abort_upload(
 ) -> bool:
     """AbortMultipartUpload, then forget the record; False (logged) when S3 did not confirm it."""
     try:
-        await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        async with asyncio.timeout(CLEANUP_CALL_TIMEOUT_S):
+            await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
     except Exception as exc:
         # The record stays: the next export aborts it again; the lifecycle rule is the last backstop.
         log.warning(
             "multipart_abort_failed",
             key=key,
             upload_id=upload_id,
-            reason=failure_reason(exc) or repr(exc),
+            reason=cleanup_failure(exc, "S3"),
         )
         return False
     await forget_upload(recorder, ref, key=key, upload_id=upload_id)
     return True
+
+
+def cleanup_failure(exc: Exception, service: str) -> str:
+    """The reason a cleanup call failed, for its log line."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {service} within {CLEANUP_CALL_TIMEOUT_S:g} s"
+    return failure_reason(exc) or repr(exc)
 
 
 async def forget_upload(
@@ -151,13 +159,14 @@ async def forget_upload(
     if recorder is None or ref is None:
         return
     try:
-        await recorder.closed(ref)
+        async with asyncio.timeout(CLEANUP_CALL_TIMEOUT_S):
+            await recorder.closed(ref)
     except Exception as exc:
         log.warning(
             "multipart_record_not_cleared",
             key=key,
             upload_id=upload_id,
-            reason=failure_reason(exc) or repr(exc),
+            reason=cleanup_failure(exc, "PostgreSQL"),
         )
 
 

@@ -37,10 +37,10 @@ from exporter.errors import ExportLocked, failure_reason
 from exporter.layout import ExportLayout
 from exporter.lock import acquire_export_lock, confirm_export_lock
 from exporter.manifest import ManifestFacts, manifest_document, put_manifest
-from exporter.multipart import MultipartUpload, copy_object
+from exporter.multipart import MultipartUpload, cleanup_failure, copy_object
 from exporter.progress import Progress, ProgressListener
 from exporter.settings import ExporterSettings, ExportFormat
-from exporter.shutdown import finish_before_stopping, finish_cleanup
+from exporter.shutdown import CLEANUP_CALL_TIMEOUT_S, finish_before_stopping, finish_cleanup
 from exporter.streaming import stream_csv, stream_parquet
 from exporter.uploads import UploadLedger, abort_leftover_uploads
 from shared import aws, db
@@ -492,10 +492,13 @@ async def _publish(run: Publication, upload: MultipartUpload) -> ExportResult:
 
 
 async def _record_failure(control: asyncpg.Connection, run_id: int, now: datetime, reason: str) -> None:
+    """Mark the run failed; a row left 'running' (PostgreSQL did not answer) the next export marks
+    abandoned."""
     try:
-        await run_log.run_failed(control, run_id, finished_at=now, error=reason)
+        async with asyncio.timeout(CLEANUP_CALL_TIMEOUT_S):
+            await run_log.run_failed(control, run_id, finished_at=now, error=reason)
     except Exception as exc:
-        log.warning("export_run_not_recorded", run_id=run_id, reason=failure_reason(exc) or repr(exc))
+        log.warning("export_run_not_recorded", run_id=run_id, reason=cleanup_failure(exc, "PostgreSQL"))
 
 
 async def _close(conn: asyncpg.Connection) -> None:

@@ -24,6 +24,11 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+# The longest wait for one call of a failure's cleanup (an S3 abort, a bookkeeping row): against an
+# S3 or a PostgreSQL that takes the request and never answers, botocore would try 4 times, 60 s each,
+# and an asyncpg statement would wait for ever. What a cleanup cut short leaves, the next export clears.
+CLEANUP_CALL_TIMEOUT_S = 10.0
+
 
 @dataclass
 class _Run:

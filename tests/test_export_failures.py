@@ -4,6 +4,7 @@ a second exporter. Each leaves latest/ as it was and no incomplete multipart upl
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -23,13 +24,13 @@ from exporter.lock import EXPORT_LOCK_KEY
 from exporter.progress import ProgressSnapshot
 from exporter.run import export_once
 from exporter.settings import ExporterSettings
-from exporter.shutdown import run_unless_stopped
+from exporter.shutdown import CLEANUP_CALL_TIMEOUT_S, run_unless_stopped
 from ops.local_aws import free_port
 from shared import aws
 from shared.settings import AwsSettings, DatabaseSettings
 from shared.shutdown import Stopped
 from tests.conftest import empty_database
-from tests.s3_pause_proxy import S3PauseProxy, upload_part
+from tests.s3_pause_proxy import RequestMatch, S3PauseProxy, upload_part
 from tests.test_export_support import (
     get_object,
     insert_awkward_rows,
@@ -320,10 +321,46 @@ async def test_cli_sigterm_mid_upload_aborts_and_exits_143(
     # THEN it exits 143 with one line, having aborted the upload and written nothing
     assert proc.returncode == 143
     assert stderr.decode().strip().splitlines()[-1] == (
-        "jiralake: export stopped by SIGTERM: the multipart upload was aborted, latest/ is unchanged"
+        "jiralake: export stopped by SIGTERM before publishing: latest/ is unchanged, the multipart upload "
+        "aborted (if S3 did not confirm it, the next export aborts it)"
     )
     assert await open_multipart_uploads(aws_settings, bucket) == []
     assert await list_keys(aws_settings, bucket) == []
+
+
+def abort_upload() -> RequestMatch:
+    """AbortMultipartUpload."""
+    return lambda r: r.method == "DELETE" and "uploadId" in r.query
+
+
+async def test_cli_sigterm_with_s3_not_answering_the_abort_exits_within_seconds(
+    pg: asyncpg.Connection, aws_settings: AwsSettings, db_settings: DatabaseSettings, bucket: str
+) -> None:
+    # GIVEN an export whose second part is held, and an S3 that takes every abort and never answers
+    # (botocore alone would try 4 times, 60 s each)
+    await insert_awkward_rows(pg, BIG_ROWS, pad=BIG_PAD)
+    assert aws_settings.endpoint_url is not None
+    async with S3PauseProxy(aws_settings.endpoint_url) as proxy:
+        second_part = proxy.hold("part 2", upload_part(2))
+        aborts = [proxy.hold(f"abort, attempt {i + 1}", abort_upload()) for i in range(4)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "--log-json", "export", "--once",
+            env=dict(cli_env(aws_settings, db_settings, bucket), AWS_ENDPOINT_URL=proxy.url),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(second_part.reached.wait(), timeout=60)
+        # WHEN SIGTERM arrives
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=CLEANUP_CALL_TIMEOUT_S + 20)
+        assert aborts[0].reached.is_set()
+    # THEN it gives up on the abort after CLEANUP_CALL_TIMEOUT_S, says so, and exits 143 with one line
+    assert proc.returncode == 143, stderr.decode()
+    lines = stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("jiralake: export stopped by SIGTERM before publishing: latest/ is unchanged")
+    [failed] = [json.loads(line) for line in lines if '"multipart_abort_failed"' in line]
+    assert failed["reason"] == f"no answer from S3 within {CLEANUP_CALL_TIMEOUT_S:g} s"
+    # AND the upload stays recorded, for the next export to abort
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_export_upload") == 1
 
 
 async def test_cli_schedule_mode_stops_cleanly_on_sigterm_while_waiting(
