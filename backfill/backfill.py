@@ -137,7 +137,7 @@ async def run_backfill(
             summary.jira_retries = jira.retries
             return summary
     finally:
-        await conn.close()
+        await db.close(conn)
         summary.duration_s = time.monotonic() - started_mono
 
 

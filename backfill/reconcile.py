@@ -162,7 +162,7 @@ async def run_reconcile(
                     summary.failed_webhooks_error = str(exc)
                     log.warning("reconcile_failed_webhooks_stopped", error=str(exc))
     finally:
-        await conn.close()
+        await db.close(conn)
     return summary
 
 

@@ -183,10 +183,10 @@ async def _export_under_lock(
                     settings, source, control, mode=mode, clock=clock, listener=on_progress, attempt=attempt
                 )
         finally:
-            await _close(control)
+            await db.close(control)
     finally:
         # Closing the session releases the advisory lock.
-        await _close(source)
+        await db.close(source)
 
 
 # The rows are read in key order, so a parallel plan is a Gather Merge that still funnels every row
@@ -499,10 +499,3 @@ async def _record_failure(control: asyncpg.Connection, run_id: int, now: datetim
             await run_log.run_failed(control, run_id, finished_at=now, error=reason)
     except Exception as exc:
         log.warning("export_run_not_recorded", run_id=run_id, reason=cleanup_failure(exc, "PostgreSQL"))
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.shield(conn.close(timeout=5))
-    except Exception:
-        conn.terminate()

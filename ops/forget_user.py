@@ -426,7 +426,7 @@ async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dr
         if dry_run:
             summary.pseudonym = None
     finally:
-        await conn.close()
+        await db.close(conn)
     log.info(
         LOG_STOPPED if summary.stopped else LOG_FINISHED,
         mode=summary.mode,

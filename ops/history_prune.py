@@ -190,7 +190,12 @@ async def prune_history(
     started = clock()
     summary = PruneSummary(cutoff, older_than_days, batch_size, dry_run=False)
     last_logged = started
-    start: datetime | None = await conn.fetchval(OLDEST_SQL)
+    try:  # like a batch, the search for the first one ends at once on a stop
+        start: datetime | None = await run_unless_stopped(
+            conn.fetchval(OLDEST_SQL), stop, name="history-prune-oldest"
+        )
+    except Stopped:
+        start, summary.stopped = None, True
     while start is not None and start < cutoff:
         if stop is not None and stop.is_set():
             summary.stopped = True
@@ -258,7 +263,7 @@ async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary
             f"migration, VACUUM FULL?); {what}; run it again later"
         ) from None
     finally:
-        await conn.close()
+        await db.close(conn)
     event = LOG_STOPPED if summary.stopped else LOG_FINISHED
     log.info(
         event,

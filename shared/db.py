@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,6 +17,8 @@ CONNECT_TIMEOUT_S = 10.0
 # caller asks: they run the exporter's COPY/cursor streams and migrate's advisory-lock wait, which
 # legitimately last longer than any fixed per-statement bound.
 POOL_COMMAND_TIMEOUT_S = 60.0
+# Longest wait for the server to take a connection's goodbye; then the socket is closed from this side.
+CLOSE_TIMEOUT_S = 5.0
 
 
 # asyncpg errors that mean the server ended the session (found by tests/test_fault_injection.py and
@@ -72,3 +75,13 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+async def close(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` politely, or from this side after CLOSE_TIMEOUT_S: a server that does not answer
+    (frozen, or a network that drops packets) would otherwise hold a stopping command for minutes, or
+    for ever. Shielded: a stop that arrives meanwhile does not leave the connection half-closed."""
+    try:
+        await asyncio.shield(conn.close(timeout=CLOSE_TIMEOUT_S))
+    except Exception:
+        conn.terminate()

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from typing import Any
@@ -26,7 +27,8 @@ from shared.envelope import Envelope
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 from tests.jira_fixtures import make_event
-from tests.test_consumer_helpers import envelope_of, wait_for
+from tests.tcp_proxy import postgres_proxy, through
+from tests.test_consumer_helpers import envelope_of, holds, wait_for
 
 ASSIGNED = "mattermost-plugin-jira__webhook-issue-updated-assigned.json"
 COMMENT = "mattermost-plugin-jira__webhook-cloud-comment-created.json"
@@ -86,6 +88,16 @@ def updates(prefix: str, count: int, *, first_issue: int) -> list[Envelope]:
         envelope_of(make_event(ASSIGNED, issue_id=first_issue + i, ts=TS), delivery_id=f"{prefix}-{i:05d}")
         for i in range(count)
     ]
+
+
+@pytest.fixture
+async def index_restored(pg: asyncpg.Connection) -> AsyncIterator[None]:
+    """Migration 0008's index as the migration builds it again after the test, whatever the test left
+    (an invalid, unique or expression index refuses or fails later tests' inserts on this database)."""
+    yield
+    await pg.execute(
+        f"DROP INDEX IF EXISTS {INDEX}; CREATE INDEX {INDEX} ON ap_jira_task_event (ingested_at)"
+    )
 
 
 @pytest.fixture
@@ -310,6 +322,41 @@ async def test_sigterm_stops_the_command_at_once_even_while_a_batch_waits_for_a_
     assert await remaining(pg) == held
 
 
+@pytest.mark.timeout(90)
+async def test_sigterm_stops_the_command_within_seconds_when_postgresql_stops_answering(
+    pg: asyncpg.Connection, database_url: str
+) -> None:
+    # GIVEN a prune of many one-row batches reaching PostgreSQL through a proxy
+    await record(pg, "old", 200, age_days=31)
+    proxy = await postgres_proxy(database_url)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        child = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "jiralake", "--log-json", "history", "prune", "--older-than", "14"],
+            *["--batch-size", "1"],
+            env=_env(DATABASE_URL=through(proxy, database_url)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert child.stderr is not None
+        await next_log_line(child.stderr, "history_prune_started")
+        # WHEN PostgreSQL stops answering (its packets dropped, nothing closed) mid-batch, and SIGTERM comes
+        proxy.freeze()
+        await wait_for(holds(lambda: proxy.held > 0), what="a batch held on its way")
+        started = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(child.communicate(), timeout=60)
+        # THEN it stops within seconds (the connection is closed from this side after db.CLOSE_TIMEOUT_S;
+        # asyncpg alone waited for the server to confirm the cancelled batch: a minute, or for ever)
+        assert time.monotonic() - started < db.CLOSE_TIMEOUT_S + 10
+        assert child.returncode == 128 + signal.SIGTERM, err.decode()
+    finally:
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+        await proxy.close()
+
+
 # -- redeliveries after a prune --
 
 
@@ -472,6 +519,7 @@ async def test_batches_find_their_rows_through_the_ingested_at_index(pg: asyncpg
     assert "Seq Scan" not in plan, plan
 
 
+@pytest.mark.usefixtures("index_restored")
 async def test_the_migration_replaces_an_index_a_failed_concurrent_build_left(pg: asyncpg.Connection) -> None:
     # GIVEN an operator's CREATE INDEX CONCURRENTLY of that name that failed (an INVALID index)
     (migration,) = [m for m in migrate.available() if m.version == 8]
@@ -496,6 +544,7 @@ async def test_the_migration_replaces_an_index_a_failed_concurrent_build_left(pg
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("index_restored")
 async def test_the_migration_gives_way_to_a_reader_of_the_history_rather_than_hold_up_the_consumer(
     pg: asyncpg.Connection, db_settings: DatabaseSettings
 ) -> None:
@@ -519,13 +568,10 @@ async def test_the_migration_gives_way_to_a_reader_of_the_history_rather_than_ho
                 await pg.execute(migration.sql)
     finally:
         await reader.close()
-    try:
-        assert await pg.fetchval(IS_VALID) is False  # nothing changed; the operator's drop comes next
-    finally:
-        # the next test on this database inserts history rows, which that index's expression refuses
-        await pg.execute(f"DROP INDEX {INDEX}; CREATE INDEX {INDEX} ON ap_jira_task_event (ingested_at)")
+    assert await pg.fetchval(IS_VALID) is False  # nothing changed; the operator's drop comes next
 
 
+@pytest.mark.usefixtures("index_restored")
 async def test_the_migration_keeps_an_index_built_beforehand_concurrently(pg: asyncpg.Connection) -> None:
     # GIVEN the index built beforehand as docs/ and the migration advise (CREATE INDEX CONCURRENTLY)
     (migration,) = [m for m in migrate.available() if m.version == 8]
@@ -550,6 +596,7 @@ async def test_the_migration_keeps_an_index_built_beforehand_concurrently(pg: as
         ("INDEX", "((ingested_at AT TIME ZONE 'UTC'))"),
     ],
 )
+@pytest.mark.usefixtures("index_restored")
 async def test_the_migration_refuses_an_index_of_its_name_the_prune_cannot_use_as_built(
     pg: asyncpg.Connection, kind: str, definition: str
 ) -> None:
@@ -566,6 +613,7 @@ async def test_the_migration_refuses_an_index_of_its_name_the_prune_cannot_use_a
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", [INDEX, "ap_jira_task_event_other_idx"])
+@pytest.mark.usefixtures("index_restored")
 async def test_the_migration_stops_rather_than_wait_on_a_concurrent_build_still_running(
     pg: asyncpg.Connection, db_settings: DatabaseSettings, name: str
 ) -> None:
