@@ -8,7 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from shared.settings import DatabaseSettings
+from shared.errors import one_line
+from shared.settings import ConfigError, DatabaseSettings
 
 # Longest wait to open one connection (asyncpg's ``timeout``); a caller's own ``timeout=`` wins.
 CONNECT_TIMEOUT_S = 10.0
@@ -58,9 +59,25 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+# What asyncpg raises, before any network, for connection parameters it cannot use. DATABASE_URL is
+# checked beforehand (shared.settings.check_database_url); these come from libpq's variables, which
+# asyncpg reads where the URL leaves a parameter out (PGPORT=abc, PGHOST="a,", PGSSLMODE=" ").
+_BAD_PARAMETERS = (ValueError, IndexError, UnicodeError, asyncpg.ClientConfigurationError)
+
+
+def _bad_parameters(exc: BaseException) -> ConfigError:
+    return ConfigError(
+        "PostgreSQL's connection parameters (DATABASE_URL and the PG* variables it leaves out: PGHOST, "
+        f"PGPORT, PGSSLMODE, ...) are not usable: {type(exc).__name__}: {one_line(str(exc))[:200]}"
+    )
+
+
 async def connect(db: DatabaseSettings, **kwargs: Any) -> asyncpg.Connection:
     kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
-    conn = await asyncpg.connect(dsn=db.url, **kwargs)
+    try:
+        conn = await asyncpg.connect(dsn=db.url, **kwargs)
+    except _BAD_PARAMETERS as exc:
+        raise _bad_parameters(exc) from None
     await _init_connection(conn)
     return conn
 
@@ -70,9 +87,12 @@ async def create_pool(
 ) -> asyncpg.Pool:
     kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
     kwargs.setdefault("command_timeout", POOL_COMMAND_TIMEOUT_S)
-    pool = await asyncpg.create_pool(
-        dsn=db.url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            dsn=db.url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+        )
+    except _BAD_PARAMETERS as exc:
+        raise _bad_parameters(exc) from None
     assert pool is not None
     return pool
 

@@ -126,6 +126,30 @@ def test_libpq_variables_asyncpg_reads_are_checked_like_database_url(
     assert one_line(result) == message
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        # a URL without a port: asyncpg reads PGPORT (and PGHOST where it has no host)
+        {"DATABASE_URL": "postgresql://postgres@127.0.0.1/db", "PGPORT": "abc"},
+        {"DATABASE_URL": "postgresql:///db", "PGHOST": "a..b"},
+        # blank or list values the checks above take for unset, which asyncpg reads as they are
+        {"PGPORT": " "},
+        {"PGPORT": "5432,"},
+        {"PGHOST": "127.0.0.1,"},
+        {"PGSSLMODE": " "},
+    ],
+    ids=str,
+)
+def test_libpq_variables_asyncpg_cannot_use_are_one_line_not_a_traceback(env: dict[str, str]) -> None:
+    # WHEN a command that needs the database starts on them THEN one line, exit 2, not exit 70 and a
+    # traceback (an audit found these crashing, each past the checks above)
+    result = _jiralake("history", "prune", "--older-than", "30", "--dry-run", **env)
+    assert one_line(result).startswith(
+        "PostgreSQL's connection parameters (DATABASE_URL and the PG* variables it leaves out: PGHOST, "
+        "PGPORT, PGSSLMODE, ...) are not usable: "
+    )
+
+
 def test_database_urls_asyncpg_reads_are_still_accepted() -> None:
     for url in (
         "postgresql://u:p%23w@h1:5432,h2:5433/db",
