@@ -129,11 +129,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "person). Settings: DATABASE_URL (else libpq's PG* variables).",
         epilog=EXIT_CODES_HELP,
     )
-    parser.add_argument("--account-id", metavar="ID", help="the person's Jira Cloud accountId")
-    parser.add_argument("--username", metavar="NAME", help="the person's Server/Data Center username")
+    parser.add_argument(
+        "--account-id", metavar="ID", action=argtypes.Once, help="the person's Jira Cloud accountId"
+    )
+    parser.add_argument(
+        "--username", metavar="NAME", action=argtypes.Once, help="the person's Server/Data Center username"
+    )
     parser.add_argument(
         "--pseudonym",
         metavar="NAME",
+        action=argtypes.Once,
         help="with --username: the id to put in its place, such as the jirauserNNNNN that Jira's "
         "anonymization gave the person, so that old rows and Jira's new events agree (default: "
         "former-user- and a keyed hash of the username)",

@@ -124,8 +124,9 @@ async def _setup_unless_stopped(settings: SetupSettings, *, queues: bool, databa
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("setup", help="create queues (and a local bucket), apply migrations")
-    parser.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
-    parser.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
+    only = parser.add_mutually_exclusive_group()  # both would do nothing, and say nothing
+    only.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
+    only.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")
     parser.add_argument(
         "--max-receive-count",
         type=argtypes.integer(1, MAX_RECEIVE_COUNT),

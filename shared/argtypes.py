@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
@@ -69,3 +70,20 @@ def add_batch_size(parser: argparse.ArgumentParser, *, default: int, maximum: in
         metavar="N",
         help=f"rows per batch, each its own transaction (default {default})",
     )
+
+
+class Once(argparse.Action):
+    """``action=Once``: an option that may be given once. argparse's default keeps the last of several,
+    which drops the others without a word (``forget-user --account-id A --account-id B`` forgot B
+    only)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given more than once; one per run")
+        setattr(namespace, self.dest, values)

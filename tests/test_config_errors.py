@@ -488,6 +488,38 @@ def test_an_idle_exit_that_is_no_duration_is_refused_at_start(env: str, message:
 
 
 @pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ("forget-user", "--account-id", "a", "--account-id", "b"),
+            "argument --account-id: given more than once; one per run",
+        ),
+        (
+            ("forget-user", "--username", "a", "--username", "b"),
+            "argument --username: given more than once; one per run",
+        ),
+        (
+            ("forget-user", "--username", "a", "--pseudonym", "p", "--pseudonym", "q"),
+            "argument --pseudonym: given more than once; one per run",
+        ),
+        (
+            ("setup", "--skip-queues", "--skip-db"),
+            "argument --skip-db: not allowed with argument --skip-queues",
+        ),
+    ],
+)
+def test_options_that_would_drop_an_argument_or_do_nothing_are_refused(
+    args: tuple[str, ...], error: str
+) -> None:
+    # WHEN two people are named at once (argparse would keep the last and forget only that one), or
+    # setup is told to skip both of its parts (exit 0, nothing done, nothing said)
+    result = _jiralake(*args)
+    # THEN argparse's one error line, exit 2, before anything runs
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == f"jiralake {args[0]}: error: {error}"
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("export", "--schedule", ""),
