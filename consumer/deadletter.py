@@ -18,7 +18,9 @@ import structlog
 
 from consumer.sqs import Message, group_id
 from shared.envelope import ENVELOPE_ATTRIBUTES, ERROR_ATTRIBUTES, MAX_ATTRIBUTES, error_attributes
+from shared.errors import CommandError
 from shared.sqs_batch import send_entries
+from shared.sqs_requests import counted, no_such_queue
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -80,3 +82,27 @@ async def dead_letter(sqs: SQSClient, dlq_url: str, rejected: Sequence[Rejected]
                 retryable=result.retryable,
             )
     return stored
+
+
+# A start-up check answers within this long or is left to the pollers (SQS may be down at start).
+DLQ_CHECK_TIMEOUT_S = 10.0
+
+
+async def check_dead_letter_queue(sqs: SQSClient, dlq_url: str) -> None:
+    """Refuse (CommandError, exit 1) a JIRALAKE_DLQ_URL that SQS says names no queue: dead-lettering into
+    it would fail at every invalid event, each one only logged, until SQS's redrive moved the message
+    to the DLQ without its reason. The main queue needs no such check: the first receive fails on it.
+    Any other failure (SQS unreachable) is left to the pollers, which wait for SQS."""
+    try:
+        await counted(
+            "GetQueueAttributes",
+            sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]),
+            timeout_s=DLQ_CHECK_TIMEOUT_S,
+        )
+    except Exception as exc:
+        if no_such_queue(exc):
+            raise CommandError(
+                f"JIRALAKE_DLQ_URL names no queue SQS knows ({dlq_url}): create it (jiralake setup) or "
+                "correct the URL",
+                exit_code=1,
+            ) from None

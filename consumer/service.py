@@ -10,6 +10,7 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
+from consumer.deadletter import check_dead_letter_queue
 from consumer.export_freshness import poll_last_export
 from consumer.settings import ConsumerSettings
 from consumer.worker import (
@@ -52,6 +53,7 @@ async def run_consumer(settings: ConsumerSettings, stop: asyncio.Event) -> Consu
         exit_when_idle_s=settings.exit_when_idle_s,
     )
     async with aws.sqs_client(settings.aws, max_pool=settings.pollers * 2 + 4) as sqs:
+        await check_dead_letter_queue(sqs, settings.queue.dlq_url)
         pool = await open_pool(settings)
         consumer = Consumer(settings, pool, sqs)
         runner = None

@@ -28,11 +28,11 @@ from typing import TextIO
 
 from ops.text_table import format_age, format_table
 from shared import argtypes
-from shared.aws import error_code, sqs_client
+from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import SQS_ERRORS
+from shared.sqs_requests import SQS_ERRORS, no_such_queue
 
 OK_EXIT_CODE = 0
 UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors
@@ -52,8 +52,6 @@ UNKNOWN_AGE_NOTE = (
 )
 _LABELS = {MAIN_QUEUE: "main queue", DEAD_LETTER_QUEUE: "dead-letter queue"}
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
-# SQS's code for a queue URL that names no queue, by its query-compatible code and its JSON type.
-_NO_SUCH_QUEUE = frozenset(("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"))
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ async def watch(
             depths = await read_stats(aws, queues)
         except SQS_ERRORS as exc:
             problem = f"{type(exc).__name__}: {exc}"
-            if error_code(exc) in _NO_SUCH_QUEUE:
+            if no_such_queue(exc):
                 raise CommandError(
                     f"cannot read the queues: {problem}", exit_code=UNAVAILABLE_EXIT_CODE
                 ) from None

@@ -9,12 +9,21 @@ from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.aws import error_code
 from shared.metrics import SQS_CALLS
 
 # What an SQS call raises when SQS refuses it, the network fails, or it takes too long.
 SQS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
 T = TypeVar("T")
+
+# SQS's code for a queue URL that names no queue, by its query-compatible code and its JSON type.
+_NO_SUCH_QUEUE = frozenset(("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"))
+
+
+def no_such_queue(exc: BaseException) -> bool:
+    """Whether SQS answered that the queue URL names no queue."""
+    return error_code(exc) in _NO_SUCH_QUEUE
 
 
 async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None = None) -> T:

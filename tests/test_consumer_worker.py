@@ -537,6 +537,25 @@ async def test_an_unexpected_error_crashes_loudly_and_leaves_the_message_on_the_
     assert await queue_counts(aws_settings, queues.dlq_url) == (0, 0)
 
 
+async def test_a_dead_letter_queue_sqs_does_not_know_stops_the_consumer_before_it_receives(
+    settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN JIRALAKE_DLQ_URL naming a queue that does not exist (a typo, another account's, deleted)
+    # and an event on the main queue
+    missing = queues.dlq_url.replace(".fifo", "-missing.fifo")
+    await enqueue(aws_settings, queues.queue_url, [envelope_of(make_event(CREATED, issue_id=6, ts=1))])
+    # WHEN the consumer starts THEN it stops at once with one line saying so, exit 1, rather than run
+    # and fail every dead-letter (each only a warning) until SQS's redrive drops the reasons
+    broken = replace(settings, queue=replace(settings.queue, dlq_url=missing))
+    with pytest.raises(
+        CommandError, match=r"JIRALAKE_DLQ_URL names no queue SQS knows \(.*-missing\.fifo\)"
+    ) as stopped:
+        await asyncio.wait_for(run_consumer(broken, asyncio.Event()), timeout=30)
+    assert stopped.value.exit_code == 1
+    # AND nothing was received
+    assert await queue_counts(aws_settings, queues.queue_url) == (1, 0)
+
+
 async def test_a_read_only_server_is_waited_for_without_receiving(
     pg: asyncpg.Connection,
     settings: ConsumerSettings,
