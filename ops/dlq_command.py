@@ -101,10 +101,7 @@ def _list_command(args: argparse.Namespace) -> int:
     aws, queues = _settings()
     letters, counts, stopped_by = asyncio.run(_list(aws, queues.dlq_url, args.limit))
     if stopped_by is not None:
-        raise CommandError(
-            f"dlq list stopped by {stopped_by.name}; the messages it held are visible again",
-            exit_code=signal_exit_code(stopped_by),
-        )
+        raise _list_stopped(stopped_by)
     if args.json:
         print(
             json.dumps(
@@ -126,13 +123,28 @@ async def _list(
 ) -> tuple[list[dlq.DeadLetter], QueueCounts, signal.Signals | None]:
     async with sqs_client(aws) as sqs:
         with stop_on_signals() as stop:
-            counts = await read_counts(sqs, dlq_url)
-            letters = (
-                await dlq.list_dead_letters(sqs, dlq_url, limit=limit, stop=stop.event)
-                if counts.total
-                else []
-            )
+            try:
+                counts = await read_counts(sqs, dlq_url)
+                letters = (
+                    await dlq.list_dead_letters(sqs, dlq_url, limit=limit, stop=stop.event)
+                    if counts.total
+                    else []
+                )
+            except Exception:
+                if stop.signal is None:
+                    raise
+                # SQS failed while the listing stopped (the receive it finished, or the release): the
+                # stop is what the user did, and the held messages come back by themselves anyway
+                raise _list_stopped(stop.signal) from None
         return letters, counts, stop.signal
+
+
+def _list_stopped(by: signal.Signals) -> CommandError:
+    return CommandError(
+        f"dlq list stopped by {by.name}; the messages it held are visible again (at the latest 60 s after "
+        "it received them)",
+        exit_code=signal_exit_code(by),
+    )
 
 
 def render_list(letters: list[dlq.DeadLetter], counts: QueueCounts, dlq_url: str) -> str:

@@ -767,6 +767,62 @@ async def test_sigterm_stops_the_replay_between_batches(aws_settings: AwsSetting
         assert await counts(sqs, queues.dlq_url) == (12 - len(sent[ISSUE_A]), 0)
 
 
+class FailingOnceStoppedProxy(SqsFaultProxy):
+    """Holds the second ReceiveMessage until ``release`` is set, then answers it, and every later call,
+    with SQS's 503 (each of botocore's attempts): SQS failing while a listing stops."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(target_url)
+        self.receives = 0
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.release.is_set():
+            return self._error()
+        if request.headers.get("X-Amz-Target", "").endswith(".ReceiveMessage"):
+            self.receives += 1
+            if self.receives == 2:
+                self.holding.set()
+                await self.release.wait()
+                return self._error()
+        return await super()._handle(request)
+
+
+async def test_sigterm_while_sqs_fails_ends_the_listing_with_the_signal_s_exit_code(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 12 letters in the DLQ (two receives' worth), and `dlq list` whose second receive is held
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 12))
+    async with FailingOnceStoppedProxy(aws_settings.endpoint_url or "") as proxy:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JIRALAKE_")}
+        env.update(
+            AWS_ENDPOINT_URL=proxy.url, JIRALAKE_QUEUE_URL=queues.queue_url, JIRALAKE_DLQ_URL=queues.dlq_url
+        )
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "dlq", "list",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(proxy.holding.wait(), timeout=30)
+        # WHEN SIGTERM comes, and SQS then fails that receive and the release of what the listing holds
+        child.send_signal(signal.SIGTERM)
+        assert child.stderr is not None
+        early = b""
+        while b"signal_received" not in early:
+            line = await asyncio.wait_for(child.stderr.readline(), timeout=30)
+            assert line, "the child ended without logging the signal"
+            early += line
+        proxy.release.set()
+        _, rest = await asyncio.wait_for(child.communicate(), timeout=60)
+    # THEN the exit is the signal's (143), with one line, not SQS's error (exit 1)
+    assert child.returncode == 143, (early + rest).decode()
+    assert (early + rest).decode().splitlines()[-1] == (
+        "jiralake: dlq list stopped by SIGTERM; the messages it held are visible again (at the latest 60 s "
+        "after it received them)"
+    )
+
+
 async def test_a_purge_whose_answer_was_lost_is_reported_as_done(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
