@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except _ONE_LINE_ERRORS as exc:
         print(f"jiralake: {type(exc).__name__}: {one_line(str(exc))}", file=sys.stderr)
         return 1
@@ -84,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         structlog.get_logger().exception("command_crashed", command=args.command)
         return 70
+
+
+def _reader_gone() -> int:
+    """The reader of the output went away (`jiralake dlq list | head -1`): end quietly with the exit
+    status of a Unix tool SIGPIPE ended, not as a failure of jiralake. Python ignores SIGPIPE, so the
+    write raised instead; what is left in stdout's buffer goes to /dev/null, or the flush at exit would
+    raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _normalized_level(raw: str) -> str | None:

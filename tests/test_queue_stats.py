@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -402,3 +403,24 @@ async def test_a_queue_with_a_redrive_policy_is_never_peeked(
     # THEN the age is unknown and the message was never received before this check
     assert depth.oldest_age_s is None
     assert resp["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+async def test_a_watch_whose_reader_went_away_ends_quietly_as_sigpipe_would(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN `jiralake queue stats --watch 1 | head -1`: a reader that takes one line and leaves
+    env = {**os.environ, "JIRALAKE_QUEUE_URL": queues.queue_url, "JIRALAKE_DLQ_URL": queues.dlq_url}
+    read_end, write_end = os.pipe()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "queue", "stats", "--watch", "1", "--json",
+        env=env, stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = await asyncio.to_thread(reader.readline)
+    # WHEN its next round writes to the closed pipe
+    _, err = await asyncio.wait_for(child.communicate(), timeout=30)
+    # THEN it ends as a Unix tool that SIGPIPE ended (141), saying nothing: the reader left, nothing failed
+    assert json.loads(first)["queues"]
+    assert child.returncode == 128 + signal.SIGPIPE
+    assert err.decode() == ""
