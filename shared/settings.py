@@ -111,10 +111,25 @@ class AwsSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AwsSettings:
         region = env_str(env, "AWS_REGION") or env_str(env, "AWS_DEFAULT_REGION") or "us-east-1"
+        _check_region(region)
         endpoint_url = env_str(env, "AWS_ENDPOINT_URL")
         if endpoint_url is not None:
             _check_endpoint_url(endpoint_url)
         return cls(region=region, endpoint_url=endpoint_url)
+
+
+def _check_region(region: str) -> None:
+    """Refuse at start a region botocore refuses (InvalidRegionError) at the first call, an AWS failure's
+    exit 1 in every command: its own check, a host label."""
+    from botocore.exceptions import InvalidRegionError
+    from botocore.utils import validate_region_name
+
+    try:
+        validate_region_name(region)
+    except InvalidRegionError:
+        raise ConfigError(
+            f"AWS_REGION (or AWS_DEFAULT_REGION) must be a region name like eu-west-1, got {region[:40]!r}"
+        ) from None
 
 
 def _check_endpoint_url(url: str) -> None:

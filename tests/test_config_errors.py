@@ -195,6 +195,17 @@ def test_a_bad_aws_endpoint_is_one_line_in_every_aws_command(
     assert one_line(result) == message
 
 
+@pytest.mark.parametrize("command", [("queue", "stats"), ("consumer",), ("receiver",)])
+def test_a_region_botocore_refuses_is_a_configuration_error_in_every_aws_command(
+    command: tuple[str, ...],
+) -> None:
+    # WHEN an AWS command starts with a region botocore refuses at its first call THEN exit 2, one line
+    result = _jiralake(*command, AWS_REGION="garbage region!!", **QUEUES)
+    assert one_line(result) == (
+        "AWS_REGION (or AWS_DEFAULT_REGION) must be a region name like eu-west-1, got 'garbage region!!'"
+    )
+
+
 @pytest.mark.parametrize(
     ("endpoint", "message"),
     [
