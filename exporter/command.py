@@ -234,12 +234,17 @@ async def _serve(settings: ExporterSettings, *, changed_since_last: bool, listen
     return 0
 
 
+# /readyz's whole check (connect, query, goodbye) answers within seconds: a PostgreSQL that takes the
+# connection and then says nothing would otherwise hold the probe, and a stop behind it, for ever.
+READINESS_TIMEOUT_S = 3.0
+
+
 async def _database_reachable(settings: ExporterSettings) -> str | None:
-    conn = await db.connect(settings.database, timeout=3)
+    conn = await db.connect(settings.database, timeout=READINESS_TIMEOUT_S)
     try:
-        await conn.fetchval("SELECT 1")
+        await conn.fetchval("SELECT 1", timeout=READINESS_TIMEOUT_S)
     finally:
-        await conn.close()
+        await db.close(conn)
     return None
 
 
