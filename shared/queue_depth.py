@@ -45,6 +45,9 @@ STATES = ("visible", "in_flight", "delayed")  # also QueueDepth's attribute name
 
 # Visibility of peeked messages between the receive and the reset to 0 (only matters if we crash).
 PEEK_HOLD_S = 30
+# One ChangeMessageVisibilityBatch of make_visible answers within this long or its messages are left to
+# reappear by themselves.
+RELEASE_CALL_TIMEOUT_S = 10.0
 # Long-poll briefly so a peek queries every SQS server, not a sample (short polling may miss).
 PEEK_WAIT_S = 1
 # The poller re-peeks the dead-letter queue when a message left it, else at least this often.
@@ -136,33 +139,41 @@ async def make_visible(sqs: SQSClient, url: str, receipt_handles: Sequence[str])
     """Set the visibility of received messages back to 0; returns how many could not be reset.
 
     A message that could not be reset (its receipt handle expired, the call failed) reappears by
-    itself when the visibility timeout it was received with runs out.
+    itself when the visibility timeout it was received with runs out. The calls (10 messages each) go
+    out at once, each given up after RELEASE_CALL_TIMEOUT_S: against an SQS that takes them and never
+    answers, one after another with botocore's retries, a stopping replay held its messages for minutes.
     """
-    not_reset = 0
-    for start in range(0, len(receipt_handles), 10):
-        chunk = receipt_handles[start : start + 10]
-        entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
-            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)
-        ]
-        try:
-            resp = await counted(
-                "ChangeMessageVisibilityBatch",
-                sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries),
-            )
-        except SQS_ERRORS as exc:
-            log.warning("visibility_reset_failed", queue_url=url, count=len(chunk), error=_reason(exc))
-            not_reset += len(chunk)
-            continue
-        failed = resp.get("Failed", [])
-        if failed:
-            log.warning(
-                "visibility_reset_failed",
-                queue_url=url,
-                count=len(failed),
-                error=f"{failed[0].get('Code')}: {failed[0].get('Message', '')}",
-            )
-            not_reset += len(failed)
-    return not_reset
+    chunks = [receipt_handles[start : start + 10] for start in range(0, len(receipt_handles), 10)]
+    return sum(await asyncio.gather(*(_reset_visibility(sqs, url, chunk) for chunk in chunks)))
+
+
+async def _reset_visibility(sqs: SQSClient, url: str, chunk: Sequence[str]) -> int:
+    entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
+        {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0} for i, h in enumerate(chunk)
+    ]
+    try:
+        resp = await counted(
+            "ChangeMessageVisibilityBatch",
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries),
+            timeout_s=RELEASE_CALL_TIMEOUT_S,
+        )
+    except SQS_ERRORS as exc:
+        error = (
+            f"no answer within {RELEASE_CALL_TIMEOUT_S:g} s"
+            if isinstance(exc, TimeoutError)
+            else _reason(exc)
+        )
+        log.warning("visibility_reset_failed", queue_url=url, count=len(chunk), error=error)
+        return len(chunk)
+    failed = resp.get("Failed", [])
+    if failed:
+        log.warning(
+            "visibility_reset_failed",
+            queue_url=url,
+            count=len(failed),
+            error=f"{failed[0].get('Code')}: {failed[0].get('Message', '')}",
+        )
+    return len(failed)
 
 
 async def peek_oldest_sent_ms(sqs: SQSClient, url: str) -> int | None:

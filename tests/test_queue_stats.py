@@ -5,6 +5,7 @@ exit 2, unreadable queues 1), and the gauges carry the same numbers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from jiralake import cli
@@ -29,12 +31,15 @@ from shared.provision import QueuePair
 from shared.queue_depth import (
     DEAD_LETTER_QUEUE,
     MAIN_QUEUE,
+    RELEASE_CALL_TIMEOUT_S,
     OldestAgeTracker,
     QueueDepth,
+    make_visible,
     poll_queue_depths,
     queue_urls,
 )
 from shared.settings import AwsSettings, QueueSettings
+from tests.fault_proxy import SqsFaultProxy
 
 
 @pytest.fixture
@@ -424,3 +429,48 @@ async def test_a_watch_whose_reader_went_away_ends_quietly_as_sigpipe_would(
     assert json.loads(first)["queues"]
     assert child.returncode == 128 + signal.SIGPIPE
     assert err.decode() == ""
+
+
+class SilentReleaseProxy(SqsFaultProxy):
+    """Takes every ChangeMessageVisibilityBatch and answers it only when the proxy closes."""
+
+    def __init__(self, target_url: str) -> None:
+        super().__init__(target_url)
+        self.releases = 0
+        self._closing = asyncio.Event()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(".ChangeMessageVisibilityBatch"):
+            self.releases += 1
+            await self._closing.wait()
+            return self._error()
+        return await super()._handle(request)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing.set()
+        await super().__aexit__(*exc)
+
+
+async def test_releasing_held_messages_to_an_sqs_that_never_answers_gives_up_in_seconds(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN 25 messages held (received), as a listing or a stopping replay holds them, and an SQS that
+    # takes the release calls and never answers (botocore alone: 4 tries of 30 s, call after call)
+    await enqueue(aws_settings, queues, main=0, dlq=25)
+    async with aws.sqs_client(aws_settings) as sqs:
+        held: list[str] = []
+        while len(held) < 25:
+            resp = await sqs.receive_message(
+                QueueUrl=queues.dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=300
+            )
+            held += [m["ReceiptHandle"] for m in resp.get("Messages", [])]
+    async with SilentReleaseProxy(aws_settings.endpoint_url or "") as proxy:
+        async with aws.sqs_client(dataclasses.replace(aws_settings, endpoint_url=proxy.url)) as silent:
+            # WHEN they are released
+            started = time.monotonic()
+            not_reset = await make_visible(silent, queues.dlq_url, held)
+            elapsed = time.monotonic() - started
+    # THEN the three calls went out at once and were given up after RELEASE_CALL_TIMEOUT_S: the
+    # messages reappear by themselves when their visibility timeout runs out
+    assert (not_reset, proxy.releases) == (25, 3)
+    assert RELEASE_CALL_TIMEOUT_S <= elapsed < 2 * RELEASE_CALL_TIMEOUT_S
