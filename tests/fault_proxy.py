@@ -154,3 +154,28 @@ class RefuseSendingProxy(SqsFaultProxy):
                 self.counts.requests["refused"] += 1
                 return self._error()
         return await super()._handle(request)
+
+
+class SilentProxy(SqsFaultProxy):
+    """Takes every call of ``operation`` (an SQS action, "DeleteMessageBatch") and answers it only when
+    the proxy closes (SQS's 503, without forwarding): an SQS that never answers that call. ``arrived``
+    is set by the first one; ``calls`` counts them."""
+
+    def __init__(self, target_url: str, operation: str) -> None:
+        super().__init__(target_url)
+        self.operation = operation
+        self.calls = 0
+        self.arrived = asyncio.Event()
+        self._closing = asyncio.Event()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(f".{self.operation}"):
+            self.calls += 1
+            self.arrived.set()
+            await self._closing.wait()
+            return self._error()
+        return await super()._handle(request)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing.set()
+        await super().__aexit__(*exc)

@@ -13,7 +13,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
 from structlog.testing import capture_logs
 
 from consumer.apply import apply_envelopes
@@ -27,7 +26,7 @@ from shared.metrics import CONSUMER_CIRCUIT_OPEN, CONSUMER_EVENTS, SQS_CALLS
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
 from tests.conftest import consume_until_idle, drain, empty_database
-from tests.fault_proxy import RefuseSendingProxy, SqsFaultProxy
+from tests.fault_proxy import RefuseSendingProxy, SilentProxy
 from tests.jira_fixtures import make_event
 from tests.tcp_proxy import postgres_proxy, through
 from tests.test_consumer_helpers import (
@@ -328,27 +327,6 @@ async def test_an_sqs_that_stops_answering_holds_shutdown_for_seconds_not_minute
     assert cancelled == ["queue-depth-poller"]
 
 
-class HoldDeletesProxy(SqsFaultProxy):
-    """Takes every DeleteMessageBatch call and answers it (an error, without forwarding) only when the
-    proxy closes; ``deleting`` says one arrived."""
-
-    def __init__(self, target_url: str) -> None:
-        super().__init__(target_url)
-        self.deleting = asyncio.Event()
-        self._closing = asyncio.Event()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("X-Amz-Target", "").endswith(".DeleteMessageBatch"):
-            self.deleting.set()
-            await self._closing.wait()
-            return self._error()
-        return await super()._handle(request)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._closing.set()
-        await super().__aexit__(*exc)
-
-
 async def test_an_acknowledgement_sqs_never_answers_holds_shutdown_for_seconds_not_minutes(
     pg: asyncpg.Connection, settings: ConsumerSettings, aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -359,12 +337,12 @@ async def test_an_acknowledgement_sqs_never_answers_holds_shutdown_for_seconds_n
     unhandled: list[dict[str, Any]] = []  # what asyncio would log as ERROR, with a traceback
     loop.set_exception_handler(lambda _, context: unhandled.append(context))
     try:
-        async with HoldDeletesProxy(aws_settings.endpoint_url or "") as proxy:
+        async with SilentProxy(aws_settings.endpoint_url or "", "DeleteMessageBatch") as proxy:
             held = replace(settings, aws=replace(settings.aws, endpoint_url=proxy.url), shutdown_grace_s=1.0)
             stop = asyncio.Event()
             with capture_logs() as logs:
                 task = asyncio.create_task(run_consumer(held, stop))
-                await asyncio.wait_for(proxy.deleting.wait(), timeout=30)
+                await asyncio.wait_for(proxy.arrived.wait(), timeout=30)
                 # WHEN the consumer is told to stop while that delete waits
                 stop.set()
                 # THEN it stops within the grace period and POOL_CLOSE_S, cancelling the delete by name

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
 from prometheus_client import REGISTRY
 
 from jiralake import cli
@@ -39,7 +38,7 @@ from shared.queue_depth import (
     queue_urls,
 )
 from shared.settings import AwsSettings, QueueSettings
-from tests.fault_proxy import SqsFaultProxy
+from tests.fault_proxy import SilentProxy
 
 
 @pytest.fixture
@@ -431,26 +430,6 @@ async def test_a_watch_whose_reader_went_away_ends_quietly_as_sigpipe_would(
     assert err.decode() == ""
 
 
-class SilentReleaseProxy(SqsFaultProxy):
-    """Takes every ChangeMessageVisibilityBatch and answers it only when the proxy closes."""
-
-    def __init__(self, target_url: str) -> None:
-        super().__init__(target_url)
-        self.releases = 0
-        self._closing = asyncio.Event()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("X-Amz-Target", "").endswith(".ChangeMessageVisibilityBatch"):
-            self.releases += 1
-            await self._closing.wait()
-            return self._error()
-        return await super()._handle(request)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._closing.set()
-        await super().__aexit__(*exc)
-
-
 async def test_releasing_held_messages_to_an_sqs_that_never_answers_gives_up_in_seconds(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
@@ -464,7 +443,7 @@ async def test_releasing_held_messages_to_an_sqs_that_never_answers_gives_up_in_
                 QueueUrl=queues.dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=300
             )
             held += [m["ReceiptHandle"] for m in resp.get("Messages", [])]
-    async with SilentReleaseProxy(aws_settings.endpoint_url or "") as proxy:
+    async with SilentProxy(aws_settings.endpoint_url or "", "ChangeMessageVisibilityBatch") as proxy:
         async with aws.sqs_client(dataclasses.replace(aws_settings, endpoint_url=proxy.url)) as silent:
             # WHEN they are released
             started = time.monotonic()
@@ -472,5 +451,5 @@ async def test_releasing_held_messages_to_an_sqs_that_never_answers_gives_up_in_
             elapsed = time.monotonic() - started
     # THEN the three calls went out at once and were given up after RELEASE_CALL_TIMEOUT_S: the
     # messages reappear by themselves when their visibility timeout runs out
-    assert (not_reset, proxy.releases) == (25, 3)
+    assert (not_reset, proxy.calls) == (25, 3)
     assert RELEASE_CALL_TIMEOUT_S <= elapsed < 2 * RELEASE_CALL_TIMEOUT_S
