@@ -506,15 +506,10 @@ def _by_group(parsed: list[tuple[Message, Envelope]]) -> list[list[tuple[Message
     return list(groups.values())
 
 
-# -- server_read_only --
-_READ_ONLY = "SELECT current_setting('transaction_read_only') = 'on'"
-
-
 async def check_database(conn: asyncpg.Connection, *, timeout_s: float | None = None) -> None:
-    """The check before each receive (and /readyz): the schema is this version's (else CommandError:
-    a crash, exit 1) and the server takes writes (else :class:`ServerReadOnly`, a retry)."""
-    await migrate.check_schema(conn, timeout_s=timeout_s)
-    if await conn.fetchval(_READ_ONLY, timeout=timeout_s):
+    """The check before each receive (and /readyz), one round trip: the schema is this version's (else
+    CommandError: a crash, exit 1) and the server takes writes (else :class:`ServerReadOnly`, a retry)."""
+    if await migrate.check_schema(conn, timeout_s=timeout_s):
         raise ServerReadOnly("PostgreSQL is read-only (a standby, or a failover in progress); not receiving")
 
 

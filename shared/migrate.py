@@ -68,17 +68,25 @@ def latest_version() -> int:
 
 
 # -- schema_version --
-_SCHEMA_VERSION = "SELECT max(version) FROM jiralake_schema_migrations"
+# And whether the session takes no writes (a standby, a demoted primary): the same round trip.
+_SCHEMA_VERSION = (
+    "SELECT max(version), current_setting('transaction_read_only') = 'on' FROM jiralake_schema_migrations"
+)
 
 
-async def check_schema(conn: asyncpg.Connection, *, timeout_s: float | None = None) -> None:
+async def check_schema(conn: asyncpg.Connection, *, timeout_s: float | None = None) -> bool:
     """Refuse (a one-line :class:`CommandError`, exit 1) a schema older than this code: code that needs
     a table or column `setup` has not created yet would fail at its first statement, halfway through
-    its work. A newer schema is fine: migrations only add, so a rolled-back version runs on it."""
+    its work. A newer schema is fine: migrations only add, so a rolled-back version runs on it.
+    Returns whether the session is read-only (read in the same statement, for the consumer's check
+    before each receive)."""
     try:
-        version: int | None = await conn.fetchval(_SCHEMA_VERSION, timeout=timeout_s)
+        row = await conn.fetchrow(_SCHEMA_VERSION, timeout=timeout_s)
+        assert row is not None
+        version: int | None = row[0]
+        read_only = bool(row[1])
     except asyncpg.UndefinedTableError:
-        version = None  # never set up
+        version, read_only = None, False  # never set up: refused below whatever the session takes
     latest = latest_version()
     if version is None or version < latest:
         found = "no migration" if version is None else f"migrations up to {version:04d}"
@@ -87,6 +95,7 @@ async def check_schema(conn: asyncpg.Connection, *, timeout_s: float | None = No
             "`jiralake setup --skip-queues` first (the migrations only)",
             exit_code=1,
         )
+    return read_only
 
 
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
