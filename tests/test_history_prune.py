@@ -147,6 +147,26 @@ async def test_deletes_exactly_the_rows_recorded_before_the_cutoff_in_batches(pg
     assert not set(d40) & set(await remaining(pg))
 
 
+async def test_a_row_recorded_exactly_at_the_cutoff_stays(pg: asyncpg.Connection) -> None:
+    # GIVEN rows recorded a microsecond before the cutoff, exactly at it, and a microsecond after
+    cutoff = await cutoff_for(pg, 30)
+    before, at, after = [await record(pg, name, 1, age_days=60) for name in ("before", "at", "after")]
+    for ids, offset in ((before, -1), (at, 0), (after, 1)):
+        await pg.execute(
+            "UPDATE ap_jira_task_event SET ingested_at = $2::timestamptz + $3 * interval '1 microsecond' "
+            "WHERE delivery_id = ANY($1)",
+            ids,
+            cutoff,
+            offset,
+        )
+    # WHEN the rows recorded before that cutoff are counted, then pruned
+    counted = await history_prune.dry_run(pg, cutoff, older_than_days=30, batch_size=10)
+    pruned = await prune_history(pg, cutoff, older_than_days=30, batch_size=10)
+    # THEN only the row strictly older than the cutoff is counted and deleted ("more than DAYS days ago")
+    assert (counted.rows, pruned.rows) == (1, 1)
+    assert await remaining(pg) == sorted(at + after)
+
+
 async def test_the_cutoff_is_whole_24_hour_days_back_even_across_a_daylight_saving_change(
     pg: asyncpg.Connection,
 ) -> None:
