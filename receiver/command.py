@@ -29,7 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="interface to listen on (default JIRALAKE_RECEIVER_HOST or 0.0.0.0)",
     )
     parser.add_argument(
-        "--port", type=argtypes.port, help="port for webhooks (default JIRALAKE_RECEIVER_PORT or 8080)"
+        "--port",
+        type=argtypes.port,
+        help="port for webhooks, 0: any free one, named in the receiver_started log line "
+        "(default JIRALAKE_RECEIVER_PORT or 8080)",
     )
     parser.add_argument(
         "--insecure-no-signature",

@@ -77,7 +77,7 @@ async def serve(settings: ReceiverSettings, *, stop: asyncio.Event | None = None
                 log.info(
                     "receiver_started",
                     host=settings.host,
-                    port=settings.port,
+                    port=runner.addresses[0][1],  # the one bound, also when --port 0 asked for any
                     admin_host=settings.admin_host,
                     admin_port=settings.admin_port,
                     path=WEBHOOK_PATH,

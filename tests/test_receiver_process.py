@@ -101,6 +101,20 @@ async def test_admin_port_0_disables_the_admin_port(aws_settings: AwsSettings, q
         assert listening_ports(child.pid) == {port}
 
 
+async def test_port_0_listens_on_a_free_port_and_logs_which(queues: QueuePair) -> None:
+    # GIVEN the receiver started with --port 0 (any free port)
+    async with receiver_child(queues, "--port", "0") as (child, logs):
+        # WHEN it has started
+        started = await logs.wait_for("receiver_started")
+        # THEN its start line names the port it listens on, and a webhook sent there is answered
+        assert started["port"] != 0
+        assert listening_ports(child.pid) == {started["port"]}
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{started['port']}/webhooks/jira"
+            status, answer = await _post(http, url, b"{}", {"Content-Type": "application/json"})
+    assert (status, answer["status"]) == (401, "unauthorized")
+
+
 async def test_the_insecure_flag_is_ignored_with_a_warning_when_the_secret_is_set(
     aws_settings: AwsSettings, queues: QueuePair
 ) -> None:
