@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import asyncpg
@@ -72,12 +73,22 @@ def _bad_parameters(exc: BaseException) -> ConfigError:
     )
 
 
+def _unresolved(db: DatabaseSettings, exc: socket.gaierror) -> socket.gaierror:
+    """The resolver's error naming the host names it could not resolve (asyncpg's names none); the
+    same class, so whoever retries an unreachable server still does."""
+    names = db.host_names()
+    where = f"PostgreSQL host {', '.join(map(repr, names))}" if names else "PostgreSQL host (PGHOST)"
+    return socket.gaierror(exc.errno, f"{exc.strerror}: {where}")
+
+
 async def connect(db: DatabaseSettings, **kwargs: Any) -> asyncpg.Connection:
     kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
     try:
         conn = await asyncpg.connect(dsn=db.url, **kwargs)
     except _BAD_PARAMETERS as exc:
         raise _bad_parameters(exc) from None
+    except socket.gaierror as exc:
+        raise _unresolved(db, exc) from None
     await _init_connection(conn)
     return conn
 
@@ -93,6 +104,8 @@ async def create_pool(
         )
     except _BAD_PARAMETERS as exc:
         raise _bad_parameters(exc) from None
+    except socket.gaierror as exc:
+        raise _unresolved(db, exc) from None
     assert pool is not None
     return pool
 

@@ -177,6 +177,18 @@ class DatabaseSettings:
         if self.url is not None:
             check_database_url(self.url)
 
+    def host_names(self) -> list[str]:
+        """The host names DATABASE_URL names (netloc after the credentials, and ``?host=``), without
+        ports or credentials: for messages. Empty without a URL or for a Unix socket's default."""
+        if self.url is None:
+            return []
+        parts = urlsplit(self.url)
+        hosts = parts.netloc.partition("@")[2] if "@" in parts.netloc else parts.netloc  # as asyncpg splits
+        names = [_without_port(host) for host in hosts.split(",") if host]
+        for value in parse_qs(parts.query).get("host", []):
+            names += [_without_port(host) for host in value.split(",") if host]
+        return names
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
         url = env_str(env, "DATABASE_URL")
@@ -192,6 +204,13 @@ class DatabaseSettings:
             if value is not None:
                 _check_choice(variable, name, value)
         return cls(url=url)
+
+
+def _without_port(host: str) -> str:
+    """``h:5432`` -> ``h``, ``[::1]:5432`` -> ``::1``."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
 
 
 def check_database_url(url: str) -> None:

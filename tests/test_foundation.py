@@ -159,6 +159,39 @@ def test_a_malformed_database_url_is_one_line_without_the_password(url: str, pro
     assert "s3" not in result.stderr  # not even the start of the password
 
 
+def test_a_database_host_that_does_not_resolve_is_named_in_one_line_without_the_password() -> None:
+    # GIVEN a DATABASE_URL whose host name no resolver knows (.invalid never resolves, RFC 6761)
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://me:s3cret@db.jiralake.invalid:5432/x"}
+    # WHEN a command that needs the database starts
+    result = subprocess.run(
+        [sys.executable, "-m", "jiralake", "history", "prune", "--older-than", "30", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    # THEN it exits 1 (the name may resolve later: not a configuration error) with one line naming the
+    # host, which asyncpg's own error does not, and not the password
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("jiralake: gaierror: [Errno "), line
+    assert line.endswith(": PostgreSQL host 'db.jiralake.invalid'"), line
+    assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("postgresql://u:p@h1:5432,[::1]:5433/db", ["h1", "::1"]),
+        ("postgres:///db?host=db.internal&port=5432", ["db.internal"]),
+        ("postgresql://db.example.com/db", ["db.example.com"]),
+        ("postgres:///db", []),
+    ],
+)
+def test_the_host_names_of_a_database_url_leave_out_ports_and_credentials(url: str, names: list[str]) -> None:
+    assert DatabaseSettings(url=url).host_names() == names
+
+
 def test_database_urls_libpq_accepts_are_accepted() -> None:
     for url in (
         "postgresql://u:p@h1:5432,h2:5433/db",
