@@ -159,6 +159,12 @@ def _base_url(raw: str) -> str:
     parts = http_url("JIRALAKE_JIRA_URL", raw, "https://example.atlassian.net")
     if parts.username or parts.password:
         raise ConfigError("JIRALAKE_JIRA_URL must not carry credentials; use the JIRALAKE_JIRA_* variables")
+    if parts.query or parts.fragment or raw.rstrip().endswith(("?", "#")):
+        # Dropping them would hide a page's address pasted for the site's (a board, an issue).
+        raise ConfigError(
+            "JIRALAKE_JIRA_URL must be the site's base URL (https://example.atlassian.net, or a Data "
+            "Center's with its context path: https://jira.example.com/jira), without a ? query or # part"
+        )
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 

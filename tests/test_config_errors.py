@@ -235,6 +235,11 @@ def test_local_and_real_aws_endpoints_are_accepted() -> None:
 
 # -- JIRALAKE_JIRA_URL --
 
+JIRA_BASE_URL = (
+    "JIRALAKE_JIRA_URL must be the site's base URL (https://example.atlassian.net, or a Data Center's with "
+    "its context path: https://jira.example.com/jira), without a ? query or # part"
+)
+
 
 @pytest.mark.parametrize(
     ("url", "message"),
@@ -242,6 +247,9 @@ def test_local_and_real_aws_endpoints_are_accepted() -> None:
         ("http://[::1", "JIRALAKE_JIRA_URL must be an http(s) URL like https://example.atlassian.net"),
         ("https://acme..atlassian.net", f"JIRALAKE_JIRA_URL {HOST_LABELS}"),
         ("https://jira.example.com:443x", "JIRALAKE_JIRA_URL has a port that is not a number 1..65535"),
+        ("https://acme.atlassian.net/browse/X-1?focusedCommentId=7", JIRA_BASE_URL),
+        ("https://acme.atlassian.net/#", JIRA_BASE_URL),
+        ("https://jira.example.com/jira?", JIRA_BASE_URL),
     ],
 )
 def test_a_bad_jira_url_is_refused_at_start_not_retried(url: str, message: str) -> None:
