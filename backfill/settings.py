@@ -21,6 +21,7 @@ from shared.settings import (
     env_bool,
     env_float,
     env_int,
+    env_secret,
     env_str,
     http_url,
     require,
@@ -82,20 +83,9 @@ class JiraSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> JiraSettings:
         url = _base_url(require(env, "JIRALAKE_JIRA_URL"))
-        email = env_str(env, "JIRALAKE_JIRA_EMAIL")
-        token = env_str(env, "JIRALAKE_JIRA_API_TOKEN")
-        pat = env_str(env, "JIRALAKE_JIRA_PAT")
-        for name, secret in (
-            ("JIRALAKE_JIRA_EMAIL", email),
-            ("JIRALAKE_JIRA_API_TOKEN", token),
-            ("JIRALAKE_JIRA_PAT", pat),
-        ):
-            # Never echoed: a credential. A control character (a newline left by `echo` into a secret
-            # store) would otherwise fail deep in the HTTP client, as a traceback.
-            if secret is not None and any(ord(char) < 32 or ord(char) == 127 for char in secret):
-                raise ConfigError(
-                    f"{name} holds a control character (a line break pasted into it?); remove it"
-                )
+        email = env_secret(env, "JIRALAKE_JIRA_EMAIL")
+        token = env_secret(env, "JIRALAKE_JIRA_API_TOKEN")
+        pat = env_secret(env, "JIRALAKE_JIRA_PAT")
         if pat is not None and (email is not None or token is not None):
             raise ConfigError(
                 "set either JIRALAKE_JIRA_EMAIL + JIRALAKE_JIRA_API_TOKEN or JIRALAKE_JIRA_PAT, not both"

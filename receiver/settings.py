@@ -15,6 +15,7 @@ from shared.settings import (
     env_host,
     env_int,
     env_port,
+    env_secret,
     env_str,
     require,
 )
@@ -92,8 +93,8 @@ class ReceiverSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, allow_unsigned: bool = False) -> ReceiverSettings:
-        secret = env_str(env, "JIRALAKE_WEBHOOK_SECRET")
-        previous = env_str(env, "JIRALAKE_WEBHOOK_SECRET_PREVIOUS")
+        secret = env_secret(env, "JIRALAKE_WEBHOOK_SECRET")
+        previous = env_secret(env, "JIRALAKE_WEBHOOK_SECRET_PREVIOUS")
         if secret is None and not allow_unsigned and previous is None:
             raise ConfigError(
                 "JIRALAKE_WEBHOOK_SECRET is not set; set it to the webhook's secret in Jira, "

@@ -26,6 +26,15 @@ def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> st
     return value.strip()
 
 
+def env_secret(env: Mapping[str, str], name: str) -> str | None:
+    """A credential or shared secret, never echoed. A control character (a line break left by `echo`
+    into a secret store) would otherwise fail deep in an HTTP client, or never match a signature."""
+    value = env_str(env, name)
+    if value is not None and any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ConfigError(f"{name} holds a control character (a line break pasted into it?); remove it")
+    return value
+
+
 def env_int(
     env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
 ) -> int:

@@ -277,6 +277,16 @@ def test_a_credential_with_a_control_character_is_one_line_and_never_echoed(
     assert "SECRETPART" not in result.stderr
 
 
+@pytest.mark.parametrize("name", ["JIRALAKE_WEBHOOK_SECRET", "JIRALAKE_WEBHOOK_SECRET_PREVIOUS"])
+def test_a_webhook_secret_with_a_control_character_is_one_line_and_never_echoed(name: str) -> None:
+    # GIVEN a secret with a line break inside (two values pasted into one): no signature would match
+    env = {**QUEUES, name: "first\nSECRETPART"}
+    # WHEN the receiver starts THEN it refuses to, in one line, rather than answer every webhook 401
+    result = _jiralake("receiver", **env)
+    assert one_line(result) == f"{name} holds a control character (a line break pasted into it?); remove it"
+    assert "SECRETPART" not in result.stderr
+
+
 def test_a_jira_url_with_a_port_and_a_context_path_is_accepted() -> None:
     env = {"JIRALAKE_JIRA_URL": "https://jira.example.com:8443/jira/", "JIRALAKE_JIRA_PAT": "NjM0-pat"}
     assert JiraSettings.from_env(env).url == "https://jira.example.com:8443/jira"
