@@ -16,6 +16,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 import structlog
 
@@ -31,6 +32,7 @@ from exporter.shutdown import run_unless_stopped
 from shared import argtypes, db
 from shared.admin_server import admin_app, start_admin_server
 from shared.errors import CommandError
+from shared.settings import env_str
 from shared.shutdown import Stopped, signal_exit_code, stop_on_signals
 
 log = structlog.get_logger()
@@ -44,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="stream ap_jira_task to S3 (CSV, csv.gz or Parquet), once or on a schedule",
         description="Stream ap_jira_task to S3 through a multipart upload to history/dt=YYYY-MM-DD/ and "
         "its manifest, then latest/ (atomic copy) and its manifest. Settings from JIRALAKE_* (see "
-        "README.md); flags override.",
+        "README.md); flags override them, and a flag the mode does not use is refused (exit 2).",
     )
     when = parser.add_mutually_exclusive_group()
     when.add_argument(
@@ -67,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--timezone",
         type=argtypes.non_blank,
         metavar="TZ",
-        help="IANA time zone of --schedule (default JIRALAKE_EXPORT_TIMEZONE or UTC)",
+        help="with --schedule: its IANA time zone (default JIRALAKE_EXPORT_TIMEZONE or UTC)",
     )
     parser.add_argument(
         "--format",
@@ -76,7 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--bucket", type=argtypes.non_blank, help="S3 bucket (default JIRALAKE_BUCKET)")
     parser.add_argument(
-        "--prefix", help="key prefix in the bucket (default JIRALAKE_EXPORT_PREFIX or jiralake)"
+        "--prefix",
+        type=prefix,
+        help="key prefix in the bucket, '' or / for its root (default JIRALAKE_EXPORT_PREFIX or jiralake)",
     )
     parser.add_argument(
         "--include-raw", action="store_true", default=None, help="keep the raw webhook JSON column in CSV"
@@ -84,19 +88,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--changed-since-last",
         action="store_true",
-        help="only rows changed since the last successful --changed-since-last run, to changes/dt=.../",
+        help="only rows changed since the last successful --changed-since-last run, to changes/dt=.../ "
+        "(not with --athena-ddl)",
     )
     parser.add_argument(
         "--part-size-mib",
         type=argtypes.integer(5, 5120),
         metavar="MIB",
-        help="multipart part size (5..5120, default JIRALAKE_EXPORT_PART_SIZE_MIB or 8)",
+        help="multipart part size (5..5120, default JIRALAKE_EXPORT_PART_SIZE_MIB or 8; not with "
+        "--athena-ddl)",
     )
     parser.add_argument(
         "--parts-in-flight",
         type=argtypes.positive_int,
         metavar="N",
-        help="parts uploaded at once (default JIRALAKE_EXPORT_PARTS_IN_FLIGHT or 4)",
+        help="parts uploaded at once (default JIRALAKE_EXPORT_PARTS_IN_FLIGHT or 4; not with --athena-ddl)",
     )
     parser.add_argument(
         "--admin-port",
@@ -112,7 +118,43 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="with --athena-ddl: first dt of the partition projection, YYYY-MM-DD or NOW-<n><unit> "
         f"(default {DEFAULT_PROJECTION_START})",
     )
+    # Said, not ignored: each of these given where the mode chosen would not use it is a usage error.
+    scheduled = "with --schedule (or JIRALAKE_EXPORT_SCHEDULE)"
+    argtypes.only_with(
+        parser,
+        "--timezone",
+        f"{scheduled}: it is the schedule's time zone; history/ is dated by the UTC day whatever it is",
+        _on_schedule,
+    )
+    argtypes.only_with(parser, "--admin-port", scheduled, _on_schedule)
+    argtypes.only_with(
+        parser, "--projection-start", "with --athena-ddl: it shapes only the printed DDL", _printing_ddl
+    )
+    for option in ("--changed-since-last", "--part-size-mib", "--parts-in-flight"):
+        argtypes.only_with(parser, option, "to an export, not with --athena-ddl", _exporting)
     parser.set_defaults(func=_command)
+
+
+def _on_schedule(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    """Whether the command runs on a schedule, as :func:`settings_from_args` decides it."""
+    if args.once or args.athena_ddl:
+        return False
+    return args.schedule is not None or env_str(environ, "JIRALAKE_EXPORT_SCHEDULE") is not None
+
+
+def _printing_ddl(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    return bool(args.athena_ddl)
+
+
+def _exporting(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    return not args.athena_ddl
+
+
+def prefix(raw: str) -> str:
+    """``--prefix``: '' is the bucket's root (as /); spaces only would be read as unset, the default."""
+    if raw and not raw.strip():
+        raise argparse.ArgumentTypeError("must not be blank: give '' or / for the bucket's root")
+    return raw
 
 
 def projection_start(raw: str) -> str:
@@ -145,17 +187,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Exp
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.projection_start is not None and not args.athena_ddl:
-        # Said, not ignored: it shapes only the printed DDL, never what an export writes.
-        raise CommandError("--projection-start goes with --athena-ddl", exit_code=2)
     settings = settings_from_args(args, dict(os.environ))
-    if args.timezone is not None and settings.schedule is None:
-        # Said, not ignored: it is the schedule's zone; history/ is dated by the UTC day either way.
-        raise CommandError(
-            "--timezone goes with --schedule (or JIRALAKE_EXPORT_SCHEDULE): it is the schedule's time "
-            "zone; history/ is dated by the UTC day whatever it is",
-            exit_code=2,
-        )
     if args.athena_ddl:
         try:
             ddl = asyncio.run(

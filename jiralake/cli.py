@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
+from shared import argtypes
 from shared import logging as jl_logging
 from shared.db import schema_hint
 from shared.errors import CommandError, one_line
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     args = parser.parse_args(argv)
+    argtypes.refuse_ignored(args, os.environ)  # an option the chosen mode would not use: usage error
     try:
         jl_logging.configure(args.log_level or _log_level_from_env(os.environ), json=args.log_json)
         code: int = args.func(args)

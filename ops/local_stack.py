@@ -46,6 +46,8 @@ REGION = "us-east-1"
 # moto accepts any credentials; these placeholders satisfy the AWS SDK's chain inside this process
 # only, so real credentials from the environment are never sent to the local endpoint.
 _LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "jiralake-local", "AWS_SECRET_ACCESS_KEY": "jiralake-local"}
+# How long --demo waits for the consumer to apply the sample webhooks (--demo-timeout).
+DEFAULT_DEMO_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class StackOptions:
     keep_running: bool = False
     fixtures_dir: Path | None = None
     export_schedule: str = "*/15 * * * *"
-    demo_timeout_s: float = 120.0
+    demo_timeout_s: float = DEFAULT_DEMO_TIMEOUT_S
 
 
 @dataclass(frozen=True)

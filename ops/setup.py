@@ -130,9 +130,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--max-receive-count",
         type=argtypes.integer(1, MAX_RECEIVE_COUNT),
-        help="DLQ redrive threshold (default JIRALAKE_MAX_RECEIVE_COUNT or 5)",
+        help="DLQ redrive threshold, set on the queue setup creates; not with --skip-queues (default "
+        "JIRALAKE_MAX_RECEIVE_COUNT or 5)",
+    )
+    # Said, not ignored: --skip-queues leaves the queues, and so their redrive policy, as they are.
+    argtypes.only_with(
+        parser, "--max-receive-count", "when setup creates the queues, not with --skip-queues", _queues
     )
     parser.set_defaults(func=_command)
+
+
+def _queues(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    return not args.skip_queues
 
 
 def _command(args: argparse.Namespace) -> int:

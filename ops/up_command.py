@@ -7,12 +7,13 @@ import asyncio
 import errno
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from exporter.settings import check_schedule
 from ops.local_aws import require_moto_server
-from ops.local_stack import StackOptions, run_stack
+from ops.local_stack import DEFAULT_DEMO_TIMEOUT_S, StackOptions, run_stack
 from shared import argtypes
 from shared.errors import CommandError
 from shared.settings import ConfigError
@@ -32,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="IPv4 address the receiver and the admin ports listen on (default 127.0.0.1)",
     )
     parser.add_argument("--port", type=argtypes.port, default=8080, help="receiver port (0 = any free port)")
-    parser.add_argument("--fixtures", type=Path, help="folder of sample webhooks for --demo")
+    parser.add_argument(
+        "--fixtures", type=Path, metavar="DIR", help="with --demo: folder of sample webhooks to send"
+    )
     parser.add_argument(
         "--state-dir",
         type=lambda raw: Path(argtypes.non_blank(raw)),  # "" would be the current folder
@@ -46,16 +49,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="cron expression for the exporter, in UTC (default every 15 minutes)",
     )
     parser.add_argument(
-        "--demo-timeout", type=argtypes.positive_number, default=120.0, help="seconds to wait for the demo"
+        "--demo-timeout",
+        type=argtypes.positive_number,
+        metavar="SECONDS",
+        help=f"with --demo: seconds to wait for the consumer (default {DEFAULT_DEMO_TIMEOUT_S:g})",
     )
+    # Said, not ignored: without --demo no webhook is sent, and the stack keeps running anyway.
+    argtypes.only_with(
+        parser, "--keep-running", "with --demo (without --demo the stack keeps running)", _demo
+    )
+    argtypes.only_with(parser, "--fixtures", "with --demo", _demo)
+    argtypes.only_with(parser, "--demo-timeout", "with --demo", _demo)
     parser.set_defaults(func=_command)
 
 
+def _demo(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    return bool(args.demo)
+
+
 def _command(args: argparse.Namespace) -> int:
-    if args.keep_running and not args.demo:
-        raise CommandError(
-            "--keep-running only applies to --demo (without --demo the stack keeps running)", 2
-        )
     require_moto_server()
     _fail_if_cannot_listen(args.host, args.port)
     options = StackOptions(
@@ -66,7 +78,7 @@ def _command(args: argparse.Namespace) -> int:
         keep_running=args.keep_running,
         fixtures_dir=args.fixtures,
         export_schedule=args.export_schedule,
-        demo_timeout_s=args.demo_timeout,
+        demo_timeout_s=DEFAULT_DEMO_TIMEOUT_S if args.demo_timeout is None else args.demo_timeout,
     )
     return asyncio.run(run_stack(options, dict(os.environ)))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -87,3 +88,46 @@ class Once(argparse.Action):
         if getattr(namespace, self.dest, None) is not None:
             raise argparse.ArgumentError(self, "given more than once; one per run")
         setattr(namespace, self.dest, values)
+
+
+# -- options that only some modes of a command use --
+
+# Whether a mode that uses the option is in effect: the parsed command line and the environment (a
+# mode can come from a variable, such as export's JIRALAKE_EXPORT_SCHEDULE).
+Applies = Callable[[argparse.Namespace, Mapping[str, str]], bool]
+
+# The namespace attribute the rules of the parsed command travel in (see only_with).
+_RULES_DEST = "_only_with_rules"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    parser: argparse.ArgumentParser
+    option: str
+    dest: str
+    where: str
+    applies: Applies
+
+
+def only_with(parser: argparse.ArgumentParser, option: str, where: str, applies: Applies) -> None:
+    """Refuse ``option`` given on the command line where ``applies`` says the mode in effect ignores it:
+    ``parser``'s usage error, exit 2, ``<option> applies only <where>`` (``--admin-port applies only
+    with --schedule``). Only the option is refused: the same setting from an environment variable is
+    for whichever mode uses it (compose and deploy/ set them for every mode). The option must default
+    to None (False for a flag), so that a value equal to the default still counts as given. The rules
+    ride in the parser's defaults, so a parsed command line carries its own command's rules only;
+    :func:`refuse_ignored` checks them."""
+    (action,) = (a for a in parser._actions if option in a.option_strings)
+    if action.default is not None and action.default is not False:
+        raise ValueError(f"{option} defaults to {action.default!r}: only_with cannot tell it was given")
+    rules = parser.get_default(_RULES_DEST) or ()
+    rule = _Rule(parser, option, action.dest, where, applies)
+    parser.set_defaults(**{_RULES_DEST: (*rules, rule)})
+
+
+def refuse_ignored(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """The usage error (SystemExit 2) of the first option of ``args`` that its mode would ignore."""
+    for rule in getattr(args, _RULES_DEST, ()):
+        value = getattr(args, rule.dest)
+        if value is not None and value is not False and not rule.applies(args, environ):
+            rule.parser.error(f"{rule.option} applies only {rule.where}")

@@ -3,6 +3,7 @@ traceback, never the password of a ``DATABASE_URL``."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from backfill.settings import JiraSettings
 from exporter.settings import ExporterSettings
+from shared import argtypes
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings
 from tests.conftest import empty_database
 from tests.test_cli_log_level import _jiralake
@@ -549,6 +551,44 @@ def test_options_that_would_drop_an_argument_or_do_nothing_are_refused(
 
 
 @pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        # the schedule from the environment: --timezone and --admin-port are its own
+        (("export", "--timezone", "UTC", "--admin-port", "0"), {"JIRALAKE_EXPORT_SCHEDULE": "0 3 * * *"}),
+        # a variable set for every mode (compose, deploy/) is not refused where its mode does not run
+        (
+            ("export", "--once"),
+            {
+                "JIRALAKE_EXPORT_SCHEDULE": "0 3 * * *",
+                "JIRALAKE_EXPORT_TIMEZONE": "Europe/Berlin",
+                "JIRALAKE_EXPORT_ADMIN_PORT": "9999",
+            },
+        ),
+        (
+            ("export", "--athena-ddl"),
+            {"JIRALAKE_EXPORT_PART_SIZE_MIB": "16", "JIRALAKE_EXPORT_PARTS_IN_FLIGHT": "2"},
+        ),
+    ],
+)
+def test_the_same_settings_from_the_environment_are_not_refused(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    # WHEN the settings an option would be refused for come from variables (JIRALAKE_BUCKET unset)
+    result = _jiralake(*args, **env)
+    # THEN the command goes past its options and stops only at the missing bucket
+    assert one_line(result) == "JIRALAKE_BUCKET is not set (see the configuration table in README.md)"
+
+
+def test_only_with_needs_an_option_that_can_tell_it_was_given() -> None:
+    # GIVEN an option with a real default: given with that value, it would look not given
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wait", type=float, default=120.0)
+    # WHEN a rule is put on it THEN that is refused when the parser is built
+    with pytest.raises(ValueError, match="--wait defaults to 120.0: only_with cannot tell it was given"):
+        argtypes.only_with(parser, "--wait", "with --demo", lambda args, environ: False)
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("export", "--schedule", ""),
@@ -614,23 +654,66 @@ async def test_a_database_never_set_up_says_to_run_setup(pg_server_dsn: str, arg
     )
 
 
-def test_projection_start_without_athena_ddl_is_refused_not_ignored() -> None:
-    # WHEN --projection-start is given to an export (it only shapes the printed DDL)
-    result = _jiralake("export", "--once", "--bucket", "lake-bucket", "--projection-start", "2024-01-01")
-    # THEN the command says so rather than export as if it had not been given
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.strip() == "jiralake: --projection-start goes with --athena-ddl"
+UNREACHABLE = {
+    **QUEUES,
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/jiralake",
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+}
+SCHEDULED = "with --schedule (or JIRALAKE_EXPORT_SCHEDULE)"
+TIMEZONE = f"{SCHEDULED}: it is the schedule's time zone; history/ is dated by the UTC day whatever it is"
+NOT_DDL = "to an export, not with --athena-ddl"
 
 
-def test_timezone_without_a_schedule_is_refused_not_ignored() -> None:
-    # WHEN --timezone is given to a single export (it is the schedule's zone)
-    result = _jiralake("export", "--once", "--bucket", "lake-bucket", "--timezone", "Europe/Berlin")
-    # THEN the command says so, rather than export as if history/ were dated in that zone
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.strip() == (
-        "jiralake: --timezone goes with --schedule (or JIRALAKE_EXPORT_SCHEDULE): it is the schedule's "
-        "time zone; history/ is dated by the UTC day whatever it is"
-    )
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("export", "--once", "--admin-port", "9999"), f"--admin-port applies only {SCHEDULED}"),
+        (("export", "--admin-port", "0"), f"--admin-port applies only {SCHEDULED}"),
+        (("export", "--athena-ddl", "--admin-port", "9092"), f"--admin-port applies only {SCHEDULED}"),
+        (("export", "--once", "--timezone", "Europe/Berlin"), f"--timezone applies only {TIMEZONE}"),
+        (("export", "--timezone", "UTC"), f"--timezone applies only {TIMEZONE}"),
+        (("export", "--athena-ddl", "--timezone", "UTC"), f"--timezone applies only {TIMEZONE}"),
+        (
+            ("export", "--once", "--projection-start", "2024-01-01"),
+            "--projection-start applies only with --athena-ddl: it shapes only the printed DDL",
+        ),
+        (
+            ("export", "--schedule", "0 3 * * *", "--projection-start", "NOW-1YEARS"),
+            "--projection-start applies only with --athena-ddl: it shapes only the printed DDL",
+        ),
+        (("export", "--athena-ddl", "--changed-since-last"), f"--changed-since-last applies only {NOT_DDL}"),
+        (("export", "--athena-ddl", "--part-size-mib", "8"), f"--part-size-mib applies only {NOT_DDL}"),
+        (("export", "--athena-ddl", "--parts-in-flight", "4"), f"--parts-in-flight applies only {NOT_DDL}"),
+        (("up", "--fixtures", "tests/fixtures/jira-webhooks"), "--fixtures applies only with --demo"),
+        (("up", "--demo-timeout", "120"), "--demo-timeout applies only with --demo"),
+        (
+            ("up", "--keep-running"),
+            "--keep-running applies only with --demo (without --demo the stack keeps running)",
+        ),
+        (
+            ("setup", "--skip-queues", "--max-receive-count", "3"),
+            "--max-receive-count applies only when setup creates the queues, not with --skip-queues",
+        ),
+        (
+            ("export", "--once", "--prefix", " "),
+            "argument --prefix: must not be blank: give '' or / for the bucket's root",
+        ),
+    ],
+)
+def test_an_option_the_mode_would_ignore_is_a_usage_error(
+    args: tuple[str, ...], error: str, tmp_path: Path
+) -> None:
+    # GIVEN every setting the command needs, so that only the option itself can stop it
+    # WHEN an option is given where the mode chosen would not use it (or a prefix of spaces only,
+    # which would read as unset and export under the default prefix)
+    # (where the option were ignored, the run would stop at once: nothing listens at these addresses)
+    extra = ("--host", "192.0.2.1", "--state-dir", str(tmp_path)) if args[0] == "up" else ()
+    result = _jiralake(*args, *extra, **UNREACHABLE, JIRALAKE_BUCKET="lake-bucket")
+    # THEN argparse's usage and one error line naming the option and the mode it needs, exit 2, before
+    # anything runs, rather than a run as if it had not been given
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr.splitlines()[0].startswith(f"usage: jiralake {args[0]} ")
+    assert result.stderr.splitlines()[-1] == f"jiralake {args[0]}: error: {error}"
 
 
 # -- setup --

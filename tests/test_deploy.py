@@ -28,7 +28,7 @@ from exporter.run import export_once
 from exporter.settings import ExporterSettings, ExportFormat
 from jiralake.cli import build_parser
 from receiver.outcomes import Outcome as ReceiverOutcome
-from shared import metrics
+from shared import argtypes, metrics
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, STATES
 from shared.settings import AwsSettings
 from tests.test_export_support import exported_columns, get_object, insert_awkward_rows, settings_factory
@@ -384,7 +384,7 @@ def cli_problem(command: str) -> str | None:
     """None when ``command`` (``jiralake ...``) parses with the real command line; else why not."""
     argv = shlex.split(command, comments=True)[1:]
     try:
-        build_parser().parse_args(argv)
+        argtypes.refuse_ignored(build_parser().parse_args(argv), {})  # and no option its mode ignores
     except SystemExit as exc:
         return f"{command!r} does not parse (exit {exc.code})"
     return None
@@ -403,6 +403,7 @@ def test_the_command_extractor_finds_blocks_and_spans() -> None:
     assert cli_problem("jiralake export --once   # a comment") is None
     assert cli_problem("jiralake export --format xml") is not None
     assert cli_problem("jiralake dlq rewind") is not None
+    assert cli_problem("jiralake export --once --admin-port 9999") is not None  # an ignored option
 
 
 def test_every_command_in_the_runbook_exists() -> None:
