@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--state-dir",
-        type=lambda raw: Path(argtypes.non_blank(raw)),  # "" would be the current folder
+        type=argtypes.folder,
         default=Path(".jiralake"),
         help="scratch folder (one `up` at a time per folder)",
     )

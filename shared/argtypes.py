@@ -7,6 +7,7 @@ import argparse
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -55,6 +56,14 @@ def non_blank(raw: str) -> str:
     if not raw.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return raw
+
+
+def folder(raw: str) -> Path:
+    """A folder to use or create: not empty (that would be the current folder), not an existing file."""
+    path = Path(non_blank(raw))
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{raw!r} is a file, not a folder")
+    return path
 
 
 port = integer(0, 65535)

@@ -563,6 +563,17 @@ def test_up_refuses_an_empty_host_or_state_folder(tmp_path: Path, option: str) -
     )
 
 
+def test_up_refuses_a_state_folder_that_is_a_file(tmp_path: Path) -> None:
+    # GIVEN a file where the state folder should be
+    (tmp_path / "state").write_text("not a folder")
+    # WHEN `up` is given it THEN argparse refuses it in one line, before anything starts
+    result = _up(tmp_path, "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"jiralake up: error: argument --state-dir: '{tmp_path / 'state'}' is a file, not a folder"
+    )
+
+
 def test_a_secret_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "webhook-secret").write_bytes(b"caf\xe9secret")
     with pytest.raises(CommandError) as refused:
