@@ -53,14 +53,21 @@ unassigned.
 at all. Jira does not rewrite free text either.
 
 **Batches.** Per table, in primary-key order: one unlocked statement finds the next rows whose id
-columns or JSON text contain one of the person's ids (a superset), then one short transaction locks
+columns or JSON text contain one of the person's ids (a superset), reading at most a window of
+``SCAN_WINDOW_ROWS`` rows (so that no statement reads the whole table), then one short transaction locks
 those rows (``FOR UPDATE``, in key order, the order the consumer locks in), scrubs them in Python from
 what it locked, and writes only the rows that changed. The consumer waits at most for one batch;
 ``version`` is never touched, so a newer event still applies. ``ap_jira_task.ingested_at`` is set
 (the row changed, and ``changes/`` exports pick it up); the history's ``ingested_at`` is not (it
 is when the consumer recorded the row, which history prune reads). Running it again finds nothing
 more to change: it is idempotent. A stop cancels the batch in progress (rolled back, also while it
-waits for a row another session holds) and loses nothing.
+waits for a row another session holds) and loses nothing; a server that does not confirm the rollback
+within db.CLOSE_TIMEOUT_S gets its connection closed from this side (it rolls back a session that is
+gone). Every statement has ``STATEMENT_TIMEOUT_S`` to answer, measured here (a frozen server or a
+network that drops packets answers nothing, and no server-side timeout ends that); then the command
+ends in one line, the batch in progress uncommitted. A batch failing on a deadlock or a serialization
+failure (SQLSTATE class 40) is run again, ``BATCH_ATTEMPTS`` times in all, then the command ends in
+one line.
 
 **The consumer does not undo it** for events it already recorded: a redelivery of the same
 delivery is a duplicate (the history row is kept as is) and changes no row (not newer). An event
@@ -79,9 +86,9 @@ import json
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -94,9 +101,26 @@ from shared.shutdown import Stopped, run_unless_stopped, stop_on_signals
 
 log = structlog.get_logger()
 
+T = TypeVar("T")
+
 DEFAULT_BATCH_SIZE = 500
 # A batch waits this long at most for a row someone else holds (a consumer batch takes milliseconds).
 LOCK_TIMEOUT = "10s"
+# A search reads at most this many rows (or --batch-size, if more) in key order, whatever the table's
+# size: the person may be in a handful of a million rows, and one statement that searched to the next
+# match read all of them (about 150 µs a row of 12 KB; minutes on a large table).
+SCAN_WINDOW_ROWS = 5_000
+# Longest wait for PostgreSQL's answer to any one statement (asyncpg's command_timeout, measured here,
+# so it also ends the wait on a server that stopped answering, which no server-side timeout does).
+# Each reads or writes a bounded number of rows: a search SCAN_WINDOW_ROWS (a second or two of 12 KB
+# rows; 10,000 with the largest --batch-size), a lock or write at most --batch-size rows by key (at
+# most 10,000), a lock waiting LOCK_TIMEOUT at most before that. A minute is many times that.
+STATEMENT_TIMEOUT_S = 60.0
+# A batch that fails on a deadlock or a serialization failure (SQLSTATE class 40: another session
+# locking the same rows in another order) is rolled back and run again this many times in all, after
+# RETRY_BACKOFF_S, doubled each time (0.2 s, 0.4 s, 0.8 s).
+BATCH_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.2
 PROGRESS_LOG_INTERVAL_S = 10.0
 APPLICATION_NAME = "jiralake-forget-user"
 TASK_TABLE = "ap_jira_task"
@@ -107,18 +131,28 @@ LOG_STARTED = "forget_user_started"
 LOG_BATCH = "forget_user_batch"
 LOG_PROGRESS = "forget_user_progress"
 LOG_NEW_IDS = "forget_user_searching_again_for_new_ids"
+LOG_RETRY = "forget_user_batch_retried"
 LOG_FINISHED = "forget_user_finished"
 LOG_STOPPED = "forget_user_stopped"
 
+# -- task_window --
+# The last issue_id of the next $2 rows after issue_id $1, and how many there are (an index-only scan):
+# the window a search reads at most.
+TASK_WINDOW_SQL = """
+SELECT max(issue_id) AS last, count(*) AS rows
+FROM (SELECT issue_id FROM ap_jira_task WHERE issue_id > $1 ORDER BY issue_id LIMIT $2) AS window_rows
+"""
+
 # -- find_tasks --
-# The next rows after issue_id $1 that may name the person: an id column equal to one of $2 or raw's
-# JSON text containing one of $3 (the ids as JSON writes them), both compared lower-cased. A superset:
-# Python decides on each row. Unlocked; the batch locks what it found with lock_tasks.
+# The next rows after issue_id $1, up to $5 (the window's end), that may name the person: an id column
+# equal to one of $2 or raw's JSON text containing one of $3 (the ids as JSON writes them), both
+# compared lower-cased. A superset: Python decides on each row. Unlocked; the batch locks what it found
+# with lock_tasks.
 FIND_TASKS_SQL = """
 SELECT issue_id, assignee_account_id, assignee_display_name, reporter_account_id,
        reporter_display_name, raw
 FROM ap_jira_task
-WHERE issue_id > $1
+WHERE issue_id > $1 AND issue_id <= $5
   AND (lower(assignee_account_id) IN (SELECT lower(i) FROM unnest($2::text[]) AS i)
        OR lower(reporter_account_id) IN (SELECT lower(i) FROM unnest($2::text[]) AS i)
        OR EXISTS (SELECT 1 FROM unnest($3::text[]) AS n
@@ -148,11 +182,18 @@ SET assignee_account_id = $2, assignee_display_name = $3, reporter_account_id = 
 WHERE issue_id = $1
 """
 
+# -- event_window --
+EVENT_WINDOW_SQL = """
+SELECT max(delivery_id) AS last, count(*) AS rows
+FROM (SELECT delivery_id FROM ap_jira_task_event WHERE delivery_id > $1 ORDER BY delivery_id LIMIT $2)
+     AS window_rows
+"""
+
 # -- find_events --
 FIND_EVENTS_SQL = """
 SELECT delivery_id, actor_account_id, actor_display_name, changelog
 FROM ap_jira_task_event
-WHERE delivery_id > $1
+WHERE delivery_id > $1 AND delivery_id <= $5
   AND (lower(actor_account_id) IN (SELECT lower(i) FROM unnest($2::text[]) AS i)
        OR EXISTS (SELECT 1 FROM unnest($3::text[]) AS n
                   WHERE strpos(lower(changelog::text), lower(n)) > 0))
@@ -202,21 +243,52 @@ class ForgetSummary:
 
 
 @dataclass(frozen=True)
+class _Window:
+    """The rows a search reads at most: keys after ``after`` up to ``last``; not ``full`` when the table
+    ends in it."""
+
+    after: Any
+    last: Any
+    full: bool
+
+
+@dataclass(frozen=True)
 class _Table:
     name: str
     key: str
     start: Any
-    find: Callable[[asyncpg.Connection, Any, Person, int], Awaitable[list[asyncpg.Record]]]
+    window: Callable[[asyncpg.Connection, Any, int], Awaitable[asyncpg.Record | None]]
+    find: Callable[[asyncpg.Connection, _Window, Person, int], Awaitable[list[asyncpg.Record]]]
     lock: Callable[[asyncpg.Connection, list[Any]], Awaitable[list[asyncpg.Record]]]
     write: Callable[[asyncpg.Connection, list[tuple[Any, ...]]], Awaitable[None]]
     scrub: Callable[[Mapping[str, Any], Person], tuple[Any, ...] | None]
 
 
+async def _window(conn: asyncpg.Connection, table: _Table, after: Any, batch_size: int) -> _Window | None:
+    """The next window of ``table`` after ``after``, or None at the table's end."""
+    size = max(SCAN_WINDOW_ROWS, batch_size)
+    row = await table.window(conn, after, size)
+    assert row is not None
+    return None if row["last"] is None else _Window(after, row["last"], full=row["rows"] == size)
+
+
+async def _task_window(conn: asyncpg.Connection, after: Any, size: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(TASK_WINDOW_SQL, after, size)
+    return row
+
+
+async def _event_window(conn: asyncpg.Connection, after: Any, size: int) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(EVENT_WINDOW_SQL, after, size)
+    return row
+
+
 async def _find_tasks(
-    conn: asyncpg.Connection, after: Any, person: Person, limit: int
+    conn: asyncpg.Connection, window: _Window, person: Person, limit: int
 ) -> list[asyncpg.Record]:
     terms = person.search_terms()
-    rows: list[asyncpg.Record] = await conn.fetch(FIND_TASKS_SQL, after, terms, _json_texts(terms), limit)
+    rows: list[asyncpg.Record] = await conn.fetch(
+        FIND_TASKS_SQL, window.after, terms, _json_texts(terms), limit, window.last
+    )
     return rows
 
 
@@ -230,10 +302,12 @@ async def _write_tasks(conn: asyncpg.Connection, changes: list[tuple[Any, ...]])
 
 
 async def _find_events(
-    conn: asyncpg.Connection, after: Any, person: Person, limit: int
+    conn: asyncpg.Connection, window: _Window, person: Person, limit: int
 ) -> list[asyncpg.Record]:
     terms = person.search_terms()
-    rows: list[asyncpg.Record] = await conn.fetch(FIND_EVENTS_SQL, after, terms, _json_texts(terms), limit)
+    rows: list[asyncpg.Record] = await conn.fetch(
+        FIND_EVENTS_SQL, window.after, terms, _json_texts(terms), limit, window.last
+    )
     return rows
 
 
@@ -251,8 +325,19 @@ def _json_texts(terms: Sequence[str]) -> list[str]:
     return [json.dumps(term, ensure_ascii=False)[1:-1] for term in terms]
 
 
-TASKS = _Table(TASK_TABLE, "issue_id", -1, _find_tasks, _lock_tasks, _write_tasks, scrub_task_row)
-EVENTS = _Table(EVENT_TABLE, "delivery_id", "", _find_events, _lock_events, _write_events, scrub_event_row)
+TASKS = _Table(
+    TASK_TABLE, "issue_id", -1, _task_window, _find_tasks, _lock_tasks, _write_tasks, scrub_task_row
+)
+EVENTS = _Table(
+    EVENT_TABLE,
+    "delivery_id",
+    "",
+    _event_window,
+    _find_events,
+    _lock_events,
+    _write_events,
+    scrub_event_row,
+)
 # ap_jira_task first: it teaches the person's other ids (keys) that the history's changelog items use.
 TABLES = (TASKS, EVENTS)
 
@@ -303,20 +388,17 @@ async def _learn_keys(
     judged before every key is known."""
     while True:
         known = (set(person.learned), set(person.keys))
-        after = TASKS.start
-        while True:
+        after: Any = TASKS.start
+        while after is not None:
             try:
-                found = await run_unless_stopped(
-                    _find_tasks(conn, after, person, batch_size), stop, name="forget-user-learn-keys"
+                found, after = await _unless_stopped(
+                    conn, _search(conn, TASKS, after, person, batch_size), stop, name="forget-user-learn-keys"
                 )
             except Stopped:
                 summary.stopped = True
                 return
             for row in found:
                 person.learn_from(row["raw"])
-            if len(found) < batch_size:
-                break
-            after = found[-1]["issue_id"]
         if (person.learned, person.keys) == known:  # a new key finds more rows: search again with it
             return
 
@@ -340,23 +422,20 @@ async def _pass(
 ) -> None:
     """One pass over ``table`` in key order, batch by batch; the keys of the rows changed (or, with
     ``dry_run``, that would be) go into ``changed``."""
-    after = table.start
-    while True:
+    after: Any = table.start
+    while after is not None:
         if stop is not None and stop.is_set():
             summary.stopped = True
             return
         try:  # a batch waiting up to LOCK_TIMEOUT for a row is rolled back at once on a stop
-            found, changes = await run_unless_stopped(
-                _batch(conn, table, after, person, batch_size, dry_run),
-                stop,
-                name=f"forget-user-{table.name}",
+            found, changes, after = await _batch_with_retries(
+                conn, table, after, person, batch_size, dry_run, stop
             )
         except Stopped:
             summary.stopped = True
             return
         if not found:
-            return
-        after = found[-1][table.key]
+            continue  # a window of rows that do not name the person: not a batch
         changed.update(change[0] for change in changes)
         summary.rows[table.name] = len(changed)
         summary.batches += 1
@@ -364,28 +443,106 @@ async def _pass(
         if progress.clock() - progress.last_logged >= PROGRESS_LOG_INTERVAL_S:
             progress.last_logged = progress.clock()
             log.info(LOG_PROGRESS, table=table.name, rows=dict(summary.rows), batches=summary.batches)
-        if len(found) < batch_size:
-            return
+
+
+async def _unless_stopped(
+    conn: asyncpg.Connection, work: Coroutine[Any, Any, T], stop: asyncio.Event | None, *, name: str
+) -> T:
+    """``work`` until ``stop``: then cancelled, and its transaction rolled back; a ROLLBACK that
+    PostgreSQL does not confirm within db.CLOSE_TIMEOUT_S (a server that stopped answering) is given
+    up, and the connection closed from this side (the server rolls back a session that is gone)."""
+    return await run_unless_stopped(
+        work, stop, name=name, unwind_timeout_s=db.CLOSE_TIMEOUT_S, abandon=conn.terminate
+    )
+
+
+async def _batch_with_retries(
+    conn: asyncpg.Connection,
+    table: _Table,
+    after: Any,
+    person: Person,
+    batch_size: int,
+    dry_run: bool,
+    stop: asyncio.Event | None,
+) -> tuple[list[asyncpg.Record], list[tuple[Any, ...]], Any]:
+    """:func:`_batch` until ``stop`` (:class:`Stopped`); a batch that fails on a deadlock or a
+    serialization failure was rolled back whole, and runs again, BATCH_ATTEMPTS times in all."""
+    name = f"forget-user-{table.name}"
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            return await _unless_stopped(
+                conn, _batch(conn, table, after, person, batch_size, dry_run), stop, name=name
+            )
+        except asyncpg.TransactionRollbackError as exc:
+            what = "a deadlock" if exc.sqlstate == "40P01" else "a serialization failure"
+            if attempt == BATCH_ATTEMPTS:
+                raise CommandError(
+                    f"a batch of {table.name} failed {BATCH_ATTEMPTS} times in a row on {what} with "
+                    f"another session writing the same rows (SQLSTATE {exc.sqlstate}); that batch was not "
+                    "changed, the ones before it were; run the same command again"
+                ) from None
+            log.warning(LOG_RETRY, table=table.name, sqlstate=exc.sqlstate, attempt=attempt)
+            if await _stopped_within(stop, RETRY_BACKOFF_S * 2 ** (attempt - 1)):
+                raise Stopped(name) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile: whether it was."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _search(
+    conn: asyncpg.Connection, table: _Table, after: Any, person: Person, batch_size: int
+) -> tuple[list[asyncpg.Record], Any]:
+    """The next rows after ``after`` that may name the person, at most ``batch_size`` of one window,
+    and where the next search starts: after the last of them when there are ``batch_size``, else after
+    the window; None at the table's end."""
+    window = await _window(conn, table, after, batch_size)
+    if window is None:
+        return [], None
+    found = await table.find(conn, window, person, batch_size)
+    if len(found) == batch_size:
+        return found, found[-1][table.key]
+    return found, window.last if window.full else None
 
 
 async def _batch(
     conn: asyncpg.Connection, table: _Table, after: Any, person: Person, batch_size: int, dry_run: bool
-) -> tuple[list[asyncpg.Record], list[tuple[Any, ...]]]:
-    """The next rows after ``after`` that may name the person, and the changes made (with
-    ``dry_run``: the keys of the rows that would change)."""
-    found = await table.find(conn, after, person, batch_size)
+) -> tuple[list[asyncpg.Record], list[tuple[Any, ...]], Any]:
+    """The next rows after ``after`` that may name the person, the changes made (with ``dry_run``: the
+    keys of the rows that would change), and where the next batch starts (None: the table is done)."""
+    found, after = await _search(conn, table, after, person, batch_size)
     # What needs a change, judged on the unlocked read; only those rows are locked and read again.
     needed = [row[table.key] for row in found if table.scrub(row, person) is not None]
     if dry_run:
-        return found, [(key,) for key in needed]
+        return found, [(key,) for key in needed], after
     changes: list[tuple[Any, ...]] = []
     if needed:
-        async with conn.transaction():
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
             locked = await table.lock(conn, needed)
             changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
             if changes:
                 await table.write(conn, changes)
-    return found, changes
+        except TimeoutError:
+            # No answer within the statement timeout: a ROLLBACK would wait as long again. The session's
+            # end rolls the batch back (run() says so).
+            conn.terminate()
+            raise
+        except BaseException:
+            await transaction.rollback()
+            raise
+        await transaction.commit()
+    return found, changes, after
 
 
 async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None:
@@ -405,24 +562,35 @@ async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None
 async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dry_run: bool) -> ForgetSummary:
     """The command: connect, make the pseudonym (username mode, unless given), scrub or count until
     done or SIGINT/SIGTERM."""
+    statement_timeout_s = STATEMENT_TIMEOUT_S  # read at the call: tests lower it
     conn = await db.connect(
-        database, server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT}
+        database,
+        command_timeout=statement_timeout_s,
+        server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT},
     )
     try:
-        if person.username is not None and person.pseudonym is None:
-            key = await pseudonym_key(conn, create=not dry_run)
-            # A dry run writes nothing, not even the key: without one it counts with a throwaway key.
-            person.pseudonym = pseudonym_for(person.username, key or secrets.token_hex(32))
-        log.info(LOG_STARTED, mode=person.mode, dry_run=dry_run, batch_size=batch_size)
-        with stop_on_signals() as stop:
-            try:
+        try:
+            if person.username is not None and person.pseudonym is None:
+                key = await pseudonym_key(conn, create=not dry_run)
+                # A dry run writes nothing, not even the key: without one it counts with a throwaway key.
+                person.pseudonym = pseudonym_for(person.username, key or secrets.token_hex(32))
+            log.info(LOG_STARTED, mode=person.mode, dry_run=dry_run, batch_size=batch_size)
+            with stop_on_signals() as stop:
                 summary = await forget(conn, person, batch_size=batch_size, dry_run=dry_run, stop=stop.event)
-            except asyncpg.LockNotAvailableError:
-                raise CommandError(
-                    f"a row stayed locked by another session for {LOCK_TIMEOUT}; that batch was not "
-                    "changed, the ones before it were; run the same command again"
-                ) from None
-            summary.stop_signal = stop.signal
+                summary.stop_signal = stop.signal
+        except asyncpg.LockNotAvailableError:
+            raise CommandError(
+                f"a row stayed locked by another session for {LOCK_TIMEOUT}; that batch was not "
+                "changed, the ones before it were; run the same command again"
+            ) from None
+        except TimeoutError:
+            conn.terminate()  # a server that does not answer gets no goodbye to wait for either
+            raise CommandError(
+                f"PostgreSQL did not answer a statement within {statement_timeout_s:g} s (a server or "
+                "network that stopped answering); the batch in progress was not committed (each batch "
+                "commits whole or not at all), the ones before it were; check the server, then run the "
+                "same command again"
+            ) from None
         if dry_run:
             summary.pseudonym = None
     finally:

@@ -1,8 +1,9 @@
 """``jiralake forget-user``: the command around ops/forget_user.py. Its arguments and their checks
 (before any database is asked), the summary it prints, and its exit codes: 0 done (also a dry run,
-and nothing to change); 2 bad arguments or configuration; 1 PostgreSQL unreachable or refusing, a row
-locked by someone else for too long, or migration 0009 missing; 130/143 stopped by SIGINT/SIGTERM
-(run it again to finish); 70 a bug.
+and nothing to change); 2 bad arguments or configuration; 1 PostgreSQL unreachable, refusing or not
+answering a statement within a minute, a row locked by someone else for too long, a batch deadlocked
+4 times in a row, or migration 0009 missing; 130/143 stopped by SIGINT/SIGTERM (run it again to
+finish); 70 a bug.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ import os
 import re
 from collections.abc import Sequence
 
-from ops.forget_user import DEFAULT_BATCH_SIZE, EVENT_TABLE, TASK_TABLE, ForgetSummary, run
+from ops.forget_user import (
+    BATCH_ATTEMPTS,
+    DEFAULT_BATCH_SIZE,
+    EVENT_TABLE,
+    STATEMENT_TIMEOUT_S,
+    TASK_TABLE,
+    ForgetSummary,
+    run,
+)
 from ops.user_scrub import FORMER_USER, Person
 from shared import argtypes
+from shared.db import CLOSE_TIMEOUT_S
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 from shared.shutdown import signal_exit_code, stop_name
@@ -28,9 +38,11 @@ USAGE_EXIT_CODE = 2
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done (also with --dry-run, and when nothing names the person); 2 bad arguments or "
-    "configuration; 1 PostgreSQL unreachable or refusing, or rows locked too long; 130/143 stopped by "
-    "SIGINT/SIGTERM, the batch in progress rolled back (what was scrubbed stays scrubbed: run it again to "
-    "finish)."
+    "configuration; 1 PostgreSQL unreachable, refusing or not answering a statement within "
+    f"{STATEMENT_TIMEOUT_S:g} s, rows locked too long, or a batch deadlocked {BATCH_ATTEMPTS} times in a row "
+    "(each batch commits whole or not at all: run it again); 130/143 stopped by SIGINT/SIGTERM, within "
+    f"{CLOSE_TIMEOUT_S:g} s even when PostgreSQL does not answer, the batch in progress rolled back (what "
+    "was scrubbed stays scrubbed: run it again to finish)."
 )
 
 

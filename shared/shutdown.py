@@ -102,12 +102,21 @@ async def run_unless_stopped(
     name: str,
     context: contextvars.Context | None = None,
     keep_running: Callable[[], bool] = lambda: False,
+    unwind_timeout_s: float | None = None,
+    abandon: Callable[[], None] | None = None,
 ) -> T:
     """Await ``work`` as a named task; if ``stop`` is set first, cancel it and wait for it to unwind
     (an asyncpg statement is cancelled on the server, and its transaction rolled back), then raise
     :class:`Stopped`. When ``keep_running()`` says so at the stop, ``work`` is not cancelled: it runs to
     its end, and its result (or failure) is returned (or raised) as usual. No ``stop``: ``work`` is
-    awaited as it is."""
+    awaited as it is.
+
+    With ``unwind_timeout_s``, the cancelled ``work`` has that long to unwind; then ``abandon()`` runs
+    (``conn.terminate``: an asyncpg transaction's ROLLBACK waits for the server to confirm the cancelled
+    statement, which a server that stopped answering never does; closing the connection from this side
+    ends that wait, and the server rolls back a session that is gone) and its end is awaited. Either way
+    the stop is what ended it: what it raised while unwinding (its cleanup failing on a connection that
+    is gone) is :class:`Stopped` too."""
     if stop is None:
         return await work
     task = asyncio.create_task(work, name=name, context=context)
@@ -121,7 +130,14 @@ async def run_unless_stopped(
             await asyncio.wait({task})
         else:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait({task}, timeout=unwind_timeout_s)
+            if not task.done():
+                log.warning("stop_unwind_timed_out", task=name, timeout_s=unwind_timeout_s)
+                if abandon is not None:
+                    abandon()
+                await asyncio.wait({task})
+            if unwind_timeout_s is not None and not task.cancelled() and task.exception() is not None:
+                raise Stopped(name) from task.exception()
         if task.cancelled():
             raise Stopped(name)
     return task.result()

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 from tests import jira_fixtures
 from tests.jira_fixtures import make_event
+from tests.tcp_proxy import postgres_proxy, through
 from tests.test_consumer_helpers import envelope_of, fixture_envelopes, wait_for
 
 CLOUD_ID = "557058:8b6b268b-17b3-407b-8974-bed4042fa709"
@@ -457,6 +459,33 @@ def test_a_stopped_dry_run_says_its_counts_are_partial() -> None:
     )
 
 
+@pytest.mark.parametrize("person", [Person(account_id=CLOUD_ID), Person(username=DC_USERNAME)])
+async def test_searching_one_small_window_of_rows_at_a_time_scrubs_the_same(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings, monkeypatch: pytest.MonkeyPatch, person: Person
+) -> None:
+    # GIVEN every sample applied, the outcome of a run whose searches each read the whole table
+    await load_samples(pg)
+    before = await tables(pg)
+    whole = await forget_user.run(db_settings, copy.deepcopy(person), batch_size=500, dry_run=False)
+    expected = await tables(pg)
+    # WHEN the same run searches 2 rows at a time (each statement reads a bounded number of rows)
+    await pg.execute("TRUNCATE ap_jira_task, ap_jira_task_event")
+    await load_samples(pg)
+    assert await tables(pg) != expected and len(before[0]) == len((await tables(pg))[0])
+    monkeypatch.setattr(forget_user, "SCAN_WINDOW_ROWS", 2)
+    windowed = await forget_user.run(db_settings, copy.deepcopy(person), batch_size=2, dry_run=False)
+    # THEN it changed the same rows the same way (but ingested_at)
+    assert windowed.rows == whole.rows
+    unstamped = [
+        {k: {c: v for c, v in r.items() if c != "ingested_at"} for k, r in t.items()} for t in expected
+    ]
+    got = [
+        {k: {c: v for c, v in r.items() if c != "ingested_at"} for k, r in t.items()}
+        for t in await tables(pg)
+    ]
+    assert got == unstamped
+
+
 async def test_a_stop_request_ends_it_between_batches(pg: asyncpg.Connection) -> None:
     await load_samples(pg)
     before = await tables(pg)
@@ -791,6 +820,181 @@ async def test_sigterm_stops_the_command_line_at_once_even_while_it_waits_for_a_
         "run the same command again to finish"
     )
     # AND what it scrubbed stays scrubbed: a dry run finds only the 7 history rows it did not reach
+    left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 7}
+
+
+def _spawn(*args: str, env: dict[str, str]) -> Any:
+    return asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jiralake", "--log-json", "forget-user", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_ends_it_within_seconds_when_postgresql_stops_answering_mid_batch(
+    pg: asyncpg.Connection, database_url: str
+) -> None:
+    # GIVEN every sample applied, another session holding every history row, and the command reaching
+    # PostgreSQL through a proxy, its first history batch waiting for those rows (in its transaction)
+    await load_samples(pg)
+    holder = await asyncpg.connect(database_url)
+    proxy = await postgres_proxy(database_url)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM ap_jira_task_event FOR UPDATE")
+        child = await _spawn(
+            "--account-id", CLOUD_ID, "--batch-size", "3", env=_env(DATABASE_URL=through(proxy, database_url))
+        )
+        await wait_for(lambda: waiting_on_lock(pg), what="forget-user waiting for the history rows")
+        # WHEN PostgreSQL stops answering (its packets dropped, nothing closed), and SIGTERM comes
+        proxy.freeze()
+        started = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(child.communicate(), timeout=db.CLOSE_TIMEOUT_S + 20)
+        elapsed = time.monotonic() - started
+    finally:
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+        await proxy.close()  # the server sees the command's session end, and rolls back its batch
+        await holder.close()
+    # THEN it ended within seconds (the rollback PostgreSQL never confirms is given up after
+    # db.CLOSE_TIMEOUT_S, and the connection closed from this side), and said it was stopped: 143
+    assert elapsed < db.CLOSE_TIMEOUT_S + 5
+    assert child.returncode == 143, err.decode()
+    assert out.decode().startswith(
+        "scrubbed 4 row(s) of ap_jira_task and 0 row(s) of ap_jira_task_event in 2 batch(es) of up to 3"
+    )
+    assert err.decode().splitlines()[-1] == (
+        "jiralake: forget-user stopped by SIGTERM after 2 batch(es); what was scrubbed stays scrubbed; "
+        "run the same command again to finish"
+    )
+    # AND the batch in progress changed nothing
+    left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 7}
+
+
+@pytest.mark.timeout(60)
+async def test_a_statement_postgresql_does_not_answer_in_time_ends_it_in_one_line(
+    pg: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN every sample applied, another session holding every history row, and the command reaching
+    # PostgreSQL through a proxy (its statement bound lowered to 2 s for the test), its first history
+    # batch waiting for those rows
+    monkeypatch.setattr(forget_user, "STATEMENT_TIMEOUT_S", 2.0, raising=False)
+    await load_samples(pg)
+    holder = await asyncpg.connect(database_url)
+    proxy = await postgres_proxy(database_url)
+    try:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT 1 FROM ap_jira_task_event FOR UPDATE")
+        command = asyncio.create_task(
+            forget_user.run(
+                DatabaseSettings(url=through(proxy, database_url)),
+                Person(account_id=CLOUD_ID),
+                batch_size=3,
+                dry_run=False,
+            )
+        )
+        await wait_for(lambda: waiting_on_lock(pg), what="forget-user waiting for the history rows")
+        # WHEN PostgreSQL stops answering (its packets dropped, nothing closed)
+        proxy.freeze()
+        started = time.monotonic()
+        # THEN the command ends soon after the statement bound, in one line that says what to do
+        with pytest.raises(CommandError) as failed:
+            await asyncio.wait_for(command, timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        await proxy.close()  # the server sees the command's session end, and rolls back its batch
+        await holder.close()
+    assert elapsed < 2.0 + 3
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "PostgreSQL did not answer a statement within 2 s (a server or network that stopped answering); "
+        "the batch in progress was not committed (each batch commits whole or not at all), the ones "
+        "before it were; check the server, then run the same command again"
+    )
+    # AND nothing is half-done: the tasks were scrubbed, no history row was
+    left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 7}
+
+
+async def test_a_deadlock_with_another_session_is_retried_and_the_batch_then_scrubbed(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings
+) -> None:
+    # GIVEN every sample applied, and another session holding the last of Robin Diddams's history rows
+    await load_samples(pg)
+    keys = [
+        r[0]
+        for r in await pg.fetch(
+            "SELECT delivery_id FROM ap_jira_task_event WHERE actor_account_id = $1 ORDER BY delivery_id",
+            CLOUD_ID,
+        )
+    ]
+    assert len(keys) >= 2
+    lock_row = "SELECT 1 FROM ap_jira_task_event WHERE delivery_id = $1 FOR UPDATE"
+    other = await db.connect(db_settings)
+    try:
+        await other.execute("SET deadlock_timeout = '60s'")  # forget-user's session finds the deadlock
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute(lock_row, keys[-1])
+        with capture_logs() as logs:
+            command = asyncio.create_task(
+                forget_user.run(db_settings, Person(account_id=CLOUD_ID), batch_size=500, dry_run=False)
+            )
+            # WHEN the command's history batch has locked the first row and waits for the last, and the
+            # other session then asks for the first: a deadlock, which PostgreSQL ends by failing the
+            # command's batch (40P01); the other session goes on and commits
+            await wait_for(lambda: waiting_on_lock(pg), what="forget-user waiting for the last row")
+            await other.execute(lock_row, keys[0])
+            await transaction.commit()
+            summary = await asyncio.wait_for(command, timeout=30)
+    finally:
+        await other.close()
+    # THEN the batch ran again and scrubbed everything, as without the deadlock
+    assert summary.rows == {"ap_jira_task": 4, "ap_jira_task_event": 7}
+    assert await rows_mentioning(pg, CLOUD_NAME) == ([], [])
+    retries = [e for e in logs if e["event"] == forget_user.LOG_RETRY]
+    assert [(e["table"], e["sqlstate"], e["attempt"]) for e in retries] == [
+        ("ap_jira_task_event", "40P01", 1)
+    ]
+
+
+async def test_a_batch_that_keeps_failing_on_serialization_failures_gives_up_in_one_line(
+    pg: asyncpg.Connection, db_settings: DatabaseSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN every sample applied, and every update of a history row failing as a serialization failure
+    monkeypatch.setattr(forget_user, "RETRY_BACKOFF_S", 0.01, raising=False)
+    await load_samples(pg)
+    await pg.execute(
+        "CREATE FUNCTION forget_user_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN RAISE EXCEPTION 'could not serialize access' USING ERRCODE = 'serialization_failure'; END$$;"
+        "CREATE TRIGGER forget_user_test_refuse BEFORE UPDATE ON ap_jira_task_event "
+        "FOR EACH ROW EXECUTE FUNCTION forget_user_test_refuse()"
+    )
+    try:
+        # WHEN the command runs
+        with capture_logs() as logs, pytest.raises(CommandError) as failed:
+            await forget_user.run(db_settings, Person(account_id=CLOUD_ID), batch_size=3, dry_run=False)
+    finally:
+        await pg.execute(
+            "DROP TRIGGER forget_user_test_refuse ON ap_jira_task_event; "
+            "DROP FUNCTION forget_user_test_refuse()"
+        )
+    # THEN it tried the batch 4 times, then gave up in one line: exit 1
+    assert [e["attempt"] for e in logs if e["event"] == forget_user.LOG_RETRY] == [1, 2, 3]
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "a batch of ap_jira_task_event failed 4 times in a row on a serialization failure with another "
+        "session writing the same rows (SQLSTATE 40001); that batch was not changed, the ones before it "
+        "were; run the same command again"
+    )
+    # AND the ones before it stay scrubbed; that one changed nothing
     left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
     assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 7}
 
