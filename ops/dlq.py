@@ -21,6 +21,13 @@ Replay sends first and deletes from the DLQ only after SQS stored the copy, the 
 :func:`asyncio.shield`. A crash or failure between the two leaves the event in both queues: the
 duplicate is harmless (the consumer's version guard makes the second application a no-op), a loss
 is impossible.
+
+Every SQS call here is given up after ``call_timeout_s`` (PROMPT_CALL_TIMEOUT_S, 10 s) without an
+answer, botocore's retries included: against an SQS that takes a call and never answers, botocore
+alone waits minutes, and a stop signal waits for the shielded pair. A send given up has an unknown
+outcome, so its messages stay in the DLQ (a second copy in the main queue is harmless: the same
+deduplication id within SQS's 5 minutes, the same delivery id for the consumer after), and replay
+stops; so it does after a delete given up, whose messages were sent and may still be in the DLQ.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from shared.queue_depth import make_visible, read_counts
 from shared.settings import QueueSettings
 from shared.shutdown import finish_then_cancel
 from shared.sqs_batch import send_entries
-from shared.sqs_requests import SQS_ERRORS
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -81,6 +88,12 @@ REPLAYED_AGAIN_REASON = (
     "this event was already replayed in this run and is back in the DLQ (it failed again, or this is "
     "a second copy); left in the DLQ"
 )
+# Why a second copy of a replayed event is harmless: replay's deduplication id is the DLQ message's,
+# so SQS drops a copy sent again within its 5-minute window, and the consumer skips a delivery id it
+# has already applied (and its version guard any older event).
+HARMLESS = "which is harmless (SQS drops a second copy within 5 minutes, the consumer skips it after)"
+# A send given up without an answer: SQS may have stored the copy.
+MAYBE_SENT = "it stays in the dead-letter queue and may be in the main queue as well (harmless)"
 
 
 @dataclass(frozen=True)
@@ -199,19 +212,29 @@ class DeadLetter:
         }
 
 
-async def _receive(sqs: SQSClient, url: str, *, hold_s: int, wait_s: int) -> list[dict[str, Any]]:
-    resp = await sqs.receive_message(
-        QueueUrl=url,
-        MaxNumberOfMessages=RECEIVE_BATCH,
-        VisibilityTimeout=hold_s,
-        WaitTimeSeconds=wait_s,
-        MessageAttributeNames=["All"],
-        MessageSystemAttributeNames=["All"],
-        # FIFO: botocore's retry of a receive whose answer was lost reuses the id and gets the same
-        # messages back, instead of finding them hidden for hold_s and reading that as an empty queue.
-        ReceiveRequestAttemptId=uuid.uuid4().hex,
+async def _receive(
+    sqs: SQSClient, url: str, *, hold_s: int, wait_s: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    resp = await counted(
+        "ReceiveMessage",
+        sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=RECEIVE_BATCH,
+            VisibilityTimeout=hold_s,
+            WaitTimeSeconds=wait_s,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["All"],
+            # FIFO: botocore's retry of a receive whose answer was lost reuses the id and gets the same
+            # messages back, instead of finding them hidden for hold_s and reading that as an empty queue.
+            ReceiveRequestAttemptId=uuid.uuid4().hex,
+        ),
+        timeout_s=timeout_s,
     )
     return [dict(m) for m in resp.get("Messages", [])]
+
+
+def _failure(exc: BaseException, timeout_s: float) -> str:
+    return no_answer(timeout_s) if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
 
 
 async def list_dead_letters(
@@ -222,17 +245,20 @@ async def list_dead_letters(
     hold_s: int = LIST_HOLD_S,
     wait_s: int = RECEIVE_WAIT_S,
     stop: asyncio.Event | None = None,
+    call_timeout_s: float = PROMPT_CALL_TIMEOUT_S,
 ) -> list[DeadLetter]:
     """Up to ``limit`` DLQ messages in FIFO order per issue, left in the queue (visible again at once).
 
     While listing, the listed messages and their issues' later messages are hidden from other readers.
     ``stop`` ends the listing between receives (what was listed is still made visible and returned).
+    A receive without an answer within ``call_timeout_s`` raises :class:`TimeoutError` (after the
+    release of what was held).
     """
     listed: dict[str, DeadLetter] = {}
     held: list[str] = []
     try:
         while len(listed) < limit and not _stopping(stop):
-            batch = await _receive(sqs, dlq_url, hold_s=hold_s, wait_s=wait_s)
+            batch = await _receive(sqs, dlq_url, hold_s=hold_s, wait_s=wait_s, timeout_s=call_timeout_s)
             if not batch:
                 break
             wrapped = False
@@ -309,13 +335,16 @@ async def replay_dead_letters(
     hold_s: int = REPLAY_HOLD_S,
     wait_s: int = RECEIVE_WAIT_S,
     stop: asyncio.Event | None = None,
+    call_timeout_s: float = PROMPT_CALL_TIMEOUT_S,
 ) -> ReplaySummary:
     """Move up to ``limit`` DLQ messages (only ``issue_id``'s when given) back to the main queue in
     their original order per issue. Nothing changes with ``dry_run``.
 
     Per issue, a failed send stops that issue for this run (its later events stay in the DLQ, so
     order holds). ``stop`` ends the replay between batches (a batch's send-then-delete always
-    finishes). Everything not moved is made visible again at the end.
+    finishes, each call within ``call_timeout_s``). A call without an answer within
+    ``call_timeout_s`` stops the replay (``summary.stopped`` says which and what it means).
+    Everything not moved is made visible again at the end.
     """
     summary = ReplaySummary(dry_run=dry_run)
     held: dict[str, str] = {}  # message id -> its latest receipt handle
@@ -327,11 +356,18 @@ async def replay_dead_letters(
         return summary.replayed + summary.failed
 
     try:
-        while (limit is None or attempted() < limit) and not _stopping(stop):
+        while (limit is None or attempted() < limit) and not _stopping(stop) and summary.stopped is None:
             try:
-                received = await _receive(sqs, queues.dlq_url, hold_s=hold_s, wait_s=wait_s)
+                received = await _receive(
+                    sqs, queues.dlq_url, hold_s=hold_s, wait_s=wait_s, timeout_s=call_timeout_s
+                )
             except SQS_ERRORS as exc:
-                summary.stopped = f"cannot receive from the dead-letter queue: {type(exc).__name__}: {exc}"
+                failure = _failure(exc, call_timeout_s)
+                summary.stopped = f"cannot receive from the dead-letter queue: {failure}"
+                if isinstance(exc, TimeoutError):
+                    summary.stopped += (
+                        f" (what SQS may have handed out is visible again within {hold_s // 60} minutes)"
+                    )
                 log.warning("dlq_replay_stopped", reason=summary.stopped)
                 break
             batch = [DeadLetter.from_message(m) for m in received]
@@ -373,9 +409,11 @@ async def replay_dead_letters(
                     to_send.append(rerouted)
             if to_send:
                 await finish_then_cancel(
-                    _send_then_delete(sqs, queues, to_send, summary, failed_groups, held),
+                    _send_then_delete(sqs, queues, to_send, summary, failed_groups, held, call_timeout_s),
                     name="dlq-replay-step",
                 )
+                if summary.stopped:
+                    log.warning("dlq_replay_stopped", reason=summary.stopped)
     finally:
         await finish_then_cancel(make_visible(sqs, queues.dlq_url, list(held.values())), name="dlq-release")
     return summary
@@ -392,29 +430,47 @@ async def _send_then_delete(
     summary: ReplaySummary,
     failed_groups: set[str | None],
     held: dict[str, str],
+    call_timeout_s: float,
 ) -> None:
     """One batch: send, then delete what SQS stored. When the batch takes several calls (over 1 MiB)
     and one fails, the issue's later events are held back (send_entries), so order holds. Within one
     call SQS may refuse one entry and store the next one of the same issue; the older event then
     arrives after the newer one, which the consumer's version guard turns into a no-op (no
-    regression)."""
+    regression). A send or delete without an answer within ``call_timeout_s`` sets
+    ``summary.stopped``."""
     results = await send_entries(
-        sqs, queues.queue_url, [letter.replay_entry(str(i)) for i, letter in enumerate(letters)]
+        sqs,
+        queues.queue_url,
+        [letter.replay_entry(str(i)) for i, letter in enumerate(letters)],
+        timeout_s=call_timeout_s,
     )
     sent: list[DeadLetter] = []
+    unanswered = 0
     for letter, result in zip(letters, results, strict=True):
         if result.ok:
             sent.append(letter)
         elif result.held_back:
             held[letter.message_id] = letter.receipt_handle
             summary.add(letter, "skipped", EARLIER_FAILED_REASON)
+        elif result.unanswered:
+            # SQS may have stored it: it stays in the DLQ, and its issue's later events behind it.
+            unanswered += 1
+            failed_groups.add(letter.group_id)
+            held[letter.message_id] = letter.receipt_handle
+            summary.add(letter, "failed", f"{result.error}: {MAYBE_SENT}")
         else:
             failed_groups.add(letter.group_id)
             held[letter.message_id] = letter.receipt_handle
             summary.add(letter, "failed", f"not sent: {result.error}")
+    if unanswered:
+        summary.stopped = (
+            f"SQS did not answer SendMessageBatch within {call_timeout_s:g} s; the {unanswered} message(s) "
+            f"it carried stay in the dead-letter queue and may be in the main queue as well, {HARMLESS}; "
+            "run the same command again"
+        )
     if not sent:
         return
-    not_deleted = await _delete(sqs, queues.dlq_url, sent)
+    not_deleted, delete_unanswered = await _delete(sqs, queues.dlq_url, sent, call_timeout_s)
     for letter in sent:
         if letter.message_id in not_deleted:
             held[letter.message_id] = letter.receipt_handle
@@ -422,25 +478,42 @@ async def _send_then_delete(
                 letter,
                 "failed",
                 f"sent, but still in the dead-letter queue ({not_deleted[letter.message_id]}); "
-                "a later replay sends it again, which is harmless",
+                "a later replay sends it again, which is harmless"
+                if not delete_unanswered
+                else f"sent, but its delete from the dead-letter queue got {no_answer(call_timeout_s)}: "
+                "it may still be there, and a later replay sends it again, which is harmless",
             )
         else:
             summary.add(letter, "replayed")
+    if delete_unanswered and summary.stopped is None:
+        summary.stopped = (
+            f"SQS did not answer DeleteMessageBatch within {call_timeout_s:g} s; the {len(sent)} message(s) "
+            "it was deleting are in the main queue and may still be in the dead-letter queue, so a later "
+            f"replay may send them again, {HARMLESS}"
+        )
 
 
-async def _delete(sqs: SQSClient, dlq_url: str, letters: Sequence[DeadLetter]) -> dict[str, str]:
-    """Delete from the DLQ; returns message id -> reason for those that were not deleted."""
+async def _delete(
+    sqs: SQSClient, dlq_url: str, letters: Sequence[DeadLetter], timeout_s: float
+) -> tuple[dict[str, str], bool]:
+    """Delete from the DLQ; returns message id -> reason for those that were not (or maybe not)
+    deleted, and whether the call went unanswered (SQS may have deleted them)."""
     entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
         {"Id": str(i), "ReceiptHandle": letter.receipt_handle} for i, letter in enumerate(letters)
     ]
     try:
-        resp = await sqs.delete_message_batch(QueueUrl=dlq_url, Entries=entries)
+        resp = await counted(
+            "DeleteMessageBatch",
+            sqs.delete_message_batch(QueueUrl=dlq_url, Entries=entries),
+            timeout_s=timeout_s,
+        )
     except SQS_ERRORS as exc:
-        return {letter.message_id: f"{type(exc).__name__}: {exc}" for letter in letters}
+        reason = _failure(exc, timeout_s)
+        return {letter.message_id: reason for letter in letters}, isinstance(exc, TimeoutError)
     failed = {
         f["Id"]: f"{f.get('Code', 'Unknown')}: {f.get('Message', '')}".strip() for f in resp.get("Failed", [])
     }
-    return {letters[int(i)].message_id: reason for i, reason in failed.items()}
+    return {letters[int(i)].message_id: reason for i, reason in failed.items()}, False
 
 
 # SQS's refusal of a purge within 60 s of the last one, by its query-compatible code and its JSON type.
@@ -453,13 +526,22 @@ class PurgeResult:
     # SQS refused the purge as one already under way (it takes one per queue per 60 s): a purge run
     # a moment ago, or this one's own request, retried by botocore after SQS's answer was lost.
     already_under_way: bool = False
+    # SQS did not answer the purge within the call timeout: whether it purged is unknown.
+    unanswered: bool = False
 
 
-async def purge_dead_letters(sqs: SQSClient, dlq_url: str) -> PurgeResult:
-    """Delete everything in the DLQ for good."""
-    counts = await read_counts(sqs, dlq_url)
+async def purge_dead_letters(
+    sqs: SQSClient, dlq_url: str, *, call_timeout_s: float = PROMPT_CALL_TIMEOUT_S
+) -> PurgeResult:
+    """Delete everything in the DLQ for good. Reading its count without an answer within
+    ``call_timeout_s`` raises :class:`TimeoutError` (nothing purged); the purge itself is then
+    ``unanswered``."""
+    counts = await read_counts(sqs, dlq_url, timeout_s=call_timeout_s)
     try:
-        await sqs.purge_queue(QueueUrl=dlq_url)
+        await counted("PurgeQueue", sqs.purge_queue(QueueUrl=dlq_url), timeout_s=call_timeout_s)
+    except TimeoutError:
+        log.warning("dlq_purge_unanswered", dlq_url=dlq_url, approximate_messages=counts.total)
+        return PurgeResult(counts.total, unanswered=True)
     except ClientError as exc:
         if error_code(exc) not in _PURGE_IN_PROGRESS:
             raise

@@ -23,7 +23,7 @@ from shared.jira_event import is_issue_id
 from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 from shared.shutdown import signal_exit_code, stop_on_signals
-from shared.sqs_requests import SQS_ERRORS
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -124,14 +124,21 @@ async def _list(
     async with sqs_client(aws) as sqs:
         with stop_on_signals() as stop:
             try:
-                counts = await read_counts(sqs, dlq_url)
+                counts = await read_counts(sqs, dlq_url, timeout_s=PROMPT_CALL_TIMEOUT_S)
                 letters = (
-                    await dlq.list_dead_letters(sqs, dlq_url, limit=limit, stop=stop.event)
+                    await dlq.list_dead_letters(
+                        sqs, dlq_url, limit=limit, stop=stop.event, call_timeout_s=PROMPT_CALL_TIMEOUT_S
+                    )
                     if counts.total
                     else []
                 )
-            except Exception:
+            except Exception as exc:
                 if stop.signal is None:
+                    if isinstance(exc, TimeoutError):
+                        raise CommandError(
+                            f"dlq list got {no_answer(PROMPT_CALL_TIMEOUT_S)}; what it may have held "
+                            f"is visible again within {dlq.LIST_HOLD_S} s"
+                        ) from None
                     raise
                 # SQS failed while the listing stopped (the receive it finished, or the release): the
                 # stop is what the user did, and the held messages come back by themselves anyway
@@ -189,6 +196,13 @@ def _replay_command(args: argparse.Namespace) -> int:
         _replay(aws, queues, limit=args.limit, issue_id=args.issue, dry_run=args.dry_run)
     )
     print(render_replay(summary, counts))
+    if stopped_by is not None and summary.stopped:
+        # The signal came while SQS left a call unanswered: what that means for the messages matters more
+        # than the count, and the exit code is still the signal's.
+        raise CommandError(
+            f"dlq replay stopped by {stopped_by.name}; {summary.stopped}",
+            exit_code=signal_exit_code(stopped_by),
+        )
     if stopped_by is not None:
         raise CommandError(
             f"dlq replay stopped by {stopped_by.name} after {summary.replayed + summary.failed} "
@@ -217,7 +231,13 @@ async def _replay(
         with stop_on_signals() as stop:
             counts = await _counts(sqs, queues.dlq_url) if dry_run else None
             summary = await dlq.replay_dead_letters(
-                sqs, queues, limit=limit, issue_id=issue_id, dry_run=dry_run, stop=stop.event
+                sqs,
+                queues,
+                limit=limit,
+                issue_id=issue_id,
+                dry_run=dry_run,
+                stop=stop.event,
+                call_timeout_s=PROMPT_CALL_TIMEOUT_S,
             )
             if not dry_run and not summary.stopped and stop.signal is None:
                 counts = await _counts(sqs, queues.dlq_url)
@@ -226,9 +246,10 @@ async def _replay(
 
 async def _counts(sqs: SQSClient, dlq_url: str) -> QueueCounts | None:
     try:
-        return await read_counts(sqs, dlq_url)
+        return await read_counts(sqs, dlq_url, timeout_s=PROMPT_CALL_TIMEOUT_S)
     except SQS_ERRORS as exc:
-        log.warning("dlq_counts_unavailable", error_class=type(exc).__name__, error=str(exc))
+        error = no_answer(PROMPT_CALL_TIMEOUT_S) if isinstance(exc, TimeoutError) else str(exc)
+        log.warning("dlq_counts_unavailable", error_class=type(exc).__name__, error=error)
         return None
 
 
@@ -274,13 +295,26 @@ def _purge_command(args: argparse.Namespace) -> int:
             exit_code=2,
         )
     aws, queues = _settings()
-    print(render_purge(queues.dlq_url, asyncio.run(_purge(aws, queues.dlq_url))), file=sys.stdout)
+    try:
+        result = asyncio.run(_purge(aws, queues.dlq_url))
+    except TimeoutError:
+        raise CommandError(
+            f"dlq purge got {no_answer(PROMPT_CALL_TIMEOUT_S)} when it read the dead-letter queue's "
+            "count; nothing was purged"
+        ) from None
+    if result.unanswered:
+        raise CommandError(
+            f"dlq purge got {no_answer(PROMPT_CALL_TIMEOUT_S)} to the purge (the dead-letter queue held "
+            f"about {result.approximate_messages} message(s)); whether it was purged is unknown: check with "
+            "dlq list in a minute"
+        )
+    print(render_purge(queues.dlq_url, result), file=sys.stdout)
     return 0
 
 
 async def _purge(aws: AwsSettings, dlq_url: str) -> dlq.PurgeResult:
     async with sqs_client(aws) as sqs:
-        return await dlq.purge_dead_letters(sqs, dlq_url)
+        return await dlq.purge_dead_letters(sqs, dlq_url, call_timeout_s=PROMPT_CALL_TIMEOUT_S)
 
 
 def render_purge(dlq_url: str, result: dlq.PurgeResult) -> str:

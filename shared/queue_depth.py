@@ -30,7 +30,7 @@ import structlog
 from shared.aws import error_code, sqs_client
 from shared.metrics import QUEUE_DEPTH_READ, QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import SQS_ERRORS, counted
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -47,7 +47,7 @@ STATES = ("visible", "in_flight", "delayed")  # also QueueDepth's attribute name
 PEEK_HOLD_S = 30
 # One ChangeMessageVisibilityBatch of make_visible answers within this long or its messages are left to
 # reappear by themselves.
-RELEASE_CALL_TIMEOUT_S = 10.0
+RELEASE_CALL_TIMEOUT_S = PROMPT_CALL_TIMEOUT_S
 # Long-poll briefly so a peek queries every SQS server, not a sample (short polling may miss).
 PEEK_WAIT_S = 1
 # The poller re-peeks the dead-letter queue when a message left it, else at least this often.
@@ -113,7 +113,8 @@ def _access_denied(exc: BaseException) -> bool:
     return error_code(exc) in _DENIED_CODES
 
 
-async def read_counts(sqs: SQSClient, url: str) -> QueueCounts:
+async def read_counts(sqs: SQSClient, url: str, *, timeout_s: float | None = None) -> QueueCounts:
+    """The queue's counts; past ``timeout_s`` (None: botocore's own limits) :class:`TimeoutError`."""
     resp = await counted(
         "GetQueueAttributes",
         sqs.get_queue_attributes(
@@ -125,6 +126,7 @@ async def read_counts(sqs: SQSClient, url: str) -> QueueCounts:
                 "RedrivePolicy",
             ],
         ),
+        timeout_s=timeout_s,
     )
     attrs = resp.get("Attributes", {})
     return QueueCounts(

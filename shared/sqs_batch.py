@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.sqs_requests import SQS_ERRORS, counted
+from shared.sqs_requests import SQS_ERRORS, counted, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -35,6 +35,8 @@ class EntryResult:
     retryable: bool = False
     # True when it was never sent, because an earlier entry of its message group was not stored.
     held_back: bool = False
+    # True when the call carrying it got no answer within the caller's timeout: SQS may have stored it.
+    unanswered: bool = False
 
 
 def entry_bytes(entry: Mapping[str, Any]) -> int:
@@ -72,13 +74,24 @@ def calls(entries: Sequence[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
 
 
 async def send_entries(
-    sqs: SQSClient, queue_url: str, entries: Sequence[dict[str, Any]]
+    sqs: SQSClient, queue_url: str, entries: Sequence[dict[str, Any]], *, timeout_s: float | None = None
 ) -> list[EntryResult]:
     """Send entries (each with a unique ``Id``) in as few calls as SQS accepts; one result per entry,
-    in order. A few large messages (backfill snapshots, dead letters) never share a call over 1 MiB."""
+    in order. A few large messages (backfill snapshots, dead letters) never share a call over 1 MiB.
+
+    A call that gets no answer within ``timeout_s`` (None: botocore's own limits, minutes) is given
+    up: its entries are ``unanswered`` (SQS may have stored them or not), and the later calls are not
+    made (SQS is not answering; each would wait as long again)."""
     results: dict[str, EntryResult] = {}
     failed_groups: set[str] = set()
+    silent = False
     for planned in calls(entries):
+        if silent:
+            for entry in planned:
+                results[entry["Id"]] = EntryResult(
+                    entry["Id"], False, _NOT_SENT_AFTER_SILENCE, retryable=True
+                )
+            continue
         chunk = []
         for entry in planned:
             group = entry.get("MessageGroupId")
@@ -93,11 +106,16 @@ async def send_entries(
             resp = await counted(
                 "SendMessageBatch",
                 sqs.send_message_batch(QueueUrl=queue_url, Entries=chunk),  # type: ignore[arg-type]
+                timeout_s=timeout_s,
             )
         except SQS_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            # Given up without an answer: SQS may have stored them, and the later calls are not made.
+            silent = timeout_s is not None and isinstance(exc, TimeoutError)
+            reason = no_answer(timeout_s or 0.0) if silent else f"{type(exc).__name__}: {exc}"
             for entry in chunk:
-                results[entry["Id"]] = EntryResult(entry["Id"], False, reason, retryable=True)
+                results[entry["Id"]] = EntryResult(
+                    entry["Id"], False, reason, retryable=True, unanswered=silent
+                )
         else:
             for ok in resp.get("Successful", []):
                 results[ok["Id"]] = EntryResult(ok["Id"], True)
@@ -115,6 +133,9 @@ async def send_entries(
         results.get(e["Id"], EntryResult(e["Id"], False, "no result from SQS", retryable=True))
         for e in entries
     ]
+
+
+_NOT_SENT_AFTER_SILENCE = "SQS did not answer an earlier call"
 
 
 def _stored(results: Mapping[str, EntryResult], entry_id: str) -> bool:

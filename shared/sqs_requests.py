@@ -15,6 +15,12 @@ from shared.metrics import SQS_CALLS
 # What an SQS call raises when SQS refuses it, the network fails, or it takes too long.
 SQS_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
+# How long an SQS call someone waits on (an on-call command's, the release of held messages) may go
+# unanswered before it is given up: SQS answers in milliseconds, and botocore alone (30 s a try, and
+# its retries) took over 2 minutes to give up one SendMessageBatch of `dlq replay`. Pass it as
+# ``counted(..., timeout_s=PROMPT_CALL_TIMEOUT_S)``.
+PROMPT_CALL_TIMEOUT_S = 10.0
+
 T = TypeVar("T")
 
 # SQS's code for a queue URL that names no queue, by its query-compatible code and its JSON type.
@@ -37,3 +43,9 @@ async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None
         raise
     SQS_CALLS.labels(operation, "ok").inc()
     return result
+
+
+def no_answer(timeout_s: float) -> str:
+    """How a call given up after ``timeout_s`` without an answer is reported: whether SQS did it is
+    unknown."""
+    return f"no answer from SQS within {timeout_s:g} s"

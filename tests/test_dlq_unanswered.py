@@ -1,0 +1,311 @@
+"""``jiralake dlq replay|list|purge`` against an SQS that takes one call and never answers it: each call
+is given up after PROMPT_CALL_TIMEOUT_S (botocore alone: over 2 minutes), the command says in one
+line what that means for the messages, and a stop signal is honoured within that bound.
+
+The command tests run ``cli.main`` in this thread with the bound made 1 s (``PROMPT_CALL_TIMEOUT_S``
+as ``ops.dlq_command`` reads it) and the proxy in a thread of its own; the SIGTERM test runs the real
+command, with the real bound, in a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import pytest
+import structlog
+
+from jiralake import cli
+from ops import dlq_command
+from shared import aws, sqs_batch
+from shared.provision import QueuePair
+from shared.settings import AwsSettings
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
+from tests.conftest import drain
+from tests.fault_proxy import SilentProxy
+from tests.test_dlq import ISSUE_A, ISSUE_B, T0, by_group, counts, dead_letter_all, events_of, put_in_dlq
+
+TEST_CALL_TIMEOUT_S = 1.0
+# Well under botocore's own wait for a call that is never answered (30 s a try, and retries), over the
+# bound and the few calls that are answered.
+FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 4
+MAYBE_SENT = "it stays in the dead-letter queue and may be in the main queue as well (harmless)"
+HARMLESS = "which is harmless (SQS drops a second copy within 5 minutes, the consumer skips it after)"
+
+Through = Callable[[str], AbstractContextManager[SilentProxy]]
+
+
+@contextmanager
+def silent_sqs(target_url: str, operation: str) -> Iterator[SilentProxy]:
+    """A :class:`SilentProxy` for ``operation``, served by a loop in a thread of its own: the test's
+    thread runs ``cli.main``, whose ``asyncio.run`` and signal handlers need the main thread."""
+    proxy = SilentProxy(target_url, operation)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        loop.run_until_complete(proxy.__aenter__())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, name=f"silent-{operation}", daemon=True)
+    thread.start()
+    assert started.wait(10), "the proxy did not start"
+    try:
+        yield proxy
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def through(
+    aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Through]:
+    """The dlq commands' environment, with the bound at TEST_CALL_TIMEOUT_S; ``with through(op)``
+    points AWS_ENDPOINT_URL at a proxy that never answers ``op``. ``cli.main`` configures structlog
+    for the captured stderr; the suite's setup is put back after."""
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
+    monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
+    monkeypatch.setattr(dlq_command, "PROMPT_CALL_TIMEOUT_S", TEST_CALL_TIMEOUT_S)
+
+    @contextmanager
+    def through_proxy(operation: str) -> Iterator[SilentProxy]:
+        with silent_sqs(aws_settings.endpoint_url or "", operation) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            yield proxy
+
+    saved = structlog.get_config()
+    yield through_proxy
+    structlog.configure(**saved)
+
+
+def run_timed(argv: list[str]) -> tuple[int, float]:
+    started = time.monotonic()
+    code = cli.main(argv)
+    return code, time.monotonic() - started
+
+
+def queue_counts(aws_settings: AwsSettings, queues: QueuePair) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(visible, in flight) of the main queue and of the DLQ, read around the proxy."""
+
+    async def read() -> tuple[tuple[int, int], tuple[int, int]]:
+        async with aws.sqs_client(aws_settings) as sqs:
+            return await counts(sqs, queues.queue_url), await counts(sqs, queues.dlq_url)
+
+    return asyncio.run(read())
+
+
+@pytest.mark.timeout(30)
+def test_a_send_sqs_never_answers_stops_the_replay_in_seconds_and_keeps_the_events_in_the_dlq(
+    aws_settings: AwsSettings, queues: QueuePair, through: Through, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two events of issue A and one of B in the DLQ, and an SQS that takes SendMessageBatch and
+    # never answers it
+    put_in_dlq(aws_settings, queues, [*events_of(ISSUE_A, 2), *events_of(ISSUE_B, 1)])
+    with through("SendMessageBatch") as proxy:
+        # WHEN replayed
+        code, elapsed = run_timed(["dlq", "replay"])
+    # THEN it gives the send up after the bound, makes no other send, and stops with exit 1 and one line
+    assert code == 1
+    assert TEST_CALL_TIMEOUT_S <= elapsed < FAST_ENOUGH_S
+    assert proxy.calls == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (
+        "jiralake: dlq replay stopped early: SQS did not answer SendMessageBatch within 1 s; the 3 "
+        "message(s) it carried stay in the dead-letter queue and may be in the main queue as well, "
+        f"{HARMLESS}; run the same command again"
+    )
+    out = captured.out.splitlines()
+    assert [(line.split(" (message ")[0], line.split("): ", 1)[1]) for line in out[:3]] == [
+        (f"failed: issue {issue} jira:issue_updated", f"no answer from SQS within 1 s: {MAYBE_SENT}")
+        for issue in (ISSUE_A, ISSUE_A, ISSUE_B)
+    ]
+    assert out[3:] == [
+        "replayed 0, skipped 0, failed 3",
+        captured.err.splitlines()[-1].replace("jiralake: dlq replay stopped early: ", "stopped early: "),
+    ]
+    # AND every event is still in the DLQ, visible again at once (not held for 5 minutes); SQS never
+    # got the send, so the main queue is empty
+    assert queue_counts(aws_settings, queues) == ((0, 0), (3, 0))
+
+
+@pytest.mark.timeout(30)
+def test_a_delete_sqs_never_answers_stops_the_replay_in_seconds_and_says_the_events_may_come_twice(
+    aws_settings: AwsSettings, queues: QueuePair, through: Through, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN two events of issue A in the DLQ, and an SQS that stores the sends but never answers the
+    # delete from the DLQ
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 2))
+    with through("DeleteMessageBatch") as proxy:
+        # WHEN replayed
+        code, elapsed = run_timed(["dlq", "replay"])
+    # THEN it gives the delete up after the bound, stops there with exit 1, and one line says what that means
+    assert code == 1
+    assert TEST_CALL_TIMEOUT_S <= elapsed < FAST_ENOUGH_S
+    assert proxy.calls == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (
+        "jiralake: dlq replay stopped early: SQS did not answer DeleteMessageBatch within 1 s; the 2 "
+        "message(s) it was deleting are in the main queue and may still be in the dead-letter queue, so "
+        f"a later replay may send them again, {HARMLESS}"
+    )
+    out = captured.out.splitlines()
+    assert all(
+        line.endswith(
+            "): sent, but its delete from the dead-letter queue got no answer from SQS within 1 s: it may "
+            "still be there, and a later replay sends it again, which is harmless"
+        )
+        for line in out[:2]
+    )
+    assert out[2] == "replayed 0, skipped 0, failed 2"
+    # AND the events are in the main queue, in order, and (the delete never reached SQS) in the DLQ,
+    # visible again at once
+    assert queue_counts(aws_settings, queues)[1] == (2, 0)
+    assert by_group(asyncio.run(drain(aws_settings, queues.queue_url))) == {ISSUE_A: [T0, T0 + 1]}
+
+
+@pytest.mark.timeout(30)
+def test_a_receive_sqs_never_answers_ends_replay_and_list_in_seconds(
+    aws_settings: AwsSettings, queues: QueuePair, through: Through, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an event in the DLQ, and an SQS that never answers ReceiveMessage
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 1))
+    with through("ReceiveMessage"):
+        # WHEN replayed, THEN it stops after the bound with exit 1 and says why
+        code, elapsed = run_timed(["dlq", "replay"])
+        assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "jiralake: dlq replay stopped early: cannot receive from the dead-letter queue: no answer from "
+            "SQS within 1 s (what SQS may have handed out is visible again within 5 minutes)"
+        )
+        # WHEN listed, THEN the same
+        code, elapsed = run_timed(["dlq", "list"])
+        assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "jiralake: dlq list got no answer from SQS within 1 s; what it may have held is visible again "
+            "within 60 s"
+        )
+    # AND the event is where it was
+    assert queue_counts(aws_settings, queues) == ((0, 0), (1, 0))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("operation", "line"),
+    [
+        (
+            "GetQueueAttributes",
+            "jiralake: dlq purge got no answer from SQS within 1 s when it read the dead-letter queue's "
+            "count; nothing was purged",
+        ),
+        (
+            "PurgeQueue",
+            "jiralake: dlq purge got no answer from SQS within 1 s to the purge (the dead-letter queue held "
+            "about 1 message(s)); whether it was purged is unknown: check with dlq list in a minute",
+        ),
+    ],
+)
+def test_a_purge_sqs_never_answers_ends_in_seconds_and_says_what_is_known(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    through: Through,
+    capsys: pytest.CaptureFixture[str],
+    operation: str,
+    line: str,
+) -> None:
+    # GIVEN an event in the DLQ, and an SQS that never answers one of purge's two calls
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 1))
+    with through(operation):
+        # WHEN purged
+        code, elapsed = run_timed(["dlq", "purge", "--yes"])
+    # THEN it ends after the bound with exit 1 and one line, and (the call never reached SQS) the
+    # event is still there
+    assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
+    assert capsys.readouterr().err.splitlines()[-1] == line
+    assert queue_counts(aws_settings, queues) == ((0, 0), (1, 0))
+
+
+@pytest.mark.timeout(30)
+async def test_entries_after_a_call_sqs_never_answers_are_not_sent(
+    aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN three entries that take three calls (each call made to hold one), and an SQS that never
+    # answers SendMessageBatch
+    monkeypatch.setattr(sqs_batch, "MAX_CALL_BYTES", 1)
+    entries = [
+        {
+            "Id": str(i),
+            "MessageBody": f"body{i}",
+            "MessageGroupId": f"g{i}",
+            "MessageDeduplicationId": f"d{i}",
+        }
+        for i in range(3)
+    ]
+    assert len(list(sqs_batch.calls(entries))) == 3
+    async with SilentProxy(aws_settings.endpoint_url or "", "SendMessageBatch") as proxy:
+        async with aws.sqs_client(dataclasses.replace(aws_settings, endpoint_url=proxy.url)) as silent:
+            # WHEN sent with a bound
+            started = time.monotonic()
+            results = await sqs_batch.send_entries(
+                silent, queues.queue_url, entries, timeout_s=TEST_CALL_TIMEOUT_S
+            )
+            elapsed = time.monotonic() - started
+        # THEN the first call is given up after the bound (outcome unknown) and the others are not made
+        assert proxy.calls == 1
+    assert elapsed < FAST_ENOUGH_S
+    assert [(r.ok, r.error, r.unanswered) for r in results] == [
+        (False, "no answer from SQS within 1 s", True),
+        (False, "SQS did not answer an earlier call", False),
+        (False, "SQS did not answer an earlier call", False),
+    ]
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_while_a_send_goes_unanswered_ends_the_replay_within_the_bound(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN two events of issue A in the DLQ, and `dlq replay` (a one-off task, the real bound) whose
+    # SendMessageBatch SQS takes and never answers
+    async with aws.sqs_client(aws_settings) as sqs:
+        await dead_letter_all(sqs, queues.dlq_url, events_of(ISSUE_A, 2))
+    async with SilentProxy(aws_settings.endpoint_url or "", "SendMessageBatch") as proxy:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JIRALAKE_")}
+        env.update(
+            AWS_ENDPOINT_URL=proxy.url, JIRALAKE_QUEUE_URL=queues.queue_url, JIRALAKE_DLQ_URL=queues.dlq_url
+        )
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jiralake", "dlq", "replay",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(proxy.arrived.wait(), timeout=30)
+        # WHEN it gets SIGTERM while that send waits
+        signalled = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(child.communicate(), timeout=PROMPT_CALL_TIMEOUT_S + 30)
+        elapsed = time.monotonic() - signalled
+    # THEN it ends within the bound of the send it waited for (not botocore's minutes), with the
+    # signal's exit code and one line, and the summary says why the events were not moved
+    assert child.returncode == 143, err.decode()
+    assert elapsed < PROMPT_CALL_TIMEOUT_S + 5
+    unanswered = (
+        "SQS did not answer SendMessageBatch within 10 s; the 2 message(s) it carried stay in the "
+        f"dead-letter queue and may be in the main queue as well, {HARMLESS}; run the same command again"
+    )
+    assert err.decode().splitlines()[-1] == f"jiralake: dlq replay stopped by SIGTERM; {unanswered}"
+    assert out.decode().splitlines()[-2:] == [
+        "replayed 0, skipped 0, failed 2",
+        f"stopped early: {unanswered}",
+    ]
+    # AND both events are in the DLQ, visible again; the main queue never got them
+    async with aws.sqs_client(aws_settings) as sqs:
+        assert await counts(sqs, queues.dlq_url) == (2, 0)
+        assert await counts(sqs, queues.queue_url) == (0, 0)
