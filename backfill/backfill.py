@@ -1,10 +1,11 @@
 """``jiralake backfill``: every issue a JQL matches becomes a snapshot event on the FIFO queue.
 
 One page at a time, in order: a fetcher task reads the next page from Jira while the current one
-goes to SQS; the page's cursor is saved in Postgres only after SQS accepted all its messages. A
-restart with the same request continues from the saved cursor; a complete run forgets the cursor
-and, when it covered everything since the previous watermark, stores its start time as the new
-watermark for ``--updated-since last-run``.
+goes to SQS; the page's cursor is saved in Postgres only after SQS accepted all its messages (a send
+SQS does not answer within PROMPT_CALL_TIMEOUT_S stops the run with that page not saved, see
+backfill/enqueue.py). A restart with the same request continues from the saved cursor; a complete
+run forgets the cursor and, when it covered everything since the previous watermark, stores its
+start time as the new watermark for ``--updated-since last-run``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from backfill.settings import BackfillSettings
 from backfill.snapshot import InvalidSnapshot, snapshot_envelope
 from shared import aws, db
 from shared.envelope import Envelope
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -224,6 +226,7 @@ async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
                 attempts=job.settings.sqs_attempts,
                 sleep=job.sleep,
                 max_bytes=job.max_entry_bytes,
+                call_timeout_s=PROMPT_CALL_TIMEOUT_S,
             )
             job.summary.refused.extend(outcome.refused)
             for refused in outcome.refused:

@@ -3,6 +3,12 @@
 A caller learns which envelopes SQS stored and which it refused for good (too large, invalid);
 if retryable failures outlast the attempts, :class:`QueueUnavailable` stops the run before any
 cursor moves past them, so a restart sends them again.
+
+A call SQS takes and does not answer within ``call_timeout_s`` (PROMPT_CALL_TIMEOUT_S, 10 s, for the
+commands) stops the run at once, not retried: botocore alone waits minutes for it, and each retry
+would wait as long again. Whether SQS stored its messages is unknown, so they count as not sent; the
+rerun that sends them again is harmless, as every envelope jiralake makes keeps its deduplication id
+(``backfill:<id>:<updated>``, ``reconcile:deleted:<id>:<version>``, Jira's webhook id).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from shared.envelope import Envelope
 from shared.provision import MAX_MESSAGE_BYTES
 from shared.queue_limits import entry_room, queue_message_limit
 from shared.sqs_batch import entry_bytes, send_entries
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -45,7 +52,12 @@ class SendOutcome:
 # What a message may count (body and attributes) on a queue that takes SQS's largest, 1 MiB.
 DEFAULT_MAX_ENTRY_BYTES = entry_room(MAX_MESSAGE_BYTES)
 # How long the one GetQueueAttributes call that learns the queue's limit may take.
-LIMIT_TIMEOUT_S = 30.0
+LIMIT_TIMEOUT_S = PROMPT_CALL_TIMEOUT_S
+# Why a message sent twice (a rerun after a send SQS did not answer) is harmless.
+RESENT_IS_HARMLESS = (
+    "sending them again is harmless (each keeps its deduplication id: SQS drops a second copy within "
+    "5 minutes, the consumer skips it after)"
+)
 
 
 async def max_entry_bytes(sqs: SQSClient, queue_url: str) -> int:
@@ -65,9 +77,11 @@ async def send_envelopes(
     sleep: Sleep = asyncio.sleep,
     backoff_s: float = 0.5,
     max_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+    call_timeout_s: float | None = None,
 ) -> SendOutcome:
     """Send ``envelopes``; one whose message (body and attributes) is over ``max_bytes`` is refused
-    here, before it joins a batch (see :func:`max_entry_bytes`)."""
+    here, before it joins a batch (see :func:`max_entry_bytes`). A call without an answer within
+    ``call_timeout_s`` (None: botocore's own limits) raises :class:`QueueUnavailable` at once."""
     outcome = SendOutcome()
     pending: list[Envelope] = []
     for env in envelopes:
@@ -82,7 +96,14 @@ async def send_envelopes(
         if not pending:
             break
         entries = [env.send_entry(str(i)) for i, env in enumerate(pending)]
-        results = await send_entries(sqs, queue_url, entries)
+        results = await send_entries(sqs, queue_url, entries, timeout_s=call_timeout_s)
+        unanswered = sum(result.unanswered for result in results)
+        if unanswered:
+            raise QueueUnavailable(
+                f"SQS did not answer SendMessageBatch ({no_answer(call_timeout_s or 0.0)}): whether it "
+                f"stored the {unanswered} message(s) it carried is unknown, so they do not count as "
+                f"sent; {RESENT_IS_HARMLESS}"
+            )
         retry: list[Envelope] = []
         for env, result in zip(pending, results, strict=True):
             if result.ok:

@@ -47,6 +47,7 @@ from backfill.snapshot import reconciled_delete_envelope
 from shared import aws, db, strict_json
 from shared.envelope import Envelope, delivery_id_for, sqs_safe_json
 from shared.jira_event import ISSUE_EVENT_PREFIXES, InvalidEvent, Routed, route
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -230,7 +231,12 @@ async def _enqueue_deletes(
         for f in summary.deleted
     ]
     outcome = await send_envelopes(
-        sqs, settings.queue_url, envelopes, attempts=settings.sqs_attempts, sleep=sleep
+        sqs,
+        settings.queue_url,
+        envelopes,
+        attempts=settings.sqs_attempts,
+        sleep=sleep,
+        call_timeout_s=PROMPT_CALL_TIMEOUT_S,
     )
     summary.deletes_enqueued = outcome.sent
     for finding in summary.deleted:
@@ -279,6 +285,7 @@ async def _replay_failed_webhooks(
                 attempts=settings.sqs_attempts,
                 sleep=sleep,
                 max_bytes=limit,
+                call_timeout_s=PROMPT_CALL_TIMEOUT_S,
             )
             report.replayed += outcome.sent
             report.invalid += [(r.issue_id, r.reason) for r in outcome.refused]

@@ -7,8 +7,10 @@ Exit codes, distinct so that a check can tell "the queue is too deep" from "the 
 0 within the thresholds; 3 a threshold exceeded (no other path of any jiralake command uses 3);
 2 bad arguments or configuration (argparse's usage error, and ``ConfigError`` in jiralake/cli.py, as
 for every command); 1 the queues could not be read (SQS unreachable, credentials, permissions, no such
-queue). Not Nagios's 0/1/2/3: there 2 is CRITICAL and 3 UNKNOWN, but 2 is every jiralake command's
-usage error already. An unexpected error exits 70 and Ctrl-C 130, as for every command.
+queue, or a call SQS took and did not answer within PROMPT_CALL_TIMEOUT_S, 10 s: botocore alone waits
+minutes for it, and a check must answer within seconds). Not Nagios's 0/1/2/3: there 2 is CRITICAL
+and 3 UNKNOWN, but 2 is every jiralake command's usage error already. An unexpected error exits 70
+and Ctrl-C 130, as for every command.
 
 The main queue's oldest age is "unknown" on purpose: peeking there would count toward its
 ``maxReceiveCount`` (see shared/queue_depth.py); CloudWatch's ``ApproximateAgeOfOldestMessage`` has it.
@@ -32,7 +34,7 @@ from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import SQS_ERRORS, no_such_queue
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, no_such_queue
 
 OK_EXIT_CODE = 0
 UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors
@@ -43,7 +45,8 @@ WATCH_MIN_S = 1.0
 EXIT_CODES_HELP = (
     f"Exit codes: {OK_EXIT_CODE} within the thresholds (or no thresholds); {THRESHOLD_EXIT_CODE} a "
     f"threshold exceeded; {USAGE_EXIT_CODE} bad arguments or configuration (e.g. JIRALAKE_QUEUE_URL "
-    f"unset); {UNAVAILABLE_EXIT_CODE} the queues could not be read (SQS unreachable or refusing). "
+    f"unset); {UNAVAILABLE_EXIT_CODE} the queues could not be read (SQS unreachable, refusing, or not "
+    f"answering a call within {PROMPT_CALL_TIMEOUT_S:g} s). "
     f"--watch exits 0 on Ctrl-C, {UNAVAILABLE_EXIT_CODE} when a queue does not exist."
 )
 UNKNOWN_AGE_NOTE = (
@@ -95,13 +98,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     stats.set_defaults(func=_stats_command)
 
 
-async def read_stats(aws: AwsSettings, queues: QueueSettings) -> list[QueueDepth]:
-    """Main queue (never peeked) then dead-letter queue (peeked for its oldest age)."""
+async def read_stats(
+    aws: AwsSettings, queues: QueueSettings, *, call_timeout_s: float | None = None
+) -> list[QueueDepth]:
+    """Main queue (never peeked) then dead-letter queue (peeked for its oldest age). A count SQS does
+    not answer within ``call_timeout_s`` (None: botocore's own limits) raises :class:`TimeoutError`;
+    a peek it does not answer leaves the age unknown."""
     async with sqs_client(aws) as sqs:
         return [
-            await read_depth(sqs, MAIN_QUEUE, queues.queue_url, peek_oldest=False),
-            await read_depth(sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek_oldest=True),
+            await read_depth(sqs, MAIN_QUEUE, queues.queue_url, peek_oldest=False, timeout_s=call_timeout_s),
+            await read_depth(
+                sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek_oldest=True, timeout_s=call_timeout_s
+            ),
         ]
+
+
+def problem(exc: BaseException) -> str:
+    """What went wrong reading the queues, in a few words: a call given up says which and after how
+    long (``no answer from SQS within 10 s to GetQueueAttributes``), anything else its class and text."""
+    return str(exc) if isinstance(exc, Unanswered) else f"{type(exc).__name__}: {exc}"
 
 
 def exceeded(depths: Sequence[QueueDepth], thresholds: Thresholds) -> list[str]:
@@ -162,17 +177,26 @@ def _stats_command(args: argparse.Namespace) -> int:
     style = "json" if args.json else ("table" if sys.stdout.isatty() else "lines")
     if args.watch:
         try:
-            asyncio.run(watch(aws, queues, thresholds, interval_s=args.watch, style=style))
+            asyncio.run(
+                watch(
+                    aws,
+                    queues,
+                    thresholds,
+                    interval_s=args.watch,
+                    style=style,
+                    call_timeout_s=PROMPT_CALL_TIMEOUT_S,
+                )
+            )
         except KeyboardInterrupt:
             pass
         return 0
     try:
-        depths = asyncio.run(read_stats(aws, queues))
+        depths = asyncio.run(read_stats(aws, queues, call_timeout_s=PROMPT_CALL_TIMEOUT_S))
     except SQS_ERRORS as exc:
         # Said here, not left to cli.py's generic mapping: "could not check" must never look like a
         # threshold, whatever the error is.
         raise CommandError(
-            f"cannot read the queues: {type(exc).__name__}: {exc}", exit_code=UNAVAILABLE_EXIT_CODE
+            f"cannot read the queues: {problem(exc)}", exit_code=UNAVAILABLE_EXIT_CODE
         ) from None
     reasons = exceeded(depths, thresholds)
     print(render(depths, reasons, style))
@@ -199,27 +223,29 @@ async def watch(
     rounds: int | None = None,
     out: TextIO | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    call_timeout_s: float | None = None,
 ) -> None:
     """Print the stats every ``interval_s`` (``rounds`` times, or until cancelled). Thresholds are
     reported on each round, not by the exit code: a watch is for people, the check is for cron. A
-    round SQS fails is reported as such and the watch goes on: it is watched during incidents. A queue
-    that does not exist (a typo in its URL) ends the watch: no later round can read it."""
+    round SQS fails is reported as such and the watch goes on: it is watched during incidents; so is a
+    round whose call SQS did not answer within ``call_timeout_s``. A queue that does not exist (a typo
+    in its URL) ends the watch: no later round can read it."""
     stream = out or sys.stdout
     done = 0
     while rounds is None or done < rounds:
         stamp = now().isoformat(timespec="seconds").replace("+00:00", "Z")
         try:
-            depths = await read_stats(aws, queues)
+            depths = await read_stats(aws, queues, call_timeout_s=call_timeout_s)
         except SQS_ERRORS as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            failure = problem(exc)
             if no_such_queue(exc):
                 raise CommandError(
-                    f"cannot read the queues: {problem}", exit_code=UNAVAILABLE_EXIT_CODE
+                    f"cannot read the queues: {failure}", exit_code=UNAVAILABLE_EXIT_CODE
                 ) from None
             if style == "json":
-                text = json.dumps({"time": stamp, "error": problem})
+                text = json.dumps({"time": stamp, "error": failure})
             else:
-                text = f"time={stamp} SQS unavailable: {problem}; trying again in {interval_s:g}s"
+                text = f"time={stamp} SQS unavailable: {failure}; trying again in {interval_s:g}s"
             print(text, file=stream, flush=True)
             done += 1
             if rounds is None or done < rounds:

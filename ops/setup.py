@@ -1,5 +1,10 @@
 """``jiralake setup``: create the FIFO queue and its dead-letter queue, the bucket on a local endpoint,
-and apply the Postgres migrations. Running it twice changes nothing."""
+and apply the Postgres migrations. Running it twice changes nothing.
+
+Each SQS and S3 call is given up after PROMPT_CALL_TIMEOUT_S (10 s) without an answer: botocore alone
+waits 30 s a try, and its retries, for each one, while a person or a deploy step waits. Setup then
+stops with one line naming the call (whether SQS or S3 did it is unknown; running setup again is
+safe) before it touches the database."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from shared.errors import CommandError
 from shared.provision import MAX_RECEIVE_COUNT, MAX_VISIBILITY_TIMEOUT_S
 from shared.settings import AwsSettings, ConfigError, DatabaseSettings, env_int, env_str, require
 from shared.shutdown import Stopped, run_unless_stopped, signal_exit_code, stop_on_signals
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, Unanswered
 
 log = structlog.get_logger()
 
@@ -72,7 +78,15 @@ class SetupResult:
     bucket_created_or_found: str | None
 
 
-async def run_setup(settings: SetupSettings, *, queues: bool = True, database: bool = True) -> SetupResult:
+async def run_setup(
+    settings: SetupSettings,
+    *,
+    queues: bool = True,
+    database: bool = True,
+    call_timeout_s: float | None = None,
+) -> SetupResult:
+    """Queues (and a local bucket), then the migrations. An SQS or S3 call not answered within
+    ``call_timeout_s`` (None: botocore's own limits) raises :class:`Unanswered` naming it."""
     pair = None
     bucket = None
     if queues:
@@ -85,11 +99,14 @@ async def run_setup(settings: SetupSettings, *, queues: bool = True, database: b
                 dlq_name=settings.dlq_name,
                 max_receive_count=settings.max_receive_count,
                 visibility_timeout_s=settings.visibility_timeout_s,
+                call_timeout_s=call_timeout_s,
             )
         # Buckets belong to infrastructure code in AWS; locally (moto, LocalStack) we create it.
         if settings.bucket and settings.aws.endpoint_url:
             async with aws.s3_client(settings.aws) as s3:
-                await provision.ensure_bucket(s3, settings.bucket, settings.aws.region)
+                await provision.ensure_bucket(
+                    s3, settings.bucket, settings.aws.region, call_timeout_s=call_timeout_s
+                )
             bucket = settings.bucket
     applied: list[str] = []
     if database:
@@ -108,12 +125,21 @@ async def run_setup(settings: SetupSettings, *, queues: bool = True, database: b
 async def _setup_unless_stopped(settings: SetupSettings, *, queues: bool, database: bool) -> SetupResult:
     """:func:`run_setup` until SIGTERM or SIGINT (``docker stop``, Kubernetes, ECS send SIGTERM): then
     the statement running on the server is cancelled and the migration in progress rolled back (and
-    its locks released) before the process exits, rather than left running on the server."""
+    its locks released) before the process exits, rather than left running on the server. An SQS or S3
+    call without an answer within PROMPT_CALL_TIMEOUT_S ends it with one line (exit 1)."""
     with stop_on_signals() as request:
         try:
             return await run_unless_stopped(
-                run_setup(settings, queues=queues, database=database), request.event, name="setup"
+                run_setup(settings, queues=queues, database=database, call_timeout_s=PROMPT_CALL_TIMEOUT_S),
+                request.event,
+                name="setup",
             )
+        except Unanswered as exc:
+            not_applied = "; the migrations were not applied" if database else ""
+            raise CommandError(
+                f"setup stopped: {exc}; whether that call took effect is unknown{not_applied}: run setup "
+                "again (it changes nothing that is already right)"
+            ) from None
         except Stopped:
             signame = request.signal.name if request.signal else "a stop request"
             raise CommandError(

@@ -2,11 +2,17 @@
 
 Idempotent: SQS ``CreateQueue`` returns the existing queue when the attributes match, and the
 attributes are then set again, so re-running ``setup`` changes nothing.
+
+With ``call_timeout_s`` each call is given up after that long without an answer and
+:class:`~shared.sqs_requests.Unanswered` raised, its text naming the call (``no answer from SQS within 10 s to
+CreateQueue``): whether SQS did it is unknown, and running it all again is the way to find out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -16,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from shared.aws import error_code
 from shared.settings import ConfigError
+from shared.sqs_requests import Unanswered, counted, no_answer
 
 log = structlog.get_logger()
 
@@ -45,6 +52,7 @@ async def ensure_queues(
     dlq_name: str,
     max_receive_count: int,
     visibility_timeout_s: int = 60,
+    call_timeout_s: float | None = None,
 ) -> QueuePair:
     common = {
         "FifoQueue": "true",
@@ -52,37 +60,57 @@ async def ensure_queues(
         "MaximumMessageSize": str(MAX_MESSAGE_BYTES),
         "MessageRetentionPeriod": str(RETENTION_S),
     }
-    dlq_url = await _create(sqs, dlq_name, dict(common))
-    dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))["Attributes"][
-        "QueueArn"
-    ]
+    dlq_url = await _create(sqs, dlq_name, dict(common), call_timeout_s)
+    answer = await counted(
+        "GetQueueAttributes",
+        sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]),
+        timeout_s=call_timeout_s,
+    )
+    dlq_arn = answer["Attributes"]["QueueArn"]
     main_attributes = dict(
         common,
         VisibilityTimeout=str(visibility_timeout_s),
         ReceiveMessageWaitTimeSeconds="20",
         RedrivePolicy=json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}),
     )
-    queue_url = await _create(sqs, queue_name, main_attributes)
+    queue_url = await _create(sqs, queue_name, main_attributes, call_timeout_s)
     log.info("queues_ready", queue_url=queue_url, dlq_url=dlq_url, max_receive_count=max_receive_count)
     return QueuePair(queue_url=queue_url, dlq_url=dlq_url)
 
 
-async def _create(sqs: Any, name: str, attributes: dict[str, str]) -> str:
+async def _create(sqs: Any, name: str, attributes: dict[str, str], timeout_s: float | None) -> str:
     try:
-        url: str = (await sqs.create_queue(QueueName=name, Attributes=attributes))["QueueUrl"]
+        created = await counted(
+            "CreateQueue", sqs.create_queue(QueueName=name, Attributes=attributes), timeout_s=timeout_s
+        )
+        url: str = created["QueueUrl"]
     except ClientError as exc:
         if error_code(exc) not in {"QueueAlreadyExists", "QueueNameExists"}:
             raise
         # It exists with other attributes: adopt it and bring its attributes to what we want.
-        url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
+        found = await counted("GetQueueUrl", sqs.get_queue_url(QueueName=name), timeout_s=timeout_s)
+        url = found["QueueUrl"]
     settable = {k: v for k, v in attributes.items() if k != "FifoQueue"}
-    await sqs.set_queue_attributes(QueueUrl=url, Attributes=settable)
+    await counted(
+        "SetQueueAttributes", sqs.set_queue_attributes(QueueUrl=url, Attributes=settable), timeout_s=timeout_s
+    )
     return url
 
 
-async def ensure_bucket(s3: Any, bucket: str, region: str) -> None:
+async def _s3_call(operation: str, call: Awaitable[Any], timeout_s: float | None) -> Any:
+    """One S3 call, given up after ``timeout_s`` (None: botocore's own limits) as SQS's are."""
     try:
-        await s3.head_bucket(Bucket=bucket)
+        async with asyncio.timeout(timeout_s) as deadline:
+            return await call
+    except TimeoutError:
+        if deadline.expired():
+            raise Unanswered(f"{no_answer(timeout_s or 0.0, service='S3')} to {operation}") from None
+        raise
+
+
+async def ensure_bucket(s3: Any, bucket: str, region: str, *, call_timeout_s: float | None = None) -> None:
+    try:
+        await _s3_call("HeadBucket", s3.head_bucket(Bucket=bucket), call_timeout_s)
         return
     except ClientError as exc:
         if error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
@@ -90,5 +118,5 @@ async def ensure_bucket(s3: Any, bucket: str, region: str) -> None:
     kwargs: dict[str, Any] = {"Bucket": bucket}
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    await s3.create_bucket(**kwargs)
+    await _s3_call("CreateBucket", s3.create_bucket(**kwargs), call_timeout_s)
     log.info("bucket_created", bucket=bucket)

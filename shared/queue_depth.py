@@ -30,7 +30,7 @@ import structlog
 from shared.aws import error_code, sqs_client
 from shared.metrics import QUEUE_DEPTH_READ, QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, counted
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -178,9 +178,10 @@ async def _reset_visibility(sqs: SQSClient, url: str, chunk: Sequence[str]) -> i
     return len(failed)
 
 
-async def peek_oldest_sent_ms(sqs: SQSClient, url: str) -> int | None:
+async def peek_oldest_sent_ms(sqs: SQSClient, url: str, *, timeout_s: float | None = None) -> int | None:
     """The oldest ``SentTimestamp`` (ms) among the messages one receive returns, visibility reset at
-    once. Never call this on a queue with a redrive policy (see the module docstring)."""
+    once; past ``timeout_s`` (None: botocore's own limits) :class:`TimeoutError`. Never call this on
+    a queue with a redrive policy (see the module docstring)."""
     resp = await counted(
         "ReceiveMessage",
         sqs.receive_message(
@@ -192,6 +193,7 @@ async def peek_oldest_sent_ms(sqs: SQSClient, url: str) -> int | None:
             # A retry after a lost answer gets the same messages back, not the younger ones behind them.
             ReceiveRequestAttemptId=uuid.uuid4().hex,
         ),
+        timeout_s=timeout_s,
     )
     messages = resp.get("Messages", [])
     try:
@@ -208,16 +210,19 @@ async def read_depth(
     *,
     peek_oldest: bool,
     now_s: Callable[[], float] = time.time,
+    timeout_s: float | None = None,
 ) -> QueueDepth:
     """Counts for one queue and its oldest age: 0 when empty, from a peek when ``peek_oldest`` and
-    the queue has no redrive policy, else None (unknown)."""
-    counts = await read_counts(sqs, url)
+    the queue has no redrive policy, else None (unknown). Each call is given up after ``timeout_s``
+    (None: botocore's own limits): the counts' then raises :class:`TimeoutError`, the peek's leaves
+    the age unknown."""
+    counts = await read_counts(sqs, url, timeout_s=timeout_s)
     oldest: float | None = None
     if counts.total == 0:
         oldest = 0.0
     elif peek_oldest and not counts.has_redrive_policy and counts.visible > 0:
         try:
-            sent_ms = await peek_oldest_sent_ms(sqs, url)
+            sent_ms = await peek_oldest_sent_ms(sqs, url, timeout_s=timeout_s)
         except SQS_ERRORS as exc:
             # The counts are read, and the thresholds need only them: the age stays unknown.
             log.warning("queue_oldest_age_unavailable", queue=queue, error=_reason(exc))
@@ -346,4 +351,5 @@ async def poll_queue_depths(
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    # A call given up by counted() says so itself ("no answer from SQS within 10 s to ...").
+    return str(exc) if isinstance(exc, Unanswered) else f"{type(exc).__name__}: {exc}"

@@ -23,6 +23,12 @@ PROMPT_CALL_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
 
+
+class Unanswered(TimeoutError):
+    """A call given up after its timeout without an answer; its text names the call and the bound
+    (``no answer from SQS within 10 s to CreateQueue``). Whether SQS (or S3) did it is unknown."""
+
+
 # SQS's code for a queue URL that names no queue, by its query-compatible code and its JSON type.
 _NO_SUCH_QUEUE = frozenset(("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"))
 
@@ -34,18 +40,20 @@ def no_such_queue(exc: BaseException) -> bool:
 
 async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None = None) -> T:
     """Await one SQS call and count it as ``ok`` or ``error``; past ``timeout_s`` (None: no limit) it
-    is cancelled, counted as an error, and :class:`TimeoutError` raised."""
+    is cancelled, counted as an error, and :class:`Unanswered` (a :class:`TimeoutError`) raised."""
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s) as deadline:
             result = await call
     except Exception:
         SQS_CALLS.labels(operation, "error").inc()
+        if deadline.expired():
+            raise Unanswered(f"{no_answer(timeout_s or 0.0)} to {operation}") from None
         raise
     SQS_CALLS.labels(operation, "ok").inc()
     return result
 
 
-def no_answer(timeout_s: float) -> str:
-    """How a call given up after ``timeout_s`` without an answer is reported: whether SQS did it is
-    unknown."""
-    return f"no answer from SQS within {timeout_s:g} s"
+def no_answer(timeout_s: float, *, service: str = "SQS") -> str:
+    """How a call given up after ``timeout_s`` without an answer is reported: whether SQS (or S3) did
+    it is unknown."""
+    return f"no answer from {service} within {timeout_s:g} s"
