@@ -63,7 +63,7 @@ is when the consumer recorded the row, which history prune reads). Running it ag
 more to change: it is idempotent. A stop cancels the batch in progress (rolled back, also while it
 waits for a row another session holds) and loses nothing; a server that does not confirm the rollback
 within db.CLOSE_TIMEOUT_S gets its connection closed from this side (it rolls back a session that is
-gone). Every statement has ``STATEMENT_TIMEOUT_S`` to answer, measured here (a frozen server or a
+gone). Every statement has ``db.STATEMENT_TIMEOUT_S`` to answer, measured here (a frozen server or a
 network that drops packets answers nothing, and no server-side timeout ends that); then the command
 ends in one line, the batch in progress uncommitted. A batch failing on a deadlock or a serialization
 failure (SQLSTATE class 40) is run again, ``BATCH_ATTEMPTS`` times in all, then the command ends in
@@ -110,12 +110,10 @@ LOCK_TIMEOUT = "10s"
 # size: the person may be in a handful of a million rows, and one statement that searched to the next
 # match read all of them (about 150 µs a row of 12 KB; minutes on a large table).
 SCAN_WINDOW_ROWS = 5_000
-# Longest wait for PostgreSQL's answer to any one statement (asyncpg's command_timeout, measured here,
-# so it also ends the wait on a server that stopped answering, which no server-side timeout does).
-# Each reads or writes a bounded number of rows: a search SCAN_WINDOW_ROWS (a second or two of 12 KB
-# rows; 10,000 with the largest --batch-size), a lock or write at most --batch-size rows by key (at
-# most 10,000), a lock waiting LOCK_TIMEOUT at most before that. A minute is many times that.
-STATEMENT_TIMEOUT_S = 60.0
+# Every statement has db.STATEMENT_TIMEOUT_S (a minute) to answer, as it reads or writes a bounded
+# number of rows: a search SCAN_WINDOW_ROWS (a second or two of 12 KB rows; 10,000 with the largest
+# --batch-size), a lock or write at most --batch-size rows by key (at most 10,000), a lock waiting
+# LOCK_TIMEOUT at most before that. A minute is many times that.
 # A batch that fails on a deadlock or a serialization failure (SQLSTATE class 40: another session
 # locking the same rows in another order) is rolled back and run again this many times in all, after
 # RETRY_BACKOFF_S, doubled each time (0.2 s, 0.4 s, 0.8 s).
@@ -562,7 +560,7 @@ async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None
 async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dry_run: bool) -> ForgetSummary:
     """The command: connect, make the pseudonym (username mode, unless given), scrub or count until
     done or SIGINT/SIGTERM."""
-    statement_timeout_s = STATEMENT_TIMEOUT_S  # read at the call: tests lower it
+    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
     conn = await db.connect(
         database,
         command_timeout=statement_timeout_s,
@@ -570,26 +568,27 @@ async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dr
     )
     try:
         try:
-            if person.username is not None and person.pseudonym is None:
-                key = await pseudonym_key(conn, create=not dry_run)
-                # A dry run writes nothing, not even the key: without one it counts with a throwaway key.
-                person.pseudonym = pseudonym_for(person.username, key or secrets.token_hex(32))
-            log.info(LOG_STARTED, mode=person.mode, dry_run=dry_run, batch_size=batch_size)
-            with stop_on_signals() as stop:
-                summary = await forget(conn, person, batch_size=batch_size, dry_run=dry_run, stop=stop.event)
-                summary.stop_signal = stop.signal
+            with db.unanswered_raised(conn, statement_timeout_s):
+                if person.username is not None and person.pseudonym is None:
+                    key = await pseudonym_key(conn, create=not dry_run)
+                    # A dry run writes nothing, not even the key: without one it counts with a throwaway key.
+                    person.pseudonym = pseudonym_for(person.username, key or secrets.token_hex(32))
+                log.info(LOG_STARTED, mode=person.mode, dry_run=dry_run, batch_size=batch_size)
+                with stop_on_signals() as stop:
+                    summary = await forget(
+                        conn, person, batch_size=batch_size, dry_run=dry_run, stop=stop.event
+                    )
+                    summary.stop_signal = stop.signal
         except asyncpg.LockNotAvailableError:
             raise CommandError(
                 f"a row stayed locked by another session for {LOCK_TIMEOUT}; that batch was not "
                 "changed, the ones before it were; run the same command again"
             ) from None
-        except TimeoutError:
-            conn.terminate()  # a server that does not answer gets no goodbye to wait for either
-            raise CommandError(
-                f"PostgreSQL did not answer a statement within {statement_timeout_s:g} s (a server or "
-                "network that stopped answering); the batch in progress was not committed (each batch "
-                "commits whole or not at all), the ones before it were; check the server, then run the "
-                "same command again"
+        except db.Unanswered as exc:
+            raise db.unanswered_error(
+                exc,
+                "the batch in progress was not committed (each batch commits whole or not at all), the "
+                "ones before it were",
             ) from None
         if dry_run:
             summary.pseudonym = None

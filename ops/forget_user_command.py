@@ -18,14 +18,13 @@ from ops.forget_user import (
     BATCH_ATTEMPTS,
     DEFAULT_BATCH_SIZE,
     EVENT_TABLE,
-    STATEMENT_TIMEOUT_S,
     TASK_TABLE,
     ForgetSummary,
     run,
 )
 from ops.user_scrub import FORMER_USER, Person
 from shared import argtypes
-from shared.db import CLOSE_TIMEOUT_S
+from shared.db import CLOSE_TIMEOUT_S, STATEMENT_TIMEOUT_S
 from shared.errors import CommandError
 from shared.settings import DatabaseSettings
 from shared.shutdown import signal_exit_code, stop_name

@@ -25,9 +25,22 @@ that batch's milliseconds), so they run at the same time. forget-user does write
 updates while a batch waits for it is deleted once it commits. SIGINT/SIGTERM stop it at once: the
 batch in progress (or waiting for a lock) is rolled back.
 
+**A server that stops answering** (frozen, or a network that drops packets) ends it, exit 1 and one
+line, rather than leave it waiting for ever (a cron-run prune would pile up behind it): every
+statement has ``db.STATEMENT_TIMEOUT_S`` (a minute) to answer, measured here. That never cuts real
+work because every statement reads or writes a bounded number of rows: a batch deletes at most
+``--batch-size`` rows (at most MAX_BATCH_SIZE, 100,000; 1,000 by default: milliseconds) by index,
+after waiting LOCK_TIMEOUT at most for a lock; the cutoff and the oldest row are one index entry each.
+The dry run does not count every row before the cutoff in one statement (on a history of tens of
+millions of rows that may rightly take longer than any fixed bound): it counts them in windows of
+COUNT_WINDOW_ROWS in ``ingested_at`` order through the same index, each one statement (plus the rows
+recorded in the very same microsecond as a window's last, one consumer transaction's). A batch is one
+statement: it was deleted whole or not at all.
+
 Exit codes: 0 done (also a dry run); 2 bad arguments or configuration, a retention under 14 days
-included; 1 Postgres unreachable, refusing, or the table locked by someone else; 130/143 stopped by
-SIGINT/SIGTERM (what was deleted stays deleted: run it again to go on); 70 a bug.
+included; 1 Postgres unreachable, refusing, not answering a statement within a minute, or the table
+locked by someone else; 130/143 stopped by SIGINT/SIGTERM (what was deleted stays deleted: run it
+again to go on); 70 a bug.
 """
 
 from __future__ import annotations
@@ -60,6 +73,10 @@ MAX_BATCH_SIZE = 100_000
 USAGE_EXIT_CODE = 2
 # A DELETE waits this long at most for a lock someone else holds (a migration, VACUUM FULL).
 LOCK_TIMEOUT = "10s"
+# The dry run counts this many rows a statement at most (see the module docstring): index entries
+# only, tens of milliseconds each; a second or two where the heap must be read too (a table not yet
+# vacuumed). Every statement has db.STATEMENT_TIMEOUT_S.
+COUNT_WINDOW_ROWS = 100_000
 PROGRESS_LOG_INTERVAL_S = 10.0
 APPLICATION_NAME = "jiralake-history-prune"
 
@@ -75,8 +92,10 @@ RETENTION_HELP = (
 )
 EXIT_CODES_HELP = (
     "Exit codes: 0 done (also with --dry-run); 2 bad arguments or configuration; 1 PostgreSQL "
-    "unreachable or refusing; 130/143 stopped by SIGINT/SIGTERM, the batch in progress rolled back "
-    "(what was deleted stays deleted: run it again to go on)."
+    f"unreachable, refusing or not answering a statement within {db.STATEMENT_TIMEOUT_S:g} s, or the "
+    "table locked too long (each batch is deleted whole or not at all: run it again to go on); 130/143 "
+    f"stopped by SIGINT/SIGTERM, within {db.CLOSE_TIMEOUT_S:g} s even when PostgreSQL does not answer, "
+    "the batch in progress rolled back (what was deleted stays deleted: run it again to go on)."
 )
 
 # -- cutoff --
@@ -87,8 +106,24 @@ CUTOFF_SQL = "SELECT now() - make_interval(hours => 24 * $1)"
 # -- oldest_recorded --
 OLDEST_SQL = "SELECT min(ingested_at) FROM ap_jira_task_event"
 
-# -- count_prunable --
-COUNT_SQL = "SELECT count(*) FROM ap_jira_task_event WHERE ingested_at < $1"
+# -- count_window --
+# The rows recorded after $1 (NULL: from the first) up to t, and t: the time of the $3-th row recorded
+# after $1 and before the cutoff $2 (or of the last before the cutoff, when there are fewer); NULL t,
+# none left. Every row recorded at t itself is counted, so the next window starts after t. Both reads
+# go through the ingested_at index: $3 entries, and again those (plus any more recorded at t).
+COUNT_WINDOW_SQL = """
+WITH window_end AS (
+    SELECT max(ingested_at) AS t
+    FROM (SELECT ingested_at FROM ap_jira_task_event
+          WHERE ingested_at > coalesce($1::timestamptz, '-infinity') AND ingested_at < $2
+          ORDER BY ingested_at
+          LIMIT $3) AS window_rows
+)
+SELECT (SELECT count(*) FROM ap_jira_task_event
+        WHERE ingested_at > coalesce($1::timestamptz, '-infinity') AND ingested_at <= window_end.t) AS rows,
+       window_end.t AS newest
+FROM window_end
+"""
 
 # -- delete_batch --
 # $1: where the previous batch ended (its newest ingested_at; rows of that same time may remain), so
@@ -163,8 +198,15 @@ async def cutoff_for(conn: asyncpg.Connection, older_than_days: int) -> datetime
 
 
 async def count_prunable(conn: asyncpg.Connection, cutoff: datetime) -> int:
-    count: int = await conn.fetchval(COUNT_SQL, cutoff)
-    return count
+    """The rows recorded before ``cutoff``, counted a window of COUNT_WINDOW_ROWS at a time."""
+    window_rows = COUNT_WINDOW_ROWS  # read at the call: tests lower it
+    count, after = 0, None
+    while True:
+        row = await conn.fetchrow(COUNT_WINDOW_SQL, after, cutoff, window_rows)
+        assert row is not None
+        if row["newest"] is None:
+            return count
+        count, after = count + row["rows"], row["newest"]
 
 
 async def delete_batch(
@@ -234,28 +276,39 @@ async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary
     """The command: connect, take the cutoff from Postgres's clock, prune (or count) until done or
     SIGINT/SIGTERM."""
     check_retention(options.older_than_days)
+    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
     conn = await db.connect(
-        database, server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT}
+        database,
+        command_timeout=statement_timeout_s,
+        server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT},
     )
     try:
-        cutoff = await cutoff_for(conn, options.older_than_days)
-        if options.dry_run:
-            _log_started(cutoff, options)
-            summary = await dry_run(
-                conn, cutoff, older_than_days=options.older_than_days, batch_size=options.batch_size
-            )
-        else:
-            with stop_on_signals() as stop:
-                _log_started(cutoff, options)  # from here a signal stops it
-                summary = await prune_history(
-                    conn,
-                    cutoff,
-                    older_than_days=options.older_than_days,
-                    batch_size=options.batch_size,
-                    stop=stop.event,
+        with db.unanswered_raised(conn, statement_timeout_s):
+            cutoff = await cutoff_for(conn, options.older_than_days)
+            if options.dry_run:
+                _log_started(cutoff, options)
+                summary = await dry_run(
+                    conn, cutoff, older_than_days=options.older_than_days, batch_size=options.batch_size
                 )
-                if summary.stopped:
-                    summary.stop_signal = stop.signal
+            else:
+                with stop_on_signals() as stop:
+                    _log_started(cutoff, options)  # from here a signal stops it
+                    summary = await prune_history(
+                        conn,
+                        cutoff,
+                        older_than_days=options.older_than_days,
+                        batch_size=options.batch_size,
+                        stop=stop.event,
+                    )
+                    if summary.stopped:
+                        summary.stop_signal = stop.signal
+    except db.Unanswered as exc:
+        raise db.unanswered_error(
+            exc,
+            "nothing was deleted (a dry run)"
+            if options.dry_run
+            else "what was deleted stays deleted, the batch in progress was deleted whole or not at all",
+        ) from None
     except asyncpg.LockNotAvailableError:
         what = "nothing was counted" if options.dry_run else "the batch was not deleted"
         raise CommandError(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
 
-from shared.errors import one_line
+from shared.errors import CommandError, one_line
 from shared.settings import ConfigError, DatabaseSettings
 
 # Longest wait to open one connection (asyncpg's ``timeout``); a caller's own ``timeout=`` wins.
@@ -21,6 +23,13 @@ CONNECT_TIMEOUT_S = 10.0
 POOL_COMMAND_TIMEOUT_S = 60.0
 # Longest wait for the server to take a connection's goodbye; then the socket is closed from this side.
 CLOSE_TIMEOUT_S = 5.0
+# Longest wait for PostgreSQL's answer to any one statement of a one-off command whose every statement
+# reads or writes a bounded number of rows (forget-user, history prune, backfill, reconcile: each
+# module's docstring says why its statements are bounded, and a minute is many times the largest).
+# asyncpg's command_timeout, measured here: it also ends the wait on a server or a network that
+# stopped answering, which no server-side timeout does, so that such a command ends (exit 1, one
+# line) rather than hang for ever, or pile up under cron. Read at each command's call: tests lower it.
+STATEMENT_TIMEOUT_S = 60.0
 
 
 # asyncpg errors that mean the server ended the session (found by tests/test_fault_injection.py and
@@ -108,6 +117,38 @@ async def create_pool(
         raise _unresolved(db, exc) from None
     assert pool is not None
     return pool
+
+
+class Unanswered(Exception):
+    """A statement PostgreSQL did not answer within the connection's ``command_timeout``; the
+    connection is closed from this side (the server rolls back a transaction whose session is gone; a
+    statement it was running on its own completes whole or not at all)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"PostgreSQL did not answer a statement within {timeout_s:g} s (a server or network that "
+            "stopped answering)"
+        )
+
+
+@contextmanager
+def unanswered_raised(conn: asyncpg.Connection, timeout_s: float) -> Iterator[None]:
+    """Inside: PostgreSQL statements on ``conn``, connected with ``command_timeout=timeout_s``, and
+    nothing else that may raise :class:`TimeoutError` (a Jira or SQS call). A statement not answered in
+    time closes ``conn`` from this side (a ROLLBACK or a goodbye would wait as long again) and raises
+    :class:`Unanswered`; the command says in one line what that left done and undone
+    (:func:`unanswered_error`)."""
+    try:
+        yield
+    except TimeoutError:
+        conn.terminate()
+        raise Unanswered(timeout_s) from None
+
+
+def unanswered_error(exc: Unanswered, outcome: str) -> CommandError:
+    """The one line (exit 1) a one-off command ends with when PostgreSQL stopped answering:
+    ``outcome`` says what was done and what was not."""
+    return CommandError(f"{exc}; {outcome}; check the server, then run the same command again")
 
 
 async def close(conn: asyncpg.Connection) -> None:

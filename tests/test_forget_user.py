@@ -884,7 +884,7 @@ async def test_a_statement_postgresql_does_not_answer_in_time_ends_it_in_one_lin
     # GIVEN every sample applied, another session holding every history row, and the command reaching
     # PostgreSQL through a proxy (its statement bound lowered to 2 s for the test), its first history
     # batch waiting for those rows
-    monkeypatch.setattr(forget_user, "STATEMENT_TIMEOUT_S", 2.0, raising=False)
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 2.0)
     await load_samples(pg)
     holder = await asyncpg.connect(database_url)
     proxy = await postgres_proxy(database_url)

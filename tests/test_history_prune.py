@@ -377,6 +377,125 @@ async def test_sigterm_stops_the_command_within_seconds_when_postgresql_stops_an
         await proxy.close()
 
 
+async def record_one_by_one(pg: asyncpg.Connection, count: int, *, age_days: float) -> list[str]:
+    """``count`` history rows recorded about ``age_days`` ago, each a millisecond after the one before
+    (in one statement): the oldest first."""
+    ids = [f"old-{i:05d}" for i in range(count)]
+    await pg.execute(
+        """
+        INSERT INTO ap_jira_task_event (delivery_id, issue_id, event_type, event_at, event_version,
+                                        event_tiebreak, applied, ingested_at)
+        SELECT d, 1, 'jira:issue_updated', now(), 0, '', true,
+               now() - $2 * interval '1 day' + n * interval '1 millisecond'
+        FROM unnest($1::text[]) WITH ORDINALITY AS u (d, n)
+        """,
+        ids,
+        age_days,
+    )
+    return ids
+
+
+@pytest.mark.timeout(60)
+async def test_a_prune_postgresql_stops_answering_ends_in_one_line_within_the_statement_bound(
+    pg: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 1500 rows recorded a month ago, one after the other, pruned 3 at a time through a proxy,
+    # with the statement bound lowered to 1.5 s (a minute in the product)
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1.5)
+    ids = await record_one_by_one(pg, 1500, age_days=31)
+    proxy = await postgres_proxy(database_url)
+    try:
+        command = asyncio.create_task(
+            history_prune.run(
+                DatabaseSettings(url=through(proxy, database_url)),
+                PruneOptions(older_than_days=14, batch_size=3),
+            )
+        )
+
+        async def pruning() -> bool:
+            return bool(await pg.fetchval("SELECT count(*) < 1500 FROM ap_jira_task_event"))
+
+        await wait_for(pruning, what="the first batches")
+        # WHEN PostgreSQL stops answering (its packets dropped, nothing closed), no signal sent
+        proxy.freeze()
+        started = time.monotonic()
+        # THEN the command ends soon after the statement bound, in one line that says what to do: exit 1
+        with pytest.raises(CommandError) as failed:
+            await asyncio.wait_for(command, timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        await proxy.close()
+    assert elapsed < 1.5 + 3
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "
+        "what was deleted stays deleted, the batch in progress was deleted whole or not at all; check the "
+        "server, then run the same command again"
+    )
+    # AND no batch is half-done: whole batches of the oldest rows went, the rest is there
+    left = await remaining(pg)
+    assert 0 < len(left) < 1500 and len(left) % 3 == 0
+    assert left == ids[len(ids) - len(left) :]
+
+
+@pytest.mark.timeout(60)
+async def test_a_dry_run_postgresql_stops_answering_ends_in_one_line_within_the_statement_bound(
+    pg: asyncpg.Connection, other: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN rows to count, the history locked by another session so that the dry run's count waits,
+    # and the command reaching PostgreSQL through a proxy, its statement bound lowered to 1.5 s
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1.5)
+    await record(pg, "old", 3, age_days=31)
+    proxy = await postgres_proxy(database_url)
+    try:
+        async with other.transaction():
+            await other.execute("LOCK TABLE ap_jira_task_event IN ACCESS EXCLUSIVE MODE")
+            command = asyncio.create_task(
+                history_prune.run(
+                    DatabaseSettings(url=through(proxy, database_url)),
+                    PruneOptions(older_than_days=14, dry_run=True),
+                )
+            )
+
+            async def counting() -> bool:
+                return bool(await pg.fetchval(PRUNE_WAITING_ON_LOCK, history_prune.APPLICATION_NAME))
+
+            await wait_for(counting, what="the dry run's count to wait on the lock")
+            # WHEN PostgreSQL stops answering (the lock timeout's error never arrives), no signal sent
+            proxy.freeze()
+            started = time.monotonic()
+            # THEN the dry run ends soon after the statement bound, in one line: exit 1
+            with pytest.raises(CommandError) as failed:
+                await asyncio.wait_for(command, timeout=30)
+            elapsed = time.monotonic() - started
+    finally:
+        await proxy.close()
+    assert elapsed < 1.5 + 3
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "
+        "nothing was deleted (a dry run); check the server, then run the same command again"
+    )
+    assert await remaining(pg) == ["old-00000", "old-00001", "old-00002"]
+
+
+async def test_the_dry_run_counts_in_windows_exactly_what_one_count_would(
+    pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN rows recorded at 3 times before the cutoff (5, 1 and 4 rows at each: ties across any window's
+    # end) and 2 after it
+    for prefix, count, days in (("a", 5, 40), ("b", 1, 35), ("c", 4, 20), ("new", 2, 1)):
+        await record(pg, prefix, count, age_days=days)
+    cutoff = await cutoff_for(pg, 14)
+    # WHEN they are counted a window of 1, 2, 3, ... rows at a time
+    counts = []
+    for window in (1, 2, 3, 4, 6, 100_000):
+        monkeypatch.setattr(history_prune, "COUNT_WINDOW_ROWS", window)
+        counts.append(await history_prune.count_prunable(pg, cutoff))
+    # THEN every count is the 10 rows before the cutoff
+    assert counts == [10] * 6
+
+
 # -- redeliveries after a prune --
 
 
