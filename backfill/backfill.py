@@ -6,13 +6,21 @@ SQS does not answer within PROMPT_CALL_TIMEOUT_S stops the run with that page no
 backfill/enqueue.py). A restart with the same request continues from the saved cursor; a complete
 run forgets the cursor and, when it covered everything since the previous watermark, stores its
 start time as the new watermark for ``--updated-since last-run``.
+
+PostgreSQL holds only that bookkeeping: each statement reads or writes one row by key, so each has
+``db.STATEMENT_TIMEOUT_S`` (a minute) to answer. A server that stops answering ends the command in one
+line (exit 1) rather than leave it waiting for ever: every page SQS accepted stays enqueued, and the
+cursor is never ahead of them (saved only after SQS accepted the page), so a rerun resumes after the
+last page saved, and a page sent again changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Literal, TextIO
@@ -39,6 +47,11 @@ log = structlog.get_logger()
 LAST_RUN: Final = "last-run"
 # Pages read ahead of the one being sent: Jira and SQS work at the same time, memory stays bounded.
 PREFETCH_PAGES = 1
+# What a backfill PostgreSQL stopped answering leaves (db.unanswered_error).
+UNANSWERED_OUTCOME = (
+    "every page SQS accepted stays enqueued, and a rerun resumes after the last page whose place was "
+    "saved (a page sent again changes nothing)"
+)
 
 Since = datetime | Literal["last-run"] | None
 
@@ -90,22 +103,28 @@ async def run_backfill(
         expand=request.expand or "",
     )
     summary = BackfillSummary(jql="", dry_run=request.dry_run)
-    conn = await db.connect(settings.database)
+    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
+    conn = await db.connect(settings.database, command_timeout=statement_timeout_s)
+    # Around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not PostgreSQL's.
+    postgres = functools.partial(db.unanswered_raised, conn, statement_timeout_s)
     try:
         async with JiraClient(settings.jira, sleep=sleep) as jira, aws.sqs_client(settings.aws) as sqs:
             me = await jira.myself()
             zone = jira_zone(me.get("timeZone"))
-            run = None if request.restart else await state.load_run(conn, key)
+            with postgres():
+                run = None if request.restart else await state.load_run(conn, key)
             if run is None:
-                covers_from = await _covers_from(conn, key, request.updated_since)
+                with postgres():
+                    covers_from = await _covers_from(conn, key, request.updated_since)
                 effective = build_jql(request.jql, updated_since=covers_from, zone=zone)
                 if request.dry_run:
                     summary.jql = effective
                     summary.total = await jira.count(effective)
                     return summary
-                run = await state.start_run(
-                    conn, key, effective_jql=effective, covers_from=covers_from, started_at=started_at
-                )
+                with postgres():
+                    run = await state.start_run(
+                        conn, key, effective_jql=effective, covers_from=covers_from, started_at=started_at
+                    )
             else:
                 summary.resumed_after_page = run.pages_done
                 summary.refused_before_resume = run.issues_refused
@@ -124,7 +143,7 @@ async def run_backfill(
             progress = Progress(total=None, done=run.issues_sent, stream=progress_stream, tty=progress_tty)
             try:
                 limit = await max_entry_bytes(sqs, settings.queue_url)
-                job = _Job(settings, request, key, jira, sqs, conn, progress, summary, sleep, limit)
+                job = _Job(settings, request, key, jira, sqs, conn, postgres, progress, summary, sleep, limit)
                 await _send_remaining_pages(job, run)
             except (JiraError, QueueUnavailable) as exc:
                 # Said only when there is something to resume: a failed first page has none.
@@ -138,6 +157,8 @@ async def run_backfill(
                 raise
             summary.jira_retries = jira.retries
             return summary
+    except db.Unanswered as exc:
+        raise db.unanswered_error(exc, UNANSWERED_OUTCOME) from None
     finally:
         await db.close(conn)
         summary.duration_s = time.monotonic() - started_mono
@@ -153,6 +174,8 @@ class _Job:
     jira: JiraClient
     sqs: SQSClient
     conn: asyncpg.Connection
+    # ``with job.postgres():`` around PostgreSQL's statements (db.unanswered_raised).
+    postgres: Callable[[], contextlib.AbstractContextManager[None]]
     progress: Progress
     summary: BackfillSummary
     sleep: Sleep
@@ -174,20 +197,22 @@ async def _send_remaining_pages(job: _Job, run: state.RunState) -> None:
                 # Cloud's nextPageToken expires after 7 days: start the same run again at
                 # page one (same JQL and start time); the pages re-sent are duplicates.
                 log.warning("backfill_token_expired", reason=exc.reason, pages_done=run.pages_done)
-                run = await state.start_run(
-                    job.conn,
-                    job.key,
-                    effective_jql=run.effective_jql,
-                    covers_from=run.covers_from,
-                    started_at=run.started_at,
-                )
+                with job.postgres():
+                    run = await state.start_run(
+                        job.conn,
+                        job.key,
+                        effective_jql=run.effective_jql,
+                        covers_from=run.covers_from,
+                        started_at=run.started_at,
+                    )
                 job.summary.restarted_after_expired_token = True
                 job.summary.issues_sent_total = 0
                 job.summary.refused_before_resume = 0
                 await _pages_to_queue(job, run)
     finally:
         job.progress.finish()  # ends the bar's line before an error message, too
-    await _finish(job.conn, job.key, run, job.summary)
+    with job.postgres():
+        await _finish(job.conn, job.key, run, job.summary)
 
 
 async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
@@ -235,14 +260,15 @@ async def _pages_to_queue(job: _Job, run: state.RunState) -> None:
             job.summary.pages += 1
             job.summary.sent += outcome.sent
             job.summary.issues_sent_total += outcome.sent
-            await state.save_page(
-                job.conn,
-                job.key,
-                next_cursor=item.next_cursor,
-                pages_done=pages_done,
-                issues_sent=job.summary.issues_sent_total,
-                issues_refused=job.summary.refused_before_resume + len(job.summary.refused),
-            )
+            with job.postgres():
+                await state.save_page(
+                    job.conn,
+                    job.key,
+                    next_cursor=item.next_cursor,
+                    pages_done=pages_done,
+                    issues_sent=job.summary.issues_sent_total,
+                    issues_refused=job.summary.refused_before_resume + len(job.summary.refused),
+                )
             job.progress.advance(len(item.issues))
     finally:
         fetcher.cancel()

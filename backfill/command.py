@@ -1,7 +1,8 @@
 """``jiralake backfill`` and ``jiralake reconcile``: parse, run, print a summary.
 
 Bad input (no Jira URL or credentials, a bad ``--updated-since``, Jira answering 401) ends in one
-line on stderr and a non-zero exit, never a traceback.
+line on stderr and a non-zero exit, never a traceback; so does PostgreSQL not answering a statement
+within db.STATEMENT_TIMEOUT_S (exit 1: run_backfill and run_reconcile say what that left done).
 """
 
 from __future__ import annotations

@@ -17,13 +17,21 @@ all retries, with their bodies, for up to 72 hours. Jira serves it only to Conne
 app's own webhooks; for webhooks an admin registered (the usual setup for jiralake) and on Data
 Center there is no such list, and the report says so. Backfill with ``--updated-since`` over the
 outage window repairs those updates; reconcile repairs their deletes.
+
+PostgreSQL: the live rows are read LIVE_WINDOW_ROWS at a time by key, and the failed-webhook cursor is
+one row, so every statement reads or writes a bounded number of rows and has ``db.STATEMENT_TIMEOUT_S``
+(a minute) to answer. A server that stops answering ends the command in one line (exit 1) rather
+than leave it waiting for ever: what was enqueued stays enqueued, and a rerun sends only what it still
+finds missing (a message sent again changes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
@@ -58,10 +66,25 @@ DEFAULT_MAX_DELETES = 100
 # Events a replayed webhook may carry: the ones Jira sends (never jiralake's own).
 WEBHOOK_EVENT_PREFIXES = tuple(p for p in ISSUE_EVENT_PREFIXES if not p.startswith("jiralake:"))
 
-# -- live_rows --
-_LIVE_ROWS = (
-    "SELECT issue_id, issue_key, coalesce(version, 0) AS version FROM ap_jira_task WHERE NOT is_deleted"
+# The live rows are read this many rows a statement (by primary key: milliseconds; a second or two
+# from a cold disk), so that no statement reads the whole table, however large.
+LIVE_WINDOW_ROWS = 10_000
+# What a reconcile PostgreSQL stopped answering leaves (db.unanswered_error).
+UNANSWERED_OUTCOME = (
+    "what was enqueued stays enqueued, and a rerun sends only what it still finds missing (a message "
+    "sent again changes nothing)"
 )
+
+# -- live_rows --
+# The next $2 rows after issue_id $1 (NULL: from the first), deleted ones too, so that a statement reads
+# at most $2 rows however many are deleted: the caller keeps the live ones.
+_LIVE_ROWS = """
+SELECT issue_id, issue_key, coalesce(version, 0) AS version, is_deleted
+FROM ap_jira_task
+WHERE issue_id > coalesce($1::bigint, -9223372036854775808)
+ORDER BY issue_id
+LIMIT $2
+"""
 
 
 @dataclass(frozen=True)
@@ -132,7 +155,10 @@ async def run_reconcile(
 ) -> ReconcileSummary:
     jql = build_jql(request.jql)
     summary = ReconcileSummary(jql=jql, dry_run=request.dry_run)
-    conn = await db.connect(settings.database)
+    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
+    conn = await db.connect(settings.database, command_timeout=statement_timeout_s)
+    # Around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not PostgreSQL's.
+    postgres = functools.partial(db.unanswered_raised, conn, statement_timeout_s)
     try:
         async with JiraClient(settings.jira, sleep=sleep) as jira, aws.sqs_client(settings.aws) as sqs:
             await jira.myself()
@@ -140,7 +166,8 @@ async def run_reconcile(
                 jira, jql, Progress(unit="ids", stream=progress_stream, tty=progress_tty)
             )
             summary.jira_ids = len(jira_ids)
-            rows = await conn.fetch(_LIVE_ROWS)
+            with postgres():
+                rows = await live_rows(conn)
             summary.live_rows = len(rows)
             missing = [
                 (str(r["issue_id"]), r["issue_key"], r["version"])
@@ -156,15 +183,30 @@ async def run_reconcile(
             if request.replay_failed_webhooks:
                 try:
                     summary.failed_webhooks = await _replay_failed_webhooks(
-                        settings, request, jira, sqs, conn, sleep
+                        settings, request, jira, sqs, conn, postgres, sleep
                     )
                 except (JiraError, QueueUnavailable) as exc:
                     # Reported with the rest (what the delete step did stands), not instead of it.
                     summary.failed_webhooks_error = str(exc)
                     log.warning("reconcile_failed_webhooks_stopped", error=str(exc))
+    except db.Unanswered as exc:
+        raise db.unanswered_error(exc, UNANSWERED_OUTCOME) from None
     finally:
         await db.close(conn)
     return summary
+
+
+async def live_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every row of ap_jira_task not deleted, in issue_id order, LIVE_WINDOW_ROWS a statement."""
+    window_rows = LIVE_WINDOW_ROWS  # read at the call: tests lower it
+    live: list[asyncpg.Record] = []
+    after: int | None = None
+    while True:
+        rows = await conn.fetch(_LIVE_ROWS, after, window_rows)
+        live += [row for row in rows if not row["is_deleted"]]
+        if len(rows) < window_rows:
+            return live
+        after = rows[-1]["issue_id"]
 
 
 async def _jira_ids(jira: JiraClient, jql: str, progress: Progress) -> set[int]:
@@ -262,9 +304,12 @@ async def _replay_failed_webhooks(
     jira: JiraClient,
     sqs: SQSClient,
     conn: asyncpg.Connection,
+    postgres: Callable[[], AbstractContextManager[None]],
     sleep: Sleep,
 ) -> FailedWebhookReport:
-    after_ms = await state.load_failed_webhook_cursor(conn, settings.jira.url)
+    """``with postgres():`` around PostgreSQL's statements (db.unanswered_raised)."""
+    with postgres():
+        after_ms = await state.load_failed_webhook_cursor(conn, settings.jira.url)
     report = FailedWebhookReport(available=True)
     limit: int | None = None  # what a message may count on the queue, asked before the first send
     while True:
@@ -300,7 +345,8 @@ async def _replay_failed_webhooks(
         if times:
             after_ms = max(times)
             if not request.dry_run:
-                await state.store_failed_webhook_cursor(conn, settings.jira.url, after_ms)
+                with postgres():
+                    await state.store_failed_webhook_cursor(conn, settings.jira.url, after_ms)
         if not page.values or len(page.values) < page.max_results or not times:
             return report
 

@@ -3,8 +3,10 @@ real Postgres and moto's SQS server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -18,7 +20,9 @@ from backfill.command import backfill_report
 from backfill.jira_client import JiraClient, JiraRequestError, JiraUnavailable
 from backfill.settings import JiraSettings
 from backfill.snapshot import snapshot_envelope
+from shared import db
 from shared.envelope import Envelope
+from shared.errors import CommandError
 from shared.jira_event import SNAPSHOT_EVENT, Routed, parse_jira_time_ms, route
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
@@ -32,6 +36,7 @@ from tests.jira_api_server import (
     fixture_issue,
     fixture_issues,
 )
+from tests.tcp_proxy import postgres_proxy, through
 
 
 class RecordingSleep:
@@ -561,3 +566,62 @@ async def test_a_429_with_only_x_ratelimit_reset_is_retried_once_after_the_reset
         (e["wait_reason"], e["reset_in_s"], e["retry_after_s"], e["rate_limit_reason"]) for e in retries
     ] == [("X-RateLimit-Reset", 5.0, None, "jira-burst-based")]
     assert API_TOKEN not in repr(logs)
+
+
+@pytest.mark.timeout(60)
+async def test_a_backfill_postgresql_stops_answering_ends_in_one_line_and_a_rerun_resumes(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    db_settings: DatabaseSettings,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 25 issues in pages of 5, a backfill reaching PostgreSQL through a proxy (its statement bound
+    # lowered to 1.5 s; a minute in the product), and PostgreSQL that stops answering (its packets
+    # dropped, nothing closed) once Jira has answered the third page, no signal sent
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1.5)
+    server, url = jira
+    server.issues = fixture_issues(25)
+    proxy = await postgres_proxy(database_url)
+    frozen_at: list[float] = []
+
+    def freeze(_: list[dict[str, Any]]) -> None:
+        proxy.freeze()
+        frozen_at.append(time.monotonic())
+
+    server.change_after_page = {2: freeze}
+    through_proxy = DatabaseSettings(url=through(proxy, database_url))
+    settings = backfill_settings(
+        url, queues, through_proxy, aws_settings, deployment="datacenter", page_size=5
+    )
+    try:
+        # WHEN the backfill runs
+        with pytest.raises(CommandError) as failed:
+            await asyncio.wait_for(
+                run_backfill(settings, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False),
+                timeout=30,
+            )
+        elapsed = time.monotonic() - frozen_at[0]
+    finally:
+        await proxy.close()
+    # THEN it ends soon after the statement bound, in one line that says what to do: exit 1
+    assert elapsed < 1.5 + 3
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "
+        "every page SQS accepted stays enqueued, and a rerun resumes after the last page whose place was "
+        "saved (a page sent again changes nothing); check the server, then run the same command again"
+    )
+    # AND the saved cursor is not ahead of what SQS accepted: at most the page in progress is unsaved
+    saved = await pg.fetchval("SELECT pages_done FROM jiralake_backfill_run")
+    first = queued_ids(await drain(aws_settings, queues.queue_url))
+    assert first in (ids_of(server.issues[: saved * 5]), ids_of(server.issues[: (saved + 1) * 5]))
+    # WHEN PostgreSQL answers again and the same backfill runs again
+    direct = backfill_settings(url, queues, db_settings, aws_settings, deployment="datacenter", page_size=5)
+    summary = await run_backfill(direct, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False)
+    # THEN it resumed after the last saved page, and every issue went out
+    assert summary.resumed_after_page == saved and summary.complete
+    rest = queued_ids(await drain(aws_settings, queues.queue_url))
+    assert sorted(set(first) | set(rest)) == ids_of(server.issues)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import asyncpg
 import pytest
 
+from backfill import reconcile
 from backfill.command import reconcile_report
 from backfill.reconcile import ReconcileRequest, run_reconcile
+from shared import db
 from shared.envelope import Envelope, body_sha256
+from shared.errors import CommandError
 from shared.jira_event import RECONCILED_DELETE_EVENT
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings
@@ -21,6 +26,7 @@ from tests.jira_api_server import (
     fixture_issues,
 )
 from tests.jira_fixtures import load, make_event
+from tests.tcp_proxy import postgres_proxy, through
 
 
 async def live_rows(pg: asyncpg.Connection, rows: list[tuple[int, str]]) -> None:
@@ -461,3 +467,67 @@ async def test_rows_already_deleted_are_not_looked_up_or_deleted_again(
     # count it against --max-deletes, and enough of them would hold back every real delete for good
     assert (summary.live_rows, summary.candidates, summary.deletes_enqueued) == (3, 0, 0)
     assert await drain(aws_settings, queues.queue_url) == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_reconcile_postgresql_stops_answering_ends_in_one_line_and_enqueues_nothing(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN live rows Jira's search does not return (one of them deleted in Jira), reconcile reaching
+    # PostgreSQL through a proxy (its statement bound lowered to 1.5 s; a minute in the product), and
+    # PostgreSQL that stops answering (its packets dropped, nothing closed) while Jira answers the
+    # search, before the live rows are read; no signal sent
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1.5)
+    server, url = jira
+    await jira_with_gaps(server, pg)
+    proxy = await postgres_proxy(database_url)
+    frozen_at: list[float] = []
+
+    def freeze(_request: Any, _body: dict[str, Any]) -> None:
+        if not frozen_at:
+            proxy.freeze()
+            frozen_at.append(time.monotonic())
+
+    server.tamper["search"] = freeze
+    settings = backfill_settings(
+        url, queues, DatabaseSettings(url=through(proxy, database_url)), aws_settings
+    )
+    try:
+        # WHEN reconcile runs
+        with pytest.raises(CommandError) as failed:
+            await asyncio.wait_for(run_reconcile(settings, ReconcileRequest()), timeout=30)
+        elapsed = time.monotonic() - frozen_at[0]
+    finally:
+        await proxy.close()
+    # THEN it ends soon after the statement bound, in one line that says what to do: exit 1
+    assert elapsed < 1.5 + 3
+    assert failed.value.exit_code == 1
+    assert str(failed.value) == (
+        "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "
+        "what was enqueued stays enqueued, and a rerun sends only what it still finds missing (a message "
+        "sent again changes nothing); check the server, then run the same command again"
+    )
+    # AND nothing was enqueued: no row was read, so no delete was decided
+    assert server.issue_lookups == []
+    assert await drain(aws_settings, queues.queue_url) == []
+
+
+async def test_the_live_rows_are_read_in_windows_deleted_rows_left_out(
+    pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN 7 rows, 3 of them deleted (one at each end, one in the middle)
+    await live_rows(pg, [(i, f"BF-{i}") for i in range(1, 8)])
+    await pg.execute("UPDATE ap_jira_task SET deleted_version = version WHERE issue_id = ANY($1)", [1, 4, 7])
+    # WHEN the live rows are read a window of 1, 2, 3, ... rows at a time
+    read = []
+    for window in (1, 2, 3, 7, 10_000):
+        monkeypatch.setattr(reconcile, "LIVE_WINDOW_ROWS", window)
+        read.append([(r["issue_id"], r["issue_key"], r["version"]) for r in await reconcile.live_rows(pg)])
+    # THEN every read is the 4 live rows, in issue_id order
+    expected = [(i, f"BF-{i}", 1700000000000) for i in (2, 3, 5, 6)]
+    assert read == [expected] * 5
