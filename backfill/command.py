@@ -1,8 +1,10 @@
 """``jiralake backfill`` and ``jiralake reconcile``: parse, run, print a summary.
 
 Bad input (no Jira URL or credentials, a bad ``--updated-since``, Jira answering 401) ends in one
-line on stderr and a non-zero exit, never a traceback; so does PostgreSQL not answering a statement
-within db.STATEMENT_TIMEOUT_S (exit 1: run_backfill and run_reconcile say what that left done).
+line on stderr and a non-zero exit, never a traceback; so do SQS not answering a send within
+PROMPT_CALL_TIMEOUT_S and PostgreSQL not answering a statement within db.STATEMENT_TIMEOUT_S (exit 1:
+backfill/enqueue.py, run_backfill and run_reconcile say what that left done). Neither command handles
+signals: SIGTERM ends it at once (143), Ctrl-C within db.CLOSE_TIMEOUT_S (130).
 """
 
 from __future__ import annotations
@@ -20,12 +22,29 @@ from backfill.jql import parse_since
 from backfill.reconcile import DEFAULT_MAX_DELETES, Finding, ReconcileRequest, ReconcileSummary, run_reconcile
 from backfill.settings import BackfillSettings
 from shared import argtypes
+from shared.db import STATEMENT_TIMEOUT_S
 from shared.errors import CommandError
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
 
 _ENV_HELP = (
     "Jira: JIRALAKE_JIRA_URL, and JIRALAKE_JIRA_EMAIL + JIRALAKE_JIRA_API_TOKEN (Cloud) or "
     "JIRALAKE_JIRA_PAT (Data Center). Queue: JIRALAKE_QUEUE_URL, JIRALAKE_DLQ_URL. Postgres: "
     "DATABASE_URL or PG*."
+)
+_UNANSWERED_HELP = (
+    f"SQS not answering a send within {PROMPT_CALL_TIMEOUT_S:g} s, or PostgreSQL unreachable or not "
+    f"answering a statement within {STATEMENT_TIMEOUT_S:g} s (what was sent stays sent: run the same "
+    "command again)"
+)
+BACKFILL_EXIT_CODES_HELP = (
+    "Exit codes: 0 done (also with --dry-run); 2 bad configuration or --updated-since; 1 Jira or SQS "
+    f"failed, credentials rejected, issues that could not be enqueued, {_UNANSWERED_HELP}; 130/143 "
+    "stopped by SIGINT/SIGTERM (the same command resumes after the last saved page)."
+)
+RECONCILE_EXIT_CODES_HELP = (
+    "Exit codes: 0 done (also with --dry-run); 2 bad configuration or arguments; 1 Jira or SQS failed, "
+    "deletes withheld (more 404s than --max-deletes, or an empty search), rows that could not be "
+    f"checked, the failed-webhook replay stopped, {_UNANSWERED_HELP}; 130/143 stopped by SIGINT/SIGTERM."
 )
 
 
@@ -36,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Pull issues from the Jira REST API and put each on the queue as a snapshot "
         "event; the consumer applies it unless the table already holds a newer version. "
         "A restarted run with the same arguments continues from its last saved page. " + _ENV_HELP,
+        epilog=BACKFILL_EXIT_CODES_HELP,
     )
     backfill.add_argument(
         "--jql", type=argtypes.non_blank, help="issues to fetch (default: every issue the account can browse)"
@@ -62,6 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="mark issues Jira deleted (404) as deleted; replay Jira's failed webhooks where it lists them",
         description="Compare the ids Jira returns for a JQL with the live rows of ap_jira_task; look up "
         "each missing one, and enqueue a delete event only when Jira answers 404. " + _ENV_HELP,
+        epilog=RECONCILE_EXIT_CODES_HELP,
     )
     reconcile.add_argument(
         "--jql",

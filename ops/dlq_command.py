@@ -31,6 +31,23 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 DEFAULT_LIST_LIMIT = 100
+_UNANSWERED = f"not answering a call within {PROMPT_CALL_TIMEOUT_S:g} s"
+LIST_EXIT_CODES_HELP = (
+    f"Exit codes: 0 listed; 2 bad arguments or configuration; 1 SQS unreachable, refusing or {_UNANSWERED} "
+    f"(what the listing held is visible again within {dlq.LIST_HOLD_S} s); 130/143 stopped by "
+    "SIGINT/SIGTERM, the held messages made visible again."
+)
+REPLAY_EXIT_CODES_HELP = (
+    "Exit codes: 0 done (also with --dry-run); 2 bad arguments or configuration; 1 a message could not "
+    f"be replayed, or SQS unreachable, refusing or {_UNANSWERED} (the replay stops: what it could not "
+    "be sure of stays in the dead-letter queue, run it again); 130/143 stopped by SIGINT/SIGTERM between "
+    "batches (run it again to go on)."
+)
+PURGE_EXIT_CODES_HELP = (
+    f"Exit codes: 0 purged (or a purge already under way); 2 without --yes, bad arguments or "
+    f"configuration; 1 SQS unreachable, refusing or {_UNANSWERED} (the line says whether anything "
+    "may have been purged)."
+)
 
 
 def issue_id(raw: str) -> str:
@@ -57,6 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="show what is in the dead-letter queue without consuming it",
         description="Receives the messages, shows them and makes them visible again at once. While it "
         "runs, the listed messages (and their issues' later ones) are hidden from other readers.",
+        epilog=LIST_EXIT_CODES_HELP,
     )
     listing.add_argument(
         "--limit",
@@ -72,7 +90,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="move dead-lettered events back to the main queue, in order per issue",
         description="Sends each message back to the main queue (same body, group and envelope "
         "attributes, a new deduplication id), then deletes it from the dead-letter queue. A failure "
-        "between the two leaves a harmless duplicate, never a loss. Exits 1 if anything failed.",
+        "between the two leaves a harmless duplicate, never a loss.",
+        epilog=REPLAY_EXIT_CODES_HELP,
     )
     replay.add_argument("--limit", type=argtypes.positive_int, help="replay at most N messages")
     replay.add_argument(
@@ -85,6 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "purge",
         help="delete everything in the dead-letter queue for good",
         description="Deletes every message in the dead-letter queue. Refuses without --yes.",
+        epilog=PURGE_EXIT_CODES_HELP,
     )
     purge.add_argument("--yes", action="store_true", help="yes, delete them all")
     purge.set_defaults(func=_purge_command)

@@ -26,6 +26,13 @@ from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, Unanswered
 
 log = structlog.get_logger()
 
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 2 bad arguments or configuration; 1 SQS, S3 or PostgreSQL unreachable or "
+    f"refusing, or an SQS or S3 call not answered within {PROMPT_CALL_TIMEOUT_S:g} s (one line names it; "
+    "the migrations come after, and running setup again is safe); 130/143 stopped by SIGINT/SIGTERM, the "
+    "migration in progress rolled back (run it again to go on)."
+)
+
 
 @dataclass(frozen=True)
 class SetupSettings:
@@ -149,7 +156,13 @@ async def _setup_unless_stopped(settings: SetupSettings, *, queues: bool, databa
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("setup", help="create queues (and a local bucket), apply migrations")
+    parser = subparsers.add_parser(
+        "setup",
+        help="create queues (and a local bucket), apply migrations",
+        description="Create the FIFO queue and its dead-letter queue (and the bucket on a local endpoint), "
+        "then apply the PostgreSQL migrations. Running it twice changes nothing.",
+        epilog=EXIT_CODES_HELP,
+    )
     only = parser.add_mutually_exclusive_group()  # both would do nothing, and say nothing
     only.add_argument("--skip-queues", action="store_true", help="only apply the Postgres migrations")
     only.add_argument("--skip-db", action="store_true", help="only create the queues (and local bucket)")

@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--state-dir",
         type=argtypes.folder,
         default=Path(".jiralake"),
-        help="scratch folder (one `up` at a time per folder)",
+        help="scratch folder, not a file (one `up` at a time per folder)",
     )
     parser.add_argument(
         "--export-schedule",
