@@ -92,6 +92,7 @@ async def send_envelopes(
         else:
             pending.append(env)
     last_error = ""
+    maybe_stored: set[int] = set()  # id() of pending envelopes SQS may have stored (its answer lost)
     for attempt in range(attempts):
         if not pending:
             break
@@ -111,6 +112,8 @@ async def send_envelopes(
             elif result.retryable:
                 retry.append(env)
                 last_error = result.error or "unknown"
+                if result.maybe_stored:
+                    maybe_stored.add(id(env))
             else:
                 outcome.refused.append(Refused(env.issue_id, result.error or "refused by SQS"))
         pending = retry
@@ -119,6 +122,12 @@ async def send_envelopes(
             log.warning("sqs_retry", entries=len(pending), error=last_error, delay_s=delay_s)
             await sleep(delay_s)
     if pending:
+        if doubtful := sum(id(env) in maybe_stored for env in pending):
+            raise QueueUnavailable(
+                f"SQS did not confirm {len(pending)} messages after {attempts} attempts ({last_error}); it "
+                f"may have stored {doubtful} of them (its answer was lost), so they do not count as sent; "
+                f"{RESENT_IS_HARMLESS}"
+            )
         raise QueueUnavailable(
             f"SQS did not accept {len(pending)} messages after {attempts} attempts: {last_error}"
         )

@@ -28,6 +28,11 @@ alone waits minutes, and a stop signal waits for the shielded pair. A send given
 outcome, so its messages stay in the DLQ (a second copy in the main queue is harmless: the same
 deduplication id within SQS's 5 minutes, the same delivery id for the consumer after), and replay
 stops; so it does after a delete given up, whose messages were sent and may still be in the DLQ.
+
+A call that fails after it may have reached SQS (its answer lost: a read timeout, a connection
+closed or reset mid-answer, a 5xx; ``sqs_requests.maybe_done`` decides) has an unknown outcome too,
+and is reported as such, not as "not sent" or "still in the dead-letter queue": those are said only
+when SQS answered with a refusal or no connection to SQS was made.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from shared.queue_depth import make_visible, read_counts
 from shared.settings import QueueSettings
 from shared.shutdown import finish_then_cancel
 from shared.sqs_batch import send_entries
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, no_answer
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, maybe_done, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -92,8 +97,10 @@ REPLAYED_AGAIN_REASON = (
 # so SQS drops a copy sent again within its 5-minute window, and the consumer skips a delivery id it
 # has already applied (and its version guard any older event).
 HARMLESS = "which is harmless (SQS drops a second copy within 5 minutes, the consumer skips it after)"
-# A send given up without an answer: SQS may have stored the copy.
+# A send given up without an answer, or whose answer was lost: SQS may have stored the copy.
 MAYBE_SENT = "it stays in the dead-letter queue and may be in the main queue as well (harmless)"
+# A delete from the dead-letter queue given up without an answer, or whose answer was lost.
+MAYBE_DELETED = "it may still be there, and a later replay sends it again, which is harmless"
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,8 @@ class ReplayResult:
     event_type: str | None
     outcome: Outcome
     reason: str | None = None
+    # SQS's answer to its send or delete was lost (or never came): it may be in both queues.
+    in_doubt: bool = False
 
 
 @dataclass
@@ -311,9 +320,16 @@ class ReplaySummary:
     def failed(self) -> int:
         return self.count("failed")
 
-    def add(self, letter: DeadLetter, outcome: Outcome, reason: str | None = None) -> None:
+    @property
+    def in_doubt(self) -> int:
+        """Failed messages that may be in both queues: SQS's answer to their send or delete was lost."""
+        return sum(1 for r in self.results if r.in_doubt)
+
+    def add(
+        self, letter: DeadLetter, outcome: Outcome, reason: str | None = None, *, in_doubt: bool = False
+    ) -> None:
         self.results.append(
-            ReplayResult(letter.message_id, letter.issue_id, letter.event_type, outcome, reason)
+            ReplayResult(letter.message_id, letter.issue_id, letter.event_type, outcome, reason, in_doubt)
         )
         log.info(
             "dlq_replay",
@@ -457,8 +473,15 @@ async def _send_then_delete(
             unanswered += 1
             failed_groups.add(letter.group_id)
             held[letter.message_id] = letter.receipt_handle
-            summary.add(letter, "failed", f"{result.error}: {MAYBE_SENT}")
+            summary.add(letter, "failed", f"{result.error}: {MAYBE_SENT}", in_doubt=True)
+        elif result.maybe_stored:
+            # The call may have reached SQS and its answer been lost: the same as unanswered, for this
+            # message; SQS did answer (or fail) promptly, so the replay goes on with other issues.
+            failed_groups.add(letter.group_id)
+            held[letter.message_id] = letter.receipt_handle
+            summary.add(letter, "failed", f"outcome unknown ({result.error}): {MAYBE_SENT}", in_doubt=True)
         else:
+            # SQS refused it, or the call never reached SQS: certainly not in the main queue.
             failed_groups.add(letter.group_id)
             held[letter.message_id] = letter.receipt_handle
             summary.add(letter, "failed", f"not sent: {result.error}")
@@ -470,19 +493,24 @@ async def _send_then_delete(
         )
     if not sent:
         return
-    not_deleted, delete_unanswered = await _delete(sqs, queues.dlq_url, sent, call_timeout_s)
+    not_deleted, delete_unanswered, maybe_deleted = await _delete(sqs, queues.dlq_url, sent, call_timeout_s)
     for letter in sent:
         if letter.message_id in not_deleted:
             held[letter.message_id] = letter.receipt_handle
-            summary.add(
-                letter,
-                "failed",
-                f"sent, but still in the dead-letter queue ({not_deleted[letter.message_id]}); "
-                "a later replay sends it again, which is harmless"
-                if not delete_unanswered
-                else f"sent, but its delete from the dead-letter queue got {no_answer(call_timeout_s)}: "
-                "it may still be there, and a later replay sends it again, which is harmless",
-            )
+            error = not_deleted[letter.message_id]
+            if delete_unanswered:
+                reason = f"sent, but its delete from the dead-letter queue got {error}: {MAYBE_DELETED}"
+            elif maybe_deleted:
+                reason = (
+                    f"sent, but its delete from the dead-letter queue has an unknown outcome ({error}): "
+                    f"{MAYBE_DELETED}"
+                )
+            else:  # SQS answered that it did not delete it, or the call never reached SQS
+                reason = (
+                    f"sent, but still in the dead-letter queue ({error}); a later replay sends it again, "
+                    "which is harmless"
+                )
+            summary.add(letter, "failed", reason, in_doubt=maybe_deleted)
         else:
             summary.add(letter, "replayed")
     if delete_unanswered and summary.stopped is None:
@@ -495,9 +523,10 @@ async def _send_then_delete(
 
 async def _delete(
     sqs: SQSClient, dlq_url: str, letters: Sequence[DeadLetter], timeout_s: float
-) -> tuple[dict[str, str], bool]:
+) -> tuple[dict[str, str], bool, bool]:
     """Delete from the DLQ; returns message id -> reason for those that were not (or maybe not)
-    deleted, and whether the call went unanswered (SQS may have deleted them)."""
+    deleted, whether the call went unanswered, and whether SQS may have deleted them all the same
+    (unanswered, or its answer lost: sqs_requests.maybe_done)."""
     entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
         {"Id": str(i), "ReceiptHandle": letter.receipt_handle} for i, letter in enumerate(letters)
     ]
@@ -509,11 +538,12 @@ async def _delete(
         )
     except SQS_ERRORS as exc:
         reason = _failure(exc, timeout_s)
-        return {letter.message_id: reason for letter in letters}, isinstance(exc, TimeoutError)
+        unanswered = isinstance(exc, TimeoutError)
+        return {letter.message_id: reason for letter in letters}, unanswered, unanswered or maybe_done(exc)
     failed = {
         f["Id"]: f"{f.get('Code', 'Unknown')}: {f.get('Message', '')}".strip() for f in resp.get("Failed", [])
     }
-    return {letters[int(i)].message_id: reason for i, reason in failed.items()}, False
+    return {letters[int(i)].message_id: reason for i, reason in failed.items()}, False, False
 
 
 # SQS's refusal of a purge within 60 s of the last one, by its query-compatible code and its JSON type.

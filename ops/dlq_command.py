@@ -234,10 +234,7 @@ def _replay_command(args: argparse.Namespace) -> int:
     if summary.stopped:
         raise CommandError(f"dlq replay stopped early: {summary.stopped}")
     if summary.failed:
-        raise CommandError(
-            f"dlq replay could not replay {summary.failed} message(s); they stay in the dead-letter queue "
-            "(reasons above); run the same command again once the cause is fixed"
-        )
+        raise CommandError(f"dlq replay could not replay {_where_failed(summary)}")
     return 0
 
 
@@ -273,6 +270,23 @@ async def _counts(sqs: SQSClient, dlq_url: str) -> QueueCounts | None:
         return None
 
 
+def _where_failed(summary: dlq.ReplaySummary) -> str:
+    """Where the messages that failed are: in the dead-letter queue, and (SQS's answer to their send or
+    delete lost) maybe in the main queue as well."""
+    failed, in_doubt = summary.failed, summary.in_doubt
+    if not in_doubt:
+        return (
+            f"{failed} message(s); they stay in the dead-letter queue (reasons above); run the same "
+            "command again once the cause is fixed"
+        )
+    others = "" if in_doubt == failed else "; the others stay in the dead-letter queue"
+    return (
+        f"{failed} message(s) (reasons above): SQS's answer was lost for {in_doubt} of them, so each of "
+        f"those may be in both queues, which is harmless{others}; run the same command again once the "
+        "cause is fixed"
+    )
+
+
 def render_replay(summary: dlq.ReplaySummary, counts: QueueCounts | None = None) -> str:
     lines = [
         f"{r.outcome.replace('_', ' ')}: issue {r.issue_id or '-'} {r.event_type or '-'} "
@@ -281,6 +295,8 @@ def render_replay(summary: dlq.ReplaySummary, counts: QueueCounts | None = None)
         if r.outcome in ("failed", "skipped") or summary.dry_run
     ]
     outcome = f"replayed {summary.replayed}, skipped {summary.skipped}, failed {summary.failed}"
+    if summary.in_doubt:
+        outcome += f" ({summary.in_doubt} of them may be in both queues, which is harmless)"
     if summary.dry_run:
         outcome = f"dry run, nothing changed: would replay {summary.replayed}, skipped {summary.skipped}"
     if summary.other_issues:

@@ -369,8 +369,10 @@ async def _enqueue(receiver: Receiver, envelope: Envelope, entry: dict[str, Any]
     if result.ok:
         return Answer(Outcome.ACCEPTED, details=details)
     if result.retryable:
-        log.warning("sqs_entry_failed", error=result.error, retryable=True)
-        return Answer(Outcome.UNAVAILABLE, "SQS did not store the message; retry later", details)
+        log.warning("sqs_entry_failed", error=result.error, retryable=True, maybe_stored=result.maybe_stored)
+        # Its answer lost, SQS may have stored it: Jira's retry is then a duplicate SQS or the consumer drops.
+        stored = "did not confirm it stored" if result.maybe_stored else "did not store"
+        return Answer(Outcome.UNAVAILABLE, f"SQS {stored} the message; retry later", details)
     # Intake already refused what SQS would refuse for its content, so a refused entry means the
     # queue's setup (a disabled or forbidden KMS key, a queue policy): an operator's problem. 503, so
     # Jira retries the delivery once it is fixed; a 4xx would make Jira drop it for good.

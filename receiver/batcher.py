@@ -207,7 +207,9 @@ class SqsBatcher:
             except TimeoutError:
                 SQS_CALLS.labels("SendMessageBatch", "error").inc()
                 reason = f"SendMessageBatch timed out after {self._timeout_s:g}s"
-                results = [EntryResult(e["Id"], False, reason, retryable=True) for e in entries]
+                results = [
+                    EntryResult(e["Id"], False, reason, retryable=True, maybe_stored=True) for e in entries
+                ]
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
@@ -236,10 +238,11 @@ class SqsBatcher:
 
 
 def _resolve_unanswered(batch: list[_Pending], reason: str) -> None:
-    """Nobody may wait forever: every entry not yet answered fails as retryable (503)."""
+    """Nobody may wait forever: every entry not yet answered fails as retryable (503); its send was
+    under way, so SQS may have stored it."""
     for pending in batch:
         if not pending.future.done():
-            pending.future.set_result(EntryResult("-", False, reason, retryable=True))
+            pending.future.set_result(EntryResult("-", False, reason, retryable=True, maybe_stored=True))
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

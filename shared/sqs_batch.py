@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.sqs_requests import SQS_ERRORS, counted, no_answer
+from shared.sqs_requests import SQS_ERRORS, counted, maybe_done, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -37,6 +37,10 @@ class EntryResult:
     held_back: bool = False
     # True when the call carrying it got no answer within the caller's timeout: SQS may have stored it.
     unanswered: bool = False
+    # True when SQS may have stored it all the same: the call carrying it got no answer (``unanswered``),
+    # or failed after it may have reached SQS (its answer lost; sqs_requests.maybe_done). False for
+    # SQS's per-entry refusal and for a call SQS refused or that never reached it: certainly not stored.
+    maybe_stored: bool = False
 
 
 def entry_bytes(entry: Mapping[str, Any]) -> int:
@@ -81,7 +85,8 @@ async def send_entries(
 
     A call that gets no answer within ``timeout_s`` (None: botocore's own limits, minutes) is given
     up: its entries are ``unanswered`` (SQS may have stored them or not), and the later calls are not
-    made (SQS is not answering; each would wait as long again)."""
+    made (SQS is not answering; each would wait as long again). A call that fails after it may have
+    reached SQS (its answer lost) fails its entries as ``maybe_stored`` too."""
     results: dict[str, EntryResult] = {}
     failed_groups: set[str] = set()
     silent = False
@@ -112,9 +117,10 @@ async def send_entries(
             # Given up without an answer: SQS may have stored them, and the later calls are not made.
             silent = timeout_s is not None and isinstance(exc, TimeoutError)
             reason = no_answer(timeout_s or 0.0) if silent else f"{type(exc).__name__}: {exc}"
+            maybe = silent or maybe_done(exc)
             for entry in chunk:
                 results[entry["Id"]] = EntryResult(
-                    entry["Id"], False, reason, retryable=True, unanswered=silent
+                    entry["Id"], False, reason, retryable=True, unanswered=silent, maybe_stored=maybe
                 )
         else:
             for ok in resp.get("Successful", []):

@@ -4,10 +4,12 @@ here; and the errors an SQS call raises when SQS, the network or the credentials
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from aiohttp import ClientConnectorError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError
 
 from shared.aws import error_code
 from shared.metrics import SQS_CALLS
@@ -51,6 +53,32 @@ async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None
         raise
     SQS_CALLS.labels(operation, "ok").inc()
     return result
+
+
+def maybe_done(exc: BaseException) -> bool:
+    """Whether SQS may have done what a call that raised ``exc`` (one of SQS_ERRORS) asked: False only
+    when it certainly did not, because SQS answered with a refusal, or no connection to SQS was made.
+
+    - A 4xx error SQS answered at the first try (no such queue, access denied, invalid entries): not
+      done. After botocore retried, an earlier try may have been carried out and its answer lost; a
+      5xx (``InternalError``, ``ServiceUnavailable``) says SQS failed, not that it did nothing.
+    - No connection made (refused, name not resolved, connect timeout): not done. aiobotocore raises
+      ``EndpointConnectionError`` for a connection reset while the answer was read as well, so its
+      cause decides.
+    - Anything else (``ReadTimeoutError``, ``ConnectionClosedError``, a reset mid-answer, a call given
+      up as :class:`Unanswered`): the request may have reached SQS and its answer been lost.
+
+    Connection errors are judged by botocore's last try only (they carry no count of tries): a first
+    try whose answer was lost, then tries that could not connect, reads as not done.
+    """
+    if isinstance(exc, ClientError):
+        meta = exc.response.get("ResponseMetadata", {})
+        return int(meta.get("HTTPStatusCode") or 500) >= 500 or int(meta.get("RetryAttempts") or 0) > 0
+    if isinstance(exc, ConnectTimeoutError):
+        return False
+    if isinstance(exc, EndpointConnectionError):
+        return not isinstance(exc.kwargs.get("error"), (ClientConnectorError, socket.gaierror))
+    return True
 
 
 def no_answer(timeout_s: float, *, service: str = "SQS") -> str:

@@ -179,3 +179,21 @@ class SilentProxy(SqsFaultProxy):
     async def __aexit__(self, *exc: object) -> None:
         self._closing.set()
         await super().__aexit__(*exc)
+
+
+class LoseAnswerProxy(SqsFaultProxy):
+    """Forwards every call of ``operation`` (an SQS action, "SendMessageBatch") to SQS and resets the
+    connection instead of returning SQS's answer: SQS did the work, the client sees the connection
+    go; botocore's retries go the same way. ``calls`` counts them."""
+
+    def __init__(self, target_url: str, operation: str) -> None:
+        super().__init__(target_url)
+        self.operation = operation
+        self.calls = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Amz-Target", "").endswith(f".{self.operation}"):
+            self.calls += 1
+            await self._forward(request, await request.read())
+            return _reset(request)
+        return await super()._handle(request)

@@ -12,23 +12,34 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import pytest
 import structlog
+from aiohttp import ClientOSError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from jiralake import cli
 from ops import dlq_command
+from ops.local_aws import free_port
 from shared import aws, sqs_batch
 from shared.provision import QueuePair
 from shared.settings import AwsSettings
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, maybe_done
 from tests.conftest import drain
-from tests.fault_proxy import SilentProxy
+from tests.fault_proxy import LoseAnswerProxy, SilentProxy
 from tests.test_dlq import ISSUE_A, ISSUE_B, T0, by_group, counts, dead_letter_all, events_of, put_in_dlq
 
 TEST_CALL_TIMEOUT_S = 1.0
@@ -36,16 +47,26 @@ TEST_CALL_TIMEOUT_S = 1.0
 # bound and the few calls that are answered.
 FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 4
 MAYBE_SENT = "it stays in the dead-letter queue and may be in the main queue as well (harmless)"
+# How botocore reports a connection reset before SQS's answer came back.
+LOST_ANSWER = "ConnectionClosedError: "
+# The bound for the tests whose calls fail on their own, not on the bound: room for botocore's 3 tries
+# of a call whose answer is lost and its backoff between them, and for a receive's 1 s long poll.
+ROOMY_CALL_TIMEOUT_S = 20.0
 HARMLESS = "which is harmless (SQS drops a second copy within 5 minutes, the consumer skips it after)"
 
-Through = Callable[[str], AbstractContextManager[SilentProxy]]
+# A proxy that takes every call of one operation: never answers it, or loses SQS's answer to it.
+OneCallProxy = SilentProxy | LoseAnswerProxy
+Through = Callable[..., AbstractContextManager[OneCallProxy]]
 
 
 @contextmanager
-def silent_sqs(target_url: str, operation: str) -> Iterator[SilentProxy]:
-    """A :class:`SilentProxy` for ``operation``, served by a loop in a thread of its own: the test's
-    thread runs ``cli.main``, whose ``asyncio.run`` and signal handlers need the main thread."""
-    proxy = SilentProxy(target_url, operation)
+def silent_sqs(
+    target_url: str, operation: str, proxy_class: type[OneCallProxy] = SilentProxy
+) -> Iterator[OneCallProxy]:
+    """A :class:`SilentProxy` (or ``proxy_class``) for ``operation``, served by a loop in a thread of
+    its own: the test's thread runs ``cli.main``, whose ``asyncio.run`` and signal handlers need the
+    main thread."""
+    proxy = proxy_class(target_url, operation)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -71,15 +92,18 @@ def through(
     aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Through]:
     """The dlq commands' environment, with the bound at TEST_CALL_TIMEOUT_S; ``with through(op)``
-    points AWS_ENDPOINT_URL at a proxy that never answers ``op``. ``cli.main`` configures structlog
+    points AWS_ENDPOINT_URL at a proxy that never answers ``op`` (``through(op, LoseAnswerProxy)``:
+    one that loses SQS's answers to it). ``cli.main`` configures structlog
     for the captured stderr; the suite's setup is put back after."""
     monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url)
     monkeypatch.setenv("JIRALAKE_DLQ_URL", queues.dlq_url)
     monkeypatch.setattr(dlq_command, "PROMPT_CALL_TIMEOUT_S", TEST_CALL_TIMEOUT_S)
 
     @contextmanager
-    def through_proxy(operation: str) -> Iterator[SilentProxy]:
-        with silent_sqs(aws_settings.endpoint_url or "", operation) as proxy:
+    def through_proxy(
+        operation: str, proxy_class: type[OneCallProxy] = SilentProxy
+    ) -> Iterator[OneCallProxy]:
+        with silent_sqs(aws_settings.endpoint_url or "", operation, proxy_class) as proxy:
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
             yield proxy
 
@@ -130,12 +154,114 @@ def test_a_send_sqs_never_answers_stops_the_replay_in_seconds_and_keeps_the_even
         for issue in (ISSUE_A, ISSUE_A, ISSUE_B)
     ]
     assert out[3:] == [
-        "replayed 0, skipped 0, failed 3",
+        "replayed 0, skipped 0, failed 3 (3 of them may be in both queues, which is harmless)",
         captured.err.splitlines()[-1].replace("jiralake: dlq replay stopped early: ", "stopped early: "),
     ]
     # AND every event is still in the DLQ, visible again at once (not held for 5 minutes); SQS never
     # got the send, so the main queue is empty
     assert queue_counts(aws_settings, queues) == ((0, 0), (3, 0))
+
+
+@pytest.mark.timeout(60)
+def test_a_send_whose_answer_is_lost_is_reported_as_maybe_sent_not_as_not_sent(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    through: Through,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dlq_command, "PROMPT_CALL_TIMEOUT_S", ROOMY_CALL_TIMEOUT_S)
+    # GIVEN two events of issue A and one of B in the DLQ, and an SQS that stores every SendMessageBatch
+    # while the connection is reset before its answer comes back (botocore's retries too)
+    put_in_dlq(aws_settings, queues, [*events_of(ISSUE_A, 2), *events_of(ISSUE_B, 1)])
+    with through("SendMessageBatch", LoseAnswerProxy) as proxy:
+        # WHEN replayed
+        code = cli.main(["dlq", "replay"])
+    # THEN each message is reported with an unknown outcome, never as "not sent", and so is the summary
+    assert code == 1
+    assert proxy.calls >= 3  # botocore's 3 tries at least, each stored by SQS
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    reasons = [line.split("): ", 1)[1] for line in out[:3]]
+    assert all(
+        reason.startswith(f"outcome unknown ({LOST_ANSWER}") and reason.endswith(f"): {MAYBE_SENT}")
+        for reason in reasons
+    ), reasons
+    assert out[3:] == ["replayed 0, skipped 0, failed 3 (3 of them may be in both queues, which is harmless)"]
+    assert captured.err.splitlines()[-1] == (
+        "jiralake: dlq replay could not replay 3 message(s) (reasons above): SQS's answer was lost for 3 "
+        "of them, so each of those may be in both queues, which is harmless; run the same command again "
+        "once the cause is fixed"
+    )
+    # AND every event is in BOTH queues: SQS did store the copies ("not sent" would have been false),
+    # once each (the same deduplication id on every try), and the DLQ keeps them, visible again
+    assert queue_counts(aws_settings, queues)[1] == (3, 0)
+    assert by_group(asyncio.run(drain(aws_settings, queues.queue_url))) == {
+        ISSUE_A: [T0, T0 + 1],
+        ISSUE_B: [T0],
+    }
+
+
+@pytest.mark.timeout(60)
+def test_a_delete_whose_answer_is_lost_is_not_reported_as_still_in_the_dlq(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    through: Through,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dlq_command, "PROMPT_CALL_TIMEOUT_S", ROOMY_CALL_TIMEOUT_S)
+    # GIVEN two events of issue A in the DLQ, and an SQS that carries out every DeleteMessageBatch while
+    # the connection is reset before its answer comes back
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 2))
+    with through("DeleteMessageBatch", LoseAnswerProxy):
+        # WHEN replayed
+        code = cli.main(["dlq", "replay"])
+    # THEN each message says its delete has an unknown outcome, not that it is still in the DLQ
+    assert code == 1
+    out = capsys.readouterr().out.splitlines()
+    reasons = [line.split("): ", 1)[1] for line in out[:2]]
+    assert all(
+        reason.startswith(
+            f"sent, but its delete from the dead-letter queue has an unknown outcome ({LOST_ANSWER}"
+        )
+        and reason.endswith("): it may still be there, and a later replay sends it again, which is harmless")
+        for reason in reasons
+    ), reasons
+    assert out[2] == "replayed 0, skipped 0, failed 2 (2 of them may be in both queues, which is harmless)"
+    # AND SQS did delete them ("still in the dead-letter queue" would have been false): they are in the
+    # main queue only, in order
+    assert queue_counts(aws_settings, queues)[1] == (0, 0)
+    assert by_group(asyncio.run(drain(aws_settings, queues.queue_url))) == {ISSUE_A: [T0, T0 + 1]}
+
+
+def test_a_send_sqs_refuses_is_still_reported_as_not_sent(
+    aws_settings: AwsSettings,
+    queues: QueuePair,
+    through: Through,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN two events of issue A in the DLQ, and a main queue URL that names no queue (SQS answers 400)
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 2))
+    monkeypatch.setattr(dlq_command, "PROMPT_CALL_TIMEOUT_S", ROOMY_CALL_TIMEOUT_S)
+    monkeypatch.setenv("JIRALAKE_QUEUE_URL", queues.queue_url.replace(".fifo", "-gone.fifo"))
+    # WHEN replayed
+    code = cli.main(["dlq", "replay"])
+    # THEN SQS answered, so "not sent" is certain and said, with SQS's error, and nothing is in doubt
+    assert code == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert [line.split("): ", 1)[1] for line in out[:2]] == [
+        "not sent: QueueDoesNotExist: An error occurred (AWS.SimpleQueueService.NonExistentQueue) when "
+        "calling the SendMessageBatch operation: The specified queue does not exist."
+    ] * 2
+    assert out[2:] == ["replayed 0, skipped 0, failed 2"]
+    assert captured.err.splitlines()[-1] == (
+        "jiralake: dlq replay could not replay 2 message(s); they stay in the dead-letter queue (reasons "
+        "above); run the same command again once the cause is fixed"
+    )
+    assert queue_counts(aws_settings, queues) == ((0, 0), (2, 0))
 
 
 @pytest.mark.timeout(30)
@@ -166,7 +292,7 @@ def test_a_delete_sqs_never_answers_stops_the_replay_in_seconds_and_says_the_eve
         )
         for line in out[:2]
     )
-    assert out[2] == "replayed 0, skipped 0, failed 2"
+    assert out[2] == "replayed 0, skipped 0, failed 2 (2 of them may be in both queues, which is harmless)"
     # AND the events are in the main queue, in order, and (the delete never reached SQS) in the DLQ,
     # visible again at once
     assert queue_counts(aws_settings, queues)[1] == (2, 0)
@@ -302,10 +428,61 @@ async def test_sigterm_while_a_send_goes_unanswered_ends_the_replay_within_the_b
     )
     assert err.decode().splitlines()[-1] == f"jiralake: dlq replay stopped by SIGTERM; {unanswered}"
     assert out.decode().splitlines()[-2:] == [
-        "replayed 0, skipped 0, failed 2",
+        "replayed 0, skipped 0, failed 2 (2 of them may be in both queues, which is harmless)",
         f"stopped early: {unanswered}",
     ]
     # AND both events are in the DLQ, visible again; the main queue never got them
     async with aws.sqs_client(aws_settings) as sqs:
         assert await counts(sqs, queues.dlq_url) == (2, 0)
         assert await counts(sqs, queues.queue_url) == (0, 0)
+
+
+def sqs_error(status: int, *, tries: int = 1) -> ClientError:
+    """The error botocore raises for an SQS answer of ``status``, after ``tries`` tries."""
+    response: Any = {
+        "Error": {"Code": "Anything", "Message": "m"},
+        "ResponseMetadata": {"HTTPStatusCode": status, "RetryAttempts": tries - 1},
+    }
+    return ClientError(response, "SendMessageBatch")
+
+
+@pytest.mark.parametrize(
+    ("exc", "maybe"),
+    [
+        # SQS answered a refusal at the first try: certainly not done
+        (sqs_error(400), False),
+        (sqs_error(403), False),
+        # SQS failed (a 5xx), or botocore tried again after a try that may have been carried out
+        (sqs_error(500), True),
+        (sqs_error(503), True),
+        (sqs_error(400, tries=3), True),
+        # no connection made: certainly not done
+        (ConnectTimeoutError(endpoint_url="http://sqs"), False),
+        (EndpointConnectionError(endpoint_url="http://sqs", error=socket.gaierror(-2, "unknown")), False),
+        # the request may have reached SQS and its answer been lost
+        (EndpointConnectionError(endpoint_url="http://sqs", error=ClientOSError(104, "reset by peer")), True),
+        (ReadTimeoutError(endpoint_url="http://sqs"), True),
+        (ConnectionClosedError(endpoint_url="http://sqs"), True),
+        (Unanswered("no answer from SQS within 10 s to SendMessageBatch"), True),
+        (OSError(104, "reset by peer"), True),
+    ],
+)
+def test_whether_sqs_may_have_done_a_failed_call_is_decided_by_what_failed(
+    exc: Exception, maybe: bool
+) -> None:
+    assert maybe_done(exc) is maybe
+
+
+async def test_a_call_to_an_sqs_nothing_listens_for_certainly_did_nothing(aws_settings: AwsSettings) -> None:
+    # GIVEN an SQS endpoint on a port nothing listens on
+    nowhere = AwsSettings(region=aws_settings.region, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    async with aws.sqs_client(nowhere) as sqs:
+        # WHEN a SendMessageBatch fails (after botocore's tries)
+        with pytest.raises(SQS_ERRORS) as failed:
+            await sqs.send_message_batch(
+                QueueUrl="http://127.0.0.1/123456789012/q.fifo", Entries=[{"Id": "0", "MessageBody": "b"}]
+            )
+    # THEN it is known to have done nothing (aiobotocore calls it an EndpointConnectionError, as it does
+    # a reset mid-answer)
+    assert isinstance(failed.value, EndpointConnectionError)
+    assert maybe_done(failed.value) is False

@@ -32,7 +32,7 @@ from aiohttp import web
 from backfill import backfill as backfill_module
 from backfill import reconcile as reconcile_module
 from backfill.backfill import BackfillRequest, run_backfill
-from backfill.enqueue import QueueUnavailable
+from backfill.enqueue import QueueUnavailable, send_envelopes
 from backfill.reconcile import ReconcileRequest, run_reconcile
 from jiralake import cli
 from ops import queue_stats
@@ -43,9 +43,10 @@ from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
 from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
 from tests.conftest import drain
-from tests.fault_proxy import SilentProxy, SqsFaultProxy
+from tests.fault_proxy import LoseAnswerProxy, SilentProxy, SqsFaultProxy
 from tests.jira_api_server import JiraApiServer, backfill_settings, fixture_issues
 from tests.s3_pause_proxy import S3PauseProxy
+from tests.test_dlq import events_of
 
 TEST_CALL_TIMEOUT_S = 1.0
 # Well under botocore's own wait for a call that is never answered (30 s a try, and retries), over the
@@ -437,3 +438,28 @@ async def test_a_delete_send_sqs_never_answers_stops_reconcile_in_seconds_and_a_
     assert summary.deletes_enqueued == 1
     messages = await drain(aws_settings, queues.queue_url)
     assert [m["Attributes"]["MessageDeduplicationId"] for m in messages] == ["reconcile:deleted:50001:7"]
+
+
+@pytest.mark.timeout(60)
+async def test_sends_whose_answers_are_lost_are_not_reported_as_refused(
+    aws_settings: AwsSettings, queues: QueuePair
+) -> None:
+    # GIVEN an SQS that stores every SendMessageBatch while the connection is reset before its answer
+    async with LoseAnswerProxy(aws_settings.endpoint_url or "", "SendMessageBatch") as proxy:
+        async with aws.sqs_client(replace(aws_settings, endpoint_url=proxy.url)) as sqs:
+            # WHEN backfill's sender sends two envelopes, twice
+            with pytest.raises(QueueUnavailable) as stopped:
+                await send_envelopes(sqs, queues.queue_url, events_of("10001", 2), attempts=2, sleep=no_sleep)
+    # THEN it does not say SQS did not accept them: it may have stored them, and it did
+    assert str(stopped.value).startswith(
+        "SQS did not confirm 2 messages after 2 attempts (ConnectionClosedError: "
+    )
+    assert str(stopped.value).endswith(
+        "); it may have stored 2 of them (its answer was lost), so they do not count as sent; "
+        f"{RESENT_IS_HARMLESS}"
+    )
+    assert len(await drain(aws_settings, queues.queue_url)) == 2
+
+
+async def no_sleep(_: float) -> None:
+    return None
