@@ -65,9 +65,10 @@ waits for a row another session holds) and loses nothing; a server that does not
 within db.CLOSE_TIMEOUT_S gets its connection closed from this side (it rolls back a session that is
 gone). Every statement has ``db.STATEMENT_TIMEOUT_S`` to answer, measured here (a frozen server or a
 network that drops packets answers nothing, and no server-side timeout ends that); then the command
-ends in one line, the batch in progress uncommitted. A batch failing on a deadlock or a serialization
-failure (SQLSTATE class 40) is run again, ``BATCH_ATTEMPTS`` times in all, then the command ends in
-one line.
+ends in one line, the batch in progress uncommitted (or, when it was the batch's COMMIT that got no
+answer, committed or not: the server may have carried it out; either way it is safe to run again). A
+batch failing on a deadlock or a serialization failure (SQLSTATE class 40) is run again,
+``BATCH_ATTEMPTS`` times in all, then the command ends in one line.
 
 **The consumer does not undo it** for events it already recorded: a redelivery of the same
 delivery is a duplicate (the history row is kept as is) and changes no row (not newer). An event
@@ -539,7 +540,7 @@ async def _batch(
         except BaseException:
             await transaction.rollback()
             raise
-        await transaction.commit()
+        await db.commit(transaction)  # not answered in time: run() says it may have been committed
     return found, changes, after
 
 
@@ -555,6 +556,20 @@ async def pseudonym_key(conn: asyncpg.Connection, *, create: bool) -> str | None
             "(migration 0009)"
         ) from None
     return key
+
+
+def _unanswered_outcome(exc: db.Unanswered) -> str:
+    """What a statement PostgreSQL did not answer left: the batch in progress uncommitted, unless the
+    statement was its COMMIT, which the server may have carried out before its answer was lost."""
+    if exc.at_commit:
+        return (
+            "the batch it was committing may have been committed or not (whole or not at all; either way "
+            "running the command again is safe), the ones before it were"
+        )
+    return (
+        "the batch in progress was not committed (each batch commits whole or not at all), the ones "
+        "before it were"
+    )
 
 
 async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dry_run: bool) -> ForgetSummary:
@@ -585,11 +600,7 @@ async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dr
                 "changed, the ones before it were; run the same command again"
             ) from None
         except db.Unanswered as exc:
-            raise db.unanswered_error(
-                exc,
-                "the batch in progress was not committed (each batch commits whole or not at all), the "
-                "ones before it were",
-            ) from None
+            raise db.unanswered_error(exc, _unanswered_outcome(exc)) from None
         if dry_run:
             summary.pseudonym = None
     finally:

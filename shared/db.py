@@ -122,13 +122,31 @@ async def create_pool(
 class Unanswered(Exception):
     """A statement PostgreSQL did not answer within the connection's ``command_timeout``; the
     connection is closed from this side (the server rolls back a transaction whose session is gone; a
-    statement it was running on its own completes whole or not at all)."""
+    statement it was running on its own completes whole or not at all). ``at_commit``: the statement
+    was a transaction's COMMIT (:func:`commit`), which the server may have carried out: whether the
+    transaction was committed is unknown."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, *, at_commit: bool = False) -> None:
+        self.at_commit = at_commit
+        statement = "the COMMIT of a transaction" if at_commit else "a statement"
         super().__init__(
-            f"PostgreSQL did not answer a statement within {timeout_s:g} s (a server or network that "
+            f"PostgreSQL did not answer {statement} within {timeout_s:g} s (a server or network that "
             "stopped answering)"
         )
+
+
+class CommitUnanswered(TimeoutError):
+    """A COMMIT PostgreSQL did not answer in time (:func:`commit`)."""
+
+
+async def commit(transaction: asyncpg.transaction.Transaction) -> None:
+    """``transaction.commit()``, telling a COMMIT not answered in time (:class:`CommitUnanswered`, which
+    :func:`unanswered_raised` turns into ``Unanswered(at_commit=True)``) from any other statement's:
+    the server may have committed it, and only the lost answer says otherwise."""
+    try:
+        await transaction.commit()
+    except TimeoutError:
+        raise CommitUnanswered from None
 
 
 @contextmanager
@@ -140,9 +158,9 @@ def unanswered_raised(conn: asyncpg.Connection, timeout_s: float) -> Iterator[No
     (:func:`unanswered_error`)."""
     try:
         yield
-    except TimeoutError:
+    except TimeoutError as exc:
         conn.terminate()
-        raise Unanswered(timeout_s) from None
+        raise Unanswered(timeout_s, at_commit=isinstance(exc, CommitUnanswered)) from None
 
 
 def unanswered_error(exc: Unanswered, outcome: str) -> CommandError:

@@ -4,7 +4,8 @@ While cut, every live connection is aborted (both sides) and new connections are
 at once (counted in ``rejected``), which a client sees as the server going away.
 
 ``freeze`` stops forwarding in both directions without closing anything (until ``restore``): a server
-that stopped answering, or a network that drops its packets.
+that stopped answering, or a network that drops its packets. ``freeze_answers`` stops only what the
+server sends: what the client sends still arrives and is carried out, its answer is lost.
 
 With ``linger=True`` a connection the server closes stays open towards the client (until ``cut`` or
 ``close``): the client has read the server's last bytes but not yet seen the socket close, the
@@ -34,6 +35,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._answering = asyncio.Event()  # the server's side: cleared by freeze_answers
+        self._answering.set()
         self._links: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -55,9 +58,13 @@ class TcpProxy:
     def freeze(self) -> None:
         self._flowing.clear()
 
+    def freeze_answers(self) -> None:
+        self._answering.clear()
+
     def restore(self) -> None:
         self.cut_now = False
         self._flowing.set()
+        self._answering.set()
 
     async def close(self) -> None:
         self.cut()
@@ -82,22 +89,26 @@ class TcpProxy:
             return
         self.accepted += 1
         self._links.update({client_writer, upstream_writer})
-        for reader, writer, linger in (
-            (client_reader, upstream_writer, False),
-            (upstream_reader, client_writer, self.linger),
+        for reader, writer, linger, gate in (
+            (client_reader, upstream_writer, False, self._flowing),
+            (upstream_reader, client_writer, self.linger, self._answering),
         ):
-            pipe = asyncio.create_task(self._pipe(reader, writer, linger=linger), name="tcp-proxy-pipe")
+            pipe = asyncio.create_task(
+                self._pipe(reader, writer, linger=linger, gate=gate), name="tcp-proxy-pipe"
+            )
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, linger: bool, gate: asyncio.Event
     ) -> None:
         try:
             while chunk := await reader.read(65536):
-                if not self._flowing.is_set():
+                if not (self._flowing.is_set() and gate.is_set()):
                     self.held += 1
-                    await self._flowing.wait()
+                    while not (self._flowing.is_set() and gate.is_set()):
+                        await self._flowing.wait()
+                        await gate.wait()
                 writer.write(chunk)
                 await writer.drain()
             if linger:

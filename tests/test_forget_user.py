@@ -923,6 +923,52 @@ async def test_a_statement_postgresql_does_not_answer_in_time_ends_it_in_one_lin
     assert left.rows == {"ap_jira_task": 0, "ap_jira_task_event": 7}
 
 
+@pytest.mark.timeout(60)
+async def test_a_commit_postgresql_does_not_answer_in_time_is_not_said_to_be_uncommitted(
+    pg: asyncpg.Connection, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN every sample applied (4 task rows name Robin Diddams), and the command reaching PostgreSQL
+    # through a proxy (its statement bound lowered to 2 s for the test) that, from the first batch's
+    # COMMIT on, passes what the command sends and loses what the server answers
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 2.0)
+    await load_samples(pg)
+    before = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    proxy = await postgres_proxy(database_url)
+    commit = asyncpg.transaction.Transaction.commit
+
+    async def commit_unanswered(transaction: asyncpg.transaction.Transaction) -> None:
+        proxy.freeze_answers()
+        await commit(transaction)
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", commit_unanswered)
+    try:
+        # WHEN it runs
+        with pytest.raises(CommandError) as failed:
+            await asyncio.wait_for(
+                forget_user.run(
+                    DatabaseSettings(url=through(proxy, database_url)),
+                    Person(account_id=CLOUD_ID),
+                    batch_size=3,
+                    dry_run=False,
+                ),
+                timeout=30,
+            )
+    finally:
+        monkeypatch.undo()
+        await proxy.close()
+    # THEN its one line says the batch may have been committed, not that it was not
+    assert str(failed.value) == (
+        "PostgreSQL did not answer the COMMIT of a transaction within 2 s (a server or network that "
+        "stopped answering); the batch it was committing may have been committed or not (whole or not at "
+        "all; either way running the command again is safe), the ones before it were; check the server, "
+        "then run the same command again"
+    )
+    # AND it was committed (the server carried the COMMIT out; only its answer was lost)
+    left = await forget(pg, Person(account_id=CLOUD_ID), batch_size=3, dry_run=True)
+    assert before.rows["ap_jira_task"] == 4
+    assert left.rows == {"ap_jira_task": 1, "ap_jira_task_event": before.rows["ap_jira_task_event"]}
+
+
 async def test_a_deadlock_with_another_session_is_retried_and_the_batch_then_scrubbed(
     pg: asyncpg.Connection, db_settings: DatabaseSettings
 ) -> None:
