@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -38,6 +37,7 @@ from shared import aws, sqs_batch
 from shared.provision import QueuePair
 from shared.settings import AwsSettings
 from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, maybe_done
+from tests.cli_in_process import in_thread, run_timed
 from tests.conftest import drain
 from tests.fault_proxy import LoseAnswerProxy, SilentProxy
 from tests.test_dlq import ISSUE_A, ISSUE_B, T0, by_group, counts, dead_letter_all, events_of, put_in_dlq
@@ -59,34 +59,6 @@ OneCallProxy = SilentProxy | LoseAnswerProxy
 Through = Callable[..., AbstractContextManager[OneCallProxy]]
 
 
-@contextmanager
-def silent_sqs(
-    target_url: str, operation: str, proxy_class: type[OneCallProxy] = SilentProxy
-) -> Iterator[OneCallProxy]:
-    """A :class:`SilentProxy` (or ``proxy_class``) for ``operation``, served by a loop in a thread of
-    its own: the test's thread runs ``cli.main``, whose ``asyncio.run`` and signal handlers need the
-    main thread."""
-    proxy = proxy_class(target_url, operation)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def serve() -> None:
-        loop.run_until_complete(proxy.__aenter__())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, name=f"silent-{operation}", daemon=True)
-    thread.start()
-    assert started.wait(10), "the proxy did not start"
-    try:
-        yield proxy
-    finally:
-        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
 @pytest.fixture
 def through(
     aws_settings: AwsSettings, queues: QueuePair, monkeypatch: pytest.MonkeyPatch
@@ -103,19 +75,13 @@ def through(
     def through_proxy(
         operation: str, proxy_class: type[OneCallProxy] = SilentProxy
     ) -> Iterator[OneCallProxy]:
-        with silent_sqs(aws_settings.endpoint_url or "", operation, proxy_class) as proxy:
+        with in_thread(proxy_class(aws_settings.endpoint_url or "", operation)) as proxy:
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
             yield proxy
 
     saved = structlog.get_config()
     yield through_proxy
     structlog.configure(**saved)
-
-
-def run_timed(argv: list[str]) -> tuple[int, float]:
-    started = time.monotonic()
-    code = cli.main(argv)
-    return code, time.monotonic() - started
 
 
 def queue_counts(aws_settings: AwsSettings, queues: QueuePair) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -16,13 +16,11 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
@@ -42,6 +40,7 @@ from shared import aws
 from shared.provision import QueuePair
 from shared.settings import AwsSettings, DatabaseSettings, QueueSettings
 from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S
+from tests.cli_in_process import in_thread, run_timed
 from tests.conftest import drain
 from tests.fault_proxy import LoseAnswerProxy, SilentProxy, SqsFaultProxy
 from tests.jira_api_server import JiraApiServer, backfill_settings, fixture_issues
@@ -56,32 +55,6 @@ RESENT_IS_HARMLESS = (
     "sending them again is harmless (each keeps its deduplication id: SQS drops a second copy within "
     "5 minutes, the consumer skips it after)"
 )
-
-P = TypeVar("P", bound=AbstractAsyncContextManager[Any])
-
-
-@contextmanager
-def in_thread(proxy: P) -> Iterator[P]:
-    """``proxy`` served by a loop in a thread of its own: the test's thread runs ``cli.main``, whose
-    ``asyncio.run`` and signal handlers need the main thread."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def serve() -> None:
-        loop.run_until_complete(proxy.__aenter__())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, name="unanswering-proxy", daemon=True)
-    thread.start()
-    assert started.wait(10), "the proxy did not start"
-    try:
-        yield proxy
-    finally:
-        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 class SilentAfter(SilentProxy):
@@ -104,12 +77,6 @@ def restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
-
-
-def run_timed(argv: list[str]) -> tuple[int, float]:
-    started = time.monotonic()
-    code = cli.main(argv)
-    return code, time.monotonic() - started
 
 
 async def put(sqs: Any, url: str, n: int) -> None:
