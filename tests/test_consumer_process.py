@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -152,7 +153,11 @@ async def test_a_queue_that_does_not_exist_ends_every_poller_in_one_line(
     assert child.returncode == 1, log
     assert "Traceback" not in log and "never retrieved" not in log, log
     assert log.splitlines()[-1].startswith("jiralake: QueueDoesNotExist: "), log
-    assert log.count('"event": "consumer_crashed"') == 3, log
+    # AND every poller that crashed is logged once (usually all three; one that had not reached its
+    # receive when the first crash halted the others ends without an error, which is no crash)
+    crashed = [line for line in log.splitlines() if '"event": "consumer_crashed"' in line]
+    tasks = [json.loads(line)["task"] for line in crashed]
+    assert 1 <= len(tasks) == len(set(tasks)) <= 3, log
 
 
 class CredentialsEndpoint:
