@@ -30,7 +30,7 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 done; 2 bad arguments or configuration; 1 SQS, S3 or PostgreSQL unreachable or "
     f"refusing, or an SQS or S3 call not answered within {PROMPT_CALL_TIMEOUT_S:g} s (one line names it; "
     "the migrations come after, and running setup again is safe); 130/143 stopped by SIGINT/SIGTERM, the "
-    "migration in progress rolled back (run it again to go on)."
+    "migration in progress, if any, rolled back (run it again to go on)."
 )
 
 
@@ -150,7 +150,8 @@ async def _setup_unless_stopped(settings: SetupSettings, *, queues: bool, databa
         except Stopped:
             signame = request.signal.name if request.signal else "a stop request"
             raise CommandError(
-                f"setup stopped by {signame}: the migration in progress was rolled back; run setup again",
+                f"setup stopped by {signame} before it finished (a migration in progress, if any, was rolled "
+                "back); run setup again: it changes nothing that is already right",
                 exit_code=signal_exit_code(request.signal),
             ) from None
 

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -287,6 +288,40 @@ def test_a_queue_creation_sqs_never_answers_ends_setup_in_seconds(
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws_settings.endpoint_url or "")
     assert cli.main(["setup", "--skip-db"]) == 0
     assert queue_names(aws_settings, setup_env) == [f"{setup_env}-dlq.fifo", f"{setup_env}.fifo"]
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_while_the_queues_are_made_does_not_claim_a_migration_was_rolled_back(
+    aws_settings: AwsSettings,
+    setup_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN setup waiting (within its real 10 s bound) on a CreateQueue SQS never answers, no migration
+    # started yet
+    monkeypatch.setattr(setup_command, "PROMPT_CALL_TIMEOUT_S", PROMPT_CALL_TIMEOUT_S)
+
+    def terminate_once_waiting(proxy: SilentProxy) -> None:
+        deadline = time.monotonic() + 10
+        while proxy.calls < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # setup's handlers are installed by then: it is inside its stop_on_signals block
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with in_thread(SilentProxy(aws_settings.endpoint_url or "", "CreateQueue")) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        killer = threading.Thread(target=terminate_once_waiting, args=(proxy,), name="sigterm-setup")
+        killer.start()
+        # WHEN SIGTERM comes while that call waits
+        code, elapsed = run_timed(["setup"])
+        killer.join(10)
+    # THEN it stops at once with 143, and its line claims no rollback of a migration that never began
+    assert code == 143
+    assert elapsed < PROMPT_CALL_TIMEOUT_S
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "jiralake: setup stopped by SIGTERM before it finished (a migration in progress, if any, was rolled "
+        "back); run setup again: it changes nothing that is already right"
+    )
 
 
 @pytest.mark.timeout(30)
