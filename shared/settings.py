@@ -212,7 +212,9 @@ class DatabaseSettings:
             value = env_str(env, variable)
             if value is not None:
                 _check_choice(variable, name, value)
-        return cls(url=url)
+        settings = cls(url=url)  # the URL checked first: the file check below parses it
+        _check_ssl_file_variables(env, url)
+        return settings
 
 
 def _without_port(host: str) -> str:
@@ -289,6 +291,29 @@ def _check_choice(what: str, name: str, value: str) -> None:
 
 # Query parameters naming files (the CA bundle of an RDS instance, a client certificate).
 _SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+# The libpq variables asyncpg reads those files from where DATABASE_URL names none, and the least
+# sslmode at which it reads each (the client certificate from "allow", the CA bundle and CRL from
+# "require"): a missing file there fails every connection with a bare FileNotFoundError, no path.
+_SSL_FILE_VARIABLES = {
+    "PGSSLCERT": ("sslcert", "allow"),
+    "PGSSLKEY": ("sslkey", "allow"),
+    "PGSSLROOTCERT": ("sslrootcert", "require"),
+    "PGSSLCRL": ("sslcrl", "require"),
+}
+
+
+def _check_ssl_file_variables(env: Mapping[str, str], url: str | None) -> None:
+    query = parse_qs(urlsplit(url).query) if url else {}
+    mode = (query.get("sslmode") or [env_str(env, "PGSSLMODE") or "prefer"])[-1].replace("_", "-")
+    modes = _CHOICES["sslmode"]
+    for variable, (name, least) in _SSL_FILE_VARIABLES.items():
+        path = env.get(variable)  # as asyncpg reads it: os.getenv, not stripped
+        if not path or name in query or mode not in modes or modes.index(mode) < modes.index(least):
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"{variable} is not a file this process can see: {path!r} (sslmode {mode} reads it)"
+            )
 
 
 def _check_host(host: str, *, quoted: bool) -> None:

@@ -152,6 +152,53 @@ def test_libpq_variables_asyncpg_cannot_use_are_one_line_not_a_traceback(env: di
     )
 
 
+MISSING_PEM = "/nonexistent/jiralake-ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": MISSING_PEM},
+            f"PGSSLROOTCERT is not a file this process can see: '{MISSING_PEM}' "
+            "(sslmode verify-full reads it)",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://u@h/db?sslmode=require", "PGSSLCRL": MISSING_PEM},
+            f"PGSSLCRL is not a file this process can see: '{MISSING_PEM}' (sslmode require reads it)",
+        ),
+        (  # a client certificate is read from sslmode "allow" up, so also at the default "prefer"
+            {"PGSSLCERT": MISSING_PEM},
+            f"PGSSLCERT is not a file this process can see: '{MISSING_PEM}' (sslmode prefer reads it)",
+        ),
+    ],
+    ids=str,
+)
+def test_a_libpq_certificate_variable_naming_no_file_is_one_line_naming_it(
+    env: dict[str, str], message: str
+) -> None:
+    # WHEN a command that needs the database starts with one THEN one line names the variable and the
+    # path, exit 2 (asyncpg's own error is "FileNotFoundError: [Errno 2] No such file or directory")
+    result = _jiralake("history", "prune", "--older-than", "30", "--dry-run", **env)
+    assert one_line(result) == message
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"PGSSLROOTCERT": MISSING_PEM},  # "prefer" verifies nothing: asyncpg never opens it
+        {"DATABASE_URL": "postgresql://u@h/db?sslmode=disable", "PGSSLCERT": MISSING_PEM},
+        {
+            "DATABASE_URL": f"postgresql://u@h/db?sslmode=verify-full&sslrootcert={__file__}",
+            "PGSSLROOTCERT": MISSING_PEM,
+        },
+    ],
+    ids=str,
+)
+def test_certificate_variables_asyncpg_would_not_read_are_not_checked(env: dict[str, str]) -> None:
+    DatabaseSettings.from_env(env)
+
+
 def test_database_urls_asyncpg_reads_are_still_accepted() -> None:
     for url in (
         "postgresql://u:p%23w@h1:5432,h2:5433/db",
