@@ -23,7 +23,7 @@ from shared.jira_event import is_issue_id
 from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 from shared.shutdown import signal_exit_code, stop_on_signals
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, no_answer
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -143,8 +143,10 @@ async def _list(
 ) -> tuple[list[dlq.DeadLetter], QueueCounts, signal.Signals | None]:
     async with sqs_client(aws) as sqs:
         with stop_on_signals() as stop:
+            receiving = False
             try:
                 counts = await read_counts(sqs, dlq_url, timeout_s=PROMPT_CALL_TIMEOUT_S)
+                receiving = True
                 letters = (
                     await dlq.list_dead_letters(
                         sqs, dlq_url, limit=limit, stop=stop.event, call_timeout_s=PROMPT_CALL_TIMEOUT_S
@@ -155,15 +157,24 @@ async def _list(
             except Exception as exc:
                 if stop.signal is None:
                     if isinstance(exc, TimeoutError):
-                        raise CommandError(
-                            f"dlq list got {no_answer(PROMPT_CALL_TIMEOUT_S)}; what it may have held "
-                            f"is visible again within {dlq.LIST_HOLD_S} s"
-                        ) from None
+                        # The count comes first and holds nothing; a receive given up may have been
+                        # carried out, its messages hidden for LIST_HOLD_S.
+                        held = (
+                            f"what it may have held is visible again within {dlq.LIST_HOLD_S} s"
+                            if receiving
+                            else "it held no message"
+                        )
+                        raise CommandError(f"dlq list got {_unanswered(exc)}; {held}") from None
                     raise
                 # SQS failed while the listing stopped (the receive it finished, or the release): the
                 # stop is what the user did, and the held messages come back by themselves anyway
                 raise _list_stopped(stop.signal) from None
         return letters, counts, stop.signal
+
+
+def _unanswered(exc: TimeoutError) -> str:
+    """``no answer from SQS within 10 s to ReceiveMessage``: the call named where the error names it."""
+    return str(exc) if isinstance(exc, Unanswered) and str(exc) else no_answer(PROMPT_CALL_TIMEOUT_S)
 
 
 def _list_stopped(by: signal.Signals) -> CommandError:

@@ -283,10 +283,27 @@ def test_a_receive_sqs_never_answers_ends_replay_and_list_in_seconds(
         code, elapsed = run_timed(["dlq", "list"])
         assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
         assert capsys.readouterr().err.splitlines()[-1] == (
-            "jiralake: dlq list got no answer from SQS within 1 s; what it may have held is visible again "
-            "within 60 s"
+            "jiralake: dlq list got no answer from SQS within 1 s to ReceiveMessage; what it may have held "
+            "is visible again within 60 s"
         )
     # AND the event is where it was
+    assert queue_counts(aws_settings, queues) == ((0, 0), (1, 0))
+
+
+@pytest.mark.timeout(30)
+def test_a_count_sqs_never_answers_ends_list_in_seconds_holding_nothing(
+    aws_settings: AwsSettings, queues: QueuePair, through: Through, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN an event in the DLQ, and an SQS that never answers GetQueueAttributes (the count, read first)
+    put_in_dlq(aws_settings, queues, events_of(ISSUE_A, 1))
+    with through("GetQueueAttributes"):
+        # WHEN listed
+        code, elapsed = run_timed(["dlq", "list"])
+    # THEN it stops after the bound with exit 1, naming the call, and claims no hidden message
+    assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "jiralake: dlq list got no answer from SQS within 1 s to GetQueueAttributes; it held no message"
+    )
     assert queue_counts(aws_settings, queues) == ((0, 0), (1, 0))
 
 
