@@ -32,11 +32,13 @@ import asyncio
 import base64
 import json
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -188,6 +190,7 @@ class JiraClient:
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self.retries = 0
+        self._answered = False  # whether Jira has answered any request of this client
 
     async def __aenter__(self) -> JiraClient:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
@@ -372,6 +375,7 @@ class JiraClient:
                     async with self._session.request(
                         method, f"{self.settings.url}/{path}", params=params, json=json_body
                     ) as resp:
+                        self._answered = True
                         status = resp.status
                         content_type = resp.content_type
                         raw = await resp.read()
@@ -379,6 +383,15 @@ class JiraClient:
                             requested = requested_wait(status, resp.headers, now_s=self._clock())
                             reason = loggable_reason(resp.headers.get(RATE_LIMIT_REASON))
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    if not self._answered and _name_unknown(exc):
+                        # The resolver's definite "no such name" before Jira ever answered: a typo in the
+                        # URL, which 8 attempts (minutes of backoff) would not mend. A name that resolved
+                        # before, or a resolver failing for now (EAI_AGAIN), is retried as usual.
+                        host = urlsplit(self.settings.url).hostname
+                        raise JiraUnavailable(
+                            f"Jira's host name {host!r} does not resolve ({exc.os_error.strerror}): check "
+                            "JIRALAKE_JIRA_URL"
+                        ) from None
                     status, raw, content_type = 0, b"", ""
                     problem = f"{type(exc).__name__}: {exc}"
                 else:
@@ -413,6 +426,11 @@ class JiraClient:
                 )
                 await self._sleep(delay_s)
         raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _name_unknown(exc: BaseException) -> TypeGuard[aiohttp.ClientConnectorDNSError]:
+    """Whether the resolver answered that the host name does not exist (EAI_NONAME)."""
+    return isinstance(exc, aiohttp.ClientConnectorDNSError) and exc.os_error.errno == socket.EAI_NONAME
 
 
 def _seconds_from(requested: RequestedWait | None, header: str) -> float | None:

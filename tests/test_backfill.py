@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -534,6 +535,42 @@ async def test_network_failures_back_off_exponentially_with_jitter() -> None:
     assert len(sleep.waits) == 3
     for wait, ceiling in zip(sleep.waits, [1.0, 2.0, 4.0], strict=True):
         assert ceiling / 2 <= wait <= ceiling
+
+
+async def test_a_jira_host_name_that_does_not_resolve_ends_at_once_naming_it() -> None:
+    # GIVEN a Jira URL whose host name no resolver knows (a typo; .invalid never resolves, RFC 6761)
+    settings = JiraSettings(
+        url="https://acme.jiralake.invalid", deployment="cloud", email=EMAIL, api_token=API_TOKEN
+    )
+    sleep = RecordingSleep()
+    async with JiraClient(settings, sleep=sleep) as client:
+        # WHEN the first request is made THEN it ends at once, naming the host, without 8 attempts of
+        # backoff (minutes) that would not mend a typo
+        with pytest.raises(JiraUnavailable) as caught:
+            await client.myself()
+    assert str(caught.value) == (
+        "Jira's host name 'acme.jiralake.invalid' does not resolve (Name or service not known): check "
+        "JIRALAKE_JIRA_URL"
+    )
+    assert sleep.waits == []
+
+
+async def test_a_host_name_that_stops_resolving_after_jira_answered_is_retried(
+    jira: tuple[JiraApiServer, str],
+) -> None:
+    # GIVEN a client Jira has answered
+    _, url = jira
+    settings = JiraSettings(url=url, deployment="cloud", email=EMAIL, api_token=API_TOKEN, max_attempts=3)
+    sleep = RecordingSleep()
+    async with JiraClient(settings, sleep=sleep) as client:
+        await client.myself()
+        # WHEN its host name stops resolving (the client pointed at a name that does not: a resolver
+        # answering "no such name" for a while, after a DNS change)
+        client.settings = replace(settings, url="https://acme.jiralake.invalid")
+        # THEN that is retried with backoff like any network failure, not taken for a typo
+        with pytest.raises(JiraUnavailable, match="after 3 attempts"):
+            await client.myself()
+    assert len(sleep.waits) == 2
 
 
 async def test_a_429_with_only_x_ratelimit_reset_is_retried_once_after_the_reset(
