@@ -428,9 +428,14 @@ class JiraClient:
         raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _name_unknown(exc: BaseException) -> TypeGuard[aiohttp.ClientConnectorDNSError]:
-    """Whether the resolver answered that the host name does not exist (EAI_NONAME)."""
-    return isinstance(exc, aiohttp.ClientConnectorDNSError) and exc.os_error.errno == socket.EAI_NONAME
+def _name_unknown(exc: BaseException) -> TypeGuard[aiohttp.ClientConnectorError]:
+    """Whether the system resolver answered that the host name does not exist (EAI_NONAME). aiohttp's
+    optional aiodns resolver reports no such code: its failures are retried like any other."""
+    return (
+        isinstance(exc, aiohttp.ClientConnectorError)
+        and isinstance(exc.os_error, socket.gaierror)
+        and exc.os_error.errno == socket.EAI_NONAME
+    )
 
 
 def _seconds_from(requested: RequestedWait | None, header: str) -> float | None:

@@ -289,6 +289,15 @@ def _check_choice(what: str, name: str, value: str) -> None:
         raise ConfigError(f"{what} must be one of {', '.join(allowed)}, got {value[:40]!r}")
 
 
+def _has_tcp_host(env: Mapping[str, str], url: str | None) -> bool:
+    """Whether asyncpg would try a TCP address: a host that is no socket folder, in the URL, else in
+    PGHOST, else its default list (which ends with localhost)."""
+    hosts = DatabaseSettings(url).host_names() if url else []
+    if not hosts:
+        hosts = [host for host in (env_str(env, "PGHOST") or "").split(",") if host]
+    return not hosts or any(not unquote(host).startswith("/") for host in hosts)
+
+
 # Query parameters naming files (the CA bundle of an RDS instance, a client certificate).
 _SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 # The libpq variables asyncpg reads those files from where DATABASE_URL names none, and the least
@@ -304,12 +313,18 @@ _SSL_FILE_VARIABLES = {
 
 def _check_ssl_file_variables(env: Mapping[str, str], url: str | None) -> None:
     query = parse_qs(urlsplit(url).query) if url else {}
-    mode = (query.get("sslmode") or [env_str(env, "PGSSLMODE") or "prefer"])[-1].replace("_", "-")
+    named = query.get("sslmode")
+    explicit = named[-1] if named else env_str(env, "PGSSLMODE")
+    if explicit is None and not _has_tcp_host(env, url):
+        return  # Unix sockets only: asyncpg sets up no TLS, and reads none of the files
+    mode = (explicit or "prefer").replace("_", "-")
     modes = _CHOICES["sslmode"]
     for variable, (name, least) in _SSL_FILE_VARIABLES.items():
         path = env.get(variable)  # as asyncpg reads it: os.getenv, not stripped
         if not path or name in query or mode not in modes or modes.index(mode) < modes.index(least):
             continue
+        if name == "sslkey" and not (env.get("PGSSLCERT") or "sslcert" in query):
+            continue  # the key goes with a certificate named; alone, asyncpg leaves it unread
         if not os.path.isfile(path):
             raise ConfigError(
                 f"{variable} is not a file this process can see: {path!r} (sslmode {mode} reads it)"

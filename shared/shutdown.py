@@ -117,6 +117,9 @@ async def run_unless_stopped(
     ends that wait, and the server rolls back a session that is gone) and its end is awaited. Either way
     the stop is what ended it: what it raised while unwinding (its cleanup failing on a connection that
     is gone) is :class:`Stopped` too."""
+    if unwind_timeout_s is not None and abandon is None:
+        # Without a way to end it, the unwinding would be waited for after the timeout all the same.
+        raise ValueError("unwind_timeout_s needs abandon")
     if stop is None:
         return await work
     task = asyncio.create_task(work, name=name, context=context)

@@ -171,6 +171,10 @@ MISSING_PEM = "/nonexistent/jiralake-ca.pem"
             {"PGSSLCERT": MISSING_PEM},
             f"PGSSLCERT is not a file this process can see: '{MISSING_PEM}' (sslmode prefer reads it)",
         ),
+        (  # with the certificate it goes with
+            {"PGSSLCERT": __file__, "PGSSLKEY": MISSING_PEM},
+            f"PGSSLKEY is not a file this process can see: '{MISSING_PEM}' (sslmode prefer reads it)",
+        ),
     ],
     ids=str,
 )
@@ -188,6 +192,10 @@ def test_a_libpq_certificate_variable_naming_no_file_is_one_line_naming_it(
     [
         {"PGSSLROOTCERT": MISSING_PEM},  # "prefer" verifies nothing: asyncpg never opens it
         {"DATABASE_URL": "postgresql://u@h/db?sslmode=disable", "PGSSLCERT": MISSING_PEM},
+        {"PGSSLKEY": MISSING_PEM},  # a key without a certificate: asyncpg never opens it
+        # Unix sockets only, no sslmode: asyncpg sets up no TLS at all
+        {"DATABASE_URL": "postgresql://u@/db?host=/var/run/postgresql", "PGSSLCERT": MISSING_PEM},
+        {"PGHOST": "/var/run/postgresql", "PGSSLCERT": MISSING_PEM},
         {
             "DATABASE_URL": f"postgresql://u@h/db?sslmode=verify-full&sslrootcert={__file__}",
             "PGSSLROOTCERT": MISSING_PEM,

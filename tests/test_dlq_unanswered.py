@@ -45,7 +45,7 @@ from tests.test_dlq import ISSUE_A, ISSUE_B, T0, by_group, counts, dead_letter_a
 TEST_CALL_TIMEOUT_S = 1.0
 # Well under botocore's own wait for a call that is never answered (30 s a try, and retries), over the
 # bound and the few calls that are answered.
-FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 4
+FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 9
 MAYBE_SENT = "it stays in the dead-letter queue and may be in the main queue as well (harmless)"
 # How botocore reports a connection reset before SQS's answer came back.
 LOST_ANSWER = "ConnectionClosedError: "

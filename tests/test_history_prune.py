@@ -425,7 +425,7 @@ async def test_a_prune_postgresql_stops_answering_ends_in_one_line_within_the_st
         elapsed = time.monotonic() - started
     finally:
         await proxy.close()
-    assert elapsed < 1.5 + 3
+    assert elapsed < 1.5 + 8
     assert failed.value.exit_code == 1
     assert str(failed.value) == (
         "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "
@@ -470,7 +470,7 @@ async def test_a_dry_run_postgresql_stops_answering_ends_in_one_line_within_the_
             elapsed = time.monotonic() - started
     finally:
         await proxy.close()
-    assert elapsed < 1.5 + 3
+    assert elapsed < 1.5 + 8
     assert failed.value.exit_code == 1
     assert str(failed.value) == (
         "PostgreSQL did not answer a statement within 1.5 s (a server or network that stopped answering); "

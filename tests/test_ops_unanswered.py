@@ -51,7 +51,7 @@ from tests.test_dlq import events_of
 TEST_CALL_TIMEOUT_S = 1.0
 # Well under botocore's own wait for a call that is never answered (30 s a try, and retries), over the
 # bound and the calls that are answered.
-FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 4
+FAST_ENOUGH_S = TEST_CALL_TIMEOUT_S + 9
 RESENT_IS_HARMLESS = (
     "sending them again is harmless (each keeps its deduplication id: SQS drops a second copy within "
     "5 minutes, the consumer skips it after)"
@@ -200,7 +200,7 @@ async def test_a_watch_shows_each_unanswered_round_and_goes_on(
         elapsed = time.monotonic() - started
     # THEN each round ends after the bound, says so on screen, and the watch goes on to the next
     assert proxy.calls == 3
-    assert elapsed < 3 * TEST_CALL_TIMEOUT_S + 1 + 4
+    assert elapsed < 3 * TEST_CALL_TIMEOUT_S + 1 + 9
     assert [json.loads(line) for line in out_json.getvalue().splitlines()] == [
         {"time": stamp, "error": "no answer from SQS within 1 s to GetQueueAttributes"}
     ] * 2
@@ -233,7 +233,7 @@ async def test_a_signal_ends_a_watch_waiting_on_an_unanswered_call_at_once(
         elapsed = time.monotonic() - signalled
     # THEN the watch ends at once (Ctrl-C: 0, as --help says; SIGTERM: killed by it), printing nothing
     assert (child.returncode, out, err) == (code, b"", b"")
-    assert elapsed < 3
+    assert elapsed < 8
 
 
 # -- setup --
@@ -302,19 +302,24 @@ def test_sigterm_while_the_queues_are_made_does_not_claim_a_migration_was_rolled
     monkeypatch.setattr(setup_command, "PROMPT_CALL_TIMEOUT_S", PROMPT_CALL_TIMEOUT_S)
 
     def terminate_once_waiting(proxy: SilentProxy) -> None:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while proxy.calls < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        # setup's handlers are installed by then: it is inside its stop_on_signals block
-        os.kill(os.getpid(), signal.SIGTERM)
+        if proxy.calls >= 1:  # setup's handlers are installed by then: it is inside stop_on_signals
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    with in_thread(SilentProxy(aws_settings.endpoint_url or "", "CreateQueue")) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        killer = threading.Thread(target=terminate_once_waiting, args=(proxy,), name="sigterm-setup")
-        killer.start()
-        # WHEN SIGTERM comes while that call waits
-        code, elapsed = run_timed(["setup"])
-        killer.join(10)
+    # A signal arriving after setup put its handlers back must not end the whole test run.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with in_thread(SilentProxy(aws_settings.endpoint_url or "", "CreateQueue")) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            killer = threading.Thread(target=terminate_once_waiting, args=(proxy,), name="sigterm-setup")
+            killer.start()
+            # WHEN SIGTERM comes while that call waits
+            code, elapsed = run_timed(["setup"])
+            killer.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # THEN it stops at once with 143, and its line claims no rollback of a migration that never began
     assert code == 143
     assert elapsed < PROMPT_CALL_TIMEOUT_S
