@@ -10,6 +10,8 @@ from datetime import datetime
 
 import asyncpg
 
+from shared import db
+
 
 @dataclass(frozen=True)
 class RunKey:
@@ -150,7 +152,7 @@ async def finish_run(
     conn: asyncpg.Connection, key: RunKey, run: RunState, *, issues_sent: int, store_watermark: bool
 ) -> None:
     """Forget the cursor and, for a run that sent every issue, record when it started."""
-    async with conn.transaction():
+    async with db.bounded_transaction(conn):
         await conn.execute(_DELETE_RUN, key.job_key)
         if store_watermark:
             await conn.execute(

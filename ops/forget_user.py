@@ -525,22 +525,13 @@ async def _batch(
         return found, [(key,) for key in needed], after
     changes: list[tuple[Any, ...]] = []
     if needed:
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
+        # A statement not answered in time ends the session, which rolls the batch back; a COMMIT not
+        # answered may have been carried out (run() says which).
+        async with db.bounded_transaction(conn):
             locked = await table.lock(conn, needed)
             changes = [c for c in (table.scrub(row, person) for row in locked) if c is not None]
             if changes:
                 await table.write(conn, changes)
-        except TimeoutError:
-            # No answer within the statement timeout: a ROLLBACK would wait as long again. The session's
-            # end rolls the batch back (run() says so).
-            conn.terminate()
-            raise
-        except BaseException:
-            await transaction.rollback()
-            raise
-        await db.commit(transaction)  # not answered in time: run() says it may have been committed
     return found, changes, after
 
 

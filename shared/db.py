@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -147,6 +147,25 @@ async def commit(transaction: asyncpg.transaction.Transaction) -> None:
         await transaction.commit()
     except TimeoutError:
         raise CommitUnanswered from None
+
+
+@asynccontextmanager
+async def bounded_transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """``conn.transaction()`` for a connection with a ``command_timeout``: a statement not answered in
+    time closes ``conn`` from this side at once (a ROLLBACK would wait as long again; the server rolls
+    back a transaction whose session is gone), and the COMMIT goes through :func:`commit`, so a lost
+    answer to it is told apart. Use inside :func:`unanswered_raised`."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield
+    except TimeoutError:
+        conn.terminate()
+        raise
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await commit(transaction)
 
 
 @contextmanager

@@ -506,6 +506,53 @@ async def test_a_resumed_run_remembers_an_issue_refused_before_the_crash(
     )
 
 
+@pytest.mark.timeout(60)
+async def test_a_backfill_whose_last_commit_goes_unanswered_says_so(
+    jira: tuple[JiraApiServer, str],
+    queues: QueuePair,
+    aws_settings: AwsSettings,
+    pg: asyncpg.Connection,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN one page of issues, and a backfill reaching PostgreSQL through a proxy (its statement bound
+    # lowered to 1.5 s) that, from the COMMIT that ends the run on, passes what it sends and loses what
+    # the server answers
+    monkeypatch.setattr(db, "STATEMENT_TIMEOUT_S", 1.5)
+    server, url = jira
+    server.issues = fixture_issues(5)
+    proxy = await postgres_proxy(database_url)
+    commit = asyncpg.transaction.Transaction.commit
+
+    async def commit_unanswered(transaction: asyncpg.transaction.Transaction) -> None:
+        proxy.freeze_answers()
+        await commit(transaction)
+
+    settings = backfill_settings(
+        url, queues, DatabaseSettings(url=through(proxy, database_url)), aws_settings, page_size=5
+    )
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(asyncpg.transaction.Transaction, "commit", commit_unanswered)
+            # WHEN the backfill runs
+            with pytest.raises(CommandError) as failed:
+                await asyncio.wait_for(
+                    run_backfill(settings, BackfillRequest(), sleep=RecordingSleep(), progress_tty=False),
+                    timeout=30,
+                )
+    finally:
+        await proxy.close()
+    # THEN its line says the COMMIT went unanswered (the run's end may well be recorded), not that some
+    # statement did
+    assert str(failed.value).startswith(
+        "PostgreSQL did not answer the COMMIT of a transaction within 1.5 s (a server or network that "
+        "stopped answering); "
+    )
+    # AND the server did commit it: the run's cursor is gone and its watermark stored
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_run") == 0
+    assert await pg.fetchval("SELECT count(*) FROM jiralake_backfill_watermark") == 1
+
+
 # -- the client on its own --
 
 
