@@ -240,6 +240,11 @@ async def _receive(
     return [dict(m) for m in resp.get("Messages", [])]
 
 
+def _duration(seconds: int) -> str:
+    """``5 minutes`` for 300, ``45 s`` for 45."""
+    return f"{seconds // 60} minutes" if seconds % 60 == 0 and seconds >= 120 else f"{seconds} s"
+
+
 def _failure(exc: BaseException, timeout_s: float) -> str:
     return no_answer(timeout_s) if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
 
@@ -382,7 +387,7 @@ async def replay_dead_letters(
                 summary.stopped = f"cannot receive from the dead-letter queue: {failure}"
                 if isinstance(exc, TimeoutError):
                     summary.stopped += (
-                        f" (what SQS may have handed out is visible again within {hold_s // 60} minutes)"
+                        f" (what SQS may have handed out is visible again within {_duration(hold_s)})"
                     )
                 log.warning("dlq_replay_stopped", reason=summary.stopped)
                 break

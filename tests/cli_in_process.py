@@ -6,6 +6,7 @@ the test's loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator
@@ -21,23 +22,31 @@ P = TypeVar("P", bound=AbstractAsyncContextManager[Any])
 def in_thread(proxy: P) -> Iterator[P]:
     """``proxy`` entered and served by an event loop in a thread of its own until the block ends."""
     loop = asyncio.new_event_loop()
-    started = threading.Event()
+    started: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def serve() -> None:
-        loop.run_until_complete(proxy.__aenter__())
-        started.set()
+        try:
+            loop.run_until_complete(proxy.__aenter__())
+        except BaseException as exc:  # handed to the test's thread: it fails with the real reason
+            started.set_exception(exc)
+            return
+        started.set_result(None)
         loop.run_forever()
 
     thread = threading.Thread(target=serve, name=f"proxy-{type(proxy).__name__}", daemon=True)
     thread.start()
-    assert started.wait(10), "the proxy did not start"
     try:
+        started.result(10)
         yield proxy
     finally:
-        asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        try:
+            if started.done() and started.exception() is None:
+                asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            if not thread.is_alive():
+                loop.close()
 
 
 def run_timed(argv: list[str]) -> tuple[int, float]:
