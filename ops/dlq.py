@@ -67,7 +67,7 @@ from shared.queue_depth import make_visible, read_counts
 from shared.settings import QueueSettings
 from shared.shutdown import finish_then_cancel
 from shared.sqs_batch import send_entries
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, maybe_done, no_answer
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, describe, maybe_done
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -245,10 +245,6 @@ def _duration(seconds: int) -> str:
     return f"{seconds // 60} minutes" if seconds % 60 == 0 and seconds >= 120 else f"{seconds} s"
 
 
-def _failure(exc: BaseException, timeout_s: float) -> str:
-    return no_answer(timeout_s) if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-
-
 async def list_dead_letters(
     sqs: SQSClient,
     dlq_url: str,
@@ -383,7 +379,7 @@ async def replay_dead_letters(
                     sqs, queues.dlq_url, hold_s=hold_s, wait_s=wait_s, timeout_s=call_timeout_s
                 )
             except SQS_ERRORS as exc:
-                failure = _failure(exc, call_timeout_s)
+                failure = describe(exc)
                 summary.stopped = f"cannot receive from the dead-letter queue: {failure}"
                 if isinstance(exc, TimeoutError):
                     summary.stopped += (
@@ -542,7 +538,7 @@ async def _delete(
             timeout_s=timeout_s,
         )
     except SQS_ERRORS as exc:
-        reason = _failure(exc, timeout_s)
+        reason = describe(exc)
         unanswered = isinstance(exc, TimeoutError)
         return {letter.message_id: reason for letter in letters}, unanswered, unanswered or maybe_done(exc)
     failed = {

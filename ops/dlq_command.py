@@ -23,7 +23,7 @@ from shared.jira_event import is_issue_id
 from shared.queue_depth import QueueCounts, read_counts
 from shared.settings import AwsSettings, QueueSettings
 from shared.shutdown import signal_exit_code, stop_on_signals
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, no_answer
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, describe, no_answer
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -164,17 +164,12 @@ async def _list(
                             if receiving
                             else "it held no message"
                         )
-                        raise CommandError(f"dlq list got {_unanswered(exc)}; {held}") from None
+                        raise CommandError(f"dlq list got {describe(exc)}; {held}") from None
                     raise
                 # SQS failed while the listing stopped (the receive it finished, or the release): the
                 # stop is what the user did, and the held messages come back by themselves anyway
                 raise _list_stopped(stop.signal) from None
         return letters, counts, stop.signal
-
-
-def _unanswered(exc: TimeoutError) -> str:
-    """``no answer from SQS within 10 s to ReceiveMessage``: the call named where the error names it."""
-    return str(exc) if isinstance(exc, Unanswered) and str(exc) else no_answer(PROMPT_CALL_TIMEOUT_S)
 
 
 def _list_stopped(by: signal.Signals) -> CommandError:
@@ -276,7 +271,7 @@ async def _counts(sqs: SQSClient, dlq_url: str) -> QueueCounts | None:
     try:
         return await read_counts(sqs, dlq_url, timeout_s=PROMPT_CALL_TIMEOUT_S)
     except SQS_ERRORS as exc:
-        error = no_answer(PROMPT_CALL_TIMEOUT_S) if isinstance(exc, TimeoutError) else str(exc)
+        error = describe(exc)
         log.warning("dlq_counts_unavailable", error_class=type(exc).__name__, error=error)
         return None
 

@@ -34,7 +34,7 @@ from shared.aws import sqs_client
 from shared.errors import CommandError
 from shared.queue_depth import DEAD_LETTER_QUEUE, MAIN_QUEUE, QueueDepth, read_depth
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, no_such_queue
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, describe, no_such_queue
 
 OK_EXIT_CODE = 0
 UNAVAILABLE_EXIT_CODE = 1  # CommandError's default, and cli.py's for OSError and botocore errors
@@ -111,12 +111,6 @@ async def read_stats(
                 sqs, DEAD_LETTER_QUEUE, queues.dlq_url, peek_oldest=True, timeout_s=call_timeout_s
             ),
         ]
-
-
-def problem(exc: BaseException) -> str:
-    """What went wrong reading the queues, in a few words: a call given up says which and after how
-    long (``no answer from SQS within 10 s to GetQueueAttributes``), anything else its class and text."""
-    return str(exc) if isinstance(exc, Unanswered) else f"{type(exc).__name__}: {exc}"
 
 
 def exceeded(depths: Sequence[QueueDepth], thresholds: Thresholds) -> list[str]:
@@ -196,7 +190,7 @@ def _stats_command(args: argparse.Namespace) -> int:
         # Said here, not left to cli.py's generic mapping: "could not check" must never look like a
         # threshold, whatever the error is.
         raise CommandError(
-            f"cannot read the queues: {problem(exc)}", exit_code=UNAVAILABLE_EXIT_CODE
+            f"cannot read the queues: {describe(exc)}", exit_code=UNAVAILABLE_EXIT_CODE
         ) from None
     reasons = exceeded(depths, thresholds)
     print(render(depths, reasons, style))
@@ -237,7 +231,7 @@ async def watch(
         try:
             depths = await read_stats(aws, queues, call_timeout_s=call_timeout_s)
         except SQS_ERRORS as exc:
-            failure = problem(exc)
+            failure = describe(exc)
             if no_such_queue(exc):
                 raise CommandError(
                     f"cannot read the queues: {failure}", exit_code=UNAVAILABLE_EXIT_CODE

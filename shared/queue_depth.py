@@ -30,7 +30,7 @@ import structlog
 from shared.aws import error_code, sqs_client
 from shared.metrics import QUEUE_DEPTH_READ, QUEUE_MESSAGES, QUEUE_OLDEST_AGE_SECONDS
 from shared.settings import AwsSettings, QueueSettings
-from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, Unanswered, counted
+from shared.sqs_requests import PROMPT_CALL_TIMEOUT_S, SQS_ERRORS, counted, describe
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -163,7 +163,7 @@ async def _reset_visibility(sqs: SQSClient, url: str, chunk: Sequence[str]) -> i
         error = (
             f"no answer within {RELEASE_CALL_TIMEOUT_S:g} s"
             if isinstance(exc, TimeoutError)
-            else _reason(exc)
+            else describe(exc)
         )
         log.warning("visibility_reset_failed", queue_url=url, count=len(chunk), error=error)
         return len(chunk)
@@ -225,7 +225,7 @@ async def read_depth(
             sent_ms = await peek_oldest_sent_ms(sqs, url, timeout_s=timeout_s)
         except SQS_ERRORS as exc:
             # The counts are read, and the thresholds need only them: the age stays unknown.
-            log.warning("queue_oldest_age_unavailable", queue=queue, error=_reason(exc))
+            log.warning("queue_oldest_age_unavailable", queue=queue, error=describe(exc))
             sent_ms = None
         if sent_ms is not None:
             oldest = max(0.0, now_s() - sent_ms / 1000)
@@ -299,7 +299,7 @@ class OldestAgeTracker:
                 log.warning(
                     "queue_oldest_age_unavailable",
                     queue=queue,
-                    error=_reason(exc),
+                    error=describe(exc),
                     asked_again_in_s=DENIED_REPEEK_S if denied else None,
                 )
                 self._peeked.pop(queue, None)
@@ -341,15 +341,10 @@ async def poll_queue_depths(
                 try:
                     depth = await tracker.depth(sqs, queue, url, peek=queue in peek)
                 except SQS_ERRORS as exc:
-                    log.warning("queue_depth_unavailable", queue=queue, error=_reason(exc))
+                    log.warning("queue_depth_unavailable", queue=queue, error=describe(exc))
                     continue
                 publish(depth)
                 QUEUE_DEPTH_READ.labels(queue).set_to_current_time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
     log.info("queue_depth_poller_stopped")
-
-
-def _reason(exc: BaseException) -> str:
-    # A call given up by counted() says so itself ("no answer from SQS within 10 s to ...").
-    return str(exc) if isinstance(exc, Unanswered) else f"{type(exc).__name__}: {exc}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.provision import MAX_MESSAGE_BYTES
-from shared.sqs_requests import SQS_ERRORS, counted, maybe_done, no_answer
+from shared.sqs_requests import SQS_ERRORS, counted, describe, maybe_done
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -116,7 +116,7 @@ async def send_entries(
         except SQS_ERRORS as exc:
             # Given up without an answer: SQS may have stored them, and the later calls are not made.
             silent = timeout_s is not None and isinstance(exc, TimeoutError)
-            reason = no_answer(timeout_s or 0.0) if silent else f"{type(exc).__name__}: {exc}"
+            reason = describe(exc)
             maybe = silent or maybe_done(exc)
             for entry in chunk:
                 results[entry["Id"]] = EntryResult(

@@ -55,6 +55,12 @@ async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None
     return result
 
 
+def describe(exc: BaseException) -> str:
+    """A failed SQS call in a few words: one given up says which and after how long (``no answer from
+    SQS within 10 s to GetQueueAttributes``), anything else its class and text."""
+    return str(exc) if isinstance(exc, Unanswered) and str(exc) else f"{type(exc).__name__}: {exc}"
+
+
 def maybe_done(exc: BaseException) -> bool:
     """Whether SQS may have done what a call that raised ``exc`` (one of SQS_ERRORS) asked: False only
     when it certainly did not, because SQS answered with a refusal, or no connection to SQS was made.

@@ -116,7 +116,10 @@ def test_a_send_sqs_never_answers_stops_the_replay_in_seconds_and_keeps_the_even
     )
     out = captured.out.splitlines()
     assert [(line.split(" (message ")[0], line.split("): ", 1)[1]) for line in out[:3]] == [
-        (f"failed: issue {issue} jira:issue_updated", f"no answer from SQS within 1 s: {MAYBE_SENT}")
+        (
+            f"failed: issue {issue} jira:issue_updated",
+            f"no answer from SQS within 1 s to SendMessageBatch: {MAYBE_SENT}",
+        )
         for issue in (ISSUE_A, ISSUE_A, ISSUE_B)
     ]
     assert out[3:] == [
@@ -253,7 +256,8 @@ def test_a_delete_sqs_never_answers_stops_the_replay_in_seconds_and_says_the_eve
     out = captured.out.splitlines()
     assert all(
         line.endswith(
-            "): sent, but its delete from the dead-letter queue got no answer from SQS within 1 s: it may "
+            "): sent, but its delete from the dead-letter queue got no answer from SQS within 1 s to "
+            "DeleteMessageBatch: it may "
             "still be there, and a later replay sends it again, which is harmless"
         )
         for line in out[:2]
@@ -277,7 +281,8 @@ def test_a_receive_sqs_never_answers_ends_replay_and_list_in_seconds(
         assert (code, elapsed < FAST_ENOUGH_S) == (1, True)
         assert capsys.readouterr().err.splitlines()[-1] == (
             "jiralake: dlq replay stopped early: cannot receive from the dead-letter queue: no answer from "
-            "SQS within 1 s (what SQS may have handed out is visible again within 5 minutes)"
+            "SQS within 1 s to ReceiveMessage (what SQS may have handed out is visible again within 5 "
+            "minutes)"
         )
         # WHEN listed, THEN the same
         code, elapsed = run_timed(["dlq", "list"])
@@ -372,7 +377,7 @@ async def test_entries_after_a_call_sqs_never_answers_are_not_sent(
         assert proxy.calls == 1
     assert elapsed < FAST_ENOUGH_S
     assert [(r.ok, r.error, r.unanswered) for r in results] == [
-        (False, "no answer from SQS within 1 s", True),
+        (False, "no answer from SQS within 1 s to SendMessageBatch", True),
         (False, "SQS did not answer an earlier call", False),
         (False, "SQS did not answer an earlier call", False),
     ]
