@@ -46,6 +46,7 @@ from tests.conftest import drain
 from tests.fault_proxy import LoseAnswerProxy, SilentProxy, SqsFaultProxy
 from tests.jira_api_server import JiraApiServer, backfill_settings, fixture_issues
 from tests.s3_pause_proxy import S3PauseProxy
+from tests.test_consumer_helpers import queue_counts
 from tests.test_dlq import events_of
 
 TEST_CALL_TIMEOUT_S = 1.0
@@ -85,20 +86,6 @@ async def put(sqs: Any, url: str, n: int) -> None:
         await sqs.send_message(
             QueueUrl=url, MessageBody=f"m{i}", MessageGroupId=f"g{i}", MessageDeduplicationId=f"d{i}"
         )
-
-
-def visible_and_in_flight(aws_settings: AwsSettings, url: str) -> tuple[str, str]:
-    async def read() -> tuple[str, str]:
-        async with aws.sqs_client(aws_settings) as sqs:
-            attrs = (
-                await sqs.get_queue_attributes(
-                    QueueUrl=url,
-                    AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-                )
-            )["Attributes"]
-        return attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]
-
-    return asyncio.run(read())
 
 
 # -- queue stats --
@@ -169,7 +156,7 @@ def test_a_peek_sqs_never_answers_leaves_the_age_unknown_and_the_check_still_dec
         in captured.err
     )
     # AND the message stays in the DLQ, visible (the peek never reached SQS)
-    assert visible_and_in_flight(aws_settings, queues.dlq_url) == ("1", "0")
+    assert asyncio.run(queue_counts(aws_settings, queues.dlq_url)) == (1, 0)
 
 
 @pytest.mark.timeout(30)
