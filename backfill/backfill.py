@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,10 +102,8 @@ async def run_backfill(
         expand=request.expand or "",
     )
     summary = BackfillSummary(jql="", dry_run=request.dry_run)
-    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
-    conn = await db.connect(settings.database, command_timeout=statement_timeout_s)
-    # Around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not PostgreSQL's.
-    postgres = functools.partial(db.unanswered_raised, conn, statement_timeout_s)
+    # postgres() around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not its.
+    conn, postgres = await db.connect_bounded(settings.database)
     try:
         async with JiraClient(settings.jira, sleep=sleep) as jira, aws.sqs_client(settings.aws) as sqs:
             me = await jira.myself()

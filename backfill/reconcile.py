@@ -28,7 +28,6 @@ finds missing (a message sent again changes nothing).
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -155,10 +154,8 @@ async def run_reconcile(
 ) -> ReconcileSummary:
     jql = build_jql(request.jql)
     summary = ReconcileSummary(jql=jql, dry_run=request.dry_run)
-    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
-    conn = await db.connect(settings.database, command_timeout=statement_timeout_s)
-    # Around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not PostgreSQL's.
-    postgres = functools.partial(db.unanswered_raised, conn, statement_timeout_s)
+    # postgres() around PostgreSQL's statements only: a TimeoutError elsewhere (Jira, SQS) is not its.
+    conn, postgres = await db.connect_bounded(settings.database)
     try:
         async with JiraClient(settings.jira, sleep=sleep) as jira, aws.sqs_client(settings.aws) as sqs:
             await jira.myself()

@@ -566,15 +566,12 @@ def _unanswered_outcome(exc: db.Unanswered) -> str:
 async def run(database: DatabaseSettings, person: Person, *, batch_size: int, dry_run: bool) -> ForgetSummary:
     """The command: connect, make the pseudonym (username mode, unless given), scrub or count until
     done or SIGINT/SIGTERM."""
-    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
-    conn = await db.connect(
-        database,
-        command_timeout=statement_timeout_s,
-        server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT},
+    conn, postgres = await db.connect_bounded(
+        database, server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT}
     )
     try:
         try:
-            with db.unanswered_raised(conn, statement_timeout_s):
+            with postgres():
                 if person.username is not None and person.pseudonym is None:
                     key = await pseudonym_key(conn, create=not dry_run)
                     # A dry run writes nothing, not even the key: without one it counts with a throwaway key.

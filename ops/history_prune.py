@@ -276,14 +276,11 @@ async def run(database: DatabaseSettings, options: PruneOptions) -> PruneSummary
     """The command: connect, take the cutoff from Postgres's clock, prune (or count) until done or
     SIGINT/SIGTERM."""
     check_retention(options.older_than_days)
-    statement_timeout_s = db.STATEMENT_TIMEOUT_S  # read at the call: tests lower it
-    conn = await db.connect(
-        database,
-        command_timeout=statement_timeout_s,
-        server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT},
+    conn, postgres = await db.connect_bounded(
+        database, server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT}
     )
     try:
-        with db.unanswered_raised(conn, statement_timeout_s):
+        with postgres():
             cutoff = await cutoff_for(conn, options.older_than_days)
             if options.dry_run:
                 _log_started(cutoff, options)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -180,6 +181,17 @@ def unanswered_raised(conn: asyncpg.Connection, timeout_s: float) -> Iterator[No
     except TimeoutError as exc:
         conn.terminate()
         raise Unanswered(timeout_s, at_commit=isinstance(exc, CommitUnanswered)) from None
+
+
+async def connect_bounded(
+    db: DatabaseSettings, **kwargs: Any
+) -> tuple[asyncpg.Connection, Callable[[], AbstractContextManager[None]]]:
+    """A connection whose every statement has STATEMENT_TIMEOUT_S (read now: tests lower it), and the
+    :func:`unanswered_raised` to put around its statements, and only those (a Jira or SQS timeout is
+    not PostgreSQL's)."""
+    timeout_s = STATEMENT_TIMEOUT_S
+    conn = await connect(db, command_timeout=timeout_s, **kwargs)
+    return conn, functools.partial(unanswered_raised, conn, timeout_s)
 
 
 def unanswered_error(exc: Unanswered, outcome: str) -> CommandError:

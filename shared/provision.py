@@ -10,9 +10,7 @@ CreateQueue``): whether SQS did it is unknown, and running it all again is the w
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +20,7 @@ from botocore.exceptions import ClientError
 
 from shared.aws import error_code
 from shared.settings import ConfigError
-from shared.sqs_requests import Unanswered, counted, no_answer
+from shared.sqs_requests import answered_within, counted
 
 log = structlog.get_logger()
 
@@ -97,20 +95,9 @@ async def _create(sqs: Any, name: str, attributes: dict[str, str], timeout_s: fl
     return url
 
 
-async def _s3_call(operation: str, call: Awaitable[Any], timeout_s: float | None) -> Any:
-    """One S3 call, given up after ``timeout_s`` (None: botocore's own limits) as SQS's are."""
-    try:
-        async with asyncio.timeout(timeout_s) as deadline:
-            return await call
-    except TimeoutError:
-        if deadline.expired():
-            raise Unanswered(f"{no_answer(timeout_s or 0.0, service='S3')} to {operation}") from None
-        raise
-
-
 async def ensure_bucket(s3: Any, bucket: str, region: str, *, call_timeout_s: float | None = None) -> None:
     try:
-        await _s3_call("HeadBucket", s3.head_bucket(Bucket=bucket), call_timeout_s)
+        await answered_within("HeadBucket", s3.head_bucket(Bucket=bucket), call_timeout_s, service="S3")
         return
     except ClientError as exc:
         if error_code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
@@ -118,5 +105,5 @@ async def ensure_bucket(s3: Any, bucket: str, region: str, *, call_timeout_s: fl
     kwargs: dict[str, Any] = {"Bucket": bucket}
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    await _s3_call("CreateBucket", s3.create_bucket(**kwargs), call_timeout_s)
+    await answered_within("CreateBucket", s3.create_bucket(**kwargs), call_timeout_s, service="S3")
     log.info("bucket_created", bucket=bucket)

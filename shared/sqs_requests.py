@@ -40,16 +40,26 @@ def no_such_queue(exc: BaseException) -> bool:
     return error_code(exc) in _NO_SUCH_QUEUE
 
 
-async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None = None) -> T:
-    """Await one SQS call and count it as ``ok`` or ``error``; past ``timeout_s`` (None: no limit) it
-    is cancelled, counted as an error, and :class:`Unanswered` (a :class:`TimeoutError`) raised."""
+async def answered_within(
+    operation: str, call: Awaitable[T], timeout_s: float | None, *, service: str = "SQS"
+) -> T:
+    """Await one AWS call; past ``timeout_s`` (None: no limit) it is cancelled and :class:`Unanswered`
+    (a :class:`TimeoutError`) raised, naming ``operation``."""
     try:
         async with asyncio.timeout(timeout_s) as deadline:
-            result = await call
+            return await call
+    except TimeoutError:
+        if deadline.expired():
+            raise Unanswered(f"{no_answer(timeout_s or 0.0, service=service)} to {operation}") from None
+        raise
+
+
+async def counted(operation: str, call: Awaitable[T], *, timeout_s: float | None = None) -> T:
+    """Await one SQS call (:func:`answered_within`) and count it as ``ok`` or ``error``."""
+    try:
+        result = await answered_within(operation, call, timeout_s)
     except Exception:
         SQS_CALLS.labels(operation, "error").inc()
-        if deadline.expired():
-            raise Unanswered(f"{no_answer(timeout_s or 0.0)} to {operation}") from None
         raise
     SQS_CALLS.labels(operation, "ok").inc()
     return result
